@@ -1,0 +1,32 @@
+# `make test` and `make demo` each build .venv from scratch when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
+TORCH := torch==2.13.0
+
+.PHONY: venv test demo bench chaos clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" numpy
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: venv
+	$(BIN)/trainsup demo
+
+bench: venv
+	$(BIN)/python tests/bench/run_all.py
+
+chaos: venv
+	$(BIN)/python -m pytest -q -m slow tests/faults
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,258 @@
+"""The trainsup checkpoint format and its atomic write protocol (SPEC section 5).
+
+Protocol: files into ckpt/.trainsup-tmp/step-NNNNNNNN.<pid>/, fsync each file, write
+MANIFEST.json (fsync), rename the tmp dir to ckpt/step-NNNNNNNN (atomic on one
+filesystem), fsync the checkpoint dir. A reader that sees step-NNNNNNNN/MANIFEST.json sees
+a complete checkpoint; anything else is in progress or debris.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping, Union
+
+import xxhash
+
+FORMAT_ID = "trainsup-checkpoint/1"
+MANIFEST = "MANIFEST.json"
+TMP_DIR = ".trainsup-tmp"
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+REASONS = ("periodic", "signal", "preempt", "oom", "hang", "final", "manual")
+HASHES = ("xxh3_128", "sha256")
+_CHUNK = 8 << 20
+
+# Tests set this to a callable(phase_name) to stop a writer at a named phase
+# ("files-written", "files-synced", "manifest-written", "renamed", "dir-synced").
+phase_hook: Callable[[str], None] | None = None
+
+
+class SaveError(OSError):
+    """A save failed; nothing was committed and earlier checkpoints are untouched."""
+
+
+class ManifestError(ValueError):
+    """MANIFEST.json is missing, unparsable or not of the trainsup format."""
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{int(step):08d}"
+
+
+def _phase(name: str) -> None:
+    hook = phase_hook
+    if hook is not None:
+        hook(name)
+    elif os.environ.get("TRAINSUP_TEST_KILL_AT") == name:
+        # Fault injection for tests: die exactly between two durable steps.
+        os.kill(os.getpid(), 9)
+
+
+def _new_hasher(algo: str):
+    if algo == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash {algo!r}; use one of {', '.join(HASHES)}")
+
+
+def hash_file(path: Union[str, os.PathLike], algo: str = "xxh3_128") -> str:
+    h = _new_hasher(algo)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def fsync_dir(path: Union[str, os.PathLike]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def read_manifest(ckpt_path: Union[str, os.PathLike]) -> dict:
+    """Parse and shape-check a checkpoint's MANIFEST.json (no file hashing here)."""
+    p = Path(ckpt_path) / MANIFEST
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError("no MANIFEST.json (not committed)") from None
+    except OSError as e:
+        raise ManifestError(f"MANIFEST.json unreadable: {e.strerror}") from None
+    try:
+        m = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"MANIFEST.json is not valid JSON: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_ID:
+        raise ManifestError(f"MANIFEST.json format is not {FORMAT_ID!r}")
+    if not isinstance(m.get("step"), int) or m["step"] < 0:
+        raise ManifestError("MANIFEST.json step is not a non-negative integer")
+    files = m.get("files")
+    if not isinstance(files, dict):
+        raise ManifestError("MANIFEST.json has no files table")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            raise ManifestError(f"MANIFEST.json entry {name!r} has no size")
+        if not any(isinstance(entry.get(a), str) for a in HASHES):
+            raise ManifestError(f"MANIFEST.json entry {name!r} has no hash")
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            raise ManifestError(f"MANIFEST.json entry {name!r} points outside the checkpoint")
+    return m
+
+
+class CheckpointWriter:
+    """Write one checkpoint atomically. Put files under `.path` inside the `with` block.
+
+    On a clean exit the checkpoint is committed; on an exception (or any write/fsync
+    error during commit) the tmp dir is removed and SaveError is raised. A failed fsync
+    is never retried: the page cache may have dropped the dirty pages it reported on.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: Union[str, os.PathLike],
+        step: int,
+        *,
+        epoch: int | None = None,
+        reason: str = "periodic",
+        metrics: Mapping[str, float] | None = None,
+        hash: str = "xxh3_128",
+        extra: Mapping | None = None,
+    ) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"reason {reason!r} is not one of {', '.join(REASONS)}")
+        _new_hasher(hash)
+        self.ckpt_dir = Path(ckpt_dir).absolute()
+        self.step = int(step)
+        self.epoch = epoch
+        self.reason = reason
+        self.metrics = dict(metrics or {})
+        self.hash = hash
+        self.extra = dict(extra or {})
+        self.final_path = self.ckpt_dir / step_dirname(self.step)
+        self.path = self.ckpt_dir / TMP_DIR / f"{step_dirname(self.step)}.{os.getpid()}"
+        self.committed: Path | None = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        try:
+            (self.ckpt_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir()
+        except OSError as e:
+            raise SaveError(e.errno, f"cannot create {self.path}: {e.strerror}") from e
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.abort()
+            return False
+        self.commit()
+        return False
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _manifest(self) -> dict:
+        files = {}
+        for p in sorted(self.path.rglob("*")):
+            if p.is_symlink():
+                raise SaveError(0, f"{p}: symlinks are not allowed in a checkpoint")
+            if p.is_file():
+                rel = p.relative_to(self.path).as_posix()
+                if rel == MANIFEST:
+                    continue
+                files[rel] = {"size": p.stat().st_size, self.hash: hash_file(p, self.hash)}
+        m = {
+            "format": FORMAT_ID,
+            "step": self.step,
+            "epoch": self.epoch,
+            "created": _utc_now(),
+            "reason": self.reason,
+            "metrics": self.metrics,
+            "files": files,
+        }
+        m.update(self.extra)
+        return m
+
+    def commit(self) -> Path:
+        try:
+            _phase("files-written")
+            for p in self.path.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    _fsync_file(p)
+            for d in [self.path, *(p for p in self.path.rglob("*") if p.is_dir())]:
+                fsync_dir(d)
+            _phase("files-synced")
+            manifest = self._manifest()
+            mpath = self.path / MANIFEST
+            with open(mpath, "wb") as f:
+                f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.path)
+            _phase("manifest-written")
+            if self.final_path.exists():
+                raise SaveError(17, f"{self.final_path} already exists")
+            os.rename(self.path, self.final_path)
+            _phase("renamed")
+            fsync_dir(self.ckpt_dir)
+            _phase("dir-synced")
+        except SaveError:
+            self.abort()
+            raise
+        except OSError as e:
+            self.abort()
+            # If the rename happened but the dir fsync failed, the commit is not durable.
+            if self.final_path.exists() and not self.path.exists():
+                shutil.rmtree(self.final_path, ignore_errors=True)
+            raise SaveError(e.errno, f"checkpoint save failed: {e.strerror or e}") from e
+        self.committed = self.final_path
+        return self.final_path
+
+
+FileSource = Union[bytes, Callable[[Path], None]]
+
+
+def write_checkpoint(
+    ckpt_dir: Union[str, os.PathLike],
+    step: int,
+    files: Mapping[str, FileSource],
+    **kw,
+) -> Path:
+    """Write `files` (name -> bytes, or a callable that writes to the given path) atomically."""
+    with CheckpointWriter(ckpt_dir, step, **kw) as w:
+        for name, src in files.items():
+            target = w.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if callable(src):
+                src(target)
+            else:
+                with open(target, "wb") as f:
+                    f.write(src)
+    return w.final_path

@@ -1,0 +1,117 @@
+"""Typed, validated job and daemon specs: what config.py produces from YAML.
+
+Field names are the YAML keys. Durations are float seconds, sizes int bytes, paths
+absolute. These objects are immutable values: the daemon compares them to decide
+whether a reload changed a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    dir: Path                                  # absolute
+    format: str = "auto"                       # auto | trainsup | torch | hf
+    keep_last: int = 3
+    keep_best: int = 1
+    metric: Optional[str] = None
+    mode: str = "min"                          # min | max
+    keep_every: int = 0
+    quota: Optional[int] = None                # bytes
+    resume_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackoffSpec:
+    initial: float = 1.0
+    max: float = 300.0
+    factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class RestartSpec:
+    policy: str = "on-failure"                 # always | on-failure | never
+    max_restarts: int = 10
+    window: float = 3600.0
+    backoff: BackoffSpec = field(default_factory=BackoffSpec)
+    max_restarts_without_progress: int = 5
+
+
+@dataclass(frozen=True)
+class EmergencySaveSpec:
+    signal: str = "SIGUSR1"                    # canonical name, e.g. SIGUSR1
+    grace: float = 120.0
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    limit: Optional[int] = None
+    save_at: float = 0.9
+    min_available: Optional[int] = None
+    action: str = "save"                       # save | stop
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class HangSpec:
+    timeout: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    checkpoint_every: Optional[float] = None
+    checkpoint_cron: Optional[str] = None
+    preempt_cron: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    command: tuple[str, ...]
+    workdir: Path                              # absolute
+    source: Path                               # the YAML file it came from
+    env: tuple[tuple[str, str], ...] = ()      # ordered pairs, hashable
+    user: Optional[str] = None
+    group: Optional[str] = None
+    autostart: bool = True
+    stop_timeout: float = 10.0
+    checkpoint: Optional[CheckpointSpec] = None
+    restart: RestartSpec = field(default_factory=RestartSpec)
+    emergency_save: EmergencySaveSpec = field(default_factory=EmergencySaveSpec)
+    memory: MemorySpec = field(default_factory=MemorySpec)
+    hang: HangSpec = field(default_factory=HangSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+
+
+@dataclass(frozen=True)
+class InvalidJob:
+    """A job file that failed validation: shown in status as state `invalid`."""
+    name: str                                  # the `name:` if readable, else the file stem
+    source: Path
+    errors: tuple[str, ...]                    # each "FILE:LINE: KEY: what is wrong"
+
+
+@dataclass(frozen=True)
+class PreemptionSpec:
+    trigger_file: Optional[Path] = None
+    provider: Optional[str] = None             # aws | gcp | azure
+    poll: float = 5.0
+    metadata_url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    jobs_dir: Path
+    state_dir: Path
+    socket: Path
+    log_dir: Path
+    socket_group: Optional[str] = None
+    disk_quota: Optional[int] = None
+    pass_env: tuple[str, ...] = ()
+    log_max_bytes: int = 50 << 20              # per-job log rotation size
+    log_backups: int = 3
+    preemption: PreemptionSpec = field(default_factory=PreemptionSpec)
