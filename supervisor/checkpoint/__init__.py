@@ -6,6 +6,11 @@ Usable from any Python program (no torch, no daemon):
     with CheckpointWriter("ckpt", step=420, reason="periodic") as w:
         (w.path / "state.bin").write_bytes(data)
     # committed as ckpt/step-00000420/ on a clean exit of the block
+
+Daemon side: index.scan (ordered view, cached verdicts) -> rotation.plan_rotation (pure
+policy) -> trash.delete_entry (symlink-safe deletion); watch.CheckpointWatcher wakes the
+daemon. The watcher (watchdog) is imported lazily: `from supervisor.checkpoint.watch import
+CheckpointWatcher`.
 """
 
 from .format import (  # noqa: F401
@@ -20,3 +25,7 @@ from .format import (  # noqa: F401
     step_dirname,
     write_checkpoint,
 )
+from .index import CheckpointDirError, CheckpointInfo, best, latest_valid, scan  # noqa: F401
+from .rotation import DiskQuotaPlan, RotationPlan, plan_disk_quota, plan_rotation  # noqa: F401
+from .trash import TRASH_DIR, DeleteError, collect_stale_tmp, delete_entry, empty_trash  # noqa: F401
+from .validate import MemoryVerdictCache, Verdict, VerdictCache, check_entry  # noqa: F401

@@ -103,6 +103,11 @@ def read_manifest(ckpt_path: Union[str, os.PathLike]) -> dict:
         raise ManifestError("no MANIFEST.json (not committed)") from None
     except OSError as e:
         raise ManifestError(f"MANIFEST.json unreadable: {e.strerror}") from None
+    return parse_manifest(raw)
+
+
+def parse_manifest(raw: bytes) -> dict:
+    """Shape-check MANIFEST.json's bytes; raises ManifestError naming what is wrong."""
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -171,6 +176,11 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, SaveError):
+                # A full disk while the caller writes its files is a failed save, not a
+                # crash: callers catch one exception type (SaveError is an OSError too).
+                raise SaveError(exc.errno, f"checkpoint save failed while writing files into "
+                                           f"{self.path}: {exc.strerror or exc}") from exc
             return False
         self.commit()
         return False

@@ -1,0 +1,567 @@
+"""The daemon: one asyncio loop on the main thread that owns every job, the checkpoint
+index and the state database. Everything else — signals, the checkpoint watcher, the
+hashing pool, the control socket, timers — only posts events to this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+
+from . import __version__, config, process
+from .checkpoint import index as ckpt_index
+from .checkpoint import rotation, trash
+from .control import ControlServer, Peer, RequestError
+from .job import Job, State
+from .sdnotify import Notifier
+from .spec import DaemonSpec, InvalidJob, JobSpec
+from .state import StateDB, StateLock
+
+log = logging.getLogger("trainsup.daemon")
+
+RESCAN_INTERVAL = 60.0
+
+
+class LockedCache:
+    """The verdict cache, backed by SQLite, safe to call from the hashing threads."""
+
+    def __init__(self, db: StateDB):
+        self.db = db
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> Optional[str]:
+        with self.lock:
+            return self.db.get(key)
+
+    def put(self, key: str, verdict: str) -> None:
+        with self.lock:
+            self.db.put(key, verdict)
+
+
+class Daemon:
+    def __init__(self, spec: DaemonSpec):
+        self.spec = spec
+        self.jobs: dict[str, Job] = {}
+        self.invalid: dict[str, InvalidJob] = {}
+        self.started_wall = time.time()
+        self.started_mono = time.monotonic()
+        self.is_root = os.geteuid() == 0
+        self.loop: asyncio.AbstractEventLoop
+        self.db: StateDB
+        self._stop = None
+        self._exit_code = 0
+        self._saving = 0
+        self._scans: dict[str, dict] = {}
+        self._watchers: dict[str, Any] = {}
+        self._rotate_pending = False
+        self._tasks: set[asyncio.Task] = set()
+        self.notifier = Notifier.from_env()
+
+    # -- entry point -------------------------------------------------------------------
+    def run(self) -> int:
+        self.lock = StateLock(self.spec.state_dir)
+        self.lock.acquire()        # raises LockHeld: the CLI turns it into exit 2
+        try:
+            self.db = StateDB(self.spec.state_dir)
+            with self.db.conn:
+                pass
+            return asyncio.run(self._main())
+        finally:
+            self.lock.release()
+
+    async def _main(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
+        self.cache = LockedCache(self.db)
+        process.become_subreaper()
+        for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
+                             (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
+                             (signal.SIGCHLD, self._on_chld)):
+            self.loop.add_signal_handler(sig, handler)
+        self.control = ControlServer(self.spec.socket, self._handle, group=self.spec.socket_group,
+                                     job_user_of=self._job_user)
+        await self.control.start()
+        (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
+        for inv in invalid:
+            self._add_invalid(inv)
+        for spec in jobs:
+            self._add_job(spec)
+        await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
+        await asyncio.gather(*(self._scan(j) for j in self.jobs.values()))
+        for job in self.jobs.values():
+            self._autostart(job)
+        self._spawn_task(self._periodic())
+        self._spawn_task(self._watchdog_pings())
+        self.notifier.ready(self._summary())
+        log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
+                 len(self.invalid), self.spec.socket)
+        await self._stop.wait()
+        await self._shutdown()
+        return self._exit_code
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping: emergency save, then stop, for %d running jobs",
+                 sum(1 for j in self.jobs.values() if j.alive))
+        flows = [j.stop(save=True, final=State.PREEMPTED, source="daemon-stop") for j in self.jobs.values()
+                 if j.alive or j._flow is not None or j.state == State.BACKOFF]
+        if flows:
+            await asyncio.gather(*flows, return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        for w in self._watchers.values():
+            w.stop()
+        await self.control.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for j in self.jobs.values():
+            j.log.close()
+        self.db.close()
+
+    # -- signals (each handler only posts work to the loop) ---------------------------
+    def _on_term(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _on_hup(self) -> None:
+        self._spawn_task(self.reload())
+
+    def _on_usr1(self) -> None:
+        for j in self.jobs.values():
+            if j.alive:
+                j.request_save()
+
+    def _on_chld(self) -> None:
+        process.reap_orphans(j.child.pid for j in self.jobs.values() if j.child)
+
+    # -- jobs --------------------------------------------------------------------------
+    def _job_user(self, name: str) -> Optional[str]:
+        j = self.jobs.get(name)
+        return j.spec.user if j else None
+
+    def _add_invalid(self, inv: InvalidJob) -> None:
+        self.invalid[inv.name] = inv
+        for line in inv.errors:
+            log.error("%s", line)
+
+    def _add_job(self, spec: JobSpec) -> Job:
+        job = Job(spec, self)
+        self.jobs[spec.name] = job
+        if spec.checkpoint is not None:
+            self._watch(job)
+        return job
+
+    def _autostart(self, job: Job) -> None:
+        if job.persisted_state in (State.FAILED.value, State.FINISHED.value, State.STOPPED.value):
+            job.state = State(job.persisted_state)
+            return
+        if job.spec.autostart or job.persisted_state == State.PREEMPTED.value:
+            job.start(reason=job.restart_reason if job.attempt else "first")
+        else:
+            job._set(State.STOPPED)
+
+    async def _stale_orphans(self, job: Job) -> None:
+        """A job process left by a daemon that died: end it before launching again, so
+        the job never runs twice. A pid whose start time differs is a stranger: left alone."""
+        pid, ctime = job.stale_pid
+        if not pid or not ctime or not process.process_matches(pid, ctime):
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            if not process.process_matches(pid, ctime):
+                return
+            log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
+            job.event("orphan-stopped", pid=pid)
+            fut = self.loop.create_future()
+            self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+            try:
+                await asyncio.wait_for(fut, job.spec.stop_timeout)
+            except asyncio.TimeoutError:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                try:
+                    await asyncio.wait_for(fut, 5.0)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                self.loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    async def reload(self) -> dict:
+        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
+        new = {s.name: s for s in jobs}
+        added, removed, changed = [], [], []
+        self.invalid = {}
+        for inv in invalid:
+            if inv.name in self.jobs and inv.name not in new:
+                # A job whose file broke keeps running as it was; status shows the error.
+                continue
+            self._add_invalid(inv)
+        for name in list(self.jobs):
+            if name not in new and name not in self.invalid:
+                removed.append(name)
+        flows = []
+        for name in removed:
+            job = self.jobs[name]
+            flows.append(self._remove_job(job))
+        for name, spec in new.items():
+            old = self.jobs.get(name)
+            if old is None:
+                added.append(name)
+                job = self._add_job(spec)
+                await self._scan(job)
+                self._autostart(job)
+            elif old.spec != spec:
+                changed.append(name)
+                flows.append(self._replace_job(old, spec))
+        if flows:
+            await asyncio.gather(*flows, return_exceptions=True)
+        self.record_event("-", "reload", {"added": added, "removed": removed, "changed": changed})
+        return {"added": added, "removed": removed, "changed": changed,
+                "invalid": [l for inv in self.invalid.values() for l in inv.errors]}
+
+    async def _remove_job(self, job: Job) -> None:
+        await job.stop(save=True, final=State.STOPPED, source="reload")
+        w = self._watchers.pop(job.name, None)
+        if w:
+            w.stop()
+        job.log.close()
+        self.jobs.pop(job.name, None)
+
+    async def _replace_job(self, old: Job, spec: JobSpec) -> None:
+        was_running = old.alive or old.state == State.BACKOFF
+        await self._remove_job(old)
+        job = self._add_job(spec)
+        await self._scan(job)
+        if was_running or spec.autostart:
+            job.start(reason="manual")
+
+    # -- callbacks from jobs -----------------------------------------------------------
+    def record_event(self, job: str, kind: str, data: dict) -> None:
+        self.db.add_event(job, kind, data)
+        if kind != "state":
+            log.info("%s: %s %s", job, kind, " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+
+    def state_changed(self, job: Job) -> None:
+        self.notifier.status(self._summary())
+
+    def job_launched(self, job: Job) -> None:
+        pass
+
+    def was_oom_killed(self, job: Job, child: process.Child) -> bool:
+        limit = job.spec.memory.limit
+        return bool(limit and job.memory_rss and job.memory_rss >= 0.95 * limit)
+
+    def saves_in_progress(self, delta: int, grace: float) -> None:
+        self._saving += delta
+        if delta > 0:
+            # Tell systemd the stop takes longer while an emergency save runs.
+            self.notifier.extend_timeout(grace + 30)
+
+    def _summary(self) -> str:
+        counts: dict[str, int] = {}
+        for j in self.jobs.values():
+            counts[j.state.value] = counts.get(j.state.value, 0) + 1
+        if self.invalid:
+            counts["invalid"] = len(self.invalid)
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
+
+    # -- checkpoints: watcher -> scan (off the loop) -> index -> rotation -----------------
+    def _watch(self, job: Job) -> None:
+        try:
+            from .checkpoint.watch import CheckpointWatcher
+        except ImportError:
+            return
+        name = job.name
+        def on_change(_reason: str = "") -> None:       # observer thread: post, do nothing else
+            try:
+                self.loop.call_soon_threadsafe(self.checkpoint_changed, name)
+            except RuntimeError:
+                pass   # the loop closed during shutdown
+        try:
+            w = CheckpointWatcher(job.spec.checkpoint.dir, on_change)
+            w.start()
+            self._watchers[name] = w
+        except Exception as e:
+            log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
+                        name, job.spec.checkpoint.dir, e)
+
+    def checkpoint_changed(self, name: str) -> None:
+        job = self.jobs.get(name)
+        if job is not None:
+            self._spawn_task(self._scan(job))
+
+    def _scan_sync(self, job: Job):
+        ck = job.spec.checkpoint
+        try:
+            return ckpt_index.scan(ck.dir, ck.format, cache=self.cache), None
+        except FileNotFoundError:
+            return [], None
+        except (OSError, ckpt_index.CheckpointDirError) as e:
+            return [], str(e)
+
+    async def _scan(self, job: Job) -> None:
+        if job.spec.checkpoint is None:
+            return
+        st = self._scans.setdefault(job.name, {"running": False, "dirty": False, "done": None})
+        if st["running"]:
+            st["dirty"] = True       # coalesce: one more scan after the one in flight
+            await asyncio.shield(st["done"])
+            return
+        st["running"] = True
+        st["done"] = self.loop.create_future()
+        try:
+            while True:
+                st["dirty"] = False
+                infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, job)
+                if self.jobs.get(job.name) is job:
+                    job.on_checkpoints(infos, err)
+                if not st["dirty"]:
+                    break
+        finally:
+            st["running"] = False
+            st["done"].set_result(None)
+        self._schedule_rotation()
+
+    def _schedule_rotation(self) -> None:
+        if not self._rotate_pending:
+            self._rotate_pending = True
+            self._spawn_task(self._rotate_all())
+
+    async def _rotate_all(self) -> None:
+        self._rotate_pending = False
+        plans: dict[str, rotation.RotationPlan] = {}
+        for job in self.jobs.values():
+            ck = job.spec.checkpoint
+            if ck is None or not job.checkpoints:
+                continue
+            plans[job.name] = rotation.plan_rotation(
+                job.checkpoints, ck, pinned=job.pinned,
+                resumed_from=job.resumed_from if job.alive else None,
+                tmp_grace=job.spec.emergency_save.grace + 60)
+        if self.spec.disk_quota and plans:
+            dq = rotation.plan_disk_quota(plans, self.spec.disk_quota)
+            plans = dq.plans if hasattr(dq, "plans") else plans
+        for name, plan in plans.items():
+            job = self.jobs.get(name)
+            if job is None:
+                continue
+            job.rotation = {"over_quota": plan.over_quota, "kept": {str(k): v for k, v in plan.kept.items()}}
+            was_over = job.warnings and any(w.startswith("over-quota") for w in job.warnings)
+            self._update_warnings(job, plan)
+            if plan.over_quota and not was_over:
+                job.event("over-quota", bytes=plan.kept_bytes, quota=plan.quota)
+            if not plan.delete:
+                continue
+            ck_dir = job.spec.checkpoint.dir
+            for info in plan.delete:
+                rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
+                try:
+                    await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
+                    job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
+                              why=plan.reasons.get(info.path, "rotation"))
+                except OSError as e:
+                    job.event("delete-failed", path=str(info.path), error=str(e))
+            await self._scan(job)
+
+    def _update_warnings(self, job: Job, plan) -> None:
+        w = []
+        if plan.over_quota:
+            w.append(f"over-quota: {plan.kept_bytes} bytes kept > quota {plan.quota}")
+        latest = ckpt_index.latest_valid(job.checkpoints)
+        if latest is not None:
+            try:
+                free = shutil.disk_usage(job.spec.checkpoint.dir).free
+                if free < latest.bytes:
+                    w.append(f"low disk: {free} bytes free < last checkpoint {latest.bytes} bytes; the next save will fail")
+            except OSError:
+                pass
+        if job.save_durations:
+            slow = max(job.save_durations)
+            if slow > job.spec.emergency_save.grace:
+                w.append(f"slow saves: {slow:.1f}s > grace {job.spec.emergency_save.grace:g}s; "
+                         f"an emergency save will not finish in time")
+        job.warnings = w
+
+    # -- periodic work: the rescan is the source of truth (inotify can overflow) ----------
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(RESCAN_INTERVAL)
+            for job in list(self.jobs.values()):
+                await self._scan(job)
+
+    async def _watchdog_pings(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if not interval:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # -- control requests --------------------------------------------------------------
+    def _get(self, name: Optional[str]) -> Job:
+        if not name:
+            raise RequestError("this command needs a job name")
+        job = self.jobs.get(name)
+        if job is None:
+            if name in self.invalid:
+                raise RequestError(f"job {name} is invalid: {self.invalid[name].errors[0]}")
+            raise RequestError(f"no such job: {name}")
+        return job
+
+    def status(self, name: Optional[str] = None) -> dict:
+        jobs = [j.status() for j in self.jobs.values()]
+        for inv in self.invalid.values():
+            jobs.append({"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
+                         "last_exit": None, "checkpoint": None, "memory": None,
+                         "error": "; ".join(inv.errors), "source": str(inv.source)})
+        if name is not None:
+            jobs = [j for j in jobs if j["name"] == name]
+            if not jobs:
+                raise RequestError(f"no such job: {name}")
+        jobs.sort(key=lambda j: j["name"])
+        me = psutil.Process()
+        return {"daemon": {"pid": os.getpid(), "version": __version__,
+                           "uptime_s": round(time.monotonic() - self.started_mono, 1),
+                           "rss": me.memory_info().rss, "socket": str(self.spec.socket)},
+                "jobs": jobs}
+
+    async def _handle(self, req: dict, peer: Peer, conn) -> Any:
+        cmd, name, args = req["cmd"], req["job"], req["args"]
+        if cmd == "ping":
+            return {"pid": os.getpid(), "version": __version__}
+        if cmd == "status":
+            return self.status(name)
+        if cmd == "reload":
+            return await self.reload()
+        if cmd == "preempt" and args.get("all"):
+            grace = _float_arg(args, "grace")
+            outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
+                                          for j in self.jobs.values() if j.alive or j.state == State.BACKOFF))
+            return {"jobs": len(outs), "outcomes": outs}
+        job = self._get(name)
+        if cmd == "start":
+            if job.alive:
+                raise RequestError(f"job {name} is already {job.state.value}")
+            job.start(reason="manual")
+            return job.status()
+        if cmd in ("stop", "preempt"):
+            grace = _float_arg(args, "grace")
+            final = State.PREEMPTED if cmd == "preempt" else State.STOPPED
+            if not job.alive and job._flow is None and job.state != State.BACKOFF:
+                raise RequestError(f"job {name} is not running (state {job.state.value})")
+            out = await job.stop(save=not args.get("no_save"), final=final, grace=grace, source=cmd)
+            return out
+        if cmd == "restart":
+            if job.alive or job._flow is not None:
+                return await job.stop(save=not args.get("no_save"), then_restart="manual", source="restart")
+            job.start(reason="manual")
+            return job.status()
+        if cmd == "checkpoint":
+            if not job.alive:
+                raise RequestError(f"job {name} is not running (state {job.state.value})")
+            sent, fut = job.request_save()
+            if not sent:
+                raise RequestError(f"no process of job {name} catches {job.spec.emergency_save.signal}")
+            if not args.get("wait"):
+                return {"signalled": sent}
+            timeout = _float_arg(args, "timeout") or job.spec.emergency_save.grace
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                raise RequestError(f"no new valid checkpoint of {name} within {timeout:g}s") from None
+            latest = ckpt_index.latest_valid(job.checkpoints)
+            return {"signalled": sent, "step": latest.step if latest else None,
+                    "path": str(latest.path) if latest else None}
+        if cmd == "checkpoints":
+            return self._checkpoints(job)
+        if cmd in ("pin", "unpin"):
+            step = args.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise RequestError(f"{cmd}: step must be an integer")
+            if cmd == "pin":
+                if not any(i.step == step for i in job.checkpoints):
+                    raise RequestError(f"job {name} has no checkpoint at step {step}")
+                job.pinned.add(step)
+            else:
+                job.pinned.discard(step)
+            job.persist()
+            job.event(cmd, step=step)
+            return {"pinned": sorted(job.pinned)}
+        if cmd == "history":
+            n = args.get("n", 50)
+            if not isinstance(n, int) or n <= 0:
+                raise RequestError("history: n must be a positive integer")
+            return self.db.events(name, min(n, 10000))
+        if cmd == "logs":
+            n = args.get("n", 100)
+            if not isinstance(n, int) or n < 0:
+                raise RequestError("logs: n must be a non-negative integer")
+            text = job.log.tail(min(n, 100000))
+            if not args.get("follow"):
+                return {"text": text}
+            return await self._follow(job, text, conn)
+        raise RequestError(f"unknown command {cmd}")
+
+    async def _follow(self, job: Job, text: str, conn) -> dict:
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        job.log.followers.add(q)
+        try:
+            await conn.send({"ok": True, "result": {"text": text, "more": True}})
+            while True:
+                data = await q.get()
+                await conn.send({"ok": True, "result": {"text": data.decode(errors="replace"), "more": True}})
+        finally:
+            job.log.followers.discard(q)
+
+    def _checkpoints(self, job: Job) -> list:
+        kept = job.rotation.get("kept", {})
+        out = []
+        for i in job.checkpoints:
+            k = kept.get(str(i.path))
+            if i.in_progress:
+                k = k or "in-progress"
+            if i.step is not None and i.step in job.pinned:
+                k = "pinned" if k in (None, "last", "best", "every") else k
+            out.append({"path": str(i.path), "step": i.step, "bytes": i.bytes, "valid": i.valid,
+                        "invalid_reason": i.invalid_reason, "kept": k, "reason": i.reason,
+                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime})
+        return out
+
+
+def _float_arg(args: dict, key: str) -> Optional[float]:
+    v = args.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise RequestError(f"{key} must be a non-negative number of seconds")
+    return float(v)

@@ -1,0 +1,436 @@
+"""One job: its state machine, its launches, its stop flow and its restart policy.
+
+A Job is owned by the daemon's event loop and touched by nothing else. Every state change
+goes through `_set()`, which checks the transition is allowed and records an event: the
+event history is what `status` and `history` read (there is no second bookkeeping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import process
+from .backoff import RestartTracker
+from .joblog import JobLog
+from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("trainsup.job")
+
+
+class State(str, enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SAVING = "saving"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    FAILED = "failed"
+    INVALID = "invalid"
+
+
+S = State
+_IDLE = {S.PENDING, S.STOPPED, S.PREEMPTED, S.FINISHED, S.FAILED}
+_ALIVE = {S.RUNNING, S.SAVING, S.STOPPING}
+# Allowed predecessor states of each state (supervisord's change_state() idea).
+_ALLOWED: dict[State, set[State]] = {
+    S.STARTING: _IDLE | {S.BACKOFF, S.STOPPING},
+    S.RUNNING: {S.STARTING, S.SAVING},
+    S.SAVING: {S.RUNNING},
+    S.STOPPING: {S.RUNNING, S.SAVING, S.STARTING},
+    S.BACKOFF: {S.STARTING, S.RUNNING, S.SAVING},
+    S.STOPPED: _ALIVE | {S.BACKOFF, S.PENDING, S.STARTING, S.FAILED, S.FINISHED, S.PREEMPTED},
+    S.PREEMPTED: _ALIVE | {S.BACKOFF, S.STARTING, S.PENDING},
+    S.FINISHED: {S.RUNNING, S.SAVING},
+    S.FAILED: {S.STARTING, S.RUNNING, S.SAVING, S.STOPPING},
+    S.PENDING: set(),
+    S.INVALID: set(),
+}
+
+RESTART_REASONS = ("first", "crash", "preempt", "oom", "hang", "manual")
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+def _ckpt_key(info) -> tuple:
+    return (str(info.path), info.step, info.mtime, info.bytes)
+
+
+class Job:
+    def __init__(self, spec: JobSpec, daemon: "Daemon"):
+        self.spec = spec
+        self.d = daemon
+        self.name = spec.name
+        self.state = S.PENDING
+        self.state_since = time.time()
+        self.child: Optional[process.Child] = None
+        self.pid_prev: Optional[int] = None
+        self.log = JobLog(daemon.spec.log_dir / f"{spec.name}.log",
+                          daemon.spec.log_max_bytes, daemon.spec.log_backups)
+        self.tracker = RestartTracker(spec.restart)
+        self.attempt = 0
+        self.restarts = 0
+        self.last_exit: Optional[dict] = None
+        self.error: Optional[str] = None
+        self.restart_reason = "first"
+        self.resumed_from: Optional[str] = None
+        self.pinned: set[int] = set()
+        self.checkpoints: list = []          # supervisor.checkpoint.index.CheckpointInfo
+        self.ckpt_error: Optional[str] = None
+        self.rotation: dict[str, Any] = {"over_quota": False, "kept": {}}
+        self.last_notice: Optional[dict] = None
+        self.warnings: list[str] = []
+        self.memory_rss: Optional[int] = None
+        self.save_durations: list[float] = []
+        self._backoff: Optional[asyncio.TimerHandle] = None
+        self._exit_fut: Optional[asyncio.Future] = None
+        self._flow: Optional[asyncio.Task] = None
+        self._flow_kind: Optional[str] = None
+        self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
+        self._launch_ckpts: set = set()
+        self._save_requested_mono: Optional[float] = None
+        self._load_persisted()
+
+    # -- persistence -----------------------------------------------------------------
+    def _load_persisted(self) -> None:
+        data = self.d.db.load_job(self.name)
+        self.attempt = int(data.get("attempt", 0))
+        self.restarts = int(data.get("restarts", 0))
+        self.last_exit = data.get("last_exit")
+        self.pinned = {int(s) for s in data.get("pinned", [])}
+        self.tracker.restore(data.get("tracker", {}))
+        self.stale_pid = data.get("pid"), data.get("pid_ctime")
+        if data.get("state") == S.PREEMPTED.value:
+            # After a preemption the job starts again (resuming) when the daemon starts.
+            self.restart_reason = "preempt"
+        self.persisted_state = data.get("state")
+
+    def persist(self) -> None:
+        c = self.child
+        self.d.db.save_job(self.name, {
+            "attempt": self.attempt, "restarts": self.restarts, "last_exit": self.last_exit,
+            "pinned": sorted(self.pinned), "tracker": self.tracker.snapshot(),
+            "state": self.state.value,
+            "pid": c.pid if c else None, "pid_ctime": c.create_time if c else None,
+        })
+
+    def event(self, kind: str, **data) -> None:
+        self.d.record_event(self.name, kind, data)
+
+    def _set(self, new: State, **data) -> None:
+        old = self.state
+        if old == new:
+            return
+        if old not in _ALLOWED[new]:
+            raise TransitionError(f"job {self.name}: {old.value} -> {new.value} is not allowed")
+        self.state = new
+        self.state_since = time.time()
+        self.event("state", **{"from": old.value, "to": new.value}, **data)
+        self.persist()
+        self.d.state_changed(self)
+
+    # -- launching ---------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.child is not None
+
+    def start(self, reason: str = "manual") -> None:
+        """Launch now if idle (or cut a backoff short)."""
+        if self.alive or self._flow is not None:
+            return
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        if self.state in (S.FAILED, S.FINISHED, S.STOPPED):
+            self.tracker.progress()   # a manual start forgives the crash history
+        self.restart_reason = reason if self.attempt else "first"
+        self._launch()
+
+    def _resume_point(self):
+        from .checkpoint.index import latest_valid
+        return latest_valid(self.checkpoints) if self.checkpoints else None
+
+    def _launch(self) -> None:
+        self._backoff = None
+        self._set(S.STARTING)
+        spec = self.spec
+        resume = self._resume_point()
+        resume_path = str(resume.path) if resume else ""
+        argv = list(spec.command)
+        if resume and spec.checkpoint is not None:
+            argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
+        self.attempt += 1
+        if self.attempt > 1:
+            self.restarts += 1
+        reason = "first" if self.attempt == 1 else self.restart_reason
+        extra = {
+            "TRAINSUP_JOB": spec.name,
+            "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
+            "TRAINSUP_RESUME_FROM": resume_path,
+            "TRAINSUP_ATTEMPT": str(self.attempt),
+            "TRAINSUP_RESTART_REASON": reason,
+            "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
+            "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
+        }
+        env = process.build_env(spec, self.d.spec, extra)
+        if spec.checkpoint is not None:
+            try:
+                spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
+        wfd = self.log.new_pipe(self.d.loop)
+        try:
+            child = process.spawn(spec, argv, env, wfd)
+        except process.SpawnError as e:
+            self.error = str(e)
+            self.log.note(f"attempt {self.attempt}: cannot start: {e}")
+            self.event("spawn-failed", error=str(e), attempt=self.attempt)
+            self.log.close_pipe()
+            self._after_exit(crashed=True, ran_for=0.0)
+            return
+        finally:
+            import os
+            os.close(wfd)
+        self.child = child
+        self.error = None
+        self.resumed_from = resume_path or None
+        self._launch_ckpts = {_ckpt_key(i) for i in self.checkpoints if i.valid}
+        self._exit_fut = self.d.loop.create_future()
+        self.d.loop.add_reader(child.pidfd, self._on_pidfd, child)
+        self.log.note(f"attempt {self.attempt} ({reason}): pid {child.pid}"
+                      + (f", resuming from {resume_path}" if resume_path else ""))
+        self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None)
+        self._set(S.RUNNING, pid=child.pid)
+        self.d.job_launched(self)
+
+    @property
+    def heartbeat_file(self) -> Path:
+        return self.d.spec.state_dir / "heartbeat" / self.name
+
+    # -- exits ---------------------------------------------------------------------------
+    def _on_pidfd(self, child: process.Child) -> None:
+        self.d.loop.remove_reader(child.pidfd)
+        rc = child.popen.wait()       # waitpid(pid) for this leader only
+        child.close()
+        self.log.drain()
+        self.log.close_pipe()
+        self.child = None
+        self.pid_prev = child.pid
+        # The leader is gone; descendants it left behind are ended so nothing outlives it.
+        leftovers = process.kill_leftovers(child)
+        ex = process.classify_exit(rc)
+        if ex.signal == "SIGKILL" and self.d.was_oom_killed(self, child):
+            ex = process.ExitRecord("oom-killed", None, "SIGKILL", ex.at)
+        self.last_exit = ex.as_dict()
+        ran_for = time.monotonic() - child.started_mono
+        self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
+                      + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+        self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
+                   signal=ex.signal, ran_for=round(ran_for, 3))
+        if self._exit_fut is not None and not self._exit_fut.done():
+            self._exit_fut.set_result(ex)
+        if self._flow is not None:
+            return                     # the stop flow decides what comes next
+        self._after_exit(crashed=(rc != 0), ran_for=ran_for)
+
+    def _after_exit(self, *, crashed: bool, ran_for: float) -> None:
+        decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+        if not decision.restart:
+            if decision.final_state == "failed":
+                self.error = decision.why
+            self._set(S(decision.final_state), why=decision.why)
+            return
+        self.restart_reason = "crash" if crashed else "manual"
+        self._set(S.BACKOFF, delay=round(decision.delay, 3), why=decision.why)
+        if decision.delay <= 0:
+            self._launch()
+        else:
+            self._backoff = self.d.loop.call_later(decision.delay, self._launch)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def on_checkpoints(self, infos: list, error: Optional[str] = None) -> None:
+        """The index for this job's dir was refreshed (watcher event or rescan)."""
+        before = {_ckpt_key(i) for i in self.checkpoints if i.valid}
+        self.checkpoints = infos
+        self.ckpt_error = error
+        new_valid = [i for i in infos if i.valid and _ckpt_key(i) not in before]
+        for info in new_valid:
+            took = None
+            if self._save_requested_mono is not None:
+                took = time.monotonic() - self._save_requested_mono
+                self.save_durations = (self.save_durations + [took])[-5:]
+                self._save_requested_mono = None
+            self.event("checkpoint", step=info.step, path=str(info.path), bytes=info.bytes,
+                       reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
+        if new_valid and self.alive:
+            self.tracker.progress()
+        valid_now = {_ckpt_key(i) for i in infos if i.valid}
+        for known, fut in list(self._ckpt_waiters):
+            if not fut.done() and valid_now - known:
+                fut.set_result(True)
+        self._ckpt_waiters = [(k, f) for k, f in self._ckpt_waiters if not f.done()]
+
+    def _new_checkpoint_future(self) -> asyncio.Future:
+        fut = self.d.loop.create_future()
+        self._ckpt_waiters.append(({_ckpt_key(i) for i in self.checkpoints if i.valid}, fut))
+        return fut
+
+    def request_save(self) -> tuple[list[int], asyncio.Future]:
+        """Ask the job for a checkpoint; returns the pids signalled and a future that
+        resolves when a valid checkpoint newer than this request is indexed."""
+        fut = self._new_checkpoint_future()
+        if not self.child:
+            return [], fut
+        signum = process.signal_number(self.spec.emergency_save.signal)
+        sent = process.deliver_save_signal(self.child, signum)
+        self._save_requested_mono = time.monotonic()
+        self.event("save-requested", pids=sent)
+        if not sent:
+            msg = (f"no process of job {self.name} catches {self.spec.emergency_save.signal}: "
+                   f"it cannot do emergency saves")
+            self.log.note(msg)
+            log.warning(msg)
+        return sent, fut
+
+    # -- the stop flow -------------------------------------------------------------------
+    def stop(self, *, save: bool = True, final: State = S.STOPPED, grace: Optional[float] = None,
+             deadline_wall: Optional[float] = None, then_restart: Optional[str] = None,
+             source: str = "manual") -> asyncio.Task:
+        """Save (if asked), confirm, then stop. Repeated requests coalesce into the flow
+        already running."""
+        if self._flow is not None:
+            return self._flow
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        self._flow_kind = source
+        self._flow = self.d.loop.create_task(
+            self._stop_flow(save, final, grace, deadline_wall, then_restart, source))
+        self._flow.add_done_callback(self._flow_done)
+        return self._flow
+
+    def _flow_done(self, task: asyncio.Task) -> None:
+        self._flow = None
+        self._flow_kind = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %s: stop flow failed: %r", self.name, task.exception())
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        if self._exit_fut is None or self._exit_fut.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exit_fut), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _stop_flow(self, save, final, grace, deadline_wall, then_restart, source) -> dict:
+        spec = self.spec
+        notice_at = time.time()
+        outcome: dict[str, Any] = {"source": source, "at": notice_at}
+        if deadline_wall is not None:
+            outcome["deadline"] = deadline_wall
+        self.last_notice = outcome
+        if not self.alive:
+            if self.state == S.BACKOFF or self.state == S.PENDING:
+                self._set(final if final != S.FAILED else S.STOPPED)
+            outcome["outcome"] = "not running"
+            return outcome
+        grace = spec.emergency_save.grace if grace is None else grace
+        if deadline_wall is not None:
+            grace = max(0.0, min(grace, deadline_wall - notice_at))
+        t0 = time.monotonic()
+        # Without a checkpoint dir no save can be confirmed: SIGTERM ("save if you can
+        # and exit") is the whole request.
+        if save and spec.checkpoint is not None:
+            self._set(S.SAVING, source=source)
+            sent, fut = self.request_save()
+            self.d.saves_in_progress(+1, grace)
+            try:
+                if sent:
+                    waiters = [fut, asyncio.shield(self._exit_fut)]
+                    done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+                    if fut in done:
+                        latest = self._resume_point()
+                        outcome.update(outcome="saved", step=getattr(latest, "step", None),
+                                       save_s=round(time.monotonic() - t0, 3))
+                    elif done:
+                        outcome.update(outcome="exited before a new checkpoint")
+                    else:
+                        outcome.update(outcome=f"no save within {grace:g}s")
+                else:
+                    outcome.update(outcome="job does not catch the save signal")
+            finally:
+                self.d.saves_in_progress(-1, 0)
+                if not fut.done():
+                    fut.cancel()
+        self._set(S.STOPPING, source=source)
+        if self.alive:
+            if self.child:
+                self.child.refresh_tree()
+                self.child.signal_group(signal.SIGTERM)
+            if not await self._wait_exit(spec.stop_timeout):
+                if self.child:
+                    self.child.signal_group(signal.SIGKILL)
+                    process.kill_leftovers(self.child)
+                    outcome["killed"] = True
+                await self._wait_exit(10.0)
+        outcome["stop_s"] = round(time.monotonic() - t0, 3)
+        self.event("notice", **outcome)
+        self.last_notice = outcome
+        if then_restart:
+            self.restart_reason = then_restart
+            self._launch()
+        else:
+            self._set(final)
+        return outcome
+
+    # -- views ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        from .checkpoint.index import latest_valid
+        latest = latest_valid(self.checkpoints) if self.checkpoints else None
+        valid = sum(1 for i in self.checkpoints if i.valid)
+        invalid = sum(1 for i in self.checkpoints if not i.valid and not i.in_progress)
+        total = sum(i.bytes for i in self.checkpoints)
+        c = self.child
+        now = time.time()
+        quota = self.spec.checkpoint.quota if self.spec.checkpoint else None
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "pid": c.pid if c else None,
+            "uptime_s": round(now - c.started_wall, 1) if c else None,
+            "since": self.state_since,
+            "attempt": self.attempt,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "restart_reason": self.restart_reason,
+            "resumed_from": self.resumed_from,
+            "checkpoint": {
+                "latest": str(latest.path) if latest else None,
+                "step": latest.step if latest else None,
+                "age_s": round(now - latest.mtime, 1) if latest and latest.mtime else None,
+                "valid": valid, "invalid": invalid, "bytes": total, "quota": quota,
+                "over_quota": bool(self.rotation.get("over_quota")),
+                "error": self.ckpt_error,
+            } if self.spec.checkpoint else None,
+            "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
+            "last_notice": self.last_notice,
+            "warnings": list(self.warnings),
+            "error": self.error,
+            "source": str(self.spec.source),
+            "user": self.spec.user,
+        }

@@ -1,0 +1,100 @@
+"""Per-job timed notices from `schedule:` (SPEC section 3): periodic and cron checkpoints,
+planned preemptions. APScheduler is only a source of timed events here: its thread calls
+`on_fire(job_name, what)` and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from supervisor.spec import ScheduleSpec
+
+log = logging.getLogger(__name__)
+
+# The keys of ScheduleSpec, and what each asks the daemon to do.
+WHAT = {"checkpoint_every": "checkpoint", "checkpoint_cron": "checkpoint",
+        "preempt_cron": "preempt"}
+
+
+def parse_cron(expr: str) -> CronTrigger:
+    """A standard 5-field crontab line, in UTC; ValueError with one line if it is bad."""
+    try:
+        return CronTrigger.from_crontab(expr, timezone=timezone.utc)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"bad cron expression {expr!r}: {e}") from None
+
+
+def triggers_for(spec: ScheduleSpec) -> dict:
+    """{ScheduleSpec key: APScheduler trigger} for the keys that are set."""
+    out = {}
+    if spec.checkpoint_every is not None:
+        if spec.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, not {spec.checkpoint_every}")
+        out["checkpoint_every"] = IntervalTrigger(seconds=spec.checkpoint_every,
+                                                  timezone=timezone.utc)
+    for key in ("checkpoint_cron", "preempt_cron"):
+        expr = getattr(spec, key)
+        if expr is not None:
+            out[key] = parse_cron(expr)
+    return out
+
+
+class JobSchedule:
+    """All jobs' schedules on one APScheduler BackgroundScheduler, in UTC."""
+
+    def __init__(self, on_fire: Callable[[str, str], None]):
+        self.on_fire = on_fire
+        self._scheduler = BackgroundScheduler(
+            timezone=timezone.utc,
+            # on_fire only posts to the daemon's loop: one worker is plenty, and keeps
+            # fires of one job in order.
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            # A daemon that was suspended owes one save, not one per missed interval.
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
+
+    def start(self) -> None:
+        if not self._scheduler.running:
+            self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def _fire(self, name: str, what: str) -> None:
+        try:
+            self.on_fire(name, what)
+        except Exception:
+            log.exception("schedule callback failed for job %s (%s)", name, what)
+
+    def set_job(self, name: str, spec: ScheduleSpec) -> None:
+        """Replace every trigger of job `name` by those of `spec` (none: just remove)."""
+        triggers = triggers_for(spec)          # raises before anything is removed
+        self.remove_job(name)
+        for key, trigger in triggers.items():
+            self._scheduler.add_job(self._fire, trigger, args=(name, WHAT[key]),
+                                    id=f"{name}:{key}", name=f"{name} {key}",
+                                    replace_existing=True)
+
+    def remove_job(self, name: str) -> None:
+        for job in self._scheduler.get_jobs():
+            if job.id.startswith(name + ":"):
+                job.remove()
+
+    def next_fire_times(self, name: str) -> dict[str, Optional[datetime]]:
+        """{ScheduleSpec key: next fire time (UTC)} of job `name`; for status displays."""
+        out = {}
+        for job in self._scheduler.get_jobs():
+            if job.id.startswith(name + ":"):
+                key = job.id[len(name) + 1:]
+                next_time = getattr(job, "next_run_time", None)
+                if next_time is None:          # scheduler not started yet
+                    next_time = job.trigger.get_next_fire_time(None, datetime.now(timezone.utc))
+                out[key] = next_time
+        return out

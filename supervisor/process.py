@@ -1,0 +1,311 @@
+"""Spawning a job's process, signalling it through pidfds, and ending its whole tree.
+
+One way to reap: each launched leader has a pidfd that the event loop watches; when it
+becomes readable the leader is reaped with waitpid(pid) for that pid alone. Descendants
+orphaned to the daemon (it is a child subreaper) are reaped by pid too. Nothing here ever
+calls waitpid(-1): that would steal a leader's status and make a crash read as exit 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import pwd
+import grp
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import psutil
+
+from .spec import DaemonSpec, JobSpec
+
+log = logging.getLogger("trainsup.process")
+
+_PR_SET_CHILD_SUBREAPER = 36
+# The base environment of every launch, like a systemd service's (SPEC section 4).
+_BASE_ENV_KEYS = ("PATH", "LANG", "TZ")
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants of jobs (double forks, setsid daemons) reparent to us, so a
+    stop can still find and end them instead of leaking them to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def build_env(job: JobSpec, daemon: DaemonSpec, extra: Mapping[str, str],
+              daemon_env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for k in _BASE_ENV_KEYS:
+        if k in daemon_env:
+            env[k] = daemon_env[k]
+    for k, v in daemon_env.items():
+        if k.startswith("LC_"):
+            env[k] = v
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    try:
+        pw = pwd.getpwnam(job.user) if job.user else pwd.getpwuid(os.getuid())
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
+                   SHELL=pw.pw_shell or "/bin/sh")
+    except KeyError:
+        pass
+    for k in daemon.pass_env:
+        if k in daemon_env:
+            env[k] = daemon_env[k]
+    env.update(dict(job.env))
+    env.update(extra)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
+def signal_number(name: str) -> int:
+    return int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """True when the process has a handler for `signum` (SigCgt in /proc/PID/status).
+    SIGUSR1's default action kills: DataLoader workers and launchers that do not handle
+    it must never receive it."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        return False
+    return False
+
+
+@dataclass
+class ExitRecord:
+    reason: str            # "exit N", "signal NAME", "oom-killed", "preempted", "stopped"
+    code: int | None
+    signal: str | None
+    at: float              # wall time, UTC epoch seconds
+
+    def as_dict(self) -> dict:
+        return {"reason": self.reason, "code": self.code, "signal": self.signal, "at": self.at}
+
+
+def classify_exit(returncode: int) -> ExitRecord:
+    now = time.time()
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return ExitRecord(f"signal {name}", None, name, now)
+    return ExitRecord(f"exit {returncode}", returncode, None, now)
+
+
+class SpawnError(Exception):
+    """The job's process could not be started (one line, for status)."""
+
+
+@dataclass
+class Child:
+    """A running job leader: its Popen handle, its pidfd, and what we know of its tree."""
+    popen: subprocess.Popen
+    pidfd: int
+    started_mono: float
+    started_wall: float
+    create_time: float
+    known: dict[int, float] = field(default_factory=dict)   # descendant pid -> create_time
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def send(self, signum: int) -> bool:
+        """Signal the leader through its pidfd: a recycled pid can never be hit."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return False
+            raise
+
+    def signal_group(self, signum: int) -> None:
+        # The group id is the leader's pid; it cannot be reused while the leader is
+        # unreaped or any member is alive, so killpg cannot hit a stranger's group.
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def refresh_tree(self) -> list[psutil.Process]:
+        """Remember every descendant (with its start time) so that ones that leave the
+        process group (setsid) are still ended at stop."""
+        procs = []
+        try:
+            procs = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        for p in procs:
+            try:
+                self.known.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+        return procs
+
+    def live_descendants(self) -> list[psutil.Process]:
+        self.refresh_tree()
+        out = []
+        for pid, ctime in list(self.known.items()):
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ctime) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+                    self.known.pop(pid, None)
+                    continue
+                out.append(p)
+            except psutil.Error:
+                self.known.pop(pid, None)
+        return out
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def deliver_save_signal(child: Child, signum: int) -> list[int]:
+    """Send the save signal to every process of the tree that catches it. Returns the
+    pids signalled (empty: nobody can do an emergency save)."""
+    sent = []
+    procs = [child.pid] + [p.pid for p in child.refresh_tree()]
+    for pid in procs:
+        if catches_signal(pid, signum):
+            try:
+                if pid == child.pid:
+                    if child.send(signum):
+                        sent.append(pid)
+                else:
+                    ctime = child.known.get(pid)
+                    p = psutil.Process(pid)
+                    if ctime is None or abs(p.create_time() - ctime) < 0.01:
+                        p.send_signal(signum)
+                        sent.append(pid)
+            except (psutil.Error, OSError):
+                pass
+    return sent
+
+
+def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
+    """End descendants that escaped the process group (setsid) but are still ours."""
+    n = 0
+    for p in child.live_descendants():
+        try:
+            p.send_signal(signum)
+            n += 1
+        except psutil.Error:
+            pass
+    return n
+
+
+def reap_orphans(leaders: Iterable[int]) -> list[int]:
+    """Reap zombies reparented to the daemon (we are a subreaper), by pid, never -1."""
+    keep = set(leaders)
+    reaped = []
+    try:
+        kids = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for p in kids:
+        if p.pid in keep:
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+                reaped.append(p.pid)
+        except (psutil.Error, ChildProcessError):
+            pass
+    return reaped
+
+
+def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process]:
+    """Live processes reparented to the daemon that were launched for `job_name`."""
+    keep = set(leaders)
+    out = []
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return out
+    for p in kids:
+        if p.pid in keep:
+            continue
+        try:
+            if p.environ().get("TRAINSUP_JOB") == job_name:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _privilege_drop(job: JobSpec) -> dict:
+    """Popen arguments that drop to the job's user in the safe order (supplementary
+    groups, gid, uid), with that user's groups rather than root's."""
+    if not job.user and not job.group:
+        return {}
+    kw: dict = {}
+    if job.user:
+        pw = pwd.getpwnam(job.user)
+        gid = grp.getgrnam(job.group).gr_gid if job.group else pw.pw_gid
+        kw["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
+        kw["group"] = gid
+        kw["user"] = pw.pw_uid
+    else:
+        kw["group"] = grp.getgrnam(job.group).gr_gid
+        kw["extra_groups"] = [kw["group"]]
+    return kw
+
+
+def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int) -> Child:
+    """Start the job leader in its own session and process group."""
+    try:
+        popen = subprocess.Popen(
+            argv,
+            cwd=str(job.workdir),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            **_privilege_drop(job),
+        )
+    except FileNotFoundError:
+        raise SpawnError(f"{job.source}: command: {argv[0]!r} not found (workdir {job.workdir})") from None
+    except PermissionError as e:
+        raise SpawnError(f"{job.source}: command: {argv[0]!r}: {e.strerror}") from None
+    except (OSError, KeyError, subprocess.SubprocessError) as e:
+        raise SpawnError(f"{job.source}: cannot start {argv[0]!r}: {e}") from None
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:
+        popen.kill()
+        popen.wait()
+        raise
+    try:
+        ctime = psutil.Process(popen.pid).create_time()
+    except psutil.Error:
+        ctime = 0.0
+    return Child(popen, pidfd, time.monotonic(), time.time(), ctime)
+
+
+def process_matches(pid: int, create_time: float) -> bool:
+    """A pid read from disk is only ours if the process there started when ours did."""
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False

@@ -1,0 +1,768 @@
+"""The in-job training helper (SPEC section 9): resumable checkpoints for a torch loop.
+
+The only module of trainsup that imports torch. A training loop uses it in a few lines:
+
+    sampler = ResumableSampler(len(dataset), seed=0)
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler)
+    ckpt = Checkpointer(model=model, optimizer=opt, scheduler=sched, sampler=sampler,
+                        every_steps=50)
+    step = ckpt.restore()
+    ...  ckpt.step(step, metrics={"loss": loss.item()})  ... ckpt.save(step, reason="final")
+
+Checkpoints are written through supervisor.checkpoint.CheckpointWriter (atomic, hashed
+manifest): `state.pt` holds what every rank shares (model, optimizer, scheduler, scaler,
+extras, step, epoch); `rank-NNNNN.pt` holds what each rank owns (RNG states, data
+position). Without torch.distributed the rank part lives inside `state.pt`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, Sampler
+
+from .checkpoint import MANIFEST, TMP_DIR, CheckpointWriter, SaveError, read_manifest
+from .checkpoint.format import STEP_DIR_RE, step_dirname
+
+__all__ = ["Checkpointer", "ResumableSampler", "latest_checkpoint"]
+
+STATE_FILE = "state.pt"
+_monotonic = time.monotonic
+
+
+def _log(msg: str) -> None:
+    # One line on stderr: the daemon keeps the job's stderr in its log.
+    print(f"trainsup: {msg}", file=sys.stderr, flush=True)
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The committed checkpoint (step-* dir with MANIFEST.json) with the highest step."""
+    best: tuple[int, Path] | None = None
+    try:
+        entries = list(os.scandir(ckpt_dir))
+    except FileNotFoundError:
+        return None
+    for e in entries:
+        m = STEP_DIR_RE.match(e.name)
+        if m and e.is_dir(follow_symlinks=False) and os.path.exists(os.path.join(e.path, MANIFEST)):
+            s = int(m.group(1))
+            if best is None or s > best[0]:
+                best = (s, Path(e.path))
+    return best[1] if best else None
+
+
+def _signal_number(spec: str | int | None, default: int) -> int:
+    if spec is None or spec == "":
+        return default
+    if isinstance(spec, int) or str(spec).isdigit():
+        return int(spec)
+    name = str(spec).upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(getattr(signal, name))
+    except AttributeError:
+        raise ValueError(f"TRAINSUP_SAVE_SIGNAL={spec!r} is not a signal name") from None
+
+
+# ----------------------------------------------------------------------------------
+# Data position
+# ----------------------------------------------------------------------------------
+
+
+class ResumableSampler(Sampler[int]):
+    """A Sampler that reshuffles per epoch (torch.Generator seeded seed+epoch) and resumes
+    mid-epoch at the exact next index.
+
+    Each `iter()` starts the next epoch (no `set_epoch` call needed); `set_epoch(e)` pins
+    the epoch of the next iteration, like DistributedSampler. Under torch.distributed
+    (or with num_replicas/rank) each rank gets its stride of a padded permutation, as
+    DistributedSampler does.
+
+    `yielded` counts indices handed to the DataLoader, which prefetches: it runs ahead of
+    what the loop consumed. The Checkpointer therefore records the position from the
+    steps the loop completed, not from `yielded`.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if n <= 0:
+            raise ValueError(f"ResumableSampler: n must be positive, got {n}")
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if _dist_on() else 1
+        if rank is None:
+            rank = dist.get_rank() if _dist_on() else 0
+        self.n = int(n)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.num_samples = math.ceil(self.n / self.num_replicas)
+        self.batch_size = batch_size         # learnt from the DataLoader when None
+        self.epoch = 0
+        self.yielded = 0                     # index position reached in this epoch's order
+        self.iter_start = 0                  # position this epoch's iteration began at
+        self.iterations = 0                  # number of iter() calls so far
+        self._start = 0                      # position the next iteration begins at
+        self._hold_epoch = False             # next iter() keeps self.epoch (set_epoch/resume)
+        self._on_iter: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples - (self._start if self._hold_epoch else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        # A loop that calls set_epoch(restored_epoch) after restore keeps the mid-epoch
+        # position; any other epoch starts from its beginning.
+        if not (self._hold_epoch and epoch == self.epoch):
+            self._start = 0
+        self.epoch = int(epoch)
+        self._hold_epoch = True
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`, in yield order."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        total = self.num_samples * self.num_replicas
+        if total > self.n:
+            idx += (idx * math.ceil(total / self.n))[: total - self.n]
+        return idx[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        # DataLoader calls this on the first fetch of an epoch, i.e. after its iterator
+        # drew its base seed from the global RNG: the Checkpointer's hook re-applies the
+        # restored RNG state here so that draw does not shift a resumed run's dropout.
+        if not self._hold_epoch and self.iterations:
+            self.epoch += 1
+            self._start = 0
+        self._hold_epoch = False
+        start, self._start = self._start, 0
+        self.iter_start = self.yielded = start
+        self.iterations += 1
+        if self.batch_size is None:
+            # The DataLoader's BatchSampler is our caller; its batch size converts the
+            # loop's step count into a sample position.
+            caller = sys._getframe(1).f_locals.get("self")
+            if isinstance(caller, BatchSampler):
+                self.batch_size = caller.batch_size
+        hook = self._on_iter
+        if hook is not None:
+            hook()
+        return self._generate(self.order(self.epoch), start)
+
+    def _generate(self, order: list[int], start: int) -> Iterator[int]:
+        for i in range(start, len(order)):
+            self.yielded = i + 1
+            yield order[i]
+
+    def state_dict(self, position: int | None = None) -> dict:
+        """`position`: samples of the current epoch consumed (default: `yielded`, exact
+        only without prefetching)."""
+        pos = self.yielded if position is None else position
+        if self._hold_epoch:  # restored or set_epoch'd, not yet iterated
+            pos = self._start
+        return {"epoch": self.epoch, "position": int(pos), "seed": self.seed,
+                "n": self.n, "num_replicas": self.num_replicas, "shuffle": self.shuffle,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if int(state["n"]) != self.n or int(state.get("num_replicas", 1)) != self.num_replicas:
+            _log(f"sampler: dataset size/replicas changed ({state['n']}x{state.get('num_replicas', 1)}"
+                 f" -> {self.n}x{self.num_replicas}); restarting epoch {state['epoch']} from its start")
+            pos = 0
+        else:
+            pos = min(int(state["position"]), self.num_samples)
+        self.epoch = int(state["epoch"])
+        self._start = pos
+        self.yielded = self.iter_start = pos
+        self._hold_epoch = True
+        if self.batch_size is None and state.get("batch_size"):
+            self.batch_size = int(state["batch_size"])
+
+
+# ----------------------------------------------------------------------------------
+# RNG states (as plain lists/tensors so torch.load(weights_only=True) accepts them)
+# ----------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    v, internal, gauss = random.getstate()
+    st: dict[str, Any] = {"python": [v, list(internal), gauss], "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        st["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping) -> None:
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        try:
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = st["numpy"]
+            np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+        except ImportError:
+            _log("checkpoint has a NumPy RNG state but NumPy is not importable; not restored")
+    if "cuda" in st and torch.cuda.is_available():
+        states = st["cuda"]
+        if len(states) != torch.cuda.device_count():
+            _log(f"checkpoint has {len(states)} CUDA RNG states, this host "
+                 f"{torch.cuda.device_count()} devices; restoring the common ones")
+        for i, s in enumerate(states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+class _Snapshot:
+    """Copies state into CPU tensors training cannot mutate, for a background save.
+
+    The buffers are kept and reused by the next save when the shapes match: touching
+    fresh memory (page faults) was most of an async save's stall. Safe because a new save
+    always waits for the previous one to finish reading them.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor] = []
+        self._i = 0
+
+    def take(self, obj: Any) -> Any:
+        self._i = 0
+        return self._copy(obj)
+
+    def _copy(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            i, self._i = self._i, self._i + 1
+            if i < len(self._bufs):
+                b = self._bufs[i]
+                if b.shape == src.shape and b.dtype == src.dtype and b.is_contiguous():
+                    b.copy_(src)
+                    return b
+            b = src.to("cpu", copy=True)
+            if i < len(self._bufs):
+                self._bufs[i] = b
+            else:
+                self._bufs.append(b)
+            return b
+        if isinstance(obj, dict):
+            return type(obj)((k, self._copy(v)) for k, v in obj.items())
+        if isinstance(obj, list):
+            return [self._copy(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v) for v in obj)
+        return obj
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+# ----------------------------------------------------------------------------------
+# Checkpointer
+# ----------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores a training loop's whole state in the trainsup format.
+
+    Saves happen only inside `step()`/`save()` (step boundaries): every `every_steps`
+    steps, every `every_seconds`, at the next step after the save signal, and after
+    SIGTERM (then `should_stop` turns true). Under torch.distributed the ranks agree on
+    the save step with a MAX all_reduce every `sync_every` steps (default: adaptive, so
+    the collective costs about 1% of step time and runs at least once a second).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        sampler: ResumableSampler | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        *,
+        dir: str | os.PathLike | None = None,
+        extras: Any = None,
+        resume_from: str | os.PathLike | None = None,
+        resume_latest: bool = False,
+        async_save: bool = False,
+        batch_size: int | None = None,
+        batches_per_step: int = 1,
+        sync_every: int | None = None,
+        hash: str = "xxh3_128",
+        weights_only: bool = True,
+        install_signals: bool = True,
+        heartbeat_file: str | os.PathLike | None = None,
+    ) -> None:
+        d = dir if dir is not None else os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+        if not d:
+            raise ValueError("Checkpointer: no checkpoint dir (pass dir= or set TRAINSUP_CHECKPOINT_DIR)")
+        self.dir = Path(d).absolute()
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.sampler = sampler
+        self.extras = extras if extras is not None else {}
+        self.every_steps = int(every_steps or 0)
+        self.every_seconds = float(every_seconds) if every_seconds else None
+        self.resume_from = resume_from
+        self.resume_latest = resume_latest
+        self.async_save = async_save
+        self.batch_size = batch_size
+        self.batches_per_step = int(batches_per_step)
+        self.hash = hash
+        self.weights_only = weights_only
+        self.should_stop = False
+        self.epoch: int | None = None
+        self.last_saved: Path | None = None   # newest checkpoint this process committed
+        self.resumed_from: Path | None = None
+        self.save_seconds: list[float] = []   # durations of committed saves (for callers)
+
+        self._step = 0
+        self._metrics: Mapping | None = None
+        self._sig_count = 0                   # save signals received
+        self._sig_served = 0                  # signals covered by a committed save
+        self._preempt = False
+        self._pending = False                 # any flag set by a handler (the fast-path check)
+        self._saving = False
+        self._inflight: threading.Thread | None = None
+        self._inflight_error: BaseException | None = None
+        self._committed_steps: set[int] = set()
+        self._iter_base_step = 0              # step at which the sampler's epoch began
+        self._rank_state_pending: dict | None = None
+        self._snapshot = _Snapshot()
+
+        hb = heartbeat_file if heartbeat_file is not None else os.environ.get("TRAINSUP_HEARTBEAT_FILE")
+        self._heartbeat = Path(hb) if hb else None
+        now = _monotonic()
+        self._last_save_time = now
+        self._next_tick = now if (self._heartbeat or self.every_seconds) else math.inf
+        self._last_heartbeat = -math.inf
+
+        self._dist = _dist_on()
+        self._rank = dist.get_rank() if self._dist else 0
+        self._world = dist.get_world_size() if self._dist else 1
+        self._sync_fixed = sync_every
+        self._next_sync = 1 if self._dist else math.inf
+        self._sync_mark: tuple[int, float] | None = None
+        self._sync_cost = 0.0
+
+        if sampler is not None:
+            sampler._on_iter = self._on_sampler_iter
+
+        self.save_signal = _signal_number(os.environ.get("TRAINSUP_SAVE_SIGNAL"), signal.SIGUSR1)
+        self._prev_handlers: dict[int, Any] = {}
+        if install_signals:
+            self._install_signals()
+
+    # -- signals: handlers only set flags (saving inside a handler deadlocks, #21406) --
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            _log("Checkpointer created off the main thread: no signal handlers, saves are periodic only")
+            return
+        for sig, fn in ((self.save_signal, self._on_save_signal), (signal.SIGTERM, self._on_sigterm)):
+            self._prev_handlers[sig] = signal.signal(sig, fn)
+
+    def _chain(self, sig: int, frame: Any) -> None:
+        prev = self._prev_handlers.get(sig)
+        if callable(prev) and prev not in (signal.default_int_handler,):
+            prev(sig, frame)
+
+    def _on_save_signal(self, sig: int, frame: Any) -> None:
+        self._sig_count += 1
+        self._pending = True
+        self._chain(sig, frame)
+
+    def _on_sigterm(self, sig: int, frame: Any) -> None:
+        self._preempt = True
+        self._pending = True
+        self._chain(sig, frame)
+
+    def close(self) -> None:
+        """Wait for an async save and put the previous signal handlers back."""
+        self.wait()
+        if threading.current_thread() is threading.main_thread():
+            for sig, prev in self._prev_handlers.items():
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._prev_handlers.clear()
+
+    # -- the hot path --
+
+    def step(self, step: int, metrics: Mapping | None = None) -> Path | None:
+        """Call once per optimizer step, after it. Saves when due or requested."""
+        self._step = step
+        self._metrics = metrics
+        if (
+            self._pending
+            or (self.every_steps and step % self.every_steps == 0)
+            or step >= self._next_sync
+            or _monotonic() >= self._next_tick
+        ):
+            return self._step_slow(step)
+        return None
+
+    def _step_slow(self, step: int) -> Path | None:
+        now = _monotonic()
+        periodic = bool(self.every_steps and step % self.every_steps == 0)
+        if now >= self._next_tick:
+            self._touch_heartbeat(now)
+        timed = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
+        signalled = self._sig_count != self._sig_served
+        preempt = self._preempt
+        if self._dist:
+            if step < self._next_sync:
+                # Signals and timers differ across ranks: act on them only at agreed steps.
+                # every_steps is the same on every rank, so it needs no agreement.
+                signalled = preempt = timed = False
+            else:
+                signalled, preempt, timed = self._agree(step, now, signalled, preempt, timed)
+        if not (periodic or timed or signalled or preempt):
+            return None
+        reason = "preempt" if preempt else "signal" if signalled else "periodic"
+        path = self._save(step, reason, self._metrics, wait=preempt)
+        if preempt:
+            self.should_stop = True
+        return path
+
+    def _agree(self, step: int, now: float, signalled: bool, preempt: bool, timed: bool):
+        t0 = _monotonic()
+        flags = torch.tensor([int(signalled), int(preempt), int(timed), self._propose_sync_every(step, now)],
+                             dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._sync_cost = _monotonic() - t0
+        self._sync_mark = (step, _monotonic())
+        self._next_sync = step + max(1, int(flags[3]))
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
+    def _propose_sync_every(self, step: int, now: float) -> int:
+        if self._sync_fixed:
+            return int(self._sync_fixed)
+        if self._sync_mark is None or step <= self._sync_mark[0]:
+            return 1
+        per_step = max((now - self._sync_mark[1]) / (step - self._sync_mark[0]), 1e-7)
+        k = math.ceil(self._sync_cost / (0.01 * per_step))   # collective ~1% of step time
+        return max(1, min(k, int(1.0 / per_step) or 1, 10_000))  # but at least once a second
+
+    def _touch_heartbeat(self, now: float) -> None:
+        tick = math.inf
+        if self._heartbeat is not None:
+            if now - self._last_heartbeat >= 1.0:
+                self._last_heartbeat = now
+                try:
+                    os.utime(self._heartbeat)
+                except FileNotFoundError:
+                    try:
+                        self._heartbeat.touch()
+                    except OSError as e:
+                        _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
+                        self._heartbeat = None
+                except OSError as e:
+                    _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
+                    self._heartbeat = None
+            if self._heartbeat is not None:
+                tick = self._last_heartbeat + 1.0
+        if self.every_seconds:
+            tick = min(tick, self._last_save_time + self.every_seconds)
+        self._next_tick = tick
+
+    def _on_sampler_iter(self) -> None:
+        self._iter_base_step = self._step
+        st = self._rank_state_pending
+        if st is not None:
+            # DataLoader drew its base seed from the global RNG just before this call; the
+            # uninterrupted run drew that number before the checkpointed step, so re-apply.
+            self._rank_state_pending = None
+            _set_rng_state(st)
+
+    # -- state --
+
+    def _sampler_state(self, step: int) -> dict | None:
+        s = self.sampler
+        if s is None:
+            return None
+        if s._hold_epoch or not s.iterations:
+            return s.state_dict()
+        bs = self.batch_size or s.batch_size
+        if bs is None:
+            return s.state_dict()  # exact only with num_workers=0 (no prefetch)
+        consumed = (step - self._iter_base_step) * self.batches_per_step * bs
+        return s.state_dict(position=min(s.iter_start + consumed, s.num_samples))
+
+    def _current_epoch(self) -> int | None:
+        if self.sampler is not None:
+            return self.sampler.epoch
+        return self.epoch
+
+    def _shared_state(self, step: int) -> dict:
+        st: dict[str, Any] = {"step": step, "epoch": self._current_epoch()}
+        for key in ("model", "optimizer", "scheduler", "scaler"):
+            obj = getattr(self, key)
+            if obj is not None:
+                st[key] = obj.state_dict()
+        ex = self.extras
+        if hasattr(ex, "state_dict"):
+            st["extras"] = ex.state_dict()
+        else:
+            st["extras"] = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in ex.items()}
+        return st
+
+    def _rank_state(self, step: int) -> dict:
+        return {"rank": self._rank, "world_size": self._world, "rng": _rng_state(),
+                "sampler": self._sampler_state(step)}
+
+    # -- restore --
+
+    def restore(self, resume_from: str | os.PathLike | None = None) -> int:
+        """Load the checkpoint named by `resume_from`, else the constructor's, else
+        TRAINSUP_RESUME_FROM; with none and resume_latest=True, the newest committed one
+        in the dir. Returns its step, or 0 when there is nothing to resume."""
+        src = resume_from or self.resume_from or os.environ.get("TRAINSUP_RESUME_FROM") or None
+        if not src and self.resume_latest:
+            src = latest_checkpoint(self.dir)
+        if not src:
+            self._step = self._iter_base_step = 0
+            return 0
+        path = Path(src)
+        try:
+            manifest = read_manifest(path)
+        except Exception as e:
+            raise RuntimeError(f"cannot resume from {path}: {e}") from None
+        shared = torch.load(path / STATE_FILE, map_location="cpu", weights_only=self.weights_only)
+        for key in ("model", "optimizer", "scheduler", "scaler"):
+            obj = getattr(self, key)
+            if obj is not None and key in shared:
+                obj.load_state_dict(shared[key])
+            elif obj is not None:
+                _log(f"{path}: no {key} state in the checkpoint; keeping the fresh {key}")
+        saved_ex = shared.get("extras") or {}
+        if hasattr(self.extras, "load_state_dict"):
+            self.extras.load_state_dict(saved_ex)
+        else:
+            for k, v in saved_ex.items():
+                cur = self.extras.get(k)
+                if cur is not None and hasattr(cur, "load_state_dict"):
+                    cur.load_state_dict(v)
+                else:
+                    self.extras[k] = v
+        rank_file = path / f"rank-{self._rank:05d}.pt"
+        if rank_file.exists():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=self.weights_only)
+        else:
+            rank_state = shared.get("rank")
+            if rank_state is None and self._rank != 0 and (path / "rank-00000.pt").exists():
+                _log(f"{path}: no state for rank {self._rank}; using rank 0's RNG and data position")
+                rank_state = torch.load(path / "rank-00000.pt", map_location="cpu", weights_only=self.weights_only)
+        if rank_state is not None:
+            _set_rng_state(rank_state["rng"])
+            if self.sampler is not None and rank_state.get("sampler"):
+                self.sampler.load_state_dict(rank_state["sampler"])
+                self._rank_state_pending = rank_state["rng"]
+        step = int(manifest["step"])
+        self.epoch = shared.get("epoch", manifest.get("epoch"))
+        self._step = self._iter_base_step = step
+        self.resumed_from = path
+        if path.parent.absolute() == self.dir:
+            self._committed_steps.add(step)   # a save at this same step is a no-op
+        self._last_save_time = _monotonic()
+        return step
+
+    # -- save --
+
+    def save(self, step: int, reason: str = "manual", metrics: Mapping | None = None) -> Path | None:
+        """Save now (all ranks must call it at the same step). Waits for the commit.
+        Returns the committed path, or None when the save failed (logged)."""
+        self._step = step
+        path = self._save(step, reason, metrics if metrics is not None else self._metrics, wait=True)
+        return path
+
+    def wait(self) -> None:
+        """Block until an in-flight async save is committed (or failed)."""
+        t = self._inflight
+        if t is not None:
+            t.join()
+            self._inflight = None
+
+    def _save(self, step: int, reason: str, metrics: Mapping | None, wait: bool) -> Path | None:
+        # One save at a time: an emergency or periodic save waits for an in-flight one.
+        self.wait()
+        if self._saving:
+            return None
+        self._saving = True
+        sig_seen = self._sig_count
+        t0 = _monotonic()
+        try:
+            done = step in self._committed_steps and (self.dir / step_dirname(step) / MANIFEST).exists()
+            if self._dist:
+                flag = torch.tensor([int(done)], dtype=torch.int64)
+                dist.broadcast(flag, src=0)   # rank 0's view decides, or ranks would deadlock
+                done = bool(flag)
+            if done:
+                path = self.dir / step_dirname(step)   # nothing changed since (e.g. final after preempt)
+            elif self._dist:
+                path = self._save_distributed(step, reason, metrics, wait)
+            else:
+                path = self._save_local(step, reason, metrics, wait)
+        finally:
+            self._saving = False
+        # Signals that arrived while saving are covered by this save: one save, not two.
+        self._sig_served = max(self._sig_served, sig_seen if path is None else self._sig_count)
+        if not self._pending_flags():
+            self._pending = False
+        self._last_save_time = _monotonic()
+        if self.every_seconds:
+            self._next_tick = min(self._next_tick, self._last_save_time + self.every_seconds)
+        if path is not None and self._inflight is None:
+            self.save_seconds.append(_monotonic() - t0)
+        return path
+
+    def _pending_flags(self) -> bool:
+        return self._sig_count != self._sig_served or (self._preempt and not self.should_stop)
+
+    def _writer(self, step: int, reason: str, metrics: Mapping | None) -> CheckpointWriter:
+        clean = {}
+        for k, v in (metrics or {}).items():
+            try:
+                clean[str(k)] = float(v)
+            except (TypeError, ValueError):
+                pass
+        target = self.dir / step_dirname(step)
+        if target.exists():
+            # A committed checkpoint of an abandoned timeline (resumed from an older one):
+            # move it aside so the writer's atomic rename can land; it is deleted after.
+            (self.dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+            aside = self.dir / TMP_DIR / f"{target.name}.replaced.{os.getpid()}"
+            os.rename(target, aside)
+        extra = {"writer": "supervisor.training", "world_size": self._world}
+        return CheckpointWriter(self.dir, step, epoch=self._current_epoch(), reason=reason,
+                                metrics=clean, hash=self.hash, extra=extra)
+
+    def _committed(self, step: int, path: Path) -> Path:
+        self._committed_steps.add(step)
+        self.last_saved = path
+        import shutil
+
+        for p in (self.dir / TMP_DIR).glob(f"{step_dirname(step)}.replaced.*"):
+            shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    def _failed(self, step: int, e: BaseException) -> None:
+        _log(f"checkpoint save at step {step} into {self.dir} failed: {e}; training goes on, "
+             "retrying at the next due point")
+
+    def _save_local(self, step: int, reason: str, metrics: Mapping | None, wait: bool) -> Path | None:
+        try:
+            state = self._shared_state(step)
+            state["rank"] = self._rank_state(step)
+            w = self._writer(step, reason, metrics)
+            w.__enter__()
+        except (SaveError, OSError) as e:
+            self._failed(step, e)
+            return None
+        if self.async_save and not wait:
+            snap = self._snapshot.take(state)
+            self._start_background(step, w, snap)
+            return w.final_path
+        return self._write_and_commit(step, w, state)
+
+    def _write_and_commit(self, step: int, w: CheckpointWriter, state: dict, rank_only: bool = False) -> Path | None:
+        try:
+            try:
+                _save_file(state, w.path / STATE_FILE)
+            except BaseException as e:
+                w.abort()
+                raise SaveError(getattr(e, "errno", 0) or 0, f"writing {STATE_FILE}: {e}") from e
+            path = w.commit()
+        except SaveError as e:
+            self._failed(step, e)
+            return None
+        return self._committed(step, path)
+
+    def _start_background(self, step: int, w: CheckpointWriter, snap: dict) -> None:
+        t0 = _monotonic()
+
+        def run() -> None:
+            if self._write_and_commit(step, w, snap) is not None:
+                self.save_seconds.append(_monotonic() - t0)
+
+        t = threading.Thread(target=run, name=f"trainsup-save-{step}", daemon=False)
+        self._inflight = t
+        t.start()
+
+    def _save_distributed(self, step: int, reason: str, metrics: Mapping | None, wait: bool) -> Path | None:
+        # Rank 0 opens the tmp dir and tells the others where it is; every rank writes its
+        # own rank file; once all report success rank 0 writes the shared state and commits.
+        w = None
+        path_box: list[Any] = [None]
+        if self._rank == 0:
+            try:
+                w = self._writer(step, reason, metrics)
+                w.__enter__()
+                path_box[0] = str(w.path)
+            except (SaveError, OSError) as e:
+                self._failed(step, e)
+        dist.broadcast_object_list(path_box, src=0)
+        if path_box[0] is None:
+            return None
+        ok = torch.ones(1, dtype=torch.int64)
+        try:
+            _save_file(self._rank_state(step), Path(path_box[0]) / f"rank-{self._rank:05d}.pt")
+        except Exception as e:
+            self._failed(step, e)
+            ok.zero_()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not int(ok):
+            if w is not None:
+                w.abort()
+            return None
+        final = Path(path_box[0]).parent.parent / step_dirname(step)
+        if self._rank == 0:
+            state = self._shared_state(step)
+            if self.async_save and not wait:
+                self._start_background(step, w, self._snapshot.take(state))
+                return final
+            done = self._write_and_commit(step, w, state)
+            ok.fill_(1 if done is not None else 0)
+        dist.broadcast(ok, src=0)
+        if not int(ok):
+            return None
+        return self._committed(step, final)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

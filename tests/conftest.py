@@ -1,0 +1,180 @@
+"""Shared fixtures: a real `trainsup daemon` subprocess in a temporary tree, and polling
+helpers (conditions with deadlines, never bare sleeps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FAKEJOB = REPO / "tests" / "helpers" / "fakejob.py"
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
+    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # the condition may not be checkable yet
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def read_records(path: Path) -> list[dict]:
+    try:
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    except FileNotFoundError:
+        return []
+
+
+class DaemonProc:
+    """A real daemon subprocess with its own jobs dir, state dir, logs and socket."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.jobs = root / "jobs"
+        self.state = root / "state"
+        self.logs = root / "logs"
+        self.socket = root / "trainsup.sock"
+        self.jobs.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self.output = root / "daemon.out"
+
+    def write_job(self, name: str, body: str) -> Path:
+        path = self.jobs / f"{name}.yaml"
+        path.write_text(body)
+        return path
+
+    def fakejob(self, name: str, flags: str = "", extra: str = "", ckpt: bool = True) -> Path:
+        """A job running tests/helpers/fakejob.py with `flags`, recording to <root>/<name>.rec."""
+        cmd = [sys.executable, str(FAKEJOB), "--record", str(self.root / f"{name}.rec"), *flags.split()]
+        body = f"name: {name}\ncommand: {json.dumps(cmd)}\nworkdir: {self.root}\n"
+        body += f"env: {{PYTHONPATH: {json.dumps(str(REPO))}}}\n"
+        if ckpt:
+            body += f"checkpoint:\n  dir: {self.root / (name + '-ckpt')}\n"
+        return self.write_job(name, body + extra)
+
+    def wait_ready(self, name: str, starts: int = 1, timeout: float = 15.0) -> dict:
+        """Wait until the fake job's `starts`-th launch has its signal handlers installed."""
+        recs = wait_for(lambda: len(s := [r for r in self.records(name) if r["event"] == "start"]) >= starts and s,
+                        timeout, f"fake job {name} start #{starts}")
+        return recs[starts - 1]
+
+    def records(self, name: str) -> list[dict]:
+        return read_records(self.root / f"{name}.rec")
+
+    def start(self, *extra: str, wait: bool = True, env: dict | None = None) -> "DaemonProc":
+        cmd = [sys.executable, "-m", "supervisor", "--socket", str(self.socket), "daemon",
+               "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
+        e = dict(os.environ)
+        e.pop("NOTIFY_SOCKET", None)
+        e["PYTHONPATH"] = str(REPO)
+        e.update(env or {})
+        self.out_f = open(self.output, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.out_f, stderr=subprocess.STDOUT, env=e, cwd=self.root)
+        if wait:
+            wait_for(lambda: self._ping(), 20, f"daemon to answer on its socket (log: {self.log_text()[-2000:]})")
+        return self
+
+    def _ping(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
+        try:
+            return self.request("ping")["ok"]
+        except Exception:
+            return False
+
+    def log_text(self) -> str:
+        try:
+            return self.output.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def request(self, cmd: str, job: str | None = None, timeout: float = 60.0, **args) -> dict:
+        from supervisor.control import request
+        return request(self.socket, cmd, job, args or None, timeout=timeout)
+
+    def status(self, job: str) -> dict:
+        r = self.request("status", job)
+        assert r["ok"], r
+        return r["result"]["jobs"][0]
+
+    def wait_state(self, job: str, *states: str, timeout: float = 15.0) -> dict:
+        return wait_for(lambda: (s := self.status(job))["state"] in states and s, timeout,
+                        f"job {job} to reach {states}")
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        e = dict(os.environ, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, "-m", "supervisor", "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, timeout=timeout, env=e)
+
+    def history(self, job: str, n: int = 500) -> list[dict]:
+        r = self.request("history", job, n=n)
+        assert r["ok"], r
+        return r["result"]
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _kill_recorded(root: Path) -> None:
+    """Leave nothing behind: end every process a test's fake jobs recorded."""
+    for rec in root.glob("*.rec*"):
+        pids = []
+        if rec.suffix in (".child", ".grandchild"):
+            try:
+                pids.append(int(rec.read_text()))
+            except ValueError:
+                pass
+        else:
+            pids += [r["pid"] for r in read_records(rec) if "pid" in r]
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if b"TRAINSUP_JOB=" not in f.read():
+                        continue
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = DaemonProc(tmp_path)
+    yield d
+    try:
+        d.terminate(timeout=30)
+    except AssertionError:
+        pass
+    finally:
+        _kill_recorded(tmp_path)
+        if getattr(d, "out_f", None):
+            d.out_f.close()

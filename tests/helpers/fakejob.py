@@ -1,0 +1,110 @@
+"""A small stand-in training program for daemon tests (no torch: fast to start).
+
+Behaviours by flag; every checkpoint it writes goes through supervisor.checkpoint so it
+is a real, valid trainsup checkpoint. It records what it saw in files the test reads.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from supervisor.checkpoint import write_checkpoint
+
+
+def _child_main(path):
+    Path(path).write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--exit", type=int, default=None, help="exit with this code after --after seconds")
+    p.add_argument("--after", type=float, default=0.0)
+    p.add_argument("--catch-usr1", action="store_true", help="save a checkpoint on SIGUSR1")
+    p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--save-on-term", action="store_true", help="save then exit 0 on SIGTERM")
+    p.add_argument("--save-delay", type=float, default=0.0, help="seconds a save takes")
+    p.add_argument("--spawn-child", action="store_true", help="a multiprocessing child (spawn)")
+    p.add_argument("--setsid-grandchild", action="store_true")
+    p.add_argument("--record", default=None, help="append JSON lines about this run to this file")
+    p.add_argument("--every", type=float, default=0.0, help="periodic checkpoint every N s")
+    args = p.parse_args()
+
+    state = {"step": 0, "save": False, "term": False}
+    ckpt_dir = os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+    resume = os.environ.get("TRAINSUP_RESUME_FROM", "")
+    if resume:
+        try:
+            state["step"] = json.loads((Path(resume) / "state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+    def record(**kw):
+        if args.record:
+            with open(args.record, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "t": time.time(), **kw}) + "\n")
+
+
+
+
+    def save(reason):
+        if not ckpt_dir:
+            return
+        time.sleep(args.save_delay)  # simulates the time a real save takes
+        p = write_checkpoint(ckpt_dir, state["step"], {"state.json": json.dumps({"step": state["step"]}).encode()},
+                             reason=reason)
+        record(event="saved", step=state["step"], reason=reason, path=str(p))
+
+
+    if args.catch_usr1:
+        signal.signal(signal.SIGUSR1, lambda s, f: state.__setitem__("save", True))
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif args.save_on_term:
+        signal.signal(signal.SIGTERM, lambda s, f: state.__setitem__("term", True))
+
+
+
+    if args.spawn_child:
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_child_main, args=(args.record + ".child",), daemon=False)
+        child.start()
+    if args.setsid_grandchild:
+        gc = subprocess.Popen([sys.executable, "-c", "import os,time,sys; os.setsid(); "
+                               "open(sys.argv[1],'w').write(str(os.getpid())); time.sleep(3600)",
+                               args.record + ".grandchild"])
+
+    # Recorded after the handlers are in place: a test that saw 'start' may signal.
+    record(event="start", attempt=os.environ.get("TRAINSUP_ATTEMPT"),
+           reason=os.environ.get("TRAINSUP_RESTART_REASON"), resume=resume,
+           env={k: v for k, v in os.environ.items()})
+    start = time.monotonic()
+    last_save = start
+    while True:
+        state["step"] += 1
+        if args.exit is not None and time.monotonic() - start >= args.after:
+            record(event="exit", code=args.exit)
+            sys.exit(args.exit)
+        if state["save"]:
+            state["save"] = False
+            save("signal")
+        if state["term"]:
+            save("preempt")
+            record(event="term-exit")
+            sys.exit(0)
+        if args.every and time.monotonic() - last_save >= args.every:
+            last_save = time.monotonic()
+            save("periodic")
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    main()

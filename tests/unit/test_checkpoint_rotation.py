@@ -1,0 +1,123 @@
+"""Rotation policy tables (SPEC section 6): facts in, plan out, no files."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.checkpoint.index import CheckpointInfo
+from supervisor.checkpoint.rotation import plan_disk_quota, plan_rotation
+from supervisor.spec import CheckpointSpec
+
+NOW = 1_000_000.0
+D = Path("/ck")
+
+
+def ck(step, valid=True, size=10, loss=None, age=1000.0, tmp=False, name=None):
+    n = name or (f"step-{step:08d}" if not tmp else f"step-{step:08d}.123")
+    return CheckpointInfo(
+        path=(D / ".trainsup-tmp" / n) if tmp else D / n, name=n, format="trainsup", step=step,
+        bytes=size, valid=valid and not tmp, invalid_reason=None if valid and not tmp else "broken",
+        metrics={"val_loss": loss} if loss is not None else {}, mtime=NOW - age, in_progress=tmp,
+    )
+
+
+def spec(**kw):
+    return CheckpointSpec(dir=D, **{"keep_last": 2, "keep_best": 0, **kw})
+
+
+def steps(infos):
+    return [i.step for i in infos]
+
+
+CASES = [
+    # id, infos, spec kwargs, plan kwargs, expected deleted steps (in order), expected kept {step: why}
+    ("keep_last", [ck(s) for s in (1, 2, 3, 4)], {}, {}, [1, 2], {3: "last", 4: "newest"}),
+    ("nothing_to_do", [ck(1)], {}, {}, [], {1: "newest"}),
+    ("keep_best_min", [ck(1, loss=0.1), ck(2, loss=0.5), ck(3, loss=0.4), ck(4, loss=0.9)],
+     {"keep_best": 1, "metric": "val_loss"}, {}, [2], {1: "best", 3: "last", 4: "newest"}),
+    ("keep_best_max", [ck(1, loss=0.1), ck(2, loss=0.5), ck(3, loss=0.4), ck(4, loss=0.9)],
+     {"keep_best": 1, "metric": "val_loss", "mode": "max", "keep_last": 1}, {}, [1, 2, 3], {4: "newest"}),
+    ("keep_every", [ck(s) for s in range(1, 8)], {"keep_every": 3}, {}, [1, 2, 4, 5],
+     {3: "every", 6: "last", 7: "newest"}),
+    ("pinned_by_step", [ck(s) for s in (1, 2, 3, 4)], {}, {"pinned": {1}}, [2], {1: "pinned"}),
+    ("resumed_from", [ck(s) for s in (1, 2, 3, 4)], {"keep_last": 1}, {"resumed_from": D / "step-00000002"},
+     [1, 3], {2: "resumed-from", 4: "newest"}),
+    ("invalid_older_first", [ck(1), ck(2, valid=False), ck(3), ck(4), ck(5)], {}, {}, [2, 1, 3],
+     {4: "last", 5: "newest"}),
+    ("invalid_newer_young_kept", [ck(1), ck(2), ck(3, valid=False, age=5)], {}, {}, [],
+     {3: "in-progress", 2: "newest"}),
+    ("invalid_newer_stale_deleted", [ck(1), ck(2), ck(3, valid=False, age=500)], {}, {}, [3], {2: "newest"}),
+    ("tmp_young_kept_stale_deleted", [ck(1), ck(2, tmp=True, age=500), ck(3, tmp=True, age=5)], {}, {},
+     [2], {1: "newest", 3: "in-progress"}),
+    ("no_valid_at_all", [ck(1, valid=False, age=500), ck(2, valid=False, age=5)], {}, {}, [1], {2: "in-progress"}),
+    ("keep_last_zero", [ck(1), ck(2)], {"keep_last": 0}, {}, [1], {2: "newest"}),
+    # quota: unprotected first (normal pass), then every, then best, then last down to 1
+    ("quota_relax_every", [ck(1), ck(2), ck(3), ck(4)], {"keep_every": 1, "keep_last": 2, "quota": 25}, {},
+     [1, 2], {3: "last", 4: "newest"}),
+    ("quota_relax_best_then_last", [ck(1, loss=0.1), ck(2), ck(3), ck(4)],
+     {"keep_best": 1, "metric": "val_loss", "keep_last": 3, "quota": 10}, {}, [1, 2, 3], {4: "newest"}),
+    ("quota_never_protected", [ck(1), ck(2), ck(3)], {"keep_last": 3, "quota": 5},
+     {"pinned": {1}, "resumed_from": D / "step-00000002"}, [], {1: "pinned", 2: "resumed-from", 3: "newest"}),
+    ("quota_param_overrides_spec", [ck(1), ck(2), ck(3)], {"keep_last": 3}, {"quota": 20}, [1], {}),
+]
+
+
+@pytest.mark.parametrize("infos,skw,pkw,deleted,kept", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rotation_table(infos, skw, pkw, deleted, kept):
+    plan = plan_rotation(infos, spec(**skw), now=NOW, tmp_grace=180, **pkw)
+    assert steps(plan.delete) == deleted
+    by_step = {i.step: plan.kept.get(i.path) for i in infos}
+    for s, why in kept.items():
+        assert by_step[s] == why, (s, by_step)
+    for i in plan.delete:
+        assert i.path in plan.reasons and i.path not in plan.kept
+    assert set(plan.kept) | {i.path for i in plan.delete} == {i.path for i in infos}
+
+
+def test_over_quota_reported_when_nothing_left_to_give():
+    plan = plan_rotation([ck(1, size=100)], spec(quota=50), now=NOW)
+    assert plan.over_quota and plan.delete == [] and plan.kept_bytes == 100
+
+
+def test_quota_met_exactly_is_not_over():
+    plan = plan_rotation([ck(1), ck(2), ck(3)], spec(keep_last=3, quota=20), now=NOW)
+    assert steps(plan.delete) == [1] and not plan.over_quota and plan.kept_bytes == 20
+
+
+def test_deletion_reasons_name_the_rule():
+    plan = plan_rotation([ck(1), ck(2, valid=False), ck(3), ck(4), ck(5)], spec(keep_every=1, quota=10), now=NOW)
+    r = {i.step: plan.reasons[i.path] for i in plan.delete}
+    assert "invalid (broken), older than the newest valid" in r[2]
+    assert "keep_every relaxed" in r[1]
+    assert "keep_last relaxed" in r[4]
+
+
+def test_disk_quota_takes_every_before_anyones_last():
+    a = [ck(s, size=10, age=1000 - s) for s in (1, 2, 3)]
+    b = [CheckpointInfo(**{**ck(s, size=10, age=2000 - s).__dict__, "path": Path("/b") / f"step-{s:08d}"})
+         for s in (1, 2, 3)]
+    pa = plan_rotation(a, spec(keep_last=3), now=NOW)              # a: 1,2 in keep_last
+    pb = plan_rotation(b, spec(keep_last=1, keep_every=1), now=NOW)  # b: 1,2 only by keep_every
+    dq = plan_disk_quota({"a": pa, "b": pb}, 40)
+    assert [i.step for i in dq.delete["b"]] == [1, 2] and dq.delete["a"] == [] and not dq.over_quota
+    dq = plan_disk_quota({"a": pa, "b": pb}, 15)
+    assert [i.step for i in dq.delete["a"]] == [1, 2] and dq.over_quota  # newest of each never taken
+    assert plan_disk_quota({"a": pa}, None).delete == {"a": []}
+
+
+def test_ten_thousand_checkpoints_under_100ms():
+    infos = [ck(s, loss=(s * 7919) % 1000 / 1000, size=1000) for s in range(1, 10_001)]
+    infos[5000] = ck(5001, valid=False)
+    sp = spec(keep_last=5, keep_best=3, metric="val_loss", keep_every=1000, quota=50_000)
+    plan_rotation(infos, sp, now=NOW)  # warm-up
+    best = min(_timed(lambda: plan_rotation(infos, sp, now=NOW, pinned={7})) for _ in range(3))
+    plan = plan_rotation(infos, sp, now=NOW, pinned={7})
+    assert plan.kept_bytes <= 50_000 or plan.over_quota
+    assert best < 0.100, f"rotation over 10k took {best * 1000:.1f} ms"
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

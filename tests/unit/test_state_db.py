@@ -1,0 +1,68 @@
+"""The state database: lock, persistence, and the corrupt-database corpus (SPEC section 11)."""
+
+import os
+import sqlite3
+
+import pytest
+
+from supervisor.state import LockHeld, StateDB, StateLock
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+    a = StateLock(tmp_path)
+    a.acquire()
+    with pytest.raises(LockHeld) as e:
+        StateLock(tmp_path).acquire()
+    assert f"pid {os.getpid()}" in str(e.value)
+    a.release()
+    StateLock(tmp_path).acquire()
+
+
+def test_jobs_and_events_survive_reopen(tmp_path):
+    db = StateDB(tmp_path)
+    db.save_job("j", {"attempt": 3, "restarts": 2})
+    db.add_event("j", "launch", {"attempt": 3})
+    db.close()
+    db = StateDB(tmp_path)
+    assert db.load_job("j")["attempt"] == 3
+    assert db.events("j")[-1]["kind"] == "launch"
+
+
+def _future_version(p):
+    c = sqlite3.connect(p)
+    c.execute("PRAGMA user_version=99")
+    c.commit()
+    c.close()
+
+
+def _wrong_schema(p):
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE jobs (x INTEGER)")
+    c.commit()
+    c.close()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_bytes(b""),
+    lambda p: p.write_bytes(os.urandom(8192)),
+    lambda p: p.write_bytes(p.read_bytes()[:1500]),
+    _future_version,
+    _wrong_schema,
+], ids=["empty", "random", "truncated", "future-version", "wrong-schema"])
+def test_corrupt_database_is_moved_aside_and_a_fresh_one_starts(tmp_path, damage, caplog):
+    db = StateDB(tmp_path)
+    for i in range(50):
+        db.add_event("j", "launch", {"i": i, "pad": "x" * 200})
+    db.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / ("state.db" + suffix)).unlink(missing_ok=True)
+    p = tmp_path / "state.db"
+    if damage is _wrong_schema:
+        p.unlink()
+    damage(p)
+    db = StateDB(tmp_path)
+    aside = list(tmp_path.glob("state.db.corrupt-*"))
+    assert db.moved_aside is not None and aside, "the damaged database must be kept aside"
+    assert "CORRUPT" in caplog.text
+    db.save_job("j", {"attempt": 1})
+    assert db.load_job("j") == {"attempt": 1}
