@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"trainsup {__version__}")
     p.add_argument("--socket", help="control socket (default: $TRAINSUP_SOCKET, else the daemon's default)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+    # `trainsup daemon --socket PATH` (SPEC section 2) and `trainsup status --socket PATH`
+    # both work: every subcommand also accepts --socket.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign]
 
     d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground")
     d.add_argument("--config", type=Path)

@@ -94,10 +94,10 @@ class Daemon:
         await self.control.start()
         (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
         jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
-        for inv in invalid:
-            self._add_invalid(inv)
         for spec in jobs:
             self._add_job(spec)
+        for inv in invalid:
+            self._add_invalid(inv)
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(self._scan(j) for j in self.jobs.values()))
         for job in self.jobs.values():
@@ -157,7 +157,10 @@ class Daemon:
         return j.spec.user if j else None
 
     def _add_invalid(self, inv: InvalidJob) -> None:
-        self.invalid[inv.name] = inv
+        # Keyed by name unless a valid job or another bad file already has it (a
+        # duplicate name): then by file, so no error is hidden.
+        key = inv.name if inv.name not in self.invalid and inv.name not in self.jobs else str(inv.source)
+        self.invalid[key] = inv
         for line in inv.errors:
             log.error("%s", line)
 

@@ -26,7 +26,10 @@ WHAT = {"checkpoint_every": "checkpoint", "checkpoint_cron": "checkpoint",
 def parse_cron(expr: str) -> CronTrigger:
     """A standard 5-field crontab line, in UTC; ValueError with one line if it is bad."""
     try:
-        return CronTrigger.from_crontab(expr, timezone=timezone.utc)
+        # APScheduler's from_crontab counts weekday 0 as Monday (its #286); crontab(5)
+        # counts 0 and 7 as Sunday. Users write crontab lines.
+        from ..config import crontab_trigger
+        return crontab_trigger(expr, timezone=timezone.utc)
     except (ValueError, TypeError) as e:
         raise ValueError(f"bad cron expression {expr!r}: {e}") from None
 
