@@ -65,6 +65,8 @@ class Daemon:
         self._watchers: dict[str, Any] = {}
         self._rotate_pending = False
         self._tasks: set[asyncio.Task] = set()
+        self._sources: list = []
+        self.schedule = None
         self.notifier = Notifier.from_env()
 
     # -- entry point -------------------------------------------------------------------
@@ -102,6 +104,7 @@ class Daemon:
         await asyncio.gather(*(self._scan(j) for j in self.jobs.values()))
         for job in self.jobs.values():
             self._autostart(job)
+        self._start_notice_sources()
         self._spawn_task(self._periodic())
         self._spawn_task(self._watchdog_pings())
         self.notifier.ready(self._summary())
@@ -127,6 +130,11 @@ class Daemon:
             await asyncio.gather(*flows, return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
+        for src in self._sources:
+            try:
+                src.stop()
+            except Exception:
+                log.exception("stopping %r", src)
         for w in self._watchers.values():
             w.stop()
         await self.control.close()
@@ -134,6 +142,80 @@ class Daemon:
         for j in self.jobs.values():
             j.log.close()
         self.db.close()
+
+    # -- notice sources: threads that only post to the loop --------------------------
+    def _threadsafe(self, fn):
+        def post(*args) -> None:
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass    # the loop closed during shutdown
+        return post
+
+    def _start_notice_sources(self) -> None:
+        from .notices.schedule import JobSchedule
+        self.schedule = JobSchedule(self._threadsafe(self._on_schedule))
+        for job in self.jobs.values():
+            self._schedule_job(job)
+        self.schedule.start()
+        self._sources.append(self.schedule)
+        pre = self.spec.preemption
+        if pre.trigger_file is not None:
+            from .notices.trigger import TriggerFile
+            t = TriggerFile(pre.trigger_file, self._threadsafe(self.on_notice))
+            t.start()
+            self._sources.append(t)
+        if pre.provider:
+            from .notices.cloud import CloudPoller
+            self.cloud = CloudPoller(pre.provider, self._threadsafe(self.on_notice), poll=pre.poll,
+                                     metadata_url=pre.metadata_url)
+            self.cloud.start()
+            self._sources.append(self.cloud)
+
+    def _schedule_job(self, job: Job) -> None:
+        if self.schedule is None:
+            return
+        try:
+            self.schedule.set_job(job.name, job.spec.schedule)
+        except ValueError as e:
+            log.error("job %s: schedule: %s", job.name, e)
+
+    def _on_schedule(self, name: str, what: str) -> None:
+        job = self.jobs.get(name)
+        if job is None or not job.alive:
+            return
+        if what == "preempt":
+            job.stop(save=True, final=State.PREEMPTED, source="cron")
+        elif not job.busy:
+            job.request_save()
+
+    def on_notice(self, notice) -> None:
+        """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
+        preemption or maintenance, stops before the deadline."""
+        log.warning("notice from %s: %s %s (deadline %s)", notice.source, notice.kind, notice.detail,
+                    notice.deadline)
+        self.record_event("-", "notice", {"source": notice.source, "kind": notice.kind,
+                                          "detail": notice.detail, "deadline": notice.deadline})
+        running = [j for j in self.jobs.values() if j.alive]
+        if notice.kind == "warning":
+            for j in running:
+                j.last_notice = {"source": notice.source, "kind": notice.kind, "at": time.time(),
+                                 "detail": notice.detail, "outcome": "checkpoint requested"}
+                if not j.busy:
+                    j.request_save()
+            return
+        flows = [j.stop(save=True, final=State.PREEMPTED, deadline_wall=notice.deadline, source=notice.source)
+                 for j in running]
+        if notice.event_id and getattr(self, "cloud", None) is not None:
+            self._spawn_task(self._acknowledge(flows, notice))
+
+    async def _acknowledge(self, flows, notice) -> None:
+        # Azure: tell the platform it may go ahead once every job has saved and stopped.
+        await asyncio.gather(*flows, return_exceptions=True)
+        try:
+            await self.loop.run_in_executor(None, self.cloud.acknowledge, notice)
+        except Exception as e:
+            log.warning("could not acknowledge %s event %s: %s", notice.source, notice.event_id, e)
 
     # -- signals (each handler only posts work to the loop) ---------------------------
     def _on_term(self) -> None:
@@ -169,6 +251,7 @@ class Daemon:
         self.jobs[spec.name] = job
         if spec.checkpoint is not None:
             self._watch(job)
+        self._schedule_job(job)
         return job
 
     def _autostart(self, job: Job) -> None:
@@ -253,6 +336,8 @@ class Daemon:
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]}
 
     async def _remove_job(self, job: Job) -> None:
+        if self.schedule is not None:
+            self.schedule.remove_job(job.name)
         await job.stop(save=True, final=State.STOPPED, source="reload")
         w = self._watchers.pop(job.name, None)
         if w:
@@ -279,10 +364,6 @@ class Daemon:
 
     def job_launched(self, job: Job) -> None:
         pass
-
-    def was_oom_killed(self, job: Job, child: process.Child) -> bool:
-        limit = job.spec.memory.limit
-        return bool(limit and job.memory_rss and job.memory_rss >= 0.95 * limit)
 
     def saves_in_progress(self, delta: int, grace: float) -> None:
         self._saving += delta

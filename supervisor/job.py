@@ -95,6 +95,8 @@ class Job:
         self.warnings: list[str] = []
         self.memory_rss: Optional[int] = None
         self.save_durations: list[float] = []
+        self.sigstopped = False
+        self.monitor = None                  # supervisor.monitor.AttemptMonitor of the attempt
         self._backoff: Optional[asyncio.TimerHandle] = None
         self._exit_fut: Optional[asyncio.Future] = None
         self._flow: Optional[asyncio.Task] = None
@@ -123,7 +125,9 @@ class Job:
         self.d.db.save_job(self.name, {
             "attempt": self.attempt, "restarts": self.restarts, "last_exit": self.last_exit,
             "pinned": sorted(self.pinned), "tracker": self.tracker.snapshot(),
-            "state": self.state.value,
+            # A SIGSTOPped job is not running, whatever its last transition said.
+            "state": "stopped" if self.sigstopped and c else self.state.value,
+            "sigstopped": self.sigstopped,
             "pid": c.pid if c else None, "pid_ctime": c.create_time if c else None,
         })
 
@@ -146,6 +150,11 @@ class Job:
     @property
     def alive(self) -> bool:
         return self.child is not None
+
+    @property
+    def busy(self) -> bool:
+        """A stop/preempt/restart flow is under way: new notices coalesce into it."""
+        return self._flow is not None
 
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
@@ -213,6 +222,10 @@ class Job:
         self.log.note(f"attempt {self.attempt} ({reason}): pid {child.pid}"
                       + (f", resuming from {resume_path}" if resume_path else ""))
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None)
+        from .monitor import AttemptMonitor
+        self.monitor = AttemptMonitor(self, child.pid)
+        self.monitor.start(self.d.loop)
+        self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
         self.d.job_launched(self)
 
@@ -232,8 +245,12 @@ class Job:
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
         leftovers = process.kill_leftovers(child)
         ex = process.classify_exit(rc)
-        if ex.signal == "SIGKILL" and self.d.was_oom_killed(self, child):
-            ex = process.ExitRecord("oom-killed", None, "SIGKILL", ex.at)
+        mon, self.monitor = self.monitor, None
+        if mon is not None:
+            mon.stop()
+            if mon.oom_killed(ex.signal):
+                ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
+        self.sigstopped = False
         self.last_exit = ex.as_dict()
         ran_for = time.monotonic() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
@@ -253,7 +270,8 @@ class Job:
                 self.error = decision.why
             self._set(S(decision.final_state), why=decision.why)
             return
-        self.restart_reason = "crash" if crashed else "manual"
+        oom = bool(self.last_exit and self.last_exit.get("reason") == "oom-killed")
+        self.restart_reason = ("oom" if oom else "crash") if crashed else "manual"
         self._set(S.BACKOFF, delay=round(decision.delay, 3), why=decision.why)
         if decision.delay <= 0:
             self._launch()
@@ -407,10 +425,20 @@ class Job:
         total = sum(i.bytes for i in self.checkpoints)
         c = self.child
         now = time.time()
+        if c is not None:
+            from .notices.hang import is_stopped
+            self.sigstopped = is_stopped(c.pid)
+        if c is not None and self.monitor is not None and not self.spec.memory.limit:
+            try:
+                self.monitor.sample_rss()     # on demand: no timer for jobs without a limit
+            except Exception:
+                pass
         quota = self.spec.checkpoint.quota if self.spec.checkpoint else None
         return {
             "name": self.name,
-            "state": self.state.value,
+            # A SIGSTOPped job is not running, whatever its last transition said.
+            "state": "stopped" if self.sigstopped and c else self.state.value,
+            "sigstopped": self.sigstopped,
             "pid": c.pid if c else None,
             "uptime_s": round(now - c.started_wall, 1) if c else None,
             "since": self.state_since,

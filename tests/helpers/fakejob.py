@@ -35,6 +35,10 @@ def main():
     p.add_argument("--setsid-grandchild", action="store_true")
     p.add_argument("--record", default=None, help="append JSON lines about this run to this file")
     p.add_argument("--every", type=float, default=0.0, help="periodic checkpoint every N s")
+    p.add_argument("--usr1-no-save", action="store_true", help="catch SIGUSR1 but never save")
+    p.add_argument("--grow-mb-per-s", type=float, default=0.0, help="grow a bytearray steadily")
+    p.add_argument("--heartbeat-for", type=float, default=None,
+                   help="touch TRAINSUP_HEARTBEAT_FILE for this many seconds, then hang")
     args = p.parse_args()
 
     state = {"step": 0, "save": False, "term": False}
@@ -62,10 +66,13 @@ def main():
         p = write_checkpoint(ckpt_dir, state["step"], {"state.json": json.dumps({"step": state["step"]}).encode()},
                              reason=reason)
         record(event="saved", step=state["step"], reason=reason, path=str(p))
+        state["save"] = False   # requests that arrived during this save are served by it
 
 
     if args.catch_usr1:
         signal.signal(signal.SIGUSR1, lambda s, f: state.__setitem__("save", True))
+    if args.usr1_no_save:
+        signal.signal(signal.SIGUSR1, lambda s, f: record(event="usr1-ignored"))
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     elif args.save_on_term:
@@ -88,8 +95,22 @@ def main():
            env={k: v for k, v in os.environ.items()})
     start = time.monotonic()
     last_save = start
+    hog = []
+    hb = os.environ.get("TRAINSUP_HEARTBEAT_FILE")
+    last_beat = 0.0
     while True:
         state["step"] += 1
+        now = time.monotonic()
+        if args.grow_mb_per_s:
+            want = int((now - start) * args.grow_mb_per_s)
+            while len(hog) < want:
+                hog.append(bytearray(1 << 20))   # bytearray() zero-fills: the pages are touched
+        if args.heartbeat_for is not None and hb:
+            if now - start > args.heartbeat_for:
+                time.sleep(3600)              # the hang: no heartbeat, no progress
+            if now - last_beat > 0.05:
+                Path(hb).touch()
+                last_beat = now
         if args.exit is not None and time.monotonic() - start >= args.after:
             record(event="exit", code=args.exit)
             sys.exit(args.exit)
