@@ -250,6 +250,10 @@ class Daemon:
         job = Job(spec, self)
         self.jobs[spec.name] = job
         if spec.checkpoint is not None:
+            try:
+                trash.empty_trash(spec.checkpoint.dir)   # finish deletions a crash cut short
+            except OSError:
+                pass
             self._watch(job)
         self._schedule_job(job)
         return job

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -59,7 +60,12 @@ class AttemptMonitor:
         return rss
 
     def oom_killed(self, exit_signal: Optional[str]) -> bool:
-        return memmod.classify_oom(self.oom_before, self._oom_count(), exit_signal, near_limit=self.near_limit)
+        # The kernel's OOM killer only ever sends SIGKILL; a rising count with any other
+        # exit is another process of the same cgroup being killed.
+        if exit_signal != "SIGKILL":
+            return False
+        return memmod.classify_oom(self.oom_before, self._oom_count(), signal.SIGKILL,
+                                   near_limit=self.near_limit)
 
     async def _run(self) -> None:
         spec = self.job.spec

@@ -78,8 +78,9 @@ class DaemonProc:
     def records(self, name: str) -> list[dict]:
         return read_records(self.root / f"{name}.rec")
 
-    def start(self, *extra: str, wait: bool = True, env: dict | None = None) -> "DaemonProc":
-        cmd = [sys.executable, "-m", "supervisor", "--socket", str(self.socket), "daemon",
+    def start(self, *extra: str, wait: bool = True, env: dict | None = None,
+              prefix: list[str] | None = None) -> "DaemonProc":
+        cmd = [*(prefix or []), sys.executable, "-m", "supervisor", "--socket", str(self.socket), "daemon",
                "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)

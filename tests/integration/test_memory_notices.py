@@ -133,3 +133,32 @@ def test_kernel_oom_kill_inside_a_memory_cgroup_is_classified():
             hog.wait()
         _remove_cgroup(cg)
     assert not cg.exists()
+
+
+def test_daemon_classifies_a_kernel_oom_kill_of_its_job(tmp_path):
+    """The daemon runs inside a memory cgroup (as under systemd); its job outgrows the
+    cgroup and the kernel kills it: the exit is recorded `oom-killed`, the restart `oom`."""
+    import json as _json
+    from conftest import DaemonProc, wait_for, _kill_recorded
+    cg, version = _make_memory_cgroup(400 * MiB)
+    d = DaemonProc(tmp_path)
+    try:
+        hog = tmp_path / "hog.py"
+        hog.write_text("import os, sys, time\n"
+                       "rec = open(sys.argv[1], 'a'); rec.write(os.environ['TRAINSUP_RESTART_REASON'] + '\\n'); rec.close()\n"
+                       "if os.environ['TRAINSUP_ATTEMPT'] != '1':\n    time.sleep(3600)\n"
+                       "h = []\nwhile True:\n    h.append(bytearray(b'\\x01') * (8 << 20))\n")
+        d.write_job("hog", f"name: hog\ncommand: {_json.dumps([sys.executable, str(hog), str(tmp_path / 'reasons')])}\n"
+                           "restart: {backoff: {initial: 0}}\nstop_timeout: 1s\n")
+        procs = cg / "cgroup.procs"
+        d.start(prefix=["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"])
+        st = wait_for(lambda: (s := d.status("hog"))["attempt"] >= 2 and s, 60, "the OOM kill and relaunch")
+        assert st["last_exit"]["reason"] == "oom-killed", st["last_exit"]
+        wait_for(lambda: (tmp_path / "reasons").read_text().split() == ["first", "oom"], 10, "the relaunch reason")
+        assert d.proc.poll() is None, "the daemon itself must survive its job's OOM kill"
+    finally:
+        try:
+            d.terminate(timeout=30)
+        finally:
+            _kill_recorded(tmp_path)
+            _remove_cgroup(cg)

@@ -1,0 +1,152 @@
+"""Job death -> relaunch, restart backoff 0, the same crashing child under four launchers:
+a bare Popen(...).wait() loop (the floor), trainsup, torchrun --max-restarts and
+supervisord 4.x (in a throwaway virtualenv: its import name `supervisor` is ours too).
+
+    .venv/bin/python tests/bench/run_all.py --only restart [--quick]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from measure import (BENCH, NO_BACKOFF, PY, Section, Stat, count_starts, end_process, job_yaml,
+                     latencies_ms, poll, read_crash_record, running_daemon, workdir)
+
+CHILD = BENCH / "crashchild.py"
+SUPERVISORD_VENV = Path("/tmp/trainsup-bench-supervisord")
+TARGET_MEDIAN_MS, TARGET_P95_MS = 2.0, 5.0
+
+
+def child_argv(rec: Path, n: int) -> list[str]:
+    return [PY, str(CHILD), str(rec), str(n)]
+
+
+def wait_starts(rec: Path, n: int, timeout: float, who: str) -> None:
+    poll(lambda: count_starts(rec) >= n + 1, timeout, f"{who}: {n + 1} starts in {rec}", 0.02)
+
+
+def popen_loop(root: Path, n: int) -> list[float]:
+    rec = root / "popen.rec"
+    while subprocess.Popen(child_argv(rec, n)).wait() != 0:
+        pass
+    return latencies_ms(*read_crash_record(rec), n)
+
+
+def trainsup(root: Path, n: int, timeout: float = 120) -> list[float]:
+    rec = root / "trainsup.rec"
+    with running_daemon(root / "daemon") as d:
+        d.write_job("crash", job_yaml("crash", child_argv(rec, n), workdir=root, extra=NO_BACKOFF))
+        d.start()
+        wait_starts(rec, n, timeout, "trainsup")
+        d.wait_state("crash", "finished", timeout=30)
+    return latencies_ms(*read_crash_record(rec), n)
+
+
+def torchrun_monitor_interval() -> float:
+    from torch.distributed.run import get_args_parser
+    return float(get_args_parser().parse_args(["x.py"]).monitor_interval)
+
+
+def torchrun(root: Path, n: int, timeout: float = 300) -> list[float]:
+    rec = root / "torchrun.rec"
+    # --standalone: a private rendezvous on a free port, so parallel runs never collide.
+    cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nnodes", "1", "--nproc-per-node", "1",
+           "--max-restarts", str(n + 5), str(CHILD), str(rec), str(n)]
+    with open(root / "torchrun.out", "wb") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        try:
+            p.wait(timeout)
+        finally:
+            end_process(p)
+    return latencies_ms(*read_crash_record(rec), n)
+
+
+def ensure_supervisord() -> Optional[Path]:
+    """supervisord 4.x in its own venv (created once, reused by later runs)."""
+    exe = SUPERVISORD_VENV / "bin" / "supervisord"
+    if exe.exists():
+        return exe
+    try:
+        subprocess.run(["python3", "-m", "venv", str(SUPERVISORD_VENV)], check=True, capture_output=True)
+        subprocess.run([str(SUPERVISORD_VENV / "bin" / "pip"), "install", "-q", "supervisor>=4,<5"],
+                       check=True, capture_output=True, timeout=300)
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f"  supervisord unavailable: {e}", flush=True)
+        return None
+    return exe if exe.exists() else None
+
+
+def supervisord_version(exe: Path) -> str:
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    return r.stdout.strip() or r.stderr.strip()
+
+
+def supervisord_conf(root: Path, programs: dict[str, str]) -> Path:
+    conf = root / "supervisord.conf"
+    text = (f"[supervisord]\nnodaemon=true\nlogfile={root}/supervisord.log\npidfile={root}/supervisord.pid\n"
+            f"childlogdir={root}\n\n[unix_http_server]\nfile={root}/supervisor.sock\n\n")
+    for name, command in programs.items():
+        text += (f"[program:{name}]\ncommand={command}\nautostart=true\nautorestart=true\nstartsecs=0\n"
+                 f"startretries=100000\nstdout_logfile={root}/{name}.out\nredirect_stderr=true\n\n")
+    conf.write_text(text)
+    return conf
+
+
+def start_supervisord(exe: Path, conf: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(exe), "-n", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=conf.parent)
+
+
+def supervisord(exe: Path, root: Path, n: int, timeout: float = 300) -> list[float]:
+    rec = root / "supervisord.rec"
+    conf = supervisord_conf(root, {"crash": " ".join(child_argv(rec, n))})
+    p = start_supervisord(exe, conf)
+    try:
+        wait_starts(rec, n, timeout, "supervisord")
+    finally:
+        end_process(p)
+    return latencies_ms(*read_crash_record(rec), n)
+
+
+def run(quick: bool = False) -> Section:
+    sec = Section("restart")
+    n = 10 if quick else 50
+    results: dict[str, list[float]] = {}
+    with workdir("restart") as root:
+        for name, fn in (("popen", popen_loop), ("trainsup", trainsup), ("torchrun", torchrun)):
+            d = root / name
+            d.mkdir()
+            print(f"  {name}: {n} crashes...", flush=True)
+            t0 = time.monotonic()
+            results[name] = fn(d, n)
+            print(f"    {time.monotonic() - t0:.1f}s", flush=True)
+        exe = ensure_supervisord()
+        if exe is not None:
+            d = root / "supervisord"
+            d.mkdir()
+            print(f"  supervisord ({supervisord_version(exe)}): {n} crashes...", flush=True)
+            results["supervisord"] = supervisord(exe, d, n)
+        else:
+            sec.notes.append("supervisord could not be installed into a throwaway venv: row skipped")
+    floor = Stat("ms", results["popen"])
+    sec.series.update({f"restart_{k}": v for k, v in results.items()})
+    ours = Stat("ms", results["trainsup"])
+    d50, d95 = ours.median - floor.median, ours.p95 - floor.p95
+    sec.add(f"crash -> relaunch, trainsup ({n} crashes, backoff 0)", ours, "bare Popen().wait() loop", floor,
+            compare="delta", latency=True, target=f"+<={TARGET_MEDIAN_MS:g} ms median, +<={TARGET_P95_MS:g} ms p95",
+            met=d50 <= TARGET_MEDIAN_MS and d95 <= TARGET_P95_MS)
+    sec.add(f"crash -> relaunch, torchrun --max-restarts (monitor {torchrun_monitor_interval():g}s)",
+            Stat("ms", results["torchrun"]), "bare Popen().wait() loop", floor, compare="delta", latency=True)
+    if "supervisord" in results:
+        sec.add("crash -> relaunch, supervisord 4 (autorestart, startsecs=0)", Stat("ms", results["supervisord"]),
+                "bare Popen().wait() loop", floor, compare="delta", latency=True)
+    return sec
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    run("--quick" in sys.argv)
