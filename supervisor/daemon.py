@@ -21,6 +21,7 @@ import psutil
 from . import __version__, config, process
 from .checkpoint import index as ckpt_index
 from .checkpoint import rotation, trash
+from .crashpoints import crash_point
 from .control import ControlServer, Peer, RequestError
 from .job import Job, State
 from .sdnotify import Notifier
@@ -475,6 +476,7 @@ class Daemon:
                 rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
                 try:
                     await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
+                    crash_point("delete")
                     job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
                               why=plan.reasons.get(info.path, "rotation"))
                 except OSError as e:

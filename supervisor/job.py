@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import process
 from .backoff import RestartTracker
+from .crashpoints import crash_point
 from .joblog import JobLog
 from .spec import JobSpec
 
@@ -214,6 +215,7 @@ class Job:
             import os
             os.close(wfd)
         self.child = child
+        crash_point("spawn")
         self.error = None
         self.resumed_from = resume_path or None
         self._launch_ckpts = {_ckpt_key(i) for i in self.checkpoints if i.valid}

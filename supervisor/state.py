@@ -15,6 +15,8 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+
+from .crashpoints import crash_point
 from typing import Any
 
 log = logging.getLogger("trainsup.state")
@@ -145,6 +147,7 @@ class StateDB:
             return {}
 
     def save_job(self, name: str, data: dict[str, Any]) -> None:
+        crash_point("state-write")
         try:
             self.conn.execute("INSERT INTO jobs(name, data) VALUES(?, ?) "
                               "ON CONFLICT(name) DO UPDATE SET data=excluded.data",
@@ -157,6 +160,7 @@ class StateDB:
     def add_event(self, job: str, kind: str, data: dict[str, Any], at: float | None = None) -> dict:
         at = time.time() if at is None else at
         ev = {"job": job, "at": at, "kind": kind, **data}
+        crash_point("record")
         try:
             cur = self.conn.execute("INSERT INTO events(job, at, kind, data) VALUES(?,?,?,?)",
                                     (job, at, kind, json.dumps(data)))

@@ -25,6 +25,7 @@ import stat
 import time
 from typing import Callable, Optional, Union
 
+from ..crashpoints import crash_point
 from .format import TMP_DIR
 
 TRASH_DIR = ".trainsup-trash"
@@ -103,6 +104,7 @@ def _delete_entry(ckpt_dir: str, name: str) -> None:
             finally:
                 if sub_fd is not None:
                     os.close(sub_fd)
+            crash_point("trash-rename")
             _remove(tfd, target)
         finally:
             os.close(tfd)
