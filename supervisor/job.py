@@ -376,6 +376,11 @@ class Job:
         # Without a checkpoint dir no save can be confirmed: SIGTERM ("save if you can
         # and exit") is the whole request.
         if save and spec.checkpoint is not None:
+            if self.save_durations and max(self.save_durations) > grace:
+                # Say so before it fails: the recent saves took longer than the time left.
+                outcome["warning"] = (f"recent saves took up to {max(self.save_durations):.1f}s, "
+                                      f"longer than the {grace:.1f}s left")
+                self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
             sent, fut = self.request_save()
             self.d.saves_in_progress(+1, grace)
