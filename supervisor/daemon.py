@@ -30,7 +30,9 @@ from .state import StateDB, StateLock
 
 log = logging.getLogger("trainsup.daemon")
 
-RESCAN_INTERVAL = 60.0
+# The rescan is the source of truth behind inotify (which can overflow and drop events).
+# TRAINSUP_RESCAN_INTERVAL shortens it for tests.
+RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
 
 
 class LockedCache:
@@ -264,7 +266,7 @@ class Daemon:
             job.state = State(job.persisted_state)
             return
         if job.spec.autostart or job.persisted_state == State.PREEMPTED.value:
-            job.start(reason=job.restart_reason if job.attempt else "first")
+            job.start(reason=job.restart_reason)
         else:
             job._set(State.STOPPED)
 

@@ -257,8 +257,9 @@ class Demo:
         """The job's status once attempt `attempt` runs; fails fast if the job gave up."""
         j = self.d.job()
         if j["state"] in ("failed", "finished", "stopped", "invalid"):
-            raise DemoFailed(f"job {JOB} is {j['state']} (last exit: {(j.get('last_exit') or {}).get('reason')}; "
-                             f"error: {j.get('error')})")
+            why = (j.get("last_exit") or {}).get("reason")
+            raise DemoFailed(f"job {JOB} is {j['state']} (last exit: {why})"
+                             + (f": {j['error']}" if j.get("error") else ""))
         return j if j["attempt"] == attempt and j["state"] in ("running", "saving") and j["pid"] else None
 
     # -- stages ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -119,6 +120,10 @@ class Job:
         if data.get("state") == S.PREEMPTED.value:
             # After a preemption the job starts again (resuming) when the daemon starts.
             self.restart_reason = "preempt"
+        elif data.get("state") in (S.STARTING.value, S.RUNNING.value, S.SAVING.value, S.STOPPING.value,
+                                   S.BACKOFF.value):
+            # The daemon died under a live attempt: that attempt's process was lost.
+            self.restart_reason = "crash"
         self.persisted_state = data.get("state")
 
     def persist(self) -> None:
@@ -201,19 +206,23 @@ class Job:
                 spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
-        wfd = self.log.new_pipe(self.d.loop)
+        wfd = -1
         try:
+            wfd = self.log.new_pipe(self.d.loop)
             child = process.spawn(spec, argv, env, wfd)
-        except process.SpawnError as e:
-            self.error = str(e)
-            self.log.note(f"attempt {self.attempt}: cannot start: {e}")
-            self.event("spawn-failed", error=str(e), attempt=self.attempt)
+        except (process.SpawnError, OSError) as e:
+            # EMFILE, ENOMEM, a missing binary: one clean line in status, never a stuck job.
+            msg = str(e) if isinstance(e, process.SpawnError) else \
+                f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            self.error = msg
+            self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
+            self.event("spawn-failed", error=msg, attempt=self.attempt)
             self.log.close_pipe()
             self._after_exit(crashed=True, ran_for=0.0)
             return
         finally:
-            import os
-            os.close(wfd)
+            if wfd >= 0:
+                os.close(wfd)
         self.child = child
         crash_point("spawn")
         self.error = None
