@@ -128,7 +128,7 @@ class Daemon:
         log.info("stopping: emergency save, then stop, for %d running jobs",
                  sum(1 for j in self.jobs.values() if j.alive))
         flows = [j.stop(save=True, final=State.PREEMPTED, source="daemon-stop") for j in self.jobs.values()
-                 if j.alive or j._flow is not None or j.state == State.BACKOFF]
+                 if j.alive or j._flow is not None or j.state in (State.BACKOFF, State.STARTING)]
         if flows:
             await asyncio.gather(*flows, return_exceptions=True)
         for t in list(self._tasks):
@@ -411,6 +411,9 @@ class Daemon:
         if job is not None:
             self._spawn_task(self._scan(job))
 
+    async def refresh_checkpoints(self, job: Job) -> None:
+        await self._scan(job)
+
     def _scan_sync(self, job: Job):
         ck = job.spec.checkpoint
         try:
@@ -569,7 +572,7 @@ class Daemon:
         if cmd in ("stop", "preempt"):
             grace = _float_arg(args, "grace")
             final = State.PREEMPTED if cmd == "preempt" else State.STOPPED
-            if not job.alive and job._flow is None and job.state != State.BACKOFF:
+            if not job.alive and job._flow is None and job.state not in (State.BACKOFF, State.STARTING):
                 raise RequestError(f"job {name} is not running (state {job.state.value})")
             out = await job.stop(save=not args.get("no_save"), final=final, grace=grace, source=cmd)
             return out

@@ -100,6 +100,7 @@ class Job:
         self.sigstopped = False
         self.monitor = None                  # supervisor.monitor.AttemptMonitor of the attempt
         self._backoff: Optional[asyncio.TimerHandle] = None
+        self._prelaunch: Optional[asyncio.Task] = None   # index refresh before a spawn/decision
         self._exit_fut: Optional[asyncio.Future] = None
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
@@ -164,7 +165,7 @@ class Job:
 
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
-        if self.alive or self._flow is not None:
+        if self.alive or self._flow is not None or self._prelaunch is not None:
             return
         if self._backoff is not None:
             self._backoff.cancel()
@@ -178,9 +179,28 @@ class Job:
         from .checkpoint.index import latest_valid
         return latest_valid(self.checkpoints) if self.checkpoints else None
 
-    def _launch(self) -> None:
+    def _launch(self, fresh: bool = False) -> None:
+        """Move to STARTING and spawn. Unless the index was just refreshed (`fresh`), it is
+        refreshed first: a file damaged inside a checkpoint makes no event in the
+        (non-recursive) watch, and a damaged checkpoint must never be offered for resume.
+        The refresh costs stat calls only (verdicts are cached by file identity)."""
         self._backoff = None
         self._set(S.STARTING)
+        if fresh or self.spec.checkpoint is None:
+            self._spawn()
+            return
+        self._prelaunch = self.d.loop.create_task(self._refresh_then_spawn())
+
+    async def _refresh_then_spawn(self) -> None:
+        try:
+            await self.d.refresh_checkpoints(self)
+        finally:
+            self._prelaunch = None
+        # A stop that came meanwhile moved the job out of STARTING: then nothing starts.
+        if self.state == S.STARTING and self.child is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
         spec = self.spec
         resume = self._resume_point()
         resume_path = str(resume.path) if resume else ""
@@ -272,9 +292,22 @@ class Job:
             self._exit_fut.set_result(ex)
         if self._flow is not None:
             return                     # the stop flow decides what comes next
-        self._after_exit(crashed=(rc != 0), ran_for=ran_for)
+        if self.spec.checkpoint is None:
+            self._after_exit(crashed=(rc != 0), ran_for=ran_for)
+        else:
+            self._prelaunch = self.d.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
 
-    def _after_exit(self, *, crashed: bool, ran_for: float) -> None:
+    async def _refresh_then_decide(self, crashed: bool, ran_for: float) -> None:
+        # Checkpoints the attempt committed in its last moments count as progress (the
+        # backoff resets), and the resume point is fresh for an immediate relaunch.
+        try:
+            await self.d.refresh_checkpoints(self)
+        finally:
+            self._prelaunch = None
+        if self._flow is None and self.child is None and self.state in _ALIVE | {S.STARTING}:
+            self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
+
+    def _after_exit(self, *, crashed: bool, ran_for: float, fresh: bool = False) -> None:
         decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
         if not decision.restart:
             if decision.final_state == "failed":
@@ -285,7 +318,7 @@ class Job:
         self.restart_reason = ("oom" if oom else "crash") if crashed else "manual"
         self._set(S.BACKOFF, delay=round(decision.delay, 3), why=decision.why)
         if decision.delay <= 0:
-            self._launch()
+            self._launch(fresh=fresh)
         else:
             self._backoff = self.d.loop.call_later(decision.delay, self._launch)
 
@@ -304,7 +337,7 @@ class Job:
                 self._save_requested_mono = None
             self.event("checkpoint", step=info.step, path=str(info.path), bytes=info.bytes,
                        reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
-        if new_valid and self.alive:
+        if new_valid:
             self.tracker.progress()
         valid_now = {_ckpt_key(i) for i in infos if i.valid}
         for known, fut in list(self._ckpt_waiters):
@@ -373,8 +406,11 @@ class Job:
         if deadline_wall is not None:
             outcome["deadline"] = deadline_wall
         self.last_notice = outcome
+        if self._prelaunch is not None:
+            self._prelaunch.cancel()
+            self._prelaunch = None
         if not self.alive:
-            if self.state == S.BACKOFF or self.state == S.PENDING:
+            if self.state in (S.BACKOFF, S.PENDING, S.STARTING) or (self.state in _ALIVE and not self.child):
                 self._set(final if final != S.FAILED else S.STOPPED)
             outcome["outcome"] = "not running"
             return outcome

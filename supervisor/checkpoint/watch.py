@@ -33,6 +33,16 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+try:
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    # watchdog holds an unmatched IN_MOVED_FROM for 0.5 s hoping to pair it, and every later
+    # event of the same watch queues behind it. Rotation moves entries out into the trash
+    # dir after every save, so the next landing would be seen 0.5 s late. We only need to
+    # know that something changed: no pairing, no delay.
+    InotifyMoveEventGrouper.delay = 0.0
+except ImportError:     # older watchdog: no grouper, no delay
+    pass
+
 _DIR_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent,
                FileMovedEvent, DirMovedEvent, FileClosedEvent]
 # The parent may be a busy workdir: only entries appearing and disappearing matter there.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -100,20 +102,38 @@ def test_read_memory_cgroup_v1_and_v2_shapes(tmp_path):
     assert read_memory_cgroup(v2, 2) == (None, None)
 
 
+# Each big child says "ready" (on the parent's stdout, which it inherits) only once its
+# 30 MiB are written: waiting for a total instead let the test go on while the second
+# child was still allocating, and its growth then hid the killed child's drop (the test
+# failed under load with "killed child still counted").
 TREE = r"""
 import os, subprocess, sys, time
-kids = [subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(b'x') * (30 << 20); time.sleep(60)"])
-        for _ in range(2)]
+big = "import time; b = bytearray(b'x') * (30 << 20); print('ready', flush=True); time.sleep(60)"
+kids = [subprocess.Popen([sys.executable, "-c", big]) for _ in range(2)]
 short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
 print("started", flush=True)
 time.sleep(60)
 """
 
 
+def _read_words(pipe, n: int, timeout: float) -> list[str]:
+    """The first `n` lines written to `pipe`, waiting at most `timeout` seconds."""
+    fd, buf = pipe.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while buf.count(b"\n") < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {buf!r} within {timeout}s"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"pipe closed after {buf!r}"
+            buf += chunk
+    return sorted(buf.decode().split())
+
+
 def test_tree_sampler_counts_children_and_survives_their_exit():
-    parent = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE)
     try:
-        assert parent.stdout.readline().strip() == "started"
+        assert _read_words(parent.stdout, 3, 30) == ["ready", "ready", "started"]
         sampler = TreeSampler(parent.pid)
         deadline = time.monotonic() + 10
         while sampler.sample() < 60 << 20:          # both 30 MiB children counted
@@ -143,6 +163,7 @@ def test_tree_sampler_counts_children_and_survives_their_exit():
             p.kill()
         parent.kill()
         parent.wait()
+        parent.stdout.close()
     assert TreeSampler(parent.pid).sample() == 0      # reaped: nothing to count
 
 
