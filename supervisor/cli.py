@@ -356,11 +356,9 @@ def cmd_history(args) -> int:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ev.pop("at")))
         kind = ev.pop("kind")
         ev.pop("job", None)
-        if kind == "state":
-            detail = f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"
-        else:
-            detail = ""
-        detail += " ".join(f"{k}={v}" for k, v in ev.items() if v is not None)
+        parts = [f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"] if kind == "state" else []
+        parts += [f"{k}={v}" for k, v in ev.items() if v is not None]
+        detail = " ".join(parts)
         print(f"{at}Z  {kind:<14} {detail}".rstrip())
     return EXIT_OK
 

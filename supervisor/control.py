@@ -16,6 +16,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
@@ -24,7 +25,11 @@ log = logging.getLogger("trainsup.control")
 
 MAX_REQUEST = 64 * 1024
 CONNECTION_DEADLINE = 10.0
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256      # requests being served at once
+# Connections waiting for a request line cost one fd and no work: they do not count
+# against MAX_CONNECTIONS (a flood of silent clients must not lock root out of `status`);
+# past MAX_IDLE the one that has waited longest is closed.
+MAX_IDLE = 4096
 READ_VERBS = frozenset({"status", "checkpoints", "history", "logs", "ping"})
 WRITE_VERBS = frozenset({"start", "stop", "restart", "checkpoint", "preempt", "reload", "pin", "unpin"})
 VERBS = READ_VERBS | WRITE_VERBS
@@ -115,6 +120,7 @@ class ControlServer:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
         self.server: Optional[asyncio.AbstractServer] = None
         self.active = 0
+        self.idle: dict[asyncio.StreamWriter, float] = {}   # waiting for a line, since when
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,15 +151,16 @@ class ControlServer:
             pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.active += 1
         conn = Connection(writer)
         try:
-            if self.active > MAX_CONNECTIONS:
-                await conn.send({"ok": False, "error": "busy: too many connections"})
-                return
             sock = writer.get_extra_info("socket")
             peer = peer_of(sock)
             while True:
+                self.idle[writer] = time.monotonic()
+                if len(self.idle) > MAX_IDLE:
+                    oldest = min(self.idle, key=self.idle.__getitem__)
+                    self.idle.pop(oldest)
+                    oldest.close()      # its readline() sees EOF and it ends itself
                 try:
                     line = await asyncio.wait_for(reader.readline(), CONNECTION_DEADLINE)
                 except asyncio.TimeoutError:
@@ -161,16 +168,25 @@ class ControlServer:
                 except (ValueError, asyncio.LimitOverrunError):
                     await conn.send({"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
                     return
+                finally:
+                    self.idle.pop(writer, None)
                 if not line:
                     return
-                if not await self._one(line, peer, conn):
-                    return
+                self.active += 1
+                try:
+                    if self.active > MAX_CONNECTIONS:
+                        await conn.send({"ok": False, "error": "busy: too many requests at once"})
+                        return
+                    if not await self._one(line, peer, conn):
+                        return
+                finally:
+                    self.active -= 1
         except (ConnectionError, BrokenPipeError, OSError):
             pass
         except Exception:   # a bug in one request must never take the daemon down
             log.exception("control: request failed")
         finally:
-            self.active -= 1
+            self.idle.pop(writer, None)
             try:
                 writer.close()
             except Exception:
@@ -179,7 +195,7 @@ class ControlServer:
     async def _one(self, line: bytes, peer: Peer, conn: Connection) -> bool:
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):   # [[[[... nests past the parser
             await conn.send({"ok": False, "error": "bad request: not a JSON object on one line"})
             return False
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):

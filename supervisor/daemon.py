@@ -479,11 +479,13 @@ class Daemon:
             ck_dir = job.spec.checkpoint.dir
             for info in plan.delete:
                 rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
+                # Recorded before it happens (write-ahead): a crash after the move into the
+                # trash still leaves a record of what the daemon removed and why.
+                job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
+                          why=plan.reasons.get(info.path, "rotation"))
                 try:
                     await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
                     crash_point("delete")
-                    job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
-                              why=plan.reasons.get(info.path, "rotation"))
                 except OSError as e:
                     job.event("delete-failed", path=str(info.path), error=str(e))
             await self._scan(job)

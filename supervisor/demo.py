@@ -307,8 +307,9 @@ class Demo:
 
     def first_checkpoints(self) -> None:
         n = self.plan.first_checkpoints
-        j = wait_for(f"{n} valid checkpoints",
-                     lambda: (j := self.job_running(1)) and (j["checkpoint"]["valid"] or 0) >= n and j)
+        # By step, not by count: rotation may already be deleting the oldest.
+        j = wait_for(f"{n} periodic checkpoints",
+                     lambda: (j := self.job_running(1)) and (j["checkpoint"]["step"] or 0) >= n * self.plan.every and j)
         ck = j["checkpoint"]
         self.say(f"checkpoints landing every {self.plan.every} steps: {ck['valid']} valid, "
                  f"latest step {ck['step']}; `trainsup status`:")
@@ -414,7 +415,10 @@ class Demo:
         def settled():
             cps = self.d.checkpoints()
             total = sum(c["bytes"] for c in cps)
-            return total <= QUOTA and all(c["kept"] and c["valid"] for c in cps) and cps
+            # A save cut short by SIGKILL leaves an in-progress dir that rotation collects
+            # only after grace + 1 minute: it is kept, not valid, and still counts.
+            return total <= QUOTA and all(c["kept"] and (c["valid"] or c["kept"] == "in-progress")
+                                          for c in cps) and cps
         cps = wait_for(f"rotation to bring {self.ckpt_dir} under its quota", settled)
         on_disk = _dir_bytes(self.ckpt_dir)
         if on_disk > QUOTA:

@@ -244,6 +244,9 @@ class Job:
             if wfd >= 0:
                 os.close(wfd)
         self.child = child
+        # The pid is durable before anything else happens: a daemon that dies now finds
+        # this process at its next start and stops it instead of launching a second one.
+        self.persist()
         crash_point("spawn")
         self.error = None
         self.resumed_from = resume_path or None

@@ -152,7 +152,7 @@ def bench_throughput(sec: Section, root: Path, gib: float) -> None:
         xxhash.xxh3_128(buf).hexdigest()
         hs.append(0.25 / (time.perf_counter() - t))
         t = time.perf_counter()
-        dst[:] = buf
+        memoryview(dst)[:] = buf     # a plain memcpy; bytearray slice assignment is 8x slower
         cp.append(0.25 / (time.perf_counter() - t))
     sec.add(f"validate {label}, warm page cache", Stat("GiB/s", reps), "xxh3_128 over RAM (hash limit)",
             Stat("GiB/s", hs))
@@ -208,7 +208,6 @@ def run(quick: bool = False) -> Section:
                 note="includes hashing the 256 MiB once")
         print("  validation throughput...", flush=True)
         bench_throughput(sec, root, 0.25 if quick else 1.0)
-    bench_rotation(sec)
     return sec
 
 

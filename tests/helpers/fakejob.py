@@ -23,6 +23,14 @@ def _child_main(path):
         time.sleep(1)
 
 
+def _verify(ckpt):
+    """The resumed checkpoint's files match its manifest (a 'corrupt load' otherwise)."""
+    from supervisor.checkpoint import hash_file, read_manifest
+    m = read_manifest(ckpt)
+    return all((ckpt / n).stat().st_size == e["size"] and hash_file(ckpt / n) == e["xxh3_128"]
+               for n, e in m["files"].items())
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--exit", type=int, default=None, help="exit with this code after --after seconds")
@@ -39,16 +47,22 @@ def main():
     p.add_argument("--grow-mb-per-s", type=float, default=0.0, help="grow a bytearray steadily")
     p.add_argument("--heartbeat-for", type=float, default=None,
                    help="touch TRAINSUP_HEARTBEAT_FILE for this many seconds, then hang")
+    p.add_argument("--save-every-steps", type=int, default=0,
+                   help="periodic checkpoint every N steps (deterministic loss bound for soaks)")
+    p.add_argument("--progress", default=None,
+                   help="overwrite this file with the last completed step after every step")
     args = p.parse_args()
 
     state = {"step": 0, "save": False, "term": False}
     ckpt_dir = os.environ.get("TRAINSUP_CHECKPOINT_DIR")
     resume = os.environ.get("TRAINSUP_RESUME_FROM", "")
+    resume_ok = None
     if resume:
         try:
             state["step"] = json.loads((Path(resume) / "state.json").read_text())["step"]
+            resume_ok = _verify(Path(resume))
         except (OSError, ValueError, KeyError):
-            pass
+            resume_ok = False
 
 
     def record(**kw):
@@ -92,14 +106,20 @@ def main():
     # Recorded after the handlers are in place: a test that saw 'start' may signal.
     record(event="start", attempt=os.environ.get("TRAINSUP_ATTEMPT"),
            reason=os.environ.get("TRAINSUP_RESTART_REASON"), resume=resume,
+           resumed_step=state["step"], resume_ok=resume_ok,
            env={k: v for k, v in os.environ.items()})
     start = time.monotonic()
     last_save = start
     hog = []
     hb = os.environ.get("TRAINSUP_HEARTBEAT_FILE")
     last_beat = 0.0
+    progress_fd = os.open(args.progress, os.O_WRONLY | os.O_CREAT, 0o644) if args.progress else None
     while True:
         state["step"] += 1
+        if args.save_every_steps and state["step"] % args.save_every_steps == 0:
+            save("periodic")
+        if progress_fd is not None:
+            os.pwrite(progress_fd, b"%12d" % state["step"], 0)   # fixed width: never torn
         now = time.monotonic()
         if args.grow_mb_per_s:
             want = int((now - start) * args.grow_mb_per_s)
