@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,22 +32,6 @@ log = logging.getLogger("trainsup.daemon")
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
-
-
-class LockedCache:
-    """The verdict cache, backed by SQLite, safe to call from the hashing threads."""
-
-    def __init__(self, db: StateDB):
-        self.db = db
-        self.lock = threading.Lock()
-
-    def get(self, key: str) -> Optional[str]:
-        with self.lock:
-            return self.db.get(key)
-
-    def put(self, key: str, verdict: str) -> None:
-        with self.lock:
-            self.db.put(key, verdict)
 
 
 class Daemon:
@@ -88,7 +71,8 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
-        self.cache = LockedCache(self.db)
+        self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
+        self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
         process.become_subreaper()
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
@@ -483,6 +467,7 @@ class Daemon:
                 # trash still leaves a record of what the daemon removed and why.
                 job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
                           why=plan.reasons.get(info.path, "rotation"))
+                self.db.flush()
                 try:
                     await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
                     crash_point("delete")

@@ -247,6 +247,7 @@ class Job:
         # The pid is durable before anything else happens: a daemon that dies now finds
         # this process at its next start and stops it instead of launching a second one.
         self.persist()
+        self.d.db.flush()
         crash_point("spawn")
         self.error = None
         self.resumed_from = resume_path or None

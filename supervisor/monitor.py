@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainsup.monitor")
 
+_OWN_CGROUP: Optional[tuple] = None
+
+
+def _own_memory_cgroup() -> tuple:
+    global _OWN_CGROUP
+    if _OWN_CGROUP is None:
+        import os
+        _OWN_CGROUP = memmod.memory_cgroup_dir(os.getpid())
+    return _OWN_CGROUP
+
 
 class AttemptMonitor:
     def __init__(self, job: "Job", pid: int):
@@ -29,7 +39,9 @@ class AttemptMonitor:
         self.sampler = memmod.TreeSampler(pid)
         self.episode = memmod.MemoryEpisode()
         self.clock = hangmod.ProgressClock(time.monotonic())
-        self.cgroup, self.cg_version = memmod.memory_cgroup_dir(pid)
+        # A child just forked is in the daemon's own cgroup: resolve that once, not per
+        # launch (parsing mountinfo sits on the restart path).
+        self.cgroup, self.cg_version = _own_memory_cgroup()
         self.oom_before = self._oom_count()
         self.near_limit = False
         self.task: Optional[asyncio.Task] = None

@@ -213,22 +213,44 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
     return n
 
 
+def _own_children() -> list[int]:
+    """Our direct children, from /proc/self/task/*/children: a few small reads, where
+    psutil's children() reads /proc/*/stat of every process on the machine."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the last ')' (the command name may contain one).
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def reap_orphans(leaders: Iterable[int]) -> list[int]:
-    """Reap zombies reparented to the daemon (we are a subreaper), by pid, never -1."""
+    """Reap zombies reparented to the daemon (we are a subreaper), by pid, never -1.
+    Runs on every SIGCHLD, so it must be cheap: it is on the relaunch path."""
     keep = set(leaders)
     reaped = []
-    try:
-        kids = psutil.Process().children()
-    except psutil.Error:
-        return reaped
-    for p in kids:
-        if p.pid in keep:
+    for pid in _own_children():
+        if pid in keep or not _is_zombie(pid):
             continue
         try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(p.pid, os.WNOHANG)
-                reaped.append(p.pid)
-        except (psutil.Error, ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+            reaped.append(pid)
+        except ChildProcessError:
             pass
     return reaped
 

@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 from .crashpoints import crash_point
-from typing import Any
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("trainsup.state")
 
@@ -80,6 +81,13 @@ class StateDB:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / "state.db"
         self.conn = self._open()
+        # Writes are queued and committed together, one transaction per turn of the
+        # daemon's loop (`on_pending` schedules the flush): an exit and its relaunch cost
+        # one commit, not nine. Durable points (a spawned pid, a deletion about to happen)
+        # call flush() themselves before going on.
+        self._pending: list[tuple[str, tuple]] = []
+        self.on_pending: Optional[Callable[[], None]] = None
+        self.lock = threading.RLock()    # the hashing threads use the verdict cache
 
     # -- opening, with corruption handling -------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -133,10 +141,38 @@ class StateDB:
     moved_aside: Path | None = None
 
     def close(self) -> None:
+        self.flush()
         self.conn.close()
+
+    def _queue(self, sql: str, params: tuple) -> None:
+        self._pending.append((sql, params))
+        if self.on_pending is None:
+            self.flush()
+        elif len(self._pending) == 1:
+            self.on_pending()
+
+    def flush(self) -> None:
+        """Commit queued writes in one transaction. On failure (ENOSPC...) they are
+        dropped and the previous state stays intact; supervision goes on."""
+        with self.lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                for sql, params in batch:
+                    self.conn.execute(sql, params)
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                log.error("state: cannot write %d records: %s (previous state kept)", len(batch), e)
 
     # -- jobs ---------------------------------------------------------------------
     def load_job(self, name: str) -> dict[str, Any]:
+        self.flush()
         row = self.conn.execute("SELECT data FROM jobs WHERE name=?", (name,)).fetchone()
         if not row:
             return {}
@@ -148,33 +184,26 @@ class StateDB:
 
     def save_job(self, name: str, data: dict[str, Any]) -> None:
         crash_point("state-write")
-        try:
-            self.conn.execute("INSERT INTO jobs(name, data) VALUES(?, ?) "
-                              "ON CONFLICT(name) DO UPDATE SET data=excluded.data",
-                              (name, json.dumps(data)))
-        except sqlite3.Error as e:
-            # ENOSPC and friends: the old row stays; supervision goes on.
-            log.error("state: cannot save job %s: %s (previous state kept)", name, e)
+        self._queue("INSERT INTO jobs(name, data) VALUES(?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET data=excluded.data", (name, json.dumps(data)))
 
     # -- events -------------------------------------------------------------------
     def add_event(self, job: str, kind: str, data: dict[str, Any], at: float | None = None) -> dict:
         at = time.time() if at is None else at
         ev = {"job": job, "at": at, "kind": kind, **data}
         crash_point("record")
-        try:
-            cur = self.conn.execute("INSERT INTO events(job, at, kind, data) VALUES(?,?,?,?)",
-                                    (job, at, kind, json.dumps(data)))
-            if cur.lastrowid and cur.lastrowid % 500 == 0:
-                self._trim(job)
-        except sqlite3.Error as e:
-            log.error("state: cannot record event %s for %s: %s", kind, job, e)
+        self._queue("INSERT INTO events(job, at, kind, data) VALUES(?,?,?,?)", (job, at, kind, json.dumps(data)))
+        self._since_trim += 1
+        if self._since_trim >= 500:
+            self._since_trim = 0
+            self._queue("DELETE FROM events WHERE id <= (SELECT id FROM events WHERE job=? "
+                        "ORDER BY id DESC LIMIT 1 OFFSET ?) AND job=?", (job, _MAX_EVENTS_PER_JOB, job))
         return ev
 
-    def _trim(self, job: str) -> None:
-        self.conn.execute("DELETE FROM events WHERE job=? AND id <= (SELECT id FROM events WHERE job=? "
-                          "ORDER BY id DESC LIMIT 1 OFFSET ?)", (job, job, _MAX_EVENTS_PER_JOB))
+    _since_trim = 0
 
     def events(self, job: str, limit: int = 50) -> list[dict]:
+        self.flush()
         rows = self.conn.execute("SELECT at, kind, data FROM events WHERE job=? ORDER BY id DESC LIMIT ?",
                                  (job, limit)).fetchall()
         out = []
@@ -188,11 +217,13 @@ class StateDB:
 
     # -- verdict cache (supervisor.checkpoint.validate's VerdictCache protocol) ----------
     def get(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT verdict FROM verdicts WHERE key=?", (key,)).fetchone()
+        with self.lock:
+            row = self.conn.execute("SELECT verdict FROM verdicts WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, verdict: str) -> None:
-        try:
-            self.conn.execute("INSERT OR REPLACE INTO verdicts(key, verdict) VALUES(?,?)", (key, verdict))
-        except sqlite3.Error as e:
-            log.warning("state: cannot cache verdict: %s", e)
+        with self.lock:
+            try:
+                self.conn.execute("INSERT OR REPLACE INTO verdicts(key, verdict) VALUES(?,?)", (key, verdict))
+            except sqlite3.Error as e:
+                log.warning("state: cannot cache verdict: %s", e)

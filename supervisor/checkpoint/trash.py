@@ -246,6 +246,7 @@ def _as_owner(ckpt_dir: str, fn: Callable, *args) -> None:
             os.setgid(gid)
             os.setuid(st.st_uid)
             fn(*args)
+            os.write(w, b"OK")
             code = 0
         except BaseException as e:  # noqa: BLE001 - reported to the parent through the pipe
             try:
@@ -262,9 +263,15 @@ def _as_owner(ckpt_dir: str, fn: Callable, *args) -> None:
             break
         chunks.append(b)
     os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        kind, _, rest = b"".join(chunks).decode(errors="replace").partition(":")
+    # The verdict travels through the pipe, not the exit status: the daemon, a child
+    # subreaper, may reap this child from its SIGCHLD handler before waitpid runs here.
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    report = b"".join(chunks)
+    if report != b"OK":
+        kind, _, rest = report.decode(errors="replace").partition(":")
         code, _, msg = rest.partition(":")
         if kind == "FileNotFoundError":
             raise FileNotFoundError(errno.ENOENT, msg)
