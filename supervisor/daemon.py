@@ -217,8 +217,11 @@ class Daemon:
             if j.alive:
                 j.request_save()
 
+    def leader_pids(self) -> list[int]:
+        return [j.child.pid for j in self.jobs.values() if j.child]
+
     def _on_chld(self) -> None:
-        process.reap_orphans(j.child.pid for j in self.jobs.values() if j.child)
+        process.reap_orphans(self.leader_pids())
 
     # -- jobs --------------------------------------------------------------------------
     def _job_user(self, name: str) -> Optional[str]:

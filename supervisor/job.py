@@ -278,7 +278,7 @@ class Job:
         self.child = None
         self.pid_prev = child.pid
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
-        leftovers = process.kill_leftovers(child)
+        leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.d.leader_pids())
         ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:

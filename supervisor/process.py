@@ -256,22 +256,36 @@ def reap_orphans(leaders: Iterable[int]) -> list[int]:
 
 
 def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process]:
-    """Live processes reparented to the daemon that were launched for `job_name`."""
+    """Live processes reparented to the daemon (it is a subreaper) that were launched for
+    `job_name` (TRAINSUP_JOB in their environment), with their descendants."""
     keep = set(leaders)
-    out = []
-    try:
-        kids = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in kids:
-        if p.pid in keep:
+    marker = b"\0TRAINSUP_JOB=" + job_name.encode() + b"\0"
+    out: list[psutil.Process] = []
+    for pid in _own_children():
+        if pid in keep:
             continue
         try:
-            if p.environ().get("TRAINSUP_JOB") == job_name:
-                out.append(p)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker not in b"\0" + f.read():
+                    continue
+            p = psutil.Process(pid)
+            out += [p, *p.children(recursive=True)]
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def kill_orphans(job_name: str, leaders: Iterable[int]) -> int:
+    """SIGKILL what a dead leader left behind (a stuck DataLoader worker, a setsid helper),
+    so the next attempt never shares the machine with the previous one."""
+    n = 0
+    for p in orphans_of_job(job_name, leaders):
+        try:
+            p.kill()
+            n += 1
         except psutil.Error:
             pass
-    return out
+    return n
 
 
 def _privilege_drop(job: JobSpec) -> dict:

@@ -196,3 +196,15 @@ def test_resume_from_latest_checkpoint_after_crash(daemon):
     assert starts[1]["reason"] == "crash"
     assert starts[1]["attempt"] == "2"
     assert starts[1]["resume"] == saved_before[-1]["path"]
+
+
+def test_a_crashed_leaders_setsid_descendant_is_killed_before_the_relaunch(daemon):
+    daemon.fakejob("leaky", "--setsid-grandchild --exit 1 --after 0.5", ckpt=False,
+                   extra="restart: {backoff: {initial: 0.5s}}\n")
+    daemon.start()
+    gc_f = daemon.root / "leaky.rec.grandchild"
+    gc_pid = int(wait_for(lambda: gc_f.exists() and gc_f.read_text(), 10, "the setsid grandchild"))
+    daemon.wait_ready("leaky", 2, timeout=20)
+    assert not psutil.pid_exists(gc_pid) or psutil.Process(gc_pid).status() == psutil.STATUS_ZOMBIE
+    exits = [e for e in daemon.history("leaky") if e["kind"] == "exit"]
+    assert exits[0]["reason"] == "exit 1"
