@@ -26,7 +26,7 @@ bench: venv
 	$(BIN)/python tests/bench/run_all.py
 
 chaos: venv
-	$(BIN)/python -m pytest -q -m slow tests/faults
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--sharded", action="store_true",
+                   help="model/optimizer through torch.distributed.checkpoint (each rank its part)")
     p.add_argument("--ckpt-dir", default=None, help="default: TRAINSUP_CHECKPOINT_DIR, else ./ckpt")
     p.add_argument("--final-out", default=None, help="torch.save the final model state here")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     ckpt_dir = args.ckpt_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR") or "ckpt"
     ckpt = Checkpointer(model=model, optimizer=opt, scheduler=sched, sampler=sampler,
                         every_steps=args.every or None, every_seconds=args.every_seconds,
-                        dir=ckpt_dir, async_save=args.async_save)
+                        dir=ckpt_dir, async_save=args.async_save, sharded=args.sharded)
     install_test_save_gate()
 
     try:

@@ -486,7 +486,7 @@ class Job:
             self.sigstopped = is_stopped(c.pid)
         if c is not None and self.monitor is not None and not self.spec.memory.limit:
             try:
-                self.monitor.sample_rss()     # on demand: no timer for jobs without a limit
+                self.monitor.sample_rss(max_age=1.0)   # on demand, at most once a second
             except Exception:
                 pass
         quota = self.spec.checkpoint.quota if self.spec.checkpoint else None

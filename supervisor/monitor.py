@@ -44,6 +44,7 @@ class AttemptMonitor:
         self.cgroup, self.cg_version = _own_memory_cgroup()
         self.oom_before = self._oom_count()
         self.near_limit = False
+        self._sampled_at = float("-inf")
         self.task: Optional[asyncio.Task] = None
 
     def _oom_count(self) -> Optional[int]:
@@ -64,7 +65,11 @@ class AttemptMonitor:
             self.task.cancel()
             self.task = None
 
-    def sample_rss(self) -> int:
+    def sample_rss(self, max_age: float = 0.0) -> int:
+        now = time.monotonic()
+        if max_age and now - self._sampled_at < max_age and self.job.memory_rss is not None:
+            return self.job.memory_rss       # `status` on 200 jobs must not walk 200 trees
+        self._sampled_at = now
         rss = self.sampler.sample()
         self.job.memory_rss = rss
         limit = self.job.spec.memory.limit

@@ -13,10 +13,17 @@ Checkpoints are written through supervisor.checkpoint.CheckpointWriter (atomic, 
 manifest): `state.pt` holds what every rank shares (model, optimizer, scheduler, scaler,
 extras, step, epoch); `rank-NNNNN.pt` holds what each rank owns (RNG states, data
 position). Without torch.distributed the rank part lives inside `state.pt`.
+
+With `sharded=True` the model and optimizer go through torch.distributed.checkpoint
+(DCP) instead, into the checkpoint's `dcp/` folder: every rank writes its own part, then
+rank 0 commits once (the manifest hashes the DCP files like any other). `state.pt` then
+names the keys that live in DCP; restore reads the format from the checkpoint, not from
+the flag, so either kind of Checkpointer resumes either kind of checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -24,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -37,6 +45,7 @@ from .checkpoint.format import STEP_DIR_RE, step_dirname
 __all__ = ["Checkpointer", "ResumableSampler", "latest_checkpoint"]
 
 STATE_FILE = "state.pt"
+DCP_DIR = "dcp"   # a subfolder: DCP's file names (__0_0.distcp, .metadata) are its own
 _monotonic = time.monotonic
 
 
@@ -286,6 +295,15 @@ class _Snapshot:
         return obj
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every call without torch.distributed that it assumes one process,
+    # which is exactly what sharded=True means there: not worth a line per save.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _save_file(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -304,6 +322,10 @@ class Checkpointer:
     SIGTERM (then `should_stop` turns true). Under torch.distributed the ranks agree on
     the save step with a MAX all_reduce every `sync_every` steps (default: adaptive, so
     the collective costs about 1% of step time and runs at least once a second).
+
+    `sharded=True` writes model and optimizer through DCP (each rank its part) instead of
+    into `state.pt`; those DCP writes are synchronous even with `async_save` (they read
+    the live tensors), the rest of the save stays asynchronous.
     """
 
     def __init__(
@@ -328,7 +350,10 @@ class Checkpointer:
         weights_only: bool = True,
         install_signals: bool = True,
         heartbeat_file: str | os.PathLike | None = None,
+        sharded: bool = False,
     ) -> None:
+        if sharded and model is None:
+            raise ValueError("Checkpointer(sharded=True) needs model=: DCP shards the model state")
         d = dir if dir is not None else os.environ.get("TRAINSUP_CHECKPOINT_DIR")
         if not d:
             raise ValueError("Checkpointer: no checkpoint dir (pass dir= or set TRAINSUP_CHECKPOINT_DIR)")
@@ -345,6 +370,7 @@ class Checkpointer:
         self.batches_per_step = int(batches_per_step)
         self.hash = hash
         self.weights_only = weights_only
+        self.sharded = bool(sharded)
         self.should_stop = False
         self.epoch: int | None = None
         self.last_saved: Path | None = None   # newest checkpoint this process committed
@@ -527,11 +553,13 @@ class Checkpointer:
             return self.sampler.epoch
         return self.epoch
 
-    def _shared_state(self, step: int) -> dict:
+    def _shared_state(self, step: int, in_dcp: list[str] = ()) -> dict:
         st: dict[str, Any] = {"step": step, "epoch": self._current_epoch()}
+        if in_dcp:
+            st["dcp"] = list(in_dcp)
         for key in ("model", "optimizer", "scheduler", "scaler"):
             obj = getattr(self, key)
-            if obj is not None:
+            if obj is not None and key not in in_dcp:
                 st[key] = obj.state_dict()
         ex = self.extras
         if hasattr(ex, "state_dict"):
@@ -543,6 +571,55 @@ class Checkpointer:
     def _rank_state(self, step: int) -> dict:
         return {"rank": self._rank, "world_size": self._world, "rng": _rng_state(),
                 "sampler": self._sampler_state(step)}
+
+    # -- DCP (sharded=True) --
+
+    def _dcp_keys(self) -> list[str]:
+        """What a sharded save puts through DCP. The same on every rank (DDP keeps the
+        optimizer's lazily created state in step), so the ranks' collectives match."""
+        if not self.sharded:
+            return []
+        keys = ["model"]
+        # A fresh optimizer has no state: DCP's get_optimizer_state_dict would take a
+        # zero-lr step to create it, changing the step count the run goes on with.
+        if self.optimizer is not None and self.optimizer.state:
+            keys.append("optimizer")
+        return keys
+
+    def _dcp_state(self, keys: list[str]) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        sd: dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        if "optimizer" in keys:
+            sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return sd
+
+    def _dcp_save(self, tmp: Path, keys: list[str]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_single_process():
+            dcp.save(self._dcp_state(keys), storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)),
+                     no_dist=not self._dist)
+
+    def _dcp_load(self, path: Path, keys: list[str]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        # A collective under torch.distributed: every rank restores the same checkpoint.
+        if self.model is None:
+            _log(f"{path}: has a DCP model state but no model= was given; not restored")
+            return
+        want = [k for k in keys if k == "model" or (k == "optimizer" and self.optimizer is not None)]
+        if "optimizer" in keys and self.optimizer is None:
+            _log(f"{path}: has a DCP optimizer state but no optimizer= was given; not restored")
+        # Building the target dict sizes the fresh optimizer's state (a zero-lr step);
+        # everything it creates is overwritten by the load below.
+        sd = self._dcp_state(want)
+        with _quiet_single_process():
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)), no_dist=not self._dist)
+        set_model_state_dict(self.model, sd["model"])
+        if "optimizer" in sd:
+            set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
 
     # -- restore --
 
@@ -562,8 +639,16 @@ class Checkpointer:
         except Exception as e:
             raise RuntimeError(f"cannot resume from {path}: {e}") from None
         shared = torch.load(path / STATE_FILE, map_location="cpu", weights_only=self.weights_only)
+        in_dcp = list(shared.get("dcp") or [])
+        if in_dcp:
+            try:
+                self._dcp_load(path, in_dcp)
+            except Exception as e:
+                raise RuntimeError(f"cannot resume from {path}: reading {DCP_DIR}/ failed: {e}") from e
         for key in ("model", "optimizer", "scheduler", "scaler"):
             obj = getattr(self, key)
+            if key in in_dcp:
+                continue
             if obj is not None and key in shared:
                 obj.load_state_dict(shared[key])
             elif obj is not None:
@@ -684,14 +769,22 @@ class Checkpointer:
              "retrying at the next due point")
 
     def _save_local(self, step: int, reason: str, metrics: Mapping | None, wait: bool) -> Path | None:
+        in_dcp = self._dcp_keys()
         try:
-            state = self._shared_state(step)
+            state = self._shared_state(step, in_dcp)
             state["rank"] = self._rank_state(step)
             w = self._writer(step, reason, metrics)
             w.__enter__()
         except (SaveError, OSError) as e:
             self._failed(step, e)
             return None
+        if in_dcp:
+            try:
+                self._dcp_save(w.path, in_dcp)   # synchronous: it reads the live tensors
+            except Exception as e:
+                w.abort()
+                self._failed(step, e)
+                return None
         if self.async_save and not wait:
             snap = self._snapshot.take(state)
             self._start_background(step, w, snap)
@@ -738,19 +831,31 @@ class Checkpointer:
         if path_box[0] is None:
             return None
         ok = torch.ones(1, dtype=torch.int64)
+        tmp = Path(path_box[0])
         try:
-            _save_file(self._rank_state(step), Path(path_box[0]) / f"rank-{self._rank:05d}.pt")
+            _save_file(self._rank_state(step), tmp / f"rank-{self._rank:05d}.pt")
         except Exception as e:
             self._failed(step, e)
             ok.zero_()
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        in_dcp = self._dcp_keys()
+        if in_dcp:
+            # DCP's save is itself a collective: enter it only when every rank will, and
+            # it raises on every rank when any rank's write failed.
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if int(ok):
+                try:
+                    self._dcp_save(tmp, in_dcp)
+                except Exception as e:
+                    self._failed(step, e)
+                    ok.zero_()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)   # the barrier before rank 0 commits
         if not int(ok):
             if w is not None:
                 w.abort()
             return None
         final = Path(path_box[0]).parent.parent / step_dirname(step)
         if self._rank == 0:
-            state = self._shared_state(step)
+            state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
                 self._start_background(step, w, self._snapshot.take(state))
                 return final

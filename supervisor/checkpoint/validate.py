@@ -39,11 +39,11 @@ import struct
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Mapping, Optional, Protocol
 
 import xxhash
 
-from .format import MANIFEST, STEP_DIR_RE, ManifestError, _new_hasher, parse_manifest
+from .format import MANIFEST, STEP_DIR_RE, ManifestError, hash_fd, parse_manifest
 
 FORMATS = ("auto", "trainsup", "torch", "hf")
 HF_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -208,24 +208,6 @@ def _pread_exact(fd: int, n: int, off: int) -> bytes:
     if len(b) != n:
         raise _Invalid(f"short read at {off} (file changed while checking?)")
     return b
-
-
-def hash_fd(fd: int, algo: str, hasher_factory: Callable = _new_hasher) -> str:
-    """Hash an open file with one reused buffer (no per-chunk copies)."""
-    h = hasher_factory(algo)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except (AttributeError, OSError):
-        pass
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    f = os.fdopen(fd, "rb", buffering=0, closefd=False)
-    while True:
-        n = f.readinto(buf)
-        if not n:
-            break
-        h.update(view[:n])
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- trainsup

@@ -8,7 +8,6 @@ load, and the rotation decision over 10,000 checkpoints.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -1,6 +1,5 @@
 """The installed console script, including the supervisord import-name clash (SPEC 1)."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path

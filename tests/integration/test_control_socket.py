@@ -8,12 +8,10 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wait_for
 
 
 def _raw(sock_path, payload: bytes, read=True, timeout=5.0) -> bytes:

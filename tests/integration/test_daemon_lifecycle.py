@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import psutil
-import pytest
 
 from conftest import REPO, wait_for
 

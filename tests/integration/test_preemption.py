@@ -8,10 +8,10 @@ import os
 import signal
 import threading
 import time
+
+import pytest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import psutil
-import pytest
 
 from conftest import wait_for
 
@@ -213,3 +213,99 @@ def test_checkpoint_every_and_daemon_sigusr1_ask_for_saves(daemon):
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: len([r for r in daemon.records("sched") if r["event"] == "saved"]) > n, 10,
              "a save after the daemon's SIGUSR1")
+
+
+class _FakeMetadata(BaseHTTPRequestHandler):
+    """GCP and Azure metadata shapes on one loopback server; tests flip `state`."""
+    state: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def _reply(self, code: int, body: bytes = b"", headers: dict | None = None):
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        st = type(self).state
+        if self.path.startswith("/computeMetadata/v1/instance/"):
+            if self.headers.get("Metadata-Flavor") != "Google":
+                return self._reply(403)
+            key = self.path.split("/")[-1].split("?")[0]
+            value = st.get(key, "FALSE" if key == "preempted" else "NONE")
+            return self._reply(200, value.encode(), {"ETag": f"{key}-{value}"})
+        if self.path.startswith("/metadata/scheduledevents"):
+            if self.headers.get("Metadata") != "true":
+                return self._reply(400)
+            doc = {"DocumentIncarnation": len(st.get("events", [])), "Events": st.get("events", [])}
+            return self._reply(200, json.dumps(doc).encode())
+        return self._reply(404)
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        type(self).state.setdefault("acks", []).append(json.loads(self.rfile.read(n)))
+        self._reply(200)
+
+
+def _metadata_server():
+    handler = type("Meta", (_FakeMetadata,), {"state": {}})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, handler
+
+
+def test_gcp_preemption_notice_preempts(daemon, tmp_path):
+    srv, handler = _metadata_server()
+    try:
+        cfg = tmp_path / "trainsup.yaml"
+        cfg.write_text(f"preemption:\n  provider: gcp\n  poll: 0.2s\n"
+                       f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+        daemon.fakejob("gce", "--catch-usr1")
+        daemon.start("--config", str(cfg))
+        daemon.wait_ready("gce")
+        handler.state["preempted"] = "TRUE"
+        st = daemon.wait_state("gce", "preempted", timeout=20)
+        _assert_saved_before_sigterm(daemon, "gce")
+        assert st["last_notice"]["source"] == "gcp" and st["last_notice"]["outcome"] == "saved"
+    finally:
+        srv.shutdown()
+
+
+def test_azure_preempt_event_preempts_then_is_acknowledged(daemon, tmp_path):
+    srv, handler = _metadata_server()
+    try:
+        cfg = tmp_path / "trainsup.yaml"
+        cfg.write_text(f"preemption:\n  provider: azure\n  poll: 0.2s\n"
+                       f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+        daemon.fakejob("az", "--catch-usr1")
+        daemon.start("--config", str(cfg))
+        daemon.wait_ready("az")
+        not_before = time.time() + 30
+        handler.state["events"] = [{
+            "EventId": "602d9444-d2cd-49c7-8624-8643e7171297", "EventType": "Preempt",
+            "ResourceType": "VirtualMachine", "Resources": ["vm1"], "EventStatus": "Scheduled",
+            "NotBefore": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(not_before)),
+            "Description": "Spot eviction", "EventSource": "Platform", "DurationInSeconds": -1}]
+        st = daemon.wait_state("az", "preempted", timeout=20)
+        _assert_saved_before_sigterm(daemon, "az")
+        assert abs(st["last_notice"]["deadline"] - int(not_before)) < 2
+        # Acknowledged (StartRequests) only after the job saved and stopped.
+        acks = wait_for(lambda: handler.state.get("acks"), 10, "the StartRequests acknowledgement")
+        assert acks == [{"StartRequests": [{"EventId": "602d9444-d2cd-49c7-8624-8643e7171297"}]}]
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.slow
+def test_preempt_cron_saves_and_stops(daemon):
+    # Cron has minute resolution: this waits up to a minute, so it runs in `make chaos`.
+    daemon.fakejob("nightly", "--catch-usr1", extra="schedule: {preempt_cron: \"* * * * *\"}\n")
+    daemon.start()
+    daemon.wait_ready("nightly")
+    st = daemon.wait_state("nightly", "preempted", timeout=75)
+    _assert_saved_before_sigterm(daemon, "nightly")
+    assert st["last_notice"]["source"] == "cron"

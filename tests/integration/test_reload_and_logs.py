@@ -6,7 +6,7 @@ import json
 import socket
 import sys
 
-from conftest import FAKEJOB, REPO, wait_for
+from conftest import wait_for
 
 
 def test_bad_files_show_as_invalid_with_file_line_errors_while_a_good_job_runs(daemon):

@@ -1,11 +1,18 @@
 """The helper under torch.distributed for real: `torchrun --nproc-per-node 2` (gloo, CPU),
-no daemon. A save signal that reaches only one rank still makes both save at the same
-step (one commit); after a SIGKILL of one rank, a relaunch with TRAINSUP_RESUME_FROM ends
-with the weights of an uninterrupted run."""
+no daemon; the test plays the daemon's part (signals, TRAINSUP_RESUME_FROM).
+
+Interruptions come at seeded random steps: SIGUSR1 to a rank (torchrun does not catch
+it, so it goes to the ranks themselves; a signal only one rank hears must still make
+both save at the same step, one commit) then SIGTERM to the torchrun agent (which
+forwards it to the ranks), or a SIGKILL of one rank (torchrun then exits non-zero). Each
+relaunch resumes from the newest committed checkpoint; the final weights must equal an
+uninterrupted torchrun x2 run's, tensor for tensor (dropout, AdamW, StepLR, shuffling
+ResumableSampler, mid-epoch resumes) -- with plain and with sharded (DCP) saves."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -17,55 +24,148 @@ psutil = pytest.importorskip("psutil")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import (  # noqa: E402
-    JOBS, Job, assert_same_state, committed, job_env, jobs, manifest, tail, wait_for,  # noqa: F401
+    JOBS, Job, assert_same_state, committed, job_env, manifest, tail, wait_for,
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--standalone", "--monitor-interval", "0.2"]
-ARGS = [str(JOBS / "train_mlp.py"), "--steps", "160", "--every", "0", "--log-every", "1",
+STEPS = 130
+# --every 20: a SIGKILLed attempt resumes from its newest periodic checkpoint.
+ARGS = [str(JOBS / "train_mlp.py"), "--steps", str(STEPS), "--every", "20", "--log-every", "1",
         "--sleep-per-step", "0.004"]
 
 
-def rank_pids(agent: Job) -> dict[int, int]:
-    out = {}
-    for p in psutil.Process(agent.proc.pid).children(recursive=True):
+class Torchrun(Job):
+    """A torchrun job. torchrun starts each rank in a session of its own, so killing the
+    agent's process group misses them: remember the ranks and kill them too."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rank_procs: list[psutil.Process] = []
+
+    def ranks(self) -> dict[int, int]:
+        """{LOCAL_RANK: pid} once both ranks run, else {}."""
+        out, procs = {}, []
         try:
-            env = p.environ()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "LOCAL_RANK" in env and "train_mlp.py" in " ".join(p.cmdline()):
-            out[int(env["LOCAL_RANK"])] = p.pid
-    return out if len(out) == 2 else {}
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return {}
+        for p in kids:
+            try:
+                env, cmd = p.environ(), " ".join(p.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "LOCAL_RANK" in env and "train_mlp.py" in cmd:
+                out[int(env["LOCAL_RANK"])] = p.pid
+                procs.append(p)
+        if len(out) != 2:
+            return {}
+        self.rank_procs = procs
+        return out
+
+    def kill_all(self) -> None:
+        super().kill_all()
+        for p in self.rank_procs:
+            try:
+                p.kill()        # psutil checks the pid still names the same process
+            except psutil.NoSuchProcess:
+                pass
 
 
-def test_torchrun_one_rank_signalled_one_commit_and_kill_resume_bit_exact(tmp_path, jobs):
-    ref = Job(TORCHRUN + ARGS + ["--final-out", str(tmp_path / "ref.pt")],
-              job_env(tmp_path, tmp_path / "ref-ckpt", 1, None), tmp_path / "ref.log", tmp_path)
-    jobs.append(ref)
-    assert ref.wait(120) == 0, tail(ref.log)
+@pytest.fixture
+def runs():
+    started: list[Torchrun] = []
+    yield started
+    for j in started:
+        j.close()
+        j.kill_all()   # the ranks too, even when the agent has already exited
 
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted torchrun x2 run, shared by the tests (it does not depend on how
+    checkpoints are written). Started once, in the background; call to get its weights."""
+    d = tmp_path_factory.mktemp("ref")
+    ref = Torchrun(TORCHRUN + ARGS + ["--final-out", str(d / "ref.pt")],
+                   job_env(d, d / "ckpt", 1, None), d / "ref.log", d)
+
+    def result() -> Path:
+        assert ref.wait(120) == 0, tail(ref.log)
+        return d / "ref.pt"
+
+    yield result
+    ref.close()
+    ref.kill_all()
+
+
+def _interrupted_runs(tmp_path: Path, runs: list, plan: list[tuple[str, int]], more: list[str],
+                      seed: int) -> Path:
+    """Runs `plan` ((how, rank): "preempt" = SIGUSR1 to that rank then SIGTERM to the
+    agent; "kill" = SIGKILL of that rank) at seeded random steps, then a last run to the
+    end. Returns the last run's weights."""
+    rng = random.Random(seed)
     ckpt = tmp_path / "ckpt"
-    j = Job(TORCHRUN + ARGS, job_env(tmp_path, ckpt, 1, None), tmp_path / "a1.log", tmp_path)
-    jobs.append(j)
-    pids = wait_for(lambda: rank_pids(j), what="two ranks", proc=j.proc, log=j.log)
-    seen = j.wait_step(23)
-    os.kill(pids[1], signal.SIGUSR1)  # only rank 1 hears it; rank 0 learns by agreement
-    cp = wait_for(lambda: committed(ckpt), what="checkpoint", proc=j.proc, log=j.log)[0]
-    m = manifest(cp)
-    assert m["reason"] == "signal" and seen < m["step"] <= seen + 40, (seen, m)
-    assert {"state.pt", "rank-00000.pt", "rank-00001.pt"} <= set(m["files"])
-    # Must not happen: a second commit (each rank saving on its own). Settle 30 steps.
-    j.wait_step(m["step"] + 30)
-    assert len(committed(ckpt)) == 1
+    resume: Path | None = None
+    lo = 5
+    for attempt, (how, rank) in enumerate(plan, start=1):
+        target = rng.randrange(lo, lo + 30)
+        j = Torchrun(TORCHRUN + ARGS + more, job_env(tmp_path, ckpt, attempt, resume),
+                     tmp_path / f"a{attempt}.log", tmp_path)
+        runs.append(j)
+        pids = wait_for(j.ranks, what="two ranks", proc=j.proc, log=j.log)
+        before = {p.name for p in committed(ckpt)}
+        seen = j.wait_step(target)
+        if how == "preempt":
+            os.kill(pids[rank], signal.SIGUSR1)   # only this rank hears it
+            new = wait_for(lambda: [p for p in committed(ckpt) if p.name not in before
+                                    and manifest(p)["reason"] == "signal"],
+                           what="signal checkpoint", proc=j.proc, log=j.log)
+            m = manifest(new[0])
+            assert seen < m["step"] <= seen + 40, (seen, m)
+            j.signal(signal.SIGTERM)              # the agent forwards it to both ranks
+            j.wait(60)                            # its exit status: torchrun's own choice
+            assert "saved for preemption" in j.log.read_text(), tail(j.log)
+            last = committed(ckpt)[-1]
+            assert manifest(last)["reason"] == "preempt"
+            # One commit per save, not one per rank: signal + preempt, plus periodic ones.
+            mine = [manifest(p) for p in committed(ckpt) if p.name not in before]
+            assert [x["reason"] for x in mine if x["reason"] != "periodic"] == ["signal", "preempt"], mine
+            assert all(x["world_size"] == 2 for x in mine)
+        else:
+            os.kill(pids[rank], signal.SIGKILL)
+            assert j.wait(60) != 0, tail(j.log)   # torchrun tears the other rank down
+        j.kill_all()
+        resume = committed(ckpt)[-1]
+        lo = manifest(resume)["step"] + 5
+        assert lo + 30 < STEPS, "plan does not fit in --steps"
 
-    os.kill(pids[0], signal.SIGKILL)
-    rc = j.wait(60)      # torchrun tears the surviving rank down and reports failure
-    assert rc != 0
-    j.kill_all()
+    final = Torchrun(TORCHRUN + ARGS + more + ["--final-out", str(tmp_path / "final.pt")],
+                     job_env(tmp_path, ckpt, len(plan) + 1, resume), tmp_path / "final.log", tmp_path)
+    runs.append(final)
+    assert final.wait(120) == 0, tail(final.log)
+    assert f"resumed from step {manifest(resume)['step']}" in final.log.read_text()
+    return tmp_path / "final.pt"
 
-    r = Job(TORCHRUN + ARGS + ["--final-out", str(tmp_path / "final.pt")],
-            job_env(tmp_path, ckpt, 2, cp), tmp_path / "a2.log", tmp_path)
-    jobs.append(r)
-    assert r.wait(120) == 0, tail(r.log)
-    assert f"resumed from step {m['step']}" in r.log.read_text()
-    assert_same_state(tmp_path / "ref.pt", tmp_path / "final.pt")
+
+def test_torchrun_x2_three_interruptions_bit_exact(tmp_path, runs, reference):
+    final = _interrupted_runs(tmp_path, runs, [("preempt", 1), ("kill", 0), ("preempt", 0)], [],
+                              seed=20261123)
+    assert_same_state(reference(), final)
+    cp = committed(tmp_path / "ckpt")[-1]
+    assert {"state.pt", "rank-00000.pt", "rank-00001.pt"} <= set(manifest(cp)["files"])
+
+
+def test_torchrun_x2_sharded_dcp_preempt_and_kill_bit_exact(tmp_path, runs, reference):
+    from supervisor.checkpoint.validate import check_trainsup
+
+    final = _interrupted_runs(tmp_path, runs, [("preempt", 0), ("kill", 1)], ["--sharded"],
+                              seed=7)
+    assert_same_state(reference(), final)
+    for cp in committed(tmp_path / "ckpt"):
+        files = set(manifest(cp)["files"])
+        # Each rank wrote its DCP part into the one tmp dir; rank 0 committed them all.
+        assert {"state.pt", "rank-00000.pt", "rank-00001.pt", "dcp/.metadata",
+                "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= files, (cp.name, files)
+        state = torch.load(cp / "state.pt", weights_only=True)
+        assert "model" not in state and "model" in state["dcp"], (cp.name, state.keys())
+        assert check_trainsup(str(cp)).valid, cp.name
