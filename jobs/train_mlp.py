@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--sync-every", type=int, default=None,
+                   help="ranks agree on save requests every N steps (default: adaptive, <=1 s)")
     p.add_argument("--sharded", action="store_true",
                    help="model/optimizer through torch.distributed.checkpoint (each rank its part)")
     p.add_argument("--ckpt-dir", default=None, help="default: TRAINSUP_CHECKPOINT_DIR, else ./ckpt")
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
     ckpt_dir = args.ckpt_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR") or "ckpt"
     ckpt = Checkpointer(model=model, optimizer=opt, scheduler=sched, sampler=sampler,
                         every_steps=args.every or None, every_seconds=args.every_seconds,
-                        dir=ckpt_dir, async_save=args.async_save, sharded=args.sharded)
+                        dir=ckpt_dir, async_save=args.async_save, sharded=args.sharded,
+                        sync_every=args.sync_every)
     install_test_save_gate()
 
     try:

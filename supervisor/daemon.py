@@ -33,6 +33,38 @@ log = logging.getLogger("trainsup.daemon")
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
 
 
+_INLINE_SCAN_MAX = 32
+
+
+def _small_dir(path) -> bool:
+    # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
+    # flooded with files is listed on the pool, never on the loop.
+    try:
+        return os.stat(path).st_size <= 16384
+    except OSError:
+        return True
+
+
+class _NeedsHashing(Exception):
+    pass
+
+
+class _CachedOnly:
+    """A verdict cache view that refuses to let a scan hash anything."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def get(self, key: str) -> Optional[str]:
+        v = self.cache.get(key)
+        if v is None:
+            raise _NeedsHashing(key)
+        return v
+
+    def put(self, key: str, verdict: str) -> None:
+        self.cache.put(key, verdict)
+
+
 class Daemon:
     def __init__(self, spec: DaemonSpec):
         self.spec = spec
@@ -400,10 +432,10 @@ class Daemon:
     async def refresh_checkpoints(self, job: Job) -> None:
         await self._scan(job)
 
-    def _scan_sync(self, job: Job):
+    def _scan_sync(self, job: Job, cache=None):
         ck = job.spec.checkpoint
         try:
-            return ckpt_index.scan(ck.dir, ck.format, cache=self.cache), None
+            return ckpt_index.scan(ck.dir, ck.format, cache=cache or self.cache), None
         except FileNotFoundError:
             return [], None
         except (OSError, ckpt_index.CheckpointDirError) as e:
@@ -422,7 +454,16 @@ class Daemon:
         try:
             while True:
                 st["dirty"] = False
-                infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, job)
+                infos = None
+                if len(job.checkpoints) <= _INLINE_SCAN_MAX and _small_dir(job.spec.checkpoint.dir):
+                    # Everything already verified: a few stat calls, done right here (this
+                    # sits on the relaunch path). Anything to hash goes to the pool.
+                    try:
+                        infos, err = self._scan_sync(job, _CachedOnly(self.cache))
+                    except _NeedsHashing:
+                        infos = None
+                if infos is None:
+                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, job)
                 if self.jobs.get(job.name) is job:
                     job.on_checkpoints(infos, err)
                 if not st["dirty"]:

@@ -100,7 +100,8 @@ class Job:
         self.sigstopped = False
         self.monitor = None                  # supervisor.monitor.AttemptMonitor of the attempt
         self._backoff: Optional[asyncio.TimerHandle] = None
-        self._prelaunch: Optional[asyncio.Task] = None   # index refresh before a spawn/decision
+        self._prelaunch: Optional[asyncio.Task] = None
+        self._exit_noticed: Optional[float] = None   # index refresh before a spawn/decision
         self._exit_fut: Optional[asyncio.Future] = None
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
@@ -230,6 +231,7 @@ class Job:
         try:
             wfd = self.log.new_pipe(self.d.loop)
             child = process.spawn(spec, argv, env, wfd)
+            spawned_at = time.monotonic()
         except (process.SpawnError, OSError) as e:
             # EMFILE, ENOMEM, a missing binary: one clean line in status, never a stuck job.
             msg = str(e) if isinstance(e, process.SpawnError) else \
@@ -256,7 +258,14 @@ class Job:
         self.d.loop.add_reader(child.pidfd, self._on_pidfd, child)
         self.log.note(f"attempt {self.attempt} ({reason}): pid {child.pid}"
                       + (f", resuming from {resume_path}" if resume_path else ""))
-        self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None)
+        # How long the daemon itself took from noticing the previous exit to this exec
+        # (backoff included): the restart overhead a user can check in `history`.
+        since_exit = None
+        if self._exit_noticed is not None:
+            since_exit = round((spawned_at - self._exit_noticed) * 1000, 3)
+            self._exit_noticed = None
+        self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
+                   **({"since_exit_ms": since_exit} if since_exit is not None else {}))
         from .monitor import AttemptMonitor
         self.monitor = AttemptMonitor(self, child.pid)
         self.monitor.start(self.d.loop)
@@ -270,6 +279,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
+        self._exit_noticed = time.monotonic()
         self.d.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()

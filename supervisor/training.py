@@ -553,7 +553,7 @@ class Checkpointer:
             return self.sampler.epoch
         return self.epoch
 
-    def _shared_state(self, step: int, in_dcp: list[str] = ()) -> dict:
+    def _shared_state(self, step: int, in_dcp: list[str] | tuple[str, ...] = ()) -> dict:
         st: dict[str, Any] = {"step": step, "epoch": self._current_epoch()}
         if in_dcp:
             st["dcp"] = list(in_dcp)

@@ -29,20 +29,31 @@ def wait_starts(rec: Path, n: int, timeout: float, who: str) -> None:
     poll(lambda: count_starts(rec) >= n + 1, timeout, f"{who}: {n + 1} starts in {rec}", 0.02)
 
 
+INTERNAL: dict[str, list[float]] = {"popen": [], "trainsup": []}
+
+
 def popen_loop(root: Path, n: int) -> list[float]:
     rec = root / "popen.rec"
-    while subprocess.Popen(child_argv(rec, n)).wait() != 0:
-        pass
+    p = subprocess.Popen(child_argv(rec, n))
+    while p.wait() != 0:
+        noticed = time.monotonic()          # waitpid returned: the exit is known
+        p = subprocess.Popen(child_argv(rec, n))
+        INTERNAL["popen"].append((time.monotonic() - noticed) * 1000)
     return latencies_ms(*read_crash_record(rec), n)
 
 
 def trainsup(root: Path, n: int, timeout: float = 120) -> list[float]:
     rec = root / "trainsup.rec"
     with running_daemon(root / "daemon") as d:
-        d.write_job("crash", job_yaml("crash", child_argv(rec, n), workdir=root, extra=NO_BACKOFF))
+        # With a checkpoint dir, as real jobs have: the daemon re-checks the index before
+        # every relaunch, and that is part of the cost measured.
+        d.write_job("crash", job_yaml("crash", child_argv(rec, n), workdir=root, ckpt_dir=root / "ckpt",
+                                      extra=NO_BACKOFF))
         d.start()
         wait_starts(rec, n, timeout, "trainsup")
         d.wait_state("crash", "finished", timeout=30)
+        INTERNAL["trainsup"] += [e["since_exit_ms"] for e in d.history("crash", 5000)
+                                 if e["kind"] == "launch" and "since_exit_ms" in e]
     return latencies_ms(*read_crash_record(rec), n)
 
 
@@ -149,6 +160,12 @@ def run(quick: bool = False) -> Section:
     sec.add(f"crash -> relaunch, trainsup ({n} crashes, backoff 0)", ours, "bare Popen().wait() loop", floor,
             compare="delta", latency=True, target=f"+<={TARGET_MEDIAN_MS:g} ms median, +<={TARGET_P95_MS:g} ms p95",
             met=d50 <= TARGET_MEDIAN_MS and d95 <= TARGET_P95_MS)
+    sec.add("  of which: exit noticed -> next process exec'd, inside the launcher",
+            Stat("ms", INTERNAL["trainsup"]), "Popen loop: wait() returned -> Popen() returned",
+            Stat("ms", INTERNAL["popen"]), compare="delta", latency=True,
+            target=f"+<={TARGET_MEDIAN_MS:g} ms median, +<={TARGET_P95_MS:g} ms p95",
+            met=(Stat("ms", INTERNAL["trainsup"]).median - Stat("ms", INTERNAL["popen"]).median <= TARGET_MEDIAN_MS
+                 and Stat("ms", INTERNAL["trainsup"]).p95 - Stat("ms", INTERNAL["popen"]).p95 <= TARGET_P95_MS))
     sec.add(f"crash -> relaunch, torchrun --max-restarts (monitor {torchrun_monitor_interval():g}s)",
             Stat("ms", results["torchrun"]), "bare Popen().wait() loop", floor, compare="delta", latency=True)
     if "supervisord" in results:

@@ -27,6 +27,7 @@ SECTIONS = {
     "checkpoint": "bench_checkpoint",
     "training": "bench_training",
     "preempt": "bench_preempt",
+    "notice": "bench_notice",
     "resume": "bench_resume",
     "scale": "bench_scale",
 }

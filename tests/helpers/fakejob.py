@@ -44,6 +44,8 @@ def main():
     p.add_argument("--record", default=None, help="append JSON lines about this run to this file")
     p.add_argument("--every", type=float, default=0.0, help="periodic checkpoint every N s")
     p.add_argument("--usr1-no-save", action="store_true", help="catch SIGUSR1 but never save")
+    p.add_argument("--record-usr1", action="store_true",
+                   help="record ('usr1', at=wall time taken in the handler) for each SIGUSR1")
     p.add_argument("--grow-mb-per-s", type=float, default=0.0, help="grow a bytearray steadily")
     p.add_argument("--heartbeat-for", type=float, default=None,
                    help="touch TRAINSUP_HEARTBEAT_FILE for this many seconds, then hang")
@@ -54,6 +56,7 @@ def main():
     args = p.parse_args()
 
     state = {"step": 0, "save": False, "term": False}
+    usr1_at = []
     ckpt_dir = os.environ.get("TRAINSUP_CHECKPOINT_DIR")
     resume = os.environ.get("TRAINSUP_RESUME_FROM", "")
     resume_ok = None
@@ -83,8 +86,17 @@ def main():
         state["save"] = False   # requests that arrived during this save are served by it
 
 
-    if args.catch_usr1:
-        signal.signal(signal.SIGUSR1, lambda s, f: state.__setitem__("save", True))
+    def on_usr1(s, f):
+        # The time is taken here, in the handler: the bench measures notice -> delivery,
+        # not delivery plus however long the loop takes to come round.
+        if args.record_usr1:
+            usr1_at.append(time.time())
+        if args.catch_usr1:
+            state["save"] = True
+
+
+    if args.catch_usr1 or args.record_usr1:
+        signal.signal(signal.SIGUSR1, on_usr1)
     if args.usr1_no_save:
         signal.signal(signal.SIGUSR1, lambda s, f: record(event="usr1-ignored"))
     if args.ignore_term:
@@ -134,6 +146,8 @@ def main():
         if args.exit is not None and time.monotonic() - start >= args.after:
             record(event="exit", code=args.exit)
             sys.exit(args.exit)
+        while usr1_at:
+            record(event="usr1", at=usr1_at.pop(0))   # before the save: the stop follows it
         if state["save"]:
             state["save"] = False
             save("signal")
