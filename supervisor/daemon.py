@@ -81,6 +81,7 @@ class Daemon:
         self._scans: dict[str, dict] = {}
         self._watchers: dict[str, Any] = {}
         self._rotate_pending = False
+        self._rotation_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
         self.schedule = None
@@ -479,7 +480,13 @@ class Daemon:
             self._spawn_task(self._rotate_all())
 
     async def _rotate_all(self) -> None:
-        self._rotate_pending = False
+        # One pass at a time: a pass planned while another deletes would plan from a stale
+        # index and delete (and record) the same entry twice.
+        async with self._rotation_lock:
+            self._rotate_pending = False
+            await self._rotate_pass()
+
+    async def _rotate_pass(self) -> None:
         plans: dict[str, rotation.RotationPlan] = {}
         for job in self.jobs.values():
             ck = job.spec.checkpoint

@@ -149,10 +149,11 @@ class Child:
         """Remember every descendant (with its start time) so that ones that leave the
         process group (setsid) are still ended at stop."""
         procs = []
-        try:
-            procs = psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
-            pass
+        for pid in descendants(self.pid):
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
         for p in procs:
             try:
                 self.known.setdefault(p.pid, p.create_time())
@@ -214,21 +215,40 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
     return n
 
 
-def _own_children() -> list[int]:
-    """Our direct children, from /proc/self/task/*/children: a few small reads, where
-    psutil's children() reads /proc/*/stat of every process on the machine."""
-    pids: list[int] = []
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
     try:
-        tasks = os.listdir("/proc/self/task")
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return pids
+        return out
     for tid in tasks:
         try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(p) for p in f.read().split())
         except (OSError, ValueError):
             continue
-    return pids
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of pid, walking /proc/PID/task/*/children: it reads the job's
+    own tree only, where psutil's children(recursive=True) reads /proc/*/stat of every
+    process on the machine (thousands on a busy node) before each save signal."""
+    out: list[int] = []
+    todo = [pid]
+    seen = {pid}
+    while todo:
+        for child in _children_of(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+                todo.append(child)
+    return out
+
+
+def _own_children() -> list[int]:
+    """Our direct children: a few small reads, not a scan of /proc."""
+    return _children_of(os.getpid())
 
 
 def _is_zombie(pid: int) -> bool:
@@ -270,7 +290,12 @@ def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process
                 if marker not in b"\0" + f.read():
                     continue
             p = psutil.Process(pid)
-            out += [p, *p.children(recursive=True)]
+            out.append(p)
+            for d in descendants(pid):
+                try:
+                    out.append(psutil.Process(d))
+                except psutil.Error:
+                    pass
         except (OSError, psutil.Error):
             continue
     return out

@@ -124,6 +124,9 @@ METHOD = """\
 - resume: SIGKILL of a job holding a 64 MiB model -> its next process's first training
   step after `Checkpointer.restore()`; peer = spawn of `python -c "import torch;
   torch.load(...)"` of the same `state.pt` -> load done.
+- notice: a fake job with `--record-usr1` (time taken in its SIGUSR1 handler); one daemon
+  per source; AWS via a loopback IMDSv2 server polled every 0.2 s, the notice raised at
+  random moments; 256 MiB = `resume_job.py` under `preempt`, peers measured between samples.
 - scale: `sleep 3600` jobs, each with a (watched) checkpoint dir; daemon CPU from its
   /proc CPU times over a fixed window; socket round trips from a client in the bench
   process (`ping` is the floor: same framing, no work)."""
