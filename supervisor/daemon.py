@@ -19,9 +19,11 @@ import psutil
 from . import __version__, config, process
 from .checkpoint import index as ckpt_index
 from .checkpoint import rotation, trash
+from .checkpoint.watch import CheckpointWatcher
 from .crashpoints import crash_point
 from .control import ControlServer, Peer, RequestError
 from .job import Job, State
+from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
 from .spec import DaemonSpec, InvalidJob, JobSpec
 from .state import StateDB, StateLock
@@ -77,7 +79,6 @@ class Daemon:
         self.db: StateDB
         self._stop = None
         self._exit_code = 0
-        self._saving = 0
         self._scans: dict[str, dict] = {}
         self._watchers: dict[str, Any] = {}
         self._rotate_pending = False
@@ -86,6 +87,7 @@ class Daemon:
         self._sources: list = []
         self.schedule = None
         self.notifier = Notifier.from_env()
+        self._me = psutil.Process()
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -172,7 +174,6 @@ class Daemon:
         return post
 
     def _start_notice_sources(self) -> None:
-        from .notices.schedule import JobSchedule
         self.schedule = JobSchedule(self._threadsafe(self._on_schedule))
         for job in self.jobs.values():
             self._schedule_job(job)
@@ -388,14 +389,9 @@ class Daemon:
     def state_changed(self, job: Job) -> None:
         self.notifier.status(self._summary())
 
-    def job_launched(self, job: Job) -> None:
-        pass
-
-    def saves_in_progress(self, delta: int, grace: float) -> None:
-        self._saving += delta
-        if delta > 0:
-            # Tell systemd the stop takes longer while an emergency save runs.
-            self.notifier.extend_timeout(grace + 30)
+    def emergency_save_started(self, grace: float) -> None:
+        # Tell systemd the stop takes longer while an emergency save runs.
+        self.notifier.extend_timeout(grace + 30)
 
     def _summary(self) -> str:
         counts: dict[str, int] = {}
@@ -407,10 +403,6 @@ class Daemon:
 
     # -- checkpoints: watcher -> scan (off the loop) -> index -> rotation -----------------
     def _watch(self, job: Job) -> None:
-        try:
-            from .checkpoint.watch import CheckpointWatcher
-        except ImportError:
-            return
         name = job.name
         def on_change(_reason: str = "") -> None:       # observer thread: post, do nothing else
             try:
@@ -571,20 +563,19 @@ class Daemon:
         return job
 
     def status(self, name: Optional[str] = None) -> dict:
-        jobs = [j.status() for j in self.jobs.values()]
+        jobs = [j.status() for j in self.jobs.values() if name is None or j.name == name]
         for inv in self.invalid.values():
+            if name is not None and inv.name != name:
+                continue
             jobs.append({"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
                          "last_exit": None, "checkpoint": None, "memory": None,
                          "error": "; ".join(inv.errors), "source": str(inv.source)})
-        if name is not None:
-            jobs = [j for j in jobs if j["name"] == name]
-            if not jobs:
-                raise RequestError(f"no such job: {name}")
+        if name is not None and not jobs:
+            raise RequestError(f"no such job: {name}")
         jobs.sort(key=lambda j: j["name"])
-        me = psutil.Process()
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_s": round(time.monotonic() - self.started_mono, 1),
-                           "rss": me.memory_info().rss, "socket": str(self.spec.socket)},
+                           "rss": self._me.memory_info().rss, "socket": str(self.spec.socket)},
                 "jobs": jobs}
 
     async def _handle(self, req: dict, peer: Peer, conn) -> Any:
@@ -648,6 +639,7 @@ class Daemon:
                 job.pinned.discard(step)
             job.persist()
             job.event(cmd, step=step)
+            await self._rotate_all()      # `checkpoints` shows the new verdicts at once
             return {"pinned": sorted(job.pinned)}
         if cmd == "history":
             n = args.get("n", 50)
@@ -680,10 +672,6 @@ class Daemon:
         out = []
         for i in job.checkpoints:
             k = kept.get(str(i.path))
-            if i.in_progress:
-                k = k or "in-progress"
-            if i.step is not None and i.step in job.pinned:
-                k = "pinned" if k in (None, "last", "best", "every") else k
             out.append({"path": str(i.path), "step": i.step, "bytes": i.bytes, "valid": i.valid,
                         "invalid_reason": i.invalid_reason, "kept": k, "reason": i.reason,
                         "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime})

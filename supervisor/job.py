@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import process
 from .backoff import RestartTracker
+from .checkpoint.index import latest_valid
 from .crashpoints import crash_point
 from .joblog import JobLog
+from .monitor import AttemptMonitor
+from .notices.hang import is_stopped
 from .spec import JobSpec
 
 if TYPE_CHECKING:
@@ -60,9 +63,6 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
-RESTART_REASONS = ("first", "crash", "preempt", "oom", "hang", "manual")
-
-
 class TransitionError(RuntimeError):
     pass
 
@@ -79,7 +79,6 @@ class Job:
         self.state = S.PENDING
         self.state_since = time.time()
         self.child: Optional[process.Child] = None
-        self.pid_prev: Optional[int] = None
         self.log = JobLog(daemon.spec.log_dir / f"{spec.name}.log",
                           daemon.spec.log_max_bytes, daemon.spec.log_backups)
         self.tracker = RestartTracker(spec.restart)
@@ -106,7 +105,6 @@ class Job:
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
         self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
-        self._launch_ckpts: set = set()
         self._save_requested_mono: Optional[float] = None
         self._load_persisted()
 
@@ -177,7 +175,6 @@ class Job:
         self._launch()
 
     def _resume_point(self):
-        from .checkpoint.index import latest_valid
         return latest_valid(self.checkpoints) if self.checkpoints else None
 
     def _launch(self, fresh: bool = False) -> None:
@@ -253,7 +250,6 @@ class Job:
         crash_point("spawn")
         self.error = None
         self.resumed_from = resume_path or None
-        self._launch_ckpts = {_ckpt_key(i) for i in self.checkpoints if i.valid}
         self._exit_fut = self.d.loop.create_future()
         self.d.loop.add_reader(child.pidfd, self._on_pidfd, child)
         self.log.note(f"attempt {self.attempt} ({reason}): pid {child.pid}"
@@ -266,12 +262,10 @@ class Job:
             self._exit_noticed = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}))
-        from .monitor import AttemptMonitor
         self.monitor = AttemptMonitor(self, child.pid)
         self.monitor.start(self.d.loop)
         self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
-        self.d.job_launched(self)
 
     @property
     def heartbeat_file(self) -> Path:
@@ -286,7 +280,6 @@ class Job:
         self.log.drain()
         self.log.close_pipe()
         self.child = None
-        self.pid_prev = child.pid
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
         leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.d.leader_pids())
         ex = process.classify_exit(rc)
@@ -442,7 +435,7 @@ class Job:
                 self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
             sent, fut = self.request_save()
-            self.d.saves_in_progress(+1, grace)
+            self.d.emergency_save_started(grace)
             try:
                 if sent:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
@@ -458,7 +451,6 @@ class Job:
                 else:
                     outcome.update(outcome="job does not catch the save signal")
             finally:
-                self.d.saves_in_progress(-1, 0)
                 if not fut.done():
                     fut.cancel()
         self._set(S.STOPPING, source=source)
@@ -484,15 +476,13 @@ class Job:
 
     # -- views ---------------------------------------------------------------------------
     def status(self) -> dict:
-        from .checkpoint.index import latest_valid
-        latest = latest_valid(self.checkpoints) if self.checkpoints else None
+        latest = self._resume_point()
         valid = sum(1 for i in self.checkpoints if i.valid)
         invalid = sum(1 for i in self.checkpoints if not i.valid and not i.in_progress)
         total = sum(i.bytes for i in self.checkpoints)
         c = self.child
         now = time.time()
         if c is not None:
-            from .notices.hang import is_stopped
             self.sigstopped = is_stopped(c.pid)
         if c is not None and self.monitor is not None and not self.spec.memory.limit:
             try:

@@ -8,7 +8,9 @@ decisions themselves are the pure functions in supervisor.notices.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Optional
@@ -21,15 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainsup.monitor")
 
-_OWN_CGROUP: Optional[tuple] = None
-
-
+@functools.lru_cache(maxsize=1)
 def _own_memory_cgroup() -> tuple:
-    global _OWN_CGROUP
-    if _OWN_CGROUP is None:
-        import os
-        _OWN_CGROUP = memmod.memory_cgroup_dir(os.getpid())
-    return _OWN_CGROUP
+    return memmod.memory_cgroup_dir(os.getpid())
 
 
 class AttemptMonitor:

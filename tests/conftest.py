@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,30 @@ def read_records(path: Path) -> list[dict]:
         return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     except FileNotFoundError:
         return []
+
+
+def committed(ckpt_dir: Path) -> list[Path]:
+    """Committed trainsup checkpoints (step-NNNNNNNN/ with a MANIFEST.json), oldest first,
+    read straight off the disk (independent of the code under test)."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir()
+                  if re.fullmatch(r"step-\d{8}", p.name) and (p / "MANIFEST.json").exists())
+
+
+def manifest(p: Path) -> dict:
+    return json.loads((p / "MANIFEST.json").read_text())
+
+
+def kill_if_job(pid: int) -> None:
+    """SIGKILL pid only if it still carries a trainsup job's environment (never a stranger)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if b"TRAINSUP_JOB=" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 class DaemonProc:
@@ -158,13 +183,7 @@ def _kill_recorded(root: Path) -> None:
         else:
             pids += [r["pid"] for r in read_records(rec) if "pid" in r]
         for pid in pids:
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if b"TRAINSUP_JOB=" not in f.read():
-                        continue
-                os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+            kill_if_job(pid)
 
 
 @pytest.fixture

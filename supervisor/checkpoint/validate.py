@@ -212,15 +212,22 @@ def _pread_exact(fd: int, n: int, off: int) -> bytes:
 
 # ---------------------------------------------------------------- trainsup
 
+def _open_entry_dir(path: str, fmt: str, step: Optional[int]):
+    """An fd on a directory checkpoint, never through a symlink; or the invalid Verdict."""
+    try:
+        return os.open(path, _NOFOLLOW_DIR)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return Verdict(fmt, False, "symlink" if os.path.islink(path) else "not a directory", step)
+        raise
+
+
 def check_trainsup(path: str) -> Verdict:
     name = os.path.basename(path)
     step = step_from_name(name)
-    try:
-        dfd = os.open(path, _NOFOLLOW_DIR)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            return Verdict("trainsup", False, "symlink" if os.path.islink(path) else "not a directory", step)
-        raise
+    dfd = _open_entry_dir(path, "trainsup", step)
+    if isinstance(dfd, Verdict):
+        return dfd
     try:
         try:
             mfd, mst = _open_regular(dfd, MANIFEST)
@@ -415,12 +422,9 @@ def check_safetensors_fd(fd: int, size: int) -> None:
 def check_hf(path: str) -> Verdict:
     name = os.path.basename(path)
     step = step_from_name(name)
-    try:
-        dfd = os.open(path, _NOFOLLOW_DIR)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            return Verdict("hf", False, "symlink" if os.path.islink(path) else "not a directory", step)
-        raise
+    dfd = _open_entry_dir(path, "hf", step)
+    if isinstance(dfd, Verdict):
+        return dfd
     problems: list[str] = []
     epoch = None
     metrics: dict = {}

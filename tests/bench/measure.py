@@ -25,7 +25,7 @@ PY = sys.executable
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import DaemonProc, read_records, wait_for  # noqa: E402,F401
+from conftest import DaemonProc, kill_if_job, read_records, wait_for  # noqa: E402,F401
 
 # Big files go to the disk, not to a tmpfs /tmp, so fsync and cold reads mean something.
 WORK_DIR = os.environ.get("TRAINSUP_BENCH_DIR", "/var/tmp")
@@ -178,7 +178,7 @@ def running_daemon(root: Path, *extra: str) -> Iterator[DaemonProc]:
             d.kill()
         finally:
             for pid in job_pids:
-                _kill_if_job(pid)
+                kill_if_job(pid)
             if getattr(d, "out_f", None):
                 d.out_f.close()
 
@@ -191,17 +191,6 @@ def _job_pids(d: DaemonProc) -> list[int]:
         return [p.pid for p in psutil.Process(d.proc.pid).children(recursive=True)]
     except psutil.Error:
         return []
-
-
-def _kill_if_job(pid: int) -> None:
-    # Only a process that still carries a trainsup job's environment is ours to end.
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if b"TRAINSUP_JOB=" not in f.read():
-                return
-        os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 def end_process(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

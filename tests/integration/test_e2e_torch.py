@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import REPO, committed, manifest, wait_for
 
 torch = pytest.importorskip("torch")
 
@@ -70,16 +70,6 @@ def wait_steps(daemon, job: str, n: int, attempt: int = 1) -> int:
     return wait_for(lambda: (s := steps_logged(daemon, job, attempt)) >= n and s, SLOW,
                     f"{job} to log step {n} in attempt {attempt} (log: {job_log(daemon, job)[-1500:]})")
 
-
-def committed(ckpt_dir: Path) -> list[Path]:
-    if not ckpt_dir.exists():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir()
-                  if re.fullmatch(r"step-\d{8}", p.name) and (p / "MANIFEST.json").exists())
-
-
-def manifest(p: Path) -> dict:
-    return json.loads((p / "MANIFEST.json").read_text())
 
 
 def checkpoints_json(daemon, job: str) -> list[dict]:

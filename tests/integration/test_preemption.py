@@ -20,6 +20,14 @@ def _events(d, job, kind=None):
     return [e for e in d.history(job) if kind is None or e["kind"] == kind]
 
 
+def _provider_config(tmp_path, provider: str, srv) -> "os.PathLike":
+    """A daemon config polling `provider` at a loopback metadata server every 0.2 s."""
+    cfg = tmp_path / "trainsup.yaml"
+    cfg.write_text(f"preemption:\n  provider: {provider}\n  poll: 0.2s\n"
+                   f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+    return cfg
+
+
 def _assert_saved_before_sigterm(d, job):
     """The confirmed checkpoint landed before the stop (SIGTERM) began."""
     ev = d.history(job)
@@ -145,9 +153,7 @@ def test_aws_spot_notice_preempts_with_its_deadline(daemon, tmp_path):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        cfg = tmp_path / "trainsup.yaml"
-        cfg.write_text(f"preemption:\n  provider: aws\n  poll: 0.2s\n"
-                       f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+        cfg = _provider_config(tmp_path, "aws", srv)
         daemon.fakejob("spot", "--catch-usr1")
         daemon.start("--config", str(cfg))
         daemon.wait_ready("spot")
@@ -261,9 +267,7 @@ def _metadata_server():
 def test_gcp_preemption_notice_preempts(daemon, tmp_path):
     srv, handler = _metadata_server()
     try:
-        cfg = tmp_path / "trainsup.yaml"
-        cfg.write_text(f"preemption:\n  provider: gcp\n  poll: 0.2s\n"
-                       f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+        cfg = _provider_config(tmp_path, "gcp", srv)
         daemon.fakejob("gce", "--catch-usr1")
         daemon.start("--config", str(cfg))
         daemon.wait_ready("gce")
@@ -278,9 +282,7 @@ def test_gcp_preemption_notice_preempts(daemon, tmp_path):
 def test_azure_preempt_event_preempts_then_is_acknowledged(daemon, tmp_path):
     srv, handler = _metadata_server()
     try:
-        cfg = tmp_path / "trainsup.yaml"
-        cfg.write_text(f"preemption:\n  provider: azure\n  poll: 0.2s\n"
-                       f"  metadata_url: http://127.0.0.1:{srv.server_address[1]}\n")
+        cfg = _provider_config(tmp_path, "azure", srv)
         daemon.fakejob("az", "--catch-usr1")
         daemon.start("--config", str(cfg))
         daemon.wait_ready("az")

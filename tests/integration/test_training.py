@@ -4,7 +4,6 @@ No daemon: the test plays its part (sends the signals, picks TRAINSUP_RESUME_FRO
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import committed, manifest  # noqa: F401 (test_training_dist imports them from here)
 
 torch = pytest.importorskip("torch")
 
@@ -46,17 +47,6 @@ def tail(log, n=25):
         return ""
     return "\n".join(Path(log).read_text(errors="replace").splitlines()[-n:])
 
-
-def committed(ckpt_dir: Path) -> list[Path]:
-    """Committed trainsup checkpoints, oldest step first."""
-    if not ckpt_dir.exists():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir()
-                  if re.fullmatch(r"step-\d{8}", p.name) and (p / "MANIFEST.json").exists())
-
-
-def manifest(p: Path) -> dict:
-    return json.loads((p / "MANIFEST.json").read_text())
 
 
 def job_env(tmp: Path, ckpt_dir: Path, attempt: int, resume: Path | None, **extra) -> dict:
