@@ -1,4 +1,4 @@
-"""Example job: a small MLP on synthetic data, checkpointed by supervisor.training.
+"""Example job: a small MLP on synthetic data, checkpointed by trainsup.training.
 
 Runs alone (`python train_mlp.py`) or under `torchrun --nproc-per-node N` (DDP, gloo).
 Everything random is seeded, so an interrupted-and-resumed run ends with the same weights
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from supervisor.training import Checkpointer, ResumableSampler
+from trainsup.training import Checkpointer, ResumableSampler
 
 
 def parse_args(argv=None):
@@ -66,7 +66,7 @@ def install_test_save_gate() -> None:
     gate = os.environ.get("TRAINSUP_TEST_SAVE_GATE")
     if not gate:
         return
-    from supervisor.checkpoint import format as fmt
+    from trainsup.checkpoint import format as fmt
 
     def hook(phase: str) -> None:
         if phase != "files-synced" or getattr(hook, "done", False):

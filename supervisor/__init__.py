@@ -1,8 +1,7 @@
 """trainsup: a preemption-tolerant supervisor for long training runs.
 
-The import name `supervisor` is shared with supervisord's PyPI package; `_trainsup_marker`
-lets the CLI say clearly when the wrong one is imported.
+The source folder is `supervisor/`; it is installed and imported as `trainsup` (see
+pyproject.toml), so it never shadows supervisord's own `supervisor` package.
 """
 
 __version__ = "0.1.0"
-_trainsup_marker = True

@@ -1,5 +1,5 @@
 """`trainsup`: argument parsing and printing. Talks to the daemon only through the
-control socket (supervisor.control); prints one-line errors, never tracebacks."""
+control socket (trainsup.control); prints one-line errors, never tracebacks."""
 
 from __future__ import annotations
 

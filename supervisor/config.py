@@ -1,4 +1,4 @@
-"""Job YAML and daemon config -> validated specs (supervisor.spec), with FILE:LINE errors.
+"""Job YAML and daemon config -> validated specs (trainsup.spec), with FILE:LINE errors.
 
 Three layers, top to bottom:
   1. a strict YAML reader: bytes -> a small tree of nodes that keep their line numbers;

@@ -2,7 +2,7 @@
 crashes and checkpoint rotation, narrated as it goes (SPEC section 12).
 
 Nothing is simulated: a `trainsup daemon` subprocess in a temporary dir, jobs/train_mlp.py
-(a small MLP on synthetic data, checkpointed by supervisor.training), real signals and the
+(a small MLP on synthetic data, checkpointed by trainsup.training), real signals and the
 control socket. Every wait polls a condition up to a deadline. Whatever happens, the
 daemon is stopped and the dir removed. This module never imports torch: the job does.
 """
@@ -144,7 +144,7 @@ class DemoDaemon:
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("NOTIFY_SOCKET", None)        # the demo's daemon is nobody's systemd service
-        cmd = [sys.executable, "-m", "supervisor", "daemon", "--jobs", str(self.jobs),
+        cmd = [sys.executable, "-m", "trainsup", "daemon", "--jobs", str(self.jobs),
                "--state", str(self.state), "--socket", str(self.socket), "--log-dir", str(self.logs)]
         with open(self.output, "ab") as out:
             # Own session: a Ctrl-C reaches the demo only, which then stops the daemon in order.
@@ -293,7 +293,7 @@ class Demo:
             raise DemoFailed(loaded.errors[0])
         ck = loaded.checkpoint
         print(f"trainsup demo: a real daemon supervising jobs/{script.name} (a small MLP on synthetic data, "
-              f"checkpointed by supervisor.training)", flush=True)
+              f"checkpointed by trainsup.training)", flush=True)
         print(f"  in {self.d.root} (removed at the end)", flush=True)
         print(f"  job {JOB}: {p.steps} steps, a checkpoint every {p.every} steps, keep_last {ck.keep_last}, "
               f"keep_best {ck.keep_best} by {ck.metric}, quota {QUOTA} bytes ({_kib(QUOTA)})", flush=True)

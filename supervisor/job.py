@@ -89,7 +89,7 @@ class Job:
         self.restart_reason = "first"
         self.resumed_from: Optional[str] = None
         self.pinned: set[int] = set()
-        self.checkpoints: list = []          # supervisor.checkpoint.index.CheckpointInfo
+        self.checkpoints: list = []          # trainsup.checkpoint.index.CheckpointInfo
         self.ckpt_error: Optional[str] = None
         self.rotation: dict[str, Any] = {"over_quota": False, "kept": {}}
         self.last_notice: Optional[dict] = None
@@ -97,7 +97,7 @@ class Job:
         self.memory_rss: Optional[int] = None
         self.save_durations: list[float] = []
         self.sigstopped = False
-        self.monitor = None                  # supervisor.monitor.AttemptMonitor of the attempt
+        self.monitor = None                  # trainsup.monitor.AttemptMonitor of the attempt
         self._backoff: Optional[asyncio.TimerHandle] = None
         self._prelaunch: Optional[asyncio.Task] = None
         self._exit_noticed: Optional[float] = None   # index refresh before a spawn/decision

@@ -2,7 +2,7 @@
 
 RSS growth and a silent heartbeat have no event to wait on, so these are timers, one
 task per running attempt and only for jobs that configure `memory` or `hang`. The
-decisions themselves are the pure functions in supervisor.notices.
+decisions themselves are the pure functions in trainsup.notices.
 """
 
 from __future__ import annotations

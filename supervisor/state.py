@@ -215,7 +215,7 @@ class StateDB:
             out.append({"at": at, "kind": kind, **d})
         return out
 
-    # -- verdict cache (supervisor.checkpoint.validate's VerdictCache protocol) ----------
+    # -- verdict cache (trainsup.checkpoint.validate's VerdictCache protocol) ----------
     def get(self, key: str) -> str | None:
         with self.lock:
             row = self.conn.execute("SELECT verdict FROM verdicts WHERE key=?", (key,)).fetchone()

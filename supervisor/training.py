@@ -9,7 +9,7 @@ The only module of trainsup that imports torch. A training loop uses it in a few
     step = ckpt.restore()
     ...  ckpt.step(step, metrics={"loss": loss.item()})  ... ckpt.save(step, reason="final")
 
-Checkpoints are written through supervisor.checkpoint.CheckpointWriter (atomic, hashed
+Checkpoints are written through trainsup.checkpoint.CheckpointWriter (atomic, hashed
 manifest): `state.pt` holds what every rank shares (model, optimizer, scheduler, scaler,
 extras, step, epoch); `rank-NNNNN.pt` holds what each rank owns (RNG states, data
 position). Without torch.distributed the rank part lives inside `state.pt`.
@@ -756,7 +756,7 @@ class Checkpointer:
             (self.dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
             aside = self.dir / TMP_DIR / f"{target.name}.replaced.{os.getpid()}"
             os.rename(target, aside)
-        extra = {"writer": "supervisor.training", "world_size": self._world}
+        extra = {"writer": "trainsup.training", "world_size": self._world}
         return CheckpointWriter(self.dir, step, epoch=self._current_epoch(), reason=reason,
                                 metrics=clean, hash=self.hash, extra=extra)
 

@@ -105,7 +105,7 @@ class DaemonProc:
 
     def start(self, *extra: str, wait: bool = True, env: dict | None = None,
               prefix: list[str] | None = None) -> "DaemonProc":
-        cmd = [*(prefix or []), sys.executable, "-m", "supervisor", "--socket", str(self.socket), "daemon",
+        cmd = [*(prefix or []), sys.executable, "-m", "trainsup", "--socket", str(self.socket), "daemon",
                "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
@@ -132,7 +132,7 @@ class DaemonProc:
             return ""
 
     def request(self, cmd: str, job: str | None = None, timeout: float = 60.0, **args) -> dict:
-        from supervisor.control import request
+        from trainsup.control import request
         return request(self.socket, cmd, job, args or None, timeout=timeout)
 
     def status(self, job: str) -> dict:
@@ -146,7 +146,7 @@ class DaemonProc:
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         e = dict(os.environ, PYTHONPATH=str(REPO))
-        return subprocess.run([sys.executable, "-m", "supervisor", "--socket", str(self.socket), *args],
+        return subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(self.socket), *args],
                               capture_output=True, text=True, timeout=timeout, env=e)
 
     def history(self, job: str, n: int = 500) -> list[dict]:

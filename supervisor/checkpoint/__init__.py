@@ -2,14 +2,14 @@
 
 Usable from any Python program (no torch, no daemon):
 
-    from supervisor.checkpoint import CheckpointWriter
+    from trainsup.checkpoint import CheckpointWriter
     with CheckpointWriter("ckpt", step=420, reason="periodic") as w:
         (w.path / "state.bin").write_bytes(data)
     # committed as ckpt/step-00000420/ on a clean exit of the block
 
 Daemon side: index.scan (ordered view, cached verdicts) -> rotation.plan_rotation (pure
 policy) -> trash.delete_entry (symlink-safe deletion); watch.CheckpointWatcher wakes the
-daemon. The watcher (watchdog) is imported lazily: `from supervisor.checkpoint.watch import
+daemon. The watcher (watchdog) is imported lazily: `from trainsup.checkpoint.watch import
 CheckpointWatcher`.
 """
 

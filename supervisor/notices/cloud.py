@@ -22,7 +22,7 @@ import urllib.request
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Optional
 
-from supervisor.notices import Notice
+from trainsup.notices import Notice
 
 log = logging.getLogger(__name__)
 

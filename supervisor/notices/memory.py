@@ -14,7 +14,7 @@ from typing import Optional
 
 import psutil
 
-from supervisor.spec import MemorySpec
+from trainsup.spec import MemorySpec
 
 # Re-arm only after falling this far back past a threshold, so RSS wobbling around the
 # line does not send a save signal on every sample.

@@ -14,7 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from supervisor.spec import ScheduleSpec
+from trainsup.spec import ScheduleSpec
 
 log = logging.getLogger(__name__)
 

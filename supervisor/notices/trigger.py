@@ -16,7 +16,7 @@ from typing import Callable
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from supervisor.notices import Notice
+from trainsup.notices import Notice
 
 log = logging.getLogger(__name__)
 

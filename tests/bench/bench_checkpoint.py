@@ -16,12 +16,12 @@ from pathlib import Path
 import xxhash
 
 from measure import (WORK_DIR, Section, Stat, job_yaml, poll, running_daemon, workdir)
-from supervisor.checkpoint import format as ckfmt
-from supervisor.checkpoint import write_checkpoint
-from supervisor.checkpoint.index import CheckpointInfo
-from supervisor.checkpoint.rotation import plan_rotation
-from supervisor.checkpoint.validate import MemoryVerdictCache, check_entry
-from supervisor.spec import CheckpointSpec
+from trainsup.checkpoint import format as ckfmt
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.index import CheckpointInfo
+from trainsup.checkpoint.rotation import plan_rotation
+from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
+from trainsup.spec import CheckpointSpec
 
 
 def drop_caches() -> bool:
@@ -91,7 +91,7 @@ def daemon_landing(root: Path, n: int, payload: int) -> list[float]:
 
 def inotify_landing(root: Path, n: int) -> list[float]:
     """Landed -> the watcher's callback, with no daemon: the event-delivery floor, in ms."""
-    from supervisor.checkpoint.watch import CheckpointWatcher, ObserverHub
+    from trainsup.checkpoint.watch import CheckpointWatcher, ObserverHub
     ck = root / "ck-bare"
     ck.mkdir()
     hub = ObserverHub()

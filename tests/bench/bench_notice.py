@@ -323,7 +323,7 @@ def torch_exit(mib: int) -> float:
 
 def stop_with_state(root: Path, mib: int, reps: int) -> dict:
     """`preempt` -> its reply (save committed, validated by the daemon, process gone) for
-    tests/bench/resume_job.py holding `mib` MiB under supervisor.training.Checkpointer.
+    tests/bench/resume_job.py holding `mib` MiB under trainsup.training.Checkpointer.
     The peers are measured between samples, while the job is stopped: same disk, same
     page cache, no job competing for the two cores."""
     rec = root / "big.rec"

@@ -1,4 +1,4 @@
-"""The training helper (supervisor.training): the cost of ckpt.step() when no save is due,
+"""The training helper (trainsup.training): the cost of ckpt.step() when no save is due,
 emergency save (save signal -> committed checkpoint) vs torch.save + fsync of the same
 state, and the training stall of an async save vs a synchronous one.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from measure import WORK_DIR, Section, Stat, workdir
-from supervisor.training import Checkpointer
+from trainsup.training import Checkpointer
 
 
 def busy_step(seconds: float) -> None:

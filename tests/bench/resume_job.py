@@ -1,4 +1,4 @@
-"""A job for the resume bench: a model of a given size under supervisor.training.
+"""A job for the resume bench: a model of a given size under trainsup.training.
 
     resume_job.py RECORD MIB EVERY
 Records (JSON lines) the wall time its process began and the wall time its first training
@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 
-from supervisor.training import Checkpointer  # noqa: E402
+from trainsup.training import Checkpointer  # noqa: E402
 
 
 def main() -> None:

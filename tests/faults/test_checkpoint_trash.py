@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoint import write_checkpoint
-from supervisor.checkpoint.index import scan
-from supervisor.checkpoint.trash import TRASH_DIR, DeleteError, collect_stale_tmp, delete_entry, empty_trash
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.index import scan
+from trainsup.checkpoint.trash import TRASH_DIR, DeleteError, collect_stale_tmp, delete_entry, empty_trash
 
 
 def _canary(root: Path) -> dict:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoint import SaveError, write_checkpoint
-from supervisor.checkpoint.index import latest_valid, scan
+from trainsup.checkpoint import SaveError, write_checkpoint
+from trainsup.checkpoint.index import latest_valid, scan
 
 REPO = Path(__file__).resolve().parents[2]
 WRITER = """
 import sys
-from supervisor.checkpoint import write_checkpoint
+from trainsup.checkpoint import write_checkpoint
 write_checkpoint(sys.argv[1], int(sys.argv[2]), {"w.bin": b"W" * 300000, "sub/o.bin": b"O" * 1000})
 """
 PHASES = ["files-written", "files-synced", "manifest-written", "renamed", "dir-synced"]

@@ -14,8 +14,8 @@ import sqlite3
 
 import pytest
 
-from supervisor.checkpoint import SaveError, write_checkpoint
-from supervisor.checkpoint.index import latest_valid, scan
+from trainsup.checkpoint import SaveError, write_checkpoint
+from trainsup.checkpoint.index import latest_valid, scan
 from _support import fill, snapshot, tmpfs
 
 

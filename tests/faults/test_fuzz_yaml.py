@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor import config
-from supervisor.spec import InvalidJob, JobSpec
+from trainsup import config
+from trainsup.spec import InvalidJob, JobSpec
 
 KEYS = ["name", "command", "workdir", "env", "user", "group", "autostart", "stop_timeout", "checkpoint",
         "restart", "emergency_save", "memory", "hang", "schedule", "dir", "format", "keep_last", "quota",

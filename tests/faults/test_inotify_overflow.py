@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from conftest import wait_for
-from supervisor.checkpoint import write_checkpoint
+from trainsup.checkpoint import write_checkpoint
 
 RESCAN = 2.0
 FLOOD = 20000

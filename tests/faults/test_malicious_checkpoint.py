@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from conftest import wait_for
-from supervisor.checkpoint import write_checkpoint
+from trainsup.checkpoint import write_checkpoint
 
 
 def _evil_pickle(canary: Path) -> bytes:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import wait_for
-from supervisor.state import StateDB
+from trainsup.state import StateDB
 
 # Records every catchable signal it gets; SIGKILL shows as death.
 STRANGER = r"""

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from supervisor.checkpoint import write_checkpoint
-from supervisor.state import StateDB
+from trainsup.checkpoint import write_checkpoint
+from trainsup.state import StateDB
 from _support import canaries_now, plant_canaries
 
 

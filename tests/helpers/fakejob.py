@@ -1,6 +1,6 @@
 """A small stand-in training program for daemon tests (no torch: fast to start).
 
-Behaviours by flag; every checkpoint it writes goes through supervisor.checkpoint so it
+Behaviours by flag; every checkpoint it writes goes through trainsup.checkpoint so it
 is a real, valid trainsup checkpoint. It records what it saw in files the test reads.
 """
 
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.checkpoint import write_checkpoint
+from trainsup.checkpoint import write_checkpoint
 
 
 def _child_main(path):
@@ -25,7 +25,7 @@ def _child_main(path):
 
 def _verify(ckpt):
     """The resumed checkpoint's files match its manifest (a 'corrupt load' otherwise)."""
-    from supervisor.checkpoint import hash_file, read_manifest
+    from trainsup.checkpoint import hash_file, read_manifest
     m = read_manifest(ckpt)
     return all((ckpt / n).stat().st_size == e["size"] and hash_file(ckpt / n) == e["xxh3_128"]
                for n, e in m["files"].items())

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from supervisor.notices import cloud
-from supervisor.notices.cloud import (AwsImds, AzureScheduledEvents, CloudPoller,
+from trainsup.notices import cloud
+from trainsup.notices.cloud import (AwsImds, AzureScheduledEvents, CloudPoller,
                                       GcpMetadata, MetadataError)
 
 
@@ -378,7 +378,7 @@ def test_azure_faults(fake):
 # --- the poller ------------------------------------------------------------------------
 
 def test_poller_survives_errors_logs_once_and_reports_each_notice_once(fake, caplog):
-    caplog.set_level(logging.INFO, logger="supervisor.notices.cloud")
+    caplog.set_level(logging.INFO, logger="trainsup.notices.cloud")
     rec = Recorder()
     poller = CloudPoller("azure", rec, poll=0.05, metadata_url=fake.url, timeout=1.0)
     poller.start()

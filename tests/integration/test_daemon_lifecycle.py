@@ -120,7 +120,7 @@ def test_spawned_child_survives_save_signal_and_setsid_grandchild_is_gone_after_
 
 def test_second_daemon_on_same_state_dir_exits_2(daemon):
     daemon.start()
-    d2 = subprocess.run([sys.executable, "-m", "supervisor", "--socket", str(daemon.root / "other.sock"),
+    d2 = subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(daemon.root / "other.sock"),
                          "daemon", "--jobs", str(daemon.jobs), "--state", str(daemon.state),
                          "--log-dir", str(daemon.logs)], capture_output=True, text=True, timeout=30,
                         env=dict(os.environ, PYTHONPATH=str(REPO)))

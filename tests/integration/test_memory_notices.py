@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.notices.memory import (MemoryEpisode, TreeSampler, cgroup_memory_of,
+from trainsup.notices.memory import (MemoryEpisode, TreeSampler, cgroup_memory_of,
                                        classify_oom, memory_cgroup_dir, memory_decision,
                                        read_mem_available, read_memory_cgroup)
-from supervisor.spec import MemorySpec
+from trainsup.spec import MemorySpec
 
 MiB = 1 << 20
 

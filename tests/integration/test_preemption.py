@@ -56,7 +56,7 @@ def test_preempt_command_saves_confirms_stops_and_start_resumes_from_it(daemon):
 
 
 def test_job_ignoring_save_signal_is_stopped_after_grace_and_previous_checkpoint_kept(daemon):
-    from supervisor.checkpoint import write_checkpoint
+    from trainsup.checkpoint import write_checkpoint
     prev = write_checkpoint(daemon.root / "deaf-ckpt", 7, {"state.json": b'{"step": 7}'})
     daemon.fakejob("deaf", "--usr1-no-save", extra="emergency_save: {grace: 1s}\nstop_timeout: 2s\n")
     daemon.start()

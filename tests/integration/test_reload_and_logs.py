@@ -78,7 +78,7 @@ def test_logs_tail_and_follow(daemon):
 
 
 def test_resume_args_are_templated_only_when_a_checkpoint_exists(daemon):
-    from supervisor.checkpoint import write_checkpoint
+    from trainsup.checkpoint import write_checkpoint
     # A job that records its argv; checkpoint.dir is relative to the YAML file's folder.
     daemon.write_job("args", f"name: args\ncommand: [{json.dumps(sys.executable)}, -c, "
                              "\"import sys,json,time; open(sys.argv[1],'a').write(json.dumps(sys.argv[2:])+'\\\\n'); time.sleep(60)\", "

@@ -83,7 +83,7 @@ def test_unit_file_has_the_settings_the_spec_requires():
 
 
 def test_stop_timeout_outlasts_the_default_save_and_stop():
-    from supervisor.spec import EmergencySaveSpec, JobSpec
+    from trainsup.spec import EmergencySaveSpec, JobSpec
 
     stop_timeout = JobSpec.__dataclass_fields__["stop_timeout"].default
     needed = EmergencySaveSpec().grace + stop_timeout
@@ -112,7 +112,7 @@ def test_systemd_analyze_verify_passes(tmp_path):
 SMOKE = textwrap.dedent("""\
     import os, signal, sys, time
     from pathlib import Path
-    from supervisor.sdnotify import Notifier
+    from trainsup.sdnotify import Notifier
     time.sleep(1.0)  # a slow start: `systemctl start` must still wait for READY=1
     Path(sys.argv[1]).write_text(str(os.getpid()))
     Notifier.from_env().ready(status="smoke ready")
@@ -172,7 +172,7 @@ JOB_SCRIPT = textwrap.dedent("""\
         if pending:
             pending.clear()
             (here / f"{name}.got-sigusr1").write_text(str(step))
-            from supervisor.checkpoint.format import write_checkpoint
+            from trainsup.checkpoint.format import write_checkpoint
             write_checkpoint(os.environ["TRAINSUP_CHECKPOINT_DIR"], step,
                              {"state.bin": b"x" * 64}, reason="preempt")
         time.sleep(0.05)

@@ -241,7 +241,7 @@ def test_plain_example_resumes_exactly(tmp_path, jobs):
 # ---------------------------------------------------------------- in-process (no launch)
 
 def test_failed_save_logs_one_line_and_training_goes_on(tmp_path, capfd):
-    from supervisor.training import Checkpointer
+    from trainsup.training import Checkpointer
 
     blocker = tmp_path / "ckpt"
     blocker.write_text("a file where the checkpoint dir should be")  # makes every save fail
@@ -261,7 +261,7 @@ def test_failed_save_logs_one_line_and_training_goes_on(tmp_path, capfd):
 
 
 def test_save_signal_handler_chains_to_the_previous_one(tmp_path):
-    from supervisor.training import Checkpointer
+    from trainsup.training import Checkpointer
 
     seen = []
     old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))

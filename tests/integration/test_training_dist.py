@@ -162,7 +162,7 @@ def test_torchrun_x2_three_interruptions_bit_exact(tmp_path, runs, reference):
 
 
 def test_torchrun_x2_sharded_dcp_preempt_and_kill_bit_exact(tmp_path, runs, reference):
-    from supervisor.checkpoint.validate import check_trainsup
+    from trainsup.checkpoint.validate import check_trainsup
 
     # From step 45 on: the resumes land after StepLR's first decay (step 50), so the
     # optimizer's param_groups (lr) must come back from DCP too, not only its tensors.
@@ -183,7 +183,7 @@ def test_sharded_without_distributed_round_trips_and_leaves_a_fresh_optimizer_al
     """In-process, one rank (DCP in single-process mode). A save before the first
     optimizer step must not create optimizer state (DCP's state-dict helper would, by a
     zero-lr step, shifting AdamW's bias correction for the rest of the run)."""
-    from supervisor.training import Checkpointer
+    from trainsup.training import Checkpointer
 
     def fresh():
         torch.manual_seed(0)

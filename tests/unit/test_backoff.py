@@ -2,8 +2,8 @@
 
 import pytest
 
-from supervisor.backoff import RestartTracker
-from supervisor.spec import BackoffSpec, RestartSpec
+from trainsup.backoff import RestartTracker
+from trainsup.spec import BackoffSpec, RestartSpec
 
 
 def spec(**kw):

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from supervisor.checkpoint import write_checkpoint
-from supervisor.checkpoint.index import CheckpointDirError, best, latest_valid, order, scan
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.index import CheckpointDirError, best, latest_valid, order, scan
 
 
 def test_order_dot_entries_and_unrecognised(tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoint.index import CheckpointInfo
-from supervisor.checkpoint.rotation import plan_disk_quota, plan_rotation
-from supervisor.spec import CheckpointSpec
+from trainsup.checkpoint.index import CheckpointInfo
+from trainsup.checkpoint.rotation import plan_disk_quota, plan_rotation
+from trainsup.spec import CheckpointSpec
 
 NOW = 1_000_000.0
 D = Path("/ck")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.checkpoint import validate, write_checkpoint
-from supervisor.checkpoint.index import latest_valid, scan
-from supervisor.checkpoint.validate import MemoryVerdictCache, check_entry
+from trainsup.checkpoint import validate, write_checkpoint
+from trainsup.checkpoint.index import latest_valid, scan
+from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "frameworks"
 needs_fixtures = pytest.mark.skipif(

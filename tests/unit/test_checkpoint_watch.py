@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from supervisor.checkpoint import write_checkpoint
-from supervisor.checkpoint.index import scan
-from supervisor.checkpoint.watch import CheckpointWatcher, ObserverHub
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.index import scan
+from trainsup.checkpoint.watch import CheckpointWatcher, ObserverHub
 
 
 class Recorder:

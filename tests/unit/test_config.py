@@ -16,11 +16,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor import config
-from supervisor.config import (ConfigError, MAX_ERRORS, crontab_trigger, load_daemon_config,
+from trainsup import config
+from trainsup.config import (ConfigError, MAX_ERRORS, crontab_trigger, load_daemon_config,
                                load_job_file, load_jobs_dir, parse_duration, parse_signal,
                                parse_size, validate_files)
-from supervisor.spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
+from trainsup.spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
                              HangSpec, InvalidJob, JobSpec, MemorySpec, PreemptionSpec,
                              RestartSpec, ScheduleSpec)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from supervisor.control import authorize
+from trainsup.control import authorize
 
 DAEMON_UID, GROUP = 1000, 500
 

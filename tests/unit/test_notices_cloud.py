@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from supervisor.notices import Notice
-from supervisor.notices.cloud import (ErrorLog, MetadataError, aws_instance_action_notice,
+from trainsup.notices import Notice
+from trainsup.notices.cloud import (ErrorLog, MetadataError, aws_instance_action_notice,
                                       aws_rebalance_notice, azure_notices, fresh_notices,
                                       gcp_notices, make_provider, parse_iso_utc, parse_rfc1123)
 

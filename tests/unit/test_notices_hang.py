@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from supervisor.notices.hang import ProgressClock, hang_decision, is_stopped, progress_mtime
+from trainsup.notices.hang import ProgressClock, hang_decision, is_stopped, progress_mtime
 
 
 @pytest.mark.parametrize("now,last,timeout,hung", [

@@ -12,10 +12,10 @@ import time
 import psutil
 import pytest
 
-from supervisor.notices.memory import (MemoryEpisode, TreeSampler, classify_oom,
+from trainsup.notices.memory import (MemoryEpisode, TreeSampler, classify_oom,
                                        memory_decision, read_mem_available,
                                        read_memory_cgroup)
-from supervisor.spec import MemorySpec
+from trainsup.spec import MemorySpec
 
 GiB = 1 << 30
 LIMIT = MemorySpec(limit=10 * GiB, save_at=0.9)                 # fires at 9 GiB, re-arms < 8.1

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from supervisor.notices.schedule import JobSchedule, parse_cron, triggers_for
-from supervisor.spec import ScheduleSpec
+from trainsup.notices.schedule import JobSchedule, parse_cron, triggers_for
+from trainsup.spec import ScheduleSpec
 
 
 class Fires:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from supervisor.notices.trigger import TriggerFile
+from trainsup.notices.trigger import TriggerFile
 
 
 class Calls:

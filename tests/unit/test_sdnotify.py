@@ -1,4 +1,4 @@
-"""supervisor.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""trainsup.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from supervisor.sdnotify import Notifier
+from trainsup.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_without_notify_socket_everything_is_a_noop():
 
 def test_send_failure_never_raises_and_logs_once(tmp_path, caplog):
     n = Notifier(str(tmp_path / "no-such-socket"))
-    with caplog.at_level(logging.DEBUG, logger="supervisor.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="trainsup.sdnotify"):
         assert n.ready() is False
         assert n.status("x") is False
         assert n.watchdog() is False
@@ -107,7 +107,7 @@ def test_send_failure_never_raises_and_logs_once(tmp_path, caplog):
 
 
 def test_unreachable_address_kind_is_disabled_with_one_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="supervisor.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="trainsup.sdnotify"):
         n = Notifier("vsock:2:1234")
     assert not n.enabled and n.ready() is False
     assert len(caplog.records) == 1

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from supervisor.state import LockHeld, StateDB, StateLock
+from trainsup.state import LockHeld, StateDB, StateLock
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
