@@ -362,6 +362,7 @@ class Daemon:
         finally:
             if not job.active:
                 self._retired.discard(job)
+                job.ckpts.close()
                 job.log.close()
 
     async def _remove_job(self, job: Job) -> None:

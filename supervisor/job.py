@@ -214,7 +214,7 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        self.ckpts.close()
+        # The checkpoint watch stays until the stop flow ends: it confirms the final save.
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
