@@ -42,7 +42,7 @@ class Daemon:
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
         self.db: StateDB
-        self._stop = None
+        self._stop: Optional[asyncio.Event] = None
         self._exit_code = 0
         self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
         self._reload_lock = asyncio.Lock()
@@ -52,7 +52,7 @@ class Daemon:
         self.commands = Commands(self)
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
-        self.schedule = None
+        self.schedule: Optional[JobSchedule] = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
 
@@ -75,7 +75,7 @@ class Daemon:
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
-        self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
+        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
         process.become_subreaper()
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
@@ -100,6 +100,7 @@ class Daemon:
         self.notifier.ready(self._summary())
         log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
                  len(self.invalid), self.spec.socket)
+        assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
         return self._exit_code
@@ -270,7 +271,7 @@ class Daemon:
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
             fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
             try:
                 signal.pidfd_send_signal(fd, signal.SIGTERM)
                 os.killpg(pid, signal.SIGTERM)

@@ -570,7 +570,7 @@ class Job:
             sent, fut = self.request_save()
             self.host.emergency_save_started(grace)
             try:
-                if sent:
+                if sent and self._exit_fut is not None:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:
