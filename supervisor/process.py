@@ -1,5 +1,9 @@
 """Spawning a job's process, signalling it through pidfds, and ending its whole tree.
 
+Containment: each launch is born inside its own cgroup where one is writable
+(trainsup.cgroup); the process group and the subreaper sweep below remain the fallback
+where none is (`Child.containment` says which, for `status`).
+
 One way to reap: each launched leader has a pidfd that the event loop watches; when it
 becomes readable the leader is reaped with waitpid(pid) for that pid alone. Descendants
 orphaned to the daemon (it is a child subreaper) are reaped by pid too. Nothing here ever
@@ -8,6 +12,7 @@ calls waitpid(-1): that would steal a leader's status and make a crash read as e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -15,14 +20,17 @@ import os
 import pwd
 import grp
 import signal
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
 
 import psutil
 
+from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup
 from .spec import DaemonSpec, JobSpec
 
 log = logging.getLogger("trainsup.process")
@@ -120,10 +128,15 @@ class Child:
     started_wall: float
     create_time: float
     known: dict[int, float] = field(default_factory=dict)   # descendant pid -> create_time
+    cgroup: Optional[JobCgroup] = None                       # None: process-group containment
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def containment(self) -> str:
+        return self.cgroup.kind if self.cgroup is not None else PROCESS_GROUP
 
     def send(self, signum: int) -> bool:
         """Signal the leader through its pidfd: a recycled pid can never be hit."""
@@ -332,33 +345,37 @@ def _privilege_drop(job: JobSpec) -> dict:
     return kw
 
 
-def _own_group() -> dict:
-    """Each job leads its own process group, so a stop reaches its whole tree (killpg).
-    On Python >= 3.11 setpgid (process_group=0) keeps posix_spawn/vfork usable: a launch
-    costs ~0.15 ms instead of the ~0.7 ms of a full fork that setsid forces."""
-    if sys.version_info >= (3, 11):
-        return {"process_group": 0}
+def _own_session() -> dict:
+    """Each job leads its own session (and so its own process group): it has no
+    controlling terminal, so a job cannot open /dev/tty or TIOCSTI into the terminal the
+    daemon was started from, and a stop reaches its group with killpg. setsid keeps
+    Popen's vfork path (no preexec_fn): a launch stays well under a millisecond."""
     return {"start_new_session": True}
 
 
-def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int) -> Child:
-    """Start the job leader in its own session and process group."""
+def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
+          containment: Optional[Containment] = None, cgroup: Optional[JobCgroup] = None) -> Child:
+    """Start the job leader in its own session, inside `cgroup` when one is given (it is
+    born there: see trainsup.cgroup)."""
     try:
-        popen = subprocess.Popen(
-            argv,
-            cwd=str(job.workdir),
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout_fd,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            **_own_group(),
-            **_privilege_drop(job),
-        )
+        with (containment.entered(cgroup) if containment is not None else _nothing()):
+            popen = subprocess.Popen(
+                argv,
+                cwd=str(job.workdir),
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout_fd,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                **_own_session(),
+                **_privilege_drop(job),
+            )
     except FileNotFoundError:
         raise SpawnError(f"{job.source}: command: {argv[0]!r} not found (workdir {job.workdir})") from None
     except PermissionError as e:
         raise SpawnError(f"{job.source}: command: {argv[0]!r}: {e.strerror}") from None
+    except CgroupError as e:
+        raise SpawnError(f"{job.source}: cannot start job {job.name}: {e}") from None
     except (OSError, KeyError, subprocess.SubprocessError) as e:
         raise SpawnError(f"{job.source}: cannot start {argv[0]!r}: {e}") from None
     try:
@@ -371,7 +388,40 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int)
         ctime = psutil.Process(popen.pid).create_time()
     except psutil.Error:
         ctime = 0.0
-    return Child(popen, pidfd, time.monotonic(), time.time(), ctime)
+    return Child(popen, pidfd, time.monotonic(), time.time(), ctime, cgroup=cgroup)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def prepare_heartbeat(path: Path, user: Optional[str], group: Optional[str] = None) -> None:
+    """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
+    it (a root-owned one made hang detection restart healthy jobs). The file is opened
+    without following a symlink (O_NOFOLLOW) and changed through that fd only: a link
+    planted there by the user cannot make root chown another file. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        os.unlink(path)                      # a symlink: never followed, replaced
+        fd = os.open(path, flags | os.O_EXCL, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+        if user:
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            if (st.st_uid, st.st_gid) != (pw.pw_uid, gid):
+                os.fchown(fd, pw.pw_uid, gid)
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
 
 
 def process_matches(pid: int, create_time: float) -> bool:
