@@ -405,15 +405,17 @@ def prepare_heartbeat(path: Path, user: Optional[str], group: Optional[str] = No
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            os.close(fd)                     # a hard link to some other file: replaced
+            raise OSError(errno.ELOOP, "not a file of its own")
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
         os.unlink(path)                      # a symlink: never followed, replaced
         fd = os.open(path, flags | os.O_EXCL, 0o644)
-    try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+    try:
         if user:
             pw = pwd.getpwnam(user)
             gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
