@@ -1,6 +1,11 @@
-"""Memory pressure: process-tree RSS, system MemAvailable, cgroup limits, the OOM decision.
+"""Memory pressure: the job's memory use, system MemAvailable, cgroup limits, the OOM decision.
 
-Mechanism (TreeSampler, read_mem_available, cgroup readers) is thin and reads /proc and
+A job in a cgroup of its own (trainsup.cgroup) is measured by that cgroup's counters
+(CgroupSampler: v2 memory.current / memory.events, or its v1 memory cgroup on a hybrid
+host), which the kernel's OOM decision uses too and which no process can leave. Without
+one, TreeSampler sums RSS over the process tree.
+
+Mechanism (samplers, read_mem_available, cgroup readers) is thin and reads /proc and
 /sys; policy (memory_decision, classify_oom) is pure and table-tested.
 """
 
@@ -14,6 +19,7 @@ from typing import Optional
 
 import psutil
 
+from trainsup.cgroup import JobCgroup, join_mount, read_mounts
 from trainsup.spec import MemorySpec
 
 # Re-arm only after falling this far back past a threshold, so RSS wobbling around the
@@ -104,6 +110,28 @@ class TreeSampler:
         return sorted(self._procs)
 
 
+class CgroupSampler:
+    """The job's memory from its own cgroup: one or two small reads per sample, whatever
+    the number of processes, and it counts what the tree walk misses (processes that left
+    the tree, tmpfs and kernel memory charged to the job)."""
+
+    def __init__(self, cgroup: JobCgroup):
+        self.cgroup = cgroup
+
+    @staticmethod
+    def usable(cgroup: Optional[JobCgroup]) -> bool:
+        return cgroup is not None and cgroup.memory()[0] is not None
+
+    def sample(self) -> int:
+        return self.cgroup.memory()[0] or 0
+
+    def oom_kills(self) -> Optional[int]:
+        return self.cgroup.memory()[1]
+
+    def pids(self) -> list[int]:
+        return sorted(self.cgroup.pids())
+
+
 def read_mem_available(path: str = "/proc/meminfo") -> int:
     """System MemAvailable in bytes."""
     with open(path) as f:
@@ -117,28 +145,11 @@ def read_mem_available(path: str = "/proc/meminfo") -> int:
 
 def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, Optional[tuple]]:
     """([(root, mount_point)] of v1 hierarchies with the memory controller, v2 (root, mp))."""
-    v1, v2 = [], None
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 5 or len(rfields) < 3:
-                continue
-            root, mount_point = fields[3], fields[4]
-            fstype, super_opts = rfields[0], rfields[2].split(",")
-            if fstype == "cgroup" and "memory" in super_opts:
-                v1.append((root, mount_point))
-            elif fstype == "cgroup2" and v2 is None:
-                v2 = (root, mount_point)
-    return v1, v2
+    mounts = read_mounts(mountinfo)
+    return ([mounts.v1["memory"]] if "memory" in mounts.v1 else []), mounts.v2
 
 
-def _join(root: str, mount_point: str, cg_path: str) -> Path:
-    # Inside a container the mount's root is the container's own cgroup, and
-    # /proc/PID/cgroup paths are relative to the host's root: strip the common prefix.
-    if root != "/" and (cg_path == root or cg_path.startswith(root + "/")):
-        cg_path = cg_path[len(root):]
-    return Path(mount_point) / cg_path.lstrip("/")
+_join = join_mount
 
 
 def memory_cgroup_dir(pid: int) -> tuple[Optional[Path], Optional[int]]:

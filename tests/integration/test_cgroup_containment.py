@@ -17,6 +17,7 @@ import pytest
 
 from conftest import wait_for
 from trainsup import cgroup, process
+from trainsup.notices.memory import CgroupSampler
 from trainsup.spec import DaemonSpec, JobSpec
 
 
@@ -157,6 +158,8 @@ def test_job_memory_comes_from_its_own_cgroup(tmp_path, tree):
     usage = wait_for(lambda: (cg.memory()[0] or 0) >= 60 << 20 and cg.memory()[0], 15, "64 MiB charged to the job")
     assert usage < 1 << 30
     assert cg.memory()[1] in (0, None)
+    sampler = CgroupSampler(cg)
+    assert CgroupSampler.usable(cg) and sampler.sample() >= 60 << 20 and sampler.pids() == [child.pid]
     child.send(signal.SIGKILL)
     child.popen.wait()
     child.close()
