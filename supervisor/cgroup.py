@@ -40,10 +40,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 log = logging.getLogger("trainsup.cgroup")
 
@@ -81,12 +81,12 @@ def tree_name(state_dir: os.PathLike | str) -> str:
 
 @dataclass(frozen=True)
 class Mounts:
-    v2: Optional[tuple[str, str]]               # (root, mount point) of the cgroup2 mount
+    v2: tuple[str, str] | None               # (root, mount point) of the cgroup2 mount
     v1: dict[str, tuple[str, str]]              # controller -> (root, mount point)
 
 
 def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> Mounts:
-    v2: Optional[tuple[str, str]] = None
+    v2: tuple[str, str] | None = None
     v1: dict[str, tuple[str, str]] = {}
     with open(mountinfo) as f:
         for line in f:
@@ -137,7 +137,7 @@ def _write(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> Optional[str]:
+def _read(path: Path) -> str | None:
     try:
         with open(path) as f:
             return f.read()
@@ -145,7 +145,7 @@ def _read(path: Path) -> Optional[str]:
         return None
 
 
-def _keyed(text: Optional[str], key: str) -> Optional[int]:
+def _keyed(text: str | None, key: str) -> int | None:
     for line in (text or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == key:
@@ -162,7 +162,7 @@ def _keyed(text: Optional[str], key: str) -> Optional[int]:
 class JobCgroup:
     path: Path                      # holds the job's processes (v2, or v1 where only v1)
     version: int                    # 2 | 1
-    mem: Optional[Path] = None      # per-launch v1 memory cgroup on a hybrid host
+    mem: Path | None = None      # per-launch v1 memory cgroup on a hybrid host
 
     @property
     def kind(self) -> str:
@@ -213,7 +213,7 @@ class JobCgroup:
             if not self.signal_all(signal.SIGKILL):
                 return
 
-    async def wait_empty(self, timeout: Optional[float] = None) -> bool:
+    async def wait_empty(self, timeout: float | None = None) -> bool:
         """True once no process of the job is left (`populated 0`), False on timeout.
         v2: woken by inotify on cgroup.events; v1 has no such event: a 20 ms poll."""
         loop = asyncio.get_running_loop()
@@ -264,7 +264,7 @@ class JobCgroup:
                 ok = False
         return ok
 
-    def memory(self) -> tuple[Optional[int], Optional[int]]:
+    def memory(self) -> tuple[int | None, int | None]:
         """(bytes in use, oom_kill count) from the cgroup's own counters, None where absent.
         v1 usage counts page cache: the inactive file pages (reclaimable) are left out, as
         the kernel's OOM decision effectively does."""
@@ -311,7 +311,7 @@ class EventsWatch:
             self.fd = -1
 
 
-_LIBC: Optional[ctypes.CDLL] = None
+_LIBC: ctypes.CDLL | None = None
 
 
 def _libc() -> ctypes.CDLL:
@@ -327,17 +327,17 @@ def _libc() -> ctypes.CDLL:
 class Containment:
     """Where this daemon's job cgroups live, and how a launch enters one."""
     kind: str                        # CGROUP_V2 | CGROUP_V1 | PROCESS_GROUP
-    root: Optional[Path] = None      # the tree holding job cgroups
-    home: Optional[Path] = None      # the daemon's own cgroup, returned to after a spawn
-    mem_root: Optional[Path] = None  # hybrid host: the v1 memory tree
-    mem_home: Optional[Path] = None
+    root: Path | None = None      # the tree holding job cgroups
+    home: Path | None = None      # the daemon's own cgroup, returned to after a spawn
+    mem_root: Path | None = None  # hybrid host: the v1 memory tree
+    mem_home: Path | None = None
     why: str = ""                    # for the log, when kind is PROCESS_GROUP
 
     @property
     def version(self) -> int:
         return 2 if self.kind == CGROUP_V2 else 1
 
-    def create(self, job: str, attempt: int) -> Optional[JobCgroup]:
+    def create(self, job: str, attempt: int) -> JobCgroup | None:
         """The cgroup of one launch (None under process-group containment)."""
         if self.root is None:
             return None
@@ -355,7 +355,7 @@ class Containment:
         return JobCgroup(path, self.version, mem)
 
     @contextmanager
-    def entered(self, cg: Optional[JobCgroup]) -> Iterator[None]:
+    def entered(self, cg: JobCgroup | None) -> Iterator[None]:
         """Run the body (a fork) with the calling thread inside `cg`, so the child is born
         there; back home afterwards whatever happened."""
         if cg is None or self.home is None:

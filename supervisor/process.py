@@ -15,18 +15,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import grp
 import logging
 import os
 import pwd
-import grp
 import signal
 import stat
 import subprocess
-import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
 
 import psutil
 
@@ -128,7 +127,7 @@ class Child:
     started_wall: float
     create_time: float
     known: dict[int, float] = field(default_factory=dict)   # descendant pid -> create_time
-    cgroup: Optional[JobCgroup] = None                       # None: process-group containment
+    cgroup: JobCgroup | None = None                       # None: process-group containment
 
     @property
     def pid(self) -> int:
@@ -339,7 +338,7 @@ def _privilege_drop(job: JobSpec) -> dict:
         kw["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
         kw["group"] = gid
         kw["user"] = pw.pw_uid
-    else:
+    elif job.group:
         kw["group"] = grp.getgrnam(job.group).gr_gid
         kw["extra_groups"] = [kw["group"]]
     return kw
@@ -354,7 +353,7 @@ def _own_session() -> dict:
 
 
 def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
-          containment: Optional[Containment] = None, cgroup: Optional[JobCgroup] = None) -> Child:
+          containment: Containment | None = None, cgroup: JobCgroup | None = None) -> Child:
     """Start the job leader in its own session, inside `cgroup` when one is given (it is
     born there: see trainsup.cgroup)."""
     try:
@@ -396,7 +395,7 @@ def _nothing():
     yield
 
 
-def prepare_heartbeat(path: Path, user: Optional[str], group: Optional[str] = None) -> None:
+def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) -> None:
     """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
     it (a root-owned one made hang detection restart healthy jobs). The file is opened
     without following a symlink (O_NOFOLLOW) and changed through that fd only: a link

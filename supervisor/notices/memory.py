@@ -15,10 +15,8 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import psutil
-
 from trainsup.cgroup import JobCgroup, join_mount, read_mounts
 from trainsup.spec import MemorySpec
 
@@ -51,7 +49,7 @@ class TreeSampler:
         self._children_files = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def _child_pids(self, pid: int) -> list[int]:
-        out = []
+        out: list[int] = []
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -119,13 +117,13 @@ class CgroupSampler:
         self.cgroup = cgroup
 
     @staticmethod
-    def usable(cgroup: Optional[JobCgroup]) -> bool:
+    def usable(cgroup: JobCgroup | None) -> bool:
         return cgroup is not None and cgroup.memory()[0] is not None
 
     def sample(self) -> int:
         return self.cgroup.memory()[0] or 0
 
-    def oom_kills(self) -> Optional[int]:
+    def oom_kills(self) -> int | None:
         return self.cgroup.memory()[1]
 
     def pids(self) -> list[int]:
@@ -143,7 +141,7 @@ def read_mem_available(path: str = "/proc/meminfo") -> int:
 
 # --- cgroups ---------------------------------------------------------------------------
 
-def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, Optional[tuple]]:
+def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, tuple | None]:
     """([(root, mount_point)] of v1 hierarchies with the memory controller, v2 (root, mp))."""
     mounts = read_mounts(mountinfo)
     return ([mounts.v1["memory"]] if "memory" in mounts.v1 else []), mounts.v2
@@ -152,7 +150,7 @@ def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, Optio
 _join = join_mount
 
 
-def memory_cgroup_dir(pid: int) -> tuple[Optional[Path], Optional[int]]:
+def memory_cgroup_dir(pid: int) -> tuple[Path | None, int | None]:
     """(cgroup folder that accounts pid's memory, cgroup version 1|2), or (None, None)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -178,14 +176,14 @@ def memory_cgroup_dir(pid: int) -> tuple[Optional[Path], Optional[int]]:
     return None, None
 
 
-def _read(path: Path) -> Optional[str]:
+def _read(path: Path) -> str | None:
     try:
         return path.read_text()
     except OSError:
         return None
 
 
-def _keyed(text: Optional[str], key: str) -> Optional[int]:
+def _keyed(text: str | None, key: str) -> int | None:
     for line in (text or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == key:
@@ -193,7 +191,7 @@ def _keyed(text: Optional[str], key: str) -> Optional[int]:
     return None
 
 
-def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[Optional[int], Optional[int]]:
+def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[int | None, int | None]:
     """(limit bytes or None when unlimited, oom_kill count or None when not reported).
 
     The limit is the tightest over the folder and its parents that carry one: a job in
@@ -218,16 +216,16 @@ def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[Optional[int], Optio
     return limit, kills
 
 
-def cgroup_memory_of(pid: int) -> tuple[Optional[int], Optional[int]]:
+def cgroup_memory_of(pid: int) -> tuple[int | None, int | None]:
     """(limit bytes|None, oom_kill count|None) of the memory cgroup that holds pid."""
     cg_dir, version = memory_cgroup_dir(pid)
-    if cg_dir is None:
+    if cg_dir is None or version is None:
         return None, None
     return read_memory_cgroup(cg_dir, version)
 
 
-def classify_oom(before_count: Optional[int], after_count: Optional[int],
-                 exit_signal: Optional[int], near_limit: bool = False) -> bool:
+def classify_oom(before_count: int | None, after_count: int | None,
+                 exit_signal: int | None, near_limit: bool = False) -> bool:
     """Was this exit an out-of-memory kill? (SPEC section 4: `oom-killed`.)
 
     The cgroup's oom_kill count rising while the job ran is the kernel's own word. Without
@@ -252,8 +250,8 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.2f}GiB"
 
 
-def memory_decision(state: MemoryEpisode, rss: int, mem_available: Optional[int],
-                    spec: MemorySpec) -> tuple[Optional[str], MemoryEpisode]:
+def memory_decision(state: MemoryEpisode, rss: int, mem_available: int | None,
+                    spec: MemorySpec) -> tuple[str | None, MemoryEpisode]:
     """One sample -> (None | "save" | "stop", next state).
 
     An episode starts when RSS reaches save_at*limit or MemAvailable drops under

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root here")

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, wait_for
 
 PY = "/usr/bin/python3"    # world-executable: the venv under /root is not nobody's
@@ -59,11 +58,12 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NOTIFY_SOCKET", None)
-    # The daemon is a session leader whose controlling terminal is the pty, like a root shell.
+    # The daemon is a session leader whose controlling terminal is the pty, like a root shell
+    # (preexec_fn: TIOCSCTTY must run in the child; the test process forks nothing else).
     d = subprocess.Popen([sys.executable, "-m", "trainsup", "--socket", str(sock), "daemon", "--jobs", str(jobs),
                           "--state", str(tmp_path / "state"), "--log-dir", str(tmp_path / "logs")],
                          stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
     os.close(slave)
     seen = b""
     try:

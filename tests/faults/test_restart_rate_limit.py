@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import psutil
-
 from conftest import wait_for
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 from trainsup import cgroup, process
 from trainsup.notices.memory import CgroupSampler
@@ -34,7 +33,7 @@ def tree(tmp_path):
     yield c
     for cg in c.job_cgroups():
         cg.kill()
-        wait_for(lambda: not cg.populated(), 10, "test cgroup empty")
+        wait_for(lambda cg=cg: not cg.populated(), 10, "test cgroup empty")
         cg.remove()
     for d in (c.root, c.mem_root):
         if d is not None:

@@ -8,7 +8,6 @@ job exiting 0 at once under `policy: always` relaunched 939 times a second, fore
 import math
 
 import pytest
-
 from trainsup.backoff import RestartTracker
 from trainsup.spec import BackoffSpec, RestartSpec
 
@@ -32,13 +31,13 @@ def tracker(**kw) -> RestartTracker:
     (1.0, 1.0, 300.0, 10**6, 1.0),
 ])
 def test_backoff_factor_overflow_never_raises(initial, factor, mx, consecutive, expected):
-    got = tracker(backoff=dict(initial=initial, factor=factor, max=mx)).delay_for(consecutive)
+    got = tracker(backoff={"initial": initial, "factor": factor, "max": mx}).delay_for(consecutive)
     assert got == pytest.approx(expected)
 
 
 def test_backoff_factor_1e300_crash_loop_goes_through_backoff():
     t = tracker(max_restarts=10**6, max_restarts_without_progress=10**6, start_limit_interval=0,
-                backoff=dict(initial=0.1, factor=1e300, max=2.0))
+                backoff={"initial": 0.1, "factor": 1e300, "max": 2.0})
     delays = [t.on_exit(crashed=True, now=i * 10.0, ran_for=0.1).delay for i in range(1100)]
     assert delays[:3] == [0.1, 2.0, 2.0] and set(delays[2:]) == {2.0}
 
@@ -51,7 +50,7 @@ def test_backoff_factor_1e300_crash_loop_goes_through_backoff():
 ])
 def test_exit_0_under_always_ends_failed(burst, interval, initial, expect_launches):
     t = tracker(policy="always", start_limit_burst=burst, start_limit_interval=interval,
-                backoff=dict(initial=initial, factor=2.0, max=300.0))
+                backoff={"initial": initial, "factor": 2.0, "max": 300.0})
     now, relaunches, d = 0.0, 0, None
     for _ in range(100):
         d = t.on_exit(crashed=False, now=now, ran_for=0.001)
@@ -65,7 +64,7 @@ def test_exit_0_under_always_ends_failed(burst, interval, initial, expect_launch
 
 
 def test_exit_0_under_always_backs_off_growing():
-    t = tracker(policy="always", start_limit_burst=1000, backoff=dict(initial=1.0, factor=2.0, max=300.0))
+    t = tracker(policy="always", start_limit_burst=1000, backoff={"initial": 1.0, "factor": 2.0, "max": 300.0})
     assert [t.on_exit(crashed=False, now=i, ran_for=0.01).delay for i in range(4)] == [1, 2, 4, 8]
 
 
@@ -82,7 +81,7 @@ def test_exit_0_after_a_long_run_relaunches_at_once():
 ])
 def test_start_limit_counts_relaunches_within_the_interval(gap, expect_fail):
     t = tracker(max_restarts=100, max_restarts_without_progress=100,
-                start_limit_burst=5, start_limit_interval=60.0, backoff=dict(initial=0.0))
+                start_limit_burst=5, start_limit_interval=60.0, backoff={"initial": 0.0})
     ds = [t.on_exit(crashed=True, now=i * gap, ran_for=0.5) for i in range(6)]
     assert (not ds[-1].restart) is expect_fail
     assert all(d.restart for d in ds[:5])
@@ -90,7 +89,7 @@ def test_start_limit_counts_relaunches_within_the_interval(gap, expect_fail):
 
 def test_progress_forgives_recent_starts():
     t = tracker(max_restarts=100, max_restarts_without_progress=100, start_limit_burst=2,
-                start_limit_interval=60.0, backoff=dict(initial=0.0))
+                start_limit_interval=60.0, backoff={"initial": 0.0})
     assert t.on_exit(crashed=True, now=0, ran_for=0.5).restart
     assert t.on_exit(crashed=True, now=1, ran_for=0.5).restart
     t.progress()
@@ -98,5 +97,5 @@ def test_progress_forgives_recent_starts():
 
 
 def test_start_limit_interval_0_disables_the_limit():
-    t = tracker(policy="always", start_limit_interval=0, backoff=dict(initial=0.0))
+    t = tracker(policy="always", start_limit_interval=0, backoff={"initial": 0.0})
     assert all(t.on_exit(crashed=False, now=i * 1e-3, ran_for=1e-3).restart for i in range(1000))

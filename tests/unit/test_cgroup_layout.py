@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from trainsup import cgroup
 from trainsup.cgroup import CGROUP_V1, CGROUP_V2, PROCESS_GROUP
 
