@@ -411,13 +411,33 @@ class Containment:
                     log.error("cgroup %s: still populated %.0fs after cgroup.kill", cg.path, timeout)
                 killed.append(cg.name)
             cg.remove()
-        if self.mem_root is not None:
-            for d in _subdirs(self.mem_root):
+        self.remove_empty()
+        return killed
+
+    def close(self) -> None:
+        """At daemon exit: remove the empty job cgroups, then the tree if it is empty."""
+        self.remove_empty()
+        for root in (self.mem_root, self.root):
+            if root is not None:
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass             # still holds a job that would not die: kept, logged at start
+
+    def remove_empty(self) -> None:
+        """rmdir every empty job cgroup of the tree (also those whose removal a crash cut
+        short)."""
+        for cg in self.job_cgroups():
+            if not cg.populated():
+                cg.remove()
+        for root in (self.mem_root, self.root):
+            if root is None:
+                continue
+            for d in _subdirs(root):
                 try:
                     os.rmdir(d)
                 except OSError:
                     pass
-        return killed
 
 
 def _subdirs(path: Path) -> list[Path]:

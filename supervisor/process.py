@@ -197,13 +197,20 @@ def deliver_save_signal(child: Child, signum: int) -> list[int]:
     """Send the save signal to every process of the tree that catches it. Returns the
     pids signalled (empty: nobody can do an emergency save)."""
     sent = []
-    procs = [child.pid] + [p.pid for p in child.refresh_tree()]
+    if child.cgroup is not None:
+        # The cgroup lists every process of the job, the ones that left the tree too.
+        procs = [child.pid] + [p for p in child.cgroup.pids() if p != child.pid]
+    else:
+        procs = [child.pid] + [p.pid for p in child.refresh_tree()]
     for pid in procs:
         if catches_signal(pid, signum):
             try:
                 if pid == child.pid:
                     if child.send(signum):
                         sent.append(pid)
+                elif child.cgroup is not None:
+                    os.kill(pid, signum)     # a member of the job's cgroup: ours
+                    sent.append(pid)
                 else:
                     ctime = child.known.get(pid)
                     p = psutil.Process(pid)
@@ -216,7 +223,16 @@ def deliver_save_signal(child: Child, signum: int) -> list[int]:
 
 
 def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
-    """End descendants that escaped the process group (setsid) but are still ours."""
+    """End what is left of the job: through its cgroup (all of it at once, whatever left
+    the tree), else the descendants that escaped the process group (setsid)."""
+    if child.cgroup is not None:
+        try:
+            n = len([p for p in child.cgroup.pids() if p != child.pid])
+            if n or child.cgroup.populated():
+                child.cgroup.kill()
+            return n
+        except CgroupError as e:
+            log.warning("%s; ending the process tree instead", e)
     n = 0
     for p in child.live_descendants():
         try:
