@@ -224,7 +224,12 @@ class JobCgroup:
                     return False
                 await asyncio.sleep(0.02)
             return True
-        watch = EventsWatch(self.path / "cgroup.events")
+        try:
+            watch = EventsWatch(self.path / "cgroup.events")
+        except CgroupError:
+            if not self.populated():
+                return True          # removed meanwhile (by the exit path): nothing inside
+            raise
         try:
             fut: asyncio.Future = loop.create_future()
 

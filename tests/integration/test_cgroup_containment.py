@@ -91,6 +91,7 @@ def test_double_forking_env_scrubbing_descendant_dies_with_cgroup_kill(tmp_path,
     assert empty and took < 5
     assert _pids_with(marker) == []
     assert cg.remove() and not cg.path.exists()
+    assert asyncio.run(cg.wait_empty(1)) is True      # removed meanwhile: nothing inside
 
 
 def test_wait_empty_times_out_while_a_process_remains(tmp_path, tree):
