@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup
+from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
 from .spec import DaemonSpec, JobSpec
 
 log = logging.getLogger("trainsup.process")
@@ -409,6 +409,36 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
 @contextlib.contextmanager
 def _nothing():
     yield
+
+
+RUN_DIR = Path("/run/trainsup")
+
+
+def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
+    """Where the jobs' heartbeat files live. The state dir is 0750 root: a `user:` job
+    cannot even reach a file there. A root daemon keeps them in /run/trainsup/<tree>/, each
+    level root-owned 0711 (reachable by name, not listable, not writable), one per state
+    dir like the cgroup tree; a daemon that cannot write /run (not root: it has no `user:`
+    jobs) uses state_dir/heartbeat. Raises OSError when neither can be made."""
+    if os.geteuid() == 0:
+        try:
+            d = run_dir / tree_name(state_dir)
+            for level in (run_dir, d):
+                try:
+                    os.mkdir(level, 0o711)
+                except FileExistsError:
+                    pass
+                st = os.lstat(level)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+                    raise OSError(errno.EPERM, f"{level}: not a directory owned by root")
+                os.chmod(level, 0o711)
+            return d
+        except OSError as e:
+            log.warning("heartbeat files in %s: %s; using the state dir (`user:` jobs cannot reach it)",
+                        run_dir, e.strerror or e)
+    d = state_dir / "heartbeat"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) -> None:

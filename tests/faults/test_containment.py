@@ -13,6 +13,7 @@ the escapee has none.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -52,7 +53,7 @@ def escaping_job(daemon, name: str, marker: str) -> None:
     into its own session with an empty environment."""
     script = (f"setsid sh -c 'env -i sleep {marker}'\"$TRAINSUP_ATTEMPT\"' &' </dev/null >/dev/null 2>&1; "
               f"exec sleep {marker}")
-    daemon.write_job(name, f"name: {name}\ncommand: [sh, -c, {script!r}]\nworkdir: {daemon.root}\n"
+    daemon.write_job(name, f"name: {name}\ncommand: {json.dumps(['sh', '-c', script])}\nworkdir: {daemon.root}\n"
                            f"stop_timeout: 2s\n")
 
 
@@ -72,9 +73,9 @@ def test_double_forking_env_scrubbing_descendant_does_not_survive_stop(daemon):
     r = daemon.request("stop", "esc", no_save=True)
     assert r["ok"], r
     st = daemon.wait_state("esc", "stopped")
-    assert st["containment"] == "cgroup v2"
     # The stop flow waits for the cgroup to be empty: nothing is left when it is `stopped`.
     assert argv_pids("sleep", f"{m}1") == [] and argv_pids("sleep", m) == []
+    assert st["containment"] == "cgroup v2"
 
 
 def test_double_forking_env_scrubbing_descendant_does_not_survive_restart(daemon):

@@ -12,6 +12,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,53 @@ def test_heartbeat_hardlink_to_another_file_is_replaced(tmp_path):
     os.link(other, hb)
     process.prepare_heartbeat(hb, "nobody")
     assert os.stat(other).st_uid == 0 and os.stat(hb).st_ino != os.stat(other).st_ino
+
+
+BEATING = r"""
+import os, sys, time
+hb = os.environ["TRAINSUP_HEARTBEAT_FILE"]
+while True:
+    try:
+        os.utime(hb)
+    except OSError as e:
+        print("heartbeat:", e, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_user_job_touching_heartbeat_is_not_restarted_by_hang_detection(daemon, open_dir):
+    """The job is healthy and beats every 0.1 s; with `hang: {timeout: 1s}` the daemon
+    must leave it alone (it restarted it when the beat could not land)."""
+    (open_dir / "beat.py").write_text(BEATING)
+    daemon.write_job("beat", f"name: beat\ncommand: [{PY}, {open_dir / 'beat.py'}]\nworkdir: {open_dir}\n"
+                             "user: nobody\nhang: {timeout: 1s}\nstop_timeout: 1s\n")
+    daemon.start()
+    st = daemon.wait_state("beat", "running")
+    hb = Path(st["heartbeat"]) if "heartbeat" in st else process.heartbeat_dir(daemon.state) / "beat"
+    assert os.stat(hb).st_uid == pwd.getpwnam("nobody").pw_uid
+    # "Must not happen" over three hang timeouts: no hang verdict, no second attempt.
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:
+        assert daemon.status("beat")["attempt"] == 1
+        time.sleep(0.1)
+    assert not [e for e in daemon.history("beat") if e["kind"] == "hang"]
+    assert daemon.status("beat")["pid"] == st["pid"]
+
+
+def test_heartbeat_dir_reachable_not_listable(tmp_path):
+    run = tmp_path / "run"
+    d = process.heartbeat_dir(tmp_path / "state", run_dir=run)
+    assert d.parent == run
+    for level in (run, d):
+        st = os.lstat(level)
+        assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o711"
+
+
+def test_heartbeat_dir_planted_symlink_falls_back_to_the_state_dir(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    run.symlink_to(elsewhere)
+    d = process.heartbeat_dir(tmp_path / "state", run_dir=run)
+    assert d == tmp_path / "state" / "heartbeat" and d.is_dir()
+    assert list(elsewhere.iterdir()) == []
