@@ -269,6 +269,14 @@ class JobCgroup:
                 ok = False
         return ok
 
+    @property
+    def counts_memory(self) -> bool:
+        """Whether this launch has memory counters of its own (a stat, no read)."""
+        if self.mem is not None:
+            return True
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        return (self.path / name).exists()
+
     def memory(self) -> tuple[int | None, int | None]:
         """(bytes in use, oom_kill count) from the cgroup's own counters, None where absent.
         v1 usage counts page cache: the inactive file pages (reclaimable) are left out, as

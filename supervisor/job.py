@@ -344,8 +344,11 @@ class Job:
             if cg is not None:
                 cg.remove()
             # EMFILE, ENOMEM, a missing binary: one clean line in status, never a stuck job.
-            msg = str(e) if isinstance(e, process.SpawnError) else \
-                f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            if isinstance(e, OSError):
+                msg = f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            else:
+                msg = f"{spec.source}: cannot start job {spec.name}: {e}" if isinstance(e, cgroup.CgroupError) \
+                    else str(e)
             self.error = msg
             self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
             self.event("spawn-failed", error=msg, attempt=self.attempt)
@@ -376,7 +379,7 @@ class Job:
             self._exit_noticed = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}))
-        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor)
+        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
         self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
