@@ -147,6 +147,7 @@ class Daemon:
             j.log.close()
         if self.containment is not None:
             self.containment.close()
+        process.discard_heartbeat_dir(self.heartbeat_dir)
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------

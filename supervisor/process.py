@@ -441,6 +441,19 @@ def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
     return d
 
 
+def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
+    """At daemon exit: remove the heartbeat files of a /run dir (a state dir's are kept)."""
+    if d.parent != run_dir:
+        return
+    try:
+        for e in os.scandir(d):
+            if e.is_file(follow_symlinks=False) or e.is_symlink():
+                os.unlink(e.path)
+        os.rmdir(d)
+    except OSError as e:
+        log.warning("heartbeat dir %s: %s", d, e.strerror)
+
+
 def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) -> None:
     """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
     it (a root-owned one made hang detection restart healthy jobs). The file is opened

@@ -124,6 +124,9 @@ def test_heartbeat_dir_reachable_not_listable(tmp_path):
     for level in (run, d):
         st = os.lstat(level)
         assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o711"
+    process.prepare_heartbeat(d / "job", "nobody")
+    process.discard_heartbeat_dir(d, run_dir=run)
+    assert not d.exists()
 
 
 def test_heartbeat_dir_planted_symlink_falls_back_to_the_state_dir(tmp_path):
