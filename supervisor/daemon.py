@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import __version__, config, process
+from . import __version__, cgroup, config, process
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -42,6 +42,8 @@ class Daemon:
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
         self.db: StateDB
+        self.containment: Optional[cgroup.Containment] = None   # set up at start (JobHost)
+        self.heartbeat_dir = self.spec.state_dir / "heartbeat"   # JobHost; /run/... at start
         self._stop: Optional[asyncio.Event] = None
         self._exit_code = 0
         self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
@@ -77,6 +79,11 @@ class Daemon:
                                             self._rotation_members, self.db.flush)
         self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
         process.become_subreaper()
+        containment = self.containment = cgroup.setup(self.spec.state_dir)
+        if containment.kind == cgroup.PROCESS_GROUP:
+            log.warning("jobs contained by process group only (%s)", containment.why)
+        else:
+            log.info("jobs contained by %s under %s", containment.kind, containment.root)
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
@@ -84,12 +91,18 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_user_of=self._job_user)
         await self.control.start()
-        (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+        self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
         jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
         for spec in jobs:
             self._add_job(spec)
         for inv in invalid:
             self._add_invalid(inv)
+        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
+        # state DB says (it may be gone), then by the pids it recorded.
+        for name in await containment.end_leftovers():
+            job = self.jobs.get(name.rpartition(".")[0])
+            if job is not None:
+                job.event("orphan-stopped", cgroup=name)
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
@@ -133,6 +146,9 @@ class Daemon:
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
             j.log.close()
+        if self.containment is not None:
+            self.containment.close()
+        process.discard_heartbeat_dir(self.heartbeat_dir)
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
