@@ -87,15 +87,25 @@ class Peer:
 def peer_of(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    gids: frozenset[int] = frozenset()
     try:
         # The kernel's record of the peer's groups when it connected: reading
         # /proc/PID/status later could read a different process that reused the pid.
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)   # Python's largest buffer
         gids = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-    except OSError:
-        pass
+    except OSError:       # more than 256 groups, or an old kernel
+        gids = _proc_groups(pid)
     return Peer(pid, uid, gid, gids)
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
 
 
 def authorize(peer_uid: int, peer_groups: set[int], verb: Verb, targets: Optional[tuple[str, ...]],
