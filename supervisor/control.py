@@ -35,7 +35,8 @@ log = logging.getLogger("trainsup.control")
 
 MAX_REQUEST = 64 * 1024
 CONNECTION_DEADLINE = 10.0    # an idle connection (no request line yet) is closed after this
-MAX_ACTIVE = 256              # requests being served at once
+# Requests being served at once. TRAINSUP_MAX_REQUESTS shrinks the pool for tests.
+MAX_ACTIVE = int(os.environ.get("TRAINSUP_MAX_REQUESTS", "256"))
 MAX_FOLLOWERS = 256           # `logs -f` streams: separate, so followers never starve `status`
 MAX_FOLLOWERS_PER_UID = 32
 MAX_PER_UID = 128             # connections of one peer uid, whatever they are doing
