@@ -324,7 +324,7 @@ def cmd_history(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import validate_files
-    errors = validate_files(args.files, is_root=os.geteuid() == 0)
+    errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True)
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
