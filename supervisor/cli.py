@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import __version__
 from . import verbs
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign]
+    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign,list-item]
 
     d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground")
     d.add_argument("--config", type=Path)
@@ -124,14 +124,14 @@ def cmd_daemon(args) -> int:
 
 
 def _call(args, cmd: str, job: Optional[str] = None, cargs: Optional[dict] = None,
-          timeout: float = 30.0) -> tuple[bool, object]:
+          timeout: float = 30.0) -> tuple[bool, Any]:
     reply = request(socket_path(args.socket), cmd, job, cargs, timeout=timeout, trusted=daemon_uids())
     if reply.get("ok"):
         return True, reply.get("result")
     return False, reply.get("error", "unknown error")
 
 
-def _ask(args) -> tuple[bool, object]:
+def _ask(args) -> tuple[bool, Any]:
     """The request the command line asks for, built from the verb registry."""
     verb = verbs.VERBS[args.cmd]
     job, cargs = verbs.request_of(verb, args)

@@ -180,7 +180,7 @@ _constructor = yaml.constructor.SafeConstructor()
 _PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("null", "bool", "int", "float")}
 
 
-def _scalar_value(event: yaml.ScalarEvent) -> Any:
+def _scalar_value(event: Any) -> Any:
     tag = _resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
     if tag not in _PLAIN_TAGS:
         # timestamps, `=`, `<<`: keep the text as written, that is what a user means
@@ -230,10 +230,10 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
     stack: list[_Frame] = []
     root: Optional[Node] = None
     documents = 0
-    events = yaml.parse(text, Loader=_Parser)
+    events: Any = yaml.parse(text, Loader=_Parser)
     try:
         for event in events:
-            line = event.start_mark.line + 1
+            line = event.start_mark.line + 1 if event.start_mark else 1
             if isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
@@ -249,11 +249,12 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
             if isinstance(event, yaml.AliasEvent):
                 report(line, where, f"aliases (*{event.anchor}) are not allowed")
                 return None
-            if getattr(event, "anchor", None) is not None:
-                report(line, where, f"anchors (&{event.anchor}) are not allowed")
+            anchor, tag = getattr(event, "anchor", None), getattr(event, "tag", None)
+            if anchor is not None:
+                report(line, where, f"anchors (&{anchor}) are not allowed")
                 return None
-            if getattr(event, "tag", None) is not None:
-                report(line, where, f"tags ({_show_tag(event.tag)}) are not allowed")
+            if tag is not None:
+                report(line, where, f"tags ({_show_tag(tag)}) are not allowed")
                 return None
             if isinstance(event, yaml.CollectionStartEvent):
                 if len(stack) >= MAX_DEPTH:
@@ -267,7 +268,8 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
             if isinstance(event, yaml.CollectionEndEvent):
                 node = stack.pop().node
             else:
-                node = Node("scalar", _scalar_value(event), line, event.value)
+                scalar: Any = event
+                node = Node("scalar", _scalar_value(scalar), line, scalar.value)
             parent = stack[-1] if stack else None
             if parent is None:
                 root = node
@@ -301,10 +303,12 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
     except yaml.reader.ReaderError as exc:
         # libyaml counts the position in bytes, the pure-Python reader in characters
         cparser = getattr(getattr(yaml, "cyaml", None), "CParser", None)
-        before = (text.encode()[:exc.position] if cparser and issubclass(_Parser, cparser)
-                  else text[:exc.position])
+        if cparser and issubclass(_Parser, cparser):
+            newlines = text.encode()[:exc.position].count(b"\n")
+        else:
+            newlines = text[:exc.position].count("\n")
         code = exc.character if isinstance(exc.character, int) else ord(exc.character or "\0")
-        report(before.count("\n" if isinstance(before, str) else b"\n") + 1, "(yaml)",
+        report(newlines + 1, "(yaml)",
                f"character U+{code:04X} is not allowed in YAML")
         return None
     except yaml.YAMLError as exc:
