@@ -82,7 +82,7 @@ class Daemon:
                              (signal.SIGCHLD, self._on_chld)):
             self.loop.add_signal_handler(sig, handler)
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
-                                     job_user_of=self._job_user)
+                                     job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
         (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
         jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
@@ -227,9 +227,10 @@ class Daemon:
         process.reap_orphans(self.leader_pids())
 
     # -- jobs --------------------------------------------------------------------------
-    def _job_user(self, name: str) -> Optional[str]:
+    def _job_uid(self, name: str) -> Optional[int]:
+        """The uid job `name` runs as (resolved when its file loaded); None: the daemon's."""
         j = self.jobs.get(name)
-        return j.spec.user if j else None
+        return j.spec.uid if j else None
 
     def _add_invalid(self, inv: InvalidJob) -> None:
         # Keyed by name unless a valid job or another bad file already has it (a
@@ -243,6 +244,12 @@ class Daemon:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
+        old = self.jobs.get(spec.name)
+        if old is not None:
+            # `logs -f` follows a job by name: a reload that replaces the job moves its
+            # followers to the new log (they went silent on the retired one).
+            job.log.followers |= old.log.followers
+            old.log.followers.clear()
         self.jobs[spec.name] = job
         ckpts.watch()
         self._schedule_job(job)
