@@ -216,7 +216,8 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        # The checkpoint watch stays until the stop flow ends: it confirms the final save.
+        # The checkpoint index stays open until the retiring stop is over: its emergency
+        # save must still be seen (the host closes it then).
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
