@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .checkpoint.claims import cross_job_conflicts
+from .checkpoint.naming import PatternError, compile_pattern
 from .spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec, HangSpec,
                    InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec)
 
@@ -730,6 +732,16 @@ def _check_backoff(values: dict, lines: dict, key: str, ctx: Context) -> None:
                    f"must be >= initial ({initial:g}s), got {maximum:g}s")
 
 
+def checkpoint_pattern(node: Node, key: str, ctx: Context) -> str:
+    """`checkpoint.pattern`: a regex over whole entry names that rotation may manage."""
+    raw = string(node, key, ctx)
+    try:
+        compile_pattern(raw)
+    except PatternError as e:
+        raise Invalid(str(e)) from None
+    return raw
+
+
 class _CheckpointDir:
     """checkpoint.dir resolves against the job's workdir, not the YAML's folder."""
 
@@ -754,6 +766,7 @@ CHECKPOINT = Section(CheckpointSpec, {
     "keep_every": integer(0),
     "quota": size(1),
     "resume_args": text_list,
+    "pattern": checkpoint_pattern,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {
@@ -896,7 +909,16 @@ def _job_files(jobs_dir: Path) -> list[Path]:
                   if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool) -> tuple[list[JobSpec], list[InvalidJob]]:
+def _refuse_checkpoint_claims(jobs: list, jobs_dir: Optional[Path], state_dir: Optional[Path]) -> list:
+    """checkpoint.dir that is `/`, a home, the state/jobs dir or another job's: invalid."""
+    conflicts = cross_job_conflicts([j for j in jobs if isinstance(j, JobSpec)],
+                                    jobs_dir=jobs_dir, state_dir=state_dir)
+    return [InvalidJob(name=j.name, source=j.source, errors=tuple(conflicts[j.name]))
+            if isinstance(j, JobSpec) and j.name in conflicts else j for j in jobs]
+
+
+def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool,
+                  state_dir: Optional[Path] = None) -> tuple[list[JobSpec], list[InvalidJob]]:
     """Every `*.yaml`/`*.yml` in jobs_dir (sorted, hidden files skipped). A missing dir is
     empty; an unreadable one is reported as one invalid entry named after the dir."""
     jobs_dir = Path(jobs_dir)
@@ -908,7 +930,7 @@ def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool) -> tuple[list[JobSpec]
         error = f"{jobs_dir}:1: (file): cannot list the jobs dir: {exc.strerror}"
         return [], [InvalidJob(name=jobs_dir.name, source=jobs_dir, errors=(error,))]
     loaded = [(p, *_read_job(p, is_root)) for p in files]
-    jobs = _mark_duplicates(loaded)
+    jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
     return ([j for j in jobs if isinstance(j, JobSpec)],
             [j for j in jobs if isinstance(j, InvalidJob)])
 
@@ -917,7 +939,7 @@ def validate_files(paths: Iterable[Path | str], *, is_root: bool) -> list[str]:
     """All error lines for `trainsup validate`; duplicate names across the files count."""
     loaded = [(Path(p), *_read_job(Path(p), is_root)) for p in paths]
     errors: list[str] = []
-    for job in _mark_duplicates(loaded):
+    for job in _refuse_checkpoint_claims(_mark_duplicates(loaded), None, None):
         if isinstance(job, InvalidJob):
             errors.extend(job.errors)
     return errors
