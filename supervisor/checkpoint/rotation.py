@@ -81,10 +81,12 @@ def plan_rotation(
     *,
     pinned: Iterable[Pin] = frozenset(),
     resumed_from: Optional[Union[str, Path]] = None,
-    live: Collection[str] = frozenset(),
+    live: Optional[Collection[str]] = None,
     preexisting: Collection[str] = frozenset(),
     undeletable: Mapping[str, str] | None = None,
     quota: object = _UNSET,
+    now: Optional[float] = None,
+    tmp_grace: Optional[float] = None,
 ) -> RotationPlan:
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
@@ -93,8 +95,14 @@ def plan_rotation(
     first launch that `pattern` does not claim (inventory.py). undeletable: name -> why
     (a failed deletion backing off, a mount inside). quota: bytes, None for none;
     defaults to spec.quota.
+
+    live=None means "not observed": every in-progress or invalid entry is then treated as
+    live (no proof that its writer is gone, so it stays). now/tmp_grace are accepted from
+    callers not yet migrated and ignored: wall-clock ages decide nothing here.
     """
     quota = spec.quota if quota is _UNSET else quota
+    if live is None:
+        live = {i.name for i in infos if i.in_progress or not i.valid}
     undeletable = undeletable or {}
     pin_steps = {p for p in pinned if isinstance(p, int)}
     pin_names = {Path(p).name for p in pinned if not isinstance(p, int)}
@@ -208,27 +216,44 @@ class DiskQuotaPlan:
     reasons: dict[Path, str]
     over_quota: bool
     kept_bytes: int
+    plans: dict[str, RotationPlan] = field(default_factory=dict)   # each job's plan with its extras
 
 
 def plan_disk_quota(plans: Mapping[str, RotationPlan], disk_quota: Optional[int]) -> DiskQuotaPlan:
     """Extra deletions so that all jobs together fit `disk_quota`, after their own plans.
 
     Takes from every job's ladder stage by stage (keep_every, keep_best, keep_last), the
-    globally oldest (by mtime) first within a stage. Protected checkpoints are never taken.
+    globally oldest (by mtime) first within a stage. Protected checkpoints are never taken
+    (they are not on any ladder). `plans` of the result: each job's plan with its extra
+    deletions appended and `over_quota` set when the daemon-wide quota cannot be met.
     """
     total = sum(p.kept_bytes for p in plans.values())
     out: dict[str, list[CheckpointInfo]] = {job: [] for job in plans}
     reasons: dict[Path, str] = {}
-    if disk_quota is None or total <= disk_quota:
-        return DiskQuotaPlan(out, reasons, False, total)
-    candidates = sorted(
-        ((stage, i.mtime, job, n, i) for job, p in plans.items() for n, (stage, i) in enumerate(p.ladder)),
-        key=lambda t: (t[0], t[1], t[2], t[3]),
-    )
-    for stage, _, job, _, i in candidates:
-        if total <= disk_quota:
-            break
-        out[job].append(i)
-        reasons[i.path] = f"over disk_quota ({disk_quota} bytes, all jobs): {_RELAXED[stage]} relaxed"
-        total -= i.bytes
-    return DiskQuotaPlan(out, reasons, total > disk_quota, total)
+    if disk_quota is not None and total > disk_quota:
+        candidates = sorted(
+            ((stage, i.mtime, job, n, i) for job, p in plans.items() for n, (stage, i) in enumerate(p.ladder)),
+            key=lambda t: (t[0], t[1], t[2], t[3]),
+        )
+        for stage, _, job, _, i in candidates:
+            if total <= disk_quota:
+                break
+            out[job].append(i)
+            reasons[i.path] = f"over disk_quota ({disk_quota} bytes, all jobs): {_RELAXED[stage]} relaxed"
+            total -= i.bytes
+    over = disk_quota is not None and total > disk_quota
+    merged = {}
+    for job, p in plans.items():
+        extra = out[job]
+        gone = {i.path for i in extra}
+        merged[job] = RotationPlan(
+            delete=p.delete + extra,
+            kept={k: v for k, v in p.kept.items() if k not in gone},
+            reasons={**p.reasons, **{i.path: reasons[i.path] for i in extra}},
+            over_quota=p.over_quota or over,
+            total_bytes=p.total_bytes,
+            kept_bytes=p.kept_bytes - sum(i.bytes for i in extra),
+            quota=p.quota if not over else (disk_quota if p.quota is None else min(p.quota, disk_quota)),
+            ladder=tuple((s_, i) for s_, i in p.ladder if i.path not in gone),
+        )
+    return DiskQuotaPlan(out, reasons, over, total, merged)

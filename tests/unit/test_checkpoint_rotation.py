@@ -94,9 +94,9 @@ def test_quota_met_exactly_is_not_over():
 
 
 def test_deletion_reasons_name_the_rule():
-    plan = plan_rotation([ck(1), ck(2, valid=False), ck(3), ck(4), ck(5)], spec(keep_every=1, quota=10))
+    plan = plan_rotation([ck(1), ck(2, valid=False), ck(3), ck(4), ck(5)], spec(keep_every=1, quota=10), live=set())
     r = {i.step: plan.reasons[i.path] for i in plan.delete}
-    assert "invalid (broken), older than the newest valid" in r[2]
+    assert "invalid (broken), older than the newest valid, not being written" in r[2]
     assert "keep_every relaxed" in r[1]
     assert "keep_last relaxed" in r[4]
 
