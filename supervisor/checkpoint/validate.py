@@ -45,6 +45,7 @@ import xxhash
 
 from . import naming
 from .format import MANIFEST, ManifestError, hash_fd, parse_manifest
+from .settle import settle
 
 FORMATS = ("auto", "trainsup", "torch", "hf")
 HF_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -529,6 +530,9 @@ def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None,
             except (ValueError, TypeError):
                 pass  # a cache row from another version: recompute
     try:
+        # No dirty page may outlive the verdict: a later write through a shared mapping
+        # must fault and move ctime, so the fingerprint sees it (reprove.py).
+        settle(path)
         verdict = _CHECKERS[fmt](path)
     except OSError as e:
         if e.errno == errno.ENOENT:
