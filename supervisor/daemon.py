@@ -16,6 +16,7 @@ from typing import Any, Optional
 import psutil
 
 from . import __version__, config, process
+from .checkpoint.custody import owner_ids
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -85,7 +86,7 @@ class Daemon:
                                      job_user_of=self._job_user)
         await self.control.start()
         (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
-        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
+        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir)
         for spec in jobs:
             self._add_job(spec)
         for inv in invalid:
@@ -241,7 +242,9 @@ class Daemon:
 
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
-                               on_index=lambda infos, err: None, on_scanned=self.rotation.request)
+                               on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
+                               create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
         self.jobs[spec.name] = job
         ckpts.watch()
@@ -308,7 +311,7 @@ class Daemon:
 
     async def _reload_once(self) -> dict:
         jobs, invalid = await self.loop.run_in_executor(
-            None, lambda: config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root))
+            None, lambda: config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir))
         new = {s.name: s for s in jobs}
         by_source = {j.spec.source: j for j in self.jobs.values()}
         added, removed, changed = [], [], []

@@ -21,7 +21,11 @@ facts; the on-the-loop calls own the per-job memory (liveness, backoff).
 from __future__ import annotations
 
 import errno
+import grp
+import os
+import pwd
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -29,16 +33,29 @@ from ..spec import CheckpointSpec
 from . import inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
-from .index import CheckpointInfo, scan
+from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
-from .reprove import latest_for_launch
+from .reprove import latest_for_launch, reprove
 from .rotation import RotationPlan, plan_rotation
 from .trash import empty_trash
-from .validate import VerdictCache
+from .validate import Verdict, VerdictCache
 
 # A save is "quiet" after this long without a change the daemon saw (plus the job's grace).
 QUIET_MARGIN_S = 60.0
+
+
+def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
+    """(uid, gid) a `user:`/`group:` job's missing checkpoint dir is created with, so the
+    job can save into it (issue 10: it was created root-owned); None: the daemon's own."""
+    if not user and not group:
+        return None
+    try:
+        pw = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+        return (pw.pw_uid if pw else os.getuid(), gid)
+    except KeyError:
+        return None
 
 
 class JobCheckpointDir:
@@ -111,6 +128,27 @@ class JobCheckpointDir:
         if self.handle is None or self.flag:
             return None
         return latest_for_launch(self.handle.io_root, infos, cache)
+
+    def reprove_latest(self, infos: list[CheckpointInfo], cache: Optional[VerdictCache]
+                       ) -> list[CheckpointInfo]:
+        """Before a launch: the newest valid checkpoints, newest first, re-proven until one
+        holds; those that no longer do are marked invalid (never offered for resume)."""
+        if self.handle is None or self.flag:
+            return infos
+        out = list(infos)
+        for pos in range(len(out) - 1, -1, -1):
+            i = out[pos]
+            if not (i.valid and i.managed and not i.in_progress):
+                continue
+            try:
+                v = reprove(f"{self.handle.io_root}/{i.name}", i.format, cache, str(i.path))
+            except OSError as e:
+                v = Verdict(i.format, False, f"unreadable: {e.strerror or e}")
+            if v.valid:
+                break
+            out[pos] = replace(i, valid=False, invalid_reason=f"changed since verified: {v.invalid_reason}",
+                               unknown=is_unknown_reason(v.invalid_reason))
+        return out
 
     # ------------------------------------------------------------------ on the loop
 

@@ -5,8 +5,8 @@ An entry is live while any of these holds (issue 11 case 5):
     start time no later than when the daemon first saw the dir (a reused pid started
     after it, so it is not the writer);
   - any file in it changed (size, mtime or ctime: the scan's lstat fingerprint) within the
-    quiet window, as observed by the daemon's *monotonic* clock: the first sighting counts
-    as a change. A wall-clock step (NTP, resume from suspend) changes nothing here, and a
+    quiet window, as observed by the daemon's *monotonic* clock: for an entry that is not
+    valid the first sighting counts as a change (a valid one was proven complete). A wall-clock step (NTP, resume from suspend) changes nothing here, and a
     slow single-file save keeps moving its file even after its dir's mtime stops;
   - a process of the job has one of its files open (torch.save rewriting `latest.pth` in
     place: 0 bytes for a moment, and still open).
@@ -91,8 +91,9 @@ def entry_inodes(h: DirHandle, rel: str) -> set[tuple[int, int]]:
 @dataclass
 class _Seen:
     fp: str
-    changed: float          # monotonic: when the daemon last saw it differ
+    changed: float          # monotonic: when the daemon last saw it differ (or first saw it)
     first_boot: float       # boottime: when the daemon first saw it
+    moved: bool = False     # seen to differ at least once (not just first sighted)
 
 
 class LivenessTracker:
@@ -121,7 +122,7 @@ class LivenessTracker:
             if old is None:
                 present[k] = _Seen(fp, now, boot)
             elif old.fp != fp:
-                present[k] = _Seen(fp, now, old.first_boot)
+                present[k] = _Seen(fp, now, old.first_boot, True)
             else:
                 present[k] = old
         self._seen = present
@@ -136,7 +137,10 @@ class LivenessTracker:
             if not i.managed:
                 continue
             seen = self._seen.get(self.key(i))
-            if seen is None or now - seen.changed < self.quiet:
+            # A first sighting counts as a change for what is not (yet) valid: it may be a
+            # save under way. A valid entry is complete as proven; it is live only if seen
+            # to change (rewritten in place), or while the job holds it open.
+            if seen is None or (now - seen.changed < self.quiet and (seen.moved or not i.valid)):
                 out.add(i.name)
             elif i.in_progress and i.pid is not None and self._writer_alive(i.pid, seen.first_boot):
                 out.add(i.name)
