@@ -135,14 +135,14 @@ def plan_rotation(
     for i in infos:
         if not i.managed:
             keep(i, "unmanaged")
+        elif not i.in_progress and i.name in preexisting:
+            keep(i, "preexisting")
         elif i.name in live:
             keep(i, "in-progress")
         elif i.unknown:
             keep(i, "unknown")
         elif i.alias:
             keep(i, "alias")
-        elif not i.in_progress and i.name in preexisting:
-            keep(i, "preexisting")
         elif i.name in undeletable:
             keep(i, "undeletable")
         if resumed is not None and i.path == resumed:

@@ -142,6 +142,8 @@ class JobCheckpoints:
         assert self.spec is not None
         try:
             if self.custody is not None:
+                if for_launch:     # what was there before the first launch is never the job's
+                    self.custody.before_first_launch()
                 infos, flag = self.custody.scan(cache or self.cache)
                 if for_launch:     # re-prove what a launch would be handed (reprove.py)
                     infos = self.custody.reprove_latest(infos, cache or self.cache)

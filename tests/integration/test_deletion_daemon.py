@@ -101,3 +101,24 @@ def test_disk_quota_applies_across_jobs(daemon):
     wait_for(lambda: total() <= 1500, 20, "both jobs together within disk_quota")
     for n in ("q1", "q2"):
         assert any(c["valid"] and c["kept"] == "newest" for c in _ckpts(daemon, n))
+
+
+def test_checkpoint_named_files_there_before_first_launch_are_never_deleted(daemon, tmp_path):
+    """Case 3: entries the format would name (model_epoch_3.pt, step-00000001) that were
+    in the dir before the job's first launch are the user's, not the job's."""
+    ck = daemon.root / "pre-ckpt"
+    ck.mkdir()
+    (ck / "model_epoch_3.pt").write_bytes(b"someone else's run" * 50)
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(ck, 1, {"w": b"imported"})
+    before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
+    daemon.fakejob("pre", "--every 0.05", ckpt=False,
+                   extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n")
+    daemon.start()
+    wait_for(lambda: len([e for e in daemon.history("pre") if e["kind"] == "deleted"]) >= 3, 20, "3 rotations")
+    daemon.request("stop", "pre", no_save=True)
+    assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
+    assert (ck / "step-00000001" / "w").read_bytes() == b"imported"
+    kept = {Path(c["path"]).name: c["kept"] for c in _ckpts(daemon, "pre")}
+    assert kept["model_epoch_3.pt"] == "preexisting" and kept["step-00000001"] == "preexisting"
+    assert (daemon.state / "checkpoint-inventory" / "pre.json").exists()
