@@ -41,8 +41,10 @@ from .rotation import RotationPlan, plan_rotation
 from .trash import empty_trash
 from .validate import Verdict, VerdictCache
 
-# A save is "quiet" after this long without a change the daemon saw (plus the job's grace).
-QUIET_MARGIN_S = 60.0
+# A save is "quiet" after the job's emergency_save.grace plus this long without a change
+# the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen
+# unchanged across passes", never "changed in the same instant".
+QUIET_MARGIN_S = 5.0
 
 
 def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:

@@ -74,6 +74,10 @@ class DeletionBackoff:
         self._failures[name] = _Failure(count, self.clock() + delay, error)
         return f is None
 
+    def failing(self, name: str) -> bool:
+        """A retry of a known failure (its intent is on record already)."""
+        return name in self._failures
+
     def succeeded(self, name: str) -> None:
         self._failures.pop(name, None)
 

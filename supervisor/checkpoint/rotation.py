@@ -137,10 +137,10 @@ def plan_rotation(
             keep(i, "unmanaged")
         elif not i.in_progress and i.name in preexisting:
             keep(i, "preexisting")
-        elif i.name in live:
-            keep(i, "in-progress")
         elif i.unknown:
             keep(i, "unknown")
+        elif i.name in live:
+            keep(i, "in-progress")
         elif i.alias:
             keep(i, "alias")
         elif i.name in undeletable:

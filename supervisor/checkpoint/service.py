@@ -301,8 +301,9 @@ class RotationCoordinator:
                 # Intent apart from outcome: a crash after the move into the trash still
                 # leaves a record of what the daemon set out to remove and why; `deleted`
                 # is written only once the entry is gone (deleter.py).
-                record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
-                self.flush()
+                if not ck.custody.backoff.failing(info.name):
+                    record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
+                    self.flush()
                 outcome = await self.loop.run_in_executor(self.executor, ck.custody.delete, info)
                 if outcome.ok:
                     crash_point("delete")
