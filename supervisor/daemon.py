@@ -16,6 +16,7 @@ from typing import Any, Optional
 import psutil
 
 from . import __version__, cgroup, config, process
+from .checkpoint.custody import owner_ids
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -262,7 +263,9 @@ class Daemon:
 
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
-                               on_index=lambda infos, err: None, on_scanned=self.rotation.request)
+                               on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
+                               create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
         old = self.jobs.get(spec.name)
         if old is not None:
@@ -386,7 +389,8 @@ class Daemon:
         after `tries` come back in `unsettled`; their jobs are left as they are."""
         for attempt in range(tries):
             scan = await self.loop.run_in_executor(
-                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root))
+                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
+                                             state_dir=self.spec.state_dir))
             if not scan.unsettled or attempt == tries - 1:
                 return scan
             await asyncio.sleep(config.SETTLE_SECONDS)

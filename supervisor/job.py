@@ -237,7 +237,14 @@ class Job:
                              resumed_from=self.resumed_from if self.alive else None,
                              tmp_grace=self.spec.emergency_save.grace + 60,
                              save_durations=tuple(self.save_durations),
-                             grace=self.spec.emergency_save.grace)
+                             grace=self.spec.emergency_save.grace,
+                             pids=self._job_pids())
+
+    def _job_pids(self) -> tuple[int, ...]:
+        """The job's processes, whose open files rotation must treat as being written."""
+        if self.child is None:
+            return ()
+        return (self.child.pid, *process.descendants(self.child.pid))
 
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
@@ -270,7 +277,7 @@ class Job:
 
     async def _refresh_then_spawn(self) -> None:
         try:
-            await self.ckpts.refresh()
+            await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
         except Exception as e:
             self._internal_error("refreshing the checkpoint index before a launch", e)
             return
