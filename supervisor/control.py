@@ -12,6 +12,7 @@ handler behind it is the daemon's; this module only frames, authorises and dispa
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import grp
 import json
 import logging
@@ -21,6 +22,7 @@ import resource
 import socket
 import stat
 import struct
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,9 @@ MAX_TOTAL = 4096              # connections in all, further capped by the fd bud
 # hashing pool, watchers, and per job a pidfd, a log file and the spawn pipes.
 FDS_RESERVED = 128
 FDS_PER_JOB = 8
+# asyncio accepts up to `backlog` connections per wakeup before any of them is counted
+# here, and evicted ones close a loop turn later: room for two batches stays free.
+ACCEPT_BACKLOG = 64
 NOFILE_WANTED = 65536
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13
 
@@ -151,7 +156,21 @@ class _Slot:
     """One open connection: whose, since when, and what it is doing."""
     uid: int
     since: float
+    reader: Optional[asyncio.StreamReader] = None
     phase: str = "idle"      # idle | active | follow
+
+    def silent(self, writer: asyncio.StreamWriter) -> bool:
+        """Idle and nothing sent yet: a request already on its way is never evicted."""
+        if self.phase != "idle":
+            return False
+        if self.reader is not None and len(getattr(self.reader, "_buffer", b"")):
+            return False
+        sock = writer.get_extra_info("socket")
+        try:
+            pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return struct.unpack("i", pending)[0] == 0
+        except (OSError, AttributeError):
+            return True
 
 
 def _uid_of_user(name: Optional[str]) -> Optional[int]:
@@ -241,7 +260,7 @@ class ControlServer:
             jobs = sum(1 for _ in self.job_names())
         except Exception:
             jobs = 0
-        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs))
+        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG))
 
     def _evict_idle(self, uid: Optional[int]) -> bool:
         """Close the longest-idle connection (of `uid`, else of the uid holding the most);
@@ -254,22 +273,25 @@ class ControlServer:
                 if self._evict_idle(candidate):
                     return True
             return False
-        idle = [(s.since, w) for w, s in self.slots.items() if s.uid == uid and s.phase == "idle"]
-        if not idle:
-            return False
-        _, oldest = min(idle, key=lambda t: t[0])
-        self.slots.pop(oldest, None)
-        oldest.close()      # its readline() sees EOF and its task ends itself
-        return True
+        idle = sorted((s.since, id(w), w) for w, s in self.slots.items() if s.uid == uid and s.phase == "idle")
+        for _, _, w in idle:            # oldest first; the syscall in silent() only as needed
+            if self.slots[w].silent(w):
+                self.slots.pop(w, None)
+                w.close()      # its readline() sees EOF and its task ends itself
+                return True
+        return False
 
-    def _admit(self, writer: asyncio.StreamWriter, uid: int) -> bool:
+    def _admit(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, uid: int) -> bool:
         """Count a new connection, making room by closing idle ones: a flood of silent
-        clients costs its sender its own oldest connections, not everyone's `status`."""
-        if self._count(uid=uid) >= MAX_PER_UID and not self._evict_idle(uid):
+        clients costs its sender its own oldest connections, not everyone's `status`.
+        The per-uid cap is for unprivileged peers (one socket-group member must not lock
+        out the others); root and the daemon's user are bounded by the total only."""
+        privileged = uid in (0, self.daemon_uid)
+        if not privileged and self._count(uid=uid) >= MAX_PER_UID and not self._evict_idle(uid):
             return False
         if len(self.slots) >= self.max_total() and not self._evict_idle(None):
             return False
-        self.slots[writer] = _Slot(uid, time.monotonic())
+        self.slots[writer] = _Slot(uid, time.monotonic(), reader)
         return True
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -290,7 +312,7 @@ class ControlServer:
         old = os.umask(0o117)     # the socket is born 0660: no window where others can connect
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                          limit=MAX_REQUEST)
+                                                          limit=MAX_REQUEST, backlog=ACCEPT_BACKLOG)
         except OSError as e:
             raise SocketRefused(f"cannot listen on {self.path}: {e.strerror}") from None
         finally:
@@ -315,7 +337,7 @@ class ControlServer:
         conn = Connection(writer)
         try:
             peer = peer_of(writer.get_extra_info("socket"))
-            if not self._admit(writer, peer.uid):
+            if not self._admit(writer, reader, peer.uid):
                 await conn.send({"ok": False, "error": "busy: too many connections"})
                 return
             slot = self.slots[writer]
