@@ -468,8 +468,19 @@ def connect(path: Path, timeout: Optional[float], trusted: Iterable[int] = ()) -
     check_server(path, allowed)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
     try:
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:
+                # The listen backlog is full (a busy daemon, or a flood): it drains in
+                # milliseconds; wait for it rather than fail.
+                if time.monotonic() >= deadline:
+                    s.close()
+                    raise Unreachable(f"the daemon at {path} is too busy to accept a connection") from None
+                time.sleep(0.01)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         s.close()
         raise Unreachable(f"no trainsup daemon at {path} ({(e.strerror or str(e)).lower()})") from None
