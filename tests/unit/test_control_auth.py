@@ -59,3 +59,29 @@ def test_every_verb_needs_a_target_rule_and_writers_are_explicit():
     for verb in VERBS.values():
         assert verb.targets in ("none", "daemon", "job", "job?", "job|all"), verb.name
     assert {v.name for v in VERBS.values() if not v.writes} == {"ping", "status", "logs", "checkpoints", "history"}
+
+
+def test_client_trusts_only_root_itself_and_the_configured_daemon_user(tmp_path):
+    """The socket-owner check of the client (the kernel's SO_PEERCRED check follows it)."""
+    import os
+    import pwd
+    import socket as so
+
+    from trainsup.config import load_daemon_config
+    from trainsup.control import Unreachable, check_server, trusted_uids
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown the socket")
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "trainsup.sock"
+    s = so.socket(so.AF_UNIX)
+    s.bind(str(path))
+    os.chown(path, nobody.pw_uid, -1)
+    with pytest.raises(Unreachable, match="owned by uid"):
+        check_server(path, trusted_uids())
+    config = tmp_path / "trainsup.yaml"
+    config.write_text("user: nobody\n")
+    spec = load_daemon_config(config, {}, is_root=True)
+    assert spec.uid == nobody.pw_uid
+    check_server(path, trusted_uids([spec.uid]))
+    s.close()
