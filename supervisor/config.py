@@ -848,6 +848,8 @@ RESTART = Section(RestartSpec, {
     "window": duration(positive=True),
     "backoff": BACKOFF,
     "max_restarts_without_progress": integer(1),
+    "start_limit_burst": integer(1),
+    "start_limit_interval": duration(),
 })
 
 EMERGENCY_SAVE = Section(EmergencySaveSpec, {

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import __version__, config, process
+from . import __version__, cgroup, config, process
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -42,7 +42,9 @@ class Daemon:
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
         self.db: StateDB
-        self._stop = None
+        self.containment: Optional[cgroup.Containment] = None   # set up at start (JobHost)
+        self.heartbeat_dir = self.spec.state_dir / "heartbeat"   # JobHost; /run/... at start
+        self._stop: Optional[asyncio.Event] = None
         self._exit_code = 0
         self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
         self._reload_lock = asyncio.Lock()
@@ -52,7 +54,7 @@ class Daemon:
         self.commands = Commands(self)
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
-        self.schedule = None
+        self.schedule: Optional[JobSchedule] = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
 
@@ -75,8 +77,13 @@ class Daemon:
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
-        self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
+        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
         process.become_subreaper()
+        containment = self.containment = cgroup.setup(self.spec.state_dir)
+        if containment.kind == cgroup.PROCESS_GROUP:
+            log.warning("jobs contained by process group only (%s)", containment.why)
+        else:
+            log.info("jobs contained by %s under %s", containment.kind, containment.root)
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
@@ -84,7 +91,7 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
-        (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+        self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
         # YAML and user lookups off the loop; a file still being written is read again
         # by a reload in a moment instead of being taken half-written.
         scan = await self._scan_jobs_dir()
@@ -93,6 +100,12 @@ class Daemon:
         for inv in scan.invalid:
             self._add_invalid(inv)
         self._reread_unsettled(scan.unsettled)
+        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
+        # state DB says (it may be gone), then by the pids it recorded.
+        for name in await containment.end_leftovers():
+            job = self.jobs.get(name.rpartition(".")[0])
+            if job is not None:
+                job.event("orphan-stopped", cgroup=name)
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
@@ -103,6 +116,7 @@ class Daemon:
         self.notifier.ready(self._summary())
         log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
                  len(self.invalid), self.spec.socket)
+        assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
         return self._exit_code
@@ -135,6 +149,9 @@ class Daemon:
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
             j.log.close()
+        if self.containment is not None:
+            self.containment.close()
+        process.discard_heartbeat_dir(self.heartbeat_dir)
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
@@ -280,7 +297,7 @@ class Daemon:
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
             fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
             try:
                 signal.pidfd_send_signal(fd, signal.SIGTERM)
                 os.killpg(pid, signal.SIGTERM)

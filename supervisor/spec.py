@@ -39,6 +39,10 @@ class RestartSpec:
     window: float = 3600.0
     backoff: BackoffSpec = field(default_factory=BackoffSpec)
     max_restarts_without_progress: int = 5
+    # Like systemd's StartLimitBurst/StartLimitIntervalSec: more automatic relaunches than
+    # `start_limit_burst` within `start_limit_interval` seconds -> failed (0 s: no limit).
+    start_limit_burst: int = 5
+    start_limit_interval: float = 60.0
 
 
 @dataclass(frozen=True)
