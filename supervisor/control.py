@@ -24,6 +24,7 @@ import stat
 import struct
 import termios
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
@@ -173,6 +174,65 @@ class _Slot:
             return True
 
 
+class _Slots:
+    """Every open connection, with the counts the limits need kept up to date (a flood
+    is thousands of admissions: none of them may scan every connection)."""
+
+    def __init__(self) -> None:
+        self.all: dict[asyncio.StreamWriter, _Slot] = {}
+        self.by_uid: Counter[int] = Counter()
+        self.by_phase: Counter[tuple[str, Optional[int]]] = Counter()   # (phase, uid|None)
+        # Idle connections per uid, longest idle first.
+        self.idle: dict[int, OrderedDict[asyncio.StreamWriter, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def __contains__(self, w: object) -> bool:
+        return w in self.all
+
+    def __getitem__(self, w: asyncio.StreamWriter) -> _Slot:
+        return self.all[w]
+
+    def count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
+        if phase is None:
+            return len(self.all) if uid is None else self.by_uid[uid]
+        return self.by_phase[(phase, uid)]
+
+    def add(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.all[w] = slot
+        self.by_uid[slot.uid] += 1
+        self._enter(w, slot)
+
+    def set_phase(self, w: asyncio.StreamWriter, phase: str) -> None:
+        slot = self.all[w]
+        self._leave(w, slot)
+        slot.phase, slot.since = phase, time.monotonic()
+        self._enter(w, slot)
+
+    def remove(self, w: asyncio.StreamWriter) -> Optional[_Slot]:
+        slot = self.all.pop(w, None)
+        if slot is not None:
+            self.by_uid[slot.uid] -= 1
+            self._leave(w, slot)
+        return slot
+
+    def uids_by_count(self) -> list[int]:
+        return [uid for uid, n in self.by_uid.most_common() if n > 0]
+
+    def _enter(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] += 1
+        self.by_phase[(slot.phase, slot.uid)] += 1
+        if slot.phase == "idle":
+            self.idle.setdefault(slot.uid, OrderedDict())[w] = None
+
+    def _leave(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] -= 1
+        self.by_phase[(slot.phase, slot.uid)] -= 1
+        if slot.phase == "idle":
+            self.idle.get(slot.uid, OrderedDict()).pop(w, None)
+
+
 def _uid_of_user(name: Optional[str]) -> Optional[int]:
     if name is None:
         return None
@@ -243,13 +303,12 @@ class ControlServer:
             except KeyError:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
         self.server: Optional[asyncio.AbstractServer] = None
-        self.slots: dict[asyncio.StreamWriter, _Slot] = {}
+        self.slots = _Slots()
         self.fd_limit = 1024
 
     # -- counts ------------------------------------------------------------------------
     def _count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
-        return sum(1 for s in self.slots.values()
-                   if (phase is None or s.phase == phase) and (uid is None or s.uid == uid))
+        return self.slots.count(phase, uid)
 
     @property
     def active(self) -> int:
@@ -266,20 +325,13 @@ class ControlServer:
         """Close the longest-idle connection (of `uid`, else of the uid holding the most);
         False when there is none to close."""
         if uid is None:
-            per_uid: dict[int, int] = {}
-            for s in self.slots.values():
-                per_uid[s.uid] = per_uid.get(s.uid, 0) + 1
-            for candidate in sorted(per_uid, key=per_uid.__getitem__, reverse=True):
-                if self._evict_idle(candidate):
-                    return True
+            return any(self._evict_idle(candidate) for candidate in self.slots.uids_by_count())
+        victim = next((w for w in self.slots.idle.get(uid, ()) if self.slots[w].silent(w)), None)  # longest idle first
+        if victim is None:
             return False
-        idle = sorted((s.since, id(w), w) for w, s in self.slots.items() if s.uid == uid and s.phase == "idle")
-        for _, _, w in idle:            # oldest first; the syscall in silent() only as needed
-            if self.slots[w].silent(w):
-                self.slots.pop(w, None)
-                w.close()      # its readline() sees EOF and its task ends itself
-                return True
-        return False
+        self.slots.remove(victim)
+        victim.close()      # its readline() sees EOF and its task ends itself
+        return True
 
     def _admit(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, uid: int) -> bool:
         """Count a new connection, making room by closing idle ones: a flood of silent
@@ -291,7 +343,7 @@ class ControlServer:
             return False
         if len(self.slots) >= self.max_total() and not self._evict_idle(None):
             return False
-        self.slots[writer] = _Slot(uid, time.monotonic(), reader)
+        self.slots.add(writer, _Slot(uid, time.monotonic(), reader))
         return True
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -342,7 +394,9 @@ class ControlServer:
                 return
             slot = self.slots[writer]
             while True:
-                slot.phase, slot.since = "idle", time.monotonic()
+                if writer not in self.slots:                  # evicted
+                    return
+                self.slots.set_phase(writer, "idle")
                 try:
                     line = await asyncio.wait_for(reader.readline(), CONNECTION_DEADLINE)
                 except asyncio.TimeoutError:
@@ -359,7 +413,7 @@ class ControlServer:
         except Exception:   # a bug in one request must never take the daemon down
             log.exception("control: request failed")
         finally:
-            self.slots.pop(writer, None)
+            self.slots.remove(writer)
             try:
                 writer.close()
             except Exception:
@@ -405,7 +459,7 @@ class ControlServer:
             what = "log followers" if phase == "follow" else "requests"
             await conn.send({"ok": False, "error": f"busy: too many {what} at once"})
             return False
-        slot.phase = phase
+        self.slots.set_phase(conn.writer, phase)
         # The handler acts on `targets` — exactly what was authorised — never on args again.
         try:
             result = await self.handler({"cmd": cmd, "job": job, "args": args, "targets": targets},
