@@ -85,3 +85,22 @@ def test_client_trusts_only_root_itself_and_the_configured_daemon_user(tmp_path)
     assert spec.uid == nobody.pw_uid
     check_server(path, trusted_uids([spec.uid]))
     s.close()
+
+
+@pytest.mark.parametrize("mode,uid,gid,unsafe", [
+    (0o755, 0, 0, None),
+    (0o750, 0, 500, None),
+    (0o777, 0, 0, "writable by others"),
+    (0o1777, 0, 0, "writable by others"),
+    (0o775, 0, 500, "writable by group 500"),
+    (0o775, 0, 0, None),
+    (0o755, 4242, 0, "owned by uid 4242"),
+])
+def test_socket_dir_safety_table(mode, uid, gid, unsafe):
+    import os
+    import stat as st
+
+    from trainsup.control import unsafe_dir
+    fake = os.stat_result((st.S_IFDIR | mode, 0, 0, 2, uid, gid, 0, 0, 0, 0))
+    why = unsafe_dir(fake, {0, 1000}, {0, 1000})
+    assert (why is None) if unsafe is None else (unsafe in why), why
