@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from . import cgroup, process
 from .backoff import RestartTracker
@@ -89,8 +89,11 @@ def _ckpt_key(info) -> tuple:
 
 class Job:
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
-                 persisted: dict):
+                 persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
+                 clock: Callable[[], float] = time.monotonic):
         self.spec = spec
+        self._spawn_process = spawn       # process.spawn; unit tests hand in a fake child
+        self.clock = clock                # monotonic: restart decisions never see wall time
         self.host = host
         self.loop = host.loop
         self.settings = settings
@@ -346,8 +349,8 @@ class Job:
         try:
             wfd = self.log.new_pipe(self.loop)
             cg = containment.create(spec.name, self.attempt) if containment is not None else None
-            child = process.spawn(spec, argv, env, wfd, containment, cg)
-            spawned_at = time.monotonic()
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            spawned_at = self.clock()
         except (process.SpawnError, OSError, cgroup.CgroupError) as e:
             if cg is not None:
                 cg.remove()
@@ -419,7 +422,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
-        self._exit_noticed = time.monotonic()
+        self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
@@ -441,7 +444,7 @@ class Job:
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
         self.last_exit = ex.as_dict()
-        ran_for = time.monotonic() - child.started_mono
+        ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
@@ -487,7 +490,7 @@ class Job:
         if self.retired:
             return
         try:
-            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+            decision = self.tracker.on_exit(crashed=crashed, now=self.clock(), ran_for=ran_for)
         except Exception as e:
             self._internal_error("deciding on a restart", e)
             return
