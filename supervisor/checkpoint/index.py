@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from . import frameworks
 from .format import TMP_DIR
 from .validate import (
     FORMATS,
@@ -57,6 +58,21 @@ class CheckpointInfo:
     in_progress: bool = False
     pid: Optional[int] = None       # writer pid of an in-progress entry
     cached: bool = field(default=False, compare=False)
+    # Framework entries (frameworks/): the files that make up the entry, relative to the
+    # checkpoint dir, deleted as one unit, commit marker first (empty: `path` is the entry);
+    # alias: latest | best | last | link | backup for a name the framework rewrites, and
+    # alias_of: the numbered entry whose step it shares; resume: what the framework's resume
+    # call takes when that is not `path` (a save_last="link" symlink's target).
+    members: tuple[str, ...] = ()
+    alias: Optional[str] = None
+    alias_of: Optional[str] = None
+    resume: Optional[Path] = None
+
+    @property
+    def resume_path(self) -> Path:
+        """What TRAINSUP_RESUME_FROM / {checkpoint} name: the dir (HF, trainsup), the file
+        (torch, Lightning, Keras), the prefix (Paddle `latest`, TF `ckpt-N`)."""
+        return self.resume or self.path
 
 
 def scan(
@@ -76,8 +92,10 @@ def scan(
         raise CheckpointDirError(errno.ENOENT, f"{root}: checkpoint dir vanished during scan") from None
     except NotADirectoryError:
         raise CheckpointDirError(errno.ENOTDIR, f"{root}: replaced by a non-directory") from None
-    infos: list[CheckpointInfo] = []
+    infos, claimed = frameworks.scan(root, fmt, cache, CheckpointInfo)
     for e in entries:
+        if e.name in claimed:
+            continue
         if e.name == TMP_DIR:
             infos.extend(_scan_tmp(root / TMP_DIR))
             continue
@@ -176,12 +194,15 @@ def _tree_bytes(e: os.DirEntry) -> int:
 def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     """Oldest first: by step; an unnumbered entry right after the numbered ones older than it."""
     infos = list(infos)
-    numbered = sorted((i for i in infos if i.step is not None), key=lambda i: (i.step, i.mtime, i.name))
+    # An alias sorts before the numbered entry it shares a step with: the numbered one is
+    # the latest of that step (mtimes of copies say nothing).
+    numbered = sorted((i for i in infos if i.step is not None),
+                      key=lambda i: (i.step, i.alias is None, i.mtime, i.name))
     unnumbered = [i for i in infos if i.step is None]
     if not unnumbered:
         return numbered
     by_mtime = sorted(numbered, key=lambda i: i.mtime)
-    keyed = [((i.step, 0, i.mtime, i.name), i) for i in numbered]
+    keyed = [((i.step, 0, i.alias is None, i.mtime, i.name), i) for i in numbered]
     # the largest step among numbered entries not newer than each unnumbered entry
     mtimes = [i.mtime for i in by_mtime]
     running_max: list[float] = []
@@ -192,7 +213,7 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     for u in unnumbered:
         k = bisect.bisect_right(mtimes, u.mtime)
         anchor = running_max[k - 1] if k else -math.inf
-        keyed.append(((anchor, 1, u.mtime, u.name), u))
+        keyed.append(((anchor, 1, True, u.mtime, u.name), u))
     keyed.sort(key=lambda t: t[0])
     return [i for _, i in keyed]
 

@@ -45,7 +45,8 @@ import xxhash
 
 from .format import MANIFEST, STEP_DIR_RE, ManifestError, hash_fd, parse_manifest
 
-FORMATS = ("auto", "trainsup", "torch", "hf")
+# paddle, tf, keras, lightning, safetensors: checkpoint/frameworks/ (groups of files)
+FORMATS = ("auto", "trainsup", "torch", "hf", "paddle", "tf", "keras", "lightning", "safetensors")
 HF_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
