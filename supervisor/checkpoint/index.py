@@ -213,6 +213,8 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     for u in unnumbered:
         k = bisect.bisect_right(mtimes, u.mtime)
         anchor = running_max[k - 1] if k else -math.inf
+        if u.alias is not None:
+            anchor = -math.inf  # a framework's copy whose step no byte tells (best_model/model)
         keyed.append(((anchor, 1, True, u.mtime, u.name), u))
     keyed.sort(key=lambda t: t[0])
     return [i for _, i in keyed]

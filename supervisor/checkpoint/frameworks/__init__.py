@@ -17,13 +17,31 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from ..format import STEP_DIR_RE
-from ..validate import HF_DIR_RE, Verdict, VerdictCache, _Invalid, _NOFOLLOW_DIR, check_safetensors_fd
+from ..validate import (
+    _NOFOLLOW_DIR,
+    HF_DIR_RE,
+    Verdict,
+    VerdictCache,
+    _Invalid,
+    check_safetensors_fd,
+)
 from . import keras, lightning, paddle, tf
-from .entry import DIR, FILE, Group, Listing, Opened, fingerprint, join, list_dir, open_dir_under
+from .entry import (
+    DIR,
+    FILE,
+    Group,
+    Listing,
+    Opened,
+    fingerprint,
+    join,
+    list_dir,
+    open_dir_under,
+)
 
 if TYPE_CHECKING:
     from ..index import CheckpointInfo
@@ -55,7 +73,7 @@ class _Tree:
                 os.close(fd)
         return self.cache[rel]
 
-    def readlink(self, rel: str) -> Optional[str]:
+    def readlink(self, rel: str) -> str | None:
         d, _, base = rel.rpartition("/")
         try:
             fd = open_dir_under(self.root_fd, d)
@@ -137,7 +155,7 @@ def _depends_on(g: Group) -> tuple[str, ...]:
 
 
 def check_group(tree: _Tree, root: Path, g: Group, fmt: str,
-                cache: Optional[VerdictCache]) -> tuple[Verdict, int, float, bool]:
+                cache: VerdictCache | None) -> tuple[Verdict, int, float, bool]:
     """(verdict, bytes, newest mtime, cached) for one group."""
     deps = _depends_on(g)
     fp, _, newest, _ = fingerprint(tree.root_fd, deps)
@@ -185,8 +203,8 @@ def _resolve_aliases(groups: list[Group], verdicts: dict[str, Verdict]) -> dict[
     return out
 
 
-def scan(root: Path, fmt: str, cache: Optional[VerdictCache],
-         info_cls: Callable[..., "CheckpointInfo"]) -> tuple[list["CheckpointInfo"], set[str]]:
+def scan(root: Path, fmt: str, cache: VerdictCache | None,
+         info_cls: Callable[..., CheckpointInfo]) -> tuple[list[CheckpointInfo], set[str]]:
     """Framework entries of the checkpoint dir `root` and the top-level names they claim."""
     if fmt not in ("auto",) + NAMES:
         return [], set()

@@ -15,7 +15,6 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Optional
 
 import xxhash
 
@@ -33,8 +32,8 @@ class Group:
     members: tuple[str, ...]           # what the checkpoint is made of; commit marker first
     resume: str                        # relative path the framework's resume call takes
     markers: tuple[str, ...] = ()      # files outside the entry that its verdict depends on
-    alias: Optional[str] = None        # latest | best | last | backup: a name the framework rewrites
-    link_to: Optional[str] = None      # save_last="link": the sibling a symlink names
+    alias: str | None = None        # latest | best | last | backup: a name the framework rewrites
+    link_to: str | None = None      # save_last="link": the sibling a symlink names
 
     @property
     def dir(self) -> str:
@@ -78,7 +77,7 @@ def open_dir_under(root_fd: int, rel: str) -> int:
     return opened[-1] if opened else os.dup(root_fd)
 
 
-def lstat_under(root_fd: int, rel: str) -> Optional[os.stat_result]:
+def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
     """lstat of root/rel through O_NOFOLLOW dirs; None if it is not there."""
     d, _, base = rel.rpartition("/")
     try:

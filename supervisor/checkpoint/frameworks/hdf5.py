@@ -31,12 +31,12 @@ def lookup3(data: bytes, initval: int = 0) -> int:
         a = (a + int.from_bytes(data[i:i + 4], "little")) & M
         b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & M
         c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & M
-        a = (a - c) & M; a ^= _rot(c, 4); c = (c + b) & M  # noqa: E702
-        b = (b - a) & M; b ^= _rot(a, 6); a = (a + c) & M  # noqa: E702
-        c = (c - b) & M; c ^= _rot(b, 8); b = (b + a) & M  # noqa: E702
-        a = (a - c) & M; a ^= _rot(c, 16); c = (c + b) & M  # noqa: E702
-        b = (b - a) & M; b ^= _rot(a, 19); a = (a + c) & M  # noqa: E702
-        c = (c - b) & M; c ^= _rot(b, 4); b = (b + a) & M  # noqa: E702
+        a = (a - c) & M; a ^= _rot(c, 4); c = (c + b) & M
+        b = (b - a) & M; b ^= _rot(a, 6); a = (a + c) & M
+        c = (c - b) & M; c ^= _rot(b, 8); b = (b + a) & M
+        a = (a - c) & M; a ^= _rot(c, 16); c = (c + b) & M
+        b = (b - a) & M; b ^= _rot(a, 19); a = (a + c) & M
+        c = (c - b) & M; c ^= _rot(b, 4); b = (b + a) & M
         i += 12
     tail = data[i:]
     if not tail:
@@ -45,13 +45,13 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     a = (a + int.from_bytes(tail[0:4], "little")) & M
     b = (b + int.from_bytes(tail[4:8], "little")) & M
     c = (c + int.from_bytes(tail[8:12], "little")) & M
-    c ^= b; c = (c - _rot(b, 14)) & M  # noqa: E702
-    a ^= c; a = (a - _rot(c, 11)) & M  # noqa: E702
-    b ^= a; b = (b - _rot(a, 25)) & M  # noqa: E702
-    c ^= b; c = (c - _rot(b, 16)) & M  # noqa: E702
-    a ^= c; a = (a - _rot(c, 4)) & M  # noqa: E702
-    b ^= a; b = (b - _rot(a, 14)) & M  # noqa: E702
-    c ^= b; c = (c - _rot(b, 24)) & M  # noqa: E702
+    c ^= b; c = (c - _rot(b, 14)) & M
+    a ^= c; a = (a - _rot(c, 11)) & M
+    b ^= a; b = (b - _rot(a, 25)) & M
+    c ^= b; c = (c - _rot(b, 16)) & M
+    a ^= c; a = (a - _rot(c, 4)) & M
+    b ^= a; b = (b - _rot(a, 14)) & M
+    c ^= b; c = (c - _rot(b, 24)) & M
     return c
 
 

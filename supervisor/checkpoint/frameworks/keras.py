@@ -15,7 +15,6 @@ import json
 import os
 import re
 import zipfile
-from typing import Optional
 
 from ..validate import Verdict, _Invalid, check_torch_fd
 from .entry import FILE, Group, Listing, Opened, join, read_small
@@ -28,21 +27,21 @@ _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 def recognise(d: str, listing: Listing) -> list[Group]:
     groups = []
-    backup = listing.get(BACKUP_META) == FILE
+    backup = listing.get(BACKUP_META) == FILE or listing.get(BACKUP_WEIGHTS) == FILE
     if backup:
         extra = [n for n in (BACKUP_WEIGHTS + ".bkp", BACKUP_META + ".bkp") if listing.get(n) == FILE]
-        members = [BACKUP_META] + ([BACKUP_WEIGHTS] if listing.get(BACKUP_WEIGHTS) == FILE else []) + extra
+        members = [n for n in (BACKUP_META, BACKUP_WEIGHTS) if listing.get(n) == FILE] + extra
         groups.append(Group(join(d, BACKUP_WEIGHTS), "keras", tuple(join(d, n) for n in members),
                             resume=join(d, BACKUP_WEIGHTS), alias="backup"))
     for name, kind in sorted(listing.items()):
         if kind != FILE or name.startswith(".") or (backup and name == BACKUP_WEIGHTS):
             continue
-        if name.endswith(WEIGHTS) or name.endswith(MODEL):
+        if name.endswith((WEIGHTS, MODEL)):
             groups.append(Group(join(d, name), "keras", (join(d, name),), resume=join(d, name)))
     return groups
 
 
-def step_from_name(rel: str) -> Optional[int]:
+def step_from_name(rel: str) -> int | None:
     base = rel.rsplit("/", 1)[-1]
     stem = base[: -len(WEIGHTS)] if base.endswith(WEIGHTS) else base.rsplit(".", 1)[0]
     m = _NUMBER.search(stem)
@@ -100,6 +99,8 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
     step = epoch = None
     meta = join(d, BACKUP_META)
     try:
+        if meta not in g.members:
+            raise _Invalid("missing (commit marker: BackupAndRestore writes it after the weights)")
         m = json.loads(read_small(root_fd, meta) or b"null")
         if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
             problems.append(f"{BACKUP_META}: no integer epoch")

@@ -17,7 +17,6 @@ import os
 import pickletools
 import re
 import zipfile
-from typing import Optional
 
 from ..validate import Verdict, _Invalid, check_torch_fd
 from .entry import FILE, LINK, Group, Listing, Opened, join
@@ -65,7 +64,7 @@ def recognise(d: str, listing: Listing, every_ckpt: bool, readlink) -> list[Grou
     return groups
 
 
-def step_from_name(name: str) -> Optional[int]:
+def step_from_name(name: str) -> int | None:
     m = _STEP_RE.search(name)
     return int(m.group(1)) if m else None
 
@@ -94,7 +93,7 @@ def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
     return Verdict("lightning", True, None, step)
 
 
-def _global_step(fd: int) -> Optional[int]:
+def _global_step(fd: int) -> int | None:
     """`global_step` from data.pkl: the int right after that key string at the top level."""
     with zipfile.ZipFile(os.fdopen(fd, "rb", closefd=False)) as zf:
         pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]

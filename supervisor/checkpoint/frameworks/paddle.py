@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import re
 import struct
 from dataclasses import replace
-from typing import Optional
 
 from ..validate import Verdict, _Invalid
 from .entry import FILE, Group, Listing, Opened, join, read_small
@@ -38,7 +36,7 @@ _NUMBER = re.compile(r"(\d+)$")
 _BETA1_SEEN = (0.9, 0.95, 0.99, 0.85, 0.8, 0.5)
 
 
-def _split(name: str) -> Optional[tuple[str, str]]:
+def _split(name: str) -> tuple[str, str] | None:
     for s in SUFFIXES:
         if name.endswith(s) and len(name) > len(s):
             return name[: -len(s)], s
@@ -70,7 +68,7 @@ def marker_required(d: str, listing: Listing) -> bool:
 
 
 class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: D401 - refuse, never import
+    def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 
@@ -84,14 +82,14 @@ def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
     m = _NUMBER.search(base)
     # Until a .states says otherwise the name's number is an epoch (iter_epoch_N, epoch_N):
     # `harmonise` turns it into a step once the dir's committed groups show steps per epoch.
-    step: Optional[int] = None
-    epoch: Optional[int] = int(m.group(1)) if m else None
+    step: int | None = None
+    epoch: int | None = int(m.group(1)) if m else None
     metrics: dict = {}
     problems: list[str] = []
     have = {rel[len(prefix):] for rel in g.members}
     if ".pdparams" not in have:
         problems.append(f"missing {base}.pdparams")
-    opt_step: Optional[tuple[int, float]] = None
+    opt_step: tuple[int, float] | None = None
     for suffix in (".pdparams", ".pdopt"):
         if suffix not in have:
             continue
@@ -175,7 +173,7 @@ class _AdamPower:
 
     def __init__(self) -> None:
         self.armed = False
-        self.value: Optional[float] = None
+        self.value: float | None = None
 
     def feed(self, op: str, arg: SmallArg) -> None:
         if self.value is not None:

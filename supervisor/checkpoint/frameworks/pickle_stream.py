@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pickletools
 import struct
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from ..validate import _Invalid
 
@@ -37,7 +37,7 @@ _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
 _BYTES = {"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _INTS = {"BININT": "<i", "BININT1": "<B", "BININT2": "<H"}
 
-SmallArg = Union[str, int, bytes, None]
+SmallArg = str | int | bytes | None
 
 
 class _Window:
@@ -92,7 +92,7 @@ class _Window:
 
 
 def check_pickle_fd(fd: int, size: int,
-                    small_args: Optional[Callable[[str, SmallArg], None]] = None) -> None:
+                    small_args: Callable[[str, SmallArg], None] | None = None) -> None:
     """Raise _Invalid unless fd holds exactly one complete pickle (STOP as the last byte)."""
     if size == 0:
         raise _Invalid("empty file (0 bytes)")

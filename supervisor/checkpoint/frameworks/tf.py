@@ -18,7 +18,7 @@ import math
 import os
 import re
 import struct
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import google_crc32c
 
@@ -39,7 +39,7 @@ _MAX_INDEX = 256 << 20
 
 # ---------------------------------------------------------------- recognising
 
-def state_paths(root_fd: int, d: str, listing: Listing) -> Optional[list[str]]:
+def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
     """Prefixes the `checkpoint` state file lists (None: there is no state file)."""
     if listing.get(STATE_FILE) != FILE:
         return None
@@ -63,9 +63,7 @@ def recognise(d: str, listing: Listing, explicit: bool) -> list[Group]:
             continue
         if kind == FILE and name.endswith(".index"):
             prefixes.setdefault(name[:-6], []).append(name)
-        elif kind == FILE and (m := _DATA_RE.match(name)):
-            prefixes.setdefault(m.group(1), []).append(name)
-        elif kind == DIR and (m := _TEMP_RE.match(name)):
+        elif kind == FILE and (m := _DATA_RE.match(name)) or kind == DIR and (m := _TEMP_RE.match(name)):
             prefixes.setdefault(m.group(1), []).append(name)
     has_state = listing.get(STATE_FILE) == FILE
     groups = []
@@ -85,7 +83,7 @@ def recognise(d: str, listing: Listing, explicit: bool) -> list[Group]:
 
 # ---------------------------------------------------------------- checking
 
-def check(root_fd: int, g: Group, listed: Optional[list[str]]) -> Verdict:
+def check(root_fd: int, g: Group, listed: list[str] | None) -> Verdict:
     prefix = g.name
     base = prefix.rsplit("/", 1)[-1]
     m = _NUMBER.search(base)
@@ -184,14 +182,14 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
 
 
 class _Tensor:
-    __slots__ = ("name", "dtype", "elements", "shard", "offset", "size", "crc")
+    __slots__ = ("crc", "dtype", "elements", "name", "offset", "shard", "size")
 
     def __init__(self, name: str, value: bytes) -> None:
         self.name = name
         self.dtype = 0
         self.elements = 1
         self.shard = self.offset = self.size = 0
-        self.crc: Optional[int] = None
+        self.crc: int | None = None
         for f, wt, v in _proto_fields(value):
             if f == 1 and wt == 0:
                 self.dtype = v  # type: ignore[assignment]
