@@ -20,8 +20,9 @@ import re
 import struct
 from collections.abc import Iterator
 
-import google_crc32c
+import crc32c
 
+from ..range_reader import ShortRead, checksum_ranges
 from ..validate import Verdict, _Invalid
 from .entry import DIR, FILE, Group, Listing, Opened, join, read_small
 
@@ -133,7 +134,7 @@ def _read_block(fd: int, size: int, off: int, length: int, what: str) -> bytes:
         raise _Invalid("tf-index: short read (file changed while checking?)")
     ctype = raw[length]
     (stored,) = struct.unpack_from("<I", raw, length + 1)
-    if _mask(google_crc32c.value(raw[: length + 1])) != stored:
+    if _mask(crc32c.crc32c(raw[: length + 1])) != stored:
         raise _Invalid(f"tf-index: {what} block CRC32C mismatch")
     if ctype != 0:
         raise _Invalid(f"tf-index: {what} block is compressed (type {ctype}), not supported")
@@ -275,20 +276,27 @@ def _check_shard(fd: int, size: int, shard: int, tensors: list[_Tensor]) -> None
         more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
         raise _Invalid(f"tf-data: {t.name} needs bytes [{t.offset},{t.offset + t.size}) of shard {shard}, "
                        f"shard has {size}{more}")
+    end = max((t.offset + t.size for t in tensors), default=0)
+    raw = [t for t in tensors if t.crc is not None and t.size and t.dtype not in (_DT_STRING, _DT_VARIANT)]
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except (AttributeError, OSError):
-        pass
-    end = 0
-    for t in tensors:
-        end = max(end, t.offset + t.size)
-        if t.crc is None or t.size == 0 or t.dtype == _DT_VARIANT:
-            continue  # nothing to compare (slices, variants): bounds were checked above
-        crc = _string_crc(fd, t) if t.dtype == _DT_STRING else _range_crc(fd, t.offset, t.size, 0)
+        crcs = checksum_ranges(fd, [(t.offset, t.size) for t in raw], _crc32c_update)
+    except ValueError as e:
+        raise _Invalid(f"tf-index: tensors overlap in shard {shard} ({e})") from None
+    except ShortRead:
+        raise _Invalid(f"tf-data: shard {shard} shrank while being checked") from None
+    for t, crc in zip(raw, crcs):
         if _mask(crc) != t.crc:
+            raise _Invalid(f"tf-data: CRC32C mismatch for {t.name}")
+    for t in tensors:
+        # variants and slices carry nothing to compare: their bounds were checked above
+        if t.crc is not None and t.size and t.dtype == _DT_STRING and _mask(_string_crc(fd, t)) != t.crc:
             raise _Invalid(f"tf-data: CRC32C mismatch for {t.name}")
     if end != size:
         raise _Invalid(f"tf-data: shard {shard} has {size - end} trailing bytes beyond the last tensor")
+
+
+def _crc32c_update(data: memoryview, crc: int) -> int:
+    return crc32c.crc32c(data, crc)
 
 
 def _range_crc(fd: int, off: int, n: int, crc: int) -> int:
@@ -296,7 +304,7 @@ def _range_crc(fd: int, off: int, n: int, crc: int) -> int:
         b = os.pread(fd, min(n, _CHUNK), off)
         if not b:
             raise _Invalid("tf-data: short read (file changed while checking?)")
-        crc = google_crc32c.extend(crc, b)
+        crc = crc32c.crc32c(b, crc)
         off += len(b)
         n -= len(b)
     return crc
@@ -310,7 +318,7 @@ def _string_crc(fd: int, t: _Tensor) -> int:
     pos, crc = 0, 0
     for _ in range(t.elements):
         length, pos = _varint(head, pos)
-        crc = google_crc32c.extend(crc, struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length))
+        crc = crc32c.crc32c(struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length), crc)
     if pos + 4 > t.size:
         raise _Invalid(f"tf-data: string tensor {t.name} is shorter than its lengths")
     (lcrc,) = struct.unpack_from("<I", head, pos)
