@@ -122,12 +122,10 @@ class Commands:
             return {"signalled": sent}
         timeout = _float_arg(args, "timeout") or job.spec.emergency_save.grace
         try:
-            await asyncio.wait_for(fut, timeout)
+            saved = await asyncio.wait_for(fut, timeout)   # the checkpoint committed after the request
         except asyncio.TimeoutError:
             raise RequestError(f"no new valid checkpoint of {job.name} within {timeout:g}s") from None
-        latest = job.ckpts.latest_valid()
-        return {"signalled": sent, "step": latest.step if latest else None,
-                "path": str(latest.path) if latest else None}
+        return {"signalled": sent, "step": saved.step, "path": str(saved.path)}
 
     async def _follow(self, job: Job, text: str, conn: Connection) -> dict:
         q: asyncio.Queue = asyncio.Queue(maxsize=1000)
