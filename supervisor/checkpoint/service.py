@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 from ..crashpoints import crash_point
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
-from . import rotation, trash
+from . import layout_warnings, rotation, trash
 from .watch import CheckpointWatcher
 
 log = logging.getLogger("trainsup.checkpoint")
@@ -85,6 +85,7 @@ class JobCheckpoints:
     kept: dict[str, str] = field(default_factory=dict)
     over_quota: bool = False
     warnings: list[str] = field(default_factory=list)
+    in_place: layout_warnings.InPlaceWrites = field(default_factory=layout_warnings.InPlaceWrites)
     _watcher: Any = None
     _running: bool = False
     _dirty: bool = False
@@ -166,6 +167,9 @@ class JobCheckpoints:
                     infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync)
                 if not self.closed:
                     self.infos, self.error = infos, err
+                    self.in_place.observe(infos)
+                    if not infos:       # no rotation pass runs for an empty index
+                        self.warnings = self._layout_warnings()
                     self.on_index(infos, err)
                 if not self._dirty:
                     break
@@ -201,8 +205,15 @@ class JobCheckpoints:
             if slow > facts.grace:
                 w.append(f"slow saves: {slow:.1f}s > grace {facts.grace:g}s; "
                          f"an emergency save will not finish in time")
-        self.warnings = w
+        self.warnings = w + self._layout_warnings()
         return plan.over_quota and not was_over
+
+    def _layout_warnings(self) -> list[str]:
+        if self.spec is None or self.error is not None:
+            return []
+        found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
+                 self.in_place.warning())
+        return [w for w in found if w]
 
 
 class RotationCoordinator:

@@ -64,3 +64,34 @@ def test_the_numbered_entry_is_reported_over_its_alias():
 def test_coarse_kernel_clock_a_tick_behind_still_confirms():
     req = save_request([E("checkpoint-1", 1, T - 9)], T)
     assert confirmation([E("checkpoint-2", 2, T - 0.005)], req).step == 2
+
+
+# ---------------------------------------------------------------- status warnings (layout_warnings)
+
+def test_in_place_rewrite_is_reported_once_seen_and_kept():
+    from trainsup.checkpoint.layout_warnings import InPlaceWrites
+    w = InPlaceWrites()
+    w.observe([E("latest.pth", None, T, bytes=100)])
+    assert w.warning() is None
+    w.observe([E("latest.pth", None, T + 1, bytes=0, valid=False)])   # torch.save's O_TRUNC
+    w.observe([E("latest.pth", None, T + 2, bytes=100)])
+    assert "latest.pth was seen truncated or rewritten" in w.warning()
+
+
+def test_a_new_entry_filling_up_is_not_an_in_place_write():
+    from trainsup.checkpoint.layout_warnings import InPlaceWrites
+    w = InPlaceWrites()
+    w.observe([E("checkpoint-6", 6, T, valid=False)])
+    w.observe([E("checkpoint-6", 6, T + 1)])
+    assert w.warning() is None
+
+
+def test_unrecognised_non_empty_dir(tmp_path):
+    from trainsup.checkpoint.layout_warnings import unrecognised
+    assert unrecognised(tmp_path, "auto", []) is None                 # empty: nothing saved yet
+    (tmp_path / ".trainsup-tmp").mkdir()
+    assert unrecognised(tmp_path, "auto", []) is None
+    (tmp_path / "model_state.npz").write_bytes(b"x")
+    assert unrecognised(tmp_path, "auto", []).startswith(f"no checkpoints recognised in {tmp_path}: set checkpoint.format")
+    assert "no paddle checkpoints recognised" in unrecognised(tmp_path, "paddle", [])
+    assert unrecognised(tmp_path, "auto", [E("x.pth", 1, T)]) is None

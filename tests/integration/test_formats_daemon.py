@@ -56,4 +56,36 @@ def test_preempt_never_confirms_with_an_older_step(daemon):
     out = r["result"]
     saved = [s for s in _saved(daemon, "pre") if s["step"] > 600]
     assert out["outcome"] == "saved" and saved and out["step"] == saved[-1]["step"], out
-    assert any(c["step"] == 92 and c["valid"] for c in _indexed(daemon, "pre"))  # it was there, valid
+    # checkpoint-92 was indexed valid meanwhile: found, and still not taken as the save
+    assert any(e.get("kind") == "checkpoint" and e.get("step") == 92 for e in daemon.history("pre"))
+
+
+def _warnings(daemon, name: str) -> list[str]:
+    return daemon.status(name).get("warnings") or []
+
+
+def test_status_warns_when_auto_recognises_nothing_in_a_non_empty_dir(daemon):
+    daemon.fakejob("npz")
+    ck = daemon.root / "npz-ckpt"
+    ck.mkdir()
+    (ck / "weights_0100.npz").write_bytes(b"\0" * 64)
+    daemon.start()
+    daemon.wait_ready("npz")
+    wait_for(lambda: any(w.startswith(f"no checkpoints recognised in {ck}: set checkpoint.format")
+                         for w in _warnings(daemon, "npz")), 15, "the unrecognised-dir warning")
+
+
+def test_status_warns_about_checkpoints_written_in_place(daemon):
+    import zipfile
+    daemon.fakejob("inplace")
+    ck = daemon.root / "inplace-ckpt"
+    ck.mkdir()
+    with zipfile.ZipFile(ck / "latest.pth", "w") as z:      # a complete torch-style zip
+        z.writestr("latest/data.pkl", b"\x80\x02}q\x00.")
+    daemon.start()
+    daemon.wait_ready("inplace")
+    wait_for(lambda: any(c["valid"] for c in _indexed(daemon, "inplace")), 10, "latest.pth indexed valid")
+    with open(ck / "latest.pth", "r+b") as f:                # what torch.save's O_TRUNC leaves
+        f.truncate(0)
+    wait_for(lambda: any("checkpoints written in place: latest.pth" in w for w in _warnings(daemon, "inplace")),
+             15, "the written-in-place warning")
