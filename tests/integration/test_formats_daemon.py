@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from conftest import REPO, wait_for
+import pytest
+from conftest import REPO, SHARED, wait_for
 
 HF_LIKE = REPO / "tests" / "helpers" / "hf_like_job.py"
 
@@ -89,3 +90,53 @@ def test_status_warns_about_checkpoints_written_in_place(daemon):
         f.truncate(0)
     wait_for(lambda: any("checkpoints written in place: latest.pth" in w for w in _warnings(daemon, "inplace")),
              15, "the written-in-place warning")
+
+
+# ---------------------------------------------------------------- resume wiring per format
+
+FIXTURES = SHARED / "fixtures" / "frameworks"
+LV = "lightning_logs/version_0/checkpoints/"
+
+# The first attempt leaves a framework's tree (as the real framework left it when killed)
+# and crashes; the relaunch must be handed what that framework's resume call takes.
+RESUME_JOB = r"""
+import json, os, shutil, sys, time
+ck = os.environ["TRAINSUP_CHECKPOINT_DIR"]
+if os.environ["TRAINSUP_ATTEMPT"] == "1":
+    shutil.copytree(sys.argv[1], ck, dirs_exist_ok=True)
+    for d, _, files in os.walk(ck):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    sys.exit(3)
+with open(sys.argv[2], "w") as f:
+    json.dump({"env": os.environ["TRAINSUP_RESUME_FROM"], "argv": sys.argv[3:]}, f)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
+@pytest.mark.parametrize("tree,resume", [
+    ("paddle/interrupted", {"best_accuracy"}),             # PaddleOCR's own `latest` is broken here
+    ("paddle/good", {"iter_epoch_3"}),
+    ("tensorflow/interrupted", {"ckpt-2"}),                 # the prefix, not ckpt-2.index
+    ("keras/interrupted_in_backup_write", {"ckpt_weights/epoch03.weights.h5", "ckpt_keras/epoch03.keras"}),
+    ("lightning/interrupted", {LV + "epoch=1-step=8.ckpt"}),
+    ("hf_trainer/interrupted", {"checkpoint-4"}),
+])
+def test_relaunch_resumes_each_framework_from_what_its_resume_call_takes(daemon, tree, resume):
+    name = "resume"
+    out = daemon.root / "resumed.json"
+    script = daemon.root / "resume_job.py"
+    script.write_text(RESUME_JOB)
+    cmd = [sys.executable, str(script), str(FIXTURES / tree), str(out)]
+    ck = daemon.root / "ck"
+    daemon.write_job(name, (
+        f"name: {name}\ncommand: {json.dumps(cmd)}\nworkdir: {daemon.root}\n"
+        f"checkpoint:\n  dir: {ck}\n  resume_args: [\"--resume\", \"{{checkpoint}}\"]\n"
+        "restart:\n  backoff: {initial: 0.1s}\n"))
+    daemon.start()
+    got = wait_for(lambda: out.exists() and out.stat().st_size and json.loads(out.read_text()), 30,
+                   "the relaunched attempt to record its resume point")
+    assert got["env"] in {str(ck / r) for r in resume}, got
+    assert got["argv"] == ["--resume", got["env"]]
