@@ -52,5 +52,8 @@ def confirmation(infos: Sequence[Any], req: SaveRequest) -> Any | None:
     found = [i for i in infos if confirms(i, req)]
     if not found:
         return None
-    return max(found, key=lambda i: (i.step if i.step is not None else -1,
-                                     getattr(i, "alias", None) is None, i.mtime))
+    return max(found, key=lambda i: (i.step if i.step is not None else -1, not _is_alias(i), i.mtime))
+
+
+def _is_alias(info: Any) -> bool:
+    return bool(getattr(info, "alias_kind", None) or getattr(info, "alias", None))

@@ -60,11 +60,11 @@ class CheckpointInfo:
     cached: bool = field(default=False, compare=False)
     # Framework entries (frameworks/): the files that make up the entry, relative to the
     # checkpoint dir, deleted as one unit, commit marker first (empty: `path` is the entry);
-    # alias: latest | best | last | link | backup for a name the framework rewrites, and
+    # alias_kind: latest | best | last | link | backup for a name the framework rewrites, and
     # alias_of: the numbered entry whose step it shares; resume: what the framework's resume
     # call takes when that is not `path` (a save_last="link" symlink's target).
     members: tuple[str, ...] = ()
-    alias: Optional[str] = None
+    alias_kind: Optional[str] = None
     alias_of: Optional[str] = None
     resume: Optional[Path] = None
 
@@ -197,12 +197,12 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     # An alias sorts before the numbered entry it shares a step with: the numbered one is
     # the latest of that step (mtimes of copies say nothing).
     numbered = sorted((i for i in infos if i.step is not None),
-                      key=lambda i: (i.step, i.alias is None, i.mtime, i.name))
+                      key=lambda i: (i.step, i.alias_kind is None, i.mtime, i.name))
     unnumbered = [i for i in infos if i.step is None]
     if not unnumbered:
         return numbered
     by_mtime = sorted(numbered, key=lambda i: i.mtime)
-    keyed = [((i.step, 0, i.alias is None, i.mtime, i.name), i) for i in numbered]
+    keyed = [((i.step, 0, i.alias_kind is None, i.mtime, i.name), i) for i in numbered]
     # the largest step among numbered entries not newer than each unnumbered entry
     mtimes = [i.mtime for i in by_mtime]
     running_max: list[float] = []
@@ -213,7 +213,7 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     for u in unnumbered:
         k = bisect.bisect_right(mtimes, u.mtime)
         anchor = running_max[k - 1] if k else -math.inf
-        if u.alias is not None:
+        if u.alias_kind is not None:
             anchor = -math.inf  # a framework's copy whose step no byte tells (best_model/model)
         keyed.append(((anchor, 1, True, u.mtime, u.name), u))
     keyed.sort(key=lambda t: t[0])

@@ -17,7 +17,7 @@ class E:
     valid: bool = True
     in_progress: bool = False
     bytes: int = 10
-    alias: str | None = None
+    alias_kind: str | None = None
 
     @property
     def path(self):
@@ -57,7 +57,7 @@ def test_an_unnumbered_file_rewritten_after_the_request_confirms():
 
 def test_the_numbered_entry_is_reported_over_its_alias():
     req = save_request([E("iter_epoch_1", 4, T - 60)], T)
-    found = confirmation([E("latest", 8, T + 1, alias="latest"), E("iter_epoch_2", 8, T + 1)], req)
+    found = confirmation([E("latest", 8, T + 1, alias_kind="latest"), E("iter_epoch_2", 8, T + 1)], req)
     assert found.name == "iter_epoch_2"
 
 

@@ -166,7 +166,7 @@ def test_lightning_link_leaving_the_dir_is_never_followed(tmp_path):
     os.symlink(str(outside), ck / "last.ckpt")
     last = {i.name: i for i in scan(d)}[LV + "last.ckpt"]
     assert not last.valid and "never followed" in last.invalid_reason
-    assert last.alias == "last"   # named as the framework's alias, so rotation can leave it
+    assert last.alias_kind == "last"   # named as the framework's alias, so rotation can leave it
 
 
 def test_lightning_checkpoints_of_every_version_are_found(tmp_path):
@@ -234,5 +234,5 @@ def test_backup_metadata_is_the_commit_marker(tmp_path):
     (d / "backup/training_metadata.json").unlink()
     bad = {i.name: i for i in scan(d)}["backup/latest.weights.h5"]
     # killed between the weights and the metadata of the first backup: not committed
-    assert not bad.valid and bad.alias == "backup"
+    assert not bad.valid and bad.alias_kind == "backup"
     assert "training_metadata.json: missing (commit marker" in bad.invalid_reason

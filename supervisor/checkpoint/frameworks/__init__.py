@@ -231,6 +231,8 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
     aliases = _resolve_aliases(groups, verdicts)
     infos = []
     claimed: set[str] = set()
+    # Rotation keeps entries whose `alias` flag is set, where CheckpointInfo has one.
+    fields = getattr(info_cls, "__dataclass_fields__", {})
     for g in groups:
         _, total, newest, cached = checked[g.name]
         v = verdicts[g.name]
@@ -242,7 +244,8 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
             path=root / g.name, resume=root / resume, name=g.name, format=g.format,
             step=v.step, bytes=total, valid=v.valid, invalid_reason=v.invalid_reason,
             metrics=dict(v.metrics), mtime=newest, epoch=v.epoch, cached=cached,
-            members=tuple(g.members), alias=g.alias, alias_of=aliases.get(g.name),
+            members=tuple(g.members), alias_kind=g.alias, alias_of=aliases.get(g.name),
+            **({"alias": True} if g.alias and "alias" in fields else {}),
         ))
     return infos, claimed
 
