@@ -144,7 +144,11 @@ class Commands:
         for i in job.checkpoints:
             out.append({"path": str(i.path), "step": i.step, "bytes": i.bytes, "valid": i.valid,
                         "invalid_reason": i.invalid_reason, "kept": kept.get(str(i.path)), "reason": i.reason,
-                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime})
+                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime,
+                        # framework entries: aliases (latest, last.ckpt...) and what they duplicate,
+                        # the files of a multi-file checkpoint, what a resume is handed
+                        "name": i.name, "alias": i.alias_kind, "alias_of": i.alias_of,
+                        "members": list(i.members), "resume_path": str(i.resume_path)})
         return out
 
 

@@ -101,8 +101,12 @@ def plan_rotation(
             keep(i, "in-progress")
         if not i.in_progress and (i.name in pin_names or (i.step is not None and i.step in pin_steps)):
             keep(i, "pinned")
+    for i in infos:
+        if getattr(i, "alias_kind", None):
+            keep(i, "alias")    # latest / last.ckpt / backup: the framework rewrites it in place
     if spec.keep_last > 0:
-        for i in valid[-spec.keep_last:]:
+        # aliases duplicate a numbered save: they are not a state of their own for keep_last
+        for i in [v for v in valid if not getattr(v, "alias_kind", None)][-spec.keep_last:]:
             keep(i, "last")
     if spec.keep_best > 0 and spec.metric:
         sign = 1.0 if spec.mode == "min" else -1.0

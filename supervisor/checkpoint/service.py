@@ -22,6 +22,8 @@ from ..crashpoints import crash_point
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
 from . import layout_warnings, rotation, trash
+from .format import TMP_DIR
+from .frameworks import bookkeeping
 from .watch import CheckpointWatcher
 
 log = logging.getLogger("trainsup.checkpoint")
@@ -251,7 +253,9 @@ class RotationCoordinator:
                 continue
             members[ck.name] = (ck, facts, record)
             plans[ck.name] = rotation.plan_rotation(
-                ck.infos, ck.spec, pinned=set(facts.pinned), resumed_from=facts.resumed_from,
+                # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
+                ck.infos, ck.spec, pinned=set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos),
+                resumed_from=facts.resumed_from,
                 tmp_grace=facts.tmp_grace)
         extra: dict[str, list] = {}
         reasons: dict = {}
@@ -274,18 +278,28 @@ class RotationCoordinator:
             assert ck.spec is not None
             ck_dir = ck.spec.dir
             for info in todo:
-                rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
                 # Recorded before it happens (write-ahead): a crash after the move into the
                 # trash still leaves a record of what the daemon removed and why.
                 record("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
                        why=plan.reasons.get(info.path) or reasons.get(info.path, "rotation"))
                 self.flush()
                 try:
-                    await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
+                    await self.loop.run_in_executor(self.executor, _delete_checkpoint, ck_dir, info)
                     crash_point("delete")
                 except OSError as e:
                     record("delete-failed", path=str(info.path), error=str(e))
             await ck.refresh()
+
+
+def _delete_checkpoint(ck_dir, info) -> None:
+    """Every file of one entry: the framework's bookkeeping first (TF's state file), then
+    the members, commit marker first (frameworks/bookkeeping.py)."""
+    bookkeeping.before_delete(ck_dir, info)
+    for rel in bookkeeping.deletion_units(info, ck_dir):
+        if rel.startswith(f"{TMP_DIR}/"):
+            trash.delete_entry(ck_dir, rel)     # an in-progress trainsup save
+        else:
+            bookkeeping.delete_unit(ck_dir, rel)
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future], None]:

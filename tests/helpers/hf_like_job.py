@@ -45,6 +45,7 @@ def main() -> int:
     p.add_argument("--start-step", type=int, default=1)
     p.add_argument("--inner-delay", type=float, default=0.3)
     p.add_argument("--stale", type=int, default=None)
+    p.add_argument("--progress", default=None, help="overwrite this file with the step every 10 steps")
     a = p.parse_args()
     root = Path(os.environ["TRAINSUP_CHECKPOINT_DIR"])
     want = []
@@ -56,13 +57,19 @@ def main() -> int:
     while True:
         time.sleep(0.005)
         step += 1
+        if a.progress and step % 10 == 0:
+            Path(a.progress).write_text(str(step))
         if want:
             want.clear()
             if a.stale is not None and not (root / f"checkpoint-{a.stale}").exists():
-                save(root, a.stale, 0.0, a.record)
+                stage = root / ".stale"            # built aside, moved in whole: never seen half-written
+                stage.mkdir()
+                save(stage, a.stale, 0.0, a.record)
                 old = time.time() - 3600
-                for f in [*(root / f"checkpoint-{a.stale}").iterdir(), root / f"checkpoint-{a.stale}"]:
+                for f in [*(stage / f"checkpoint-{a.stale}").iterdir(), stage / f"checkpoint-{a.stale}"]:
                     os.utime(f, (old, old))
+                os.rename(stage / f"checkpoint-{a.stale}", root / f"checkpoint-{a.stale}")
+                stage.rmdir()
             save(root, step, a.inner_delay, a.record)
 
 

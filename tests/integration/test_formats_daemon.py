@@ -39,26 +39,33 @@ def test_hf_save_completing_inside_checkpoint_dir_confirms_checkpoint_wait_withi
     r = daemon.request("checkpoint", "hf", wait=True, timeout=30)
     returned = time.time()
     assert r["ok"], r
-    new = _saved(daemon, "hf")[-1]
+    new = wait_for(lambda: [s for s in _saved(daemon, "hf") if s["step"] > 5], 5, "the save record")[-1]
     assert r["result"]["step"] == new["step"] > 5
     # the completion is trainer_state.json inside checkpoint-N/: seen by its event, not a rescan
     assert returned - new["state_at"] <= 1.0, f"confirmed {returned - new['state_at']:.2f}s after the save"
 
 
 def test_preempt_never_confirms_with_an_older_step(daemon):
-    # On the request an old, complete checkpoint-92 appears (hour-old mtimes) before the real
-    # save at step > 600 finishes 1.5 s later: the preempt must wait for the real one.
-    _job(daemon, "pre", "--start-step 600 --inner-delay 1.5 --stale 92")
+    # As found: the index had checkpoint-50; on the request an old, complete checkpoint-92
+    # appears (hour-old mtimes: a late-seen completion, an `rsync -a`), and the real save at
+    # the job's current step finishes 1.5 s later. 92 is past the newest valid step at the
+    # request, so only its commit time tells it is not the save: the preempt must wait.
+    step_file = daemon.root / "pre.step"
+    _job(daemon, "pre", f"--start-step 50 --inner-delay 1.5 --stale 92 --progress {step_file}")
     daemon.start()
     daemon.wait_ready("pre")
-    wait_for(lambda: any(c["valid"] for c in _indexed(daemon, "pre")), 10, "checkpoint-600 indexed valid")
+    wait_for(lambda: any(c["valid"] for c in _indexed(daemon, "pre")), 10, "checkpoint-50 indexed valid")
+    wait_for(lambda: step_file.exists() and int(step_file.read_text() or 0) > 100, 10, "the job past step 100")
     r = daemon.request("preempt", "pre", grace=20)
     assert r["ok"], r
     out = r["result"]
-    saved = [s for s in _saved(daemon, "pre") if s["step"] > 600]
-    assert out["outcome"] == "saved" and saved and out["step"] == saved[-1]["step"], out
+    assert out["outcome"] == "saved" and out["step"] > 92, out    # never the old checkpoint-92
+    # the job records its save right after trainer_state.json, maybe after the confirmation
+    saved = wait_for(lambda: [s for s in _saved(daemon, "pre") if s["step"] not in (50, 92)], 5, "the save record")
+    assert out["step"] == saved[-1]["step"] > 92, (out, saved)
     # checkpoint-92 was indexed valid meanwhile: found, and still not taken as the save
-    assert any(e.get("kind") == "checkpoint" and e.get("step") == 92 for e in daemon.history("pre"))
+    hist = daemon.history("pre")
+    assert any(e.get("kind") == "checkpoint" and e.get("step") == 92 for e in hist), hist
 
 
 def _warnings(daemon, name: str) -> list[str]:
@@ -140,3 +147,36 @@ def test_relaunch_resumes_each_framework_from_what_its_resume_call_takes(daemon,
                    "the relaunched attempt to record its resume point")
     assert got["env"] in {str(ck / r) for r in resume}, got
     assert got["argv"] == ["--resume", got["env"]]
+
+
+COPY_JOB = r"""
+import os, shutil, sys, time
+ck = os.environ["TRAINSUP_CHECKPOINT_DIR"]
+shutil.copytree(sys.argv[1], ck, dirs_exist_ok=True)
+for d, _, files in os.walk(ck):
+    os.chmod(d, 0o755)
+    for f in files:
+        os.chmod(os.path.join(d, f), 0o644)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
+def test_tf_rotation_rewrites_the_state_file_and_deletes_each_checkpoint_whole(daemon):
+    script = daemon.root / "copy_job.py"
+    script.write_text(COPY_JOB)
+    ck = daemon.root / "ck"
+    cmd = [sys.executable, str(script), str(FIXTURES / "tensorflow/good")]
+    daemon.write_job("tf", f"name: tf\ncommand: {json.dumps(cmd)}\nworkdir: {daemon.root}\n"
+                           f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n")
+    daemon.start()
+    wait_for(lambda: sorted(p.name for p in ck.iterdir() if not p.name.startswith("."))
+             == ["checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index"], 20,
+             "ckpt-1 and ckpt-2 rotated away, every file of each")
+    state = (ck / "checkpoint").read_text()
+    # what tf.train.latest_checkpoint / CheckpointManager read: nothing deleted is listed
+    assert 'model_checkpoint_path: "ckpt-3"' in state
+    assert '"ckpt-1"' not in state and '"ckpt-2"' not in state
+    wait_for(lambda: [c["name"] for c in _indexed(daemon, "tf")] == ["ckpt-3"], 10, "the index after rotation")
+    r = daemon.cli("checkpoints", "tf")
+    assert r.returncode == 0 and "ck/ckpt-3" in r.stdout, r.stdout + r.stderr
