@@ -97,7 +97,7 @@ def _ack(req: Request, path: Optional[Path]) -> None:
     if not notice or req.id is None:
         return
     body = {"id": req.id, "kind": req.kind, "pid": os.getpid(), "at": time.time(),
-            "path": str(path) if path is not None else None, "exits": req.stops}
+            "path": str(path.absolute()) if path is not None else None, "exits": req.stops}
     try:
         _write_bytes_atomic(Path(notice + ACK_SUFFIX), json.dumps(body).encode(), sync=False)
     except OSError as e:
