@@ -158,7 +158,7 @@ def save_signal_number() -> int:
         raise ValueError(f"TRAINSUP_SAVE_SIGNAL={spec!r} is not a signal name") from None
 
 
-def install(*, sigterm: bool = True) -> bool:
+def install(*, sigterm: bool = True, save_signal: bool = True) -> bool:
     """Catch the save signal (and SIGTERM) with flag-setting handlers; idempotent.
     Returns False off the main thread (Python delivers signals to the main thread only)."""
     if _f.installed:
@@ -166,13 +166,18 @@ def install(*, sigterm: bool = True) -> bool:
     if threading.current_thread() is not threading.main_thread():
         _log("save_requested() first called off the main thread: no signal handlers installed")
         return False
-    pairs = [(save_signal_number(), _on_save_signal)]
+    pairs = [(save_signal_number(), _on_save_signal)] if save_signal else []
     if sigterm:
         pairs.append((signal.SIGTERM, _on_sigterm))
     for sig, fn in pairs:
         _f.prev[sig] = signal.signal(sig, fn)
     _f.installed = True
     return True
+
+
+def install_sigterm_only() -> bool:
+    """Catch SIGTERM only (the save signal belongs to someone else, e.g. Lightning under SLURM)."""
+    return install(sigterm=True, save_signal=False)
 
 
 def uninstall() -> None:
