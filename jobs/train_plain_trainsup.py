@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         opt.load_state_dict(ck["optimizer_state_dict"])
         torch.set_rng_state(ck["rng"])
         step = int(ck["step"])
-        print(f"resumed from {resume} at step {step}", flush=True)
+        print(f"resuming from {resume}", flush=True)
 
     while step < args.steps:
         idx = torch.randint(0, len(x), (32,))
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         if trainsup.save_requested() or step % args.every == 0:
             state = {"step": step, "model_state_dict": model.state_dict(),
                      "optimizer_state_dict": opt.state_dict(), "rng": torch.get_rng_state(), "pad": pad}
+            print(f"saving step {step}", flush=True)
             trainsup.atomic_save(state, last)
-            print(f"saved step {step}", flush=True)
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
     h = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values()))

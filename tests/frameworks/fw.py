@@ -75,3 +75,101 @@ def exits(daemon, name: str) -> list[dict]:
 
 def saves_of(daemon, name: str) -> list[dict]:
     return [e for e in daemon.history(name) if e["kind"] == "checkpoint"]
+
+
+# ------------------------------------------------------------------------------------
+# The scenario every integration goes through under a real daemon
+# ------------------------------------------------------------------------------------
+
+def saves_logged(daemon, name: str) -> list[int]:
+    """Steps of the saves the script announced ("saving step N", printed before each save)."""
+    return [int(s) for s in re.findall(r"^saving step (\d+)\s*$", job_log(daemon, name), re.M)]
+
+
+def scenario(daemon, name: str, list_ckpts, *, startup: float = 180.0) -> None:
+    """checkpoint --wait -> SIGKILL mid-run -> resume from the newest valid -> preempt (one
+    save, no step lost, exit 0) -> start resumes with the same step.
+
+    list_ckpts(dir) -> {path: step} of the complete checkpoints in the job's dir."""
+    import os
+    import signal
+
+    ckpt = daemon.root / f"{name}-ckpt"
+    daemon.start()
+    wait_steps(daemon, name, 10, timeout=startup)
+
+    before = list_ckpts(ckpt)
+    r = daemon.cli("checkpoint", name, "--wait", "--timeout", "60s", timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    now = list_ckpts(ckpt)
+    new = {p: s for p, s in now.items() if p not in before or before[p] != s}
+    assert new, f"checkpoint --wait returned but no new checkpoint is on disk: {now}"
+    assert any(str(p) in r.stdout for p in new), (r.stdout, new)
+
+    # SIGKILL mid-run: the relaunch resumes from the newest valid checkpoint, at its step
+    newest_path, newest_step = max(list_ckpts(ckpt).items(), key=lambda kv: kv[1])
+    n_resumes = len(resumed_lines(daemon, name))
+    os.kill(daemon.status(name)["pid"], signal.SIGKILL)
+    wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, startup, f"{name} to resume after SIGKILL")
+    assert resumed_lines(daemon, name)[-1] == str(newest_path)
+    n0 = len(steps_logged(daemon, name))
+    wait_for(lambda: len(steps_logged(daemon, name)) > n0 + 3, startup, f"{name} to train after the resume")
+    assert steps_logged(daemon, name)[n0] == newest_step + 1, "the resumed run did not continue at the saved step"
+
+    # preempt: exactly one save, at the step the job reached; the job exits 0 by itself
+    before = list_ckpts(ckpt)
+    n_saves = len(saves_logged(daemon, name))
+    r = daemon.cli("preempt", name, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    daemon.wait_state(name, "preempted", timeout=60)
+    after = list_ckpts(ckpt)
+    new = {p: s for p, s in after.items() if p not in before or before[p] != s}
+    assert len(new) == 1, f"expected exactly one new checkpoint, got {new}"
+    if saves_logged(daemon, name) or n_saves:
+        assert len(saves_logged(daemon, name)) == n_saves + 1, "the job saved more than once"
+    (saved_path, saved_step), = new.items()
+    assert saved_step == last_step(daemon, name), f"steps lost: saved {saved_step}, reached {last_step(daemon, name)}"
+    ex = exits(daemon, name)[-1]
+    assert ex["code"] == 0, f"the job did not exit 0 after its preempt save: {ex}"
+
+    # start: the framework's own resume call picks up the same step
+    n_resumes = len(resumed_lines(daemon, name))
+    assert daemon.cli("start", name).returncode == 0
+    wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, startup, f"{name} to resume after start")
+    assert resumed_lines(daemon, name)[-1] == str(saved_path)
+    n0 = len(steps_logged(daemon, name))
+    wait_for(lambda: len(steps_logged(daemon, name)) > n0, startup, f"{name} to train after start")
+    assert steps_logged(daemon, name)[n0] == saved_step + 1
+    daemon.cli("stop", name, "--no-save")
+
+
+def bit_exact_after_preemptions(daemon, tmp_path, name: str, script: str, args: list[str],
+                                n: int = 3, startup: float = 180.0) -> None:
+    """The final weights after `n` preemptions equal an uninterrupted run's, bit for bit."""
+    import os
+    import subprocess
+
+    import torch
+
+    ref = tmp_path / "ref-final.pt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRAINSUP_CHECKPOINT_DIR=str(tmp_path / "ref-ckpt"))
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), *args, "--final-out", str(ref)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    out = tmp_path / "final.pt"
+    write_job(daemon, name, script, *args, "--final-out", str(out))
+    daemon.start()
+    for i in range(n):
+        wait_steps(daemon, name, last_step(daemon, name) + 5, timeout=startup)
+        r = daemon.cli("preempt", name, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        daemon.wait_state(name, "preempted", timeout=60)
+        assert daemon.cli("start", name).returncode == 0
+        wait_for(lambda: len(resumed_lines(daemon, name)) > i, startup, f"resume #{i + 1}")
+    daemon.wait_state(name, "finished", timeout=600)
+    a, b = torch.load(ref, weights_only=True), torch.load(out, weights_only=True)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"weights differ after {n} preemptions: {diff}"
