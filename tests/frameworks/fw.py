@@ -31,7 +31,7 @@ def write_job(daemon, name: str, script: str, *args: str, fmt: str = "auto", ext
               env: dict | None = None) -> Path:
     """A job running scripts/<script> with this interpreter; returns its checkpoint dir."""
     ckpt = daemon.root / f"{name}-ckpt"
-    cmd = [sys.executable, str(SCRIPTS / script), *args]
+    cmd = [sys.executable, str(SCRIPTS / script), *args]   # an absolute `script` stays as it is
     e = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
          "TF_CPP_MIN_LOG_LEVEL": "2", "GLOG_minloglevel": "2", **(env or {})}
     body = (f"name: {name}\ncommand: {json.dumps(cmd)}\nworkdir: {daemon.root}\n"
@@ -51,7 +51,7 @@ def job_log(daemon, name: str) -> str:
 
 
 def steps_logged(daemon, name: str) -> list[int]:
-    return [int(s) for s in re.findall(r"^step (\d+)\s*$", job_log(daemon, name), re.M)]
+    return [int(s) for s in re.findall(r"^step (\d+)\b", job_log(daemon, name), re.M)]
 
 
 def last_step(daemon, name: str) -> int:
@@ -66,7 +66,9 @@ def wait_steps(daemon, name: str, n: int, timeout: float = 120.0) -> int:
 
 
 def resumed_lines(daemon, name: str) -> list[str]:
-    return re.findall(r"^resuming from (\S+)", job_log(daemon, name), re.M)
+    # Our scripts say "resuming from PATH"; jobs/train_mlp.py "resumed from step N (PATH)".
+    return [a or b for a, b in re.findall(r"^(?:resuming from (\S+)|resumed from step \d+ \((\S+)\))",
+                                          job_log(daemon, name), re.M)]
 
 
 def exits(daemon, name: str) -> list[dict]:
@@ -154,7 +156,7 @@ def bit_exact_after_preemptions(daemon, tmp_path, name: str, script: str, args: 
     ref = tmp_path / "ref-final.pt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRAINSUP_CHECKPOINT_DIR=str(tmp_path / "ref-ckpt"))
-    r = subprocess.run([sys.executable, str(SCRIPTS / script), *args, "--final-out", str(ref)],
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), *args, "--final-out", str(ref)], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
