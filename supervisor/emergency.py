@@ -90,14 +90,15 @@ def read_notice(path: Optional[PathLike] = None) -> Optional[Request]:
         return None
 
 
-def _ack(req: Request, path: Optional[Path]) -> None:
-    """Tell the daemon which notice the job served (and with what), so it waits for the
-    exit of a job that saved for a preemption instead of sending SIGTERM."""
+def _ack(req: Request, path: Optional[Path] = None, state: str = "saved") -> None:
+    """Tell the daemon which notice the job took ("taken") or saved for ("saved"), and
+    whether it exits after that save, so the daemon waits for the exit of a job that saved
+    for a preemption instead of sending SIGTERM (which would ask for a second save)."""
     notice = os.environ.get(NOTICE_ENV)
     if not notice or req.id is None:
         return
-    body = {"id": req.id, "kind": req.kind, "pid": os.getpid(), "at": time.time(),
-            "path": str(path.absolute()) if path is not None else None, "exits": req.stops}
+    body = {"id": req.id, "kind": req.kind, "state": state, "pid": os.getpid(), "at": time.time(),
+            "path": str(Path(path).absolute()) if path is not None else None, "exits": req.stops}
     try:
         _write_bytes_atomic(Path(notice + ACK_SUFFIX), json.dumps(body).encode(), sync=False)
     except OSError as e:
@@ -216,6 +217,7 @@ def _take_slow() -> Optional[Request]:
         # The daemon writes the notice before it signals; a missing or unreadable one
         # means a plain "checkpoint" (an older daemon, or `kill -USR1` by hand).
         req = read_notice() or Request("checkpoint")
+        _ack(req, state="taken")
     if req is None:
         return None
     if _f.current is not None and _f.current.stops and not req.stops:

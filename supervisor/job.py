@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from . import process
+from . import jobnotice, process
 from .backoff import RestartTracker
 from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
@@ -124,6 +124,8 @@ class Job:
         self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
+        self._notices = 0                 # notices written this daemon run (their ids)
+        self.notice_id: Optional[str] = None   # the notice the job was last signalled with
         self._load_persisted(persisted)
 
     @property
@@ -320,12 +322,15 @@ class Job:
             "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
             "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
         }
+        if spec.checkpoint is not None:
+            extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_file())
         env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
             try:
                 spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
+            jobnotice.clear(self._notice_file())
         wfd = -1
         try:
             wfd = self.log.new_pipe(self.loop)
@@ -490,12 +495,23 @@ class Job:
         self._ckpt_waiters.append(({_ckpt_key(i) for i in self.checkpoints if i.valid}, fut))
         return fut
 
-    def request_save(self) -> tuple[list[int], asyncio.Future]:
+    def _notice_file(self) -> Path:
+        assert self.spec.checkpoint is not None
+        return jobnotice.path_for(self.spec.checkpoint.dir)
+
+    def request_save(self, kind: str = "checkpoint", deadline: Optional[float] = None) -> tuple[list[int], asyncio.Future]:
         """Ask the job for a checkpoint; returns the pids signalled and a future that
-        resolves when a valid checkpoint newer than this request is indexed."""
+        resolves when a valid checkpoint newer than this request is indexed. The notice
+        file (kind, deadline) is written before the signal."""
         fut = self._new_checkpoint_future()
         if not self.child:
             return [], fut
+        self.notice_id = None
+        if self.spec.checkpoint is not None:
+            self._notices += 1
+            nid = f"{self.attempt}.{self._notices}"
+            if jobnotice.write(self._notice_file(), nid, kind, deadline):
+                self.notice_id = nid
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
         self._save_requested_mono = time.monotonic()
@@ -567,7 +583,7 @@ class Job:
                                       f"longer than the {grace:.1f}s left")
                 self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
-            sent, fut = self.request_save()
+            sent, fut = self.request_save("preempt", deadline_wall if deadline_wall is not None else notice_at + grace)
             self.host.emergency_save_started(grace)
             try:
                 if sent:
@@ -577,6 +593,14 @@ class Job:
                         latest = self._resume_point()
                         outcome.update(outcome="saved", step=getattr(latest, "step", None),
                                        save_s=round(time.monotonic() - t0, 3))
+                    elif done and self._acked("saved"):
+                        # It saved for this notice and exited before the index saw the save.
+                        await self.ckpts.refresh()
+                        if fut.done():
+                            outcome.update(outcome="saved", step=getattr(self._resume_point(), "step", None),
+                                           save_s=round(time.monotonic() - t0, 3))
+                        else:
+                            outcome.update(outcome="exited before a new checkpoint")
                     elif done:
                         outcome.update(outcome="exited before a new checkpoint")
                     else:
@@ -587,6 +611,11 @@ class Job:
                 if not fut.done():
                     fut.cancel()
         self._set(S.STOPPING, source=source)
+        if self.alive and outcome.get("outcome") == "saved" and self._acked():
+            # The job saved for this preemption and ends by itself (exit 0): no SIGTERM,
+            # which would ask a helper for a second save.
+            if await self._wait_exit(spec.stop_timeout):
+                outcome["exited"] = "by itself after its save"
         if self.alive:
             if self.child:
                 self.child.refresh_tree()
@@ -606,6 +635,14 @@ class Job:
         else:
             self._set(final)
         return outcome
+
+    def _acked(self, state: Optional[str] = None) -> bool:
+        """The job acknowledged the current notice and will exit after its save."""
+        nid = self.notice_id
+        if nid is None or self.spec.checkpoint is None:
+            return False
+        ack = jobnotice.read_ack(self._notice_file(), nid)
+        return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------
     def status(self) -> dict:

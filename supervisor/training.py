@@ -535,6 +535,8 @@ class Checkpointer:
             self.notice = emergency.read_notice() or emergency.Request("checkpoint")
             if self.notice.kind == "preempt":
                 self._preempt = True
+            if self._rank == 0:
+                emergency._ack(self.notice, state="taken")
         preempt = self._preempt
         if self._dist:
             if step < self._next_sync:
