@@ -83,6 +83,15 @@ def saves_of(daemon, name: str) -> list[dict]:
 # The scenario every integration goes through under a real daemon
 # ------------------------------------------------------------------------------------
 
+def steps_since_resume(daemon, name: str) -> list[int]:
+    """Steps logged after the last "resuming from" line."""
+    text = job_log(daemon, name)
+    marks = list(re.finditer(r"^(?:resuming from |resumed from step )", text, re.M))
+    if not marks:
+        return []
+    return [int(s) for s in re.findall(r"^step (\d+)\b", text[marks[-1].end():], re.M)]
+
+
 def saves_logged(daemon, name: str) -> list[int]:
     """Steps of the saves the script announced ("saving step N", printed before each save)."""
     return [int(s) for s in re.findall(r"^saving step (\d+)\s*$", job_log(daemon, name), re.M)]
@@ -114,9 +123,8 @@ def scenario(daemon, name: str, list_ckpts, *, startup: float = 180.0) -> None:
     os.kill(daemon.status(name)["pid"], signal.SIGKILL)
     wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, startup, f"{name} to resume after SIGKILL")
     assert resumed_lines(daemon, name)[-1] == str(newest_path)
-    n0 = len(steps_logged(daemon, name))
-    wait_for(lambda: len(steps_logged(daemon, name)) > n0 + 3, startup, f"{name} to train after the resume")
-    assert steps_logged(daemon, name)[n0] == newest_step + 1, "the resumed run did not continue at the saved step"
+    wait_for(lambda: len(steps_since_resume(daemon, name)) > 3, startup, f"{name} to train after the resume")
+    assert steps_since_resume(daemon, name)[0] == newest_step + 1, "the resumed run did not continue at the saved step"
 
     # preempt: exactly one save, at the step the job reached; the job exits 0 by itself
     before = list_ckpts(ckpt)
@@ -139,9 +147,8 @@ def scenario(daemon, name: str, list_ckpts, *, startup: float = 180.0) -> None:
     assert daemon.cli("start", name).returncode == 0
     wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, startup, f"{name} to resume after start")
     assert resumed_lines(daemon, name)[-1] == str(saved_path)
-    n0 = len(steps_logged(daemon, name))
-    wait_for(lambda: len(steps_logged(daemon, name)) > n0, startup, f"{name} to train after start")
-    assert steps_logged(daemon, name)[n0] == saved_step + 1
+    wait_for(lambda: steps_since_resume(daemon, name), startup, f"{name} to train after start")
+    assert steps_since_resume(daemon, name)[0] == saved_step + 1
     daemon.cli("stop", name, "--no-save")
 
 

@@ -21,10 +21,9 @@ from trainsup.integrations.lightning import TrainsupCallback, ckpt_path
 
 
 class Net(pl.LightningModule):
-    def __init__(self, sleep: float, pad_mb: int) -> None:
+    def __init__(self, pad_mb: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-        self.sleep = sleep
         # Extra state to make a save slow when a test needs to land inside one.
         self.register_buffer("pad", torch.zeros(pad_mb << 18))
 
@@ -34,13 +33,20 @@ class Net(pl.LightningModule):
         y = torch.sin(x.sum(1, keepdim=True))
         return nn.functional.mse_loss(self.net(x), y)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        print(f"step {self.global_step}", flush=True)
-        if self.sleep:
-            time.sleep(self.sleep)
-
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class PrintSteps(pl.Callback):
+    """Listed before TrainsupCallback: callbacks run in order, the module's hook after them."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"step {trainer.global_step}", flush=True)
+        if self.sleep:
+            time.sleep(self.sleep)
 
 
 def main() -> int:
@@ -58,10 +64,11 @@ def main() -> int:
     trainer = pl.Trainer(
         max_steps=args.steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True,
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=args.every, save_top_k=-1),
+        callbacks=[PrintSteps(args.sleep_per_step),
+                   ModelCheckpoint(dirpath=out, every_n_train_steps=args.every, save_top_k=-1),
                    TrainsupCallback()],
     )
-    model = Net(args.sleep_per_step, args.pad_mb)
+    model = Net(args.pad_mb)
     resume = ckpt_path(out)
     if resume:
         print(f"resuming from {resume}", flush=True)
