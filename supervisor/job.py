@@ -81,6 +81,16 @@ class JobHost(Protocol):
     def leader_pids(self) -> list[int]: ...
 
 
+# A job installs its save-signal handler after its imports (trainsup.save_requested() on
+# its first step): status warns only once an attempt has run this long without one.
+CATCH_GRACE_S = float(os.environ.get("TRAINSUP_TEST_CATCH_GRACE", "30"))
+
+
+def _ago(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _ckpt_key(info) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
@@ -126,6 +136,7 @@ class Job:
         self._save_requested_mono: Optional[float] = None
         self._notices = 0                 # notices written this daemon run (their ids)
         self.notice_id: Optional[str] = None   # the notice the job was last signalled with
+        self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
         self._load_persisted(persisted)
 
     @property
@@ -606,7 +617,7 @@ class Job:
                     else:
                         outcome.update(outcome=f"no save within {grace:g}s")
                 else:
-                    outcome.update(outcome="job does not catch the save signal")
+                    outcome.update(outcome="job does not catch the save signal", lost=self._work_lost())
             finally:
                 if not fut.done():
                     fut.cancel()
@@ -635,6 +646,33 @@ class Job:
         else:
             self._set(final)
         return outcome
+
+    def _work_lost(self) -> str:
+        """What stopping without a save throws away, for the user who asked for the stop."""
+        latest = self._resume_point()
+        if latest is None:
+            return "no valid checkpoint: all work of this run is lost"
+        age = f"{_ago(time.time() - latest.mtime)} ago, " if latest.mtime else ""
+        return f"work since the last checkpoint is lost (last checkpoint {age}step {latest.step})"
+
+    def _save_signal_warnings(self) -> list[str]:
+        """Say before it matters that no process of the job catches the save signal."""
+        c = self.child
+        if c is None or self.spec.checkpoint is None or time.monotonic() - c.started_mono < CATCH_GRACE_S:
+            return []
+        now = time.monotonic()
+        seen = self._catch_seen
+        if seen is None or seen[0] != c.pid or now - seen[1] > 5.0 or not seen[2]:
+            signum = process.signal_number(self.spec.emergency_save.signal)
+            try:
+                pids = [c.pid] + [p.pid for p in c.refresh_tree()]
+            except Exception:
+                pids = [c.pid]
+            seen = self._catch_seen = (c.pid, now, any(process.catches_signal(p, signum) for p in pids))
+        if seen[2]:
+            return []
+        return [f"no process catches {self.spec.emergency_save.signal}: emergency saves impossible "
+                f"(see README 'Integrations')"]
 
     def _acked(self, state: Optional[str] = None) -> bool:
         """The job acknowledged the current notice and will exit after its save."""
@@ -683,7 +721,7 @@ class Job:
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
             "last_notice": self.last_notice,
-            "warnings": list(self.ckpts.warnings),
+            "warnings": list(self.ckpts.warnings) + self._save_signal_warnings(),
             "error": self.error,
             "config_error": self.config_error,
             "source": str(self.spec.source),
