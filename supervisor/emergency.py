@@ -265,7 +265,7 @@ def served(req: Optional[Request] = None, path: Optional[PathLike] = None, *,
 def _reset_for_tests() -> None:
     global _pending
     uninstall()
-    _f.__init__()
+    _f.__dict__.update(_Flags().__dict__)
     _pending = True
 
 
@@ -288,7 +288,7 @@ def tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp.{os.getpid()}"
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], *, sync: bool = True) -> Path:
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object], *, sync: bool = True) -> Path:
     """Write `path` through `write(fileobj)` into a temp file next to it, fsync, rename over
     `path`, fsync the dir. A reader (or a kill at any moment) sees the old file or the new."""
     path = Path(path)

@@ -64,7 +64,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The committed checkpoint (step-* dir with MANIFEST.json) with the highest step."""
     best: tuple[int, Path] | None = None
     try:
-        entries = list(os.scandir(ckpt_dir))
+        entries = list(os.scandir(os.fspath(ckpt_dir)))
     except FileNotFoundError:
         return None
     for e in entries:
@@ -81,7 +81,7 @@ def latest_valid_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     it lists (a local run outside the daemon has nobody else to check; hashes are not
     re-read here, torch.load reads the bytes anyway)."""
     try:
-        entries = list(os.scandir(ckpt_dir))
+        entries = list(os.scandir(os.fspath(ckpt_dir)))
     except (FileNotFoundError, NotADirectoryError):
         return None
     cands = sorted(((int(m.group(1)), Path(e.path)) for e in entries
@@ -281,7 +281,7 @@ def _rng_state() -> dict:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        st["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+        st["numpy"] = [name, torch.from_numpy(np.asarray(keys).astype("int64")), pos, has_gauss, cached]
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -663,6 +663,8 @@ class Checkpointer:
     def _dcp_state(self, keys: list[str]) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        assert self.model is not None   # sharded=True requires model= (checked in __init__)
+
         sd: dict[str, Any] = {"model": get_model_state_dict(self.model)}
         if "optimizer" in keys:
             sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -826,6 +828,7 @@ class Checkpointer:
                 flag = torch.tensor([int(done)], dtype=torch.int64)
                 dist.broadcast(flag, src=0)   # rank 0's view decides, or ranks would deadlock
                 done = bool(flag)
+            path: Path | None
             if done:
                 path = self.dir / step_dirname(step)   # nothing changed since (e.g. final after preempt)
             elif self._dist:
@@ -966,6 +969,7 @@ class Checkpointer:
             return None
         final = Path(path_box[0]).parent.parent / step_dirname(step)
         if self._rank == 0:
+            assert w is not None   # rank 0 opened the writer, or path_box would be None
             state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
                 self._start_background(step, w, self._snapshot.take(state))

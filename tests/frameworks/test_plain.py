@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
 from conftest import wait_for
 from fw import (REPO, bit_exact_after_preemptions, exits, job_log, need, resumed_lines, scenario,
-                steps_since_resume, wait_steps, write_job)
+                steps_since_resume, write_job)
 
 need("torch")
 
