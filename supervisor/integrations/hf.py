@@ -39,6 +39,21 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def _fsync_tree(path: Path) -> None:
+    try:
+        for p in path.iterdir():
+            if p.is_file() and not p.is_symlink():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        emergency.fsync_dir(path)
+        emergency.fsync_dir(path.parent)
+    except OSError as e:
+        log(f"fsync of {path}: {e.strerror}")
+
+
 def resume_checkpoint(output_dir: Optional[str] = None) -> Optional[str]:
     """What to pass to `trainer.train(resume_from_checkpoint=...)`: TRAINSUP_RESUME_FROM
     under the daemon (None when there is nothing valid); outside it, the newest complete
@@ -81,6 +96,7 @@ class TrainsupCallback(TrainerCallback):
         if req is None:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _fsync_tree(path)   # the Trainer does not fsync: an emergency save must survive the VM going away
         code = emergency.served(req, path)
         if code is not None:
             self._exit = code

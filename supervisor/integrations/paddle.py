@@ -21,7 +21,6 @@ microseconds between those renames.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -86,12 +85,6 @@ def resume_prefix(save_dir: Optional[str] = None) -> Optional[str]:
     return str(best[1]) if best else None
 
 
-def _dump(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    paddle.save(obj, buf)
-    return buf.getvalue()
-
-
 def save_model(model: Any, optimizer: Any, save_dir: str | os.PathLike, prefix: str = "latest", *,
                is_best: bool = False, exit_after_stop: bool = True, **states: Any) -> Path:
     """PaddleOCR's save_model, atomically: `<save_dir>/<prefix>.{pdopt,pdparams,states}`
@@ -103,23 +96,29 @@ def save_model(model: Any, optimizer: Any, save_dir: str | os.PathLike, prefix: 
     d = Path(save_dir)
     d.mkdir(parents=True, exist_ok=True)
     groups = [d / prefix] + ([d / "best_model" / "model"] if is_best else [])
-    blobs = []
+    parts: list[tuple[str, Any]] = []
     if optimizer is not None:
-        blobs.append((".pdopt", _dump(optimizer.state_dict())))
-    blobs.append((".pdparams", _dump(net.state_dict())))
-    blobs.append((".states", pickle.dumps(states, protocol=2)))
+        parts.append((".pdopt", optimizer.state_dict()))
+    parts.append((".pdparams", net.state_dict()))
+    states_blob = pickle.dumps(states, protocol=2)
     for g in groups:
         g.parent.mkdir(parents=True, exist_ok=True)
-        tmps = []
+        tmps: list[tuple[Path, Path]] = []
         try:
-            for suffix, data in blobs:       # all complete and durable before any rename
+            for suffix, obj in [*parts, (".states", None)]:   # all complete and durable before any rename
                 final = g.with_name(g.name + suffix)
                 tmp = emergency.tmp_name(final)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 tmps.append((tmp, final))
+                if obj is not None:
+                    paddle.save(obj, str(tmp))     # straight to the temp file: no copy in memory
+                else:
+                    with open(tmp, "wb") as f:
+                        f.write(states_blob)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             for tmp, final in tmps:
                 os.replace(tmp, final)
         except BaseException:
