@@ -8,7 +8,7 @@ from fw import need, need_daemon_format, scenario, write_job
 
 need("keras")
 need("tensorflow")
-need_daemon_format("latest.weights.h5")
+need_daemon_format("keras")
 
 
 def keras_ckpts(d):

@@ -25,7 +25,7 @@ def paddle_ckpts(d):
 
 
 def test_paddle_checkpoint_wait_sigkill_preempt_start(daemon):
-    need_daemon_format("latest.pdparams")
+    need_daemon_format("paddle")
     write_job(daemon, "paddle", "train_paddle.py", "--sleep-per-step", "0.02")
     scenario(daemon, "paddle", paddle_ckpts, startup=240)
 
