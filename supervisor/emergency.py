@@ -312,6 +312,30 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object], *, sync: 
     return path
 
 
+def atomic_write_path(path: PathLike, write: Callable[[Path], object]) -> Path:
+    """Like atomic_write for a writer that takes a file name (torch.save, paddle.save,
+    save_weights write through their own buffered writers, faster than a Python file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def _write_bytes_atomic(path: Path, data: bytes, sync: bool = True) -> Path:
     return atomic_write(path, lambda f: f.write(data), sync=sync)
 
@@ -325,7 +349,7 @@ def atomic_save(obj: Any, path: PathLike, *, exit_after_stop: bool = True, **tor
     checks `trainsup.should_stop()` itself)."""
     import torch  # only here: `import trainsup` must not import torch
 
-    p = atomic_write(path, lambda f: torch.save(obj, f, **torch_save_kw))
+    p = atomic_write_path(path, lambda tmp: torch.save(obj, str(tmp), **torch_save_kw))
     if _f.current is not None:
         if exit_after_stop:
             served(_f.current, p, exit=True)
