@@ -74,6 +74,9 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Requests that arrive while the jobs dir is first read wait for it: `status` must
+        # never answer "no such job" for a job whose file is still settling.
+        self.loaded = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
@@ -101,6 +104,7 @@ class Daemon:
         for inv in scan.invalid:
             self._add_invalid(inv)
         self._reread_unsettled(scan.unsettled)
+        self.loaded.set()
         # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
         # state DB says (it may be gone), then by the pids it recorded.
         for name in await containment.end_leftovers():

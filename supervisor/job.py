@@ -19,10 +19,11 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from . import cgroup, jobnotice, process
 from .backoff import RestartTracker
+from .checkpoint import confirm
 from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
 from .joblog import JobLog
@@ -99,8 +100,11 @@ def _ckpt_key(info) -> tuple:
 
 class Job:
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
-                 persisted: dict):
+                 persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
+                 clock: Callable[[], float] = time.monotonic):
         self.spec = spec
+        self._spawn_process = spawn       # process.spawn; unit tests hand in a fake child
+        self.clock = clock                # monotonic: restart decisions never see wall time
         self.host = host
         self.loop = host.loop
         self.settings = settings
@@ -133,7 +137,7 @@ class Job:
         self._exit_fut: Optional[asyncio.Future] = None
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
-        self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
+        self._ckpt_waiters: list[tuple[confirm.SaveRequest, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
         self._notices = 0                 # notices written this daemon run (their ids)
@@ -326,7 +330,7 @@ class Job:
     def _spawn(self) -> None:
         spec = self.spec
         resume = self._resume_point()
-        resume_path = str(resume.path) if resume else ""
+        resume_path = str(resume.resume_path) if resume else ""   # HF dir, .ckpt, Paddle/TF prefix, Keras file
         argv = list(spec.command)
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
@@ -362,8 +366,8 @@ class Job:
         try:
             wfd = self.log.new_pipe(self.loop)
             cg = containment.create(spec.name, self.attempt) if containment is not None else None
-            child = process.spawn(spec, argv, env, wfd, containment, cg)
-            spawned_at = time.monotonic()
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            spawned_at = self.clock()
         except (process.SpawnError, OSError, cgroup.CgroupError) as e:
             if cg is not None:
                 cg.remove()
@@ -435,7 +439,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
-        self._exit_noticed = time.monotonic()
+        self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
@@ -457,7 +461,7 @@ class Job:
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
         self.last_exit = ex.as_dict()
-        ran_for = time.monotonic() - child.started_mono
+        ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
@@ -503,7 +507,7 @@ class Job:
         if self.retired:
             return
         try:
-            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+            decision = self.tracker.on_exit(crashed=crashed, now=self.clock(), ran_for=ran_for)
         except Exception as e:
             self._internal_error("deciding on a restart", e)
             return
@@ -537,15 +541,17 @@ class Job:
                        reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
         if new_valid:
             self.tracker.progress()
-        valid_now = {_ckpt_key(i) for i in infos if i.valid}
-        for known, fut in list(self._ckpt_waiters):
-            if not fut.done() and valid_now - known:
-                fut.set_result(True)
+        for req, fut in list(self._ckpt_waiters):
+            # a new save confirms, never an old checkpoint found late (confirm.py)
+            info = confirm.confirmation(infos, req) if not fut.done() else None
+            if info is not None:
+                fut.set_result(info)
         self._ckpt_waiters = [(k, f) for k, f in self._ckpt_waiters if not f.done()]
 
     def _new_checkpoint_future(self) -> asyncio.Future:
+        """Resolves with the checkpoint that confirms a save asked for now."""
         fut = self.loop.create_future()
-        self._ckpt_waiters.append(({_ckpt_key(i) for i in self.checkpoints if i.valid}, fut))
+        self._ckpt_waiters.append((confirm.save_request(self.checkpoints, time.time()), fut))
         return fut
 
     def _notice_file(self) -> Path:
@@ -643,8 +649,7 @@ class Job:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:
-                        latest = self._resume_point()
-                        outcome.update(outcome="saved", step=getattr(latest, "step", None),
+                        outcome.update(outcome="saved", step=fut.result().step,
                                        save_s=round(time.monotonic() - t0, 3))
                     elif done and self._acked("saved"):
                         # It saved for this notice and exited before the index saw the save.
