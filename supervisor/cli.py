@@ -228,6 +228,11 @@ def _simple(verb: str):
         if verb in ("stop", "preempt", "restart") and isinstance(res, dict) and "outcome" in res:
             extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
             print(f"{args.job}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
+            if res.get("lost"):
+                # A stop that asked for a save and could not get one: say what it cost.
+                print(f"{args.job}: {res['lost']} (see README 'Integrations'; --no-save to stop without asking)",
+                      file=sys.stderr)
+                return 1
         elif verb == "preempt" and args.all:
             for o in res.get("outcomes", []):
                 print(f"{o.get('source')}: {o.get('outcome')}")
