@@ -30,8 +30,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec, HangSpec,
-                   InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec)
+from .spec import (HOOK_EVENTS, BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
+                   HangSpec, HookSpec, InvalidJob, JobSpec, MemorySpec, MetricsSpec,
+                   PreemptionSpec, RestartSpec, ScheduleSpec)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32            # a job file is 3 levels deep; deep nesting is only an attack
@@ -791,6 +792,38 @@ SCHEDULE = Section(ScheduleSpec, {
     "preempt_cron": cron,
 })
 
+def _hook_events(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
+    names = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if not names or any(n.kind != "scalar" or n.value not in HOOK_EVENTS for n in names):
+        raise Invalid(f"must be a list of events from {', '.join(HOOK_EVENTS)}, got {describe(node)}")
+    return tuple(dict.fromkeys(n.value for n in names))
+
+
+HOOK = Section(HookSpec, {
+    "command": command,
+    "on": _hook_events,
+    "timeout": duration(positive=True),
+}, required=("command",))
+
+
+def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
+    if node.kind != "seq":
+        raise Invalid(f"must be a list of hooks ({{command: [...], on: [...], timeout: 10s}}), "
+                      f"got {describe(node)}")
+    hooks, bad = [], False
+    for index, item in enumerate(node.value):
+        try:
+            hooks.append(HOOK(item, f"{key}[{index}]", ctx))
+        except Invalid as exc:
+            ctx.report(item.line, f"{key}[{index}]", str(exc))
+            bad = True
+        except _Reported:
+            bad = True
+    if bad:
+        raise _Reported
+    return tuple(hooks)
+
+
 JOB = Section(JobSpec, {
     "name": job_name,
     "command": command,
@@ -806,6 +839,7 @@ JOB = Section(JobSpec, {
     "memory": MEMORY,
     "hang": HANG,
     "schedule": SCHEDULE,
+    "hooks": hook_list,
 }, required=("name", "command"))
 JOB.nullable.add("workdir")                      # `workdir: null` = the YAML's folder
 
@@ -815,6 +849,21 @@ PREEMPTION = Section(PreemptionSpec, {
     "poll": duration(positive=True),
     "metadata_url": url,
 })
+
+def listen_address(node: Node, key: str, ctx: Context) -> str:
+    """"HOST:PORT", "[V6]:PORT", or a bare port (then loopback): metrics are for a local
+    scraper unless the admin names another address."""
+    raw = text(node, key, ctx).strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise Invalid(f"must be HOST:PORT such as 127.0.0.1:9184, got {describe(node)}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+METRICS = Section(MetricsSpec, {"listen": listen_address})
 
 DAEMON = Section(DaemonSpec, {
     "jobs_dir": path,
@@ -827,6 +876,8 @@ DAEMON = Section(DaemonSpec, {
     "log_max_bytes": size(1),
     "log_backups": integer(0),
     "preemption": PREEMPTION,
+    "metrics": METRICS,
+    "hooks": hook_list,
 })
 _PATH_KEYS = frozenset({"jobs_dir", "state_dir", "socket", "log_dir"})
 DAEMON.nullable.update(_PATH_KEYS)               # null = the default

@@ -1,0 +1,331 @@
+"""Prometheus metrics (opt-in: `metrics.listen` in the daemon config).
+
+The event loop owns every number here. It feeds `MetricsBook` the events it records and,
+a moment after something changed, publishes an immutable `Snapshot`. The HTTP server
+(prometheus_client's, on its own thread) reads only the newest snapshot: one attribute
+read, never a job's live fields, so a scrape can neither race the loop nor slow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .job import Job
+
+# Every state a job can be in (trainsup.job.State, plus invalid): all are exported,
+# 1 for the current one, so `trainsup_job_state{state="failed"} == 1` works as an alert.
+STATES = ("pending", "starting", "running", "saving", "stopping", "backoff", "stopped",
+          "preempted", "finished", "failed", "invalid")
+SAVE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+STEPS_LOST_BUCKETS = (0, 1, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
+PUBLISH_DELAY = 0.2           # coalesce a burst of events into one publish
+LAG_PROBE_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class JobSample:
+    """What a scrape shows about one job, copied on the loop."""
+    name: str
+    state: str
+    attempt: int = 0
+    exit_code: Optional[int] = None        # the code, or 128 + signal number (shell style)
+    exit_reason: Optional[str] = None
+    exit_at: Optional[float] = None
+    step: Optional[int] = None             # newest valid checkpoint's step (None: unnumbered/none)
+    ckpt_mtime: Optional[float] = None     # its mtime: the age is computed at scrape time
+    ckpt_bytes: Optional[int] = None
+    quota: Optional[int] = None
+    valid: int = 0
+    invalid: int = 0
+    has_checkpoints: bool = False
+
+
+@dataclass(frozen=True)
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...] = ()           # per bucket (not cumulative), + the +Inf bucket
+    total: float = 0.0
+
+    def observe(self, value: float) -> "Histogram":
+        counts = list(self.counts or (0,) * (len(self.buckets) + 1))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+        return Histogram(self.buckets, tuple(counts), self.total + value)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts):
+            running += n
+            out.append(("+Inf" if bound == math.inf else f"{bound:g}", running))
+        return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    jobs: tuple[JobSample, ...] = ()
+    restarts: Mapping[tuple[str, str], int] = field(default_factory=dict)          # (job, reason)
+    notices: Mapping[tuple[str, str, str], int] = field(default_factory=dict)      # (job, source, outcome)
+    saves: Mapping[str, Histogram] = field(default_factory=dict)
+    steps_lost: Mapping[str, Histogram] = field(default_factory=dict)
+    lag_s: float = 0.0
+    published_at: float = 0.0
+
+
+def _exit_code(last_exit: Optional[dict]) -> Optional[int]:
+    if not last_exit:
+        return None
+    if last_exit.get("code") is not None:
+        return int(last_exit["code"])
+    sig = last_exit.get("signal")
+    if isinstance(sig, int):
+        return 128 + sig
+    if isinstance(sig, str):
+        import signal as _signal
+        try:
+            return 128 + int(_signal.Signals[sig])
+        except KeyError:
+            return None
+    return None
+
+
+def sample_job(job: "Job") -> JobSample:
+    """Copy one job's exported numbers (on the loop)."""
+    from .checkpoint.index import latest_valid
+    ck = job.spec.checkpoint
+    ex = job.last_exit or {}
+    latest = latest_valid(job.checkpoints) if job.checkpoints else None
+    state = "stopped" if job.sigstopped and job.child else job.state.value
+    return JobSample(
+        name=job.name, state=state, attempt=job.attempt,
+        exit_code=_exit_code(job.last_exit), exit_reason=ex.get("reason"), exit_at=ex.get("at"),
+        step=latest.step if latest else None, ckpt_mtime=latest.mtime if latest else None,
+        ckpt_bytes=sum(i.bytes for i in job.checkpoints) if ck else None,
+        quota=ck.quota if ck else None,
+        valid=sum(1 for i in job.checkpoints if i.valid),
+        invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
+        has_checkpoints=ck is not None)
+
+
+class MetricsBook:
+    """The loop's side: counters fed from events, job samples refreshed when dirty."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot(published_at=time.time())
+        self._jobs: dict[str, JobSample] = {}
+        self._restarts: dict[tuple[str, str], int] = {}
+        self._notices: dict[tuple[str, str, str], int] = {}
+        self._saves: dict[str, Histogram] = {}
+        self._steps_lost: dict[str, Histogram] = {}
+        self._dirty: set[str] = set()
+        self._everything_dirty = True
+        self._lag = 0.0
+
+    # -- fed by the loop ---------------------------------------------------------------
+    def on_event(self, job: str, kind: str, data: Mapping[str, Any]) -> None:
+        if kind == "launch":
+            reason = data.get("reason")
+            if reason and reason != "first":
+                key = (job, str(reason))
+                self._restarts[key] = self._restarts.get(key, 0) + 1
+            lost = data.get("steps_lost")
+            if isinstance(lost, int) and lost >= 0:
+                self._steps_lost[job] = self._steps_lost.get(job, Histogram(STEPS_LOST_BUCKETS)).observe(lost)
+        elif kind == "notice" and data.get("outcome"):
+            key = (job, str(data.get("source")), str(data["outcome"]))
+            self._notices[key] = self._notices.get(key, 0) + 1
+        elif kind == "notice" and job == "-" and data.get("kind") == "warning":
+            key = ("-", str(data.get("source")), "checkpoint requested")
+            self._notices[key] = self._notices.get(key, 0) + 1
+        elif kind == "checkpoint" and isinstance(data.get("took_s"), (int, float)):
+            self._saves[job] = self._saves.get(job, Histogram(SAVE_BUCKETS)).observe(float(data["took_s"]))
+        self._dirty.add(job)
+
+    def mark(self, job: Optional[str] = None) -> None:
+        if job is None:
+            self._everything_dirty = True
+        else:
+            self._dirty.add(job)
+
+    @property
+    def dirty(self) -> bool:
+        return self._everything_dirty or bool(self._dirty)
+
+    def set_lag(self, seconds: float) -> None:
+        self._lag = seconds
+
+    def publish(self, jobs: Mapping[str, "Job"], invalid: Iterable[str] = ()) -> Snapshot:
+        """Re-sample the dirty jobs (all after a reload) and swap in a new snapshot."""
+        names = set(jobs) if self._everything_dirty else self._dirty & set(jobs)
+        for name in names:
+            self._jobs[name] = sample_job(jobs[name])
+        current = {**{n: s for n, s in self._jobs.items() if n in jobs},
+                   **{n: JobSample(name=n, state="invalid") for n in invalid if n not in jobs}}
+        self._jobs = {n: s for n, s in current.items() if n in jobs}
+        self._dirty.clear()
+        self._everything_dirty = False
+        self.snapshot = Snapshot(
+            jobs=tuple(sorted(current.values(), key=lambda s: s.name)),
+            restarts=MappingProxyType(dict(self._restarts)),
+            notices=MappingProxyType(dict(self._notices)),
+            saves=MappingProxyType(dict(self._saves)),
+            steps_lost=MappingProxyType(dict(self._steps_lost)),
+            lag_s=self._lag, published_at=time.time())
+        return self.snapshot
+
+
+class SnapshotCollector(Collector):
+    """Turns the newest snapshot into metric families (runs on the HTTP thread)."""
+
+    def __init__(self, book: MetricsBook, started_wall: float):
+        self.book = book
+        self.started_wall = started_wall
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.book.snapshot           # one read of an immutable object: no lock needed
+        now = time.time()
+        info = GaugeMetricFamily("trainsup_build_info", "trainsup version (value is 1)",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        yield GaugeMetricFamily("trainsup_daemon_start_time_seconds", "when the daemon started (unix time)",
+                                value=self.started_wall)
+        yield GaugeMetricFamily("trainsup_event_loop_lag_seconds",
+                                "how late the daemon's event loop ran a 1 s timer, last probe", value=snap.lag_s)
+        yield GaugeMetricFamily("trainsup_metrics_snapshot_age_seconds",
+                                "seconds since the loop last published these numbers",
+                                value=max(0.0, now - snap.published_at))
+
+        state = GaugeMetricFamily("trainsup_job_state", "1 for the job's current state", labels=["job", "state"])
+        attempt = GaugeMetricFamily("trainsup_job_attempt", "launches so far", labels=["job"])
+        code = GaugeMetricFamily("trainsup_job_last_exit_code",
+                                 "last exit: its code, or 128 + signal number", labels=["job", "reason"])
+        exit_at = GaugeMetricFamily("trainsup_job_last_exit_timestamp_seconds", "when the last attempt ended",
+                                    labels=["job"])
+        step = GaugeMetricFamily("trainsup_job_checkpoint_step", "step of the newest valid checkpoint "
+                                 "(absent when it has no step number)", labels=["job"])
+        age = GaugeMetricFamily("trainsup_job_checkpoint_age_seconds", "age of the newest valid checkpoint",
+                                labels=["job"])
+        nbytes = GaugeMetricFamily("trainsup_job_checkpoint_bytes", "bytes in the job's checkpoint dir",
+                                   labels=["job"])
+        quota = GaugeMetricFamily("trainsup_job_checkpoint_quota_bytes", "the job's checkpoint quota",
+                                  labels=["job"])
+        count = GaugeMetricFamily("trainsup_job_checkpoints", "checkpoints by validity", labels=["job", "valid"])
+        for s in snap.jobs:
+            for st in STATES:
+                state.add_metric([s.name, st], 1.0 if s.state == st else 0.0)
+            if s.state == "invalid":
+                continue
+            attempt.add_metric([s.name], s.attempt)
+            if s.exit_code is not None:
+                code.add_metric([s.name, s.exit_reason or ""], s.exit_code)
+            if s.exit_at is not None:
+                exit_at.add_metric([s.name], s.exit_at)
+            if not s.has_checkpoints:
+                continue
+            if s.step is not None:
+                step.add_metric([s.name], s.step)
+            if s.ckpt_mtime is not None:
+                age.add_metric([s.name], max(0.0, now - s.ckpt_mtime))
+            nbytes.add_metric([s.name], s.ckpt_bytes or 0)
+            if s.quota:
+                quota.add_metric([s.name], s.quota)
+            count.add_metric([s.name, "true"], s.valid)
+            count.add_metric([s.name, "false"], s.invalid)
+        yield from (state, attempt, code, exit_at, step, age, nbytes, quota, count)
+
+        restarts = CounterMetricFamily("trainsup_job_restarts", "relaunches by reason (crash, oom, hang, "
+                                       "preempt, manual) since the daemon started", labels=["job", "reason"])
+        for (job, reason), n in sorted(snap.restarts.items()):
+            restarts.add_metric([job, reason], n)
+        yield restarts
+        notices = CounterMetricFamily("trainsup_notices", "notices handled, by source and outcome",
+                                      labels=["job", "source", "outcome"])
+        for (job, source, outcome), n in sorted(snap.notices.items()):
+            notices.add_metric([job, source, outcome], n)
+        yield notices
+        yield _histogram("trainsup_job_save_duration_seconds",
+                         "requested save to valid checkpoint", snap.saves)
+        yield _histogram("trainsup_job_steps_lost", "steps redone after each interruption "
+                         "(jobs that report their step)", snap.steps_lost)
+
+
+def _histogram(name: str, doc: str, per_job: Mapping[str, Histogram]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=["job"])
+    for job, h in sorted(per_job.items()):
+        fam.add_metric([job], h.cumulative(), sum_value=h.total)
+    return fam
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """The HTTP endpoint (prometheus_client's threaded WSGI server) plus the loop-side
+    publisher and lag probe."""
+
+    def __init__(self, listen: str, book: MetricsBook, started_wall: float):
+        self.listen = listen
+        self.book = book
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(book, started_wall))
+        self._httpd: Any = None
+        self._publish_handle: Optional[asyncio.TimerHandle] = None
+
+    def start(self) -> None:
+        from prometheus_client import start_http_server
+        host, port = split_listen(self.listen)
+        self._httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1]) if self._httpd else 0
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+
+    def schedule_publish(self, loop: asyncio.AbstractEventLoop, publish) -> None:
+        """Publish once, PUBLISH_DELAY from now, however many events arrive meanwhile."""
+        if self._publish_handle is None:
+            def run() -> None:
+                self._publish_handle = None
+                publish()
+            self._publish_handle = loop.call_later(PUBLISH_DELAY, run)
+
+    async def probe_lag(self, publish) -> None:
+        """Measure how late a timer fires: the loop's responsiveness, as users feel it."""
+        loop = asyncio.get_running_loop()
+        probes = 0
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            self.book.set_lag(max(0.0, loop.time() - t0 - LAG_PROBE_INTERVAL))
+            probes += 1
+            if probes % 10 == 0:
+                self.book.mark()
+            # Periodic publish too: fields that change without an event (rotation
+            # verdicts) and the lag itself stay at most a second stale.
+            publish()
