@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -73,7 +74,7 @@ class Histogram:
         out, running = [], 0
         for bound, n in zip((*self.buckets, math.inf), self.counts):
             running += n
-            out.append(("+Inf" if bound == math.inf else f"{bound:g}", running))
+            out.append((floatToGoString(bound), running))
         return out
 
 
