@@ -98,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("history", help="a job's events")
     x.add_argument("job")
     x.add_argument("-n", type=int, default=50)
+    x.add_argument("--json", action="store_true", help="print the events as one JSON list, oldest first")
+
+    x = sub.add_parser("plot", help="draw a job's timeline: steps, saves, notices, crashes, disk use",
+                       description="Draw a job's timeline from its history: steps over wall time per "
+                       "attempt, requested saves, notices, crashes, resumes, the steps each interruption "
+                       "lost, and checkpoint disk use against the quota. Needs matplotlib "
+                       "(pip install 'trainsup[plot]').")
+    x.add_argument("job", help="the job to draw")
+    x.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="where to write the picture; .svg writes SVG, anything else PNG")
+    x.add_argument("-n", type=int, default=10000, help="how many of the newest events to use (default 10000)")
+    x.add_argument("--history", type=Path, metavar="FILE",
+                   help="draw from a saved `trainsup history JOB --json` file instead of asking the daemon")
+    x.add_argument("--quota", type=int, metavar="BYTES",
+                   help="the quota line with --history (default: the job's quota from the daemon)")
 
     x = sub.add_parser("validate", help="check job YAML files without a daemon")
     x.add_argument("files", nargs="+", type=Path)
@@ -352,6 +367,9 @@ def cmd_history(args) -> int:
     ok, res = _call(args, "history", args.job, {"n": args.n})
     if not ok:
         return _fail(res)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return EXIT_OK
     for ev in res:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ev.pop("at")))
         kind = ev.pop("kind")
@@ -374,6 +392,36 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def cmd_plot(args) -> int:
+    from .plot import PlotUnavailable, draw
+    quota = args.quota
+    if args.history is not None:
+        try:
+            events = json.loads(args.history.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{args.history}: cannot read a history: {e}") from None
+        if isinstance(events, dict):           # {"events": [...], "quota": N} also accepted
+            quota = quota if quota is not None else events.get("quota")
+            events = events.get("events", [])
+    else:
+        ok, res = _call(args, "history", args.job, {"n": args.n})
+        if not ok:
+            return _fail(res)
+        events = res
+        if quota is None:
+            ok, st = _call(args, "status", args.job)
+            if ok:
+                quota = ((st["jobs"][0].get("checkpoint") or {}).get("quota"))
+    try:
+        out = draw(events, args.output, job=args.job, quota=quota)
+    except PlotUnavailable as e:
+        return _fail(e)
+    except (ValueError, OSError) as e:
+        return _fail(f"plot: {e}")
+    print(f"{args.job}: wrote {out}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(quick=args.quick)
@@ -383,5 +431,5 @@ COMMANDS = {
     "daemon": cmd_daemon, "status": cmd_status, "start": _simple("start"), "stop": _simple("stop"),
     "restart": _simple("restart"), "preempt": _simple("preempt"), "checkpoint": cmd_checkpoint,
     "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
-    "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo,
+    "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
 }
