@@ -14,6 +14,7 @@ from typing import Optional
 
 from . import __version__
 from .control import Unreachable, connect, replies, request, send
+from .render import format_checkpoints, format_status
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -186,65 +187,6 @@ def _fail(msg) -> int:
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
 
 
-def _human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
-def _human_age(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def format_status(result: dict) -> str:
-    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
-    notes = []
-    for j in result["jobs"]:
-        ck = j.get("checkpoint") or {}
-        if ck.get("step") is not None:
-            ckpt = f"step {ck['step']}, {_human_age(ck.get('age_s'))} ago"
-        elif ck:
-            ckpt = "none"
-        else:
-            ckpt = "-"
-        if ck.get("invalid"):
-            ckpt += f" ({ck['invalid']} invalid)"
-        disk = f"{_human_bytes(ck.get('bytes'))}/{_human_bytes(ck.get('quota')) if ck.get('quota') else '-'}" if ck else "-"
-        mem = j.get("memory") or {}
-        memtxt = _human_bytes(mem.get("rss")) if mem.get("rss") else "-"
-        if mem.get("limit"):
-            memtxt += f"/{_human_bytes(mem['limit'])}"
-        state = j["state"]
-        if ck.get("over_quota"):
-            state += " over-quota"
-        rows.append((j["name"], state, str(j.get("pid") or "-"), _human_age(j.get("uptime_s")),
-                     str(j.get("restarts", 0)), ckpt, disk, memtxt))
-        if j.get("error"):
-            notes.append(f"  {j['name']}: {j['error']}")
-        for w in j.get("warnings") or []:
-            notes.append(f"  {j['name']}: warning: {w}")
-        ln = j.get("last_notice")
-        if ln and ln.get("outcome"):
-            notes.append(f"  {j['name']}: last notice: {ln.get('source')} -> {ln.get('outcome')}"
-                         + (f" (step {ln['step']} in {ln.get('save_s')}s)" if ln.get("step") is not None else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines + notes)
-
-
 def _bad_job(j: dict) -> bool:
     ck = j.get("checkpoint") or {}
     return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota"))
@@ -344,14 +286,7 @@ def cmd_checkpoints(args) -> int:
         keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason")
         print(json.dumps([{k: c[k] for k in keys} for c in res], indent=1))
         return EXIT_OK
-    rows = [("STEP", "SIZE", "VALID", "KEPT", "REASON", "PATH")]
-    for c in res:
-        valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
-        rows.append((str(c["step"]) if c["step"] is not None else "-", _human_bytes(c["bytes"]), valid,
-                     c["kept"] or "-", c["reason"] or "-", c["path"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
+    print(format_checkpoints(res))
     return EXIT_OK
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import io
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import psutil
 import yaml
 
 from .control import Unreachable, request
+from .render import format_checkpoints, format_status
 
 JOB = "mlp-demo"
 REPO = Path(__file__).resolve().parent.parent
@@ -250,7 +250,6 @@ class Demo:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
 
     def show_status(self) -> None:
-        from .cli import format_status
         print(_indent(format_status(self.d.call("status"))), flush=True)
 
     def job_running(self, attempt: int) -> Optional[dict]:
@@ -429,11 +428,7 @@ class Demo:
         self.story.kept_bytes, self.story.deleted = on_disk, len(deleted)
         self.say(f"rotation: {len(cps)} checkpoints kept, {on_disk} bytes on disk ({_kib(on_disk)}) <= quota "
                  f"{QUOTA} bytes; {len(deleted)} deleted. `trainsup checkpoints {JOB}`:")
-        from .cli import main as cli_main
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            cli_main(["--socket", str(self.d.socket), "checkpoints", JOB])
-        print(_indent(buf.getvalue()), flush=True)
+        print(_indent(format_checkpoints(cps)), flush=True)
         print(f"    deletions in `trainsup history {JOB}` (last 3 of {len(deleted)}):", flush=True)
         for e in deleted[-3:]:
             print(f"      step {e.get('step')}: {e.get('bytes')} bytes: {e.get('why')}", flush=True)

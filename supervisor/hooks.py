@@ -17,8 +17,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from .spec import HookSpec
 
@@ -32,7 +33,7 @@ MAX_OUTPUT = 64 << 10         # per run, logged; the rest is read and dropped
 MAX_STDIN = 60 << 10          # below a pipe's buffer: one non-blocking write
 
 
-def hook_event(kind: str, data: Mapping[str, Any], state_before: Optional[str]) -> Optional[str]:
+def hook_event(kind: str, data: Mapping[str, Any], state_before: str | None) -> str | None:
     """The hook event (if any) for a recorded daemon event. `state_before` is the job's
     state when it was recorded: an exit while `running` is a crash; an exit during a
     save or stop flow is the daemon's own doing."""
@@ -59,7 +60,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     output: bytearray = field(default_factory=bytearray)
     dropped: int = 0
-    timer: Optional[asyncio.TimerHandle] = None
+    timer: asyncio.TimerHandle | None = None
     killed: bool = False
 
 
@@ -70,7 +71,7 @@ class HookRunner:
         self.running: dict[int, _Run] = {}
         self._states: dict[str, str] = {}
         self.host = socket.gethostname()
-        self.on_finished: Optional[Callable[[str, Optional[int], bool], None]] = None   # tests, bench
+        self.on_finished: Callable[[str, int | None, bool], None] | None = None   # tests, bench
 
     def pids(self) -> set[int]:
         return set(self.running)

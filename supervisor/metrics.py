@@ -12,12 +12,16 @@ import asyncio
 import math
 import platform
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -42,13 +46,13 @@ class JobSample:
     name: str
     state: str
     attempt: int = 0
-    exit_code: Optional[int] = None        # the code, or 128 + signal number (shell style)
-    exit_reason: Optional[str] = None
-    exit_at: Optional[float] = None
-    step: Optional[int] = None             # newest valid checkpoint's step (None: unnumbered/none)
-    ckpt_mtime: Optional[float] = None     # its mtime: the age is computed at scrape time
-    ckpt_bytes: Optional[int] = None
-    quota: Optional[int] = None
+    exit_code: int | None = None        # the code, or 128 + signal number (shell style)
+    exit_reason: str | None = None
+    exit_at: float | None = None
+    step: int | None = None             # newest valid checkpoint's step (None: unnumbered/none)
+    ckpt_mtime: float | None = None     # its mtime: the age is computed at scrape time
+    ckpt_bytes: int | None = None
+    quota: int | None = None
     valid: int = 0
     invalid: int = 0
     has_checkpoints: bool = False
@@ -60,7 +64,7 @@ class Histogram:
     counts: tuple[int, ...] = ()           # per bucket (not cumulative), + the +Inf bucket
     total: float = 0.0
 
-    def observe(self, value: float) -> "Histogram":
+    def observe(self, value: float) -> Histogram:
         counts = list(self.counts or (0,) * (len(self.buckets) + 1))
         for i, bound in enumerate(self.buckets):
             if value <= bound:
@@ -89,7 +93,7 @@ class Snapshot:
     published_at: float = 0.0
 
 
-def _exit_code(last_exit: Optional[dict]) -> Optional[int]:
+def _exit_code(last_exit: dict | None) -> int | None:
     if not last_exit:
         return None
     if last_exit.get("code") is not None:
@@ -106,7 +110,7 @@ def _exit_code(last_exit: Optional[dict]) -> Optional[int]:
     return None
 
 
-def sample_job(job: "Job") -> JobSample:
+def sample_job(job: Job) -> JobSample:
     """Copy one job's exported numbers (on the loop)."""
     from .checkpoint.index import latest_valid
     ck = job.spec.checkpoint
@@ -158,7 +162,7 @@ class MetricsBook:
             self._saves[job] = self._saves.get(job, Histogram(SAVE_BUCKETS)).observe(float(data["took_s"]))
         self._dirty.add(job)
 
-    def mark(self, job: Optional[str] = None) -> None:
+    def mark(self, job: str | None = None) -> None:
         if job is None:
             self._everything_dirty = True
         else:
@@ -171,7 +175,7 @@ class MetricsBook:
     def set_lag(self, seconds: float) -> None:
         self._lag = seconds
 
-    def publish(self, jobs: Mapping[str, "Job"], invalid: Iterable[str] = ()) -> Snapshot:
+    def publish(self, jobs: Mapping[str, Job], invalid: Iterable[str] = ()) -> Snapshot:
         """Re-sample the dirty jobs (all after a reload) and swap in a new snapshot."""
         names = set(jobs) if self._everything_dirty else self._dirty & set(jobs)
         for name in names:
@@ -289,7 +293,7 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(book, started_wall))
         self._httpd: Any = None
-        self._publish_handle: Optional[asyncio.TimerHandle] = None
+        self._publish_handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         from prometheus_client import start_http_server

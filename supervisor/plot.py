@@ -9,10 +9,11 @@ matplotlib); `draw()` needs the optional extra `trainsup[plot]`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 _STEP_IN_NAME = re.compile(r"(?:step-|checkpoint-|step_|step)(\d+)")
 CLEAN_EXITS = ("exit 0",)
@@ -27,9 +28,9 @@ class Attempt:
     number: int
     start: float
     reason: str
-    resume_step: Optional[int] = None
-    end: Optional[float] = None
-    exit_reason: Optional[str] = None
+    resume_step: int | None = None
+    end: float | None = None
+    exit_reason: str | None = None
     crashed: bool = False
     points: list[tuple[float, int]] = field(default_factory=list)     # (at, step)
 
@@ -37,7 +38,7 @@ class Attempt:
 @dataclass
 class Timeline:
     attempts: list[Attempt] = field(default_factory=list)
-    saves: list[tuple[float, Optional[int]]] = field(default_factory=list)        # requested saves
+    saves: list[tuple[float, int | None]] = field(default_factory=list)        # requested saves
     notices: list[tuple[float, str, str]] = field(default_factory=list)           # (at, source, outcome)
     lost: list[tuple[float, float, int, int]] = field(default_factory=list)       # (t0, t1, from, to)
     disk: list[tuple[float, int]] = field(default_factory=list)                   # (at, bytes)
@@ -47,7 +48,7 @@ class Timeline:
         return any(a.points for a in self.attempts)
 
 
-def step_of(path: Optional[str], known: dict[str, int]) -> Optional[int]:
+def step_of(path: str | None, known: dict[str, int]) -> int | None:
     if not path:
         return None
     if path in known:
@@ -61,7 +62,7 @@ def timeline(events: Iterable[dict[str, Any]]) -> Timeline:
     tl = Timeline()
     steps_of_path: dict[str, int] = {}
     sizes: dict[str, int] = {}
-    current: Optional[Attempt] = None
+    current: Attempt | None = None
     for ev in events:
         at, kind = float(ev["at"]), ev.get("kind")
         if kind == "launch":
@@ -111,8 +112,8 @@ def _when(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
-def draw(events: list[dict[str, Any]], out: Path, *, job: str, quota: Optional[int] = None,
-         now: Optional[float] = None) -> Path:
+def draw(events: list[dict[str, Any]], out: Path, *, job: str, quota: int | None = None,
+         now: float | None = None) -> Path:
     """Write the picture (PNG or SVG, by the suffix of `out`)."""
     import matplotlib.pyplot as plt
     fig = figure(events, job=job, quota=quota, now=now)
@@ -124,8 +125,8 @@ def draw(events: list[dict[str, Any]], out: Path, *, job: str, quota: Optional[i
     return out
 
 
-def figure(events: list[dict[str, Any]], *, job: str, quota: Optional[int] = None,
-           now: Optional[float] = None) -> Any:
+def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
+           now: float | None = None) -> Any:
     """The matplotlib Figure: axes[0] steps over time, axes[1] disk use (MiB etc.)."""
     try:
         import matplotlib

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trainsup.plot import timeline
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = Path(__file__).parent / "data" / "run_history.json"
 
 mpl = pytest.importorskip("matplotlib", reason="trainsup plot needs the optional extra trainsup[plot]")
-import matplotlib.image  # noqa: E402
+import matplotlib.image
 
 
 def _plot(*args):

@@ -2,7 +2,6 @@
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
 from trainsup.metrics import Histogram, MetricsBook, MetricsServer
 
 

@@ -1,0 +1,78 @@
+"""Text rendering of what the daemon answers: tables and human units. Pure functions of
+the reply dicts; imported by the CLI and the demo (neither imports the other)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_age(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def format_status(result: dict) -> str:
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
+    notes = []
+    for j in result["jobs"]:
+        ck = j.get("checkpoint") or {}
+        if ck.get("step") is not None:
+            ckpt = f"step {ck['step']}, {human_age(ck.get('age_s'))} ago"
+        elif ck:
+            ckpt = "none"
+        else:
+            ckpt = "-"
+        if ck.get("invalid"):
+            ckpt += f" ({ck['invalid']} invalid)"
+        disk = f"{human_bytes(ck.get('bytes'))}/{human_bytes(ck.get('quota')) if ck.get('quota') else '-'}" if ck else "-"
+        mem = j.get("memory") or {}
+        memtxt = human_bytes(mem.get("rss")) if mem.get("rss") else "-"
+        if mem.get("limit"):
+            memtxt += f"/{human_bytes(mem['limit'])}"
+        state = j["state"]
+        if ck.get("over_quota"):
+            state += " over-quota"
+        rows.append((j["name"], state, str(j.get("pid") or "-"), human_age(j.get("uptime_s")),
+                     str(j.get("restarts", 0)), ckpt, disk, memtxt))
+        if j.get("error"):
+            notes.append(f"  {j['name']}: {j['error']}")
+        for w in j.get("warnings") or []:
+            notes.append(f"  {j['name']}: warning: {w}")
+        ln = j.get("last_notice")
+        if ln and ln.get("outcome"):
+            notes.append(f"  {j['name']}: last notice: {ln.get('source')} -> {ln.get('outcome')}"
+                         + (f" (step {ln['step']} in {ln.get('save_s')}s)" if ln.get("step") is not None else ""))
+    return "\n".join(table(rows) + notes)
+
+
+def format_checkpoints(entries: Iterable[dict]) -> str:
+    rows = [("STEP", "SIZE", "VALID", "KEPT", "REASON", "PATH")]
+    for c in entries:
+        valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
+        rows.append((str(c["step"]) if c["step"] is not None else "-", human_bytes(c["bytes"]), valid,
+                     c["kept"] or "-", c["reason"] or "-", c["path"]))
+    return "\n".join(table(rows))
