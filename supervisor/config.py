@@ -858,7 +858,7 @@ def listen_address(node: Node, key: str, ctx: Context) -> str:
     if not sep:
         host, port = "", raw
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:      # 0: any free port (status shows it)
         raise Invalid(f"must be HOST:PORT such as 127.0.0.1:9184, got {describe(node)}")
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
