@@ -128,8 +128,13 @@ def socket_path(arg: Optional[str]) -> Path:
         return Path(arg)
     if os.environ.get("TRAINSUP_SOCKET"):
         return Path(os.environ["TRAINSUP_SOCKET"])
-    from .config import load_daemon_config
-    return load_daemon_config(None, {}, is_root=os.geteuid() == 0).socket
+    from .config import ConfigError, discover_config, load_daemon_config
+    is_root = os.geteuid() == 0
+    try:
+        # The socket a config file names (the conventional one: the CLI has no --config).
+        return load_daemon_config(discover_config(None, is_root=is_root), {}, is_root=is_root).socket
+    except ConfigError:
+        return load_daemon_config(None, {}, is_root=is_root).socket
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -155,14 +160,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 # -- commands ----------------------------------------------------------------------------
 
 def cmd_daemon(args) -> int:
-    from .config import ConfigError, load_daemon_config
+    from .config import ConfigError, discover_config, load_daemon_config
     from .state import LockHeld
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
                  "socket": Path(args.socket) if args.socket else None}
     try:
-        spec = load_daemon_config(args.config, overrides, is_root=os.geteuid() == 0)
+        is_root = os.geteuid() == 0
+        spec = load_daemon_config(discover_config(args.config, is_root=is_root), overrides, is_root=is_root)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE

@@ -997,6 +997,40 @@ def default_config_path(*, is_root: bool, env: Mapping[str, str] = os.environ) -
     return _xdg(env, "XDG_CONFIG_HOME", _home(env) / ".config") / "trainsup" / "trainsup.yaml"
 
 
+def discover_config(explicit: Optional[Path | str], *, is_root: bool,
+                    env: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """The daemon config to read: --config when given (it must exist), else the
+    conventional file (/etc/trainsup/trainsup.yaml for root, else
+    $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists, else none."""
+    if explicit is not None:
+        return Path(explicit)
+    candidates = [default_config_path(is_root=is_root, env=env)]
+    systemd = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
+    if systemd is not None:              # a unit's ConfigurationDirectory=trainsup
+        candidates.insert(0, systemd / "trainsup.yaml")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _systemd_dir(env: Mapping[str, str], name: str) -> Optional[Path]:
+    """A directory systemd made for the unit (StateDirectory= etc.); the first when it
+    lists several, colon-separated."""
+    value = env.get(name, "").split(":")[0]
+    return Path(value) if value and os.path.isabs(value) else None
+
+
+def _under_systemd(defaults: dict, state_dir: Optional[Path], env: Mapping[str, str]) -> dict:
+    """Under systemd the unit's own directories are the defaults, so `ExecStart=trainsup
+    daemon` needs no path flags and the config file can still change every path."""
+    for key, var, leaf in (("jobs_dir", "CONFIGURATION_DIRECTORY", "jobs.d"),
+                           ("state_dir", "STATE_DIRECTORY", ""),
+                           ("socket", "RUNTIME_DIRECTORY", "trainsup.sock"),
+                           ("log_dir", "LOGS_DIRECTORY", "")):
+        d = _systemd_dir(env, var)
+        if d is not None and not (key in ("state_dir", "log_dir") and state_dir):
+            defaults[key] = d / leaf if leaf else d
+    return defaults
+
+
 def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) -> dict:
     if is_root:
         try:
@@ -1004,10 +1038,12 @@ def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) 
             group: Optional[str] = "trainsup"
         except KeyError:
             group = None
+        # A daemon given its own state dir keeps its logs there too: two daemons with
+        # same-named jobs must not share /var/log/trainsup/<job>.log.
         return {"jobs_dir": Path("/etc/trainsup/jobs.d"),
-                "state_dir": Path("/var/lib/trainsup"),
+                "state_dir": state_dir or Path("/var/lib/trainsup"),
                 "socket": Path("/run/trainsup/trainsup.sock"),
-                "log_dir": Path("/var/log/trainsup"),
+                "log_dir": state_dir / "logs" if state_dir else Path("/var/log/trainsup"),
                 "socket_group": group}
     home = _home(env)
     state = state_dir or _xdg(env, "XDG_STATE_HOME", home / ".local" / "state") / "trainsup"
@@ -1065,7 +1101,8 @@ def load_daemon_config(path: Optional[Path | str], overrides: Mapping[str, Any],
     # `jobs_dir: null` means "the default"; `socket_group: null` means "no group".
     chosen = {k: v for k, v in from_file.items() if v is not None or k not in _PATH_KEYS}
     chosen.update(from_flags)
-    chosen = {**_defaults(chosen.get("state_dir"), is_root, env), **chosen}
+    chosen = {**_under_systemd(_defaults(chosen.get("state_dir"), is_root, env), chosen.get("state_dir"), env),
+              **chosen}
     socket_bytes = len(os.fsencode(str(chosen["socket"])))
     if socket_bytes > UNIX_SOCKET_PATH_MAX:
         raise ConfigError([f"socket: {chosen['socket']} is {socket_bytes} bytes long; a Unix "
