@@ -118,8 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("validate", help="check job YAML files without a daemon")
     x.add_argument("files", nargs="+", type=Path)
 
-    x = sub.add_parser("demo", help="the demonstration (section 12 of the spec)")
+    x = sub.add_parser("demo", help="a real daemon takes an example job through a preemption, crashes "
+                       "and rotation", description="Run a real daemon in a temporary dir with the example "
+                       "torch job: checkpoints, a preemption, SIGKILL crashes, resumes, rotation under a "
+                       "quota; ends by drawing the run's timeline. Needs torch (trainsup[torch]).")
     x.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
+    x.add_argument("--plot", type=Path, default=Path("trainsup-demo.png"), metavar="FILE",
+                   help="where to draw the run's timeline (default ./trainsup-demo.png; .svg for SVG)")
     return p
 
 
@@ -365,7 +370,7 @@ def cmd_plot(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, picture=args.plot)
 
 
 COMMANDS = {

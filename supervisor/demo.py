@@ -238,8 +238,9 @@ class DemoDaemon:
 
 
 class Demo:
-    def __init__(self, plan: Plan, root: Path):
+    def __init__(self, plan: Plan, root: Path, picture: Optional[Path] = None):
         self.plan = plan
+        self.picture_path = picture
         self.d = DemoDaemon(root)
         self.t0 = time.monotonic()
         self.story = Story()
@@ -433,6 +434,18 @@ class Demo:
         for e in deleted[-3:]:
             print(f"      step {e.get('step')}: {e.get('bytes')} bytes: {e.get('why')}", flush=True)
 
+    def picture(self) -> None:
+        """The run's timeline, as `trainsup plot` draws it (what users want to look at)."""
+        if self.picture_path is None:
+            return
+        from .plot import PlotUnavailable, draw
+        try:
+            out = draw(self.d.history(), self.picture_path, job=JOB, quota=QUOTA)
+        except PlotUnavailable as e:
+            self.say(f"no picture of the run: {e}")
+            return
+        self.say(f"the run's timeline (`trainsup plot {JOB} -o {out.name}`): {out}")
+
     def stop_daemon(self) -> None:
         rc = self.d.stop(timeout=WAIT)
         if rc != 0:
@@ -486,14 +499,15 @@ class Demo:
         self.show_status()
         self.finish()
         self.rotation()
+        self.picture()
         self.stop_daemon()
         self.reference()
         self.summary()
 
 
-def run_demo(quick: bool = False) -> int:
+def run_demo(quick: bool = False, picture: Optional[Path] = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="trainsup-demo-"))
-    demo = Demo(QUICK if quick else FULL, root)
+    demo = Demo(QUICK if quick else FULL, root, picture.resolve() if picture else None)
     try:
         demo.run()
         return 0
