@@ -42,6 +42,7 @@ class Timeline:
     notices: list[tuple[float, str, str]] = field(default_factory=list)           # (at, source, outcome)
     lost: list[tuple[float, float, int, int]] = field(default_factory=list)       # (t0, t1, from, to)
     disk: list[tuple[float, int]] = field(default_factory=list)                   # (at, bytes)
+    reported_steps: bool = False          # exits carry the job's own last step
 
     @property
     def has_steps(self) -> bool:
@@ -92,6 +93,7 @@ def timeline(events: Iterable[dict[str, Any]]) -> Timeline:
             current.exit_reason = str(ev.get("reason"))
             if isinstance(ev.get("last_step"), int):      # the job reported its step
                 current.points.append((at, ev["last_step"]))
+                tl.reported_steps = True
         elif kind == "state" and current is not None and ev.get("to") == "backoff":
             current.crashed = current.exit_reason not in CLEAN_EXITS
         elif kind == "spawn-failed" and current is not None:
@@ -168,8 +170,9 @@ def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
     ax.set_xlabel("time (UTC)")
     ax.set_ylabel("step")
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=timezone.utc))
-    ax.set_title(f"{job}: {len(tl.attempts)} attempts, {len(tl.saves)} requested saves, "
-                 f"{sum(hi - lo for _, _, lo, hi in tl.lost)} steps lost")
+    lost = sum(hi - lo for _, _, lo, hi in tl.lost)
+    ax.set_title(f"{job}: {_count(len(tl.attempts), 'attempt')}, {_count(len(tl.saves), 'requested save')}, "
+                 f"{_count(lost, 'step')} lost" + ("" if tl.reported_steps else " (the job reports no steps)"))
     ax.grid(True, alpha=0.3)
     ax2 = ax.twinx()
     unit, scale = _bytes_unit(max([b for _, b in tl.disk] + [quota or 0]))
@@ -188,6 +191,10 @@ def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
     fig.legend(handles + h2, labels + l2, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _bytes_unit(largest: float) -> tuple[str, float]:
