@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +16,9 @@ from typing import Any, Optional
 import psutil
 
 from . import __version__, config, process
-from .checkpoint import index as ckpt_index
-from .checkpoint import rotation, trash
-from .checkpoint.watch import CheckpointWatcher
-from .crashpoints import crash_point
-from .control import ControlServer, Peer, RequestError
+from .checkpoint.service import JobCheckpoints, RotationCoordinator
+from .commands import Commands
+from .control import ControlServer
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
@@ -33,38 +30,6 @@ log = logging.getLogger("trainsup.daemon")
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
-
-
-_INLINE_SCAN_MAX = 32
-
-
-def _small_dir(path) -> bool:
-    # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
-    # flooded with files is listed on the pool, never on the loop.
-    try:
-        return os.stat(path).st_size <= 16384
-    except OSError:
-        return True
-
-
-class _NeedsHashing(Exception):
-    pass
-
-
-class _CachedOnly:
-    """A verdict cache view that refuses to let a scan hash anything."""
-
-    def __init__(self, cache):
-        self.cache = cache
-
-    def get(self, key: str) -> Optional[str]:
-        v = self.cache.get(key)
-        if v is None:
-            raise _NeedsHashing(key)
-        return v
-
-    def put(self, key: str, verdict: str) -> None:
-        self.cache.put(key, verdict)
 
 
 class Daemon:
@@ -79,10 +44,12 @@ class Daemon:
         self.db: StateDB
         self._stop = None
         self._exit_code = 0
-        self._scans: dict[str, dict] = {}
-        self._watchers: dict[str, Any] = {}
-        self._rotate_pending = False
-        self._rotation_lock = asyncio.Lock()
+        self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
+        self._reload_lock = asyncio.Lock()
+        self._reload_requested = 0              # generations: a request is served by the
+        self._reload_served = 0                 # first run that starts after it
+        self._reload_result: dict = {}
+        self.commands = Commands(self)
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
         self.schedule = None
@@ -106,13 +73,15 @@ class Daemon:
         self._stop = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
+        self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
+                                            self._rotation_members, self.db.flush)
         self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
         process.become_subreaper()
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
             self.loop.add_signal_handler(sig, handler)
-        self.control = ControlServer(self.spec.socket, self._handle, group=self.spec.socket_group,
+        self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_user_of=self._job_user)
         await self.control.start()
         (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
@@ -122,12 +91,12 @@ class Daemon:
         for inv in invalid:
             self._add_invalid(inv)
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
-        await asyncio.gather(*(self._scan(j) for j in self.jobs.values()))
+        await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
-            self._autostart(job)
+            job.autostart()
         self._start_notice_sources()
-        self._spawn_task(self._periodic())
-        self._spawn_task(self._watchdog_pings())
+        self._spawn_task(self._periodic(), "periodic rescan")
+        self._spawn_task(self._watchdog_pings(), "watchdog pings")
         self.notifier.ready(self._summary())
         log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
                  len(self.invalid), self.spec.socket)
@@ -135,18 +104,19 @@ class Daemon:
         await self._shutdown()
         return self._exit_code
 
-    def _spawn_task(self, coro) -> asyncio.Task:
+    def _spawn_task(self, coro: Any, what: str = "task") -> asyncio.Task:
         t = self.loop.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(lambda task: _log_failure(task, what))
         return t
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
         log.info("stopping: emergency save, then stop, for %d running jobs",
                  sum(1 for j in self.jobs.values() if j.alive))
-        flows = [j.stop(save=True, final=State.PREEMPTED, source="daemon-stop") for j in self.jobs.values()
-                 if j.alive or j._flow is not None or j.state in (State.BACKOFF, State.STARTING)]
+        every = list(self.jobs.values()) + list(self._retired)
+        flows = [j.stop(save=True, final=State.PREEMPTED, source="daemon-stop") for j in every if j.active]
         if flows:
             await asyncio.gather(*flows, return_exceptions=True)
         for t in list(self._tasks):
@@ -156,8 +126,8 @@ class Daemon:
                 src.stop()
             except Exception:
                 log.exception("stopping %r", src)
-        for w in self._watchers.values():
-            w.stop()
+        for j in self.jobs.values():
+            j.ckpts.close()
         await self.control.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
@@ -227,7 +197,7 @@ class Daemon:
         flows = [j.stop(save=True, final=State.PREEMPTED, deadline_wall=notice.deadline, source=notice.source)
                  for j in running]
         if notice.event_id and getattr(self, "cloud", None) is not None:
-            self._spawn_task(self._acknowledge(flows, notice))
+            self._spawn_task(self._acknowledge(flows, notice), "acknowledging a notice")
 
     async def _acknowledge(self, flows, notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
@@ -243,7 +213,7 @@ class Daemon:
             self._stop.set()
 
     def _on_hup(self) -> None:
-        self._spawn_task(self.reload())
+        self._spawn_task(self.reload(), "reload")
 
     def _on_usr1(self) -> None:
         for j in self.jobs.values():
@@ -270,25 +240,19 @@ class Daemon:
             log.error("%s", line)
 
     def _add_job(self, spec: JobSpec) -> Job:
-        job = Job(spec, self)
+        ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
+                               on_index=lambda infos, err: None, on_scanned=self.rotation.request)
+        job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
         self.jobs[spec.name] = job
-        if spec.checkpoint is not None:
-            try:
-                trash.empty_trash(spec.checkpoint.dir)   # finish deletions a crash cut short
-            except OSError:
-                pass
-            self._watch(job)
+        ckpts.watch()
         self._schedule_job(job)
         return job
 
-    def _autostart(self, job: Job) -> None:
-        if job.persisted_state in (State.FAILED.value, State.FINISHED.value, State.STOPPED.value):
-            job.state = State(job.persisted_state)
-            return
-        if job.spec.autostart or job.persisted_state == State.PREEMPTED.value:
-            job.start(reason=job.restart_reason)
-        else:
-            job._set(State.STOPPED)
+    def _rotation_members(self) -> list:
+        return [(j.ckpts, j.rotation_facts(), j.event) for j in self.jobs.values()]
+
+    def own_rss(self) -> int:
+        return self._me.memory_info().rss
 
     async def _stale_orphans(self, job: Job) -> None:
         """A job process left by a daemon that died: end it before launching again, so
@@ -330,53 +294,87 @@ class Daemon:
             os.close(fd)
 
     async def reload(self) -> dict:
-        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
+        """Re-read the jobs dir. Reloads never interleave (SIGHUP and the socket verb
+        alike): requests coalesce into one run at a time, and a request is answered by the
+        first run that starts after it (so it sees the files as they were when it asked)."""
+        self._reload_requested += 1
+        mine = self._reload_requested
+        async with self._reload_lock:
+            if self._reload_served >= mine:
+                return self._reload_result
+            self._reload_served = self._reload_requested
+            self._reload_result = await self._reload_once()
+            return self._reload_result
+
+    async def _reload_once(self) -> dict:
+        jobs, invalid = await self.loop.run_in_executor(
+            None, lambda: config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root))
         new = {s.name: s for s in jobs}
+        by_source = {j.spec.source: j for j in self.jobs.values()}
         added, removed, changed = [], [], []
         self.invalid = {}
+        kept_broken: set[str] = set()
         for inv in invalid:
-            if inv.name in self.jobs and inv.name not in new:
-                # A job whose file broke keeps running as it was; status shows the error.
+            old = by_source.get(inv.source)
+            if old is not None and old.name not in new:
+                # The job's own file broke (or is half-written): the job keeps running as
+                # it was, and status shows the error next to it.
+                kept_broken.add(old.name)
+                old.set_config_error("; ".join(inv.errors))
+                for line in inv.errors:
+                    log.error("%s", line)
                 continue
             self._add_invalid(inv)
         for name in list(self.jobs):
-            if name not in new and name not in self.invalid:
+            if name not in new and name not in kept_broken:
                 removed.append(name)
-        flows = []
-        for name in removed:
-            job = self.jobs[name]
-            flows.append(self._remove_job(job))
+        flows = [self._remove_job(self.jobs[name]) for name in removed]
         for name, spec in new.items():
             old = self.jobs.get(name)
             if old is None:
                 added.append(name)
                 job = self._add_job(spec)
-                await self._scan(job)
-                self._autostart(job)
-            elif old.spec != spec:
-                changed.append(name)
-                flows.append(self._replace_job(old, spec))
+                await job.ckpts.refresh()
+                job.autostart()
+            else:
+                old.set_config_error(None)
+                if old.spec != spec:
+                    changed.append(name)
+                    flows.append(self._replace_job(old, spec))
         if flows:
-            await asyncio.gather(*flows, return_exceptions=True)
+            for r in await asyncio.gather(*flows, return_exceptions=True):
+                if isinstance(r, BaseException):
+                    log.error("reload: %r", r, exc_info=r)
         self.record_event("-", "reload", {"added": added, "removed": removed, "changed": changed})
         return {"added": added, "removed": removed, "changed": changed,
-                "invalid": [l for inv in self.invalid.values() for l in inv.errors]}
+                "invalid": [l for inv in self.invalid.values() for l in inv.errors]
+                + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
 
-    async def _remove_job(self, job: Job) -> None:
+    async def _retire(self, job: Job) -> None:
+        """Stop a job that is being replaced or removed; it can never launch again, and
+        until its process is gone it stays known (shutdown stops it too)."""
+        job.retire()
+        self._retired.add(job)
         if self.schedule is not None:
             self.schedule.remove_job(job.name)
-        await job.stop(save=True, final=State.STOPPED, source="reload")
-        w = self._watchers.pop(job.name, None)
-        if w:
-            w.stop()
-        job.log.close()
-        self.jobs.pop(job.name, None)
+        try:
+            await job.stop(save=True, final=State.STOPPED, source="reload")
+        finally:
+            if not job.active:
+                self._retired.discard(job)
+                job.log.close()
+
+    async def _remove_job(self, job: Job) -> None:
+        await self._retire(job)
+        if self.jobs.get(job.name) is job:
+            del self.jobs[job.name]
 
     async def _replace_job(self, old: Job, spec: JobSpec) -> None:
-        was_running = old.alive or old.state == State.BACKOFF
-        await self._remove_job(old)
+        was_running = old.active
+        await self._retire(old)
         job = self._add_job(spec)
-        await self._scan(job)
+        job.forget_crashes()         # the crash streak was the old spec's
+        await job.ckpts.refresh()
         if was_running or spec.autostart:
             job.start(reason="manual")
 
@@ -385,6 +383,12 @@ class Daemon:
         self.db.add_event(job, kind, data)
         if kind != "state":
             log.info("%s: %s %s", job, kind, " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+
+    def save_job(self, job: str, data: dict) -> None:
+        self.db.save_job(job, data)
+
+    def flush(self) -> None:
+        self.db.flush()
 
     def state_changed(self, job: Job) -> None:
         self.notifier.status(self._summary())
@@ -401,147 +405,16 @@ class Daemon:
             counts["invalid"] = len(self.invalid)
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
 
-    # -- checkpoints: watcher -> scan (off the loop) -> index -> rotation -----------------
-    def _watch(self, job: Job) -> None:
-        name = job.name
-        def on_change(_reason: str = "") -> None:       # observer thread: post, do nothing else
-            try:
-                self.loop.call_soon_threadsafe(self.checkpoint_changed, name)
-            except RuntimeError:
-                pass   # the loop closed during shutdown
-        try:
-            w = CheckpointWatcher(job.spec.checkpoint.dir, on_change)
-            w.start()
-            self._watchers[name] = w
-        except Exception as e:
-            log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
-                        name, job.spec.checkpoint.dir, e)
-
-    def checkpoint_changed(self, name: str) -> None:
-        job = self.jobs.get(name)
-        if job is not None:
-            self._spawn_task(self._scan(job))
-
-    async def refresh_checkpoints(self, job: Job) -> None:
-        await self._scan(job)
-
-    def _scan_sync(self, job: Job, cache=None):
-        ck = job.spec.checkpoint
-        try:
-            return ckpt_index.scan(ck.dir, ck.format, cache=cache or self.cache), None
-        except FileNotFoundError:
-            return [], None
-        except (OSError, ckpt_index.CheckpointDirError) as e:
-            return [], str(e)
-
-    async def _scan(self, job: Job) -> None:
-        if job.spec.checkpoint is None:
-            return
-        st = self._scans.setdefault(job.name, {"running": False, "dirty": False, "done": None})
-        if st["running"]:
-            st["dirty"] = True       # coalesce: one more scan after the one in flight
-            await asyncio.shield(st["done"])
-            return
-        st["running"] = True
-        st["done"] = self.loop.create_future()
-        try:
-            while True:
-                st["dirty"] = False
-                infos = None
-                if len(job.checkpoints) <= _INLINE_SCAN_MAX and _small_dir(job.spec.checkpoint.dir):
-                    # Everything already verified: a few stat calls, done right here (this
-                    # sits on the relaunch path). Anything to hash goes to the pool.
-                    try:
-                        infos, err = self._scan_sync(job, _CachedOnly(self.cache))
-                    except _NeedsHashing:
-                        infos = None
-                if infos is None:
-                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, job)
-                if self.jobs.get(job.name) is job:
-                    job.on_checkpoints(infos, err)
-                if not st["dirty"]:
-                    break
-        finally:
-            st["running"] = False
-            st["done"].set_result(None)
-        self._schedule_rotation()
-
-    def _schedule_rotation(self) -> None:
-        if not self._rotate_pending:
-            self._rotate_pending = True
-            self._spawn_task(self._rotate_all())
-
-    async def _rotate_all(self) -> None:
-        # One pass at a time: a pass planned while another deletes would plan from a stale
-        # index and delete (and record) the same entry twice.
-        async with self._rotation_lock:
-            self._rotate_pending = False
-            await self._rotate_pass()
-
-    async def _rotate_pass(self) -> None:
-        plans: dict[str, rotation.RotationPlan] = {}
-        for job in self.jobs.values():
-            ck = job.spec.checkpoint
-            if ck is None or not job.checkpoints:
-                continue
-            plans[job.name] = rotation.plan_rotation(
-                job.checkpoints, ck, pinned=job.pinned,
-                resumed_from=job.resumed_from if job.alive else None,
-                tmp_grace=job.spec.emergency_save.grace + 60)
-        if self.spec.disk_quota and plans:
-            dq = rotation.plan_disk_quota(plans, self.spec.disk_quota)
-            plans = dq.plans if hasattr(dq, "plans") else plans
-        for name, plan in plans.items():
-            job = self.jobs.get(name)
-            if job is None:
-                continue
-            job.rotation = {"over_quota": plan.over_quota, "kept": {str(k): v for k, v in plan.kept.items()}}
-            was_over = job.warnings and any(w.startswith("over-quota") for w in job.warnings)
-            self._update_warnings(job, plan)
-            if plan.over_quota and not was_over:
-                job.event("over-quota", bytes=plan.kept_bytes, quota=plan.quota)
-            if not plan.delete:
-                continue
-            ck_dir = job.spec.checkpoint.dir
-            for info in plan.delete:
-                rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
-                # Recorded before it happens (write-ahead): a crash after the move into the
-                # trash still leaves a record of what the daemon removed and why.
-                job.event("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
-                          why=plan.reasons.get(info.path, "rotation"))
-                self.db.flush()
-                try:
-                    await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
-                    crash_point("delete")
-                except OSError as e:
-                    job.event("delete-failed", path=str(info.path), error=str(e))
-            await self._scan(job)
-
-    def _update_warnings(self, job: Job, plan) -> None:
-        w = []
-        if plan.over_quota:
-            w.append(f"over-quota: {plan.kept_bytes} bytes kept > quota {plan.quota}")
-        latest = ckpt_index.latest_valid(job.checkpoints)
-        if latest is not None:
-            try:
-                free = shutil.disk_usage(job.spec.checkpoint.dir).free
-                if free < latest.bytes:
-                    w.append(f"low disk: {free} bytes free < last checkpoint {latest.bytes} bytes; the next save will fail")
-            except OSError:
-                pass
-        if job.save_durations:
-            slow = max(job.save_durations)
-            if slow > job.spec.emergency_save.grace:
-                w.append(f"slow saves: {slow:.1f}s > grace {job.spec.emergency_save.grace:g}s; "
-                         f"an emergency save will not finish in time")
-        job.warnings = w
-
     # -- periodic work: the rescan is the source of truth (inotify can overflow) ----------
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(RESCAN_INTERVAL)
             for job in list(self.jobs.values()):
-                await self._scan(job)
+                try:
+                    await job.ckpts.refresh()
+                except Exception:
+                    # One job's hostile dir must not end the rescan of every job for good.
+                    log.exception("job %s: periodic rescan failed", job.name)
 
     async def _watchdog_pings(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -551,137 +424,7 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    # -- control requests --------------------------------------------------------------
-    def _get(self, name: Optional[str]) -> Job:
-        if not name:
-            raise RequestError("this command needs a job name")
-        job = self.jobs.get(name)
-        if job is None:
-            if name in self.invalid:
-                raise RequestError(f"job {name} is invalid: {self.invalid[name].errors[0]}")
-            raise RequestError(f"no such job: {name}")
-        return job
 
-    def status(self, name: Optional[str] = None) -> dict:
-        jobs = [j.status() for j in self.jobs.values() if name is None or j.name == name]
-        for inv in self.invalid.values():
-            if name is not None and inv.name != name:
-                continue
-            jobs.append({"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
-                         "last_exit": None, "checkpoint": None, "memory": None,
-                         "error": "; ".join(inv.errors), "source": str(inv.source)})
-        if name is not None and not jobs:
-            raise RequestError(f"no such job: {name}")
-        jobs.sort(key=lambda j: j["name"])
-        return {"daemon": {"pid": os.getpid(), "version": __version__,
-                           "uptime_s": round(time.monotonic() - self.started_mono, 1),
-                           "rss": self._me.memory_info().rss, "socket": str(self.spec.socket)},
-                "jobs": jobs}
-
-    async def _handle(self, req: dict, peer: Peer, conn) -> Any:
-        cmd, name, args = req["cmd"], req["job"], req["args"]
-        if cmd == "ping":
-            return {"pid": os.getpid(), "version": __version__}
-        if cmd == "status":
-            return self.status(name)
-        if cmd == "reload":
-            return await self.reload()
-        if cmd == "preempt" and args.get("all"):
-            grace = _float_arg(args, "grace")
-            outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
-                                          for j in self.jobs.values() if j.alive or j.state == State.BACKOFF))
-            return {"jobs": len(outs), "outcomes": outs}
-        job = self._get(name)
-        if cmd == "start":
-            if job.alive:
-                raise RequestError(f"job {name} is already {job.state.value}")
-            job.start(reason="manual")
-            return job.status()
-        if cmd in ("stop", "preempt"):
-            grace = _float_arg(args, "grace")
-            final = State.PREEMPTED if cmd == "preempt" else State.STOPPED
-            if not job.alive and job._flow is None and job.state not in (State.BACKOFF, State.STARTING):
-                raise RequestError(f"job {name} is not running (state {job.state.value})")
-            out = await job.stop(save=not args.get("no_save"), final=final, grace=grace, source=cmd)
-            return out
-        if cmd == "restart":
-            if job.alive or job._flow is not None:
-                return await job.stop(save=not args.get("no_save"), then_restart="manual", source="restart")
-            job.start(reason="manual")
-            return job.status()
-        if cmd == "checkpoint":
-            if not job.alive:
-                raise RequestError(f"job {name} is not running (state {job.state.value})")
-            sent, fut = job.request_save()
-            if not sent:
-                raise RequestError(f"no process of job {name} catches {job.spec.emergency_save.signal}")
-            if not args.get("wait"):
-                return {"signalled": sent}
-            timeout = _float_arg(args, "timeout") or job.spec.emergency_save.grace
-            try:
-                await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                raise RequestError(f"no new valid checkpoint of {name} within {timeout:g}s") from None
-            latest = ckpt_index.latest_valid(job.checkpoints)
-            return {"signalled": sent, "step": latest.step if latest else None,
-                    "path": str(latest.path) if latest else None}
-        if cmd == "checkpoints":
-            return self._checkpoints(job)
-        if cmd in ("pin", "unpin"):
-            step = args.get("step")
-            if not isinstance(step, int) or isinstance(step, bool):
-                raise RequestError(f"{cmd}: step must be an integer")
-            if cmd == "pin":
-                if not any(i.step == step for i in job.checkpoints):
-                    raise RequestError(f"job {name} has no checkpoint at step {step}")
-                job.pinned.add(step)
-            else:
-                job.pinned.discard(step)
-            job.persist()
-            job.event(cmd, step=step)
-            await self._rotate_all()      # `checkpoints` shows the new verdicts at once
-            return {"pinned": sorted(job.pinned)}
-        if cmd == "history":
-            n = args.get("n", 50)
-            if not isinstance(n, int) or n <= 0:
-                raise RequestError("history: n must be a positive integer")
-            return self.db.events(name, min(n, 10000))
-        if cmd == "logs":
-            n = args.get("n", 100)
-            if not isinstance(n, int) or n < 0:
-                raise RequestError("logs: n must be a non-negative integer")
-            text = job.log.tail(min(n, 100000))
-            if not args.get("follow"):
-                return {"text": text}
-            return await self._follow(job, text, conn)
-        raise RequestError(f"unknown command {cmd}")
-
-    async def _follow(self, job: Job, text: str, conn) -> dict:
-        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
-        job.log.followers.add(q)
-        try:
-            await conn.send({"ok": True, "result": {"text": text, "more": True}})
-            while True:
-                data = await q.get()
-                await conn.send({"ok": True, "result": {"text": data.decode(errors="replace"), "more": True}})
-        finally:
-            job.log.followers.discard(q)
-
-    def _checkpoints(self, job: Job) -> list:
-        kept = job.rotation.get("kept", {})
-        out = []
-        for i in job.checkpoints:
-            k = kept.get(str(i.path))
-            out.append({"path": str(i.path), "step": i.step, "bytes": i.bytes, "valid": i.valid,
-                        "invalid_reason": i.invalid_reason, "kept": k, "reason": i.reason,
-                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime})
-        return out
-
-
-def _float_arg(args: dict, key: str) -> Optional[float]:
-    v = args.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise RequestError(f"{key} must be a non-negative number of seconds")
-    return float(v)
+def _log_failure(task: asyncio.Task, what: str) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed: %r", what, task.exception(), exc_info=task.exception())

@@ -3,6 +3,11 @@
 A Job is owned by the daemon's event loop and touched by nothing else. Every state change
 goes through `_set()`, which checks the transition is allowed and records an event: the
 event history is what `status` and `history` read (there is no second bookkeeping).
+
+A Job gets its dependencies, not its owner: a narrow `JobHost` (record events, persist,
+say the state changed), the daemon's settings, and its own `JobCheckpoints` (the index and
+rotation verdicts). The daemon and the monitor never write a Job's fields; they call its
+methods (start, stop, request_save, autostart, retire) and read `status()`.
 """
 
 from __future__ import annotations
@@ -14,19 +19,16 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from . import process
 from .backoff import RestartTracker
-from .checkpoint.index import latest_valid
+from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
 from .joblog import JobLog
 from .monitor import AttemptMonitor
 from .notices.hang import is_stopped
-from .spec import JobSpec
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .spec import DaemonSpec, JobSpec
 
 log = logging.getLogger("trainsup.job")
 
@@ -67,20 +69,39 @@ class TransitionError(RuntimeError):
     pass
 
 
+class JobHost(Protocol):
+    """What a Job may ask of the daemon that runs it."""
+    loop: asyncio.AbstractEventLoop
+
+    def record_event(self, job: str, kind: str, data: dict) -> None: ...
+    def save_job(self, job: str, data: dict) -> None: ...
+    def flush(self) -> None: ...
+    def state_changed(self, job: "Job") -> None: ...
+    def emergency_save_started(self, grace: float) -> None: ...
+    def leader_pids(self) -> list[int]: ...
+
+
 def _ckpt_key(info) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
 
 class Job:
-    def __init__(self, spec: JobSpec, daemon: "Daemon"):
+    def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
+                 persisted: dict):
         self.spec = spec
-        self.d = daemon
+        self.host = host
+        self.loop = host.loop
+        self.settings = settings
+        self.ckpts = ckpts
+        ckpts.on_index = self.on_checkpoints
         self.name = spec.name
         self.state = S.PENDING
         self.state_since = time.time()
+        self.retired = False
+        self.config_error: Optional[str] = None   # the job's file broke on reload; still running
         self.child: Optional[process.Child] = None
-        self.log = JobLog(daemon.spec.log_dir / f"{spec.name}.log",
-                          daemon.spec.log_max_bytes, daemon.spec.log_backups)
+        self.log = JobLog(settings.log_dir / f"{spec.name}.log",
+                          settings.log_max_bytes, settings.log_backups)
         self.tracker = RestartTracker(spec.restart)
         self.attempt = 0
         self.restarts = 0
@@ -89,15 +110,11 @@ class Job:
         self.restart_reason = "first"
         self.resumed_from: Optional[str] = None
         self.pinned: set[int] = set()
-        self.checkpoints: list = []          # trainsup.checkpoint.index.CheckpointInfo
-        self.ckpt_error: Optional[str] = None
-        self.rotation: dict[str, Any] = {"over_quota": False, "kept": {}}
         self.last_notice: Optional[dict] = None
-        self.warnings: list[str] = []
         self.memory_rss: Optional[int] = None
         self.save_durations: list[float] = []
         self.sigstopped = False
-        self.monitor = None                  # trainsup.monitor.AttemptMonitor of the attempt
+        self.monitor: Optional[AttemptMonitor] = None
         self._backoff: Optional[asyncio.TimerHandle] = None
         self._prelaunch: Optional[asyncio.Task] = None
         self._exit_noticed: Optional[float] = None   # index refresh before a spawn/decision
@@ -105,12 +122,17 @@ class Job:
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
         self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
+        self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
-        self._load_persisted()
+        self._load_persisted(persisted)
+
+    @property
+    def checkpoints(self) -> list:
+        """The index, oldest first (trainsup.checkpoint.index.CheckpointInfo)."""
+        return self.ckpts.infos
 
     # -- persistence -----------------------------------------------------------------
-    def _load_persisted(self) -> None:
-        data = self.d.db.load_job(self.name)
+    def _load_persisted(self, data: dict) -> None:
         self.attempt = int(data.get("attempt", 0))
         self.restarts = int(data.get("restarts", 0))
         self.last_exit = data.get("last_exit")
@@ -128,7 +150,7 @@ class Job:
 
     def persist(self) -> None:
         c = self.child
-        self.d.db.save_job(self.name, {
+        self.host.save_job(self.name, {
             "attempt": self.attempt, "restarts": self.restarts, "last_exit": self.last_exit,
             "pinned": sorted(self.pinned), "tracker": self.tracker.snapshot(),
             # A SIGSTOPped job is not running, whatever its last transition said.
@@ -137,8 +159,8 @@ class Job:
             "pid": c.pid if c else None, "pid_ctime": c.create_time if c else None,
         })
 
-    def event(self, kind: str, **data) -> None:
-        self.d.record_event(self.name, kind, data)
+    def event(self, kind: str, **data: Any) -> None:
+        self.host.record_event(self.name, kind, data)
 
     def _set(self, new: State, **data) -> None:
         old = self.state
@@ -150,7 +172,7 @@ class Job:
         self.state_since = time.time()
         self.event("state", **{"from": old.value, "to": new.value}, **data)
         self.persist()
-        self.d.state_changed(self)
+        self.host.state_changed(self)
 
     # -- launching ---------------------------------------------------------------------
     @property
@@ -162,9 +184,61 @@ class Job:
         """A stop/preempt/restart flow is under way: new notices coalesce into it."""
         return self._flow is not None
 
+    @property
+    def active(self) -> bool:
+        """Something of this job runs or is about to: a process, a flow, a pending launch."""
+        return (self.alive or self._flow is not None or self._prelaunch is not None
+                or self.state in (S.BACKOFF, S.STARTING))
+
+    def autostart(self) -> None:
+        """At daemon start: a deliberate stop, a finish or a failure stays so across daemon
+        restarts; a running or preempted job starts again (resuming)."""
+        if self.persisted_state in (S.FAILED.value, S.FINISHED.value, S.STOPPED.value):
+            self._set(S(self.persisted_state), restored=True)
+        elif self.spec.autostart or self.persisted_state == S.PREEMPTED.value:
+            self.start(reason=self.restart_reason)
+        else:
+            self._set(S.STOPPED)
+
+    def forget_crashes(self) -> None:
+        """The job's spec changed: its crash streak was the old spec's."""
+        self.tracker.progress()
+        self.tracker = RestartTracker(self.spec.restart)
+
+    def retire(self) -> None:
+        """This Job object was replaced or removed: no launch may follow, ever."""
+        self.retired = True
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        if self._prelaunch is not None:
+            self._prelaunch.cancel()
+            self._prelaunch = None
+        self.ckpts.close()
+
+    def set_config_error(self, error: Optional[str]) -> None:
+        self.config_error = error
+
+    def pin(self, step: int) -> None:
+        self.pinned.add(step)
+        self.persist()
+        self.event("pin", step=step)
+
+    def unpin(self, step: int) -> None:
+        self.pinned.discard(step)
+        self.persist()
+        self.event("unpin", step=step)
+
+    def rotation_facts(self) -> RotationFacts:
+        return RotationFacts(pinned=frozenset(self.pinned),
+                             resumed_from=self.resumed_from if self.alive else None,
+                             tmp_grace=self.spec.emergency_save.grace + 60,
+                             save_durations=tuple(self.save_durations),
+                             grace=self.spec.emergency_save.grace)
+
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
-        if self.alive or self._flow is not None or self._prelaunch is not None:
+        if self.retired or self.alive or self._flow is not None or self._prelaunch is not None:
             return
         if self._backoff is not None:
             self._backoff.cancel()
@@ -174,8 +248,8 @@ class Job:
         self.restart_reason = reason if self.attempt else "first"
         self._launch()
 
-    def _resume_point(self):
-        return latest_valid(self.checkpoints) if self.checkpoints else None
+    def _resume_point(self) -> Any:
+        return self.ckpts.latest_valid()
 
     def _launch(self, fresh: bool = False) -> None:
         """Move to STARTING and spawn. Unless the index was just refreshed (`fresh`), it is
@@ -183,20 +257,48 @@ class Job:
         (non-recursive) watch, and a damaged checkpoint must never be offered for resume.
         The refresh costs stat calls only (verdicts are cached by file identity)."""
         self._backoff = None
+        if self.retired:
+            return
         self._set(S.STARTING)
         if fresh or self.spec.checkpoint is None:
-            self._spawn()
+            self._spawn_guarded()
             return
-        self._prelaunch = self.d.loop.create_task(self._refresh_then_spawn())
+        self._prelaunch = self.loop.create_task(self._refresh_then_spawn())
 
     async def _refresh_then_spawn(self) -> None:
         try:
-            await self.d.refresh_checkpoints(self)
+            await self.ckpts.refresh()
+        except Exception as e:
+            self._internal_error("refreshing the checkpoint index before a launch", e)
+            return
         finally:
             self._prelaunch = None
         # A stop that came meanwhile moved the job out of STARTING: then nothing starts.
-        if self.state == S.STARTING and self.child is None:
+        if self.state == S.STARTING and self.child is None and not self.retired:
+            self._spawn_guarded()
+
+    def _internal_error(self, what: str, e: BaseException) -> None:
+        """A bug or a hostile input broke a step of this job: say so with the job named,
+        and leave the job in a defined state (failed) rather than wedged."""
+        msg = f"internal error while {what}: {e!r}"
+        log.error("job %s: %s", self.name, msg, exc_info=e)
+        self.error = msg
+        self.event("internal-error", error=msg)
+        if self.child is None and self.state not in (S.FAILED, S.STOPPED, S.FINISHED, S.PREEMPTED):
+            if self.state in (S.PENDING,):
+                self._set(S.STOPPED, why=msg)
+            else:
+                try:
+                    self._set(S.FAILED, why=msg)
+                except TransitionError:
+                    self.state = S.FAILED
+                    self.persist()
+
+    def _spawn_guarded(self) -> None:
+        try:
             self._spawn()
+        except Exception as e:
+            self._internal_error("launching", e)
 
     def _spawn(self) -> None:
         spec = self.spec
@@ -218,7 +320,7 @@ class Job:
             "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
             "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
         }
-        env = process.build_env(spec, self.d.spec, extra)
+        env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
             try:
                 spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +328,7 @@ class Job:
                 log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
         wfd = -1
         try:
-            wfd = self.log.new_pipe(self.d.loop)
+            wfd = self.log.new_pipe(self.loop)
             child = process.spawn(spec, argv, env, wfd)
             spawned_at = time.monotonic()
         except (process.SpawnError, OSError) as e:
@@ -246,12 +348,12 @@ class Job:
         # The pid is durable before anything else happens: a daemon that dies now finds
         # this process at its next start and stops it instead of launching a second one.
         self.persist()
-        self.d.db.flush()
+        self.host.flush()
         crash_point("spawn")
         self.error = None
         self.resumed_from = resume_path or None
-        self._exit_fut = self.d.loop.create_future()
-        self.d.loop.add_reader(child.pidfd, self._on_pidfd, child)
+        self._exit_fut = self.loop.create_future()
+        self.loop.add_reader(child.pidfd, self._on_pidfd, child)
         self.log.note(f"attempt {self.attempt} ({reason}): pid {child.pid}"
                       + (f", resuming from {resume_path}" if resume_path else ""))
         # How long the daemon itself took from noticing the previous exit to this exec
@@ -262,26 +364,48 @@ class Job:
             self._exit_noticed = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}))
-        self.monitor = AttemptMonitor(self, child.pid)
-        self.monitor.start(self.d.loop)
+        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor)
+        self.monitor.start(self.loop)
         self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
 
     @property
     def heartbeat_file(self) -> Path:
-        return self.d.spec.state_dir / "heartbeat" / self.name
+        return self.settings.state_dir / "heartbeat" / self.name
+
+    def _on_monitor(self, kind: str, data: dict) -> None:
+        """The attempt monitor's decisions, applied here (it never touches the job)."""
+        mon = self.monitor
+        if mon is not None:
+            self.sigstopped = mon.sigstopped
+            self.memory_rss = mon.rss
+        if not self.alive or self.busy:
+            return
+        if kind == "memory":
+            self.event("memory", **data)
+            self.log.note(f"memory: {data.get('why')}: {data.get('action')}")
+            if data.get("action") == "save":
+                self.request_save()
+            else:
+                self.stop(save=True, then_restart="oom", source="oom")
+        elif kind == "hang":
+            self.event("hang", **data)
+            self.log.note(f"no heartbeat or checkpoint for {data.get('silent_s', 0):.0f}s: "
+                          f"saving, then restarting")
+            self.stop(save=True, then_restart="hang", source="hang")
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
         self._exit_noticed = time.monotonic()
-        self.d.loop.remove_reader(child.pidfd)
+        self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
         self.log.drain()
         self.log.close_pipe()
         self.child = None
+        self.memory_rss = None        # status must not show the dead attempt's RSS
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
-        leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.d.leader_pids())
+        leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.host.leader_pids())
         ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:
@@ -302,20 +426,29 @@ class Job:
         if self.spec.checkpoint is None:
             self._after_exit(crashed=(rc != 0), ran_for=ran_for)
         else:
-            self._prelaunch = self.d.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
+            self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
 
     async def _refresh_then_decide(self, crashed: bool, ran_for: float) -> None:
         # Checkpoints the attempt committed in its last moments count as progress (the
         # backoff resets), and the resume point is fresh for an immediate relaunch.
         try:
-            await self.d.refresh_checkpoints(self)
+            await self.ckpts.refresh()
+        except Exception as e:
+            self._internal_error("refreshing the checkpoint index after an exit", e)
+            return
         finally:
             self._prelaunch = None
         if self._flow is None and self.child is None and self.state in _ALIVE | {S.STARTING}:
             self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
 
     def _after_exit(self, *, crashed: bool, ran_for: float, fresh: bool = False) -> None:
-        decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+        if self.retired:
+            return
+        try:
+            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+        except Exception as e:
+            self._internal_error("deciding on a restart", e)
+            return
         if not decision.restart:
             if decision.final_state == "failed":
                 self.error = decision.why
@@ -327,14 +460,14 @@ class Job:
         if decision.delay <= 0:
             self._launch(fresh=fresh)
         else:
-            self._backoff = self.d.loop.call_later(decision.delay, self._launch)
+            self._backoff = self.loop.call_later(decision.delay, self._launch)
 
     # -- checkpoints -------------------------------------------------------------------
     def on_checkpoints(self, infos: list, error: Optional[str] = None) -> None:
-        """The index for this job's dir was refreshed (watcher event or rescan)."""
-        before = {_ckpt_key(i) for i in self.checkpoints if i.valid}
-        self.checkpoints = infos
-        self.ckpt_error = error
+        """The index for this job's dir was refreshed (watcher event or rescan); the
+        service has already replaced `checkpoints`, `_valid_keys` is the previous one."""
+        before = self._valid_keys
+        self._valid_keys = {_ckpt_key(i) for i in infos if i.valid}
         new_valid = [i for i in infos if i.valid and _ckpt_key(i) not in before]
         for info in new_valid:
             took = None
@@ -353,7 +486,7 @@ class Job:
         self._ckpt_waiters = [(k, f) for k, f in self._ckpt_waiters if not f.done()]
 
     def _new_checkpoint_future(self) -> asyncio.Future:
-        fut = self.d.loop.create_future()
+        fut = self.loop.create_future()
         self._ckpt_waiters.append(({_ckpt_key(i) for i in self.checkpoints if i.valid}, fut))
         return fut
 
@@ -386,7 +519,7 @@ class Job:
             self._backoff.cancel()
             self._backoff = None
         self._flow_kind = source
-        self._flow = self.d.loop.create_task(
+        self._flow = self.loop.create_task(
             self._stop_flow(save, final, grace, deadline_wall, then_restart, source))
         self._flow.add_done_callback(self._flow_done)
         return self._flow
@@ -435,7 +568,7 @@ class Job:
                 self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
             sent, fut = self.request_save()
-            self.d.emergency_save_started(grace)
+            self.host.emergency_save_started(grace)
             try:
                 if sent:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
@@ -486,7 +619,7 @@ class Job:
             self.sigstopped = is_stopped(c.pid)
         if c is not None and self.monitor is not None and not self.spec.memory.limit:
             try:
-                self.monitor.sample_rss(max_age=1.0)   # on demand, at most once a second
+                self.memory_rss = self.monitor.sample_rss(max_age=1.0)   # at most once a second
             except Exception:
                 pass
         quota = self.spec.checkpoint.quota if self.spec.checkpoint else None
@@ -508,13 +641,14 @@ class Job:
                 "step": latest.step if latest else None,
                 "age_s": round(now - latest.mtime, 1) if latest and latest.mtime else None,
                 "valid": valid, "invalid": invalid, "bytes": total, "quota": quota,
-                "over_quota": bool(self.rotation.get("over_quota")),
-                "error": self.ckpt_error,
+                "over_quota": self.ckpts.over_quota,
+                "error": self.ckpts.error,
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
             "last_notice": self.last_notice,
-            "warnings": list(self.warnings),
+            "warnings": list(self.ckpts.warnings),
             "error": self.error,
+            "config_error": self.config_error,
             "source": str(self.spec.source),
             "user": self.spec.user,
         }

@@ -2,7 +2,8 @@
 
 RSS growth and a silent heartbeat have no event to wait on, so these are timers, one
 task per running attempt and only for jobs that configure `memory` or `hang`. The
-decisions themselves are the pure functions in trainsup.notices.
+decisions themselves are the pure functions in trainsup.notices; the monitor only reports
+them (`on_decision`) and the Job applies them: nothing here touches a Job.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 from .notices import hang as hangmod
 from .notices import memory as memmod
-
-if TYPE_CHECKING:
-    from .job import Job
+from .spec import JobSpec
 
 log = logging.getLogger("trainsup.monitor")
 
@@ -28,10 +28,19 @@ def _own_memory_cgroup() -> tuple:
     return memmod.memory_cgroup_dir(os.getpid())
 
 
+# on_decision(kind, data): kind "memory" (data: action save|stop, rss, why) or "hang"
+# (data: silent_s, timeout).
+Decide = Callable[[str, dict], None]
+
+
 class AttemptMonitor:
-    def __init__(self, job: "Job", pid: int):
-        self.job = job
+    def __init__(self, spec: JobSpec, pid: int, heartbeat_file: Path, on_decision: Decide):
+        self.spec = spec
         self.pid = pid
+        self.heartbeat_file = heartbeat_file
+        self.on_decision = on_decision
+        self.rss: Optional[int] = None
+        self.sigstopped = False
         self.sampler = memmod.TreeSampler(pid)
         self.episode = memmod.MemoryEpisode()
         self.clock = hangmod.ProgressClock(time.monotonic())
@@ -52,7 +61,7 @@ class AttemptMonitor:
             return None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        spec = self.job.spec
+        spec = self.spec
         if spec.memory.limit or spec.memory.min_available or spec.hang.timeout:
             self.task = loop.create_task(self._run())
 
@@ -63,12 +72,12 @@ class AttemptMonitor:
 
     def sample_rss(self, max_age: float = 0.0) -> int:
         now = time.monotonic()
-        if max_age and now - self._sampled_at < max_age and self.job.memory_rss is not None:
-            return self.job.memory_rss       # `status` on 200 jobs must not walk 200 trees
+        if max_age and now - self._sampled_at < max_age and self.rss is not None:
+            return self.rss       # `status` on 200 jobs must not walk 200 trees
         self._sampled_at = now
         rss = self.sampler.sample()
-        self.job.memory_rss = rss
-        limit = self.job.spec.memory.limit
+        self.rss = rss
+        limit = self.spec.memory.limit
         self.near_limit = bool(limit and rss >= 0.95 * limit)
         return rss
 
@@ -81,42 +90,34 @@ class AttemptMonitor:
                                    near_limit=self.near_limit)
 
     async def _run(self) -> None:
-        spec = self.job.spec
+        spec = self.spec
         mem_on = bool(spec.memory.limit or spec.memory.min_available)
         hang_timeout = spec.hang.timeout
-        tick = spec.memory.interval if mem_on else max(0.05, min(1.0, hang_timeout / 10))
+        tick = spec.memory.interval if mem_on else max(0.05, min(1.0, (hang_timeout or 1.0) / 10))
         if hang_timeout and mem_on:
             tick = min(tick, max(0.05, hang_timeout / 10))
         while True:
             await asyncio.sleep(tick)
-            if mem_on:
-                self._check_memory()
-            if hang_timeout:
-                self._check_hang(hang_timeout)
+            try:
+                if mem_on:
+                    self._check_memory()
+                if hang_timeout:
+                    self._check_hang(hang_timeout)
+            except Exception:
+                # A vanished /proc entry or a hostile cgroup file must not end monitoring.
+                log.exception("pid %d: monitor check failed", self.pid)
 
     def _check_memory(self) -> None:
-        job = self.job
         rss = self.sample_rss()
-        avail = memmod.read_mem_available() if job.spec.memory.min_available else None
-        action, self.episode = memmod.memory_decision(self.episode, rss, avail, job.spec.memory)
-        if action is None or not job.alive or job.busy:
-            return
-        job.event("memory", action=action, rss=rss, why=self.episode.reason)
-        job.log.note(f"memory: {self.episode.reason}: {action}")
-        if action == "save":
-            job.request_save()
-        else:
-            job.stop(save=True, then_restart="oom", source="oom")
+        avail = memmod.read_mem_available() if self.spec.memory.min_available else None
+        action, self.episode = memmod.memory_decision(self.episode, rss, avail, self.spec.memory)
+        if action is not None:
+            self.on_decision("memory", {"action": action, "rss": rss, "why": self.episode.reason})
 
     def _check_hang(self, timeout: float) -> None:
-        job = self.job
         now = time.monotonic()
-        ck_dir = job.spec.checkpoint.dir if job.spec.checkpoint else None
-        last = self.clock.observe(hangmod.progress_mtime(job.heartbeat_file, ck_dir), now)
-        job.sigstopped = hangmod.is_stopped(self.pid)
-        if job.busy or not job.alive:
-            return
+        ck_dir = self.spec.checkpoint.dir if self.spec.checkpoint else None
+        last = self.clock.observe(hangmod.progress_mtime(self.heartbeat_file, ck_dir), now)
+        self.sigstopped = hangmod.is_stopped(self.pid)
         if hangmod.hang_decision(now, last, timeout):
-            job.event("hang", silent_s=round(now - last, 1), timeout=timeout)
-            job.log.note(f"no heartbeat or checkpoint for {now - last:.0f}s: saving, then restarting")
-            job.stop(save=True, then_restart="hang", source="hang")
+            self.on_decision("hang", {"silent_s": round(now - last, 1), "timeout": timeout})

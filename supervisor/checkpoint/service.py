@@ -1,0 +1,284 @@
+"""Checkpoint handling of the daemon, out of the event loop's wiring: one `JobCheckpoints`
+per job (watch, scan coalescing, the index, the rotation verdicts and warnings) and one
+`RotationCoordinator` that plans and applies rotation across jobs (the daemon-wide
+`disk_quota` needs every job's plan at once).
+
+Both live on the daemon's event loop; the watcher thread only posts to it, hashing runs on
+the pool. A Job reads its `JobCheckpoints`; nothing here knows about Job internals beyond
+the small `RotationFacts` each job hands over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from ..crashpoints import crash_point
+from ..spec import CheckpointSpec
+from . import index as ckpt_index
+from . import rotation, trash
+from .watch import CheckpointWatcher
+
+log = logging.getLogger("trainsup.checkpoint")
+
+# An index this small, in a dir this small, is re-checked inline on the loop when every
+# verdict is cached: a few stat calls on the relaunch path instead of a pool round trip.
+_INLINE_SCAN_MAX = 32
+
+
+def _small_dir(path) -> bool:
+    # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
+    # flooded with files is listed on the pool, never on the loop.
+    try:
+        return os.stat(path).st_size <= 16384
+    except OSError:
+        return True
+
+
+class _NeedsHashing(Exception):
+    pass
+
+
+class _CachedOnly:
+    """A verdict cache view that refuses to let a scan hash anything."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def get(self, key: str) -> Optional[str]:
+        v = self.cache.get(key)
+        if v is None:
+            raise _NeedsHashing(key)
+        return v
+
+    def put(self, key: str, verdict: str) -> None:
+        self.cache.put(key, verdict)
+
+
+@dataclass
+class RotationFacts:
+    """What rotation needs from a job besides its index: never delete these."""
+    pinned: frozenset[int] = frozenset()
+    resumed_from: Optional[str] = None          # only while an attempt runs
+    tmp_grace: float = 180.0
+    save_durations: tuple[float, ...] = ()
+    grace: float = 120.0
+
+
+@dataclass
+class JobCheckpoints:
+    """One job's checkpoint dir as the daemon sees it."""
+    name: str
+    spec: Optional[CheckpointSpec]
+    loop: asyncio.AbstractEventLoop
+    executor: Executor
+    cache: Any
+    on_index: Callable[[list, Optional[str]], None]     # the job's reaction to a new index
+    on_scanned: Callable[[], None]                      # asks for a rotation pass
+    infos: list = field(default_factory=list)
+    error: Optional[str] = None
+    kept: dict[str, str] = field(default_factory=dict)
+    over_quota: bool = False
+    warnings: list[str] = field(default_factory=list)
+    _watcher: Any = None
+    _running: bool = False
+    _dirty: bool = False
+    _done: Optional[asyncio.Future] = None
+    closed: bool = False
+
+    # -- watching -----------------------------------------------------------------
+    def watch(self) -> None:
+        if self.spec is None:
+            return
+        try:
+            trash.empty_trash(self.spec.dir)     # finish deletions a crash cut short
+        except OSError:
+            pass
+        loop = self.loop
+
+        def on_change(_reason: str = "") -> None:      # observer thread: post, nothing else
+            try:
+                loop.call_soon_threadsafe(self.changed)
+            except RuntimeError:
+                pass      # the loop closed during shutdown
+        try:
+            self._watcher = CheckpointWatcher(self.spec.dir, on_change)
+            self._watcher.start()
+        except Exception as e:
+            log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
+                        self.name, self.spec.dir, e)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def changed(self) -> None:
+        if not self.closed:
+            task = self.loop.create_task(self.refresh())
+            task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+
+    # -- scanning -----------------------------------------------------------------
+    def _scan_sync(self, cache: Any = None) -> tuple[list, Optional[str]]:
+        assert self.spec is not None
+        try:
+            return ckpt_index.scan(self.spec.dir, self.spec.format, cache=cache or self.cache), None
+        except FileNotFoundError:
+            return [], None
+        except (OSError, ckpt_index.CheckpointDirError) as e:
+            return [], str(e)
+        except _NeedsHashing:
+            raise
+        except Exception as e:
+            # A hostile entry must never kill the scan task for good: one line, keep going.
+            log.exception("job %s: scanning %s", self.name, self.spec.dir)
+            return [], f"scan failed: {e!r}"
+
+    async def refresh(self) -> None:
+        """Re-read the dir (cached verdicts cost stat calls only). Concurrent requests
+        coalesce: at most one scan runs, and one more after it if anything asked meanwhile."""
+        if self.spec is None:
+            return
+        if self._running:
+            self._dirty = True
+            assert self._done is not None
+            await asyncio.shield(self._done)
+            return
+        self._running = True
+        self._done = self.loop.create_future()
+        try:
+            while True:
+                self._dirty = False
+                infos = None
+                err: Optional[str] = None
+                if len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
+                    try:
+                        infos, err = self._scan_sync(_CachedOnly(self.cache))
+                    except _NeedsHashing:
+                        infos = None
+                if infos is None:
+                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync)
+                if not self.closed:
+                    self.infos, self.error = infos, err
+                    self.on_index(infos, err)
+                if not self._dirty:
+                    break
+        finally:
+            self._running = False
+            self._done.set_result(None)
+        self.on_scanned()
+
+    # -- verdicts -----------------------------------------------------------------
+    def latest_valid(self):
+        return ckpt_index.latest_valid(self.infos) if self.infos else None
+
+    def apply_plan(self, plan: rotation.RotationPlan, facts: RotationFacts) -> bool:
+        """Record rotation's verdicts and recompute warnings; True when the job just
+        went over its quota."""
+        was_over = self.over_quota
+        self.kept = {str(k): v for k, v in plan.kept.items()}
+        self.over_quota = plan.over_quota
+        w = []
+        if plan.over_quota:
+            w.append(f"over-quota: {plan.kept_bytes} bytes kept > quota {plan.quota}")
+        latest = self.latest_valid()
+        if latest is not None and self.spec is not None:
+            try:
+                free = shutil.disk_usage(self.spec.dir).free
+                if free < latest.bytes:
+                    w.append(f"low disk: {free} bytes free < last checkpoint {latest.bytes} bytes; "
+                             f"the next save will fail")
+            except OSError:
+                pass
+        if facts.save_durations:
+            slow = max(facts.save_durations)
+            if slow > facts.grace:
+                w.append(f"slow saves: {slow:.1f}s > grace {facts.grace:g}s; "
+                         f"an emergency save will not finish in time")
+        self.warnings = w
+        return plan.over_quota and not was_over
+
+
+class RotationCoordinator:
+    """Plans rotation for every job at once (disk_quota spans jobs) and deletes through the
+    trash on the pool. One pass at a time: a pass planned while another deletes would plan
+    from a stale index and delete (and record) the same entry twice."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor, disk_quota: Optional[int],
+                 jobs: Callable[[], Iterable[tuple[JobCheckpoints, RotationFacts, Callable[..., None]]]],
+                 flush: Callable[[], None]):
+        self.loop = loop
+        self.executor = executor
+        self.disk_quota = disk_quota
+        self.jobs = jobs            # -> (checkpoints, facts, event recorder) per job
+        self.flush = flush
+        self._pending = False
+        self._lock = asyncio.Lock()
+
+    def request(self) -> None:
+        if not self._pending:
+            self._pending = True
+            task = self.loop.create_task(self.run())
+            task.add_done_callback(_log_failure("rotation pass"))
+
+    async def run(self) -> None:
+        async with self._lock:
+            self._pending = False
+            await self._pass()
+
+    async def _pass(self) -> None:
+        plans: dict[str, rotation.RotationPlan] = {}
+        members: dict[str, tuple[JobCheckpoints, RotationFacts, Callable[..., None]]] = {}
+        for ck, facts, record in self.jobs():
+            if ck.spec is None or not ck.infos or ck.closed:
+                continue
+            members[ck.name] = (ck, facts, record)
+            plans[ck.name] = rotation.plan_rotation(
+                ck.infos, ck.spec, pinned=set(facts.pinned), resumed_from=facts.resumed_from,
+                tmp_grace=facts.tmp_grace)
+        extra: dict[str, list] = {}
+        reasons: dict = {}
+        all_over = False
+        if self.disk_quota and plans:
+            dq = rotation.plan_disk_quota(plans, self.disk_quota)
+            extra, reasons, all_over = dq.delete, dq.reasons, dq.over_quota
+        for name, plan in plans.items():
+            ck, facts, record = members[name]
+            went_over = ck.apply_plan(plan, facts)
+            if all_over and not ck.over_quota:
+                ck.over_quota = True
+                ck.warnings.append(f"over-quota: all jobs keep more than disk_quota {self.disk_quota} bytes")
+                went_over = True
+            if went_over:
+                record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
+            todo = list(plan.delete) + [i for i in extra.get(name, []) if i not in plan.delete]
+            if not todo:
+                continue
+            assert ck.spec is not None
+            ck_dir = ck.spec.dir
+            for info in todo:
+                rel = info.path.relative_to(ck_dir).as_posix() if info.path.is_relative_to(ck_dir) else info.name
+                # Recorded before it happens (write-ahead): a crash after the move into the
+                # trash still leaves a record of what the daemon removed and why.
+                record("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
+                       why=plan.reasons.get(info.path) or reasons.get(info.path, "rotation"))
+                self.flush()
+                try:
+                    await self.loop.run_in_executor(self.executor, trash.delete_entry, ck_dir, rel)
+                    crash_point("delete")
+                except OSError as e:
+                    record("delete-failed", path=str(info.path), error=str(e))
+            await ck.refresh()
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future], None]:
+    def done(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", what, task.exception(), exc_info=task.exception())
+    return done
