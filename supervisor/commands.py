@@ -47,7 +47,8 @@ class Commands:
         jobs.sort(key=lambda j: j["name"])
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                           "rss": d.own_rss(), "socket": str(d.spec.socket)},
+                           "rss": d.own_rss(), "socket": str(d.spec.socket),
+                           "metrics": d.metrics_address()},
                 "jobs": jobs}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:

@@ -19,6 +19,7 @@ from . import __version__, config, process
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
+from .hooks import HookRunner
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
@@ -55,6 +56,8 @@ class Daemon:
         self.schedule = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
+        self.hooks: Optional[HookRunner] = None
+        self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -84,6 +87,8 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_user_of=self._job_user)
         await self.control.start()
+        self.hooks = HookRunner(self.loop, self.spec.hooks)
+        self._start_metrics()
         (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
         jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
         for spec in jobs:
@@ -128,6 +133,10 @@ class Daemon:
                 log.exception("stopping %r", src)
         for j in self.jobs.values():
             j.ckpts.close()
+        if self.hooks is not None:
+            self.hooks.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.control.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
@@ -221,7 +230,9 @@ class Daemon:
                 j.request_save()
 
     def leader_pids(self) -> list[int]:
-        return [j.child.pid for j in self.jobs.values() if j.child]
+        # Hook processes too: their exit status is the hook runner's to collect.
+        hooks = list(self.hooks.pids()) if self.hooks is not None else []
+        return [j.child.pid for j in self.jobs.values() if j.child] + hooks
 
     def _on_chld(self) -> None:
         process.reap_orphans(self.leader_pids())
@@ -346,6 +357,8 @@ class Daemon:
                 if isinstance(r, BaseException):
                     log.error("reload: %r", r, exc_info=r)
         self.record_event("-", "reload", {"added": added, "removed": removed, "changed": changed})
+        if self.metrics is not None:
+            self.metrics.book.mark()            # jobs came and went: re-sample them all
         return {"added": added, "removed": removed, "changed": changed,
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
                 + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
@@ -383,6 +396,39 @@ class Daemon:
         self.db.add_event(job, kind, data)
         if kind != "state":
             log.info("%s: %s %s", job, kind, " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+        if self.metrics is not None:
+            self.metrics.book.on_event(job, kind, data)
+            self.metrics.schedule_publish(self.loop, self._publish_metrics)
+        if self.hooks is not None:
+            j = self.jobs.get(job)
+            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+
+    # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
+    def _start_metrics(self) -> None:
+        if not self.spec.metrics.listen:
+            return
+        from .metrics import MetricsBook, MetricsServer
+        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall)
+        try:
+            server.start()
+        except OSError as e:
+            # Supervising the jobs matters more than exporting numbers about them.
+            log.error("metrics: cannot listen on %s: %s; running without metrics",
+                      self.spec.metrics.listen, e.strerror or e)
+            return
+        self.metrics = server
+        log.info("metrics on http://%s/metrics", self.metrics_address())
+        self._spawn_task(server.probe_lag(self._publish_metrics), "metrics lag probe")
+
+    def metrics_address(self) -> Optional[str]:
+        if self.metrics is None:
+            return None
+        host = self.metrics.listen.rpartition(":")[0]
+        return f"{host}:{self.metrics.port}"
+
+    def _publish_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.book.publish(self.jobs, [inv.name for inv in self.invalid.values()])
 
     def save_job(self, job: str, data: dict) -> None:
         self.db.save_job(job, data)

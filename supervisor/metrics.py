@@ -112,10 +112,9 @@ def _exit_code(last_exit: dict | None) -> int | None:
 
 def sample_job(job: Job) -> JobSample:
     """Copy one job's exported numbers (on the loop)."""
-    from .checkpoint.index import latest_valid
     ck = job.spec.checkpoint
     ex = job.last_exit or {}
-    latest = latest_valid(job.checkpoints) if job.checkpoints else None
+    latest = job.ckpts.latest_valid() if job.checkpoints else None
     state = "stopped" if job.sigstopped and job.child else job.state.value
     return JobSample(
         name=job.name, state=state, attempt=job.attempt,

@@ -37,6 +37,8 @@ class Prometheus:
         cfg.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
                        "scrape_configs:\n"
                        "  - job_name: trainsup\n"
+                       # The metrics' `job` label is the trainsup job (the README's scrape config).
+                       "    honor_labels: true\n"
                        f"    static_configs: [{{targets: ['{target}']}}]\n")
         self.log = open(root / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
@@ -106,7 +108,8 @@ def test_prometheus_counts_two_crashes_of_a_job_among_three(daemon, prometheus_f
     prom = prometheus_for(listen)
     wait_for(lambda: prom.value('up{job="trainsup"}') == 1, 30, "prometheus to scrape the daemon")
     wait_for(lambda: prom.value('trainsup_job_restarts_total{job="killed",reason="crash"}') == 2, 30,
-             "trainsup_job_restarts_total of job killed to read 2")
+             "trainsup_job_restarts_total of job killed to read 2 "
+             f"(prometheus has {prom.query('trainsup_job_restarts_total')})")
     assert prom.value('sum by (job) (trainsup_job_restarts_total{job="killed"})') == 2
     assert prom.value('trainsup_job_restarts_total{job="failing",reason="crash"}') == 1
     assert prom.value('trainsup_job_restarts_total{job="steady"}') is None      # never restarted
