@@ -81,6 +81,19 @@ class JobHost(Protocol):
     def leader_pids(self) -> list[int]: ...
 
 
+def _reported_step(heartbeat: Path, since_wall: float) -> Optional[int]:
+    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
+    a job may write its current step there), else None. Read once, at exit."""
+    try:
+        with open(heartbeat, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
+                return None            # written by an earlier attempt
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _ckpt_key(info) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
@@ -124,6 +137,7 @@ class Job:
         self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
+        self._last_step: Optional[int] = None          # the step the last attempt reported
         self._load_persisted(persisted)
 
     @property
@@ -362,8 +376,16 @@ class Job:
         if self._exit_noticed is not None:
             since_exit = round((spawned_at - self._exit_noticed) * 1000, 3)
             self._exit_noticed = None
+        lost: dict[str, int] = {}
+        if self._last_step is not None:
+            # Work the interrupted attempt did past the checkpoint this one resumes from
+            # (unknown when that checkpoint has no step number).
+            back_to = 0 if resume is None else resume.step
+            if back_to is not None:
+                lost["steps_lost"] = max(0, self._last_step - back_to)
+            self._last_step = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
-                   **({"since_exit_ms": since_exit} if since_exit is not None else {}))
+                   **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
         self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor)
         self.monitor.start(self.loop)
         self.sigstopped = False
@@ -417,8 +439,10 @@ class Job:
         ran_for = time.monotonic() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+        self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
-                   signal=ex.signal, ran_for=round(ran_for, 3))
+                   signal=ex.signal, ran_for=round(ran_for, 3),
+                   **({"last_step": self._last_step} if self._last_step is not None else {}))
         if self._exit_fut is not None and not self._exit_fut.done():
             self._exit_fut.set_result(ex)
         if self._flow is not None:
