@@ -31,7 +31,13 @@ def test_timeline_of_a_recorded_history():
     assert [a.crashed for a in tl.attempts] == [True, False, True, False]
     # Each relaunch resumed from the newest checkpoint the history shows before it.
     assert all(a.resume_step is not None for a in tl.attempts[1:])
-    assert [s for _, s in tl.saves] == [362, 702]
+    assert [s for _, s in tl.saves] == [365, 694]
+    # The job reported its step: each SIGKILL lost the steps past the resumed checkpoint
+    # (the launch events' steps_lost), the preemption lost none.
+    assert tl.reported_steps
+    assert [(lo, hi) for _, _, lo, hi in tl.lost] == [(435, 483), (843, 911)]
+    launches = [e for e in rec["events"] if e["kind"] == "launch"]
+    assert [e.get("steps_lost") for e in launches] == [None, 48, 0, 68]
     assert [(src, out) for _, src, out in tl.notices] == [("preempt", "saved")]
     # Disk use never goes negative and ends at what the newest events left.
     assert all(b >= 0 for _, b in tl.disk)
@@ -64,7 +70,8 @@ def test_plot_figure_axes(tmp_path):
     quota_line = next(l for l in disk.get_lines() if l.get_label() == "quota")
     assert quota_line.get_ydata()[0] == pytest.approx(2000 / 1024)
     lo, hi = steps.get_ylim()
-    assert lo <= 145 and hi >= 1000
+    assert lo <= 148 and hi >= 993
+    assert steps.get_title() == "run: 4 attempts, 2 requested saves, 116 steps lost"
     matplotlib.pyplot.close(fig)
 
 
