@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("job")
         if verb == "restart":
             x.add_argument("--no-save", action="store_true")
+        else:
+            x.add_argument("--force", action="store_true",
+                           help="start even while a preemption notice is in force")
     x = sub.add_parser("stop", help="save, then stop a job")
     x.add_argument("job")
     x.add_argument("--no-save", action="store_true", help="skip the emergency save")
@@ -199,8 +202,10 @@ def _fail(msg) -> int:
 
 
 def _bad_job(j: dict) -> bool:
+    """What `status` exits 3 for: a job that needs a person (a crash loop included)."""
     ck = j.get("checkpoint") or {}
-    return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota"))
+    looping = j["state"] == "backoff" and (j.get("crashes_in_a_row") or 0) >= 2
+    return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota")) or looping
 
 
 def cmd_status(args) -> int:
@@ -222,6 +227,8 @@ def _simple(verb: str):
         timeout = 30.0
         if getattr(args, "no_save", False):
             cargs["no_save"] = True
+        if getattr(args, "force", False):
+            cargs["force"] = True
         if getattr(args, "grace", None) is not None:
             cargs["grace"] = args.grace
         if verb in ("stop", "restart", "preempt"):
@@ -252,7 +259,8 @@ def cmd_checkpoint(args) -> int:
     if not ok:
         return _fail(res)
     if args.wait:
-        print(f"{args.job}: checkpoint at step {res['step']} is valid: {res['path']}")
+        what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
+        print(f"{args.job}: checkpoint {what} is valid: {res['path']}")
     else:
         print(f"{args.job}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
     return EXIT_OK
@@ -263,11 +271,12 @@ def cmd_reload(args) -> int:
     if not ok:
         return _fail(res)
     for k in ("added", "removed", "changed"):
-        if res[k]:
-            print(f"{k}: {', '.join(res[k])}")
+        print(f"{k}: {', '.join(res[k]) or 'none'}")
+    bad = res.get("invalid_jobs") or []
+    print(f"invalid: {', '.join(bad) or 'none'}")
     for line in res.get("invalid", []):
         print(line, file=sys.stderr)
-    return EXIT_OK
+    return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
 
 
 def cmd_logs(args) -> int:

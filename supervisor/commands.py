@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 from .control import Connection, Peer, RequestError
+from .render import iso_utc
 from .job import Job, State
 
 if TYPE_CHECKING:
@@ -45,10 +46,18 @@ class Commands:
         if name is not None and not jobs:
             raise RequestError(f"no such job: {name}")
         jobs.sort(key=lambda j: j["name"])
+        warnings = []
+        if not d.spec.jobs_dir.is_dir():
+            warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
+                            "(create it, or pass --jobs)")
+        notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
+                    "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
+                   for n in d.notices_in_force()]
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_s": round(time.monotonic() - d.started_mono, 1),
                            "rss": d.own_rss(), "socket": str(d.spec.socket),
-                           "metrics": d.metrics_address()},
+                           "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                           "sources": list(d.source_health.values())},
                 "jobs": jobs}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
@@ -69,6 +78,11 @@ class Commands:
         if cmd == "start":
             if job.alive:
                 raise RequestError(f"job {name} is already {job.state.value}")
+            notice = d.active_preemption()
+            if notice is not None and not args.get("force"):
+                deadline = f", deadline {iso_utc(notice.deadline)}" if notice.deadline else ""
+                raise RequestError(f"a {notice.source} {notice.kind} notice is in force{deadline}: "
+                                   f"{name} would be stopped again (start --force to start anyway)")
             job.start(reason="manual")
             return job.status()
         if cmd in ("stop", "preempt"):

@@ -20,6 +20,7 @@ from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
 from .hooks import HookRunner
+from .render import iso_utc
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
@@ -31,6 +32,8 @@ log = logging.getLogger("trainsup.daemon")
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
+NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
+
 
 
 class Daemon:
@@ -56,6 +59,9 @@ class Daemon:
         self.schedule = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
+        self.active_notices: dict[tuple, Any] = {}    # machine-wide notices in force
+        self._notice_seen: dict[tuple, float] = {}
+        self.source_health: dict[str, dict] = {}      # notice source -> its last health change
         self.hooks: Optional[HookRunner] = None
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
 
@@ -168,6 +174,8 @@ class Daemon:
             from .notices.cloud import CloudPoller
             self.cloud = CloudPoller(pre.provider, self._threadsafe(self.on_notice), poll=pre.poll,
                                      metadata_url=pre.metadata_url)
+            source = pre.provider
+            self.cloud.on_health = self._threadsafe(lambda ok, error: self._source_health(source, ok, error))
             self.cloud.start()
             self._sources.append(self.cloud)
 
@@ -191,8 +199,13 @@ class Daemon:
     def on_notice(self, notice) -> None:
         """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
         preemption or maintenance, stops before the deadline."""
+        key = notice.identity()
+        self._expire_notices()
+        if key in self.active_notices:
+            return                      # the same notice again (a source re-reported it): once is enough
+        self.active_notices[key] = notice
         log.warning("notice from %s: %s %s (deadline %s)", notice.source, notice.kind, notice.detail,
-                    notice.deadline)
+                    iso_utc(notice.deadline) if notice.deadline else "none")
         self.record_event("-", "notice", {"source": notice.source, "kind": notice.kind,
                                           "detail": notice.detail, "deadline": notice.deadline})
         running = [j for j in self.jobs.values() if j.alive]
@@ -207,6 +220,28 @@ class Daemon:
                  for j in running]
         if notice.event_id and getattr(self, "cloud", None) is not None:
             self._spawn_task(self._acknowledge(flows, notice), "acknowledging a notice")
+
+    def _expire_notices(self) -> None:
+        now = time.time()
+        for key, n in list(self.active_notices.items()):
+            # Without a deadline a notice is active for NOTICE_ACTIVE_FOR after it came.
+            until = n.deadline if n.deadline else self._notice_seen.setdefault(key, now) + NOTICE_ACTIVE_FOR
+            if now > until:
+                del self.active_notices[key]
+                self._notice_seen.pop(key, None)
+
+    def _source_health(self, source: str, ok: bool, error: str) -> None:
+        now = time.time()
+        self.source_health[source] = {"source": source, "ok": ok, "error": error or None,
+                                      "since": now, "since_iso": iso_utc(now)}
+
+    def notices_in_force(self) -> list:
+        self._expire_notices()
+        return list(self.active_notices.values())
+
+    def active_preemption(self) -> Optional[Any]:
+        """The machine-wide preemption notice in force (a start now would be preempted again)."""
+        return next((n for n in self.notices_in_force() if n.kind != "warning"), None)
 
     async def _acknowledge(self, flows, notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
@@ -360,6 +395,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.book.mark()            # jobs came and went: re-sample them all
         return {"added": added, "removed": removed, "changed": changed,
+                "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
                 + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
 
@@ -373,6 +409,7 @@ class Daemon:
         try:
             await job.stop(save=True, final=State.STOPPED, source="reload")
         finally:
+            job.ckpts.close()
             if not job.active:
                 self._retired.discard(job)
                 job.log.close()

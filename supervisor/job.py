@@ -65,6 +65,10 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
+# Seconds `status` shows a job's last notice (then it is history); tests shorten it.
+NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
+
+
 class TransitionError(RuntimeError):
     pass
 
@@ -228,7 +232,9 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        self.ckpts.close()
+        # The checkpoint watch stays open until the stop flow is over (the daemon closes
+        # it): closed here, the emergency save was never seen and the stop waited out
+        # the whole grace.
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
@@ -322,9 +328,9 @@ class Job:
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
         self.attempt += 1
-        if self.attempt > 1:
-            self.restarts += 1
         reason = "first" if self.attempt == 1 else self.restart_reason
+        if reason not in ("first", "manual"):
+            self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
             "TRAINSUP_JOB": spec.name,
             "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
@@ -522,7 +528,10 @@ class Job:
             return [], fut
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
-        self._save_requested_mono = time.monotonic()
+        if sent:
+            # Only a delivered request is timed: a refused one never produced a save, and
+            # timing it raised a false "slow saves" warning minutes later.
+            self._save_requested_mono = time.monotonic()
         self.event("save-requested", pids=sent)
         if not sent:
             msg = (f"no process of job {self.name} catches {self.spec.emergency_save.signal}: "
@@ -657,6 +666,7 @@ class Job:
             "since": self.state_since,
             "attempt": self.attempt,
             "restarts": self.restarts,
+            "crashes_in_a_row": self.tracker.consecutive,
             "last_exit": self.last_exit,
             "restart_reason": self.restart_reason,
             "resumed_from": self.resumed_from,
@@ -669,7 +679,9 @@ class Job:
                 "error": self.ckpts.error,
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
-            "last_notice": self.last_notice,
+            # A notice's outcome is news for a while, then history (`trainsup history`).
+            "last_notice": self.last_notice if self.last_notice and
+            now - float(self.last_notice.get("at") or 0) < NOTICE_SHOWN_FOR else None,
             "warnings": list(self.ckpts.warnings),
             "error": self.error,
             "config_error": self.config_error,

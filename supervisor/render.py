@@ -3,7 +3,13 @@ the reply dicts; imported by the CLI and the demo (neither imports the other).""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+
+
+def iso_utc(t: float) -> str:
+    """Wall time for people and logs: 2026-12-01T10:04:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def human_bytes(n: float | None) -> str:
@@ -42,6 +48,9 @@ def format_status(result: dict) -> str:
         ck = j.get("checkpoint") or {}
         if ck.get("step") is not None:
             ckpt = f"step {ck['step']}, {human_age(ck.get('age_s'))} ago"
+        elif ck.get("latest"):
+            # A valid checkpoint without a step number (a torch file): by name.
+            ckpt = f"{ck['latest'].rstrip('/').rsplit('/', 1)[-1]}, {human_age(ck.get('age_s'))} ago"
         elif ck:
             ckpt = "none"
         else:
@@ -64,9 +73,16 @@ def format_status(result: dict) -> str:
             notes.append(f"  {j['name']}: warning: {w}")
         ln = j.get("last_notice")
         if ln and ln.get("outcome"):
-            notes.append(f"  {j['name']}: last notice: {ln.get('source')} -> {ln.get('outcome')}"
+            notes.append(f"  {j['name']}: last notice at {iso_utc(ln['at'])}: {ln.get('source')} -> {ln.get('outcome')}"
                          + (f" (step {ln['step']} in {ln.get('save_s')}s)" if ln.get("step") is not None else ""))
-    return "\n".join(table(rows) + notes)
+    daemon = result.get("daemon") or {}
+    head = [f"notice in force: {n['source']} {n['kind']}"
+            + (f", deadline {n['deadline_iso']}" if n.get("deadline_iso") else "")
+            + (f" ({n['detail']})" if n.get("detail") else "") for n in daemon.get("notices") or []]
+    head += [f"{s['source']}: {s['error']} since {s['since_iso']}" for s in daemon.get("sources") or []
+             if not s.get("ok")]
+    head += [f"warning: {w}" for w in daemon.get("warnings") or []]
+    return "\n".join(head + table(rows) + notes)
 
 
 def format_checkpoints(entries: Iterable[dict]) -> str:
