@@ -155,15 +155,15 @@ class JobCheckpoints:
         try:
             while True:
                 self._dirty = False
-                infos = None
-                err: Optional[str] = None
+                result: Optional[tuple[list, Optional[str]]] = None
                 if len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
                     try:
-                        infos, err = self._scan_sync(_CachedOnly(self.cache))
+                        result = self._scan_sync(_CachedOnly(self.cache))
                     except _NeedsHashing:
-                        infos = None
-                if infos is None:
-                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync)
+                        result = None
+                if result is None:
+                    result = await self.loop.run_in_executor(self.executor, self._scan_sync)
+                infos, err = result
                 if not self.closed:
                     self.infos, self.error = infos, err
                     self.on_index(infos, err)
