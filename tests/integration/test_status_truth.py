@@ -192,12 +192,12 @@ def test_active_notice_logged_once_with_iso_deadline_and_start_refused_unless_fo
 
 
 def test_status_exits_3_for_a_crash_loop_in_backoff(daemon):
-    daemon.fakejob("loop", "--exit 1 --after 0", extra="restart: {backoff: {initial: 0.2s, max: 60s, factor: 100}}\n")
+    daemon.fakejob("loop", "--exit 1 --after 0", extra="restart: {backoff: {initial: 0.5s, max: 60s, factor: 10}}\n")
     daemon.start()
     st = daemon.wait_state("loop", "backoff", timeout=20)
     if st["crashes_in_a_row"] < 2:
         st = wait_for(lambda: (s := daemon.status("loop"))["crashes_in_a_row"] >= 2 and s, 20, "two crashes in a row")
-    assert st["state"] == "backoff"      # now waiting 20 s: long enough to check
+    assert st["state"] == "backoff"      # now waiting 5 s: long enough to check
     r = daemon.cli("status")
     assert r.returncode == 3, r.stdout
 

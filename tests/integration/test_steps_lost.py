@@ -3,14 +3,14 @@ gets `last_step` on its exit and `steps_lost` on the next launch, in history and
 
 import os
 import signal
+from pathlib import Path
 
 from conftest import wait_for
 
 
 def test_steps_lost_after_a_sigkill_is_last_step_minus_the_resumed_step(daemon):
-    hb = daemon.state / "heartbeat" / "run"
-    # fakejob --progress writes the step after every step (fixed width) into this file.
-    daemon.fakejob("run", f"--catch-usr1 --every 0.4 --progress {hb}",
+    # fakejob --progress heartbeat writes its step after every step into TRAINSUP_HEARTBEAT_FILE.
+    daemon.fakejob("run", "--catch-usr1 --every 0.4 --progress heartbeat",
                    extra="restart: {backoff: {initial: 0.1s}}\n")
     daemon.start()
     pid = daemon.wait_ready("run")["pid"]
@@ -28,10 +28,10 @@ def test_steps_lost_after_a_sigkill_is_last_step_minus_the_resumed_step(daemon):
 
 
 def test_stale_heartbeat_from_an_earlier_attempt_is_not_a_report(daemon):
-    hb = daemon.state / "heartbeat" / "quiet"
     daemon.fakejob("quiet", "--catch-usr1", extra="restart: {backoff: {initial: 0.1s}}\n")
     daemon.start()
-    pid = daemon.wait_ready("quiet")["pid"]
+    first = daemon.wait_ready("quiet")
+    pid, hb = first["pid"], Path(first["env"]["TRAINSUP_HEARTBEAT_FILE"])
     hb.write_text("123456\n")
     os.utime(hb, (1, 1))              # written long before this attempt started
     os.kill(pid, signal.SIGKILL)
