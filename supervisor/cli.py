@@ -37,16 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     # `trainsup daemon --socket PATH` (SPEC section 2) and `trainsup status --socket PATH`
     # both work: every subcommand also accepts --socket.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
+                        help="the daemon's control socket (default: $TRAINSUP_SOCKET, else the socket "
+                             "the daemon config names, else the daemon's default)")
     _add = sub.add_parser
     sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign,list-item]
 
-    d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground")
-    d.add_argument("--config", type=Path)
-    d.add_argument("--jobs", type=Path, dest="jobs_dir")
-    d.add_argument("--state", type=Path, dest="state_dir")
-    d.add_argument("--log-dir", type=Path, dest="log_dir")
-    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground",
+                       description="Run the daemon in the foreground (systemd runs it as a service). "
+                       "Flags beat the config file, which beats the defaults.")
+    d.add_argument("--config", type=Path, metavar="FILE",
+                   help="daemon config (default: /etc/trainsup/trainsup.yaml as root, else "
+                        "$XDG_CONFIG_HOME/trainsup/trainsup.yaml, when present)")
+    d.add_argument("--jobs", type=Path, dest="jobs_dir", metavar="DIR", help="the job YAML files' dir")
+    d.add_argument("--state", type=Path, dest="state_dir", metavar="DIR",
+                   help="state database and lock (one daemon per state dir)")
+    d.add_argument("--log-dir", type=Path, dest="log_dir", metavar="DIR",
+                   help="one log per job (default: <state dir>/logs when --state is given)")
+    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the daemon's own log, on stderr (default info)")
 
     verbs.add_subcommands(sub)          # every control verb, from the one registry
 
@@ -64,8 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quota", type=int, metavar="BYTES",
                    help="the quota line with --history (default: the job's quota from the daemon)")
 
-    x = sub.add_parser("validate", help="check job YAML files without a daemon")
-    x.add_argument("files", nargs="+", type=Path)
+    x = sub.add_parser("pid", help="the pid of jobs (none given: of the daemon)",
+                       description="Print the pid of each job named (`all`: NAME PID lines), or the "
+                       "daemon's pid when no job is given. Exit 1 when a job is not running.")
+    x.add_argument("job", nargs="*", metavar="JOB", help="job names, or `all`")
+
+    x = sub.add_parser("validate", help="check job YAML files without a daemon",
+                       description="Check job YAML files as the daemon would; exit 1 on any error.")
+    x.add_argument("files", nargs="+", type=Path, metavar="FILE", help="job YAML files")
+    x.add_argument("--json", action="store_true",
+                   help="print [{file, ok, errors}] as JSON instead of error lines")
 
     x = sub.add_parser("demo", help="a real daemon takes an example job through a preemption, crashes "
                        "and rotation", description="Run a real daemon in a temporary dir with the example "
@@ -169,6 +186,17 @@ def _fail(msg) -> int:
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
 
 
+def use_colour(stream) -> bool:
+    """Colour only for a person at a terminal: never in a pipe or file, never with
+    NO_COLOR set (https://no-color.org), never on a dumb terminal."""
+    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _bad_job(j: dict) -> bool:
     """What `status` exits 3 for: a job that needs a person (a crash loop included)."""
     ck = j.get("checkpoint") or {}
@@ -185,38 +213,119 @@ def cmd_status(args) -> int:
     if not ok:
         print(f"trainsup: {res}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(json.dumps(res, indent=1) if args.json else format_status(res))
+    print(json.dumps(res, indent=1) if args.json else format_status(res, colour=use_colour(sys.stdout)))
     return EXIT_STATUS_BAD if any(_bad_job(j) for j in res["jobs"]) else EXIT_OK
 
 
-def _simple(verb: str):
-    def run(args) -> int:
-        ok, res = _ask(args)
+def _job_names(args) -> list[str]:
+    """The jobs a multi-job command acts on: the names given, or every (valid) job for `all`."""
+    names = list(args.job or [])
+    if getattr(args, "all", False) or "all" in names:
+        if [n for n in names if n != "all"]:
+            raise UsageError("give job names or `all`, not both")
+        ok, res = _call(args, "status")
         if not ok:
-            return _fail(res)
-        if verb in ("stop", "preempt", "restart") and isinstance(res, dict) and "outcome" in res:
-            extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
-            print(f"{args.job}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
-        elif verb == "preempt" and args.all:
-            for o in res.get("outcomes", []):
-                print(f"{o.get('source')}: {o.get('outcome')}")
-            print(f"preempted {res.get('jobs', 0)} jobs")
-        elif isinstance(res, dict) and "state" in res:
-            print(f"{res['name']}: {res['state']}")
+            raise UsageError(str(res))
+        return [j["name"] for j in res["jobs"] if j["state"] != "invalid"]
+    if not names:
+        raise UsageError(f"{args.cmd}: give one or more job names, or `all`")
+    return names
+
+
+def _for_each_job(args, show) -> int:
+    """One request per job, all at once (a stop waits for each job's save); one line per job
+    in the order given; the exit status is the worst of them."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = _job_names(args)
+    verb = verbs.VERBS[args.cmd]
+
+    def one(name: str) -> tuple[bool, Any]:
+        ns = argparse.Namespace(**{**vars(args), "job": name})
+        job, cargs = verbs.request_of(verb, ns)
+        cargs.pop("all", None)
+        return _call(args, verb.name, job, cargs, timeout=verb.timeout)
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as pool:
+        replies = list(pool.map(one, names))
+    worst = EXIT_OK
+    for name, (ok, res) in zip(names, replies):
+        code = show(args, name, res) if ok else _fail(res)
+        worst = max(worst, code)
+    return worst
+
+
+def _show_start(args, name: str, res: dict) -> int:
+    if res.get("already"):
+        print(f"{name}: already {res['state']}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
         return EXIT_OK
-    return run
+    # `start` answers once the launch is under way; say where it got to, as systemctl does.
+    deadline = time.monotonic() + 10.0
+    st = res
+    while st.get("state") in ("pending", "starting") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        ok, full = _call(args, "status", name)
+        if not ok:
+            break
+        st = full["jobs"][0]
+    print(f"{name}: {st['state']}" + (f" (pid {st['pid']})" if st.get("pid") else "")
+          + (f": {st['error']}" if st.get("error") and st["state"] not in ("running",) else ""))
+    return EXIT_OK if st["state"] in ("running", "starting", "finished") else EXIT_FAIL
+
+
+def _show_stop(args, name: str, res: dict) -> int:
+    if res.get("already"):
+        print(f"{name}: already {res['state']}")
+    elif "outcome" in res:
+        extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
+        print(f"{name}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
+    else:
+        print(f"{name}: {res.get('state')}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
+    return EXIT_OK
+
+
+def _show_checkpoint(args, name: str, res: dict) -> int:
+    if args.wait:
+        what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
+        print(f"{name}: checkpoint {what} is valid: {res['path']}")
+    else:
+        print(f"{name}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
+    return EXIT_OK
+
+
+def cmd_start(args) -> int:
+    return _for_each_job(args, _show_start)
+
+
+def cmd_stop(args) -> int:
+    return _for_each_job(args, _show_stop)
 
 
 def cmd_checkpoint(args) -> int:
-    ok, res = _ask(args)
+    return _for_each_job(args, _show_checkpoint)
+
+
+def cmd_pid(args) -> int:
+    ok, res = _call(args, "status")
     if not ok:
         return _fail(res)
-    if args.wait:
-        what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
-        print(f"{args.job}: checkpoint {what} is valid: {res['path']}")
-    else:
-        print(f"{args.job}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
-    return EXIT_OK
+    if not args.job:
+        print(res["daemon"]["pid"])
+        return EXIT_OK
+    jobs = {j["name"]: j for j in res["jobs"]}
+    everyone = args.job == ["all"]
+    worst = EXIT_OK
+    for name in (sorted(jobs) if everyone else args.job):
+        j = jobs.get(name)
+        if j is None:
+            ok, err = _call(args, "status", name)     # the daemon's "no such job (did you mean)"
+            worst = max(worst, _fail(err if not ok else f"no such job: {name}"))
+        elif everyone:
+            print(f"{name} {j.get('pid') or '-'}")
+        elif j.get("pid"):
+            print(j["pid"])
+        else:
+            print(f"trainsup: {name} is not running (state {j['state']})", file=sys.stderr)
+            worst = max(worst, EXIT_FAIL)
+    return worst
 
 
 def cmd_reload(args) -> int:
@@ -239,14 +348,20 @@ def cmd_logs(args) -> int:
         ok, res = _ask(args)
         if not ok:
             return _fail(res)
-        sys.stdout.write(res["text"])
+        if args.json:
+            print(json.dumps(res["text"].splitlines(), indent=1))
+        else:
+            sys.stdout.write(res["text"])
         return EXIT_OK
     with connect(socket_path(args.socket), None, daemon_uids()) as s:
         send(s, "logs", *verbs.request_of(verbs.VERBS["logs"], args))
         for reply in replies(s):
             if not reply.get("ok"):
                 return _fail(reply.get("error"))
-            sys.stdout.write(reply["result"]["text"])
+            text = reply["result"]["text"]
+            # --json with -f: one JSON string per line (a stream a script can read as it comes).
+            sys.stdout.write("".join(json.dumps(line) + "\n" for line in text.splitlines())
+                             if args.json else text)
             sys.stdout.flush()
     return EXIT_OK
 
@@ -292,6 +407,10 @@ def cmd_history(args) -> int:
 def cmd_validate(args) -> int:
     from .config import validate_files
     errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True)
+    if args.json:
+        per_file = [{"file": str(f), "errors": [e for e in errors if e.startswith(f"{f}:")]} for f in args.files]
+        print(json.dumps([{**p, "ok": not p["errors"]} for p in per_file], indent=1))
+        return EXIT_FAIL if errors else EXIT_OK
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
@@ -336,8 +455,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {
-    "daemon": cmd_daemon, "status": cmd_status, "start": _simple("start"), "stop": _simple("stop"),
-    "restart": _simple("restart"), "preempt": _simple("preempt"), "checkpoint": cmd_checkpoint,
+    "daemon": cmd_daemon, "status": cmd_status, "start": cmd_start, "stop": cmd_stop,
+    "restart": cmd_stop, "preempt": cmd_stop, "checkpoint": cmd_checkpoint, "pid": cmd_pid,
     "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
     "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
 }

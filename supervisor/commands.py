@@ -7,6 +7,7 @@ module is the layer between them. Handlers run on the daemon's loop.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 import time
 from dataclasses import dataclass
@@ -41,8 +42,12 @@ class Commands:
         if job is None:
             if name in self.d.invalid:
                 raise RequestError(f"job {name} is invalid: {self.d.invalid[name].errors[0]}")
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         return job
+
+    def no_such_job(self, name: str) -> RequestError:
+        close = difflib.get_close_matches(name, list(self.d.jobs) + list(self.d.invalid), n=1, cutoff=0.6)
+        return RequestError(f"no such job: {name}" + (f" (did you mean {close[0]}?)" if close else ""))
 
     def status(self, name: Optional[str] = None) -> dict:
         d = self.d
@@ -54,7 +59,7 @@ class Commands:
                          "last_exit": None, "checkpoint": None, "memory": None,
                          "error": "; ".join(inv.errors), "source": str(inv.source)})
         if name is not None and not jobs:
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         jobs.sort(key=lambda j: j["name"])
         warnings = []
         if not d.spec.jobs_dir.is_dir():
@@ -90,8 +95,9 @@ class Commands:
 
     async def do_start(self, r: "Request") -> Any:
         job = self.job(r.job)
-        if job.alive:
-            raise RequestError(f"job {r.job} is already {job.state.value}")
+        if job.alive or job.busy:
+            # Idempotent, as supervisorctl and systemctl: the wanted state already holds.
+            return {**job.status(), "already": True}
         notice = self.d.active_preemption()
         if notice is not None and not r.args.get("force"):
             deadline = f", deadline {iso_utc(notice.deadline)}" if notice.deadline else ""
@@ -104,7 +110,7 @@ class Commands:
         job = self.job(r.job)
         grace = _float_arg(r.args, "grace")
         if not job.active:
-            raise RequestError(f"job {r.job} is not running (state {job.state.value})")
+            return {**job.status(), "already": True}       # idempotent: nothing to stop
         return await job.stop(save=not r.args.get("no_save"), final=final, grace=grace, source=source)
 
     async def do_preempt(self, r: "Request") -> Any:
@@ -152,7 +158,10 @@ class Commands:
         n = r.args.get("n", 50)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise RequestError("history: n must be a positive integer")
-        return self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        events = self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
+            raise self.no_such_job(str(r.job))    # a typo, not an empty history
+        return events
 
     async def do_logs(self, r: "Request") -> Any:
         job = self.job(r.job)

@@ -35,13 +35,34 @@ def human_age(s: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart; the first row is the header."""
+# State colours for a terminal (the CLI decides whether it is one; NO_COLOR wins).
+_SGR = {"running": "32", "finished": "32", "saving": "36", "starting": "36", "stopping": "36",
+        "backoff": "33", "pending": "33", "stopped": "2", "preempted": "33",
+        "failed": "1;31", "invalid": "1;31"}
+
+
+def paint(text: str, state: str) -> str:
+    code = _SGR.get(state.split()[0] if state else "", "")
+    if "over-quota" in state:
+        code = "1;31"
+    return f"\x1b[{code}m{text}\x1b[0m" if code else text
+
+
+def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> list[str]:
+    """Left-aligned columns two spaces apart; the first row is the header. With
+    `colour_column`, that column's cells are coloured by their text (after padding, so
+    the escape codes never break the alignment)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out = []
+    for n, r in enumerate(rows):
+        cells = [c.ljust(w) for c, w in zip(r, widths)]
+        if colour_column is not None and n > 0:
+            cells[colour_column] = paint(cells[colour_column], r[colour_column])
+        out.append("  ".join(cells).rstrip())
+    return out
 
 
-def format_status(result: dict) -> str:
+def format_status(result: dict, colour: bool = False) -> str:
     rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
     notes = []
     for j in result["jobs"]:
@@ -82,7 +103,7 @@ def format_status(result: dict) -> str:
     head += [f"{s['source']}: {s['error']} since {s['since_iso']}" for s in daemon.get("sources") or []
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
-    return "\n".join(head + table(rows) + notes)
+    return "\n".join(head + table(rows, 1 if colour else None) + notes)
 
 
 def format_checkpoints(entries: Iterable[dict]) -> str:
