@@ -296,6 +296,17 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
+    if args.cmd == "preempt" and (args.all or args.job == ["all"]):
+        # One request the daemon authorises as a whole: "every job" is a daemon-wide act.
+        ns = argparse.Namespace(**{**vars(args), "job": None, "all": True})
+        job, cargs = verbs.request_of(verbs.VERBS["preempt"], ns)
+        ok, res = _call(args, "preempt", job, cargs, timeout=verbs.VERBS["preempt"].timeout)
+        if not ok:
+            return _fail(res)
+        for o in res.get("outcomes", []):
+            _show_stop(args, o.get("job", "?"), o)
+        print(f"preempted {res.get('jobs', 0)} jobs")
+        return EXIT_OK
     return _for_each_job(args, _show_stop)
 
 

@@ -119,9 +119,10 @@ class Commands:
         grace = _float_arg(r.args, "grace")
         # The resolved targets, not "every job now": what was authorised is what is done.
         jobs = [j for j in (self.d.jobs.get(n) for n in r.targets) if j is not None]
+        moving = [j for j in jobs if j.alive or j.state == State.BACKOFF]
         outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
-                                      for j in jobs if j.alive or j.state == State.BACKOFF))
-        return {"jobs": len(outs), "outcomes": outs}
+                                      for j in moving))
+        return {"jobs": len(outs), "outcomes": [{"job": j.name, **o} for j, o in zip(moving, outs)]}
 
     async def do_restart(self, r: "Request") -> Any:
         job = self.job(r.job)

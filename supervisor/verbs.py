@@ -176,7 +176,7 @@ def request_of(verb: Verb, ns: argparse.Namespace) -> tuple[Optional[str], dict[
     for arg in verb.args:
         value = getattr(ns, arg.dest, None)
         if arg.dest == "job":
-            job = value
+            job = value or None          # `preempt --all` parses as an empty list of jobs
         elif arg.send and value is not None and value is not False:
             args[arg.dest] = value
     return job, args
