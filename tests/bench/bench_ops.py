@@ -90,7 +90,9 @@ def relaunch_with_and_without_hooks(root: Path, crashes: int, blocks: int) -> tu
     (root / "d").mkdir()
     with running_daemon(root / "d") as d:
         for name, extra in (("plain", ""), ("hooked", f"hooks: [{{command: [{json.dumps(str(hook))}], on: [crash]}}]\n")):
-            d.write_job(name, job_yaml(name, ["sh", "-c", "exit 1"], workdir=root, ckpt_dir=root / f"ck-{name}",
+            # Each attempt lives 0.2 s: a hook fired by one crash has run (50 ms after it)
+            # before the next crash, as it would in any real crash loop with backoff.
+            d.write_job(name, job_yaml(name, ["sh", "-c", "sleep 0.2; exit 1"], workdir=root, ckpt_dir=root / f"ck-{name}",
                                        extra=NO_BACKOFF + extra, autostart=False))
         d.start()
         for _ in range(blocks):
