@@ -292,6 +292,8 @@ class Demo:
         if isinstance(loaded, InvalidJob):
             raise DemoFailed(loaded.errors[0])
         ck = loaded.checkpoint
+        if ck is None:
+            raise DemoFailed(f"{loaded.source}: the demo job has no checkpoint section")
         print(f"trainsup demo: a real daemon supervising jobs/{script.name} (a small MLP on synthetic data, "
               f"checkpointed by trainsup.training)", flush=True)
         print(f"  in {self.d.root} (removed at the end)", flush=True)
@@ -303,7 +305,7 @@ class Demo:
         wait_for("the daemon to answer on its socket", self.d.ping, 30)
         self.attempt = 1
         j = wait_for(f"job {JOB} to run", lambda: self.job_running(1))
-        self.say(f"daemon up (pid {self.d.proc.pid}); job {JOB} running (attempt 1, pid {j['pid']})")
+        self.say(f"daemon up (pid {self.d.proc.pid if self.d.proc else '?'}); job {JOB} running (attempt 1, pid {j['pid']})")
 
     def first_checkpoints(self) -> None:
         n = self.plan.first_checkpoints

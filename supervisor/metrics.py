@@ -75,7 +75,8 @@ class Histogram:
         return Histogram(self.buckets, tuple(counts), self.total + value)
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, running = [], 0
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, n in zip((*self.buckets, math.inf), self.counts):
             running += n
             out.append((floatToGoString(bound), running))
@@ -152,11 +153,11 @@ class MetricsBook:
             if isinstance(lost, int) and lost >= 0:
                 self._steps_lost[job] = self._steps_lost.get(job, Histogram(STEPS_LOST_BUCKETS)).observe(lost)
         elif kind == "notice" and data.get("outcome"):
-            key = (job, str(data.get("source")), str(data["outcome"]))
-            self._notices[key] = self._notices.get(key, 0) + 1
+            seen = (job, str(data.get("source")), str(data["outcome"]))
+            self._notices[seen] = self._notices.get(seen, 0) + 1
         elif kind == "notice" and job == "-" and data.get("kind") == "warning":
-            key = ("-", str(data.get("source")), "checkpoint requested")
-            self._notices[key] = self._notices.get(key, 0) + 1
+            seen = ("-", str(data.get("source")), "checkpoint requested")
+            self._notices[seen] = self._notices.get(seen, 0) + 1
         elif kind == "checkpoint" and isinstance(data.get("took_s"), (int, float)):
             self._saves[job] = self._saves.get(job, Histogram(SAVE_BUCKETS)).observe(float(data["took_s"]))
         self._dirty.add(job)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,9 @@ def timeline(events: Iterable[dict[str, Any]]) -> Timeline:
     return tl
 
 
-def _when(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+def _when(t: float) -> float:
+    """Epoch seconds -> matplotlib's date number (days), so a date axis formats it."""
+    return t / 86400.0
 
 
 def draw(events: list[dict[str, Any]], out: Path, *, job: str, quota: int | None = None,
@@ -148,7 +149,8 @@ def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
     for i, a in enumerate(tl.attempts):
         if not a.points:
             continue
-        xs, ys = zip(*a.points)
+        xs = [t for t, _ in a.points]
+        ys = [s for _, s in a.points]
         colour = colours[i % len(colours)]
         ax.plot([_when(x) for x in xs], ys, "-o", color=colour, markersize=3, linewidth=1.5,
                 label=f"attempt {a.number} ({a.reason})")
@@ -169,6 +171,7 @@ def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
                     rotation=90, va="top", ha="right", fontsize=7, color="tab:purple")
     ax.set_xlabel("time (UTC)")
     ax.set_ylabel("step")
+    ax.xaxis_date(tz=timezone.utc)
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=timezone.utc))
     lost = sum(hi - lo for _, _, lo, hi in tl.lost)
     ax.set_title(f"{job}: {_count(len(tl.attempts), 'attempt')}, {_count(len(tl.saves), 'requested save')}, "
@@ -178,9 +181,9 @@ def figure(events: list[dict[str, Any]], *, job: str, quota: int | None = None,
     unit, scale = _bytes_unit(max([b for _, b in tl.disk] + [quota or 0]))
     if tl.disk:
         end = now if now is not None else max(float(e["at"]) for e in events)
-        xs = [_when(t) for t, _ in tl.disk] + [_when(end)]
-        ys = [b / scale for _, b in tl.disk] + [tl.disk[-1][1] / scale]
-        ax2.step(xs, ys, where="post", color="tab:gray", linewidth=1, label="checkpoint disk use")
+        dxs = [_when(t) for t, _ in tl.disk] + [_when(end)]
+        dys = [b / scale for _, b in tl.disk] + [tl.disk[-1][1] / scale]
+        ax2.step(dxs, dys, where="post", color="tab:gray", linewidth=1, label="checkpoint disk use")
     if quota:
         ax2.axhline(quota / scale, color="tab:gray", linestyle=":", linewidth=1.5, label="quota")
     ax2.set_ylabel(f"checkpoint disk use ({unit})")

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDED = Path(__file__).parent / "data" / "run_history.json"
 
 mpl = pytest.importorskip("matplotlib", reason="trainsup plot needs the optional extra trainsup[plot]")
-import matplotlib.image
+import matplotlib.image  # noqa: E402  (only once importorskip found matplotlib)
 
 
 def _plot(*args):
