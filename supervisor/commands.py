@@ -78,6 +78,7 @@ class Commands:
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
         """Dispatch by the verb registry: verb `x` is served by `do_x`. `req["targets"]`
         holds the jobs the request was authorised for; handlers act on those only."""
+        await self.d.loaded.wait()
         verb = VERBS.get(req["cmd"])
         handler = getattr(self, verb.handler, None) if verb is not None else None
         if handler is None:

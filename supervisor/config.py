@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .checkpoint.claims import cross_job_conflicts
+from .checkpoint.naming import PatternError, compile_pattern
 from .spec import (HOOK_EVENTS, BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
                    HangSpec, HookSpec, InvalidJob, JobSpec, MemorySpec, MetricsSpec,
                    PreemptionSpec, RestartSpec, ScheduleSpec)
@@ -811,6 +813,16 @@ def _check_backoff(values: dict, lines: dict, key: str, ctx: Context) -> None:
                    f"must be >= initial ({initial:g}s), got {maximum:g}s")
 
 
+def checkpoint_pattern(node: Node, key: str, ctx: Context) -> str:
+    """`checkpoint.pattern`: a regex over whole entry names that rotation may manage."""
+    raw = string(node, key, ctx)
+    try:
+        compile_pattern(raw)
+    except PatternError as e:
+        raise Invalid(str(e)) from None
+    return raw
+
+
 class _CheckpointDir:
     """checkpoint.dir resolves against the job's workdir, not the YAML's folder."""
 
@@ -835,6 +847,7 @@ CHECKPOINT = Section(CheckpointSpec, {
     "keep_every": integer(0),
     "quota": size(1),
     "resume_args": text_list,
+    "pattern": checkpoint_pattern,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {
@@ -1076,10 +1089,19 @@ def _job_files(jobs_dir: Path) -> list[Path]:
                   if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool) -> tuple[list[JobSpec], list[InvalidJob]]:
+def _refuse_checkpoint_claims(jobs: list, jobs_dir: Optional[Path], state_dir: Optional[Path]) -> list:
+    """checkpoint.dir that is `/`, a home, the state/jobs dir or another job's: invalid."""
+    conflicts = cross_job_conflicts([j for j in jobs if isinstance(j, JobSpec)],
+                                    jobs_dir=jobs_dir, state_dir=state_dir)
+    return [InvalidJob(name=j.name, source=j.source, errors=tuple(conflicts[j.name]))
+            if isinstance(j, JobSpec) and j.name in conflicts else j for j in jobs]
+
+
+def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool,
+                  state_dir: Optional[Path] = None) -> tuple[list[JobSpec], list[InvalidJob]]:
     """Every `*.yaml`/`*.yml` in jobs_dir (sorted, hidden files skipped). A missing dir is
     empty; an unreadable one is reported as one invalid entry named after the dir."""
-    scan = scan_jobs_dir(jobs_dir, is_root=is_root, settle=False)
+    scan = scan_jobs_dir(jobs_dir, is_root=is_root, settle=False, state_dir=state_dir)
     return scan.jobs, scan.invalid
 
 
@@ -1090,7 +1112,8 @@ class JobsDirScan:
     unsettled: list[Path]       # files still being written: read them again shortly
 
 
-def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True) -> JobsDirScan:
+def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True,
+                  state_dir: Optional[Path] = None) -> JobsDirScan:
     """load_jobs_dir, for the daemon: with `settle`, a file that may still be being
     written is neither a job nor an invalid job but listed in `unsettled`, so the caller
     leaves that job as it is and scans again in a moment."""
@@ -1108,7 +1131,7 @@ def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True) -
             loaded.append((p, *_read_job(p, is_root, settle=settle)))
         except Unsettled:
             unsettled.append(p)
-    jobs = _mark_duplicates(loaded)
+    jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
     return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
                        [j for j in jobs if isinstance(j, InvalidJob)], unsettled)
 
@@ -1118,7 +1141,7 @@ def validate_files(paths: Iterable[Path | str], *, is_root: bool, runnable: bool
     `runnable` also checks that each workdir exists and each command resolves."""
     loaded = [(Path(p), *_read_job(Path(p), is_root, runnable=runnable)) for p in paths]
     errors: list[str] = []
-    for job in _mark_duplicates(loaded):
+    for job in _refuse_checkpoint_claims(_mark_duplicates(loaded), None, None):
         if isinstance(job, InvalidJob):
             errors.extend(job.errors)
     return errors

@@ -12,6 +12,7 @@ handler behind it is the daemon's; this module only frames, authorises and dispa
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import grp
 import json
 import logging
@@ -21,7 +22,9 @@ import resource
 import socket
 import stat
 import struct
+import termios
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
@@ -45,6 +48,9 @@ MAX_TOTAL = 4096              # connections in all, further capped by the fd bud
 # hashing pool, watchers, and per job a pidfd, a log file and the spawn pipes.
 FDS_RESERVED = 128
 FDS_PER_JOB = 8
+# asyncio accepts up to `backlog` connections per wakeup before any of them is counted
+# here, and evicted ones close a loop turn later: room for two batches stays free.
+ACCEPT_BACKLOG = 64
 NOFILE_WANTED = 65536
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13
 
@@ -151,7 +157,80 @@ class _Slot:
     """One open connection: whose, since when, and what it is doing."""
     uid: int
     since: float
+    reader: Optional[asyncio.StreamReader] = None
     phase: str = "idle"      # idle | active | follow
+
+    def silent(self, writer: asyncio.StreamWriter) -> bool:
+        """Idle and nothing sent yet: a request already on its way is never evicted."""
+        if self.phase != "idle":
+            return False
+        if self.reader is not None and len(getattr(self.reader, "_buffer", b"")):
+            return False
+        sock = writer.get_extra_info("socket")
+        try:
+            pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return struct.unpack("i", pending)[0] == 0
+        except (OSError, AttributeError):
+            return True
+
+
+class _Slots:
+    """Every open connection, with the counts the limits need kept up to date (a flood
+    is thousands of admissions: none of them may scan every connection)."""
+
+    def __init__(self) -> None:
+        self.all: dict[asyncio.StreamWriter, _Slot] = {}
+        self.by_uid: Counter[int] = Counter()
+        self.by_phase: Counter[tuple[str, Optional[int]]] = Counter()   # (phase, uid|None)
+        # Idle connections per uid, longest idle first.
+        self.idle: dict[int, OrderedDict[asyncio.StreamWriter, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def __contains__(self, w: object) -> bool:
+        return w in self.all
+
+    def __getitem__(self, w: asyncio.StreamWriter) -> _Slot:
+        return self.all[w]
+
+    def count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
+        if phase is None:
+            return len(self.all) if uid is None else self.by_uid[uid]
+        return self.by_phase[(phase, uid)]
+
+    def add(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.all[w] = slot
+        self.by_uid[slot.uid] += 1
+        self._enter(w, slot)
+
+    def set_phase(self, w: asyncio.StreamWriter, phase: str) -> None:
+        slot = self.all[w]
+        self._leave(w, slot)
+        slot.phase, slot.since = phase, time.monotonic()
+        self._enter(w, slot)
+
+    def remove(self, w: asyncio.StreamWriter) -> Optional[_Slot]:
+        slot = self.all.pop(w, None)
+        if slot is not None:
+            self.by_uid[slot.uid] -= 1
+            self._leave(w, slot)
+        return slot
+
+    def uids_by_count(self) -> list[int]:
+        return [uid for uid, n in self.by_uid.most_common() if n > 0]
+
+    def _enter(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] += 1
+        self.by_phase[(slot.phase, slot.uid)] += 1
+        if slot.phase == "idle":
+            self.idle.setdefault(slot.uid, OrderedDict())[w] = None
+
+    def _leave(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] -= 1
+        self.by_phase[(slot.phase, slot.uid)] -= 1
+        if slot.phase == "idle":
+            self.idle.get(slot.uid, OrderedDict()).pop(w, None)
 
 
 def _uid_of_user(name: Optional[str]) -> Optional[int]:
@@ -224,13 +303,12 @@ class ControlServer:
             except KeyError:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
         self.server: Optional[asyncio.AbstractServer] = None
-        self.slots: dict[asyncio.StreamWriter, _Slot] = {}
+        self.slots = _Slots()
         self.fd_limit = 1024
 
     # -- counts ------------------------------------------------------------------------
     def _count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
-        return sum(1 for s in self.slots.values()
-                   if (phase is None or s.phase == phase) and (uid is None or s.uid == uid))
+        return self.slots.count(phase, uid)
 
     @property
     def active(self) -> int:
@@ -241,35 +319,31 @@ class ControlServer:
             jobs = sum(1 for _ in self.job_names())
         except Exception:
             jobs = 0
-        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs))
+        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG))
 
     def _evict_idle(self, uid: Optional[int]) -> bool:
         """Close the longest-idle connection (of `uid`, else of the uid holding the most);
         False when there is none to close."""
         if uid is None:
-            per_uid: dict[int, int] = {}
-            for s in self.slots.values():
-                per_uid[s.uid] = per_uid.get(s.uid, 0) + 1
-            for candidate in sorted(per_uid, key=per_uid.__getitem__, reverse=True):
-                if self._evict_idle(candidate):
-                    return True
+            return any(self._evict_idle(candidate) for candidate in self.slots.uids_by_count())
+        victim = next((w for w in self.slots.idle.get(uid, ()) if self.slots[w].silent(w)), None)  # longest idle first
+        if victim is None:
             return False
-        idle = [(s.since, w) for w, s in self.slots.items() if s.uid == uid and s.phase == "idle"]
-        if not idle:
-            return False
-        _, oldest = min(idle, key=lambda t: t[0])
-        self.slots.pop(oldest, None)
-        oldest.close()      # its readline() sees EOF and its task ends itself
+        self.slots.remove(victim)
+        victim.close()      # its readline() sees EOF and its task ends itself
         return True
 
-    def _admit(self, writer: asyncio.StreamWriter, uid: int) -> bool:
+    def _admit(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, uid: int) -> bool:
         """Count a new connection, making room by closing idle ones: a flood of silent
-        clients costs its sender its own oldest connections, not everyone's `status`."""
-        if self._count(uid=uid) >= MAX_PER_UID and not self._evict_idle(uid):
+        clients costs its sender its own oldest connections, not everyone's `status`.
+        The per-uid cap is for unprivileged peers (one socket-group member must not lock
+        out the others); root and the daemon's user are bounded by the total only."""
+        privileged = uid in (0, self.daemon_uid)
+        if not privileged and self._count(uid=uid) >= MAX_PER_UID and not self._evict_idle(uid):
             return False
         if len(self.slots) >= self.max_total() and not self._evict_idle(None):
             return False
-        self.slots[writer] = _Slot(uid, time.monotonic())
+        self.slots.add(writer, _Slot(uid, time.monotonic(), reader))
         return True
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -290,7 +364,7 @@ class ControlServer:
         old = os.umask(0o117)     # the socket is born 0660: no window where others can connect
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                          limit=MAX_REQUEST)
+                                                          limit=MAX_REQUEST, backlog=ACCEPT_BACKLOG)
         except OSError as e:
             raise SocketRefused(f"cannot listen on {self.path}: {e.strerror}") from None
         finally:
@@ -315,12 +389,14 @@ class ControlServer:
         conn = Connection(writer)
         try:
             peer = peer_of(writer.get_extra_info("socket"))
-            if not self._admit(writer, peer.uid):
+            if not self._admit(writer, reader, peer.uid):
                 await conn.send({"ok": False, "error": "busy: too many connections"})
                 return
             slot = self.slots[writer]
             while True:
-                slot.phase, slot.since = "idle", time.monotonic()
+                if writer not in self.slots:                  # evicted
+                    return
+                self.slots.set_phase(writer, "idle")
                 try:
                     line = await asyncio.wait_for(reader.readline(), CONNECTION_DEADLINE)
                 except asyncio.TimeoutError:
@@ -337,7 +413,7 @@ class ControlServer:
         except Exception:   # a bug in one request must never take the daemon down
             log.exception("control: request failed")
         finally:
-            self.slots.pop(writer, None)
+            self.slots.remove(writer)
             try:
                 writer.close()
             except Exception:
@@ -383,7 +459,7 @@ class ControlServer:
             what = "log followers" if phase == "follow" else "requests"
             await conn.send({"ok": False, "error": f"busy: too many {what} at once"})
             return False
-        slot.phase = phase
+        self.slots.set_phase(conn.writer, phase)
         # The handler acts on `targets` — exactly what was authorised — never on args again.
         try:
             result = await self.handler({"cmd": cmd, "job": job, "args": args, "targets": targets},
@@ -446,8 +522,19 @@ def connect(path: Path, timeout: Optional[float], trusted: Iterable[int] = ()) -
     check_server(path, allowed)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
     try:
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:
+                # The listen backlog is full (a busy daemon, or a flood): it drains in
+                # milliseconds; wait for it rather than fail.
+                if time.monotonic() >= deadline:
+                    s.close()
+                    raise Unreachable(f"the daemon at {path} is too busy to accept a connection") from None
+                time.sleep(0.01)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         s.close()
         raise Unreachable(f"no trainsup daemon at {path} ({(e.strerror or str(e)).lower()})") from None

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import psutil
 
 from . import __version__, cgroup, config, process
+from .checkpoint.custody import owner_ids
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -82,6 +83,9 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Requests that arrive while the jobs dir is first read wait for it: `status` must
+        # never answer "no such job" for a job whose file is still settling.
+        self.loaded = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
@@ -111,6 +115,7 @@ class Daemon:
         for inv in scan.invalid:
             self._add_invalid(inv)
         self._reread_unsettled(scan.unsettled)
+        self.loaded.set()
         # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
         # state DB says (it may be gone), then by the pids it recorded.
         for name in await containment.end_leftovers():
@@ -308,7 +313,9 @@ class Daemon:
 
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
-                               on_index=lambda infos, err: None, on_scanned=self.rotation.request)
+                               on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
+                               create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
         old = self.jobs.get(spec.name)
         if old is not None:
@@ -435,7 +442,8 @@ class Daemon:
         after `tries` come back in `unsettled`; their jobs are left as they are."""
         for attempt in range(tries):
             scan = await self.loop.run_in_executor(
-                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root))
+                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
+                                             state_dir=self.spec.state_dir))
             if not scan.unsettled or attempt == tries - 1:
                 return scan
             await asyncio.sleep(config.SETTLE_SECONDS)

@@ -23,6 +23,7 @@ class CheckpointSpec:
     keep_every: int = 0
     quota: Optional[int] = None                # bytes
     resume_args: tuple[str, ...] = ()
+    pattern: Optional[str] = None              # regex: extra names rotation may manage
 
 
 @dataclass(frozen=True)

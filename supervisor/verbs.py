@@ -153,7 +153,7 @@ def resolve_targets(verb: Verb, job: Optional[str], args: Mapping[str, Any],
 
 # -- the command line: the parser and the request come from the same table ---------------
 
-def add_subcommands(sub: Any, parser_class: Optional[type] = None) -> None:
+def add_subcommands(sub: Any) -> None:
     """One subparser per verb, with the verb's arguments."""
     for verb in VERBS.values():
         if verb.name == "ping":

@@ -103,3 +103,11 @@ def test_two_followers_and_status(daemon):
     finally:
         for s in followers:
             s.close()
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit")
+def test_soft_nofile_is_raised_at_start_up_to_the_hard_limit(daemon):
+    daemon.start(prefix=["prlimit", "--nofile=1024:8192", "--"])
+    limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["8192", "8192"], line

@@ -238,3 +238,44 @@ def test_client_refuses_a_regular_file_for_a_socket(tmp_path):
     s.bind(str(tmp_path / "ok.sock"))     # our own, in our own 0700 dir: trusted
     s.listen(1)
     s.close()
+
+
+_FLOODER = r"""
+import socket, sys, time
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(1)
+    try:
+        s.connect(sys.argv[1])
+    except OSError:
+        s.close()
+        continue
+    socks.append(s)
+print(len(socks), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_socket_group_members_flood_is_capped_per_uid(people, daemon, public_dir):
+    """One member's idle connections cost that member its own oldest ones; root's status
+    still answers at once and the daemon holds at most MAX_PER_UID of hers."""
+    from trainsup.control import MAX_PER_UID
+    daemon.socket = public_dir / "trainsup.sock"
+    config = daemon.root / "trainsup.yaml"
+    config.write_text(f"socket_group: {people['group']}\n")
+    daemon.start("--config", str(config))
+    flood = subprocess.Popen(["runuser", "-u", people["alice"], "--", PY, "-c", _FLOODER, str(daemon.socket), "600"],
+                             stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert int(flood.stdout.readline()) > MAX_PER_UID
+        t0 = time.monotonic()
+        assert daemon.request("status", timeout=5)["ok"]
+        took = time.monotonic() - t0
+        fds = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+        print(f"600 idle connections from one member: daemon fds {fds}, root status {took * 1000:.0f} ms")
+        assert took < 1.0
+        assert fds < MAX_PER_UID + 64
+    finally:
+        flood.kill()
+        flood.wait()

@@ -59,3 +59,48 @@ def test_every_verb_needs_a_target_rule_and_writers_are_explicit():
     for verb in VERBS.values():
         assert verb.targets in ("none", "daemon", "job", "job?", "job|all"), verb.name
     assert {v.name for v in VERBS.values() if not v.writes} == {"ping", "status", "logs", "checkpoints", "history"}
+
+
+def test_client_trusts_only_root_itself_and_the_configured_daemon_user(tmp_path):
+    """The socket-owner check of the client (the kernel's SO_PEERCRED check follows it)."""
+    import os
+    import pwd
+    import socket as so
+
+    from trainsup.config import load_daemon_config
+    from trainsup.control import Unreachable, check_server, trusted_uids
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown the socket")
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "trainsup.sock"
+    s = so.socket(so.AF_UNIX)
+    s.bind(str(path))
+    os.chown(path, nobody.pw_uid, -1)
+    with pytest.raises(Unreachable, match="owned by uid"):
+        check_server(path, trusted_uids())
+    config = tmp_path / "trainsup.yaml"
+    config.write_text("user: nobody\n")
+    spec = load_daemon_config(config, {}, is_root=True)
+    assert spec.uid == nobody.pw_uid
+    check_server(path, trusted_uids([spec.uid]))
+    s.close()
+
+
+@pytest.mark.parametrize("mode,uid,gid,unsafe", [
+    (0o755, 0, 0, None),
+    (0o750, 0, 500, None),
+    (0o777, 0, 0, "writable by others"),
+    (0o1777, 0, 0, "writable by others"),
+    (0o775, 0, 500, "writable by group 500"),
+    (0o775, 0, 0, None),
+    (0o755, 4242, 0, "owned by uid 4242"),
+])
+def test_socket_dir_safety_table(mode, uid, gid, unsafe):
+    import os
+    import stat as st
+
+    from trainsup.control import unsafe_dir
+    fake = os.stat_result((st.S_IFDIR | mode, 0, 0, 2, uid, gid, 0, 0, 0, 0))
+    why = unsafe_dir(fake, {0, 1000}, {0, 1000})
+    assert (why is None) if unsafe is None else (unsafe in why), why

@@ -78,3 +78,26 @@ def test_newer_schema_is_refused_not_moved_aside(tmp_path):
         StateDB(tmp_path)
     assert "newer" in str(e.value) and "\n" not in str(e.value)
     assert not list(tmp_path.glob("state.db.corrupt-*"))
+
+
+def test_only_sqlites_corruption_verdicts_count_as_corrupt(tmp_path):
+    """A read-only database, a missing directory: errors about the place, not the data."""
+    from trainsup.state import is_corruption
+    good = tmp_path / "good.db"
+    c = sqlite3.connect(good)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    ro = sqlite3.connect(f"file:{good}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.Error) as readonly:
+        ro.execute("INSERT INTO t VALUES (1)")
+    ro.close()
+    with pytest.raises(sqlite3.Error) as cantopen:
+        sqlite3.connect(tmp_path / "no" / "such" / "dir.db").execute("SELECT 1")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\x13" * 8192)
+    with pytest.raises(sqlite3.Error) as notadb:
+        sqlite3.connect(junk).execute("PRAGMA quick_check").fetchall()
+    assert not is_corruption(readonly.value)
+    assert not is_corruption(cantopen.value)
+    assert is_corruption(notadb.value)
