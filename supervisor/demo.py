@@ -108,7 +108,7 @@ def _tail(path: Path, n: int = 15) -> list[str]:
 def _dir_bytes(path: Path) -> int:
     """Bytes of regular files under `path`, links not followed: measured apart from the daemon."""
     total = 0
-    for top, dirs, files in os.walk(path):
+    for top, _dirs, files in os.walk(path):
         for name in files:
             try:
                 st = os.lstat(os.path.join(top, name))

@@ -67,7 +67,7 @@ import os, shutil, signal, sys, time
 src, ckpt = sys.argv[1], os.environ["TRAINSUP_CHECKPOINT_DIR"]
 def save(*_):
     shutil.copy(src, os.path.join(ckpt, ".tmp-final"))
-    os.replace(os.path.join(ckpt, ".tmp-final"), os.path.join(ckpt, "final.pt"))
+    os.replace(os.path.join(ckpt, ".tmp-final"), os.path.join(ckpt, "latest.pt"))
 signal.signal(signal.SIGUSR1, save)
 open(sys.argv[2], "w").write("ready")
 while True:
@@ -93,9 +93,9 @@ def test_unnumbered_newest_checkpoint_is_shown_by_name_and_age(daemon):
     r = daemon.cli("checkpoint", "tor", "--wait", "--timeout", "20")
     assert r.returncode == 0, r.stderr
     assert "step None" not in r.stdout
-    assert r.stdout.startswith("tor: checkpoint final.pt is valid: "), r.stdout
+    assert r.stdout.startswith("tor: checkpoint latest.pt is valid: "), r.stdout
     row = " ".join(_row(daemon.cli("status").stdout, "tor"))
-    assert re.search(r"final\.pt, \d+s ago", row), row
+    assert re.search(r"latest\.pt, \d+s ago", row), row
 
 
 def test_refused_save_request_starts_no_save_timer(daemon):
