@@ -1,13 +1,12 @@
 """The metrics book (fed events on the loop) and what a scrape of its snapshot shows."""
 
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from trainsup.metrics import Histogram, MetricsBook, MetricsServer
 
 
 def _samples(book):
     server = MetricsServer("127.0.0.1:0", book, started_wall=1.0)
-    text = generate_latest(server.registry).decode()
+    text = server.scrape().decode()      # parsed by prometheus_client's own parser below
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -41,10 +40,18 @@ def test_invalid_jobs_are_exported_as_state_invalid():
     book.publish({}, invalid=["broken"])
     s = _samples(book)
     assert s[("trainsup_job_state", (("job", "broken"), ("state", "invalid")))] == 1
-    assert s[("trainsup_job_state", (("job", "broken"), ("state", "running")))] == 0
+    assert ("trainsup_job_state", (("job", "broken"), ("state", "running"))) not in s
 
 
 def test_histogram_buckets_are_cumulative():
     h = Histogram((1, 10)).observe(0.5).observe(5).observe(50)
     assert h.cumulative() == [("1.0", 1), ("10.0", 2), ("+Inf", 3)]
     assert h.total == 55.5
+
+
+def test_label_values_are_escaped_and_the_text_parses():
+    book = MetricsBook()
+    book.on_event("j", "notice", {"source": 'odd "src"\\x', "outcome": "line\nbreak"})
+    book.publish({})
+    s = _samples(book)
+    assert s[("trainsup_notices_total", (("job", "j"), ("outcome", "line\nbreak"), ("source", 'odd "src"\\x')))] == 1
