@@ -382,8 +382,9 @@ def cmd_checkpoints(args) -> int:
     if not ok:
         return _fail(res)
     if args.json:
-        keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason")
-        print(json.dumps([{k: c[k] for k in keys} for c in res], indent=1))
+        keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason",
+                "format", "alias", "alias_of", "members", "resume_path")
+        print(json.dumps([{k: c.get(k) for k in keys} for c in res], indent=1))
         return EXIT_OK
     print(format_checkpoints(res))
     return EXIT_OK

@@ -111,5 +111,12 @@ def format_checkpoints(entries: Iterable[dict]) -> str:
     for c in entries:
         valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
         rows.append((str(c["step"]) if c["step"] is not None else "-", human_bytes(c["bytes"]), valid,
-                     c["kept"] or "-", c["reason"] or "-", c["path"]))
+                     c["kept"] or "-", c["reason"] or "-", c["path"] + _alias_note(c)))
     return "\n".join(table(rows))
+
+
+def _alias_note(c: dict) -> str:
+    """` (latest: same as iter_epoch_3)` for a name the framework rewrites."""
+    if not c.get("alias"):
+        return ""
+    return f" ({c['alias']}: same as {c['alias_of']})" if c.get("alias_of") else f" ({c['alias']})"
