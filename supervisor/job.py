@@ -66,6 +66,10 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
+# Seconds `status` shows a job's last notice (then it is history); tests shorten it.
+NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
+
+
 class TransitionError(RuntimeError):
     pass
 
@@ -92,6 +96,19 @@ CATCH_GRACE_S = float(os.environ.get("TRAINSUP_TEST_CATCH_GRACE", "30"))
 def _ago(seconds: float) -> str:
     s = int(max(0, seconds))
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _reported_step(heartbeat: Path, since_wall: float) -> Optional[int]:
+    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
+    a job may write its current step there), else None. Read once, at exit."""
+    try:
+        with open(heartbeat, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
+                return None            # written by an earlier attempt
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _ckpt_key(info) -> tuple:
@@ -143,6 +160,7 @@ class Job:
         self._notices = 0                 # notices written this daemon run (their ids)
         self.notice_id: Optional[str] = None   # the notice the job was last signalled with
         self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
+        self._last_step: Optional[int] = None          # the step the last attempt reported
         self._load_persisted(persisted)
 
     @property
@@ -335,9 +353,9 @@ class Job:
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
         self.attempt += 1
-        if self.attempt > 1:
-            self.restarts += 1
         reason = "first" if self.attempt == 1 else self.restart_reason
+        if reason not in ("first", "manual"):
+            self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
             "TRAINSUP_JOB": spec.name,
             "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
@@ -405,8 +423,16 @@ class Job:
         if self._exit_noticed is not None:
             since_exit = round((spawned_at - self._exit_noticed) * 1000, 3)
             self._exit_noticed = None
+        lost: dict[str, int] = {}
+        if self._last_step is not None:
+            # Work the interrupted attempt did past the checkpoint this one resumes from
+            # (unknown when that checkpoint has no step number).
+            back_to = 0 if resume is None else resume.step
+            if back_to is not None:
+                lost["steps_lost"] = max(0, self._last_step - back_to)
+            self._last_step = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
-                   **({"since_exit_ms": since_exit} if since_exit is not None else {}))
+                   **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
         self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
         self.sigstopped = False
@@ -464,8 +490,10 @@ class Job:
         ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+        self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
-                   signal=ex.signal, ran_for=round(ran_for, 3))
+                   signal=ex.signal, ran_for=round(ran_for, 3),
+                   **({"last_step": self._last_step} if self._last_step is not None else {}))
         if self._exit_fut is not None and not self._exit_fut.done():
             self._exit_fut.set_result(ex)
         if self._flow is not None:
@@ -573,7 +601,10 @@ class Job:
                 self.notice_id = nid
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
-        self._save_requested_mono = time.monotonic()
+        if sent:
+            # Only a delivered request is timed: a refused one never produced a save, and
+            # timing it raised a false "slow saves" warning minutes later.
+            self._save_requested_mono = time.monotonic()
         self.event("save-requested", pids=sent)
         if not sent:
             msg = (f"no process of job {self.name} catches {self.spec.emergency_save.signal}: "
@@ -759,6 +790,7 @@ class Job:
             "since": self.state_since,
             "attempt": self.attempt,
             "restarts": self.restarts,
+            "crashes_in_a_row": self.tracker.consecutive,
             "last_exit": self.last_exit,
             "restart_reason": self.restart_reason,
             "resumed_from": self.resumed_from,
@@ -771,7 +803,9 @@ class Job:
                 "error": self.ckpts.error,
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
-            "last_notice": self.last_notice,
+            # A notice's outcome is news for a while, then history (`trainsup history`).
+            "last_notice": self.last_notice if self.last_notice and
+            now - float(self.last_notice.get("at") or 0) < NOTICE_SHOWN_FOR else None,
             "warnings": list(self.ckpts.warnings) + self._save_signal_warnings(),
             "error": self.error,
             "config_error": self.config_error,

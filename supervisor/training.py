@@ -583,13 +583,10 @@ class Checkpointer:
             if now - self._last_heartbeat >= 1.0:
                 self._last_heartbeat = now
                 try:
-                    os.utime(self._heartbeat)
-                except FileNotFoundError:
-                    try:
-                        self._heartbeat.touch()
-                    except OSError as e:
-                        _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
-                        self._heartbeat = None
+                    # The step, not just the mtime: the daemon reads it when the attempt
+                    # ends to count the steps an interruption lost (trainsup plot, metrics).
+                    with open(self._heartbeat, "w") as f:
+                        f.write(f"{self._step}\n")
                 except OSError as e:
                     _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
                     self._heartbeat = None
