@@ -38,12 +38,14 @@ import hashlib
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 log = logging.getLogger("trainsup.cgroup")
 
@@ -224,34 +226,32 @@ class JobCgroup:
                     return False
                 await asyncio.sleep(0.02)
             return True
+        if not self.populated():
+            return True              # the common case at an exit: no watch at all
+        watcher = EventsWatcher.of(loop)
+        fut: asyncio.Future = loop.create_future()
+
+        def on_event() -> None:
+            if not fut.done() and not self.populated():
+                fut.set_result(True)
+
         try:
-            watch = EventsWatch(self.path / "cgroup.events")
+            wd = watcher.watch(self.path / "cgroup.events", on_event)
         except CgroupError:
             if not self.populated():
                 return True          # removed meanwhile (by the exit path): nothing inside
             raise
         try:
-            fut: asyncio.Future = loop.create_future()
-
-            def on_event() -> None:
-                watch.drain()
-                if not fut.done() and not self.populated():
-                    fut.set_result(True)
-
-            loop.add_reader(watch.fd, on_event)
+            # Checked after the watch exists: an exit between the two is not missed.
+            if not self.populated():
+                return True
             try:
-                # Checked after the watch exists: an exit between the two is not missed.
-                if not self.populated():
-                    return True
-                try:
-                    await asyncio.wait_for(fut, None if deadline is None else max(0.0, deadline - time.monotonic()))
-                    return True
-                except asyncio.TimeoutError:
-                    return not self.populated()
-            finally:
-                loop.remove_reader(watch.fd)
+                await asyncio.wait_for(fut, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return True
+            except asyncio.TimeoutError:
+                return not self.populated()
         finally:
-            watch.close()
+            watcher.unwatch(wd, on_event)
 
     def remove(self) -> bool:
         """rmdir the launch's cgroups once empty; False while something is still inside."""
@@ -296,32 +296,70 @@ class JobCgroup:
         return usage, _keyed(_read(mem / "memory.oom_control"), "oom_kill")
 
 
-class EventsWatch:
-    """An inotify fd watching one cgroup.events file; readable when it changes."""
+class EventsWatcher:
+    """One inotify instance per event loop for every cgroup.events watch: closing an
+    inotify fd waits for an SRCU grace period (~10 ms here, measured on the relaunch path),
+    so the fd lives as long as the loop and waits only add and remove watches."""
 
-    def __init__(self, path: Path):
-        libc = _libc()
-        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    _by_loop: ClassVar[dict[int, EventsWatcher]] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> EventsWatcher:
+        w = cls._by_loop.get(id(loop))
+        if w is None or w.loop is not loop:
+            for old in list(cls._by_loop.values()):
+                if old.loop.is_closed():             # a finished asyncio.run (tests)
+                    old.close()
+            w = cls._by_loop[id(loop)] = cls(loop)
+        return w
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        fd = _libc().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            e = ctypes.get_errno()
-            raise CgroupError(f"inotify: {os.strerror(e)}")
+            raise CgroupError(f"inotify: {os.strerror(ctypes.get_errno())}")
         self.fd = fd
-        if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            e = ctypes.get_errno()
-            os.close(fd)
-            raise CgroupError(f"inotify on {path}: {os.strerror(e)}")
+        self.loop = loop
+        self.callbacks: dict[int, list] = {}
+        loop.add_reader(fd, self._ready)
 
-    def drain(self) -> None:
+    def watch(self, path: Path, callback) -> int:
+        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+        if wd < 0:
+            raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
+        self.callbacks.setdefault(wd, []).append(callback)
+        return wd
+
+    def unwatch(self, wd: int, callback) -> None:
+        cbs = self.callbacks.get(wd, [])
+        if callback in cbs:
+            cbs.remove(callback)
+        if not cbs and wd in self.callbacks:
+            del self.callbacks[wd]
+            _libc().inotify_rm_watch(self.fd, wd)    # EINVAL once the cgroup is gone: fine
+
+    def _ready(self) -> None:
+        wds = set()
         try:
-            while os.read(self.fd, 4096):
-                pass
+            while True:
+                buf = os.read(self.fd, 65536)
+                off = 0
+                while off + 16 <= len(buf):
+                    wd, _mask, _cookie, length = struct.unpack_from("iIII", buf, off)
+                    wds.add(wd)
+                    off += 16 + length
         except BlockingIOError:
             pass
+        for wd in wds:
+            for cb in list(self.callbacks.get(wd, [])):
+                cb()
 
     def close(self) -> None:
         if self.fd >= 0:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
+        self._by_loop.pop(id(self.loop), None)
 
 
 _LIBC: ctypes.CDLL | None = None

@@ -24,8 +24,8 @@ import gc
 import os
 import platform
 import signal
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 # Syscall numbers differ by architecture (clone3 and close_range are in the generic table).
 _SYSCALLS = {
@@ -60,7 +60,7 @@ _signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
 _sigprocmask = _libc.sigprocmask
 _get_errno = ctypes.get_errno
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
-_disabled: Optional[str] = None if _NR is not None else f"no syscall table for {platform.machine()}"
+_disabled: str | None = None if _NR is not None else f"no syscall table for {platform.machine()}"
 
 
 def available() -> bool:
@@ -75,9 +75,9 @@ def why_unavailable() -> str:
 class Leader:
     """The launched process, for the one mechanism that reaps it (waitpid of this pid)."""
     pid: int
-    returncode: Optional[int] = None
+    returncode: int | None = None
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -108,7 +108,7 @@ def _exec_candidates(file: str, env: Mapping[str, str]) -> list[bytes]:
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int, cgroup_fd: int, *,
-          uid: Optional[int] = None, gid: Optional[int] = None,
+          uid: int | None = None, gid: int | None = None,
           groups: Sequence[int] = ()) -> tuple[Leader, int]:
     """Start argv in its own session, stdin /dev/null, stdout and stderr to stdout_fd,
     born in the cgroup of the open directory cgroup_fd. Returns (leader, pidfd). Raises
@@ -204,7 +204,7 @@ def _child(steps: list, execs: list, c_argv: ctypes.Array, c_env: ctypes.Array,
                 first_error = e
         report[1] = first_error or errno.ENOENT
         raise OSError
-    except BaseException:
+    except BaseException:   # noqa: BLE001 (in the clone: whatever failed, report it and _exit)
         report[0] = stage
         _write(wpipe, report, 8)
     finally:
