@@ -79,7 +79,7 @@ class Daemon:
                                             self._rotation_members, self.db.flush)
         self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
         process.become_subreaper()
-        containment = self.containment = cgroup.setup(self.spec.state_dir) if not os.environ.get("TRAINSUP_NO_CGROUP") else cgroup.Containment(cgroup.PROCESS_GROUP, why="off")
+        containment = self.containment = cgroup.setup(self.spec.state_dir)
         if containment.kind == cgroup.PROCESS_GROUP:
             log.warning("jobs contained by process group only (%s)", containment.why)
         else:
