@@ -18,6 +18,7 @@ child would write to the daemon's own wakeup pipe), and the GC off (no finalizer
 
 from __future__ import annotations
 
+import _signal as csignal  # the C module: no enum conversions (signal's wrappers cost ~300 us a launch)
 import ctypes
 import errno
 import gc
@@ -60,6 +61,8 @@ _signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
 _sigprocmask = _libc.sigprocmask
 _get_errno = ctypes.get_errno
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+_ALL_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
+_RESETTABLE = tuple(sorted(_ALL_SIGNALS - {int(s) for s in _UNCATCHABLE}))
 _disabled: str | None = None if _NR is not None else f"no syscall table for {platform.machine()}"
 
 
@@ -129,14 +132,14 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int,
     args = _CloneArgs(flags=_CLONE_INTO_CGROUP | _CLONE_PIDFD | _CLONE_VFORK, pidfd=ctypes.addressof(pidfd),
                       exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
     # The mask the job starts with (the daemon's, as Popen leaves it), as a sigset_t.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    old_mask = csignal.pthread_sigmask(signal.SIG_BLOCK, ())
     c_old_mask = (ctypes.c_ulong * 16)()
     for s in old_mask:
         c_old_mask[(int(s) - 1) // 64] |= 1 << ((int(s) - 1) % 64)
     # Only dispositions that are not the default need resetting in the child (each call
     # there costs copy-on-write faults while the parent waits).
-    to_reset = [s for s in signal.valid_signals()
-                if s not in _UNCATCHABLE and signal.getsignal(s) not in (signal.SIG_DFL, None)]
+    getsignal, dfl = csignal.getsignal, csignal.SIG_DFL
+    to_reset = [s for s in _RESETTABLE if getsignal(s) not in (dfl, None)]
     L = ctypes.c_long
     steps: list = [(_signal, (sig, _SIG_DFL), 0) for sig in to_reset]
     steps += [(_dup2, (devnull, 0), 1), (_dup2, (stdout_fd, 1), 1), (_dup2, (stdout_fd, 2), 1),
@@ -151,14 +154,14 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int,
     _get_errno()        # ctypes' per-thread errno slot exists before the clone
     gc_was = gc.isenabled()
     gc.disable()
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    csignal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
         pid = _syscall(ctypes.c_long(nr["clone3"]), ctypes.byref(args), ctypes.c_long(ctypes.sizeof(args)))
         if pid == 0:
             _child(steps, paths, c_argv, c_env, report, wpipe)
         err = _get_errno()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        csignal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if gc_was:
             gc.enable()
         os.close(wpipe)
