@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from . import cgroup, process
 from .backoff import RestartTracker
@@ -92,8 +92,11 @@ def _ckpt_key(info) -> tuple:
 
 class Job:
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
-                 persisted: dict):
+                 persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
+                 clock: Callable[[], float] = time.monotonic):
         self.spec = spec
+        self._spawn_process = spawn       # process.spawn; unit tests hand in a fake child
+        self.clock = clock                # monotonic: restart decisions never see wall time
         self.host = host
         self.loop = host.loop
         self.settings = settings
@@ -219,7 +222,8 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        self.ckpts.close()
+        # The checkpoint index stays open until the retiring stop is over: its emergency
+        # save must still be seen (the host closes it then).
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
@@ -239,7 +243,14 @@ class Job:
                              resumed_from=self.resumed_from if self.alive else None,
                              tmp_grace=self.spec.emergency_save.grace + 60,
                              save_durations=tuple(self.save_durations),
-                             grace=self.spec.emergency_save.grace)
+                             grace=self.spec.emergency_save.grace,
+                             pids=self._job_pids())
+
+    def _job_pids(self) -> tuple[int, ...]:
+        """The job's processes, whose open files rotation must treat as being written."""
+        if self.child is None:
+            return ()
+        return (self.child.pid, *process.descendants(self.child.pid))
 
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
@@ -272,7 +283,7 @@ class Job:
 
     async def _refresh_then_spawn(self) -> None:
         try:
-            await self.ckpts.refresh()
+            await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
         except Exception as e:
             self._internal_error("refreshing the checkpoint index before a launch", e)
             return
@@ -341,8 +352,8 @@ class Job:
         try:
             wfd = self.log.new_pipe(self.loop)
             cg = containment.create(spec.name, self.attempt) if containment is not None else None
-            child = process.spawn(spec, argv, env, wfd, containment, cg)
-            spawned_at = time.monotonic()
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            spawned_at = self.clock()
         except (process.SpawnError, OSError, cgroup.CgroupError) as e:
             if cg is not None:
                 cg.remove()
@@ -414,7 +425,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
-        self._exit_noticed = time.monotonic()
+        self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
@@ -438,7 +449,7 @@ class Job:
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
         self.last_exit = ex.as_dict()
-        ran_for = time.monotonic() - child.started_mono
+        ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
@@ -489,7 +500,7 @@ class Job:
         if self.retired:
             return
         try:
-            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+            decision = self.tracker.on_exit(crashed=crashed, now=self.clock(), ran_for=ran_for)
         except Exception as e:
             self._internal_error("deciding on a restart", e)
             return
@@ -614,7 +625,7 @@ class Job:
             sent, fut = self.request_save()
             self.host.emergency_save_started(grace)
             try:
-                if sent:
+                if sent and self._exit_fut is not None:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:

@@ -23,6 +23,7 @@ class CheckpointSpec:
     keep_every: int = 0
     quota: Optional[int] = None                # bytes
     resume_args: tuple[str, ...] = ()
+    pattern: Optional[str] = None              # regex: extra names rotation may manage
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class JobSpec:
     env: tuple[tuple[str, str], ...] = ()      # ordered pairs, hashable
     user: Optional[str] = None
     group: Optional[str] = None
+    # Resolved when the config loads (never on the event loop later): who the job runs
+    # as. None when it runs as the daemon itself.
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    home: Optional[Path] = None
+    groups: tuple[int, ...] = ()               # supplementary groups of `user`
     autostart: bool = True
     stop_timeout: float = 10.0
     checkpoint: Optional[CheckpointSpec] = None
@@ -114,6 +121,8 @@ class DaemonSpec:
     socket: Path
     log_dir: Path
     socket_group: Optional[str] = None
+    user: Optional[str] = None                 # the daemon's user: clients trust a socket it owns
+    uid: Optional[int] = None                  # `user`, resolved
     disk_quota: Optional[int] = None
     pass_env: tuple[str, ...] = ()
     log_max_bytes: int = 50 << 20              # per-job log rotation size

@@ -27,5 +27,6 @@ from .format import (  # noqa: F401
 )
 from .index import CheckpointDirError, CheckpointInfo, best, latest_valid, scan  # noqa: F401
 from .rotation import DiskQuotaPlan, RotationPlan, plan_disk_quota, plan_rotation  # noqa: F401
-from .trash import TRASH_DIR, DeleteError, collect_stale_tmp, delete_entry, empty_trash  # noqa: F401
+from .dirhandle import CheckpointDirError as DirHandleError, DirHandle  # noqa: F401
+from .trash import TRASH_DIR, DeleteError, delete_entry, empty_trash  # noqa: F401
 from .validate import MemoryVerdictCache, Verdict, VerdictCache, check_entry  # noqa: F401

@@ -112,7 +112,7 @@ import os, subprocess, sys, time
 big = "import os, time; b = bytearray(b'x') * (30 << 20); os.write(1, b'ready\\n'); time.sleep(60)"
 kids = [subprocess.Popen([sys.executable, "-c", big]) for _ in range(2)]
 short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
-print("started", flush=True)
+os.write(1, b"started\n")   # one write() each: lines of three writers never interleave
 time.sleep(60)
 """
 
