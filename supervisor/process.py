@@ -453,12 +453,17 @@ def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
             for level in (run_dir, d):
                 try:
                     os.mkdir(level, 0o711)
+                    os.chmod(level, 0o711)          # whatever the umask
                 except FileExistsError:
                     pass
                 st = os.lstat(level)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-                    raise OSError(errno.EPERM, f"{level}: not a directory owned by root")
-                os.chmod(level, 0o711)
+                # /run/trainsup may be systemd's RuntimeDirectory (the socket's, 0755): used
+                # as it is when root's, searchable by all and writable by root alone.
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022 \
+                        or not st.st_mode & 0o001:
+                    raise OSError(errno.EPERM, f"{level}: not a root-owned directory others can "
+                                               f"search and not write")
+            os.chmod(d, 0o711)
             return d
         except OSError as e:
             log.warning("heartbeat files in %s: %s; using the state dir (`user:` jobs cannot reach it)",
