@@ -194,7 +194,8 @@ def _child(steps: list, execs: list, c_argv: ctypes.Array, c_env: ctypes.Array,
     copy-on-write faults while the parent waits). Never returns."""
     stage = 0
     try:
-        for fn, args, stage in steps:
+        for fn, args, step in steps:
+            stage = step
             if fn(*args) < 0:
                 report[1] = _get_errno()
                 raise OSError
