@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +179,10 @@ def main() -> None:
     ap.add_argument("--stops", type=int, default=5)
     a = ap.parse_args()
     process.become_subreaper()
+    # Like the daemon: a few idle threads (hashing pool, inotify observer, scheduler). A
+    # cgroup.procs write moves every thread of the process; clone3 moves none.
+    for _ in range(4):
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="trainsup-bench-cg-") as tmp:
         work = Path(tmp)
         tree = cgroup.setup(work / "state")
