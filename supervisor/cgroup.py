@@ -17,16 +17,19 @@ populated notification, so killing and waiting loop over `cgroup.procs`). Where 
 writable (not root, no delegation), jobs fall back to their process group and the
 subreaper sweep ("process-group").
 
-Entering the cgroup before exec. Popen's fast path (vfork) runs no Python in the child,
-so nothing can write the child's pid into `cgroup.procs` between fork and exec. Instead
-the spawning thread enters the job's cgroup, forks (the child is born inside: cgroup
-membership is inherited at fork), and returns home. Measured here (tests/bench/
-bench_containment.py) this adds ~0.5 ms to a launch; a preexec_fn writing `cgroup.procs`
-forces a full fork of the daemon (~6 ms, and preexec_fn is unsafe with threads), and
-clone3(CLONE_INTO_CGROUP) through ctypes also forks the interpreter (~4 ms). Moving the
-child after Popen returns is rejected: the job may fork before the write (a shell line
-`worker &`), and those children stay outside for good; a daemon killed between spawn and
-move leaves a job no cgroup search can find.
+Born inside, never moved. A v2 launch is clone3(CLONE_INTO_CGROUP) (trainsup.clone3): the
+child exists only inside its cgroup. Where clone3 cannot be used, the spawning thread
+enters the cgroup around a Popen (`entered`: cgroup membership is inherited at fork) —
+for v1 a per-thread move, cheap; for v2 a move of the whole daemon, which takes the
+kernel's global threadgroup lock and waits for an RCU grace period. A preexec_fn writing
+`cgroup.procs` pays the same wait plus a full fork (and is unsafe with threads). Moving
+the child after Popen returns is rejected: the job may fork before the write (a shell
+line `worker &`) and those children stay outside for good, and a daemon killed between
+spawn and move leaves a job no cgroup search can find. tests/bench/bench_containment.py
+measures all of these.
+
+Memory on a hybrid host: the launch's v1 memory cgroup is entered by the spawning thread
+alone (writing "0" to v1 `tasks` moves only the caller and skips the global lock).
 """
 
 from __future__ import annotations
