@@ -36,7 +36,7 @@ from .dirhandle import CheckpointDirError, DirHandle
 from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
-from .reprove import latest_for_launch, reprove
+from .reprove import latest_for_launch, reprovable, reprove
 from .rotation import RotationPlan, plan_rotation
 from .trash import empty_trash
 from .validate import Verdict, VerdictCache
@@ -142,6 +142,8 @@ class JobCheckpointDir:
             i = out[pos]
             if not (i.valid and i.managed and not i.in_progress):
                 continue
+            if not reprovable(i):
+                break
             try:
                 v = reprove(f"{self.handle.io_root}/{i.name}", i.format, cache, str(i.path))
             except OSError as e:
