@@ -17,16 +17,19 @@ populated notification, so killing and waiting loop over `cgroup.procs`). Where 
 writable (not root, no delegation), jobs fall back to their process group and the
 subreaper sweep ("process-group").
 
-Entering the cgroup before exec. Popen's fast path (vfork) runs no Python in the child,
-so nothing can write the child's pid into `cgroup.procs` between fork and exec. Instead
-the spawning thread enters the job's cgroup, forks (the child is born inside: cgroup
-membership is inherited at fork), and returns home. Measured here (tests/bench/
-bench_containment.py) this adds ~0.5 ms to a launch; a preexec_fn writing `cgroup.procs`
-forces a full fork of the daemon (~6 ms, and preexec_fn is unsafe with threads), and
-clone3(CLONE_INTO_CGROUP) through ctypes also forks the interpreter (~4 ms). Moving the
-child after Popen returns is rejected: the job may fork before the write (a shell line
-`worker &`), and those children stay outside for good; a daemon killed between spawn and
-move leaves a job no cgroup search can find.
+Born inside, never moved. A v2 launch is clone3(CLONE_INTO_CGROUP) (trainsup.clone3): the
+child exists only inside its cgroup. Where clone3 cannot be used, the spawning thread
+enters the cgroup around a Popen (`entered`: cgroup membership is inherited at fork) —
+for v1 a per-thread move, cheap; for v2 a move of the whole daemon, which takes the
+kernel's global threadgroup lock and waits for an RCU grace period. A preexec_fn writing
+`cgroup.procs` pays the same wait plus a full fork (and is unsafe with threads). Moving
+the child after Popen returns is rejected: the job may fork before the write (a shell
+line `worker &`) and those children stay outside for good, and a daemon killed between
+spawn and move leaves a job no cgroup search can find. tests/bench/bench_containment.py
+measures all of these.
+
+Memory on a hybrid host: the launch's v1 memory cgroup is entered by the spawning thread
+alone (writing "0" to v1 `tasks` moves only the caller and skips the global lock).
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ import hashlib
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 log = logging.getLogger("trainsup.cgroup")
 
@@ -224,34 +229,32 @@ class JobCgroup:
                     return False
                 await asyncio.sleep(0.02)
             return True
+        if not self.populated():
+            return True              # the common case at an exit: no watch at all
+        watcher = EventsWatcher.of(loop)
+        fut: asyncio.Future = loop.create_future()
+
+        def on_event() -> None:
+            if not fut.done() and not self.populated():
+                fut.set_result(True)
+
         try:
-            watch = EventsWatch(self.path / "cgroup.events")
+            wd = watcher.watch(self.path / "cgroup.events", on_event)
         except CgroupError:
             if not self.populated():
                 return True          # removed meanwhile (by the exit path): nothing inside
             raise
         try:
-            fut: asyncio.Future = loop.create_future()
-
-            def on_event() -> None:
-                watch.drain()
-                if not fut.done() and not self.populated():
-                    fut.set_result(True)
-
-            loop.add_reader(watch.fd, on_event)
+            # Checked after the watch exists: an exit between the two is not missed.
+            if not self.populated():
+                return True
             try:
-                # Checked after the watch exists: an exit between the two is not missed.
-                if not self.populated():
-                    return True
-                try:
-                    await asyncio.wait_for(fut, None if deadline is None else max(0.0, deadline - time.monotonic()))
-                    return True
-                except asyncio.TimeoutError:
-                    return not self.populated()
-            finally:
-                loop.remove_reader(watch.fd)
+                await asyncio.wait_for(fut, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return True
+            except asyncio.TimeoutError:
+                return not self.populated()
         finally:
-            watch.close()
+            watcher.unwatch(wd, on_event)
 
     def remove(self) -> bool:
         """rmdir the launch's cgroups once empty; False while something is still inside."""
@@ -296,32 +299,70 @@ class JobCgroup:
         return usage, _keyed(_read(mem / "memory.oom_control"), "oom_kill")
 
 
-class EventsWatch:
-    """An inotify fd watching one cgroup.events file; readable when it changes."""
+class EventsWatcher:
+    """One inotify instance per event loop for every cgroup.events watch: closing an
+    inotify fd waits for an SRCU grace period (~10 ms here, measured on the relaunch path),
+    so the fd lives as long as the loop and waits only add and remove watches."""
 
-    def __init__(self, path: Path):
-        libc = _libc()
-        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    _by_loop: ClassVar[dict[int, EventsWatcher]] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> EventsWatcher:
+        w = cls._by_loop.get(id(loop))
+        if w is None or w.loop is not loop:
+            for old in list(cls._by_loop.values()):
+                if old.loop.is_closed():             # a finished asyncio.run (tests)
+                    old.close()
+            w = cls._by_loop[id(loop)] = cls(loop)
+        return w
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        fd = _libc().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            e = ctypes.get_errno()
-            raise CgroupError(f"inotify: {os.strerror(e)}")
+            raise CgroupError(f"inotify: {os.strerror(ctypes.get_errno())}")
         self.fd = fd
-        if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            e = ctypes.get_errno()
-            os.close(fd)
-            raise CgroupError(f"inotify on {path}: {os.strerror(e)}")
+        self.loop = loop
+        self.callbacks: dict[int, list] = {}
+        loop.add_reader(fd, self._ready)
 
-    def drain(self) -> None:
+    def watch(self, path: Path, callback) -> int:
+        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+        if wd < 0:
+            raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
+        self.callbacks.setdefault(wd, []).append(callback)
+        return wd
+
+    def unwatch(self, wd: int, callback) -> None:
+        cbs = self.callbacks.get(wd, [])
+        if callback in cbs:
+            cbs.remove(callback)
+        if not cbs and wd in self.callbacks:
+            del self.callbacks[wd]
+            _libc().inotify_rm_watch(self.fd, wd)    # EINVAL once the cgroup is gone: fine
+
+    def _ready(self) -> None:
+        wds = set()
         try:
-            while os.read(self.fd, 4096):
-                pass
+            while True:
+                buf = os.read(self.fd, 65536)
+                off = 0
+                while off + 16 <= len(buf):
+                    wd, _mask, _cookie, length = struct.unpack_from("iIII", buf, off)
+                    wds.add(wd)
+                    off += 16 + length
         except BlockingIOError:
             pass
+        for wd in wds:
+            for cb in list(self.callbacks.get(wd, [])):
+                cb()
 
     def close(self) -> None:
         if self.fd >= 0:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
+        self._by_loop.pop(id(self.loop), None)
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -375,18 +416,19 @@ class Containment:
             yield
             return
         with FORK_LOCK:
-            tid = str(threading.get_native_id())
             moved: list[tuple[Path, str]] = []
             try:
                 if cg.version == 2:
-                    _write(cg.path / "cgroup.procs", "0")        # v2: the whole daemon
+                    # The whole daemon: the kernel's global threadgroup lock, an RCU grace
+                    # period (~8 ms here). clone3 avoids this path where it can.
+                    _write(cg.path / "cgroup.procs", "0")
                     moved.append((self.home / "cgroup.procs", "0"))
                 else:
-                    _write(cg.path / "tasks", tid)               # v1: this thread only
-                    moved.append((self.home / "tasks", tid))
+                    _write(cg.path / "tasks", "0")      # v1: this thread only, no global lock
+                    moved.append((self.home / "tasks", "0"))
                 if cg.mem is not None and self.mem_home is not None:
-                    _write(cg.mem / "tasks", tid)
-                    moved.append((self.mem_home / "tasks", tid))
+                    _write(cg.mem / "tasks", "0")
+                    moved.append((self.mem_home / "tasks", "0"))
             except OSError as e:
                 _go_home(moved)
                 raise CgroupError(f"cgroup {cg.path}: cannot enter: {e.strerror}") from None
@@ -394,6 +436,26 @@ class Containment:
                 yield
             finally:
                 _go_home(moved)
+
+    @contextmanager
+    def entered_memory(self, cg: JobCgroup) -> Iterator[None]:
+        """The calling thread inside the launch's v1 memory cgroup (hybrid host) for the
+        body (a clone3 into the v2 cgroup): writing "0" to a v1 `tasks` file moves this
+        thread alone and skips the kernel's global lock (0.03 ms)."""
+        if cg.mem is None or self.mem_home is None:
+            yield
+            return
+        try:
+            _write(cg.mem / "tasks", "0")
+        except OSError as e:
+            log.warning("cgroup %s: cannot enter: %s; memory counted by process tree", cg.mem, e.strerror)
+            cg.mem = None
+            yield
+            return
+        try:
+            yield
+        finally:
+            _go_home([(self.mem_home / "tasks", "0")])
 
     def job_cgroups(self) -> list[JobCgroup]:
         """Every launch cgroup of this daemon's tree (a dead daemon's included)."""
@@ -493,7 +555,10 @@ def _enable_controllers(parent: Path) -> None:
 def setup(state_dir: os.PathLike | str, *, mountinfo: str = "/proc/self/mountinfo",
           proc_cgroup: str = "/proc/self/cgroup") -> Containment:
     """Find or create this daemon's tree; PROCESS_GROUP (with the reason) when no cgroup
-    hierarchy is writable here."""
+    hierarchy is writable here, or when TRAINSUP_CONTAINMENT=process-group asks for the
+    fallback (to compare the two in one run, and to test the fallback as root)."""
+    if os.environ.get("TRAINSUP_CONTAINMENT") == PROCESS_GROUP:
+        return Containment(PROCESS_GROUP, why="TRAINSUP_CONTAINMENT=process-group")
     name = tree_name(state_dir)
     try:
         mounts = read_mounts(mountinfo)

@@ -2,7 +2,8 @@
 
 `TRAINSUP_CRASH_AT=<point>` in the daemon's environment makes it SIGKILL itself at that
 point (once: the file TRAINSUP_CRASH_ONCE names, if set, is created on the first crash so a
-restarted daemon runs through). Points: state-write, trash-rename, delete, spawn, record.
+restarted daemon runs through). Points: state-write, trash-rename, delete, launched (a process
+exists, its pid not yet durable), spawn, record.
 """
 
 import os

@@ -66,6 +66,7 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
+_CLEANUPS: set[asyncio.Task] = set()       # cgroup removals under way
 # Seconds `status` shows a job's last notice (then it is history); tests shorten it.
 NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
 
@@ -478,7 +479,9 @@ class Job:
         if child.cgroup is None:
             leftovers += process.kill_orphans(self.name, self.host.leader_pids())
         else:
-            self.loop.create_task(self._end_cgroup(child.cgroup))
+            # Leftovers got cgroup.kill above; waiting for empty and rmdir come after the
+            # relaunch decision's first step (call_soon: queued behind it), off its path.
+            self.loop.call_soon(self._start_end_cgroup, child.cgroup)
         ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:
@@ -502,6 +505,11 @@ class Job:
             self._after_exit(crashed=(rc != 0), ran_for=ran_for)
         else:
             self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
+
+    def _start_end_cgroup(self, cg: cgroup.JobCgroup) -> None:
+        task = self.loop.create_task(self._end_cgroup(cg))
+        _CLEANUPS.add(task)                  # a task only weakly referenced may vanish
+        task.add_done_callback(_CLEANUPS.discard)
 
     async def _end_cgroup(self, cg: cgroup.JobCgroup, timeout: float = 10.0) -> bool:
         """Kill what is left in the launch's cgroup, wait (inotify on cgroup.events) until

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from . import clone3
 from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
 from .spec import DaemonSpec, JobSpec
 
@@ -121,7 +122,7 @@ class SpawnError(Exception):
 @dataclass
 class Child:
     """A running job leader: its Popen handle, its pidfd, and what we know of its tree."""
-    popen: subprocess.Popen
+    popen: subprocess.Popen | clone3.Leader        # the leader; .wait() reaps it
     pidfd: int
     started_mono: float
     started_wall: float
@@ -370,40 +371,66 @@ def _own_session() -> dict:
 
 def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
           containment: Containment | None = None, cgroup: JobCgroup | None = None) -> Child:
-    """Start the job leader in its own session, inside `cgroup` when one is given (it is
-    born there: see trainsup.cgroup)."""
+    """Start the job leader in its own session, born inside `cgroup` when one is given:
+    clone3(CLONE_INTO_CGROUP) for a v2 cgroup, else Popen from inside it (see
+    trainsup.clone3 and trainsup.cgroup for why and what each costs)."""
+    leader: subprocess.Popen | clone3.Leader | None = None
+    pidfd = -1
     try:
-        with (containment.entered(cgroup) if containment is not None else _nothing()):
-            popen = subprocess.Popen(
-                argv,
-                cwd=str(job.workdir),
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout_fd,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                **_own_session(),
-                **_privilege_drop(job),
-            )
-    except FileNotFoundError:
-        raise SpawnError(f"{job.source}: command: {argv[0]!r} not found (workdir {job.workdir})") from None
+        if containment is not None and cgroup is not None and cgroup.version == 2 and clone3.available():
+            try:
+                leader, pidfd = _clone_into(job, argv, env, stdout_fd, containment, cgroup)
+            except OSError as e:
+                if clone3.available():
+                    raise
+                log.warning("%s; launching through cgroup.procs instead (slower)", e)
+        if leader is None:
+            with (containment.entered(cgroup) if containment is not None else _nothing()):
+                leader = subprocess.Popen(
+                    argv,
+                    cwd=str(job.workdir),
+                    env=dict(env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout_fd,
+                    stderr=subprocess.STDOUT,
+                    close_fds=True,
+                    **_own_session(),
+                    **_privilege_drop(job),
+                )
+    except FileNotFoundError as e:
+        what = "workdir" if e.filename == str(job.workdir) else "command"
+        raise SpawnError(f"{job.source}: {what}: {e.filename or argv[0]!r} not found (workdir {job.workdir})") from None
     except PermissionError as e:
         raise SpawnError(f"{job.source}: command: {argv[0]!r}: {e.strerror}") from None
     except CgroupError as e:
         raise SpawnError(f"{job.source}: cannot start job {job.name}: {e}") from None
     except (OSError, KeyError, subprocess.SubprocessError) as e:
         raise SpawnError(f"{job.source}: cannot start {argv[0]!r}: {e}") from None
+    if pidfd < 0:
+        try:
+            pidfd = os.pidfd_open(leader.pid)
+        except OSError:
+            os.kill(leader.pid, signal.SIGKILL)
+            leader.wait()
+            raise
     try:
-        pidfd = os.pidfd_open(popen.pid)
-    except OSError:
-        popen.kill()
-        popen.wait()
-        raise
-    try:
-        ctime = psutil.Process(popen.pid).create_time()
+        ctime = psutil.Process(leader.pid).create_time()
     except psutil.Error:
         ctime = 0.0
-    return Child(popen, pidfd, time.monotonic(), time.time(), ctime, cgroup=cgroup)
+    return Child(leader, pidfd, time.monotonic(), time.time(), ctime, cgroup=cgroup)
+
+
+def _clone_into(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
+                containment: Containment, cgroup: JobCgroup) -> tuple[clone3.Leader, int]:
+    drop = _privilege_drop(job)
+    cg_fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with containment.entered_memory(cgroup):
+            return clone3.spawn(argv, env, str(job.workdir), stdout_fd, cg_fd,
+                                uid=drop.get("user"), gid=drop.get("group"),
+                                groups=drop.get("extra_groups", ()))
+    finally:
+        os.close(cg_fd)
 
 
 @contextlib.contextmanager
@@ -426,12 +453,17 @@ def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
             for level in (run_dir, d):
                 try:
                     os.mkdir(level, 0o711)
+                    os.chmod(level, 0o711)          # whatever the umask
                 except FileExistsError:
                     pass
                 st = os.lstat(level)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-                    raise OSError(errno.EPERM, f"{level}: not a directory owned by root")
-                os.chmod(level, 0o711)
+                # /run/trainsup may be systemd's RuntimeDirectory (the socket's, 0755): used
+                # as it is when root's, searchable by all and writable by root alone.
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022 \
+                        or not st.st_mode & 0o001:
+                    raise OSError(errno.EPERM, f"{level}: not a root-owned directory others can "
+                                               f"search and not write")
+            os.chmod(d, 0o711)
             return d
         except OSError as e:
             log.warning("heartbeat files in %s: %s; using the state dir (`user:` jobs cannot reach it)",

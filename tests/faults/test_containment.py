@@ -140,3 +140,19 @@ def test_daemon_sigkilled_right_after_spawn_runs_one_copy(daemon):
     daemon.start(env=env)
     daemon.wait_state("one", "running")
     _one_copy_over(m)
+
+
+def test_process_group_fallback_still_sweeps_setsid_descendants(daemon):
+    """Where no cgroup is writable (forced here), the subreaper + process-group sweep
+    remains, and status says which containment the job has."""
+    m = _marker()
+    script = f"setsid sh -c 'sleep {m}1 &' </dev/null >/dev/null 2>&1; exec sleep {m}"
+    daemon.write_job("pg", f"name: pg\ncommand: {json.dumps(['sh', '-c', script])}\nworkdir: {daemon.root}\n"
+                           "stop_timeout: 2s\n")
+    daemon.start(env={"TRAINSUP_CONTAINMENT": "process-group"})
+    st = daemon.wait_state("pg", "running")
+    assert st["containment"] == "process-group"
+    wait_for(lambda: argv_pids("sleep", f"{m}1"), 15, "the setsid descendant")
+    assert daemon.request("stop", "pg", no_save=True)["ok"]
+    daemon.wait_state("pg", "stopped")
+    wait_for(lambda: argv_pids("sleep", f"{m}1") == [], 5, "the sweep to end the setsid descendant")

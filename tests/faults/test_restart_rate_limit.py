@@ -48,14 +48,22 @@ def test_exit_0_under_always_backs_off(daemon):
 
 
 def test_backoff_factor_1e300_no_exception_job_goes_through_backoff(daemon):
+    """The report's file is now refused where it is written (one FILE:LINE line, config
+    bounds); the largest factor accepted still goes through the backoff without raising
+    (the computation itself is clamped in log space: tests/unit/test_backoff_limits.py)."""
     daemon.write_job("huge", f"name: huge\ncommand: [sh, -c, 'exit 3']\nworkdir: {daemon.root}\n"
                              "restart:\n  max_restarts: 50\n  max_restarts_without_progress: 50\n"
                              "  start_limit_interval: 0s\n"
                              "  backoff: {initial: 0.05s, max: 0.2s, factor: 1.0e+300}\n")
+    daemon.write_job("big", f"name: big\ncommand: [sh, -c, 'exit 3']\nworkdir: {daemon.root}\n"
+                            "restart:\n  max_restarts: 50\n  max_restarts_without_progress: 50\n"
+                            "  start_limit_interval: 0s\n"
+                            "  backoff: {initial: 0.05s, max: 0.2s, factor: 10}\n")
     daemon.start()
-    wait_for(lambda: len(_launches(daemon, "huge")) >= 5, 20, "5 launches through the backoff")
-    delays = [e["delay"] for e in daemon.history("huge") if e["kind"] == "state" and e["to"] == "backoff"]
-    assert delays[:4] == [0.05, 0.2, 0.2, 0.2], delays
     st = daemon.status("huge")
-    assert st["state"] in ("backoff", "running", "starting") and st["error"] is None or "exit" in str(st["error"])
-    assert "OverflowError" not in daemon.log_text()
+    assert st["state"] == "invalid" and "huge.yaml:8" in st["error"] and "factor" in st["error"], st
+    wait_for(lambda: len(_launches(daemon, "big")) >= 5, 20, "5 launches through the backoff")
+    delays = [e["delay"] for e in daemon.history("big") if e["kind"] == "state" and e["to"] == "backoff"]
+    assert delays[:4] == [0.05, 0.2, 0.2, 0.2], delays
+    assert daemon.status("big")["state"] in ("backoff", "running", "starting")
+    assert "OverflowError" not in daemon.log_text() and "Traceback" not in daemon.log_text()

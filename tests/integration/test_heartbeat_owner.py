@@ -137,3 +137,14 @@ def test_heartbeat_dir_planted_symlink_falls_back_to_the_state_dir(tmp_path):
     d = process.heartbeat_dir(tmp_path / "state", run_dir=run)
     assert d == tmp_path / "state" / "heartbeat" and d.is_dir()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_heartbeat_dir_keeps_an_existing_runtime_dir_mode(tmp_path):
+    """/run/trainsup is systemd's RuntimeDirectory (0755, the socket's): used, not re-moded."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    os.chmod(run, 0o755)
+    d = process.heartbeat_dir(tmp_path / "state", run_dir=run)
+    assert d.parent == run and oct(os.stat(run).st_mode & 0o777) == "0o755"
+    os.chmod(run, 0o750)                      # not searchable by job users: the fallback
+    assert process.heartbeat_dir(tmp_path / "state2", run_dir=run) == tmp_path / "state2" / "heartbeat"
