@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -33,6 +34,7 @@ log = logging.getLogger("trainsup.checkpoint")
 # An index this small, in a dir this small, is re-checked inline on the loop when every
 # verdict is cached: a few stat calls on the relaunch path instead of a pool round trip.
 _INLINE_SCAN_MAX = 32
+_INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
 
 
 def _small_dir(path) -> bool:
@@ -101,6 +103,7 @@ class JobCheckpoints:
     create_as: Optional[tuple[int, int]] = None
     custody: Optional[JobCheckpointDir] = None
     _for_launch: bool = False
+    _last_scan_s: float = 0.0
 
     # -- watching -----------------------------------------------------------------
     def watch(self) -> None:
@@ -180,13 +183,20 @@ class JobCheckpoints:
                 infos = None
                 err: Optional[str] = None
                 prove, self._for_launch = self._for_launch, False
-                if not prove and len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
+                # inline only while scans are cheap: an entry of 20k files costs 20k lstat
+                # calls even when every verdict is cached (status would stall behind it)
+                if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
+                        and _small_dir(self.spec.dir)):
                     try:
+                        t = time.perf_counter()
                         infos, err = self._scan_sync(_CachedOnly(self.cache))
+                        self._last_scan_s = time.perf_counter() - t
                     except _NeedsHashing:
                         infos = None
                 if infos is None:
+                    t = time.perf_counter()
                     infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    self._last_scan_s = time.perf_counter() - t
                 if not self.closed:
                     self.infos, self.error = infos, err
                     if self.custody is not None:
