@@ -211,6 +211,8 @@ class JobCheckpoints:
 
     # -- verdicts -----------------------------------------------------------------
     def latest_valid(self):
+        if self.custody is not None and self.custody.flag:
+            return None     # the configured path now names another dir: offer nothing from it
         return ckpt_index.latest_valid(self.infos) if self.infos else None
 
     def apply_plan(self, plan: rotation.RotationPlan, facts: RotationFacts) -> bool:

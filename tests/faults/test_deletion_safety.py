@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -187,3 +188,63 @@ def test_missing_dir_is_created_owned_by_the_job_user(open_base, accounts, resol
     with pytest.raises(CheckpointDirError, match="symlink"):
         DirHandle.open(home / "run" / "ckpt", create_as=(uid1, gid1))
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+USER_JOB = r"""
+import os, sys, time, zipfile
+d = sys.argv[1]
+n = 0
+while True:
+    n += 1
+    try:
+        tmp = os.path.join(d, ".w.tmp")
+        with zipfile.ZipFile(tmp, "w") as z:
+            z.writestr("archive/data.pkl", b"u1 state %d" % n)
+        os.rename(tmp, os.path.join(d, "step_%d.pt" % n))
+    except OSError:
+        pass
+    time.sleep(0.2)
+"""
+
+
+@needs_root
+def test_root_daemon_user_job_parent_swapped_for_symlink_to_other_account(daemon, open_base, accounts):
+    """Case 1 through a root daemon: job `user: u1`, checkpoint.dir /<base>/u1/run/ckpt; u1
+    replaces `run` with a symlink to u2's run dir. The daemon indexed u2's checkpoints as
+    the job's, deleted u2's older ones (as u2) and offered u2's newest for resume. Also
+    issue 10: the missing checkpoint dir was created root-owned, so the job could not save."""
+    import zipfile
+    from conftest import wait_for
+    (u1, uid1, gid1), (u2, uid2, gid2) = accounts
+    home1, home2 = open_base / u1, open_base / u2
+    for home, uid, gid in ((home1, uid1, gid1), (home2, uid2, gid2)):
+        home.mkdir()
+        os.chown(home, uid, gid)
+    (home2 / "run" / "ckpt").mkdir(parents=True)
+    for s in (1, 2, 3):
+        with zipfile.ZipFile(home2 / "run" / "ckpt" / f"step_{s}.pt", "w") as z:
+            z.writestr("archive/data.pkl", f"u2 state {s}".encode())
+    for p in (home2 / "run", *sorted((home2 / "run").rglob("*"))):
+        os.chown(p, uid2, gid2)
+    canary = snapshot(home2)
+    ck = home1 / "run" / "ckpt"
+    script = open_base / "userjob.py"
+    script.write_text(USER_JOB)
+    daemon.write_job("u1job", f"name: u1job\ncommand: [/usr/bin/python3, {script}, {ck}]\nworkdir: {home1}\n"
+                              f"user: {u1}\ncheckpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                              "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+    wait_for(lambda: len([e for e in daemon.history("u1job") if e["kind"] == "deleted"]) >= 2, 30,
+             "rotation of u1's own checkpoints (u1 could save: the dir it was given is its own)")
+    assert os.stat(ck).st_uid == uid1 and os.stat(home1 / "run").st_uid == uid1
+    as_user(uid1, gid1, "sh", "-c", f"mv {home1}/run {home1}/run.old && ln -s {home2}/run {home1}/run")
+    wait_for(lambda: any("rotation paused" in w for w in daemon.status("u1job")["warnings"]), 20,
+             "the job flagged: its checkpoint dir was replaced")
+    n_deleted = len([e for e in daemon.history("u1job") if e["kind"] == "deleted"])
+    assert daemon.request("restart", "u1job")["ok"]
+    launch = wait_for(lambda: [e for e in daemon.history("u1job") if e["kind"] == "launch"][1:], 20,
+                      "the relaunch")[-1]
+    assert not (launch.get("resume_from") or "").startswith(str(home1 / "run")), launch
+    time.sleep(3)                                         # settle: rescans and passes run meanwhile
+    assert snapshot(home2) == canary
+    assert len([e for e in daemon.history("u1job") if e["kind"] == "deleted"]) == n_deleted

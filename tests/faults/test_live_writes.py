@@ -41,15 +41,19 @@ def test_slow_single_file_save_under_clock_step_is_committed(daemon, clock_shim)
     ahead: the tmp dir (its mtime frozen once the file exists) was judged stale and deleted
     under its writer, so such a save could never complete."""
     rec = daemon.root / "slow.rec"
-    _job(daemon, "slow", [sys.executable, str(HELPERS / "slowsave.py"), "--seconds", "6", "--record", str(rec)],
+    _job(daemon, "slow", [sys.executable, str(HELPERS / "slowsave.py"), "--seconds", "12", "--record", str(rec)],
          "emergency_save:\n  grace: 0s\n")
-    daemon.start(env={"LD_PRELOAD": str(clock_shim), "TRAINSUP_TEST_CLOCK_SHIFT": "3600"})
+    daemon.start(env={"LD_PRELOAD": str(clock_shim), "TRAINSUP_TEST_CLOCK_SHIFT": "3600",
+                      "TRAINSUP_RESCAN_INTERVAL": "0.3"})          # a rescan (and pass) every 0.3 s
     wait_for(lambda: any(r["event"] == "slow-save" for r in read_records(rec)), 20, "the slow save to start")
-    # rotation passes while the save is under way (each `checkpoints` request runs one)
+    # proof that rotation passes ran while the save was under way: a broken entry planted
+    # now (invalid, older than the newest valid) is collected once quiet, before the commit
+    planted = daemon.root / "slow-ckpt" / "step-00000000"
+    planted.mkdir()
     done = lambda: [r for r in read_records(rec) if r["event"] in ("committed", "save-failed")]  # noqa: E731
-    while not done():
-        assert daemon.request("checkpoints", "slow")["ok"]
-        wait_for(lambda: True, 0.2)
+    wait_for(lambda: done() or not planted.exists(), 30, "a rotation pass during the save")
+    assert not done() and not planted.exists(), "no rotation pass ran during the slow save"
+    wait_for(done, 30, "the slow save to finish")
     assert done()[0]["event"] == "committed", done()
     final = daemon.root / "slow-ckpt" / "step-00000003"
     assert (final / "w.bin").stat().st_size > 0 and (final / "MANIFEST.json").exists()
