@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
 from trainsup.checkpoint.dirhandle import DirHandle
 from trainsup.checkpoint.index import scan

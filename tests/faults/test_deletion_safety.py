@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import dirhandle, write_checkpoint
 from trainsup.checkpoint.dirhandle import CheckpointDirError, DirHandle
 from trainsup.checkpoint.trash import TRASH_DIR, DeleteError, delete_entry
@@ -214,6 +213,7 @@ def test_root_daemon_user_job_parent_swapped_for_symlink_to_other_account(daemon
     the job's, deleted u2's older ones (as u2) and offered u2's newest for resume. Also
     issue 10: the missing checkpoint dir was created root-owned, so the job could not save."""
     import zipfile
+
     from conftest import wait_for
     (u1, uid1, gid1), (u2, uid2, gid2) = accounts
     home1, home2 = open_base / u1, open_base / u2

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, read_records, wait_for
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.custody import JobCheckpointDir
