@@ -248,3 +248,47 @@ def test_root_daemon_user_job_parent_swapped_for_symlink_to_other_account(daemon
     time.sleep(3)                                         # settle: rescans and passes run meanwhile
     assert snapshot(home2) == canary
     assert len([e for e in daemon.history("u1job") if e["kind"] == "deleted"]) == n_deleted
+
+
+STOPPER = r"""
+import os, signal, sys, time
+open(sys.argv[1], "w").write("stopping")
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)   # every process this user may signal (not itself)
+    except OSError:
+        pass
+    time.sleep(0.01)
+"""
+
+
+@needs_root
+def test_job_user_sigstopping_everything_cannot_freeze_deletion(daemon, open_base, accounts):
+    """Issue 10: the deleter ran as the checkpoint dir's owner, so that user's job could
+    SIGSTOP it: rotation froze for every job and the daemon then ignored SIGTERM."""
+    import zipfile
+    from conftest import wait_for
+    (u1, uid1, gid1), _ = accounts
+    home = open_base / u1
+    home.mkdir()
+    os.chown(home, uid1, gid1)
+    ck = home / "ckpt"
+    flag = home / "stopping"
+    script = open_base / "stopper.py"
+    script.write_text(STOPPER)
+    daemon.write_job("stopper", f"name: stopper\ncommand: [/usr/bin/python3, {script}, {flag}]\nworkdir: {home}\n"
+                                f"user: {u1}\ncheckpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                                "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+    wait_for(lambda: flag.exists(), 20, "the job to start SIGSTOPping")
+    for s in range(1, 6):                    # u1's checkpoints, landing while the stopper runs
+        with zipfile.ZipFile(ck / f".t{s}", "w") as z:
+            z.writestr("archive/data.pkl", b"state %d" % s)
+        os.chown(ck / f".t{s}", uid1, gid1)
+        os.rename(ck / f".t{s}", ck / f"step_{s}.pt")
+    wait_for(lambda: sorted(p.name for p in ck.iterdir() if p.name.endswith(".pt")) == ["step_5.pt"], 20,
+             "rotation to go on under the stopper")
+    assert [e["kind"] for e in daemon.history("stopper")].count("deleted") == 4
+    t = time.monotonic()
+    daemon.terminate(timeout=30)                       # SIGTERM still ends the daemon
+    assert time.monotonic() - t < 30
