@@ -87,7 +87,8 @@ class JobCheckpointDir:
             self.flag = f"checkpoint dir not held: {e.strerror or e}"
             return
         try:
-            empty_trash(self.handle)            # finish deletions a crash cut short
+            # finish deletions a crash cut short (their outcome: deleter.unfinished_intents)
+            empty_trash(self.handle)
         except OSError:
             pass
 
