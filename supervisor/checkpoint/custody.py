@@ -187,7 +187,7 @@ class JobCheckpointDir:
     def warnings(self) -> list[str]:
         w = list(self.backoff.status_lines())
         if self.flag:
-            w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until the dir is re-resolved (reload)")
+            w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until it is re-resolved (edit the job file or restart the daemon)")
         return w
 
 
