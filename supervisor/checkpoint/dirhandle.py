@@ -120,13 +120,15 @@ class DirHandle:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, path: os.PathLike | str, *, create_as: Optional[tuple[int, int]] = None) -> "DirHandle":
+    def open(cls, path: os.PathLike | str, *, create: bool = False,
+             create_as: Optional[tuple[int, int]] = None) -> "DirHandle":
         """Open `path` walking from `/` one component at a time, never through a symlink.
 
-        create_as=(uid, gid): missing components are created (mkdirat, never following a
-        link) and handed to that owner, so a `user:` job can save into a dir the root daemon
-        made for it.
+        create (or create_as): missing components are created (mkdirat, never following a
+        link); create_as=(uid, gid) hands them to that owner, so a `user:` job can save into
+        a dir the root daemon made for it.
         """
+        create = create or create_as is not None
         p = Path(os.path.abspath(os.fspath(path)))
         fd = os.open("/", _DIR)
         try:
@@ -134,7 +136,7 @@ class DirHandle:
                 try:
                     nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
                 except FileNotFoundError:
-                    if create_as is None:
+                    if not create:
                         raise CheckpointDirError(errno.ENOENT, f"{Path(*p.parts[:i + 1])}: does not exist") from None
                     try:
                         os.mkdir(part, 0o755, dir_fd=fd)
@@ -142,7 +144,7 @@ class DirHandle:
                     except FileExistsError:
                         created = False
                     nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
-                    if created:
+                    if created and create_as is not None:
                         os.fchown(nfd, *create_as)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):

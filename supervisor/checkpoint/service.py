@@ -127,6 +127,15 @@ class JobCheckpoints:
             log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
                         self.name, self.spec.dir, e)
 
+    def ensure_dir(self) -> Optional[str]:
+        """Before a launch: the checkpoint dir exists (made for the job's user if it went
+        missing, never through a symlink). None when fine, else why not."""
+        if self.spec is None:
+            return None
+        if self.custody is None:
+            self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
+        return self.custody.ensure_dir()
+
     def close(self) -> None:
         self.closed = True
         if self.custody is not None:
