@@ -317,6 +317,7 @@ class RotationCoordinator:
             if not todo:
                 continue
             assert ck.spec is not None and ck.custody is not None
+            failed_bytes = 0
             for info in todo:
                 why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
                 # Intent apart from outcome: a crash after the move into the trash still
@@ -331,9 +332,18 @@ class RotationCoordinator:
                 kind, fields = ck.custody.record(outcome)
                 if kind:
                     record(kind, why=why, **fields)
+                if not outcome.ok:
+                    failed_bytes += info.bytes
             # a failure shows in status at once (reported once, retried on backoff)
             ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
             ck.warnings += ck.custody.warnings()
+            quota = plan.quota or self.disk_quota
+            if failed_bytes and quota is not None and plan.kept_bytes + failed_bytes > quota and not ck.over_quota:
+                # what could not be deleted still takes the space: over quota after all
+                ck.over_quota = True
+                ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
+                                   f"({failed_bytes} bytes could not be deleted)")
+                record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
 
