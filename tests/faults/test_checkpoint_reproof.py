@@ -76,7 +76,6 @@ def test_change_cookie_is_not_for_userspace(fs):
 def test_daemon_never_hands_a_mmap_damaged_checkpoint_to_a_launch(daemon):
     """Case 8 through the daemon: the launch after the damage resumes from the older,
     intact checkpoint (the index's cached verdict still said valid)."""
-    from conftest import wait_for
     ck = daemon.root / "mm-ckpt"
     ck.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(ck)], check=True)
