@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: venv test demo bench chaos clean
+.PHONY: venv test lint demo bench chaos clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ venv: $(BIN)/.installed
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff and mypy are configured in pyproject.toml (installed with the test extras).
+lint: venv
+	$(BIN)/ruff check supervisor tests
+	$(BIN)/mypy
 
 demo: venv
 	$(BIN)/trainsup demo

@@ -10,10 +10,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import __version__
-from .control import Unreachable, connect, replies, request, send
+from . import verbs
+from .control import SocketRefused, Unreachable, connect, replies, request, send
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -27,14 +28,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"trainsup: {message} (see trainsup --help)\n")
 
 
-def _duration(s: str) -> float:
-    from .config import parse_duration
-    try:
-        return parse_duration(s)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="trainsup", description="Preemption-tolerant supervisor for long training runs.")
     p.add_argument("--version", action="version", version=f"trainsup {__version__}")
@@ -45,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign]
+    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign,list-item]
 
     d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground")
     d.add_argument("--config", type=Path)
@@ -54,50 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-dir", type=Path, dest="log_dir")
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    s = sub.add_parser("status", help="what every job is doing")
-    s.add_argument("job", nargs="?")
-    s.add_argument("--json", action="store_true")
-
-    for verb, text in (("start", "start a job"), ("restart", "save, stop and start a job again")):
-        x = sub.add_parser(verb, help=text)
-        x.add_argument("job")
-        if verb == "restart":
-            x.add_argument("--no-save", action="store_true")
-    x = sub.add_parser("stop", help="save, then stop a job")
-    x.add_argument("job")
-    x.add_argument("--no-save", action="store_true", help="skip the emergency save")
-    x.add_argument("--grace", type=_duration)
-
-    x = sub.add_parser("checkpoint", help="ask a job for a checkpoint now")
-    x.add_argument("job")
-    x.add_argument("--wait", action="store_true", help="return when the new checkpoint is valid")
-    x.add_argument("--timeout", type=_duration)
-
-    x = sub.add_parser("preempt", help="save, then stop (state preempted)")
-    g = x.add_mutually_exclusive_group(required=True)
-    g.add_argument("job", nargs="?")
-    g.add_argument("--all", action="store_true")
-    x.add_argument("--grace", type=_duration)
-
-    sub.add_parser("reload", help="re-read job files")
-
-    x = sub.add_parser("logs", help="a job's stdout and stderr")
-    x.add_argument("job")
-    x.add_argument("-f", "--follow", action="store_true")
-    x.add_argument("-n", type=int, default=100)
-
-    x = sub.add_parser("checkpoints", help="every checkpoint of a job: valid or why not, kept or why not")
-    x.add_argument("job")
-    x.add_argument("--json", action="store_true")
-
-    for verb in ("pin", "unpin"):
-        x = sub.add_parser(verb, help=f"{verb} a checkpoint (protect it from rotation)")
-        x.add_argument("job")
-        x.add_argument("step", type=int)
-
-    x = sub.add_parser("history", help="a job's events")
-    x.add_argument("job")
-    x.add_argument("-n", type=int, default=50)
+    verbs.add_subcommands(sub)          # every control verb, from the one registry
 
     x = sub.add_parser("validate", help="check job YAML files without a daemon")
     x.add_argument("files", nargs="+", type=Path)
@@ -114,6 +64,21 @@ def socket_path(arg: Optional[str]) -> Path:
         return Path(os.environ["TRAINSUP_SOCKET"])
     from .config import load_daemon_config
     return load_daemon_config(None, {}, is_root=os.geteuid() == 0).socket
+
+
+def daemon_uids() -> tuple[int, ...]:
+    """The uid of the daemon user named by the default daemon config (`user:`), if any:
+    a socket owned by it is trusted like one owned by root or by the caller."""
+    from .config import ConfigError, default_config_path, load_daemon_config
+    is_root = os.geteuid() == 0
+    path = default_config_path(is_root=is_root)
+    try:
+        if not path.is_file():
+            return ()
+        spec = load_daemon_config(path, {}, is_root=is_root)
+    except (ConfigError, OSError):
+        return ()
+    return (spec.uid,) if spec.uid is not None else ()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -140,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def cmd_daemon(args) -> int:
     from .config import ConfigError, load_daemon_config
-    from .state import LockHeld
+    from .state import LockHeld, StateUnusable
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
@@ -153,17 +118,24 @@ def cmd_daemon(args) -> int:
     from .daemon import Daemon
     try:
         return Daemon(spec).run()
-    except LockHeld as e:
+    except (LockHeld, SocketRefused, StateUnusable) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _call(args, cmd: str, job: Optional[str] = None, cargs: Optional[dict] = None,
-          timeout: float = 30.0) -> tuple[bool, object]:
-    reply = request(socket_path(args.socket), cmd, job, cargs, timeout=timeout)
+          timeout: float = 30.0) -> tuple[bool, Any]:
+    reply = request(socket_path(args.socket), cmd, job, cargs, timeout=timeout, trusted=daemon_uids())
     if reply.get("ok"):
         return True, reply.get("result")
     return False, reply.get("error", "unknown error")
+
+
+def _ask(args) -> tuple[bool, Any]:
+    """The request the command line asks for, built from the verb registry."""
+    verb = verbs.VERBS[args.cmd]
+    job, cargs = verbs.request_of(verb, args)
+    return _call(args, verb.name, job, cargs, timeout=verb.timeout)
 
 
 def _fail(msg) -> int:
@@ -237,7 +209,7 @@ def _bad_job(j: dict) -> bool:
 
 def cmd_status(args) -> int:
     try:
-        ok, res = _call(args, "status", args.job)
+        ok, res = _ask(args)
     except Unreachable as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -250,17 +222,7 @@ def cmd_status(args) -> int:
 
 def _simple(verb: str):
     def run(args) -> int:
-        cargs = {}
-        timeout = 30.0
-        if getattr(args, "no_save", False):
-            cargs["no_save"] = True
-        if getattr(args, "grace", None) is not None:
-            cargs["grace"] = args.grace
-        if verb in ("stop", "restart", "preempt"):
-            timeout = 24 * 3600.0     # the daemon bounds the flow by grace + stop_timeout
-        if verb == "preempt" and args.all:
-            cargs["all"] = True
-        ok, res = _call(args, verb, getattr(args, "job", None), cargs, timeout=timeout)
+        ok, res = _ask(args)
         if not ok:
             return _fail(res)
         if verb in ("stop", "preempt", "restart") and isinstance(res, dict) and "outcome" in res:
@@ -277,10 +239,7 @@ def _simple(verb: str):
 
 
 def cmd_checkpoint(args) -> int:
-    cargs = {"wait": args.wait}
-    if args.timeout:
-        cargs["timeout"] = args.timeout
-    ok, res = _call(args, "checkpoint", args.job, cargs, timeout=24 * 3600.0)
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     if args.wait:
@@ -291,7 +250,7 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    ok, res = _call(args, "reload", timeout=600.0)
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     for k in ("added", "removed", "changed"):
@@ -306,13 +265,13 @@ def cmd_logs(args) -> int:
     if args.n < 0:
         raise UsageError("-n must be >= 0")
     if not args.follow:
-        ok, res = _call(args, "logs", args.job, {"n": args.n})
+        ok, res = _ask(args)
         if not ok:
             return _fail(res)
         sys.stdout.write(res["text"])
         return EXIT_OK
-    with connect(socket_path(args.socket), timeout=None) as s:  # type: ignore[arg-type]
-        send(s, "logs", args.job, {"n": args.n, "follow": True})
+    with connect(socket_path(args.socket), None, daemon_uids()) as s:
+        send(s, "logs", *verbs.request_of(verbs.VERBS["logs"], args))
         for reply in replies(s):
             if not reply.get("ok"):
                 return _fail(reply.get("error"))
@@ -322,7 +281,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_checkpoints(args) -> int:
-    ok, res = _call(args, "checkpoints", args.job)
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     if args.json:
@@ -341,7 +300,7 @@ def cmd_checkpoints(args) -> int:
 
 
 def cmd_pin(args) -> int:
-    ok, res = _call(args, args.cmd, args.job, {"step": args.step})
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     print(f"{args.job}: pinned steps: {', '.join(map(str, res['pinned'])) or 'none'}")
@@ -349,7 +308,7 @@ def cmd_pin(args) -> int:
 
 
 def cmd_history(args) -> int:
-    ok, res = _call(args, "history", args.job, {"n": args.n})
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     for ev in res:
@@ -365,7 +324,7 @@ def cmd_history(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import validate_files
-    errors = validate_files(args.files, is_root=os.geteuid() == 0)
+    errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True)
     for line in errors:
         print(line, file=sys.stderr)
     if errors:

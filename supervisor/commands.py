@@ -9,14 +9,24 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 from .control import Connection, Peer, RequestError
 from .job import Job, State
+from .verbs import VERBS
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+
+
+@dataclass(frozen=True)
+class Request:
+    job: Optional[str]
+    args: dict
+    targets: tuple[str, ...]        # resolved and authorised by the control server
+    conn: Connection
 
 
 class Commands:
@@ -51,66 +61,94 @@ class Commands:
                 "jobs": jobs}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
-        cmd, name, args = req["cmd"], req["job"], req["args"]
-        d = self.d
-        if cmd == "ping":
-            return {"pid": os.getpid(), "version": __version__}
-        if cmd == "status":
-            return self.status(name)
-        if cmd == "reload":
-            return await d.reload()
-        if cmd == "preempt" and args.get("all"):
-            grace = _float_arg(args, "grace")
-            outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
-                                          for j in list(d.jobs.values()) if j.alive or j.state == State.BACKOFF))
-            return {"jobs": len(outs), "outcomes": outs}
-        job = self.job(name)
-        if cmd == "start":
-            if job.alive:
-                raise RequestError(f"job {name} is already {job.state.value}")
-            job.start(reason="manual")
-            return job.status()
-        if cmd in ("stop", "preempt"):
-            grace = _float_arg(args, "grace")
-            final = State.PREEMPTED if cmd == "preempt" else State.STOPPED
-            if not job.active:
-                raise RequestError(f"job {name} is not running (state {job.state.value})")
-            return await job.stop(save=not args.get("no_save"), final=final, grace=grace, source=cmd)
-        if cmd == "restart":
-            if job.alive or job.busy:
-                return await job.stop(save=not args.get("no_save"), then_restart="manual", source="restart")
-            job.start(reason="manual")
-            return job.status()
-        if cmd == "checkpoint":
-            return await self._checkpoint(job, args)
-        if cmd == "checkpoints":
-            return self._checkpoints(job)
-        if cmd in ("pin", "unpin"):
-            step = args.get("step")
-            if not isinstance(step, int) or isinstance(step, bool):
-                raise RequestError(f"{cmd}: step must be an integer")
-            if cmd == "pin":
-                if not any(i.step == step for i in job.checkpoints):
-                    raise RequestError(f"job {name} has no checkpoint at step {step}")
-                job.pin(step)
-            else:
-                job.unpin(step)
-            await d.rotation.run()      # `checkpoints` shows the new verdicts at once
-            return {"pinned": sorted(job.pinned)}
-        if cmd == "history":
-            n = args.get("n", 50)
-            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                raise RequestError("history: n must be a positive integer")
-            return d.db.events(name, min(n, 10000))
-        if cmd == "logs":
-            n = args.get("n", 100)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise RequestError("logs: n must be a non-negative integer")
-            text = job.log.tail(min(n, 100000))
-            if not args.get("follow"):
-                return {"text": text}
-            return await self._follow(job, text, conn)
-        raise RequestError(f"unknown command {cmd}")
+        """Dispatch by the verb registry: verb `x` is served by `do_x`. `req["targets"]`
+        holds the jobs the request was authorised for; handlers act on those only."""
+        await self.d.loaded.wait()
+        verb = VERBS.get(req["cmd"])
+        handler = getattr(self, verb.handler, None) if verb is not None else None
+        if handler is None:
+            raise RequestError(f"unknown command {req['cmd']}")
+        return await handler(Request(req["job"], req["args"], req.get("targets") or (), conn))
+
+    async def do_ping(self, r: "Request") -> Any:
+        return {"pid": os.getpid(), "version": __version__}
+
+    async def do_status(self, r: "Request") -> Any:
+        return self.status(r.job)
+
+    async def do_reload(self, r: "Request") -> Any:
+        return await self.d.reload()
+
+    async def do_start(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        if job.alive:
+            raise RequestError(f"job {r.job} is already {job.state.value}")
+        job.start(reason="manual")
+        return job.status()
+
+    async def do_stop(self, r: "Request", final: State = State.STOPPED, source: str = "stop") -> Any:
+        job = self.job(r.job)
+        grace = _float_arg(r.args, "grace")
+        if not job.active:
+            raise RequestError(f"job {r.job} is not running (state {job.state.value})")
+        return await job.stop(save=not r.args.get("no_save"), final=final, grace=grace, source=source)
+
+    async def do_preempt(self, r: "Request") -> Any:
+        if not r.args.get("all"):
+            return await self.do_stop(r, final=State.PREEMPTED, source="preempt")
+        grace = _float_arg(r.args, "grace")
+        # The resolved targets, not "every job now": what was authorised is what is done.
+        jobs = [j for j in (self.d.jobs.get(n) for n in r.targets) if j is not None]
+        outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
+                                      for j in jobs if j.alive or j.state == State.BACKOFF))
+        return {"jobs": len(outs), "outcomes": outs}
+
+    async def do_restart(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        if job.alive or job.busy:
+            return await job.stop(save=not r.args.get("no_save"), then_restart="manual", source="restart")
+        job.start(reason="manual")
+        return job.status()
+
+    async def do_checkpoint(self, r: "Request") -> Any:
+        return await self._checkpoint(self.job(r.job), r.args)
+
+    async def do_checkpoints(self, r: "Request") -> Any:
+        return self._checkpoints(self.job(r.job))
+
+    async def do_pin(self, r: "Request", pin: bool = True) -> Any:
+        job = self.job(r.job)
+        step = r.args.get("step")
+        verb = "pin" if pin else "unpin"
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RequestError(f"{verb}: step must be an integer")
+        if pin:
+            if not any(i.step == step for i in job.checkpoints):
+                raise RequestError(f"job {r.job} has no checkpoint at step {step}")
+            job.pin(step)
+        else:
+            job.unpin(step)
+        await self.d.rotation.run()      # `checkpoints` shows the new verdicts at once
+        return {"pinned": sorted(job.pinned)}
+
+    async def do_unpin(self, r: "Request") -> Any:
+        return await self.do_pin(r, pin=False)
+
+    async def do_history(self, r: "Request") -> Any:
+        n = r.args.get("n", 50)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise RequestError("history: n must be a positive integer")
+        return self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+
+    async def do_logs(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        n = r.args.get("n", 100)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise RequestError("logs: n must be a non-negative integer")
+        text = job.log.tail(min(n, 100000))
+        if not r.args.get("follow"):
+            return {"text": text}
+        return await self._follow(job, text, r.conn)
 
     async def _checkpoint(self, job: Job, args: dict) -> dict:
         if not job.alive:
@@ -138,7 +176,10 @@ class Commands:
                 data = await q.get()
                 await conn.send({"ok": True, "result": {"text": data.decode(errors="replace"), "more": True}})
         finally:
-            job.log.followers.discard(q)
+            # A reload that replaced the job moved this follower to the new job's log.
+            for j in {job, self.d.jobs.get(job.name)}:
+                if j is not None:
+                    j.log.followers.discard(q)
 
     def _checkpoints(self, job: Job) -> list:
         kept = job.ckpts.kept

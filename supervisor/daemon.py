@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import __version__, config, process
+from . import __version__, cgroup, config, process
 from .checkpoint.custody import owner_ids
 from .checkpoint.deleter import unfinished_intents
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
@@ -44,7 +44,9 @@ class Daemon:
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
         self.db: StateDB
-        self._stop = None
+        self.containment: Optional[cgroup.Containment] = None   # set up at start (JobHost)
+        self.heartbeat_dir = self.spec.state_dir / "heartbeat"   # JobHost; /run/... at start
+        self._stop: Optional[asyncio.Event] = None
         self._exit_code = 0
         self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
         self._reload_lock = asyncio.Lock()
@@ -54,7 +56,7 @@ class Daemon:
         self.commands = Commands(self)
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
-        self.schedule = None
+        self.schedule: Optional[JobSchedule] = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
 
@@ -73,25 +75,43 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Requests that arrive while the jobs dir is first read wait for it: `status` must
+        # never answer "no such job" for a job whose file is still settling.
+        self.loaded = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
-        self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
+        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
         process.become_subreaper()
+        containment = self.containment = cgroup.setup(self.spec.state_dir)
+        if containment.kind == cgroup.PROCESS_GROUP:
+            log.warning("jobs contained by process group only (%s)", containment.why)
+        else:
+            log.info("jobs contained by %s under %s", containment.kind, containment.root)
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
             self.loop.add_signal_handler(sig, handler)
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
-                                     job_user_of=self._job_user)
+                                     job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
-        (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
-        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir)
-        for spec in jobs:
+        self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
+        # YAML and user lookups off the loop; a file still being written is read again
+        # by a reload in a moment instead of being taken half-written.
+        scan = await self._scan_jobs_dir()
+        for spec in scan.jobs:
             self._add_job(spec)
-        for inv in invalid:
+        for inv in scan.invalid:
             self._add_invalid(inv)
+        self._reread_unsettled(scan.unsettled)
+        self.loaded.set()
+        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
+        # state DB says (it may be gone), then by the pids it recorded.
+        for name in await containment.end_leftovers():
+            job = self.jobs.get(name.rpartition(".")[0])
+            if job is not None:
+                job.event("orphan-stopped", cgroup=name)
         for job in self.jobs.values():      # deletions a crash cut off from their record
             for e in unfinished_intents(self.db.events(job.name, 500)):
                 if not os.path.lexists(e["path"]):
@@ -107,6 +127,7 @@ class Daemon:
         self.notifier.ready(self._summary())
         log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
                  len(self.invalid), self.spec.socket)
+        assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
         return self._exit_code
@@ -139,6 +160,9 @@ class Daemon:
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
             j.log.close()
+        if self.containment is not None:
+            self.containment.close()
+        process.discard_heartbeat_dir(self.heartbeat_dir)
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
@@ -234,9 +258,10 @@ class Daemon:
         process.reap_orphans(self.leader_pids())
 
     # -- jobs --------------------------------------------------------------------------
-    def _job_user(self, name: str) -> Optional[str]:
+    def _job_uid(self, name: str) -> Optional[int]:
+        """The uid job `name` runs as (resolved when its file loaded); None: the daemon's."""
         j = self.jobs.get(name)
-        return j.spec.user if j else None
+        return j.spec.uid if j else None
 
     def _add_invalid(self, inv: InvalidJob) -> None:
         # Keyed by name unless a valid job or another bad file already has it (a
@@ -252,6 +277,12 @@ class Daemon:
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
                                create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
+        old = self.jobs.get(spec.name)
+        if old is not None:
+            # `logs -f` follows a job by name: a reload that replaces the job moves its
+            # followers to the new log (they went silent on the retired one).
+            job.log.followers |= old.log.followers
+            old.log.followers.clear()
         self.jobs[spec.name] = job
         ckpts.watch()
         self._schedule_job(job)
@@ -279,7 +310,7 @@ class Daemon:
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
             fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
             try:
                 signal.pidfd_send_signal(fd, signal.SIGTERM)
                 os.killpg(pid, signal.SIGTERM)
@@ -316,8 +347,10 @@ class Daemon:
             return self._reload_result
 
     async def _reload_once(self) -> dict:
-        jobs, invalid = await self.loop.run_in_executor(
-            None, lambda: config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir))
+        scan = await self._scan_jobs_dir()
+        jobs, invalid = scan.jobs, scan.invalid
+        unsettled = set(scan.unsettled)
+        self._reread_unsettled(scan.unsettled)
         new = {s.name: s for s in jobs}
         by_source = {j.spec.source: j for j in self.jobs.values()}
         added, removed, changed = [], [], []
@@ -335,8 +368,8 @@ class Daemon:
                 continue
             self._add_invalid(inv)
         for name in list(self.jobs):
-            if name not in new and name not in kept_broken:
-                removed.append(name)
+            if name not in new and name not in kept_broken and self.jobs[name].spec.source not in unsettled:
+                removed.append(name)     # (a job whose file is mid-write is left as it is)
         flows = [self._remove_job(self.jobs[name]) for name in removed]
         for name, spec in new.items():
             old = self.jobs.get(name)
@@ -359,6 +392,27 @@ class Daemon:
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
                 + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
 
+    async def _scan_jobs_dir(self, tries: int = 10) -> config.JobsDirScan:
+        """The jobs dir, read off the loop, once its files have settled: a file written
+        moments ago (or changing while read) is read again a little later (a half-written
+        file with a valid prefix once restarted a job from scratch). Files still busy
+        after `tries` come back in `unsettled`; their jobs are left as they are."""
+        for attempt in range(tries):
+            scan = await self.loop.run_in_executor(
+                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
+                                             state_dir=self.spec.state_dir))
+            if not scan.unsettled or attempt == tries - 1:
+                return scan
+            await asyncio.sleep(config.SETTLE_SECONDS)
+        raise AssertionError("unreachable")
+
+    def _reread_unsettled(self, files: list) -> None:
+        """Files that were being written when read: reload again once they have settled."""
+        if files:
+            log.info("job files still being written, reading again shortly: %s", ", ".join(map(str, files)))
+            self.loop.call_later(2 * config.SETTLE_SECONDS,
+                                 lambda: self._spawn_task(self.reload(), "reload of settled job files"))
+
     async def _retire(self, job: Job) -> None:
         """Stop a job that is being replaced or removed; it can never launch again, and
         until its process is gone it stays known (shutdown stops it too)."""
@@ -369,6 +423,7 @@ class Daemon:
         try:
             await job.stop(save=True, final=State.STOPPED, source="reload")
         finally:
+            job.ckpts.close()
             if not job.active:
                 self._retired.discard(job)
                 job.log.close()

@@ -19,9 +19,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-from . import process
+from . import cgroup, process
 from .backoff import RestartTracker
 from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
@@ -72,6 +72,8 @@ class TransitionError(RuntimeError):
 class JobHost(Protocol):
     """What a Job may ask of the daemon that runs it."""
     loop: asyncio.AbstractEventLoop
+    containment: Optional[cgroup.Containment]   # None: process group only
+    heartbeat_dir: Path
 
     def record_event(self, job: str, kind: str, data: dict) -> None: ...
     def save_job(self, job: str, data: dict) -> None: ...
@@ -87,8 +89,11 @@ def _ckpt_key(info) -> tuple:
 
 class Job:
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
-                 persisted: dict):
+                 persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
+                 clock: Callable[[], float] = time.monotonic):
         self.spec = spec
+        self._spawn_process = spawn       # process.spawn; unit tests hand in a fake child
+        self.clock = clock                # monotonic: restart decisions never see wall time
         self.host = host
         self.loop = host.loop
         self.settings = settings
@@ -214,7 +219,8 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        self.ckpts.close()
+        # The checkpoint index stays open until the retiring stop is over: its emergency
+        # save must still be seen (the host closes it then).
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
@@ -333,15 +339,27 @@ class Job:
             problem = self.ckpts.ensure_dir()
             if problem:
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
+        try:
+            process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)
+        except (OSError, KeyError) as e:
+            log.warning("%s: heartbeat file %s: %s", self.name, self.heartbeat_file, e)
         wfd = -1
+        cg: Optional[cgroup.JobCgroup] = None
+        containment = self.host.containment
         try:
             wfd = self.log.new_pipe(self.loop)
-            child = process.spawn(spec, argv, env, wfd)
-            spawned_at = time.monotonic()
-        except (process.SpawnError, OSError) as e:
+            cg = containment.create(spec.name, self.attempt) if containment is not None else None
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            spawned_at = self.clock()
+        except (process.SpawnError, OSError, cgroup.CgroupError) as e:
+            if cg is not None:
+                cg.remove()
             # EMFILE, ENOMEM, a missing binary: one clean line in status, never a stuck job.
-            msg = str(e) if isinstance(e, process.SpawnError) else \
-                f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            if isinstance(e, OSError):
+                msg = f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            else:
+                msg = f"{spec.source}: cannot start job {spec.name}: {e}" if isinstance(e, cgroup.CgroupError) \
+                    else str(e)
             self.error = msg
             self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
             self.event("spawn-failed", error=msg, attempt=self.attempt)
@@ -351,6 +369,7 @@ class Job:
         finally:
             if wfd >= 0:
                 os.close(wfd)
+        crash_point("launched")       # the pid is not durable yet: only the cgroup finds it
         self.child = child
         # The pid is durable before anything else happens: a daemon that dies now finds
         # this process at its next start and stops it instead of launching a second one.
@@ -371,14 +390,14 @@ class Job:
             self._exit_noticed = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}))
-        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor)
+        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
         self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
 
     @property
     def heartbeat_file(self) -> Path:
-        return self.settings.state_dir / "heartbeat" / self.name
+        return self.host.heartbeat_dir / self.name
 
     def _on_monitor(self, kind: str, data: dict) -> None:
         """The attempt monitor's decisions, applied here (it never touches the job)."""
@@ -403,7 +422,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
-        self._exit_noticed = time.monotonic()
+        self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
@@ -412,7 +431,11 @@ class Job:
         self.child = None
         self.memory_rss = None        # status must not show the dead attempt's RSS
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
-        leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.host.leader_pids())
+        leftovers = process.kill_leftovers(child)
+        if child.cgroup is None:
+            leftovers += process.kill_orphans(self.name, self.host.leader_pids())
+        else:
+            self.loop.create_task(self._end_cgroup(child.cgroup))
         ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:
@@ -421,7 +444,7 @@ class Job:
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
         self.last_exit = ex.as_dict()
-        ran_for = time.monotonic() - child.started_mono
+        ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
@@ -434,6 +457,21 @@ class Job:
             self._after_exit(crashed=(rc != 0), ran_for=ran_for)
         else:
             self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
+
+    async def _end_cgroup(self, cg: cgroup.JobCgroup, timeout: float = 10.0) -> bool:
+        """Kill what is left in the launch's cgroup, wait (inotify on cgroup.events) until
+        nothing of it survives, then remove the cgroup."""
+        try:
+            if cg.populated():
+                cg.kill()
+            if not await cg.wait_empty(timeout):
+                log.error("job %s: cgroup %s still populated %.0fs after cgroup.kill", self.name, cg.path, timeout)
+                return False
+        except cgroup.CgroupError as e:
+            log.error("job %s: %s", self.name, e)
+            return False
+        cg.remove()
+        return True
 
     async def _refresh_then_decide(self, crashed: bool, ran_for: float) -> None:
         # Checkpoints the attempt committed in its last moments count as progress (the
@@ -452,7 +490,7 @@ class Job:
         if self.retired:
             return
         try:
-            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+            decision = self.tracker.on_exit(crashed=crashed, now=self.clock(), ran_for=ran_for)
         except Exception as e:
             self._internal_error("deciding on a restart", e)
             return
@@ -577,7 +615,7 @@ class Job:
             sent, fut = self.request_save()
             self.host.emergency_save_started(grace)
             try:
-                if sent:
+                if sent and self._exit_fut is not None:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:
@@ -594,6 +632,7 @@ class Job:
                 if not fut.done():
                     fut.cancel()
         self._set(S.STOPPING, source=source)
+        cg = self.child.cgroup if self.child else None
         if self.alive:
             if self.child:
                 self.child.refresh_tree()
@@ -604,6 +643,9 @@ class Job:
                     process.kill_leftovers(self.child)
                     outcome["killed"] = True
                 await self._wait_exit(10.0)
+        if cg is not None:
+            # Stopped means nothing of the job survives: its cgroup is empty.
+            await self._end_cgroup(cg)
         outcome["stop_s"] = round(time.monotonic() - t0, 3)
         self.event("notice", **outcome)
         self.last_notice = outcome
@@ -658,4 +700,6 @@ class Job:
             "config_error": self.config_error,
             "source": str(self.spec.source),
             "user": self.spec.user,
+            "containment": c.containment if c is not None else
+            (self.host.containment.kind if self.host.containment is not None else cgroup.PROCESS_GROUP),
         }

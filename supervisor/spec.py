@@ -40,6 +40,10 @@ class RestartSpec:
     window: float = 3600.0
     backoff: BackoffSpec = field(default_factory=BackoffSpec)
     max_restarts_without_progress: int = 5
+    # Like systemd's StartLimitBurst/StartLimitIntervalSec: more automatic relaunches than
+    # `start_limit_burst` within `start_limit_interval` seconds -> failed (0 s: no limit).
+    start_limit_burst: int = 5
+    start_limit_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ class JobSpec:
     env: tuple[tuple[str, str], ...] = ()      # ordered pairs, hashable
     user: Optional[str] = None
     group: Optional[str] = None
+    # Resolved when the config loads (never on the event loop later): who the job runs
+    # as. None when it runs as the daemon itself.
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    home: Optional[Path] = None
+    groups: tuple[int, ...] = ()               # supplementary groups of `user`
     autostart: bool = True
     stop_timeout: float = 10.0
     checkpoint: Optional[CheckpointSpec] = None
@@ -111,6 +121,8 @@ class DaemonSpec:
     socket: Path
     log_dir: Path
     socket_group: Optional[str] = None
+    user: Optional[str] = None                 # the daemon's user: clients trust a socket it owns
+    uid: Optional[int] = None                  # `user`, resolved
     disk_quota: Optional[int] = None
     pass_env: tuple[str, ...] = ()
     log_max_bytes: int = 50 << 20              # per-job log rotation size

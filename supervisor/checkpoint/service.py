@@ -189,8 +189,7 @@ class JobCheckpoints:
         try:
             while True:
                 self._dirty = False
-                infos = None
-                err: Optional[str] = None
+                result: Optional[tuple[list, Optional[str]]] = None
                 prove, self._for_launch = self._for_launch, False
                 # inline only while scans are cheap: an entry of 20k files costs 20k lstat
                 # calls even when every verdict is cached (status would stall behind it)
@@ -198,14 +197,15 @@ class JobCheckpoints:
                         and _small_dir(self.spec.dir)):
                     try:
                         t = time.perf_counter()
-                        infos, err = self._scan_sync(_CachedOnly(self.cache))
+                        result = self._scan_sync(_CachedOnly(self.cache))
                         self._last_scan_s = time.perf_counter() - t
                     except _NeedsHashing:
-                        infos = None
-                if infos is None:
+                        result = None
+                if result is None:
                     t = time.perf_counter()
-                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
                     self._last_scan_s = time.perf_counter() - t
+                infos, err = result
                 if not self.closed:
                     self.infos, self.error = infos, err
                     if self.custody is not None:

@@ -249,6 +249,10 @@ def _check_trainsup_files(dfd: int, files: dict) -> None:
     try:
         for rel in sorted(files):
             entry = files[rel]
+            if "\0" in rel or rel.startswith("/") or ".." in rel.split("/"):
+                # A hostile manifest: never a path outside the entry, never an exception.
+                what = "a NUL byte in the name" if "\0" in rel else "not a file name inside the checkpoint"
+                raise _Invalid(f"{rel!r}: {what}")
             fd, st = _open_regular(dfd, rel)
             opened.append((rel, fd, entry))
             if st.st_size != entry["size"]:
@@ -540,6 +544,10 @@ def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None,
         # EIO, EACCES, EMFILE...: report, and do not cache a verdict that may be transient.
         return EntryCheck(Verdict(fmt, False, f"unreadable: {e.strerror or e}",
                                   step_from_name(os.path.basename(path))), total, newest, False, fp)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        # Whatever a hostile entry makes a checker trip on is that entry's verdict,
+        # never the end of the whole scan.
+        verdict = Verdict(fmt, False, f"malformed: {e}"[:300], step_from_name(os.path.basename(path)))
     if cache is not None:
         # Only cache what was checked against a tree that did not move underneath us.
         try:

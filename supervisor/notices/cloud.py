@@ -394,6 +394,7 @@ class CloudPoller:
         if self._threads:
             return
         self._stop.clear()
+        targets: list[tuple[Callable[..., None], tuple]]
         if isinstance(self.provider, GcpMetadata):
             targets = [(self._watch_gcp_key, (key,)) for key in GcpMetadata.KEYS]
         else:

@@ -111,7 +111,7 @@ def main():
         child = ctx.Process(target=_child_main, args=(args.record + ".child",), daemon=False)
         child.start()
     if args.setsid_grandchild:
-        gc = subprocess.Popen([sys.executable, "-c", "import os,time,sys; os.setsid(); "
+        subprocess.Popen([sys.executable, "-c", "import os,time,sys; os.setsid(); "
                                "open(sys.argv[1],'w').write(str(os.getpid())); time.sleep(3600)",
                                args.record + ".grandchild"])
 

@@ -10,12 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import committed, manifest  # noqa: F401 (test_training_dist imports them from here)
+from conftest import wait_for as _wait_for
 
 torch = pytest.importorskip("torch")
 
@@ -28,18 +28,7 @@ DEADLINE = 60.0
 # test_training_dist.py)
 
 def wait_for(cond, timeout=DEADLINE, what="condition", proc=None, log=None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        if proc is not None and proc.poll() is not None:
-            v = cond()
-            if v:
-                return v
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{tail(log)}")
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(log)}")
+    return _wait_for(cond, timeout, what, interval=0.01, proc=proc, detail=lambda: tail(log))
 
 
 def tail(log, n=25):
@@ -93,7 +82,7 @@ class Job:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            raise AssertionError(f"job did not exit within {timeout}s:\n{tail(self.log)}")
+            raise AssertionError(f"job did not exit within {timeout}s:\n{tail(self.log)}") from None
 
     def close(self) -> None:
         if self.proc.poll() is None:
