@@ -292,3 +292,35 @@ def test_job_user_sigstopping_everything_cannot_freeze_deletion(daemon, open_bas
     t = time.monotonic()
     daemon.terminate(timeout=30)                       # SIGTERM still ends the daemon
     assert time.monotonic() - t < 30
+
+
+@needs_root
+def test_daemon_rotation_never_empties_a_dataset_mounted_in_an_old_checkpoint(daemon, bind_mount):
+    """Case 2 through the daemon: a container setup bind-mounted a dataset inside an old
+    checkpoint; rotation emptied it. Now the entry is refused (reported once) and the
+    dataset is untouched, while the rest of rotation goes on."""
+    from conftest import wait_for
+    data = daemon.root / "dataset"
+    (data / "shard").mkdir(parents=True)
+    (data / "shard" / "000.bin").write_bytes(b"dataset-canary" * 1000)
+    canary = snapshot(data)
+    ck = daemon.root / "bm-ckpt"
+    daemon.fakejob("bm", "--every 0.3", ckpt=False,
+                   extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                         "emergency_save:\n  grace: 0s\n")
+    daemon.start()
+    daemon.wait_ready("bm")
+    stage = daemon.root / "stage"
+    write_checkpoint(stage, 0, {"w": b"old"})
+    (stage / "step-00000000" / "cache").mkdir()
+    os.rename(stage / "step-00000000", ck / "step-00000000")
+    bind_mount(data, ck / "step-00000000" / "cache")
+    wait_for(lambda: any(e["kind"] == "delete-failed" and e["path"].endswith("step-00000000")
+                         for e in daemon.history("bm")), 30, "the refusal")
+    wait_for(lambda: len([e for e in daemon.history("bm") if e["kind"] == "deleted"]) >= 3, 20,
+             "rotation of the job's other checkpoints")
+    assert snapshot(data) == canary
+    assert (ck / "step-00000000" / "w").read_bytes() == b"old"
+    fail = [e for e in daemon.history("bm") if e["kind"] == "delete-failed"]
+    assert len(fail) == 1 and "mount point" in fail[0]["error"], fail
+    assert any("mount point" in w for w in daemon.status("bm")["warnings"])
