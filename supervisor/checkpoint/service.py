@@ -295,9 +295,23 @@ class RotationCoordinator:
                 plans[ck.name] = rotation.plan_rotation(
                     ck.infos, ck.spec, pinned=set(facts.pinned), resumed_from=facts.resumed_from)
                 continue
-            opened = await self.loop.run_in_executor(self.executor, ck.custody.open_by_job, ck.infos, facts.pids)
-            plans[ck.name] = ck.custody.plan(ck.infos, pinned=set(facts.pinned),
-                                             resumed_from=facts.resumed_from, also_live=opened)
+            # Files the job holds open are being written: checked only for what the plan
+            # would delete (a walk of every entry would cost each pass), re-planned until
+            # nothing planned is open.
+            opened: set[str] = set()
+            for _ in range(4):
+                plan = ck.custody.plan(ck.infos, pinned=set(facts.pinned),
+                                       resumed_from=facts.resumed_from, also_live=opened)
+                held = await self.loop.run_in_executor(
+                    self.executor, ck.custody.open_by_job,
+                    [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
+                if not held:
+                    break
+                opened |= held
+            else:       # the job keeps opening what we would delete: nothing this pass
+                plan = ck.custody.plan(ck.infos, pinned=set(facts.pinned), resumed_from=facts.resumed_from,
+                                       also_live={i.name for i in ck.infos})
+            plans[ck.name] = plan
         extra: dict[str, list] = {}
         reasons: dict = {}
         all_over = False
