@@ -116,6 +116,12 @@ class JobCheckpointDir:
             if self.handle is None:
                 return [], self.flag      # None while it simply does not exist yet
         self.flag = self.handle.check()
+        if self.flag and os.fstat(self.handle.fd).st_nlink == 0:
+            # the held dir was deleted (rm -rf, then the job made a new one): nothing of it
+            # is left to protect, so the path is resolved afresh (symlinks still refused)
+            self.open()
+            if self.handle is None:
+                return [], self.flag
         infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
         return infos, self.flag
 

@@ -324,3 +324,24 @@ def test_daemon_rotation_never_empties_a_dataset_mounted_in_an_old_checkpoint(da
     fail = [e for e in daemon.history("bm") if e["kind"] == "delete-failed"]
     assert len(fail) == 1 and "mount point" in fail[0]["error"], fail
     assert any("mount point" in w for w in daemon.status("bm")["warnings"])
+
+
+def test_held_dir_deleted_and_recreated_is_followed_moved_away_is_flagged(tmp_path):
+    """A held dir removed outright (nothing left of it) is re-resolved to the new real dir;
+    one moved away (still alive elsewhere) flags the job: nothing deleted, nothing offered."""
+    from trainsup.checkpoint.custody import JobCheckpointDir
+    from trainsup.spec import CheckpointSpec
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    jd = JobCheckpointDir("j", CheckpointSpec(dir=ck, keep_last=1, keep_best=0), 0.0, None)
+    jd.open()
+    shutil.rmtree(ck)
+    write_checkpoint(ck, 7, {"w": b"7"})
+    infos, flag = jd.scan(None)
+    assert flag is None and [i.name for i in infos if i.managed] == ["step-00000007"]
+    os.rename(ck, tmp_path / "moved")
+    write_checkpoint(ck, 9, {"w": b"9"})
+    infos, flag = jd.scan(None)
+    assert flag and "replaced" in flag
+    assert jd.plan(infos).delete == []
+    jd.close()
