@@ -15,8 +15,10 @@ that fd:
   of each opened directory compared with the root's.
 
 `check()` says whether the configured path still names the held directory; when it does
-not (moved, deleted, replaced by a symlink or another dir) the job is flagged and nothing
-is deleted until the dir is re-resolved (`reresolve`).
+not (moved away, replaced by a symlink or another dir) the job is flagged and nothing is
+deleted or offered for resume until the dir is re-resolved (a changed job file or a daemon
+restart). A held dir deleted outright (st_nlink 0: nothing of it left) is re-resolved at
+once by custody.py, symlinks still refused.
 """
 
 from __future__ import annotations
