@@ -183,9 +183,6 @@ class DirHandle:
             other.close()
         return None
 
-    def reresolve(self) -> "DirHandle":
-        return DirHandle.open(self.path)
-
     # ------------------------------------------------------------------ beneath the dir
 
     def open_beneath(self, rel: str, flags: int = _DIR, dir_fd: Optional[int] = None) -> int:
