@@ -285,18 +285,26 @@ def cmd_checkpoints(args) -> int:
     if not ok:
         return _fail(res)
     if args.json:
-        keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason")
-        print(json.dumps([{k: c[k] for k in keys} for c in res], indent=1))
+        keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason",
+                "format", "alias", "alias_of", "members", "resume_path")
+        print(json.dumps([{k: c.get(k) for k in keys} for c in res], indent=1))
         return EXIT_OK
     rows = [("STEP", "SIZE", "VALID", "KEPT", "REASON", "PATH")]
     for c in res:
         valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
         rows.append((str(c["step"]) if c["step"] is not None else "-", _human_bytes(c["bytes"]), valid,
-                     c["kept"] or "-", c["reason"] or "-", c["path"]))
+                     c["kept"] or "-", c["reason"] or "-", c["path"] + _alias_note(c)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
     return EXIT_OK
+
+
+def _alias_note(c: dict) -> str:
+    """` (latest: same as iter_epoch_3)` for a name the framework rewrites."""
+    if not c.get("alias"):
+        return ""
+    return f" ({c['alias']}: same as {c['alias_of']})" if c.get("alias_of") else f" ({c['alias']})"
 
 
 def cmd_pin(args) -> int:

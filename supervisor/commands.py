@@ -160,12 +160,10 @@ class Commands:
             return {"signalled": sent}
         timeout = _float_arg(args, "timeout") or job.spec.emergency_save.grace
         try:
-            await asyncio.wait_for(fut, timeout)
+            saved = await asyncio.wait_for(fut, timeout)   # the checkpoint committed after the request
         except asyncio.TimeoutError:
             raise RequestError(f"no new valid checkpoint of {job.name} within {timeout:g}s") from None
-        latest = job.ckpts.latest_valid()
-        return {"signalled": sent, "step": latest.step if latest else None,
-                "path": str(latest.path) if latest else None}
+        return {"signalled": sent, "step": saved.step, "path": str(saved.path)}
 
     async def _follow(self, job: Job, text: str, conn: Connection) -> dict:
         q: asyncio.Queue = asyncio.Queue(maxsize=1000)
@@ -187,7 +185,11 @@ class Commands:
         for i in job.checkpoints:
             out.append({"path": str(i.path), "step": i.step, "bytes": i.bytes, "valid": i.valid,
                         "invalid_reason": i.invalid_reason, "kept": kept.get(str(i.path)), "reason": i.reason,
-                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime})
+                        "format": i.format, "metrics": dict(i.metrics), "mtime": i.mtime,
+                        # framework entries: aliases (latest, last.ckpt...) and what they duplicate,
+                        # the files of a multi-file checkpoint, what a resume is handed
+                        "name": i.name, "alias": i.alias_kind, "alias_of": i.alias_of,
+                        "members": list(i.members), "resume_path": str(i.resume_path)})
         return out
 
 

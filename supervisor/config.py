@@ -838,7 +838,7 @@ def _workdir(node: Node, key: str, ctx: Context) -> Path:
 
 CHECKPOINT = Section(CheckpointSpec, {
     "dir": _CheckpointDir(),
-    "format": choice("auto", "trainsup", "torch", "hf"),
+    "format": choice("auto", "trainsup", "torch", "hf", "paddle", "tf", "keras", "lightning", "safetensors"),
     "keep_last": integer(1),
     "keep_best": integer(0),
     "metric": string,

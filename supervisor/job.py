@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from . import cgroup, process
 from .backoff import RestartTracker
+from .checkpoint import confirm
 from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
 from .joblog import JobLog
@@ -126,7 +127,7 @@ class Job:
         self._exit_fut: Optional[asyncio.Future] = None
         self._flow: Optional[asyncio.Task] = None
         self._flow_kind: Optional[str] = None
-        self._ckpt_waiters: list[tuple[set, asyncio.Future]] = []
+        self._ckpt_waiters: list[tuple[confirm.SaveRequest, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
         self._load_persisted(persisted)
@@ -316,7 +317,7 @@ class Job:
     def _spawn(self) -> None:
         spec = self.spec
         resume = self._resume_point()
-        resume_path = str(resume.path) if resume else ""
+        resume_path = str(resume.resume_path) if resume else ""   # HF dir, .ckpt, Paddle/TF prefix, Keras file
         argv = list(spec.command)
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
@@ -524,15 +525,17 @@ class Job:
                        reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
         if new_valid:
             self.tracker.progress()
-        valid_now = {_ckpt_key(i) for i in infos if i.valid}
-        for known, fut in list(self._ckpt_waiters):
-            if not fut.done() and valid_now - known:
-                fut.set_result(True)
+        for req, fut in list(self._ckpt_waiters):
+            # a new save confirms, never an old checkpoint found late (confirm.py)
+            info = confirm.confirmation(infos, req) if not fut.done() else None
+            if info is not None:
+                fut.set_result(info)
         self._ckpt_waiters = [(k, f) for k, f in self._ckpt_waiters if not f.done()]
 
     def _new_checkpoint_future(self) -> asyncio.Future:
+        """Resolves with the checkpoint that confirms a save asked for now."""
         fut = self.loop.create_future()
-        self._ckpt_waiters.append(({_ckpt_key(i) for i in self.checkpoints if i.valid}, fut))
+        self._ckpt_waiters.append((confirm.save_request(self.checkpoints, time.time()), fut))
         return fut
 
     def request_save(self) -> tuple[list[int], asyncio.Future]:
@@ -619,8 +622,7 @@ class Job:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:
-                        latest = self._resume_point()
-                        outcome.update(outcome="saved", step=getattr(latest, "step", None),
+                        outcome.update(outcome="saved", step=fut.result().step,
                                        save_s=round(time.monotonic() - t0, 3))
                     elif done:
                         outcome.update(outcome="exited before a new checkpoint")

@@ -15,7 +15,7 @@ from typing import Optional
 @dataclass(frozen=True)
 class CheckpointSpec:
     dir: Path                                  # absolute
-    format: str = "auto"                       # auto | trainsup | torch | hf
+    format: str = "auto"                       # auto | trainsup | torch | hf | paddle | tf | keras | lightning | safetensors
     keep_last: int = 3
     keep_best: int = 1
     metric: Optional[str] = None

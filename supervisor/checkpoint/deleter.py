@@ -16,6 +16,7 @@ could not take) re-planned and re-failed with no delay: 88% CPU, ~530 events/s. 
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -39,10 +40,44 @@ def rel_name(info: CheckpointInfo) -> str:
     return f"{TMP_DIR}/{info.name}" if info.in_progress else info.name
 
 
+def _delete_members(h: DirHandle, info: CheckpointInfo) -> None:
+    """A framework entry of several files (Paddle prefix group, TF index + shards, nested
+    Lightning/Keras layouts): the framework's bookkeeping first (TF's state file must never
+    list a deleted checkpoint), then every member, commit marker first — each through a
+    dir fd opened beneath the held dir (no symlink, no mount crossing on the way)."""
+    from .frameworks import bookkeeping      # framework layouts only; keeps the import light
+    units = bookkeeping.deletion_units(info, h.path)
+    parents = {rel.rpartition("/")[0] for rel in units}
+    if info.format == "tf":
+        parent = info.name.rpartition("/")[0]
+        dfd = h.open_beneath(parent) if parent else os.dup(h.fd)
+        try:
+            bookkeeping.forget_in_tf_state(dfd, [info.name.rpartition("/")[2]])
+        finally:
+            os.close(dfd)
+    subs: dict[str, DirHandle] = {}
+    try:
+        for parent in parents:
+            if parent:
+                subs[parent] = DirHandle(h.path / parent, h.open_beneath(parent))
+        for rel in units:
+            parent, _, base = rel.rpartition("/")
+            try:
+                delete_entry(subs[parent] if parent else h, base)
+            except FileNotFoundError:
+                continue       # one member already gone: the others still go
+    finally:
+        for s in subs.values():
+            s.close()
+
+
 def delete_one(h: DirHandle, info: CheckpointInfo) -> Outcome:
     """Delete one planned entry through the held dir; never raises for the entry's sake."""
     try:
-        delete_entry(h, rel_name(info))
+        if info.members and not info.in_progress:
+            _delete_members(h, info)
+        else:
+            delete_entry(h, rel_name(info))
     except FileNotFoundError:
         return Outcome(info, True, already_gone=True)
     except (DeleteError, OSError, ValueError) as e:

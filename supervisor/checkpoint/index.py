@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from . import frameworks
 from .dirhandle import CheckpointDirError as _HandleError
 from .dirhandle import DirHandle
 from .format import TMP_DIR
@@ -75,6 +76,21 @@ class CheckpointInfo:
     alias: bool = False             # an unnumbered "newest" name (last.ckpt, latest.pth)
     fp: str = field(default="", compare=False)
     ino: int = 0
+    # Framework entries (frameworks/): the files that make up the entry, relative to the
+    # checkpoint dir, deleted as one unit, commit marker first (empty: `path` is the entry);
+    # alias_kind: latest | best | last | link | backup for a name the framework rewrites, and
+    # alias_of: the numbered entry whose step it shares; resume: what the framework's resume
+    # call takes when that is not `path` (a save_last="link" symlink's target).
+    members: tuple[str, ...] = ()
+    alias_kind: Optional[str] = None
+    alias_of: Optional[str] = None
+    resume: Optional[Path] = None
+
+    @property
+    def resume_path(self) -> Path:
+        """What TRAINSUP_RESUME_FROM / {checkpoint} name: the dir (HF, trainsup), the file
+        (torch, Lightning, Keras), the prefix (Paddle `latest`, TF `ckpt-N`)."""
+        return self.resume or self.path
 
 
 def is_unknown_reason(reason: Optional[str]) -> bool:
@@ -113,8 +129,13 @@ def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
             entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
     except OSError as e:
         raise CheckpointDirError(e.errno, f"{h.path}: cannot list the checkpoint dir: {e.strerror}") from None
-    infos: list[CheckpointInfo] = []
+    # Framework layouts (Paddle prefix groups, TF index + shards, Keras, Lightning,
+    # safetensors) first: the names they claim are one entry each, not loose files.
+    fw_infos, claimed = frameworks.scan(h.path, fmt, cache, CheckpointInfo, root_fd=h.fd)
+    infos: list[CheckpointInfo] = list(fw_infos)
     for name, is_dir, is_link in entries:
+        if name in claimed:
+            continue
         if name == TMP_DIR:
             infos.extend(_scan_tmp(h))
             continue
@@ -212,12 +233,15 @@ def _scan_tmp(h: DirHandle) -> list[CheckpointInfo]:
 def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     """Oldest first: by step; an unnumbered entry right after the numbered ones older than it."""
     infos = list(infos)
-    numbered = sorted((i for i in infos if i.step is not None), key=lambda i: (i.step, i.mtime, i.name))
+    # An alias sorts before the numbered entry it shares a step with: the numbered one is
+    # the latest of that step (mtimes of copies say nothing).
+    numbered = sorted((i for i in infos if i.step is not None),
+                      key=lambda i: (i.step, i.alias_kind is None, i.mtime, i.name))
     unnumbered = [i for i in infos if i.step is None]
     if not unnumbered:
         return numbered
     by_mtime = sorted(numbered, key=lambda i: i.mtime)
-    keyed = [((i.step, 0, i.mtime, i.name), i) for i in numbered]
+    keyed = [((i.step, 0, i.alias_kind is None, i.mtime, i.name), i) for i in numbered]
     # the largest step among numbered entries not newer than each unnumbered entry
     mtimes = [i.mtime for i in by_mtime]
     running_max: list[float] = []
@@ -228,7 +252,9 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     for u in unnumbered:
         k = bisect.bisect_right(mtimes, u.mtime)
         anchor = running_max[k - 1] if k else -math.inf
-        keyed.append(((anchor, 1, u.mtime, u.name), u))
+        if u.alias_kind is not None:
+            anchor = -math.inf  # a framework's copy whose step no byte tells (best_model/model)
+        keyed.append(((anchor, 1, True, u.mtime, u.name), u))
     keyed.sort(key=lambda t: t[0])
     return [i for _, i in keyed]
 

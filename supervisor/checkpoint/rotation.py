@@ -153,8 +153,12 @@ def plan_rotation(
         # Nothing valid: whatever is here may be the only state the job can resume from.
         for i in infos:
             keep(i, "nothing-valid")
+    for i in infos:
+        if getattr(i, "alias_kind", None):
+            keep(i, "alias")    # latest / last.ckpt / backup: the framework rewrites it in place
     if spec.keep_last > 0:
-        for i in valid[-spec.keep_last:]:
+        # aliases duplicate a numbered save: they are not a state of their own for keep_last
+        for i in [v for v in valid if not getattr(v, "alias_kind", None)][-spec.keep_last:]:
             keep(i, "last")
     if spec.keep_best > 0 and spec.metric:
         sign = 1.0 if spec.mode == "min" else -1.0

@@ -24,9 +24,10 @@ from pathlib import Path
 from ..crashpoints import crash_point
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
-from . import rotation
+from . import layout_warnings, rotation
 from .custody import JobCheckpointDir
 from .deleter import PassGate
+from .frameworks import bookkeeping
 from .watch import CheckpointWatcher
 
 log = logging.getLogger("trainsup.checkpoint")
@@ -92,6 +93,7 @@ class JobCheckpoints:
     kept: dict[str, str] = field(default_factory=dict)
     over_quota: bool = False
     warnings: list[str] = field(default_factory=list)
+    in_place: layout_warnings.InPlaceWrites = field(default_factory=layout_warnings.InPlaceWrites)
     _watcher: Any = None
     _running: bool = False
     _dirty: bool = False
@@ -210,6 +212,9 @@ class JobCheckpoints:
                     self.infos, self.error = infos, err
                     if self.custody is not None:
                         self.custody.observe(infos)     # liveness: the daemon's monotonic clock
+                    self.in_place.observe(infos)
+                    if not infos:       # no rotation pass runs for an empty index
+                        self.warnings = self._layout_warnings()
                     self.on_index(infos, err)
                 if not self._dirty:
                     break
@@ -249,8 +254,15 @@ class JobCheckpoints:
                          f"an emergency save will not finish in time")
         if self.custody is not None:
             w += self.custody.warnings()           # delete failures (once each), dir replaced
-        self.warnings = w
+        self.warnings = w + self._layout_warnings()
         return plan.over_quota and not was_over
+
+    def _layout_warnings(self) -> list[str]:
+        if self.spec is None or self.error is not None:
+            return []
+        found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
+                 self.in_place.warning())
+        return [w for w in found if w]
 
 
 class RotationCoordinator:
@@ -291,16 +303,18 @@ class RotationCoordinator:
             if ck.spec is None or not ck.infos or ck.closed:
                 continue
             members[ck.name] = (ck, facts, record)
+            # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
+            pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
             if ck.custody is None:
                 plans[ck.name] = rotation.plan_rotation(
-                    ck.infos, ck.spec, pinned=set(facts.pinned), resumed_from=facts.resumed_from)
+                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
                 continue
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.
             opened: set[str] = set()
             for _ in range(4):
-                plan = ck.custody.plan(ck.infos, pinned=set(facts.pinned),
+                plan = ck.custody.plan(ck.infos, pinned=pinned,
                                        resumed_from=facts.resumed_from, also_live=opened)
                 held = await self.loop.run_in_executor(
                     self.executor, ck.custody.open_by_job,
@@ -309,7 +323,7 @@ class RotationCoordinator:
                     break
                 opened |= held
             else:       # the job keeps opening what we would delete: nothing this pass
-                plan = ck.custody.plan(ck.infos, pinned=set(facts.pinned), resumed_from=facts.resumed_from,
+                plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
                                        also_live={i.name for i in ck.infos})
             plans[ck.name] = plan
         extra: dict[str, list] = {}

@@ -15,6 +15,7 @@ post to the daemon's loop (loop.call_soon_threadsafe). Reasons: "changed", "dir-
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -69,9 +70,9 @@ class ObserverHub:
                 self.observer.daemon = True
                 self.observer.start()
 
-    def add(self, handler, path: str, events) -> object:
+    def add(self, handler, path: str, events, recursive: bool = False) -> object:
         with self._lock:
-            watch = self.observer.schedule(handler, path, recursive=False, event_filter=events)
+            watch = self.observer.schedule(handler, path, recursive=recursive, event_filter=events)
             self._refs[watch] = self._refs.get(watch, 0) + 1
             return watch
 
@@ -162,15 +163,28 @@ class CheckpointWatcher:
         except OSError:
             return
         if stat.S_ISDIR(st.st_mode):  # never a symlink: we would watch someone else's dir
-            try:
-                self._dir_watch = self.hub.add(self._dir_handler, self.path, _DIR_EVENTS)
-            except OSError:
-                self._dir_watch = None  # vanished again; the parent watch will tell us
+            # Recursive: frameworks complete a checkpoint inside its entry dir (HF's
+            # trainer_state.json, Keras' metadata, Lightning's version_N/checkpoints/).
+            # If the inotify watch limit is reached, fall back to the top level alone.
+            for recursive in (True, False):
+                try:
+                    self._dir_watch = self.hub.add(self._dir_handler, self.path, _DIR_EVENTS, recursive)
+                    break
+                except OSError as e:
+                    self._dir_watch = None  # vanished again; the parent watch will tell us
+                    if e.errno != errno.ENOSPC:
+                        break
 
     def _on_dir_event(self, event: FileSystemEvent) -> None:
         if event.src_path == self.path:
             return  # IN_DELETE_SELF: the parent watch reports it with context
+        if all(self._inside_hidden(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p):
+            return  # inside .trainsup-tmp/ or .trainsup-trash/: a landing is a move out of them
         self.on_change("changed")
+
+    def _inside_hidden(self, path) -> bool:
+        rel = os.path.relpath(os.fsdecode(path), self.path)
+        return rel.startswith(".") and os.sep in rel
 
     def _on_parent_event(self, event: FileSystemEvent) -> None:
         src = event.src_path

@@ -1,6 +1,5 @@
 """Rotation policy tables (SPEC section 6): facts in, plan out, no files."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -114,18 +113,15 @@ def test_disk_quota_takes_every_before_anyones_last():
     assert plan_disk_quota({"a": pa}, None).delete == {"a": []}
 
 
-def test_ten_thousand_checkpoints_under_100ms():
+def test_ten_thousand_checkpoints_plan_within_quota():
+    # Its speed (<= 100 ms over 10,000) is measured in tests/bench, not asserted here: a
+    # timed unit test fails on a loaded machine and proves nothing about the plan.
     infos = [ck(s, loss=(s * 7919) % 1000 / 1000, size=1000) for s in range(1, 10_001)]
     infos[5000] = ck(5001, valid=False)
     sp = spec(keep_last=5, keep_best=3, metric="val_loss", keep_every=1000, quota=50_000)
-    plan_rotation(infos, sp)  # warm-up
-    best = min(_timed(lambda: plan_rotation(infos, sp, pinned={7})) for _ in range(3))
     plan = plan_rotation(infos, sp, pinned={7})
     assert plan.kept_bytes <= 50_000 or plan.over_quota
-    assert best < 0.100, f"rotation over 10k took {best * 1000:.1f} ms"
+    kept_steps = {i.step for i in infos if str(i.path) in {str(k) for k in plan.kept}}
+    assert 10_000 in kept_steps and 7 in kept_steps          # the newest and the pinned
 
 
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t

@@ -1,0 +1,56 @@
+"""Warnings about how a job saves, for `trainsup status` (pure: index facts in, lines out).
+
+- A non-empty checkpoint dir where the configured format recognises nothing: the job will
+  restart from scratch every time, and no quota applies to what it writes.
+- Checkpoints written in place: an entry once seen valid is later seen invalid or shrunk
+  (torch.save over `latest.pth`, Paddle's `latest.*`, Keras' backup). A kill in that window
+  leaves no good copy under that name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) -> str | None:
+    if infos:
+        return None
+    try:
+        with os.scandir(ckpt_dir) as it:
+            if not any(not e.name.startswith(".") for e in it):
+                return None
+    except OSError:
+        return None      # missing or unreadable: the scan error says so
+    if fmt == "auto":
+        return (f"no checkpoints recognised in {ckpt_dir}: set checkpoint.format "
+                f"(trainsup, torch, hf, paddle, tf, keras, lightning, safetensors)")
+    return f"no {fmt} checkpoints recognised in {ckpt_dir}: check checkpoint.format and checkpoint.dir"
+
+
+class InPlaceWrites:
+    """Remembers each entry's last valid size; reports one rewritten in place, once seen."""
+
+    def __init__(self) -> None:
+        self.valid_bytes: dict[str, int] = {}
+        self.seen: str | None = None        # the first entry caught, kept for the warning
+
+    def observe(self, infos: Sequence[Any]) -> None:
+        now: dict[str, int] = {}
+        for i in infos:
+            if getattr(i, "in_progress", False):
+                continue
+            before = self.valid_bytes.get(i.name)
+            if i.valid:
+                now[i.name] = i.bytes
+            if before is not None and self.seen is None and (not i.valid or i.bytes < before):
+                self.seen = i.name
+        self.valid_bytes = now
+
+    def warning(self) -> str | None:
+        if self.seen is None:
+            return None
+        return (f"checkpoints written in place: {self.seen} was seen truncated or rewritten; "
+                f"save to a temporary name and rename it into place (atomic), so a kill mid-save "
+                f"never leaves it broken")

@@ -1,0 +1,132 @@
+"""Rotation that keeps each framework's bookkeeping working: HF's best checkpoint, TF's
+state file, multi-file entries deleted member by member, commit marker first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import SHARED
+from trainsup.checkpoint.frameworks.bookkeeping import (
+    delete_unit,
+    deletion_units,
+    forget_in_tf_state,
+    hf_best_steps,
+    tf_state_without,
+)
+from trainsup.checkpoint.index import scan
+from trainsup.checkpoint.rotation import plan_rotation
+from trainsup.spec import CheckpointSpec
+
+FIXTURES = SHARED / "fixtures" / "frameworks"
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
+
+STATE = """model_checkpoint_path: "ckpt-3"
+all_model_checkpoint_paths: "ckpt-1"
+all_model_checkpoint_paths: "ckpt-2"
+all_model_checkpoint_paths: "ckpt-3"
+all_model_checkpoint_timestamps: 1795373118.5413196
+all_model_checkpoint_timestamps: 1795373118.6019058
+all_model_checkpoint_timestamps: 1795373118.6565797
+last_preserved_timestamp: 1795373117.277199
+"""
+
+
+def test_tf_state_drops_a_deleted_checkpoint_with_its_timestamp():
+    out = tf_state_without(STATE, ["ckpt-1"])
+    assert out == ('model_checkpoint_path: "ckpt-3"\n'
+                   'all_model_checkpoint_paths: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-3"\n'
+                   "all_model_checkpoint_timestamps: 1795373118.6019058\n"
+                   "all_model_checkpoint_timestamps: 1795373118.6565797\n"
+                   "last_preserved_timestamp: 1795373117.277199\n")
+    assert tf_state_without(STATE, ["ckpt-9"]) is None          # not listed: left alone
+
+
+def test_tf_state_latest_moves_to_the_newest_remaining():
+    out = tf_state_without(STATE, ["ckpt-3"])
+    assert out.startswith('model_checkpoint_path: "ckpt-2"\n') and '"ckpt-3"' not in out
+
+
+def test_tf_state_rewrite_is_a_rename(tmp_path):
+    (tmp_path / "checkpoint").write_text(STATE)
+    ino = (tmp_path / "checkpoint").stat().st_ino
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert forget_in_tf_state(fd, ["ckpt-1"])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "checkpoint").stat().st_ino != ino      # readers see old or new, never half
+    assert '"ckpt-1"' not in (tmp_path / "checkpoint").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def _copy(tree: str, dst: Path) -> Path:
+    shutil.copytree(FIXTURES / tree, dst)
+    for d, dirs, files in os.walk(dst):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    return dst
+
+
+@needs_fixtures
+def test_hf_best_model_checkpoint_is_protected_like_a_pin(tmp_path):
+    d = _copy("hf_trainer/good", tmp_path / "out")
+    state = json.loads((d / "checkpoint-6/trainer_state.json").read_text())
+    state["best_model_checkpoint"] = str(d / "checkpoint-2")
+    (d / "checkpoint-6/trainer_state.json").write_text(json.dumps(state))
+    infos = scan(d)
+    assert hf_best_steps(infos) == {2}
+    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=1), pinned=hf_best_steps(infos))
+    assert [i.name for i in plan.delete] == ["checkpoint-4"]
+    assert plan.kept[d / "checkpoint-2"] == "pinned"
+
+
+@needs_fixtures
+def test_multi_file_entries_delete_member_by_member_commit_marker_first(tmp_path):
+    d = _copy("paddle/good", tmp_path / "out")
+    info = {i.name: i for i in scan(d)}["iter_epoch_1"]
+    assert deletion_units(info, d) == ["iter_epoch_1.states", "iter_epoch_1.pdparams", "iter_epoch_1.pdopt"]
+    for rel in deletion_units(info, d):
+        delete_unit(d, rel)
+    assert "iter_epoch_1" not in {i.name for i in scan(d)}
+    assert not list(d.glob("iter_epoch_1.*"))
+
+
+@needs_fixtures
+def test_nested_members_are_deleted_without_following_a_symlinked_dir(tmp_path):
+    d = _copy("lightning/good", tmp_path / "out")
+    rel = "lightning_logs/version_0/checkpoints/epoch=1-step=8.ckpt"
+    delete_unit(d, rel)
+    assert not (d / rel).exists()
+    # the same layout reached through a symlinked dir: refused, the target untouched
+    outside = _copy("lightning/good", tmp_path / "elsewhere")
+    shutil.rmtree(d / "lightning_logs")
+    os.symlink(outside / "lightning_logs", d / "lightning_logs")
+    with pytest.raises(OSError, match="never followed"):
+        delete_unit(d, "lightning_logs/version_0/checkpoints/epoch=2-step=12.ckpt")
+    assert (outside / "lightning_logs/version_0/checkpoints/epoch=2-step=12.ckpt").exists()
+
+
+LV = "lightning_logs/version_0/checkpoints/"
+
+
+@needs_fixtures
+@pytest.mark.parametrize("tree,keep_last,kept,deleted", [
+    # numbered checkpoints only count; latest / best_accuracy / best_model / last / backup stay
+    ("paddle/good", 2, {"iter_epoch_2", "iter_epoch_3", "latest", "best_accuracy", "best_model/model"},
+     {"iter_epoch_1"}),
+    ("lightning/good", 2, {LV + "epoch=1-step=8.ckpt", LV + "epoch=2-step=12.ckpt", LV + "last.ckpt"}, set()),
+    ("keras/good", 4, {"ckpt_weights/epoch02.weights.h5", "ckpt_weights/epoch03.weights.h5",
+                       "ckpt_keras/epoch02.keras", "ckpt_keras/epoch03.keras", "backup/latest.weights.h5"},
+     {"ckpt_weights/epoch01.weights.h5", "ckpt_keras/epoch01.keras"}),
+])
+def test_aliases_are_kept_and_not_counted_for_keep_last(tmp_path, tree, keep_last, kept, deleted):
+    d = _copy(tree, tmp_path / "out")
+    infos = scan(d)
+    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=keep_last))
+    assert {i.name for i in plan.delete} == deleted
+    assert {i.name for i in infos if i.path in plan.kept} == kept
