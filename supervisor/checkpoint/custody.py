@@ -47,6 +47,10 @@ from .validate import Verdict, VerdictCache
 QUIET_MARGIN_S = 5.0
 
 
+# single-entry formats whose content check_entry re-proves (frameworks/ checks groups)
+REPROVABLE = frozenset({"trainsup", "torch", "hf"})
+
+
 def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
     """(uid, gid) a `user:`/`group:` job's missing checkpoint dir is created with, so the
     job can save into it (issue 10: it was created root-owned); None: the daemon's own."""
@@ -157,6 +161,8 @@ class JobCheckpointDir:
             i = out[pos]
             if not (i.valid and i.managed and not i.in_progress):
                 continue
+            if i.members or i.format not in REPROVABLE:
+                break       # a framework group: its verdict is the scan's (frameworks/)
             try:
                 v = reprove(f"{self.handle.io_root}/{i.name}", i.format, cache, str(i.path))
             except OSError as e:
