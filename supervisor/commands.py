@@ -7,6 +7,7 @@ module is the layer between them. Handlers run on the daemon's loop.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 from .control import Connection, Peer, RequestError
+from .render import iso_utc
 from .job import Job, State
 from .verbs import VERBS
 
@@ -40,8 +42,12 @@ class Commands:
         if job is None:
             if name in self.d.invalid:
                 raise RequestError(f"job {name} is invalid: {self.d.invalid[name].errors[0]}")
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         return job
+
+    def no_such_job(self, name: str) -> RequestError:
+        close = difflib.get_close_matches(name, list(self.d.jobs) + list(self.d.invalid), n=1, cutoff=0.6)
+        return RequestError(f"no such job: {name}" + (f" (did you mean {close[0]}?)" if close else ""))
 
     def status(self, name: Optional[str] = None) -> dict:
         d = self.d
@@ -53,11 +59,20 @@ class Commands:
                          "last_exit": None, "checkpoint": None, "memory": None,
                          "error": "; ".join(inv.errors), "source": str(inv.source)})
         if name is not None and not jobs:
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         jobs.sort(key=lambda j: j["name"])
+        warnings = []
+        if not d.spec.jobs_dir.is_dir():
+            warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
+                            "(create it, or pass --jobs)")
+        notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
+                    "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
+                   for n in d.notices_in_force()]
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                           "rss": d.own_rss(), "socket": str(d.spec.socket)},
+                           "rss": d.own_rss(), "socket": str(d.spec.socket),
+                           "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                           "sources": list(d.source_health.values())},
                 "jobs": jobs}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
@@ -81,8 +96,14 @@ class Commands:
 
     async def do_start(self, r: "Request") -> Any:
         job = self.job(r.job)
-        if job.alive:
-            raise RequestError(f"job {r.job} is already {job.state.value}")
+        if job.alive or job.busy:
+            # Idempotent, as supervisorctl and systemctl: the wanted state already holds.
+            return {**job.status(), "already": True}
+        notice = self.d.active_preemption()
+        if notice is not None and not r.args.get("force"):
+            deadline = f", deadline {iso_utc(notice.deadline)}" if notice.deadline else ""
+            raise RequestError(f"a {notice.source} {notice.kind} notice is in force{deadline}: "
+                               f"{r.job} would be stopped again (start --force to start anyway)")
         job.start(reason="manual")
         return job.status()
 
@@ -90,7 +111,7 @@ class Commands:
         job = self.job(r.job)
         grace = _float_arg(r.args, "grace")
         if not job.active:
-            raise RequestError(f"job {r.job} is not running (state {job.state.value})")
+            return {**job.status(), "already": True}       # idempotent: nothing to stop
         return await job.stop(save=not r.args.get("no_save"), final=final, grace=grace, source=source)
 
     async def do_preempt(self, r: "Request") -> Any:
@@ -99,9 +120,10 @@ class Commands:
         grace = _float_arg(r.args, "grace")
         # The resolved targets, not "every job now": what was authorised is what is done.
         jobs = [j for j in (self.d.jobs.get(n) for n in r.targets) if j is not None]
+        moving = [j for j in jobs if j.alive or j.state == State.BACKOFF]
         outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
-                                      for j in jobs if j.alive or j.state == State.BACKOFF))
-        return {"jobs": len(outs), "outcomes": outs}
+                                      for j in moving))
+        return {"jobs": len(outs), "outcomes": [{"job": j.name, **o} for j, o in zip(moving, outs)]}
 
     async def do_restart(self, r: "Request") -> Any:
         job = self.job(r.job)
@@ -138,7 +160,10 @@ class Commands:
         n = r.args.get("n", 50)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise RequestError("history: n must be a positive integer")
-        return self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        events = self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
+            raise self.no_such_job(str(r.job))    # a typo, not an empty history
+        return events
 
     async def do_logs(self, r: "Request") -> Any:
         job = self.job(r.job)

@@ -34,8 +34,9 @@ import yaml
 
 from .checkpoint.claims import cross_job_conflicts
 from .checkpoint.naming import PatternError, compile_pattern
-from .spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec, HangSpec,
-                   InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec)
+from .spec import (HOOK_EVENTS, BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
+                   HangSpec, HookSpec, InvalidJob, JobSpec, MemorySpec, MetricsSpec,
+                   PreemptionSpec, RestartSpec, ScheduleSpec)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32            # a job file is 3 levels deep; deep nesting is only an attack
@@ -886,6 +887,38 @@ SCHEDULE = Section(ScheduleSpec, {
     "preempt_cron": cron,
 })
 
+def _hook_events(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
+    names = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if not names or any(n.kind != "scalar" or n.value not in HOOK_EVENTS for n in names):
+        raise Invalid(f"must be a list of events from {', '.join(HOOK_EVENTS)}, got {describe(node)}")
+    return tuple(dict.fromkeys(n.value for n in names))
+
+
+HOOK = Section(HookSpec, {
+    "command": command,
+    "on": _hook_events,
+    "timeout": duration(positive=True),
+}, required=("command",))
+
+
+def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
+    if node.kind != "seq":
+        raise Invalid(f"must be a list of hooks ({{command: [...], on: [...], timeout: 10s}}), "
+                      f"got {describe(node)}")
+    hooks, bad = [], False
+    for index, item in enumerate(node.value):
+        try:
+            hooks.append(HOOK(item, f"{key}[{index}]", ctx))
+        except Invalid as exc:
+            ctx.report(item.line, f"{key}[{index}]", str(exc))
+            bad = True
+        except _Reported:
+            bad = True
+    if bad:
+        raise _Reported
+    return tuple(hooks)
+
+
 JOB = Section(JobSpec, {
     "name": job_name,
     "command": command,
@@ -901,6 +934,7 @@ JOB = Section(JobSpec, {
     "memory": MEMORY,
     "hang": HANG,
     "schedule": SCHEDULE,
+    "hooks": hook_list,
 }, required=("name", "command"))
 JOB.nullable.add("workdir")                      # `workdir: null` = the YAML's folder
 
@@ -910,6 +944,21 @@ PREEMPTION = Section(PreemptionSpec, {
     "poll": duration(positive=True),
     "metadata_url": url,
 })
+
+def listen_address(node: Node, key: str, ctx: Context) -> str:
+    """"HOST:PORT", "[V6]:PORT", or a bare port (then loopback): metrics are for a local
+    scraper unless the admin names another address."""
+    raw = text(node, key, ctx).strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:      # 0: any free port (status shows it)
+        raise Invalid(f"must be HOST:PORT such as 127.0.0.1:9184, got {describe(node)}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+METRICS = Section(MetricsSpec, {"listen": listen_address})
 
 DAEMON = Section(DaemonSpec, {
     "jobs_dir": path,
@@ -923,6 +972,8 @@ DAEMON = Section(DaemonSpec, {
     "log_max_bytes": size(1),
     "log_backups": integer(0, 1000),
     "preemption": PREEMPTION,
+    "metrics": METRICS,
+    "hooks": hook_list,
 })
 _PATH_KEYS = frozenset({"jobs_dir", "state_dir", "socket", "log_dir"})
 DAEMON.nullable.update(_PATH_KEYS)               # null = the default
@@ -1119,6 +1170,40 @@ def default_config_path(*, is_root: bool, env: Mapping[str, str] = os.environ) -
     return _xdg(env, "XDG_CONFIG_HOME", _home(env) / ".config") / "trainsup" / "trainsup.yaml"
 
 
+def discover_config(explicit: Optional[Path | str], *, is_root: bool,
+                    env: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """The daemon config to read: --config when given (it must exist), else the
+    conventional file (/etc/trainsup/trainsup.yaml for root, else
+    $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists, else none."""
+    if explicit is not None:
+        return Path(explicit)
+    candidates = [default_config_path(is_root=is_root, env=env)]
+    systemd = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
+    if systemd is not None:              # a unit's ConfigurationDirectory=trainsup
+        candidates.insert(0, systemd / "trainsup.yaml")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _systemd_dir(env: Mapping[str, str], name: str) -> Optional[Path]:
+    """A directory systemd made for the unit (StateDirectory= etc.); the first when it
+    lists several, colon-separated."""
+    value = env.get(name, "").split(":")[0]
+    return Path(value) if value and os.path.isabs(value) else None
+
+
+def _under_systemd(defaults: dict, state_dir: Optional[Path], env: Mapping[str, str]) -> dict:
+    """Under systemd the unit's own directories are the defaults, so `ExecStart=trainsup
+    daemon` needs no path flags and the config file can still change every path."""
+    for key, var, leaf in (("jobs_dir", "CONFIGURATION_DIRECTORY", "jobs.d"),
+                           ("state_dir", "STATE_DIRECTORY", ""),
+                           ("socket", "RUNTIME_DIRECTORY", "trainsup.sock"),
+                           ("log_dir", "LOGS_DIRECTORY", "")):
+        d = _systemd_dir(env, var)
+        if d is not None and not (key in ("state_dir", "log_dir") and state_dir):
+            defaults[key] = d / leaf if leaf else d
+    return defaults
+
+
 def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) -> dict:
     if is_root:
         try:
@@ -1126,10 +1211,12 @@ def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) 
             group: Optional[str] = "trainsup"
         except KeyError:
             group = None
+        # A daemon given its own state dir keeps its logs there too: two daemons with
+        # same-named jobs must not share /var/log/trainsup/<job>.log.
         return {"jobs_dir": Path("/etc/trainsup/jobs.d"),
-                "state_dir": Path("/var/lib/trainsup"),
+                "state_dir": state_dir or Path("/var/lib/trainsup"),
                 "socket": Path("/run/trainsup/trainsup.sock"),
-                "log_dir": Path("/var/log/trainsup"),
+                "log_dir": state_dir / "logs" if state_dir else Path("/var/log/trainsup"),
                 "socket_group": group}
     home = _home(env)
     state = state_dir or _xdg(env, "XDG_STATE_HOME", home / ".local" / "state") / "trainsup"
@@ -1187,7 +1274,8 @@ def load_daemon_config(path: Optional[Path | str], overrides: Mapping[str, Any],
     # `jobs_dir: null` means "the default"; `socket_group: null` means "no group".
     chosen = {k: v for k, v in from_file.items() if v is not None or k not in _PATH_KEYS}
     chosen.update(from_flags)
-    chosen = {**_defaults(chosen.get("state_dir"), is_root, env), **chosen}
+    chosen = {**_under_systemd(_defaults(chosen.get("state_dir"), is_root, env), chosen.get("state_dir"), env),
+              **chosen}
     socket_bytes = len(os.fsencode(str(chosen["socket"])))
     if socket_bytes > UNIX_SOCKET_PATH_MAX:
         raise ConfigError([f"socket: {chosen['socket']} is {socket_bytes} bytes long; a Unix "

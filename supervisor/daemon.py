@@ -21,6 +21,8 @@ from .checkpoint.deleter import unfinished_intents
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
+from .hooks import HookRunner
+from .render import iso_utc
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
@@ -32,6 +34,8 @@ log = logging.getLogger("trainsup.daemon")
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
+NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
+
 
 
 class Daemon:
@@ -59,6 +63,11 @@ class Daemon:
         self.schedule: Optional[JobSchedule] = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
+        self.active_notices: dict[tuple, Any] = {}    # machine-wide notices in force
+        self._notice_seen: dict[tuple, float] = {}
+        self.source_health: dict[str, dict] = {}      # notice source -> its last health change
+        self.hooks: Optional[HookRunner] = None
+        self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -96,6 +105,8 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
+        self.hooks = HookRunner(self.loop, self.spec.hooks)
+        self._start_metrics()
         self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
         # YAML and user lookups off the loop; a file still being written is read again
         # by a reload in a moment instead of being taken half-written.
@@ -156,6 +167,10 @@ class Daemon:
                 log.exception("stopping %r", src)
         for j in self.jobs.values():
             j.ckpts.close()
+        if self.hooks is not None:
+            self.hooks.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.control.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
@@ -190,6 +205,8 @@ class Daemon:
             from .notices.cloud import CloudPoller
             self.cloud = CloudPoller(pre.provider, self._threadsafe(self.on_notice), poll=pre.poll,
                                      metadata_url=pre.metadata_url)
+            source = pre.provider
+            self.cloud.on_health = self._threadsafe(lambda ok, error: self._source_health(source, ok, error))
             self.cloud.start()
             self._sources.append(self.cloud)
 
@@ -213,8 +230,13 @@ class Daemon:
     def on_notice(self, notice) -> None:
         """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
         preemption or maintenance, stops before the deadline."""
+        key = notice.identity()
+        self._expire_notices()
+        if key in self.active_notices:
+            return                      # the same notice again (a source re-reported it): once is enough
+        self.active_notices[key] = notice
         log.warning("notice from %s: %s %s (deadline %s)", notice.source, notice.kind, notice.detail,
-                    notice.deadline)
+                    iso_utc(notice.deadline) if notice.deadline else "none")
         self.record_event("-", "notice", {"source": notice.source, "kind": notice.kind,
                                           "detail": notice.detail, "deadline": notice.deadline})
         running = [j for j in self.jobs.values() if j.alive]
@@ -229,6 +251,28 @@ class Daemon:
                  for j in running]
         if notice.event_id and getattr(self, "cloud", None) is not None:
             self._spawn_task(self._acknowledge(flows, notice), "acknowledging a notice")
+
+    def _expire_notices(self) -> None:
+        now = time.time()
+        for key, n in list(self.active_notices.items()):
+            # Without a deadline a notice is active for NOTICE_ACTIVE_FOR after it came.
+            until = n.deadline if n.deadline else self._notice_seen.setdefault(key, now) + NOTICE_ACTIVE_FOR
+            if now > until:
+                del self.active_notices[key]
+                self._notice_seen.pop(key, None)
+
+    def _source_health(self, source: str, ok: bool, error: str) -> None:
+        now = time.time()
+        self.source_health[source] = {"source": source, "ok": ok, "error": error or None,
+                                      "since": now, "since_iso": iso_utc(now)}
+
+    def notices_in_force(self) -> list:
+        self._expire_notices()
+        return list(self.active_notices.values())
+
+    def active_preemption(self) -> Optional[Any]:
+        """The machine-wide preemption notice in force (a start now would be preempted again)."""
+        return next((n for n in self.notices_in_force() if n.kind != "warning"), None)
 
     async def _acknowledge(self, flows, notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
@@ -252,7 +296,9 @@ class Daemon:
                 j.request_save()
 
     def leader_pids(self) -> list[int]:
-        return [j.child.pid for j in self.jobs.values() if j.child]
+        # Hook processes too: their exit status is the hook runner's to collect.
+        hooks = list(self.hooks.pids()) if self.hooks is not None else []
+        return [j.child.pid for j in self.jobs.values() if j.child] + hooks
 
     def _on_chld(self) -> None:
         process.reap_orphans(self.leader_pids())
@@ -388,7 +434,10 @@ class Daemon:
                 if isinstance(r, BaseException):
                     log.error("reload: %r", r, exc_info=r)
         self.record_event("-", "reload", {"added": added, "removed": removed, "changed": changed})
+        if self.metrics is not None:
+            self.metrics.book.mark()            # jobs came and went: re-sample them all
         return {"added": added, "removed": removed, "changed": changed,
+                "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
                 + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
 
@@ -447,6 +496,39 @@ class Daemon:
         self.db.add_event(job, kind, data)
         if kind != "state":
             log.info("%s: %s %s", job, kind, " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+        if self.metrics is not None:
+            self.metrics.book.on_event(job, kind, data)
+            self.metrics.schedule_publish(self.loop, self._publish_metrics)
+        if self.hooks is not None:
+            j = self.jobs.get(job)
+            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+
+    # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
+    def _start_metrics(self) -> None:
+        if not self.spec.metrics.listen:
+            return
+        from .metrics import MetricsBook, MetricsServer
+        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall)
+        try:
+            server.start()
+        except OSError as e:
+            # Supervising the jobs matters more than exporting numbers about them.
+            log.error("metrics: cannot listen on %s: %s; running without metrics",
+                      self.spec.metrics.listen, e.strerror or e)
+            return
+        self.metrics = server
+        log.info("metrics on http://%s/metrics", self.metrics_address())
+        self._spawn_task(server.probe_lag(self._publish_metrics), "metrics lag probe")
+
+    def metrics_address(self) -> Optional[str]:
+        if self.metrics is None:
+            return None
+        host = self.metrics.listen.rpartition(":")[0]
+        return f"{host}:{self.metrics.port}"
+
+    def _publish_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.book.publish(self.jobs, [inv.name for inv in self.invalid.values()])
 
     def save_job(self, job: str, data: dict) -> None:
         self.db.save_job(job, data)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from . import cgroup, process
+from . import cgroup, jobnotice, process
 from .backoff import RestartTracker
 from .checkpoint import confirm
 from .checkpoint.service import JobCheckpoints, RotationFacts
@@ -66,6 +66,10 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
+# Seconds `status` shows a job's last notice (then it is history); tests shorten it.
+NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
+
+
 class TransitionError(RuntimeError):
     pass
 
@@ -82,6 +86,29 @@ class JobHost(Protocol):
     def state_changed(self, job: "Job") -> None: ...
     def emergency_save_started(self, grace: float) -> None: ...
     def leader_pids(self) -> list[int]: ...
+
+
+# A job installs its save-signal handler after its imports (trainsup.save_requested() on
+# its first step): status warns only once an attempt has run this long without one.
+CATCH_GRACE_S = float(os.environ.get("TRAINSUP_TEST_CATCH_GRACE", "30"))
+
+
+def _ago(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _reported_step(heartbeat: Path, since_wall: float) -> Optional[int]:
+    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
+    a job may write its current step there), else None. Read once, at exit."""
+    try:
+        with open(heartbeat, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
+                return None            # written by an earlier attempt
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _ckpt_key(info) -> tuple:
@@ -130,6 +157,10 @@ class Job:
         self._ckpt_waiters: list[tuple[confirm.SaveRequest, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
+        self._notices = 0                 # notices written this daemon run (their ids)
+        self.notice_id: Optional[str] = None   # the notice the job was last signalled with
+        self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
+        self._last_step: Optional[int] = None          # the step the last attempt reported
         self._load_persisted(persisted)
 
     @property
@@ -322,9 +353,9 @@ class Job:
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
         self.attempt += 1
-        if self.attempt > 1:
-            self.restarts += 1
         reason = "first" if self.attempt == 1 else self.restart_reason
+        if reason not in ("first", "manual"):
+            self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
             "TRAINSUP_JOB": spec.name,
             "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
@@ -334,12 +365,15 @@ class Job:
             "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
             "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
         }
+        if spec.checkpoint is not None:
+            extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_file())
         env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
             # created owned by the job's user, never through a symlink (checkpoint/custody.py)
             problem = self.ckpts.ensure_dir()
             if problem:
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
+            jobnotice.clear(self._notice_file())
         try:
             process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)
         except (OSError, KeyError) as e:
@@ -389,8 +423,16 @@ class Job:
         if self._exit_noticed is not None:
             since_exit = round((spawned_at - self._exit_noticed) * 1000, 3)
             self._exit_noticed = None
+        lost: dict[str, int] = {}
+        if self._last_step is not None:
+            # Work the interrupted attempt did past the checkpoint this one resumes from
+            # (unknown when that checkpoint has no step number).
+            back_to = 0 if resume is None else resume.step
+            if back_to is not None:
+                lost["steps_lost"] = max(0, self._last_step - back_to)
+            self._last_step = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
-                   **({"since_exit_ms": since_exit} if since_exit is not None else {}))
+                   **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
         self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
         self.sigstopped = False
@@ -448,8 +490,10 @@ class Job:
         ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+        self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
-                   signal=ex.signal, ran_for=round(ran_for, 3))
+                   signal=ex.signal, ran_for=round(ran_for, 3),
+                   **({"last_step": self._last_step} if self._last_step is not None else {}))
         if self._exit_fut is not None and not self._exit_fut.done():
             self._exit_fut.set_result(ex)
         if self._flow is not None:
@@ -538,15 +582,29 @@ class Job:
         self._ckpt_waiters.append((confirm.save_request(self.checkpoints, time.time()), fut))
         return fut
 
-    def request_save(self) -> tuple[list[int], asyncio.Future]:
+    def _notice_file(self) -> Path:
+        assert self.spec.checkpoint is not None
+        return jobnotice.path_for(self.spec.checkpoint.dir)
+
+    def request_save(self, kind: str = "checkpoint", deadline: Optional[float] = None) -> tuple[list[int], asyncio.Future]:
         """Ask the job for a checkpoint; returns the pids signalled and a future that
-        resolves when a valid checkpoint newer than this request is indexed."""
+        resolves when a valid checkpoint newer than this request is indexed. The notice
+        file (kind, deadline) is written before the signal."""
         fut = self._new_checkpoint_future()
         if not self.child:
             return [], fut
+        self.notice_id = None
+        if self.spec.checkpoint is not None:
+            self._notices += 1
+            nid = f"{self.attempt}.{self._notices}"
+            if jobnotice.write(self._notice_file(), nid, kind, deadline):
+                self.notice_id = nid
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
-        self._save_requested_mono = time.monotonic()
+        if sent:
+            # Only a delivered request is timed: a refused one never produced a save, and
+            # timing it raised a false "slow saves" warning minutes later.
+            self._save_requested_mono = time.monotonic()
         self.event("save-requested", pids=sent)
         if not sent:
             msg = (f"no process of job {self.name} catches {self.spec.emergency_save.signal}: "
@@ -615,7 +673,7 @@ class Job:
                                       f"longer than the {grace:.1f}s left")
                 self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
-            sent, fut = self.request_save()
+            sent, fut = self.request_save("preempt", deadline_wall if deadline_wall is not None else notice_at + grace)
             self.host.emergency_save_started(grace)
             try:
                 if sent and self._exit_fut is not None:
@@ -624,17 +682,30 @@ class Job:
                     if fut in done:
                         outcome.update(outcome="saved", step=fut.result().step,
                                        save_s=round(time.monotonic() - t0, 3))
+                    elif done and self._acked("saved"):
+                        # It saved for this notice and exited before the index saw the save.
+                        await self.ckpts.refresh()
+                        if fut.done():
+                            outcome.update(outcome="saved", step=getattr(self._resume_point(), "step", None),
+                                           save_s=round(time.monotonic() - t0, 3))
+                        else:
+                            outcome.update(outcome="exited before a new checkpoint")
                     elif done:
                         outcome.update(outcome="exited before a new checkpoint")
                     else:
                         outcome.update(outcome=f"no save within {grace:g}s")
                 else:
-                    outcome.update(outcome="job does not catch the save signal")
+                    outcome.update(outcome="job does not catch the save signal", lost=self._work_lost())
             finally:
                 if not fut.done():
                     fut.cancel()
         self._set(S.STOPPING, source=source)
         cg = self.child.cgroup if self.child else None
+        if self.alive and outcome.get("outcome") == "saved" and self._acked():
+            # The job saved for this preemption and ends by itself (exit 0): no SIGTERM,
+            # which would ask a helper for a second save.
+            if await self._wait_exit(spec.stop_timeout):
+                outcome["exited"] = "by itself after its save"
         if self.alive:
             if self.child:
                 self.child.refresh_tree()
@@ -657,6 +728,41 @@ class Job:
         else:
             self._set(final)
         return outcome
+
+    def _work_lost(self) -> str:
+        """What stopping without a save throws away, for the user who asked for the stop."""
+        latest = self._resume_point()
+        if latest is None:
+            return "no valid checkpoint: all work of this run is lost"
+        age = f"{_ago(time.time() - latest.mtime)} ago, " if latest.mtime else ""
+        return f"work since the last checkpoint is lost (last checkpoint {age}step {latest.step})"
+
+    def _save_signal_warnings(self) -> list[str]:
+        """Say before it matters that no process of the job catches the save signal."""
+        c = self.child
+        if c is None or self.spec.checkpoint is None or time.monotonic() - c.started_mono < CATCH_GRACE_S:
+            return []
+        now = time.monotonic()
+        seen = self._catch_seen
+        if seen is None or seen[0] != c.pid or now - seen[1] > 5.0 or not seen[2]:
+            signum = process.signal_number(self.spec.emergency_save.signal)
+            try:
+                pids = [c.pid] + [p.pid for p in c.refresh_tree()]
+            except Exception:
+                pids = [c.pid]
+            seen = self._catch_seen = (c.pid, now, any(process.catches_signal(p, signum) for p in pids))
+        if seen[2]:
+            return []
+        return [f"no process catches {self.spec.emergency_save.signal}: emergency saves impossible "
+                f"(see README 'Integrations')"]
+
+    def _acked(self, state: Optional[str] = None) -> bool:
+        """The job acknowledged the current notice and will exit after its save."""
+        nid = self.notice_id
+        if nid is None or self.spec.checkpoint is None:
+            return False
+        ack = jobnotice.read_ack(self._notice_file(), nid)
+        return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------
     def status(self) -> dict:
@@ -684,6 +790,7 @@ class Job:
             "since": self.state_since,
             "attempt": self.attempt,
             "restarts": self.restarts,
+            "crashes_in_a_row": self.tracker.consecutive,
             "last_exit": self.last_exit,
             "restart_reason": self.restart_reason,
             "resumed_from": self.resumed_from,
@@ -696,8 +803,10 @@ class Job:
                 "error": self.ckpts.error,
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
-            "last_notice": self.last_notice,
-            "warnings": list(self.ckpts.warnings),
+            # A notice's outcome is news for a while, then history (`trainsup history`).
+            "last_notice": self.last_notice if self.last_notice and
+            now - float(self.last_notice.get("at") or 0) < NOTICE_SHOWN_FOR else None,
+            "warnings": list(self.ckpts.warnings) + self._save_signal_warnings(),
             "error": self.error,
             "config_error": self.config_error,
             "source": str(self.spec.source),

@@ -73,6 +73,17 @@ class ScheduleSpec:
     preempt_cron: Optional[str] = None
 
 
+HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A command run (no shell) with the event as JSON on stdin (trainsup.hooks)."""
+    command: tuple[str, ...]
+    on: tuple[str, ...] = HOOK_EVENTS          # which events fire it
+    timeout: float = 10.0                      # then the hook's process group is killed
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
@@ -96,6 +107,7 @@ class JobSpec:
     memory: MemorySpec = field(default_factory=MemorySpec)
     hang: HangSpec = field(default_factory=HangSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    hooks: tuple[HookSpec, ...] = ()           # run after the daemon's own hooks
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,11 @@ class PreemptionSpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    listen: Optional[str] = None               # "HOST:PORT" for Prometheus; None = off
+
+
+@dataclass(frozen=True)
 class DaemonSpec:
     jobs_dir: Path
     state_dir: Path
@@ -128,3 +145,5 @@ class DaemonSpec:
     log_max_bytes: int = 50 << 20              # per-job log rotation size
     log_backups: int = 3
     preemption: PreemptionSpec = field(default_factory=PreemptionSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    hooks: tuple[HookSpec, ...] = ()

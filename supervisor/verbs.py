@@ -57,6 +57,9 @@ class Arg:
 
 
 JOB_ARG = Arg(("job",), {"help": "the job's name"})
+# Verbs a person runs on several jobs at once (supervisorctl/systemctl style): the CLI
+# sends one request per job, so authorisation stays per job.
+JOBS_ARG = Arg(("job",), {"nargs": "+", "metavar": "JOB", "help": "one or more job names, or `all`"})
 
 
 @dataclass(frozen=True)
@@ -78,41 +81,54 @@ class Verb:
         return bool(self.follows and self.follows(args))
 
 
-_GRACE = Arg(("--grace",), {"type": duration, "help": "seconds the emergency save may take"})
+_GRACE = Arg(("--grace",), {"type": duration, "metavar": "DURATION",
+                            "help": "how long the emergency save may take (default: the job's "
+                                    "emergency_save.grace); 90, 90s, 5m"})
 _NO_SAVE = Arg(("--no-save",), {"action": "store_true", "help": "skip the emergency save"})
-_JSON = Arg(("--json",), {"action": "store_true", "help": "machine-readable output"}, send=False)
+_JSON = Arg(("--json",), {"action": "store_true", "help": "print JSON instead of text (for scripts)"},
+            send=False)
 _LONG = 24 * 3600.0              # the daemon bounds a stop flow by grace + stop_timeout
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     Verb("ping", "is the daemon there", writes=False, targets=NO_JOB),
     Verb("status", "what every job is doing", writes=False, targets=OPTIONAL_JOB,
-         args=(Arg(("job",), {"nargs": "?", "help": "one job only"}), _JSON)),
-    Verb("start", "start a job", writes=True, targets=ONE_JOB, args=(JOB_ARG,)),
-    Verb("stop", "save, then stop a job", writes=True, targets=ONE_JOB,
-         args=(JOB_ARG, _NO_SAVE, _GRACE), timeout=_LONG),
-    Verb("restart", "save, stop and start a job again", writes=True, targets=ONE_JOB,
-         args=(JOB_ARG, _NO_SAVE), timeout=_LONG),
-    Verb("preempt", "save, then stop (state preempted)", writes=True, targets=JOB_OR_ALL,
-         args=(Arg(("job",), {"nargs": "?"}, exclusive=True),
-               Arg(("--all",), {"action": "store_true", "help": "every job"}, exclusive=True),
+         args=(Arg(("job",), {"nargs": "?", "help": "show this job only"}), _JSON)),
+    Verb("start", "start jobs (already running: says so, exit 0)", writes=True, targets=ONE_JOB,
+         args=(JOBS_ARG, Arg(("--force",), {"action": "store_true",
+                                            "help": "start even while a preemption notice is in force"}))),
+    Verb("stop", "save, then stop jobs (already stopped: says so, exit 0)", writes=True, targets=ONE_JOB,
+         args=(JOBS_ARG, _NO_SAVE, _GRACE), timeout=_LONG),
+    Verb("restart", "save, stop and start jobs again", writes=True, targets=ONE_JOB,
+         args=(JOBS_ARG, _NO_SAVE), timeout=_LONG),
+    Verb("preempt", "save, then stop jobs (state preempted: they resume at the daemon's next start)",
+         writes=True, targets=JOB_OR_ALL,
+         args=(Arg(("job",), {"nargs": "*", "metavar": "JOB", "help": "one or more job names, or `all`"}),
+               Arg(("--all",), {"action": "store_true", "help": "every job (same as `all`)"}),
                _GRACE), timeout=_LONG),
-    Verb("checkpoint", "ask a job for a checkpoint now", writes=True, targets=ONE_JOB,
-         args=(JOB_ARG, Arg(("--wait",), {"action": "store_true",
-                                          "help": "return when the new checkpoint is valid"}),
-               Arg(("--timeout",), {"type": duration})), timeout=_LONG),
+    Verb("checkpoint", "ask jobs for a checkpoint now", writes=True, targets=ONE_JOB,
+         args=(JOBS_ARG, Arg(("--wait",), {"action": "store_true",
+                                           "help": "return when the new checkpoint is valid"}),
+               Arg(("--timeout",), {"type": duration, "metavar": "DURATION",
+                                    "help": "with --wait: give up after this long (default: the job's "
+                                            "emergency_save.grace)"})), timeout=_LONG),
     Verb("reload", "re-read job files", writes=True, targets=DAEMON, timeout=600.0),
     Verb("logs", "a job's stdout and stderr", writes=False, targets=ONE_JOB,
-         args=(JOB_ARG, Arg(("-f", "--follow"), {"action": "store_true"}),
-               Arg(("-n",), {"type": int, "default": 100, "dest": "n"})),
+         args=(JOB_ARG, Arg(("-f", "--follow"), {"action": "store_true",
+                                                 "help": "keep printing new output until interrupted"}),
+               Arg(("-n",), {"type": int, "default": 100, "dest": "n", "metavar": "N",
+                             "help": "print the last N lines first (default 100)"}),
+               Arg(("--json",), {"action": "store_true", "help": "print the lines as a JSON list"},
+                   send=False)),
          follows=lambda args: bool(args.get("follow"))),
     Verb("checkpoints", "every checkpoint of a job: valid or why not, kept or why not",
          writes=False, targets=ONE_JOB, args=(JOB_ARG, _JSON)),
     Verb("pin", "pin a checkpoint (protect it from rotation)", writes=True, targets=ONE_JOB,
-         args=(JOB_ARG, Arg(("step",), {"type": int}))),
+         args=(JOB_ARG, Arg(("step",), {"type": int, "help": "the checkpoint's step number"}))),
     Verb("unpin", "unpin a checkpoint (rotation may delete it again)", writes=True,
-         targets=ONE_JOB, args=(JOB_ARG, Arg(("step",), {"type": int}))),
+         targets=ONE_JOB, args=(JOB_ARG, Arg(("step",), {"type": int, "help": "the checkpoint's step number"}))),
     Verb("history", "a job's events", writes=False, targets=ONE_JOB,
-         args=(JOB_ARG, Arg(("-n",), {"type": int, "default": 50, "dest": "n"}))),
+         args=(JOB_ARG, Arg(("-n",), {"type": int, "default": 50, "dest": "n", "metavar": "N",
+                             "help": "the last N events (default 50)"}), _JSON)),
 )}
 
 
@@ -160,7 +176,7 @@ def request_of(verb: Verb, ns: argparse.Namespace) -> tuple[Optional[str], dict[
     for arg in verb.args:
         value = getattr(ns, arg.dest, None)
         if arg.dest == "job":
-            job = value
+            job = value or None          # `preempt --all` parses as an empty list of jobs
         elif arg.send and value is not None and value is not False:
             args[arg.dest] = value
     return job, args

@@ -36,7 +36,7 @@ from .dirhandle import CheckpointDirError, DirHandle
 from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
-from .reprove import latest_for_launch, reprove
+from .reprove import latest_for_launch, reprovable, reprove
 from .rotation import RotationPlan, plan_rotation
 from .trash import empty_trash
 from .validate import Verdict, VerdictCache
@@ -45,10 +45,6 @@ from .validate import Verdict, VerdictCache
 # the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen
 # unchanged across passes", never "changed in the same instant".
 QUIET_MARGIN_S = 5.0
-
-
-# single-entry formats whose content check_entry re-proves (frameworks/ checks groups)
-REPROVABLE = frozenset({"trainsup", "torch", "hf"})
 
 
 def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
@@ -161,8 +157,8 @@ class JobCheckpointDir:
             i = out[pos]
             if not (i.valid and i.managed and not i.in_progress):
                 continue
-            if i.members or i.format not in REPROVABLE:
-                break       # a framework group: its verdict is the scan's (frameworks/)
+            if not reprovable(i):
+                break
             try:
                 v = reprove(f"{self.handle.io_root}/{i.name}", i.format, cache, str(i.path))
             except OSError as e:

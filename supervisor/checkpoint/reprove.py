@@ -66,6 +66,14 @@ def stamps_mapped_writes(path: str) -> bool:
         return False
 
 
+def reprovable(info: CheckpointInfo) -> bool:
+    """Single-path entries of the trainsup/torch/hf checkers. Framework entries (Paddle
+    prefix groups, TF index + shards, Keras, Lightning: several member files) are re-checked
+    by the pre-launch scan through their members' fingerprints instead."""
+    from .validate import _CHECKERS
+    return info.format in _CHECKERS and not info.members
+
+
 def reprove(io_path: str, fmt: str, cache: Optional[VerdictCache], key_path: str) -> Verdict:
     """The entry's verdict now: from its fingerprint where a mapped write would have moved
     it, else by checking the content again."""
@@ -79,6 +87,8 @@ def latest_for_launch(io_root: str, infos: Iterable[CheckpointInfo], cache: Opti
     for i in reversed(list(infos)):
         if not (i.valid and i.managed and not i.in_progress):
             continue
+        if not reprovable(i):
+            return i
         try:
             v = reprove(f"{io_root}/{i.name}", i.format, cache, str(i.path))
         except OSError:

@@ -260,8 +260,7 @@ class JobCheckpoints:
     def _layout_warnings(self) -> list[str]:
         if self.spec is None or self.error is not None:
             return []
-        managed = [i for i in self.infos if i.managed]     # unmanaged names are listed too
-        found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, managed),
+        found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
                  self.in_place.warning())
         return [w for w in found if w]
 

@@ -125,6 +125,8 @@ def main():
     hog = []
     hb = os.environ.get("TRAINSUP_HEARTBEAT_FILE")
     last_beat = 0.0
+    if args.progress == "heartbeat":      # report the step where the daemon reads it
+        args.progress = os.environ["TRAINSUP_HEARTBEAT_FILE"]
     progress_fd = os.open(args.progress, os.O_WRONLY | os.O_CREAT, 0o644) if args.progress else None
     while True:
         state["step"] += 1

@@ -177,7 +177,6 @@ def test_tf_rotation_rewrites_the_state_file_and_deletes_each_checkpoint_whole(d
     # what tf.train.latest_checkpoint / CheckpointManager read: nothing deleted is listed
     assert 'model_checkpoint_path: "ckpt-3"' in state
     assert '"ckpt-1"' not in state and '"ckpt-2"' not in state
-    wait_for(lambda: [c["name"] for c in _indexed(daemon, "tf") if c["format"] != "unmanaged"] == ["ckpt-3"], 10,
-             "the index after rotation")      # (the state file is listed as unmanaged: never deleted)
+    wait_for(lambda: [c["name"] for c in _indexed(daemon, "tf")] == ["ckpt-3"], 10, "the index after rotation")
     r = daemon.cli("checkpoints", "tf")
     assert r.returncode == 0 and "ck/ckpt-3" in r.stdout, r.stdout + r.stderr

@@ -164,7 +164,7 @@ def test_resume_after_three_interruptions_is_bit_exact(tmp_path, jobs):
     assert final.wait() == 0, tail(final.log)
     assert f"resumed from step {manifest(resume)['step']}" in final.log.read_text()
     assert_same_state(tmp_path / "ref.pt", tmp_path / "final.pt")
-    assert (tmp_path / "heartbeat").exists()
+    assert (tmp_path / "heartbeat").read_text().strip().isdigit()   # the step: for steps lost
 
 
 def test_signals_during_a_save_make_one_save_then_sigterm_stops(tmp_path, jobs):

@@ -239,6 +239,8 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
         _, total, newest, cached = checked[g.name]
         v = verdicts[g.name]
         claimed.update(m.split("/", 1)[0] for m in g.members)
+        if g.format == "tf" and not g.dir:
+            claimed.add(tf.STATE_FILE)      # TF's commit marker is part of its checkpoints
         resume = g.resume
         if g.link_to and v.valid:
             resume = join(g.dir, g.link_to)  # the file itself: the framework never sees the link
