@@ -17,6 +17,7 @@ import psutil
 
 from . import __version__, cgroup, config, process
 from .checkpoint.custody import owner_ids
+from .checkpoint.deleter import unfinished_intents
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
@@ -122,6 +123,11 @@ class Daemon:
             job = self.jobs.get(name.rpartition(".")[0])
             if job is not None:
                 job.event("orphan-stopped", cgroup=name)
+        for job in self.jobs.values():      # deletions a crash cut off from their record
+            for e in unfinished_intents(self.db.events(job.name, 500)):
+                if not os.path.lexists(e["path"]):
+                    job.event("deleted", path=e["path"], step=e.get("step"), bytes=e.get("bytes"),
+                              why=f"{e.get('why')}; completed before a crash, recorded at start")
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():

@@ -370,10 +370,10 @@ class Job:
             extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_file())
         env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
-            try:
-                spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
+            # created owned by the job's user, never through a symlink (checkpoint/custody.py)
+            problem = self.ckpts.ensure_dir()
+            if problem:
+                log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
             jobnotice.clear(self._notice_file())
         try:
             process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)

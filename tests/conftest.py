@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "helpers" / "fakejob.py"
-SHARED = REPO.parent / "shared"
+SHARED = (REPO.parent / "shared").resolve()   # a worktree reaches it through a symlink; checkpoint dirs never are
 sys.path.insert(0, str(REPO / "tests"))
 
 

@@ -7,9 +7,13 @@ Usable from any Python program (no torch, no daemon):
         (w.path / "state.bin").write_bytes(data)
     # committed as ckpt/step-00000420/ on a clean exit of the block
 
-Daemon side: index.scan (ordered view, cached verdicts) -> rotation.plan_rotation (pure
-policy) -> trash.delete_entry (symlink-safe deletion); watch.CheckpointWatcher wakes the
-daemon. The watcher (watchdog) is imported lazily: `from trainsup.checkpoint.watch import
+Daemon side (service.py drives it, one custody.JobCheckpointDir per job): the dir is
+resolved once and held as an fd (dirhandle) -> index.scan through that fd (ordered view,
+cached verdicts, unmanaged names listed) -> liveness (monotonic observation, writer pids,
+files the job holds open) -> rotation.plan_rotation (pure policy; the deletion design is
+written at its top) -> deleter/trash (no symlink, no mount crossing, outcome recorded only
+once gone, failures backed off); reprove re-checks what a launch is handed;
+watch.CheckpointWatcher wakes the daemon. The watcher (watchdog) is imported lazily: `from trainsup.checkpoint.watch import
 CheckpointWatcher`.
 """
 

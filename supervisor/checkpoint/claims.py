@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pwd
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -89,7 +89,7 @@ def cross_job_conflicts(jobs: Sequence, *, state_dir: Optional[Path] = None,
                         env: Mapping[str, str] = os.environ) -> dict[str, list[str]]:
     """job name -> `FILE:LINE: checkpoint.dir: ...` lines, for JobSpecs (in load order)."""
     out: dict[str, list[str]] = {}
-    claimed: list[tuple[Path, object]] = []
+    claimed: list[tuple[Path, Any]] = []
     for job in jobs:
         ck = getattr(job, "checkpoint", None)
         if ck is None:

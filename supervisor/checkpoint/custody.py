@@ -76,20 +76,29 @@ class JobCheckpointDir:
 
     # ------------------------------------------------------------------ blocking
 
-    def open(self) -> None:
-        """Resolve and hold the dir (creating it for the job's user if missing)."""
+    def open(self, create: bool = False) -> None:
+        """Resolve and hold the dir; create: make it if missing (for the job's user)."""
         self.close()
         try:
-            self.handle = DirHandle.open(self.spec.dir, create_as=self.create_as)
+            self.handle = DirHandle.open(self.spec.dir, create=create, create_as=self.create_as)
             self.flag = None
         except OSError as e:
             self.handle = None
-            self.flag = f"checkpoint dir not held: {e.strerror or e}"
+            # not there yet (before the first launch): nothing to hold, nothing wrong
+            self.flag = None if e.errno == errno.ENOENT and not create else \
+                f"checkpoint dir not held: {e.strerror or e}"
             return
         try:
-            empty_trash(self.handle)            # finish deletions a crash cut short
+            # finish deletions a crash cut short (their outcome: deleter.unfinished_intents)
+            empty_trash(self.handle)
         except OSError:
             pass
+
+    def ensure_dir(self) -> Optional[str]:
+        """Hold the dir, creating it if it went missing; None when held, else why not."""
+        if self.handle is None or (self.flag and not os.path.lexists(self.spec.dir)):
+            self.open(create=True)
+        return None if self.handle is not None else self.flag
 
     def close(self) -> None:
         if self.handle is not None:
@@ -105,8 +114,14 @@ class JobCheckpointDir:
         if self.handle is None:
             self.open()
             if self.handle is None:
-                return [], self.flag
+                return [], self.flag      # None while it simply does not exist yet
         self.flag = self.handle.check()
+        if self.flag and os.fstat(self.handle.fd).st_nlink == 0:
+            # the held dir was deleted (rm -rf, then the job made a new one): nothing of it
+            # is left to protect, so the path is resolved afresh (symlinks still refused)
+            self.open()
+            if self.handle is None:
+                return [], self.flag
         infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
         return infos, self.flag
 
@@ -188,7 +203,7 @@ class JobCheckpointDir:
     def warnings(self) -> list[str]:
         w = list(self.backoff.status_lines())
         if self.flag:
-            w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until the dir is re-resolved (reload)")
+            w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until it is re-resolved (edit the job file or restart the daemon)")
         return w
 
 

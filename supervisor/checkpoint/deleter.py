@@ -152,3 +152,19 @@ class PassGate:
 
     def started(self) -> None:
         self._last = self.clock()
+
+
+def unfinished_intents(events: list[dict]) -> list[dict]:
+    """`delete-intent` events with no outcome after them (the daemon died in between).
+    At start, each one whose entry is gone gets its `deleted`; one still there is simply
+    planned again."""
+    open_: dict[str, dict] = {}
+    for e in events:                      # in record order (wall-clock "at" may jump)
+        path = e.get("path")
+        if not isinstance(path, str):
+            continue
+        if e.get("kind") == "delete-intent":
+            open_[path] = e
+        elif e.get("kind") in ("deleted", "delete-failed"):
+            open_.pop(path, None)
+    return list(open_.values())

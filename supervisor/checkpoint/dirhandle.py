@@ -15,8 +15,10 @@ that fd:
   of each opened directory compared with the root's.
 
 `check()` says whether the configured path still names the held directory; when it does
-not (moved, deleted, replaced by a symlink or another dir) the job is flagged and nothing
-is deleted until the dir is re-resolved (`reresolve`).
+not (moved away, replaced by a symlink or another dir) the job is flagged and nothing is
+deleted or offered for resume until the dir is re-resolved (a changed job file or a daemon
+restart). A held dir deleted outright (st_nlink 0: nothing of it left) is re-resolved at
+once by custody.py, symlinks still refused.
 """
 
 from __future__ import annotations
@@ -120,13 +122,15 @@ class DirHandle:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, path: os.PathLike | str, *, create_as: Optional[tuple[int, int]] = None) -> "DirHandle":
+    def open(cls, path: os.PathLike | str, *, create: bool = False,
+             create_as: Optional[tuple[int, int]] = None) -> "DirHandle":
         """Open `path` walking from `/` one component at a time, never through a symlink.
 
-        create_as=(uid, gid): missing components are created (mkdirat, never following a
-        link) and handed to that owner, so a `user:` job can save into a dir the root daemon
-        made for it.
+        create (or create_as): missing components are created (mkdirat, never following a
+        link); create_as=(uid, gid) hands them to that owner, so a `user:` job can save into
+        a dir the root daemon made for it.
         """
+        create = create or create_as is not None
         p = Path(os.path.abspath(os.fspath(path)))
         fd = os.open("/", _DIR)
         try:
@@ -134,7 +138,7 @@ class DirHandle:
                 try:
                     nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
                 except FileNotFoundError:
-                    if create_as is None:
+                    if not create:
                         raise CheckpointDirError(errno.ENOENT, f"{Path(*p.parts[:i + 1])}: does not exist") from None
                     try:
                         os.mkdir(part, 0o755, dir_fd=fd)
@@ -142,7 +146,7 @@ class DirHandle:
                     except FileExistsError:
                         created = False
                     nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
-                    if created:
+                    if created and create_as is not None:
                         os.fchown(nfd, *create_as)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -178,9 +182,6 @@ class DirHandle:
         finally:
             other.close()
         return None
-
-    def reresolve(self) -> "DirHandle":
-        return DirHandle.open(self.path)
 
     # ------------------------------------------------------------------ beneath the dir
 

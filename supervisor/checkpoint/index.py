@@ -25,7 +25,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -94,7 +94,7 @@ class CheckpointInfo:
 
 
 def is_unknown_reason(reason: Optional[str]) -> bool:
-    return bool(reason) and any(m in reason for m in _UNKNOWN_MARKERS)
+    return reason is not None and any(m in reason for m in _UNKNOWN_MARKERS)
 
 
 def scan(

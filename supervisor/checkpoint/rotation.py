@@ -100,7 +100,7 @@ def plan_rotation(
     live (no proof that its writer is gone, so it stays). now/tmp_grace are accepted from
     callers not yet migrated and ignored: wall-clock ages decide nothing here.
     """
-    quota = spec.quota if quota is _UNSET else quota
+    limit: Optional[int] = spec.quota if quota is _UNSET else quota  # type: ignore[assignment]
     if live is None:
         live = {i.name for i in infos if i.in_progress or not i.valid}
     undeletable = undeletable or {}
@@ -197,19 +197,19 @@ def plan_rotation(
         key=lambda t: (t[0], t[1]),
     )
     taken = 0
-    if quota is not None:
+    if limit is not None:
         for stage, _, i in ladder:
-            if remaining <= quota:
+            if remaining <= limit:
                 break
             del kept[i.path]
             delete.append(i)
-            reasons[i.path] = f"over quota ({quota} bytes): {_RELAXED[stage]} relaxed"
+            reasons[i.path] = f"over quota ({limit} bytes): {_RELAXED[stage]} relaxed"
             remaining -= i.bytes
             taken += 1
     return RotationPlan(
         delete=delete, kept=kept, reasons=reasons,
-        over_quota=quota is not None and remaining > quota,
-        total_bytes=total, kept_bytes=remaining, quota=quota,
+        over_quota=limit is not None and remaining > limit,
+        total_bytes=total, kept_bytes=remaining, quota=limit,
         ladder=tuple((stage, i) for stage, _, i in ladder[taken:]),
     )
 
@@ -257,7 +257,7 @@ def plan_disk_quota(plans: Mapping[str, RotationPlan], disk_quota: Optional[int]
             over_quota=p.over_quota or over,
             total_bytes=p.total_bytes,
             kept_bytes=p.kept_bytes - sum(i.bytes for i in extra),
-            quota=p.quota if not over else (disk_quota if p.quota is None else min(p.quota, disk_quota)),
+            quota=p.quota if not over or disk_quota is None else min(p.quota or disk_quota, disk_quota),
             ladder=tuple((s_, i) for s_, i in p.ladder if i.path not in gone),
         )
     return DiskQuotaPlan(out, reasons, over, total, merged)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -34,6 +35,7 @@ log = logging.getLogger("trainsup.checkpoint")
 # An index this small, in a dir this small, is re-checked inline on the loop when every
 # verdict is cached: a few stat calls on the relaunch path instead of a pool round trip.
 _INLINE_SCAN_MAX = 32
+_INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
 
 
 def _small_dir(path) -> bool:
@@ -103,6 +105,7 @@ class JobCheckpoints:
     create_as: Optional[tuple[int, int]] = None
     custody: Optional[JobCheckpointDir] = None
     _for_launch: bool = False
+    _last_scan_s: float = 0.0
 
     # -- watching -----------------------------------------------------------------
     def watch(self) -> None:
@@ -125,6 +128,15 @@ class JobCheckpoints:
         except Exception as e:
             log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
                         self.name, self.spec.dir, e)
+
+    def ensure_dir(self) -> Optional[str]:
+        """Before a launch: the checkpoint dir exists (made for the job's user if it went
+        missing, never through a symlink). None when fine, else why not."""
+        if self.spec is None:
+            return None
+        if self.custody is None:
+            self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
+        return self.custody.ensure_dir()
 
     def close(self) -> None:
         self.closed = True
@@ -181,13 +193,20 @@ class JobCheckpoints:
                 self._dirty = False
                 result: Optional[tuple[list, Optional[str]]] = None
                 prove, self._for_launch = self._for_launch, False
-                if not prove and len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
+                # inline only while scans are cheap: an entry of 20k files costs 20k lstat
+                # calls even when every verdict is cached (status would stall behind it)
+                if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
+                        and _small_dir(self.spec.dir)):
                     try:
+                        t = time.perf_counter()
                         result = self._scan_sync(_CachedOnly(self.cache))
+                        self._last_scan_s = time.perf_counter() - t
                     except _NeedsHashing:
                         result = None
                 if result is None:
+                    t = time.perf_counter()
                     result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    self._last_scan_s = time.perf_counter() - t
                 infos, err = result
                 if not self.closed:
                     self.infos, self.error = infos, err
@@ -206,6 +225,8 @@ class JobCheckpoints:
 
     # -- verdicts -----------------------------------------------------------------
     def latest_valid(self):
+        if self.custody is not None and self.custody.flag:
+            return None     # the configured path now names another dir: offer nothing from it
         return ckpt_index.latest_valid(self.infos) if self.infos else None
 
     def apply_plan(self, plan: rotation.RotationPlan, facts: RotationFacts) -> bool:
@@ -288,9 +309,23 @@ class RotationCoordinator:
                 plans[ck.name] = rotation.plan_rotation(
                     ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
                 continue
-            opened = await self.loop.run_in_executor(self.executor, ck.custody.open_by_job, ck.infos, facts.pids)
-            plans[ck.name] = ck.custody.plan(ck.infos, pinned=pinned,
-                                             resumed_from=facts.resumed_from, also_live=opened)
+            # Files the job holds open are being written: checked only for what the plan
+            # would delete (a walk of every entry would cost each pass), re-planned until
+            # nothing planned is open.
+            opened: set[str] = set()
+            for _ in range(4):
+                plan = ck.custody.plan(ck.infos, pinned=pinned,
+                                       resumed_from=facts.resumed_from, also_live=opened)
+                held = await self.loop.run_in_executor(
+                    self.executor, ck.custody.open_by_job,
+                    [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
+                if not held:
+                    break
+                opened |= held
+            else:       # the job keeps opening what we would delete: nothing this pass
+                plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
+                                       also_live={i.name for i in ck.infos})
+            plans[ck.name] = plan
         extra: dict[str, list] = {}
         reasons: dict = {}
         all_over = False
@@ -310,6 +345,7 @@ class RotationCoordinator:
             if not todo:
                 continue
             assert ck.spec is not None and ck.custody is not None
+            failed_bytes = 0
             for info in todo:
                 why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
                 # Intent apart from outcome: a crash after the move into the trash still
@@ -324,9 +360,18 @@ class RotationCoordinator:
                 kind, fields = ck.custody.record(outcome)
                 if kind:
                     record(kind, why=why, **fields)
+                if not outcome.ok:
+                    failed_bytes += info.bytes
             # a failure shows in status at once (reported once, retried on backoff)
             ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
             ck.warnings += ck.custody.warnings()
+            quota = plan.quota or self.disk_quota
+            if failed_bytes and quota is not None and plan.kept_bytes + failed_bytes > quota and not ck.over_quota:
+                # what could not be deleted still takes the space: over quota after all
+                ck.over_quota = True
+                ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
+                                   f"({failed_bytes} bytes could not be deleted)")
+                record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
 

@@ -46,7 +46,8 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _PATH = os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 100
 # what _trash_name makes (and, before it, `<entry>.<ns>.<pid>`), fullmatch
-_TRASH_NAME_RE = re.compile(r".+\.\d+\.\d+", re.DOTALL)
+_TRASH_NAME_RE = re.compile(r"d\.\d+\.\d+\.\d+(?:~.+)?|.+\.\d+\.\d+", re.DOTALL)
+_ORIGINAL_RE = re.compile(r"d\.\d+\.\d+\.\d+~(.+)", re.DOTALL)
 _counter = itertools.count()
 
 DirLike = Union[DirHandle, str, os.PathLike]
@@ -71,20 +72,29 @@ def delete_entry(ckpt_dir: DirLike, name: str) -> None:
         _delete_entry(h, parts)
 
 
-def empty_trash(ckpt_dir: DirLike) -> None:
-    """Finish deletions a crash interrupted (only names this module made)."""
+def empty_trash(ckpt_dir: DirLike) -> list[str]:
+    """Finish deletions a crash interrupted (only names this module made). Returns the
+    original entry names it finished, where the trash name kept them (so the caller can
+    record the `deleted` the crash cut short)."""
+    finished: list[str] = []
     with _held(ckpt_dir) as h:
         try:
             tfd = h.open_beneath(TRASH_DIR)
         except FileNotFoundError:
-            return
+            return finished
         try:
             with os.scandir(tfd) as it:
                 names = [e.name for e in it if _TRASH_NAME_RE.fullmatch(e.name)]
             for n in names:
                 _remove(h, tfd, n)
+                m = _ORIGINAL_RE.fullmatch(n)
+                if m:
+                    orig = m.group(1)
+                    finished.append(orig.replace(f"{TMP_DIR}:", f"{TMP_DIR}/", 1)
+                                    if orig.startswith(f"{TMP_DIR}:") else orig)
         finally:
             os.close(tfd)
+    return finished
 
 
 class _held:
@@ -137,7 +147,7 @@ def _delete_entry(h: DirHandle, parts: list[str]) -> None:
             _refuse_mounts(h, parent_fd, base, display)
         tfd = _open_trash(h)
         try:
-            target = _trash_name()
+            target = _trash_name(parts[0] if len(parts) == 1 else f"{TMP_DIR}:{parts[1]}")
             try:
                 os.rename(base, target, src_dir_fd=parent_fd, dst_dir_fd=tfd)
             except FileNotFoundError:
@@ -162,8 +172,12 @@ def _delete_entry(h: DirHandle, parts: list[str]) -> None:
             os.close(sub_fd)
 
 
-def _trash_name() -> str:
-    return f"d.{time.time_ns()}.{os.getpid()}.{next(_counter)}"
+def _trash_name(original: str) -> str:
+    """Short and ours; carries the original name after `~` when it fits NAME_MAX (a
+    250-byte name could not take a suffix: issue 11 case 7)."""
+    base = f"d.{time.time_ns()}.{os.getpid()}.{next(_counter)}"
+    full = f"{base}~{original}"
+    return full if len(os.fsencode(full)) <= 255 else base
 
 
 def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import mmap
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
 from trainsup.checkpoint.dirhandle import DirHandle
 from trainsup.checkpoint.index import scan
@@ -71,3 +71,36 @@ def test_change_cookie_is_not_for_userspace(fs):
     p = fs / "f"
     p.write_bytes(b"x")
     assert change_cookie_available(str(p)) is False
+
+
+def test_daemon_never_hands_a_mmap_damaged_checkpoint_to_a_launch(daemon):
+    """Case 8 through the daemon: the launch after the damage resumes from the older,
+    intact checkpoint (the index's cached verdict still said valid)."""
+    ck = daemon.root / "mm-ckpt"
+    ck.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(ck)], check=True)
+    try:
+        daemon.fakejob("mm", ckpt=False, extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 5\n")
+        daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+        daemon.wait_ready("mm")
+        write_checkpoint(ck, 1, {"state.json": b'{"step": 1}', "w.bin": b"\1" * (1 << 20)})
+        write_checkpoint(ck, 2, {"state.json": b'{"step": 2}', "w.bin": b"\2" * (1 << 20)})
+        m = shared_map(ck / "step-00000002" / "w.bin")
+        try:
+            m[10:11] = b"\2"                          # the first mapped write moves ctime ...
+            time.sleep(1.5)                           # ... the daemon re-verifies: still valid
+            listing = daemon.request("checkpoints", "mm")["result"]
+            assert [c["valid"] for c in listing if c["format"] == "trainsup"] == [True, True]
+            m[20:21] = b"\xff"                        # ... this one does not move it
+            time.sleep(1.0)
+            listing = daemon.request("checkpoints", "mm")["result"]
+            assert [c["valid"] for c in listing if c["format"] == "trainsup"] == [True, True], \
+                "the setup did not reproduce the stale cached verdict"
+            assert daemon.request("restart", "mm", no_save=True)["ok"]
+            start = daemon.wait_ready("mm", starts=2)
+            assert start["resume"] == str(ck / "step-00000001"), start
+        finally:
+            m.close()
+    finally:
+        daemon.terminate()
+        subprocess.run(["umount", "-l", str(ck)], check=False)

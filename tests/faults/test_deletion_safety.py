@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import dirhandle, write_checkpoint
 from trainsup.checkpoint.dirhandle import CheckpointDirError, DirHandle
 from trainsup.checkpoint.trash import TRASH_DIR, DeleteError, delete_entry
@@ -187,3 +187,161 @@ def test_missing_dir_is_created_owned_by_the_job_user(open_base, accounts, resol
     with pytest.raises(CheckpointDirError, match="symlink"):
         DirHandle.open(home / "run" / "ckpt", create_as=(uid1, gid1))
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+USER_JOB = r"""
+import os, sys, time, zipfile
+d = sys.argv[1]
+n = 0
+while True:
+    n += 1
+    try:
+        tmp = os.path.join(d, ".w.tmp")
+        with zipfile.ZipFile(tmp, "w") as z:
+            z.writestr("archive/data.pkl", b"u1 state %d" % n)
+        os.rename(tmp, os.path.join(d, "step_%d.pt" % n))
+    except OSError:
+        pass
+    time.sleep(0.2)
+"""
+
+
+@needs_root
+def test_root_daemon_user_job_parent_swapped_for_symlink_to_other_account(daemon, open_base, accounts):
+    """Case 1 through a root daemon: job `user: u1`, checkpoint.dir /<base>/u1/run/ckpt; u1
+    replaces `run` with a symlink to u2's run dir. The daemon indexed u2's checkpoints as
+    the job's, deleted u2's older ones (as u2) and offered u2's newest for resume. Also
+    issue 10: the missing checkpoint dir was created root-owned, so the job could not save."""
+    import zipfile
+
+    from conftest import wait_for
+    (u1, uid1, gid1), (u2, uid2, gid2) = accounts
+    home1, home2 = open_base / u1, open_base / u2
+    for home, uid, gid in ((home1, uid1, gid1), (home2, uid2, gid2)):
+        home.mkdir()
+        os.chown(home, uid, gid)
+    (home2 / "run" / "ckpt").mkdir(parents=True)
+    for s in (1, 2, 3):
+        with zipfile.ZipFile(home2 / "run" / "ckpt" / f"step_{s}.pt", "w") as z:
+            z.writestr("archive/data.pkl", f"u2 state {s}".encode())
+    for p in (home2 / "run", *sorted((home2 / "run").rglob("*"))):
+        os.chown(p, uid2, gid2)
+    canary = snapshot(home2)
+    ck = home1 / "run" / "ckpt"
+    script = open_base / "userjob.py"
+    script.write_text(USER_JOB)
+    daemon.write_job("u1job", f"name: u1job\ncommand: [/usr/bin/python3, {script}, {ck}]\nworkdir: {home1}\n"
+                              f"user: {u1}\ncheckpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                              "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+    wait_for(lambda: len([e for e in daemon.history("u1job") if e["kind"] == "deleted"]) >= 2, 30,
+             "rotation of u1's own checkpoints (u1 could save: the dir it was given is its own)")
+    assert os.stat(ck).st_uid == uid1 and os.stat(home1 / "run").st_uid == uid1
+    as_user(uid1, gid1, "sh", "-c", f"mv {home1}/run {home1}/run.old && ln -s {home2}/run {home1}/run")
+    wait_for(lambda: any("rotation paused" in w for w in daemon.status("u1job")["warnings"]), 20,
+             "the job flagged: its checkpoint dir was replaced")
+    n_deleted = len([e for e in daemon.history("u1job") if e["kind"] == "deleted"])
+    assert daemon.request("restart", "u1job")["ok"]
+    launch = wait_for(lambda: [e for e in daemon.history("u1job") if e["kind"] == "launch"][1:], 20,
+                      "the relaunch")[-1]
+    assert not (launch.get("resume_from") or "").startswith(str(home1 / "run")), launch
+    time.sleep(3)                                         # settle: rescans and passes run meanwhile
+    assert snapshot(home2) == canary
+    assert len([e for e in daemon.history("u1job") if e["kind"] == "deleted"]) == n_deleted
+
+
+STOPPER = r"""
+import os, signal, sys, time
+open(sys.argv[1], "w").write("stopping")
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)   # every process this user may signal (not itself)
+    except OSError:
+        pass
+    time.sleep(0.01)
+"""
+
+
+@needs_root
+def test_job_user_sigstopping_everything_cannot_freeze_deletion(daemon, open_base, accounts):
+    """Issue 10: the deleter ran as the checkpoint dir's owner, so that user's job could
+    SIGSTOP it: rotation froze for every job and the daemon then ignored SIGTERM."""
+    import zipfile
+    from conftest import wait_for
+    (u1, uid1, gid1), _ = accounts
+    home = open_base / u1
+    home.mkdir()
+    os.chown(home, uid1, gid1)
+    ck = home / "ckpt"
+    flag = home / "stopping"
+    script = open_base / "stopper.py"
+    script.write_text(STOPPER)
+    daemon.write_job("stopper", f"name: stopper\ncommand: [/usr/bin/python3, {script}, {flag}]\nworkdir: {home}\n"
+                                f"user: {u1}\ncheckpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                                "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+    wait_for(lambda: flag.exists(), 20, "the job to start SIGSTOPping")
+    for s in range(1, 6):                    # u1's checkpoints, landing while the stopper runs
+        with zipfile.ZipFile(ck / f".t{s}", "w") as z:
+            z.writestr("archive/data.pkl", b"state %d" % s)
+        os.chown(ck / f".t{s}", uid1, gid1)
+        os.rename(ck / f".t{s}", ck / f"step_{s}.pt")
+    wait_for(lambda: sorted(p.name for p in ck.iterdir() if p.name.endswith(".pt")) == ["step_5.pt"], 20,
+             "rotation to go on under the stopper")
+    assert [e["kind"] for e in daemon.history("stopper")].count("deleted") == 4
+    t = time.monotonic()
+    daemon.terminate(timeout=30)                       # SIGTERM still ends the daemon
+    assert time.monotonic() - t < 30
+
+
+@needs_root
+def test_daemon_rotation_never_empties_a_dataset_mounted_in_an_old_checkpoint(daemon, bind_mount):
+    """Case 2 through the daemon: a container setup bind-mounted a dataset inside an old
+    checkpoint; rotation emptied it. Now the entry is refused (reported once) and the
+    dataset is untouched, while the rest of rotation goes on."""
+    from conftest import wait_for
+    data = daemon.root / "dataset"
+    (data / "shard").mkdir(parents=True)
+    (data / "shard" / "000.bin").write_bytes(b"dataset-canary" * 1000)
+    canary = snapshot(data)
+    ck = daemon.root / "bm-ckpt"
+    daemon.fakejob("bm", "--every 0.3", ckpt=False,
+                   extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                         "emergency_save:\n  grace: 0s\n")
+    daemon.start()
+    daemon.wait_ready("bm")
+    stage = daemon.root / "stage"
+    write_checkpoint(stage, 0, {"w": b"old"})
+    (stage / "step-00000000" / "cache").mkdir()
+    os.rename(stage / "step-00000000", ck / "step-00000000")
+    bind_mount(data, ck / "step-00000000" / "cache")
+    wait_for(lambda: any(e["kind"] == "delete-failed" and e["path"].endswith("step-00000000")
+                         for e in daemon.history("bm")), 30, "the refusal")
+    wait_for(lambda: len([e for e in daemon.history("bm") if e["kind"] == "deleted"]) >= 3, 20,
+             "rotation of the job's other checkpoints")
+    assert snapshot(data) == canary
+    assert (ck / "step-00000000" / "w").read_bytes() == b"old"
+    fail = [e for e in daemon.history("bm") if e["kind"] == "delete-failed"]
+    assert len(fail) == 1 and "mount point" in fail[0]["error"], fail
+    assert any("mount point" in w for w in daemon.status("bm")["warnings"])
+
+
+def test_held_dir_deleted_and_recreated_is_followed_moved_away_is_flagged(tmp_path):
+    """A held dir removed outright (nothing left of it) is re-resolved to the new real dir;
+    one moved away (still alive elsewhere) flags the job: nothing deleted, nothing offered."""
+    from trainsup.checkpoint.custody import JobCheckpointDir
+    from trainsup.spec import CheckpointSpec
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    jd = JobCheckpointDir("j", CheckpointSpec(dir=ck, keep_last=1, keep_best=0), 0.0, None)
+    jd.open()
+    shutil.rmtree(ck)
+    write_checkpoint(ck, 7, {"w": b"7"})
+    infos, flag = jd.scan(None)
+    assert flag is None and [i.name for i in infos if i.managed] == ["step-00000007"]
+    os.rename(ck, tmp_path / "moved")
+    write_checkpoint(ck, 9, {"w": b"9"})
+    infos, flag = jd.scan(None)
+    assert flag and "replaced" in flag
+    assert jd.plan(infos).delete == []
+    jd.close()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import wait_for
 from trainsup.checkpoint import write_checkpoint
 
@@ -85,13 +84,14 @@ def test_last_ckpt_written_after_clock_went_back_a_day_is_kept(daemon):
 
 
 @needs_root
-def test_undeletable_and_overlong_names_truthful_history_and_no_spin(daemon):
+@pytest.mark.parametrize("how", ["chattr", "ro-remount"])
+def test_undeletable_and_overlong_names_truthful_history_and_no_spin(daemon, how):
     """7: a 250-byte name could not go into the trash yet was recorded `deleted`; an
     undeletable entry (here `chattr +i`; read-only mounts and EBUSY alike) made the daemon
     re-plan and re-fail with no delay: 88% CPU and ~530 events/s."""
     ck = daemon.root / "tr-ckpt"
     daemon.fakejob("tr", "--every 1", ckpt=False,
-                   extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n"
+                   extra=f"checkpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n  quota: 400\n"
                          "emergency_save:\n  grace: 0s\n")
     daemon.start()
     daemon.wait_ready("tr")
@@ -101,7 +101,11 @@ def test_undeletable_and_overlong_names_truthful_history_and_no_spin(daemon):
     write_checkpoint(stage, 0, {"w": b"x" * 100})
     shutil.copytree(stage / "step-00000000", stuck)
     os.rename(stage / "step-00000000", ck / long_name)
-    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    if how == "chattr":
+        subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    else:                                                     # a read-only mount, like a stale NFS export
+        subprocess.run(["mount", "--bind", str(stuck), str(stuck)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(stuck)], check=True)
     try:
         wait_for(lambda: not (ck / long_name).exists(), 15, "the 250-byte entry to be deleted")
         wait_for(lambda: any(e["kind"] == "delete-failed" for e in daemon.history("tr")), 15, "the failure")
@@ -126,8 +130,13 @@ def test_undeletable_and_overlong_names_truthful_history_and_no_spin(daemon):
         assert longs == ["delete-intent", "deleted"], longs
         s = daemon.status("tr")
         assert any(w.startswith("delete-failed: step-000000000") for w in s["warnings"]), s["warnings"]
+        # what cannot be deleted still counts: 340 + the newest > quota 400
+        assert any(w.startswith("over-quota") for w in s["warnings"]), s["warnings"]
     finally:
-        subprocess.run(["chattr", "-i", str(stuck)], check=False)
+        if how == "chattr":
+            subprocess.run(["chattr", "-i", str(stuck)], check=False)
+        else:
+            subprocess.run(["umount", "-l", str(stuck)], check=False)
 
 
 def test_trailing_newline_name_is_not_a_checkpoint(daemon):

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, read_records, wait_for
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.custody import JobCheckpointDir
@@ -41,15 +40,19 @@ def test_slow_single_file_save_under_clock_step_is_committed(daemon, clock_shim)
     ahead: the tmp dir (its mtime frozen once the file exists) was judged stale and deleted
     under its writer, so such a save could never complete."""
     rec = daemon.root / "slow.rec"
-    _job(daemon, "slow", [sys.executable, str(HELPERS / "slowsave.py"), "--seconds", "6", "--record", str(rec)],
+    _job(daemon, "slow", [sys.executable, str(HELPERS / "slowsave.py"), "--seconds", "12", "--record", str(rec)],
          "emergency_save:\n  grace: 0s\n")
-    daemon.start(env={"LD_PRELOAD": str(clock_shim), "TRAINSUP_TEST_CLOCK_SHIFT": "3600"})
+    daemon.start(env={"LD_PRELOAD": str(clock_shim), "TRAINSUP_TEST_CLOCK_SHIFT": "3600",
+                      "TRAINSUP_RESCAN_INTERVAL": "0.3"})          # a rescan (and pass) every 0.3 s
     wait_for(lambda: any(r["event"] == "slow-save" for r in read_records(rec)), 20, "the slow save to start")
-    # rotation passes while the save is under way (each `checkpoints` request runs one)
+    # proof that rotation passes ran while the save was under way: a broken entry planted
+    # now (invalid, older than the newest valid) is collected once quiet, before the commit
+    planted = daemon.root / "slow-ckpt" / "step-00000000"
+    planted.mkdir()
     done = lambda: [r for r in read_records(rec) if r["event"] in ("committed", "save-failed")]  # noqa: E731
-    while not done():
-        assert daemon.request("checkpoints", "slow")["ok"]
-        wait_for(lambda: True, 0.2)
+    wait_for(lambda: done() or not planted.exists(), 30, "a rotation pass during the save")
+    assert not done() and not planted.exists(), "no rotation pass ran during the slow save"
+    wait_for(done, 30, "the slow save to finish")
     assert done()[0]["event"] == "committed", done()
     final = daemon.root / "slow-ckpt" / "step-00000003"
     assert (final / "w.bin").stat().st_size > 0 and (final / "MANIFEST.json").exists()
@@ -184,3 +187,37 @@ def test_growing_file_is_live_by_monotonic_observation(tmp_path):
     infos, _ = jd.scan(None)
     jd.observe(infos)
     assert "step_2.pt" in {i.name for i in jd.plan(infos).delete}
+
+
+HOLDER = r"""
+import os, sys, time, zipfile
+d, rec = sys.argv[1], sys.argv[2]
+for s in (1, 2, 3):
+    with zipfile.ZipFile(os.path.join(d, f".t{s}"), "w") as z:
+        z.writestr("archive/data.pkl", b"state %d" % s)
+    os.rename(os.path.join(d, f".t{s}"), os.path.join(d, f"step_{s}.pt"))
+f = open(os.path.join(d, "step_4.pt"), "wb")          # opened, then quiet for 9 s (gathering state)
+open(rec, "w").write("holding")
+time.sleep(9)
+with zipfile.ZipFile(f, "w") as z:
+    z.writestr("archive/data.pkl", b"state 4")
+f.close()
+open(rec, "w").write("written")
+time.sleep(3600)
+"""
+
+
+def test_file_held_open_by_the_job_survives_a_quiet_spell(daemon):
+    """5: an entry is in progress while a process of the job still has it open, even when
+    nothing in it changed for longer than the quiet window (grace 0 + 5 s)."""
+    rec = daemon.root / "holder.state"
+    script = daemon.root / "holder.py"
+    script.write_text(HOLDER)
+    ck = daemon.root / "hold-ckpt"
+    _job(daemon, "hold", [sys.executable, str(script), str(ck), str(rec)], "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"TRAINSUP_RESCAN_INTERVAL": "0.3"})
+    wait_for(lambda: rec.exists() and rec.read_text() == "written", 30, "the held save to be written")
+    hist = daemon.history("hold")
+    assert not [e for e in hist if e["kind"] == "deleted" and e["path"].endswith("step_4.pt")]
+    wait_for(lambda: sorted(p.name for p in ck.iterdir() if p.name.endswith(".pt")) == ["step_4.pt"], 20,
+             "rotation to keep only the newest (keep_last 1)")

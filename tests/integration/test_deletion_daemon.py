@@ -35,7 +35,7 @@ def test_home_like_workdir_with_dir_dot_never_loses_user_files(daemon, tmp_path)
     (home / "data" / "train.bin").write_bytes(b"data" * 100)
     before = _user_files(home)
     daemon.fakejob("mine", "--every 0.05", ckpt=False,
-                   extra=f"checkpoint:\n  dir: .\n  keep_last: 1\n  keep_best: 0\n")
+                   extra="checkpoint:\n  dir: .\n  keep_last: 1\n  keep_best: 0\n")
     # the job's workdir is the home-like dir (fakejob writes `workdir: <root>` first)
     job = daemon.jobs / "mine.yaml"
     job.write_text(job.read_text().replace(f"workdir: {daemon.root}\n", f"workdir: {home}\n"))

@@ -57,9 +57,12 @@ def test_quota_smaller_than_one_checkpoint_is_over_quota_and_keeps_newest(daemon
 def test_pin_protects_a_checkpoint(daemon):
     daemon.fakejob("pinned", "--every 0.7", ckpt=False, extra="checkpoint:\n  dir: pinned-ckpt\n  keep_last: 1\n  keep_best: 0\n")
     daemon.start()
-    first = wait_for(lambda: [c for c in _ckpts(daemon, "pinned") if c["valid"]], 10, "a checkpoint")[0]
-    r = daemon.cli("pin", "pinned", str(first["step"]))
-    assert r.returncode == 0, r.stderr
+    def pin_newest():
+        # the newest may be rotated away between listing and pinning (keep_last 1, a save
+        # every 0.7 s, a CLI start on a loaded machine): pin one that is still there
+        valid = [c for c in _ckpts(daemon, "pinned") if c["valid"]]
+        return valid and daemon.cli("pin", "pinned", str(valid[-1]["step"])).returncode == 0 and valid[-1]
+    first = wait_for(pin_newest, 20, "a checkpoint pinned")
     wait_for(lambda: len([e for e in daemon.history("pinned") if e["kind"] == "deleted"]) >= 3, 20, "rotation")
     kept = {c["step"]: c["kept"] for c in _ckpts(daemon, "pinned")}
     assert kept.get(first["step"]) == "pinned"

@@ -50,7 +50,7 @@ def test_shared_and_nested_dirs_refused_pointing_at_the_first(tmp_path):
     assert [j.name for j in ok] == ["a", "d"]
     errs = {b.name: b.errors[0] for b in bad}
     assert f"is also job 'a''s checkpoint dir ({jobs / 'a.yaml'}:6)" in errs["b"]
-    assert f"is inside job 'a''s checkpoint dir" in errs["c"]
+    assert "is inside job 'a''s checkpoint dir" in errs["c"]
 
 
 def test_names_fullmatch_and_step_words():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from trainsup.checkpoint.index import CheckpointInfo, order
 from trainsup.checkpoint.rotation import plan_disk_quota, plan_rotation
 from trainsup.spec import CheckpointSpec
