@@ -240,7 +240,20 @@ def _complete_keras(ck: Path, n: int) -> float:
     return t
 
 
-COMPLETERS = {"hf": _complete_hf, "tf": _complete_tf, "keras": _complete_keras}
+def _complete_trainsup(ck: Path, n: int) -> float:
+    """The peer in the same run: trainsup's own atomic landing (a rename of a whole dir)."""
+    from trainsup.checkpoint import format as ckfmt
+    from trainsup.checkpoint import write_checkpoint
+    landed: list[float] = []
+    ckfmt.phase_hook = lambda phase: landed.append(time.time()) if phase == "renamed" else None
+    try:
+        write_checkpoint(ck, n, {"state.bin": b"\0" * 4096})
+    finally:
+        ckfmt.phase_hook = None
+    return landed[0]
+
+
+COMPLETERS = {"hf": _complete_hf, "tf": _complete_tf, "keras": _complete_keras, "trainsup": _complete_trainsup}
 
 
 def completion_latency(top: Path, fmt: str, n: int) -> list[float]:
@@ -257,8 +270,8 @@ def completion_latency(top: Path, fmt: str, n: int) -> list[float]:
         for i in range(n):
             step = 10 + i
             t = COMPLETERS[fmt](ck, step)
-            ev = poll(lambda: next((e for e in d.history("c", 20) if e["kind"] == "checkpoint"
-                                    and e.get("step") == step), None), 30, f"{fmt} step {step} indexed")
+            ev = poll(lambda step=step: next((e for e in d.history("c", 20) if e["kind"] == "checkpoint"
+                                              and e.get("step") == step), None), 30, f"{fmt} step {step} indexed")
             lat.append((ev["at"] - t) * 1e3)
     return lat
 
@@ -308,8 +321,9 @@ def main() -> int:
             for fmt in COMPLETERS:
                 lat = sorted(completion_latency(top, fmt, a.completions))
                 med, p95 = statistics.median(lat), lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-                ok &= med <= 10.0
-                print(f"{fmt:46} {med:6.1f} ms {p95:6.1f} ms {'<=10 ms':>8}")
+                target = "<=10 ms" if fmt != "trainsup" else "peer"
+                ok &= med <= 10.0 or fmt == "trainsup"
+                print(f"{fmt:46} {med:6.1f} ms {p95:6.1f} ms {target:>8}")
         finally:
             shutil.rmtree(top, ignore_errors=True)
     print("medians of", a.rounds, "rounds each;", "all targets met" if ok else "TARGET MISSED")
