@@ -37,8 +37,16 @@ class Stream:
         self._thread: threading.Thread | None = None
         if end - start <= chunk:
             # One chunk (most files of a small checkpoint): no thread, no pool, one pread.
-            self._free.put(memoryview(bytearray(max(0, end - start))))
-            self._reader(fd, start, end, chunk)
+            buf = memoryview(bytearray(max(0, end - start)))
+            try:
+                n = os.preadv(fd, [buf], start)
+            except OSError as e:
+                self._full.put(e)
+                return
+            if n > 0:
+                self._full.put((start, buf, n))
+            self._full.put(ShortRead(0, f"file ends at byte {start + n}, expected {end}") if n < end - start
+                           else ShortRead(0, f"read past byte {end}"))
             return
         for _ in range(_DEPTH):
             self._free.put(memoryview(bytearray(chunk)))

@@ -40,6 +40,7 @@ from .entry import (
     fingerprint,
     join,
     list_dir,
+    numbered,
     open_dir_under,
 )
 
@@ -109,6 +110,23 @@ def _search_dirs(tree: _Tree, fmt: str) -> list[tuple[str, bool]]:
     return out
 
 
+def _stem(g: Group) -> str:
+    base = g.name.rsplit("/", 1)[-1]
+    for suffix in (keras.WEIGHTS, keras.MODEL, ".safetensors", ".ckpt"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _claimed_by_auto(tree: _Tree, g: Group) -> bool:
+    """`auto` claims numbered saves and the frameworks' own aliases, nothing else: a file
+    it claims may be rotated away, and an export like `final.keras` is not a checkpoint."""
+    if g.alias is not None or numbered(_stem(g)):
+        return True
+    listed = tree.tf_listed(g.dir) if g.format == "tf" else None
+    return bool(listed) and g.name.rsplit("/", 1)[-1] in listed
+
+
 def recognise(tree: _Tree, fmt: str) -> list[Group]:
     groups: list[Group] = []
     for d, is_lightning_dir in _search_dirs(tree, fmt):
@@ -125,6 +143,8 @@ def recognise(tree: _Tree, fmt: str) -> list[Group]:
             groups += [Group(join(d, n), "safetensors", (join(d, n),), resume=join(d, n))
                        for n, k in sorted(listing.items())
                        if k == FILE and n.endswith(".safetensors") and not n.startswith(".")]
+    if fmt == "auto":
+        groups = [g for g in groups if g.format == "lightning" or _claimed_by_auto(tree, g)]
     return groups
 
 
