@@ -43,7 +43,7 @@ class Group:
 
 # A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
 # `ckpt-12`, `model-00100`); not one glued to a word (`resnet50`: a model name).
-_NUMBERED = re.compile(r"(?:(?:step|epoch|iter|iteration|ckpt|checkpoint)[_=-]?|[_=-])\d+", re.I)
+_NUMBERED = re.compile(r"(?:(?:step|epoch|iter|iteration|ckpt|checkpoint)[_=-]?|[_=-])\d+", re.IGNORECASE)
 _SHARD = re.compile(r"-\d+-of-\d+$")
 
 

@@ -18,8 +18,8 @@ import math
 import os
 import re
 import struct
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 
 import crc32c
 
