@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: venv test demo bench chaos clean
+.PHONY: venv test lint demo bench chaos clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(BIN)/.installed
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# ruff and mypy are configured in pyproject.toml (installed with the test extras).
+lint: venv
+	$(BIN)/ruff check supervisor tests
+	$(BIN)/mypy
+
 demo: venv
 	$(BIN)/trainsup demo
 
@@ -30,3 +35,23 @@ chaos: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Framework test environment (HF Trainer, Lightning, Keras on TF, Paddle) for tests/frameworks/.
+# Pinned to the versions that wrote shared/fixtures/frameworks; a CPU torch wheel as above.
+VENV_FW := .venv-fw
+FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 \
+	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1
+
+.PHONY: venv-frameworks test-frameworks
+
+$(VENV_FW)/bin/.installed: pyproject.toml
+	$(PY) -m venv $(VENV_FW)
+	$(VENV_FW)/bin/pip install -q --upgrade pip
+	$(VENV_FW)/bin/pip install -q $(FW_PKGS)
+	$(VENV_FW)/bin/pip install -q -e ".[test]"
+	touch $@
+
+venv-frameworks: $(VENV_FW)/bin/.installed
+
+test-frameworks: venv-frameworks
+	$(VENV_FW)/bin/python -m pytest -q -p no:cacheprovider tests/frameworks

@@ -10,10 +10,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import __version__
-from .control import Unreachable, connect, replies, request, send
+from . import verbs
+from .control import SocketRefused, Unreachable, connect, replies, request, send
+from .render import format_checkpoints, format_status
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -27,14 +29,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"trainsup: {message} (see trainsup --help)\n")
 
 
-def _duration(s: str) -> float:
-    from .config import parse_duration
-    try:
-        return parse_duration(s)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="trainsup", description="Preemption-tolerant supervisor for long training runs.")
     p.add_argument("--version", action="version", version=f"trainsup {__version__}")
@@ -43,67 +37,60 @@ def build_parser() -> argparse.ArgumentParser:
     # `trainsup daemon --socket PATH` (SPEC section 2) and `trainsup status --socket PATH`
     # both work: every subcommand also accepts --socket.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
+                        help="the daemon's control socket (default: $TRAINSUP_SOCKET, else the socket "
+                             "the daemon config names, else the daemon's default)")
     _add = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign]
+    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)  # type: ignore[method-assign,list-item]
 
-    d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground")
-    d.add_argument("--config", type=Path)
-    d.add_argument("--jobs", type=Path, dest="jobs_dir")
-    d.add_argument("--state", type=Path, dest="state_dir")
-    d.add_argument("--log-dir", type=Path, dest="log_dir")
-    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground",
+                       description="Run the daemon in the foreground (systemd runs it as a service). "
+                       "Flags beat the config file, which beats the defaults.")
+    d.add_argument("--config", type=Path, metavar="FILE",
+                   help="daemon config (default: /etc/trainsup/trainsup.yaml as root, else "
+                        "$XDG_CONFIG_HOME/trainsup/trainsup.yaml, when present)")
+    d.add_argument("--jobs", type=Path, dest="jobs_dir", metavar="DIR", help="the job YAML files' dir")
+    d.add_argument("--state", type=Path, dest="state_dir", metavar="DIR",
+                   help="state database and lock (one daemon per state dir)")
+    d.add_argument("--log-dir", type=Path, dest="log_dir", metavar="DIR",
+                   help="one log per job (default: <state dir>/logs when --state is given)")
+    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the daemon's own log, on stderr (default info)")
 
-    s = sub.add_parser("status", help="what every job is doing")
-    s.add_argument("job", nargs="?")
-    s.add_argument("--json", action="store_true")
+    verbs.add_subcommands(sub)          # every control verb, from the one registry
 
-    for verb, text in (("start", "start a job"), ("restart", "save, stop and start a job again")):
-        x = sub.add_parser(verb, help=text)
-        x.add_argument("job")
-        if verb == "restart":
-            x.add_argument("--no-save", action="store_true")
-    x = sub.add_parser("stop", help="save, then stop a job")
-    x.add_argument("job")
-    x.add_argument("--no-save", action="store_true", help="skip the emergency save")
-    x.add_argument("--grace", type=_duration)
+    x = sub.add_parser("plot", help="draw a job's timeline: steps, saves, notices, crashes, disk use",
+                       description="Draw a job's timeline from its history: steps over wall time per "
+                       "attempt, requested saves, notices, crashes, resumes, the steps each interruption "
+                       "lost, and checkpoint disk use against the quota. Needs matplotlib "
+                       "(pip install 'trainsup[plot]').")
+    x.add_argument("job", help="the job to draw")
+    x.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="where to write the picture; .svg writes SVG, anything else PNG")
+    x.add_argument("-n", type=int, default=10000, help="how many of the newest events to use (default 10000)")
+    x.add_argument("--history", type=Path, metavar="FILE",
+                   help="draw from a saved `trainsup history JOB --json` file instead of asking the daemon")
+    x.add_argument("--quota", type=int, metavar="BYTES",
+                   help="the quota line with --history (default: the job's quota from the daemon)")
 
-    x = sub.add_parser("checkpoint", help="ask a job for a checkpoint now")
-    x.add_argument("job")
-    x.add_argument("--wait", action="store_true", help="return when the new checkpoint is valid")
-    x.add_argument("--timeout", type=_duration)
+    x = sub.add_parser("pid", help="the pid of jobs (none given: of the daemon)",
+                       description="Print the pid of each job named (`all`: NAME PID lines), or the "
+                       "daemon's pid when no job is given. Exit 1 when a job is not running.")
+    x.add_argument("job", nargs="*", metavar="JOB", help="job names, or `all`")
 
-    x = sub.add_parser("preempt", help="save, then stop (state preempted)")
-    g = x.add_mutually_exclusive_group(required=True)
-    g.add_argument("job", nargs="?")
-    g.add_argument("--all", action="store_true")
-    x.add_argument("--grace", type=_duration)
+    x = sub.add_parser("validate", help="check job YAML files without a daemon",
+                       description="Check job YAML files as the daemon would; exit 1 on any error.")
+    x.add_argument("files", nargs="+", type=Path, metavar="FILE", help="job YAML files")
+    x.add_argument("--json", action="store_true",
+                   help="print [{file, ok, errors}] as JSON instead of error lines")
 
-    sub.add_parser("reload", help="re-read job files")
-
-    x = sub.add_parser("logs", help="a job's stdout and stderr")
-    x.add_argument("job")
-    x.add_argument("-f", "--follow", action="store_true")
-    x.add_argument("-n", type=int, default=100)
-
-    x = sub.add_parser("checkpoints", help="every checkpoint of a job: valid or why not, kept or why not")
-    x.add_argument("job")
-    x.add_argument("--json", action="store_true")
-
-    for verb in ("pin", "unpin"):
-        x = sub.add_parser(verb, help=f"{verb} a checkpoint (protect it from rotation)")
-        x.add_argument("job")
-        x.add_argument("step", type=int)
-
-    x = sub.add_parser("history", help="a job's events")
-    x.add_argument("job")
-    x.add_argument("-n", type=int, default=50)
-
-    x = sub.add_parser("validate", help="check job YAML files without a daemon")
-    x.add_argument("files", nargs="+", type=Path)
-
-    x = sub.add_parser("demo", help="the demonstration (section 12 of the spec)")
+    x = sub.add_parser("demo", help="a real daemon takes an example job through a preemption, crashes "
+                       "and rotation", description="Run a real daemon in a temporary dir with the example "
+                       "torch job: checkpoints, a preemption, SIGKILL crashes, resumes, rotation under a "
+                       "quota; ends by drawing the run's timeline. Needs torch (trainsup[torch]).")
     x.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
+    x.add_argument("--plot", type=Path, default=Path("trainsup-demo.png"), metavar="FILE",
+                   help="where to draw the run's timeline (default ./trainsup-demo.png; .svg for SVG)")
     return p
 
 
@@ -112,8 +99,28 @@ def socket_path(arg: Optional[str]) -> Path:
         return Path(arg)
     if os.environ.get("TRAINSUP_SOCKET"):
         return Path(os.environ["TRAINSUP_SOCKET"])
-    from .config import load_daemon_config
-    return load_daemon_config(None, {}, is_root=os.geteuid() == 0).socket
+    from .config import ConfigError, discover_config, load_daemon_config
+    is_root = os.geteuid() == 0
+    try:
+        # The socket a config file names (the conventional one: the CLI has no --config).
+        return load_daemon_config(discover_config(None, is_root=is_root), {}, is_root=is_root).socket
+    except ConfigError:
+        return load_daemon_config(None, {}, is_root=is_root).socket
+
+
+def daemon_uids() -> tuple[int, ...]:
+    """The uid of the daemon user named by the default daemon config (`user:`), if any:
+    a socket owned by it is trusted like one owned by root or by the caller."""
+    from .config import ConfigError, default_config_path, load_daemon_config
+    is_root = os.geteuid() == 0
+    path = default_config_path(is_root=is_root)
+    try:
+        if not path.is_file():
+            return ()
+        spec = load_daemon_config(path, {}, is_root=is_root)
+    except (ConfigError, OSError):
+        return ()
+    return (spec.uid,) if spec.uid is not None else ()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -139,31 +146,39 @@ def main(argv: Optional[list[str]] = None) -> int:
 # -- commands ----------------------------------------------------------------------------
 
 def cmd_daemon(args) -> int:
-    from .config import ConfigError, load_daemon_config
-    from .state import LockHeld
+    from .config import ConfigError, discover_config, load_daemon_config
+    from .state import LockHeld, StateUnusable
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
                  "socket": Path(args.socket) if args.socket else None}
     try:
-        spec = load_daemon_config(args.config, overrides, is_root=os.geteuid() == 0)
+        is_root = os.geteuid() == 0
+        spec = load_daemon_config(discover_config(args.config, is_root=is_root), overrides, is_root=is_root)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     from .daemon import Daemon
     try:
         return Daemon(spec).run()
-    except LockHeld as e:
+    except (LockHeld, SocketRefused, StateUnusable) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _call(args, cmd: str, job: Optional[str] = None, cargs: Optional[dict] = None,
-          timeout: float = 30.0) -> tuple[bool, object]:
-    reply = request(socket_path(args.socket), cmd, job, cargs, timeout=timeout)
+          timeout: float = 30.0) -> tuple[bool, Any]:
+    reply = request(socket_path(args.socket), cmd, job, cargs, timeout=timeout, trusted=daemon_uids())
     if reply.get("ok"):
         return True, reply.get("result")
     return False, reply.get("error", "unknown error")
+
+
+def _ask(args) -> tuple[bool, Any]:
+    """The request the command line asks for, built from the verb registry."""
+    verb = verbs.VERBS[args.cmd]
+    job, cargs = verbs.request_of(verb, args)
+    return _call(args, verb.name, job, cargs, timeout=verb.timeout)
 
 
 def _fail(msg) -> int:
@@ -171,158 +186,204 @@ def _fail(msg) -> int:
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
 
 
-def _human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
-def _human_age(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def format_status(result: dict) -> str:
-    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
-    notes = []
-    for j in result["jobs"]:
-        ck = j.get("checkpoint") or {}
-        if ck.get("step") is not None:
-            ckpt = f"step {ck['step']}, {_human_age(ck.get('age_s'))} ago"
-        elif ck:
-            ckpt = "none"
-        else:
-            ckpt = "-"
-        if ck.get("invalid"):
-            ckpt += f" ({ck['invalid']} invalid)"
-        disk = f"{_human_bytes(ck.get('bytes'))}/{_human_bytes(ck.get('quota')) if ck.get('quota') else '-'}" if ck else "-"
-        mem = j.get("memory") or {}
-        memtxt = _human_bytes(mem.get("rss")) if mem.get("rss") else "-"
-        if mem.get("limit"):
-            memtxt += f"/{_human_bytes(mem['limit'])}"
-        state = j["state"]
-        if ck.get("over_quota"):
-            state += " over-quota"
-        rows.append((j["name"], state, str(j.get("pid") or "-"), _human_age(j.get("uptime_s")),
-                     str(j.get("restarts", 0)), ckpt, disk, memtxt))
-        if j.get("error"):
-            notes.append(f"  {j['name']}: {j['error']}")
-        for w in j.get("warnings") or []:
-            notes.append(f"  {j['name']}: warning: {w}")
-        ln = j.get("last_notice")
-        if ln and ln.get("outcome"):
-            notes.append(f"  {j['name']}: last notice: {ln.get('source')} -> {ln.get('outcome')}"
-                         + (f" (step {ln['step']} in {ln.get('save_s')}s)" if ln.get("step") is not None else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines + notes)
+def use_colour(stream) -> bool:
+    """Colour only for a person at a terminal: never in a pipe or file, never with
+    NO_COLOR set (https://no-color.org), never on a dumb terminal."""
+    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _bad_job(j: dict) -> bool:
+    """What `status` exits 3 for: a job that needs a person (a crash loop included)."""
     ck = j.get("checkpoint") or {}
-    return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota"))
+    looping = j["state"] == "backoff" and (j.get("crashes_in_a_row") or 0) >= 2
+    return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota")) or looping
 
 
 def cmd_status(args) -> int:
     try:
-        ok, res = _call(args, "status", args.job)
+        ok, res = _ask(args)
     except Unreachable as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if not ok:
         print(f"trainsup: {res}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(json.dumps(res, indent=1) if args.json else format_status(res))
+    print(json.dumps(res, indent=1) if args.json else format_status(res, colour=use_colour(sys.stdout)))
     return EXIT_STATUS_BAD if any(_bad_job(j) for j in res["jobs"]) else EXIT_OK
 
 
-def _simple(verb: str):
-    def run(args) -> int:
-        cargs = {}
-        timeout = 30.0
-        if getattr(args, "no_save", False):
-            cargs["no_save"] = True
-        if getattr(args, "grace", None) is not None:
-            cargs["grace"] = args.grace
-        if verb in ("stop", "restart", "preempt"):
-            timeout = 24 * 3600.0     # the daemon bounds the flow by grace + stop_timeout
-        if verb == "preempt" and args.all:
-            cargs["all"] = True
-        ok, res = _call(args, verb, getattr(args, "job", None), cargs, timeout=timeout)
+def _job_names(args) -> list[str]:
+    """The jobs a multi-job command acts on: the names given, or every (valid) job for `all`."""
+    names = list(args.job or [])
+    if getattr(args, "all", False) or "all" in names:
+        if [n for n in names if n != "all"]:
+            raise UsageError("give job names or `all`, not both")
+        ok, res = _call(args, "status")
+        if not ok:
+            raise UsageError(str(res))
+        return [j["name"] for j in res["jobs"] if j["state"] != "invalid"]
+    if not names:
+        raise UsageError(f"{args.cmd}: give one or more job names, or `all`")
+    return names
+
+
+def _for_each_job(args, show) -> int:
+    """One request per job, all at once (a stop waits for each job's save); one line per job
+    in the order given; the exit status is the worst of them."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = _job_names(args)
+    verb = verbs.VERBS[args.cmd]
+
+    def one(name: str) -> tuple[bool, Any]:
+        ns = argparse.Namespace(**{**vars(args), "job": name})
+        job, cargs = verbs.request_of(verb, ns)
+        cargs.pop("all", None)
+        return _call(args, verb.name, job, cargs, timeout=verb.timeout)
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as pool:
+        replies = list(pool.map(one, names))
+    worst = EXIT_OK
+    for name, (ok, res) in zip(names, replies):
+        code = show(args, name, res) if ok else _fail(res)
+        worst = max(worst, code)
+    return worst
+
+
+def _show_start(args, name: str, res: dict) -> int:
+    if res.get("already"):
+        print(f"{name}: already {res['state']}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
+        return EXIT_OK
+    # `start` answers once the launch is under way; say where it got to, as systemctl does.
+    deadline = time.monotonic() + 10.0
+    st = res
+    while st.get("state") in ("pending", "starting") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        ok, full = _call(args, "status", name)
+        if not ok:
+            break
+        st = full["jobs"][0]
+    print(f"{name}: {st['state']}" + (f" (pid {st['pid']})" if st.get("pid") else "")
+          + (f": {st['error']}" if st.get("error") and st["state"] not in ("running",) else ""))
+    return EXIT_OK if st["state"] in ("running", "starting", "finished") else EXIT_FAIL
+
+
+def _show_stop(args, name: str, res: dict) -> int:
+    if res.get("already"):
+        print(f"{name}: already {res['state']}")
+    elif "outcome" in res:
+        extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
+        print(f"{name}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
+        if res.get("lost"):
+            # A stop that asked for a save and could not get one: say what it cost.
+            print(f"{name}: {res['lost']} (see README 'Integrations'; --no-save to stop without asking)",
+                  file=sys.stderr)
+            return EXIT_FAIL
+    else:
+        print(f"{name}: {res.get('state')}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
+    return EXIT_OK
+
+
+def _show_checkpoint(args, name: str, res: dict) -> int:
+    if args.wait:
+        what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
+        print(f"{name}: checkpoint {what} is valid: {res['path']}")
+    else:
+        print(f"{name}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
+    return EXIT_OK
+
+
+def cmd_start(args) -> int:
+    return _for_each_job(args, _show_start)
+
+
+def cmd_stop(args) -> int:
+    if args.cmd == "preempt" and (args.all or args.job == ["all"]):
+        # One request the daemon authorises as a whole: "every job" is a daemon-wide act.
+        ns = argparse.Namespace(**{**vars(args), "job": None, "all": True})
+        job, cargs = verbs.request_of(verbs.VERBS["preempt"], ns)
+        ok, res = _call(args, "preempt", job, cargs, timeout=verbs.VERBS["preempt"].timeout)
         if not ok:
             return _fail(res)
-        if verb in ("stop", "preempt", "restart") and isinstance(res, dict) and "outcome" in res:
-            extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
-            print(f"{args.job}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
-        elif verb == "preempt" and args.all:
-            for o in res.get("outcomes", []):
-                print(f"{o.get('source')}: {o.get('outcome')}")
-            print(f"preempted {res.get('jobs', 0)} jobs")
-        elif isinstance(res, dict) and "state" in res:
-            print(f"{res['name']}: {res['state']}")
+        for o in res.get("outcomes", []):
+            _show_stop(args, o.get("job", "?"), o)
+        print(f"preempted {res.get('jobs', 0)} jobs")
         return EXIT_OK
-    return run
+    return _for_each_job(args, _show_stop)
 
 
 def cmd_checkpoint(args) -> int:
-    cargs = {"wait": args.wait}
-    if args.timeout:
-        cargs["timeout"] = args.timeout
-    ok, res = _call(args, "checkpoint", args.job, cargs, timeout=24 * 3600.0)
+    return _for_each_job(args, _show_checkpoint)
+
+
+def cmd_pid(args) -> int:
+    ok, res = _call(args, "status")
     if not ok:
         return _fail(res)
-    if args.wait:
-        print(f"{args.job}: checkpoint at step {res['step']} is valid: {res['path']}")
-    else:
-        print(f"{args.job}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
-    return EXIT_OK
+    if not args.job:
+        print(res["daemon"]["pid"])
+        return EXIT_OK
+    jobs = {j["name"]: j for j in res["jobs"]}
+    everyone = args.job == ["all"]
+    worst = EXIT_OK
+    for name in (sorted(jobs) if everyone else args.job):
+        j = jobs.get(name)
+        if j is None:
+            ok, err = _call(args, "status", name)     # the daemon's "no such job (did you mean)"
+            worst = max(worst, _fail(err if not ok else f"no such job: {name}"))
+        elif everyone:
+            print(f"{name} {j.get('pid') or '-'}")
+        elif j.get("pid"):
+            print(j["pid"])
+        else:
+            print(f"trainsup: {name} is not running (state {j['state']})", file=sys.stderr)
+            worst = max(worst, EXIT_FAIL)
+    return worst
 
 
 def cmd_reload(args) -> int:
-    ok, res = _call(args, "reload", timeout=600.0)
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     for k in ("added", "removed", "changed"):
-        if res[k]:
-            print(f"{k}: {', '.join(res[k])}")
+        print(f"{k}: {', '.join(res[k]) or 'none'}")
+    bad = res.get("invalid_jobs") or []
+    print(f"invalid: {', '.join(bad) or 'none'}")
     for line in res.get("invalid", []):
         print(line, file=sys.stderr)
-    return EXIT_OK
+    return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
 
 
 def cmd_logs(args) -> int:
     if args.n < 0:
         raise UsageError("-n must be >= 0")
     if not args.follow:
-        ok, res = _call(args, "logs", args.job, {"n": args.n})
+        ok, res = _ask(args)
         if not ok:
             return _fail(res)
-        sys.stdout.write(res["text"])
+        if args.json:
+            print(json.dumps(res["text"].splitlines(), indent=1))
+        else:
+            sys.stdout.write(res["text"])
         return EXIT_OK
-    with connect(socket_path(args.socket), timeout=None) as s:  # type: ignore[arg-type]
-        send(s, "logs", args.job, {"n": args.n, "follow": True})
+    with connect(socket_path(args.socket), None, daemon_uids()) as s:
+        send(s, "logs", *verbs.request_of(verbs.VERBS["logs"], args))
         for reply in replies(s):
             if not reply.get("ok"):
                 return _fail(reply.get("error"))
-            sys.stdout.write(reply["result"]["text"])
+            text = reply["result"]["text"]
+            # --json with -f: one JSON string per line (a stream a script can read as it comes).
+            sys.stdout.write("".join(json.dumps(line) + "\n" for line in text.splitlines())
+                             if args.json else text)
             sys.stdout.flush()
     return EXIT_OK
 
 
 def cmd_checkpoints(args) -> int:
-    ok, res = _call(args, "checkpoints", args.job)
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     if args.json:
@@ -330,26 +391,12 @@ def cmd_checkpoints(args) -> int:
                 "format", "alias", "alias_of", "members", "resume_path")
         print(json.dumps([{k: c.get(k) for k in keys} for c in res], indent=1))
         return EXIT_OK
-    rows = [("STEP", "SIZE", "VALID", "KEPT", "REASON", "PATH")]
-    for c in res:
-        valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
-        rows.append((str(c["step"]) if c["step"] is not None else "-", _human_bytes(c["bytes"]), valid,
-                     c["kept"] or "-", c["reason"] or "-", c["path"] + _alias_note(c)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
+    print(format_checkpoints(res))
     return EXIT_OK
 
 
-def _alias_note(c: dict) -> str:
-    """` (latest: same as iter_epoch_3)` for a name the framework rewrites."""
-    if not c.get("alias"):
-        return ""
-    return f" ({c['alias']}: same as {c['alias_of']})" if c.get("alias_of") else f" ({c['alias']})"
-
-
 def cmd_pin(args) -> int:
-    ok, res = _call(args, args.cmd, args.job, {"step": args.step})
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
     print(f"{args.job}: pinned steps: {', '.join(map(str, res['pinned'])) or 'none'}")
@@ -357,9 +404,12 @@ def cmd_pin(args) -> int:
 
 
 def cmd_history(args) -> int:
-    ok, res = _call(args, "history", args.job, {"n": args.n})
+    ok, res = _ask(args)
     if not ok:
         return _fail(res)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return EXIT_OK
     for ev in res:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ev.pop("at")))
         kind = ev.pop("kind")
@@ -373,7 +423,11 @@ def cmd_history(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import validate_files
-    errors = validate_files(args.files, is_root=os.geteuid() == 0)
+    errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True)
+    if args.json:
+        per_file = [{"file": str(f), "errors": [e for e in errors if e.startswith(f"{f}:")]} for f in args.files]
+        print(json.dumps([{**p, "ok": not p["errors"]} for p in per_file], indent=1))
+        return EXIT_FAIL if errors else EXIT_OK
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
@@ -382,14 +436,44 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def cmd_plot(args) -> int:
+    from .plot import PlotUnavailable, draw
+    quota = args.quota
+    if args.history is not None:
+        try:
+            events = json.loads(args.history.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{args.history}: cannot read a history: {e}") from None
+        if isinstance(events, dict):           # {"events": [...], "quota": N} also accepted
+            quota = quota if quota is not None else events.get("quota")
+            events = events.get("events", [])
+    else:
+        ok, res = _call(args, "history", args.job, {"n": args.n})
+        if not ok:
+            return _fail(res)
+        events = res
+        if quota is None:
+            ok, st = _call(args, "status", args.job)
+            if ok:
+                quota = ((st["jobs"][0].get("checkpoint") or {}).get("quota"))
+    try:
+        out = draw(events, args.output, job=args.job, quota=quota)
+    except PlotUnavailable as e:
+        return _fail(e)
+    except (ValueError, OSError) as e:
+        return _fail(f"plot: {e}")
+    print(f"{args.job}: wrote {out}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, picture=args.plot)
 
 
 COMMANDS = {
-    "daemon": cmd_daemon, "status": cmd_status, "start": _simple("start"), "stop": _simple("stop"),
-    "restart": _simple("restart"), "preempt": _simple("preempt"), "checkpoint": cmd_checkpoint,
+    "daemon": cmd_daemon, "status": cmd_status, "start": cmd_start, "stop": cmd_stop,
+    "restart": cmd_stop, "preempt": cmd_stop, "checkpoint": cmd_checkpoint, "pid": cmd_pid,
     "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
-    "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo,
+    "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
 }

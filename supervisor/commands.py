@@ -7,16 +7,28 @@ module is the layer between them. Handlers run on the daemon's loop.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 from .control import Connection, Peer, RequestError
+from .render import iso_utc
 from .job import Job, State
+from .verbs import VERBS
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+
+
+@dataclass(frozen=True)
+class Request:
+    job: Optional[str]
+    args: dict
+    targets: tuple[str, ...]        # resolved and authorised by the control server
+    conn: Connection
 
 
 class Commands:
@@ -30,8 +42,12 @@ class Commands:
         if job is None:
             if name in self.d.invalid:
                 raise RequestError(f"job {name} is invalid: {self.d.invalid[name].errors[0]}")
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         return job
+
+    def no_such_job(self, name: str) -> RequestError:
+        close = difflib.get_close_matches(name, list(self.d.jobs) + list(self.d.invalid), n=1, cutoff=0.6)
+        return RequestError(f"no such job: {name}" + (f" (did you mean {close[0]}?)" if close else ""))
 
     def status(self, name: Optional[str] = None) -> dict:
         d = self.d
@@ -43,74 +59,121 @@ class Commands:
                          "last_exit": None, "checkpoint": None, "memory": None,
                          "error": "; ".join(inv.errors), "source": str(inv.source)})
         if name is not None and not jobs:
-            raise RequestError(f"no such job: {name}")
+            raise self.no_such_job(name)
         jobs.sort(key=lambda j: j["name"])
+        warnings = []
+        if not d.spec.jobs_dir.is_dir():
+            warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
+                            "(create it, or pass --jobs)")
+        notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
+                    "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
+                   for n in d.notices_in_force()]
         return {"daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                           "rss": d.own_rss(), "socket": str(d.spec.socket)},
+                           "rss": d.own_rss(), "socket": str(d.spec.socket),
+                           "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                           "sources": list(d.source_health.values())},
                 "jobs": jobs}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
-        cmd, name, args = req["cmd"], req["job"], req["args"]
-        d = self.d
-        if cmd == "ping":
-            return {"pid": os.getpid(), "version": __version__}
-        if cmd == "status":
-            return self.status(name)
-        if cmd == "reload":
-            return await d.reload()
-        if cmd == "preempt" and args.get("all"):
-            grace = _float_arg(args, "grace")
-            outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
-                                          for j in list(d.jobs.values()) if j.alive or j.state == State.BACKOFF))
-            return {"jobs": len(outs), "outcomes": outs}
-        job = self.job(name)
-        if cmd == "start":
-            if job.alive:
-                raise RequestError(f"job {name} is already {job.state.value}")
-            job.start(reason="manual")
-            return job.status()
-        if cmd in ("stop", "preempt"):
-            grace = _float_arg(args, "grace")
-            final = State.PREEMPTED if cmd == "preempt" else State.STOPPED
-            if not job.active:
-                raise RequestError(f"job {name} is not running (state {job.state.value})")
-            return await job.stop(save=not args.get("no_save"), final=final, grace=grace, source=cmd)
-        if cmd == "restart":
-            if job.alive or job.busy:
-                return await job.stop(save=not args.get("no_save"), then_restart="manual", source="restart")
-            job.start(reason="manual")
-            return job.status()
-        if cmd == "checkpoint":
-            return await self._checkpoint(job, args)
-        if cmd == "checkpoints":
-            return self._checkpoints(job)
-        if cmd in ("pin", "unpin"):
-            step = args.get("step")
-            if not isinstance(step, int) or isinstance(step, bool):
-                raise RequestError(f"{cmd}: step must be an integer")
-            if cmd == "pin":
-                if not any(i.step == step for i in job.checkpoints):
-                    raise RequestError(f"job {name} has no checkpoint at step {step}")
-                job.pin(step)
-            else:
-                job.unpin(step)
-            await d.rotation.run()      # `checkpoints` shows the new verdicts at once
-            return {"pinned": sorted(job.pinned)}
-        if cmd == "history":
-            n = args.get("n", 50)
-            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                raise RequestError("history: n must be a positive integer")
-            return d.db.events(name, min(n, 10000))
-        if cmd == "logs":
-            n = args.get("n", 100)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise RequestError("logs: n must be a non-negative integer")
-            text = job.log.tail(min(n, 100000))
-            if not args.get("follow"):
-                return {"text": text}
-            return await self._follow(job, text, conn)
-        raise RequestError(f"unknown command {cmd}")
+        """Dispatch by the verb registry: verb `x` is served by `do_x`. `req["targets"]`
+        holds the jobs the request was authorised for; handlers act on those only."""
+        await self.d.loaded.wait()
+        verb = VERBS.get(req["cmd"])
+        handler = getattr(self, verb.handler, None) if verb is not None else None
+        if handler is None:
+            raise RequestError(f"unknown command {req['cmd']}")
+        return await handler(Request(req["job"], req["args"], req.get("targets") or (), conn))
+
+    async def do_ping(self, r: "Request") -> Any:
+        return {"pid": os.getpid(), "version": __version__}
+
+    async def do_status(self, r: "Request") -> Any:
+        return self.status(r.job)
+
+    async def do_reload(self, r: "Request") -> Any:
+        return await self.d.reload()
+
+    async def do_start(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        if job.alive or job.busy:
+            # Idempotent, as supervisorctl and systemctl: the wanted state already holds.
+            return {**job.status(), "already": True}
+        notice = self.d.active_preemption()
+        if notice is not None and not r.args.get("force"):
+            deadline = f", deadline {iso_utc(notice.deadline)}" if notice.deadline else ""
+            raise RequestError(f"a {notice.source} {notice.kind} notice is in force{deadline}: "
+                               f"{r.job} would be stopped again (start --force to start anyway)")
+        job.start(reason="manual")
+        return job.status()
+
+    async def do_stop(self, r: "Request", final: State = State.STOPPED, source: str = "stop") -> Any:
+        job = self.job(r.job)
+        grace = _float_arg(r.args, "grace")
+        if not job.active:
+            return {**job.status(), "already": True}       # idempotent: nothing to stop
+        return await job.stop(save=not r.args.get("no_save"), final=final, grace=grace, source=source)
+
+    async def do_preempt(self, r: "Request") -> Any:
+        if not r.args.get("all"):
+            return await self.do_stop(r, final=State.PREEMPTED, source="preempt")
+        grace = _float_arg(r.args, "grace")
+        # The resolved targets, not "every job now": what was authorised is what is done.
+        jobs = [j for j in (self.d.jobs.get(n) for n in r.targets) if j is not None]
+        moving = [j for j in jobs if j.alive or j.state == State.BACKOFF]
+        outs = await asyncio.gather(*(j.stop(save=True, final=State.PREEMPTED, grace=grace, source="preempt")
+                                      for j in moving))
+        return {"jobs": len(outs), "outcomes": [{"job": j.name, **o} for j, o in zip(moving, outs)]}
+
+    async def do_restart(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        if job.alive or job.busy:
+            return await job.stop(save=not r.args.get("no_save"), then_restart="manual", source="restart")
+        job.start(reason="manual")
+        return job.status()
+
+    async def do_checkpoint(self, r: "Request") -> Any:
+        return await self._checkpoint(self.job(r.job), r.args)
+
+    async def do_checkpoints(self, r: "Request") -> Any:
+        return self._checkpoints(self.job(r.job))
+
+    async def do_pin(self, r: "Request", pin: bool = True) -> Any:
+        job = self.job(r.job)
+        step = r.args.get("step")
+        verb = "pin" if pin else "unpin"
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RequestError(f"{verb}: step must be an integer")
+        if pin:
+            if not any(i.step == step for i in job.checkpoints):
+                raise RequestError(f"job {r.job} has no checkpoint at step {step}")
+            job.pin(step)
+        else:
+            job.unpin(step)
+        await self.d.rotation.run()      # `checkpoints` shows the new verdicts at once
+        return {"pinned": sorted(job.pinned)}
+
+    async def do_unpin(self, r: "Request") -> Any:
+        return await self.do_pin(r, pin=False)
+
+    async def do_history(self, r: "Request") -> Any:
+        n = r.args.get("n", 50)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise RequestError("history: n must be a positive integer")
+        events = self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
+            raise self.no_such_job(str(r.job))    # a typo, not an empty history
+        return events
+
+    async def do_logs(self, r: "Request") -> Any:
+        job = self.job(r.job)
+        n = r.args.get("n", 100)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise RequestError("logs: n must be a non-negative integer")
+        text = job.log.tail(min(n, 100000))
+        if not r.args.get("follow"):
+            return {"text": text}
+        return await self._follow(job, text, r.conn)
 
     async def _checkpoint(self, job: Job, args: dict) -> dict:
         if not job.alive:
@@ -136,7 +199,10 @@ class Commands:
                 data = await q.get()
                 await conn.send({"ok": True, "result": {"text": data.decode(errors="replace"), "more": True}})
         finally:
-            job.log.followers.discard(q)
+            # A reload that replaced the job moved this follower to the new job's log.
+            for j in {job, self.d.jobs.get(job.name)}:
+                if j is not None:
+                    j.log.followers.discard(q)
 
     def _checkpoints(self, job: Job) -> list:
         kept = job.ckpts.kept

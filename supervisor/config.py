@@ -21,8 +21,10 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import signal
 import stat
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -30,13 +32,22 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec, HangSpec,
-                   InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec)
+from .checkpoint.claims import cross_job_conflicts
+from .checkpoint.naming import PatternError, compile_pattern
+from .spec import (HOOK_EVENTS, BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
+                   HangSpec, HookSpec, InvalidJob, JobSpec, MemorySpec, MetricsSpec,
+                   PreemptionSpec, RestartSpec, ScheduleSpec)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32            # a job file is 3 levels deep; deep nesting is only an attack
 MAX_ERRORS = 30           # per file: a 1 MiB file of typos should not flood `status`
-MAX_DURATION = 1e9        # ~31 years; larger values overflow event-loop timers
+# Every number has a range: absurd values once broke supervision (a backoff factor of 1e300
+# overflowed on the third crash; a 400-digit memory limit silently disabled monitoring).
+MAX_DURATION = 30 * 86400.0   # 30 days; no timer here is meant to be longer
+MAX_SIZE = 1 << 60            # 1 EiB
+MAX_COUNT = 1_000_000         # keep_last, max_restarts, ...
+MAX_NUMBER_DIGITS = 30        # an integer longer than this is refused as written
+SETTLE_SECONDS = 0.3          # a job file written more recently may still be being written
 UNIX_SOCKET_PATH_MAX = 107
 
 JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -69,6 +80,16 @@ _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
+class HugeNumber(str):
+    """An integer written with more than MAX_NUMBER_DIGITS digits, kept as its text: Python
+    refuses to convert more than 4300 digits (a 5000-digit value once stopped the daemon
+    from starting) and nothing here needs more than 30. Used as text it is just text."""
+
+    @property
+    def message(self) -> str:
+        return f"number is too large (more than {MAX_NUMBER_DIGITS} digits)"
+
+
 def _is_number(value: Any) -> bool:
     # bool is an int subclass; `keep_last: true` must not read as 1
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -76,6 +97,8 @@ def _is_number(value: Any) -> bool:
 
 def parse_duration(value: Any) -> float:
     """90, 1.5, "90", "90s", "5m", "1h30m", "1.5s", "250ms", "2d" -> seconds."""
+    if isinstance(value, HugeNumber):
+        raise ValueError(value.message)
     if _is_number(value):
         seconds = float(value)
     elif isinstance(value, str):
@@ -92,12 +115,14 @@ def parse_duration(value: Any) -> float:
     if math.isnan(seconds) or seconds < 0:
         raise ValueError("a duration must not be negative")
     if seconds > MAX_DURATION:
-        raise ValueError("duration is too large")
+        raise ValueError(f"duration is too large (at most {MAX_DURATION / 86400:g} days)")
     return seconds
 
 
 def parse_size(value: Any) -> int:
     """1048576, "500MB" (10^6), "10GiB" (2^30), "1.5GB", K/KB/KiB ... T/TiB -> bytes."""
+    if isinstance(value, HugeNumber):
+        raise ValueError(value.message)
     if _is_number(value):
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise ValueError("a size must be a whole number of bytes")
@@ -120,6 +145,8 @@ def parse_size(value: Any) -> int:
     if number < 0:
         raise ValueError("a size must not be negative")
     total = number * multiplier
+    if total > MAX_SIZE:
+        raise ValueError("size is too large (at most 2^60 bytes)")
     if total != total.to_integral_value():
         raise ValueError("a size must be a whole number of bytes")
     return int(total)
@@ -156,13 +183,18 @@ _constructor = yaml.constructor.SafeConstructor()
 _PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("null", "bool", "int", "float")}
 
 
-def _scalar_value(event: yaml.ScalarEvent) -> Any:
+def _scalar_value(event: Any) -> Any:
     tag = _resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
     if tag not in _PLAIN_TAGS:
         # timestamps, `=`, `<<`: keep the text as written, that is what a user means
         return event.value
-    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
-    return _constructor.yaml_constructors[tag](_constructor, node)
+    if tag.endswith(":int") and sum(c.isdigit() for c in event.value) > MAX_NUMBER_DIGITS:
+        return HugeNumber(event.value)
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)  # type: ignore[arg-type]
+    try:
+        return _constructor.yaml_constructors[tag](_constructor, node)
+    except ValueError:       # any other number Python will not convert: keep the text
+        return HugeNumber(event.value)
 
 
 def _show_tag(tag: str) -> str:
@@ -201,10 +233,10 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
     stack: list[_Frame] = []
     root: Optional[Node] = None
     documents = 0
-    events = yaml.parse(text, Loader=_Parser)
+    events: Any = yaml.parse(text, Loader=_Parser)
     try:
         for event in events:
-            line = event.start_mark.line + 1
+            line = event.start_mark.line + 1 if event.start_mark else 1
             if isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
@@ -220,11 +252,12 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
             if isinstance(event, yaml.AliasEvent):
                 report(line, where, f"aliases (*{event.anchor}) are not allowed")
                 return None
-            if getattr(event, "anchor", None) is not None:
-                report(line, where, f"anchors (&{event.anchor}) are not allowed")
+            anchor, tag = getattr(event, "anchor", None), getattr(event, "tag", None)
+            if anchor is not None:
+                report(line, where, f"anchors (&{anchor}) are not allowed")
                 return None
-            if getattr(event, "tag", None) is not None:
-                report(line, where, f"tags ({_show_tag(event.tag)}) are not allowed")
+            if tag is not None:
+                report(line, where, f"tags ({_show_tag(tag)}) are not allowed")
                 return None
             if isinstance(event, yaml.CollectionStartEvent):
                 if len(stack) >= MAX_DEPTH:
@@ -238,7 +271,8 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
             if isinstance(event, yaml.CollectionEndEvent):
                 node = stack.pop().node
             else:
-                node = Node("scalar", _scalar_value(event), line, event.value)
+                scalar: Any = event
+                node = Node("scalar", _scalar_value(scalar), line, scalar.value)
             parent = stack[-1] if stack else None
             if parent is None:
                 root = node
@@ -272,10 +306,12 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
     except yaml.reader.ReaderError as exc:
         # libyaml counts the position in bytes, the pure-Python reader in characters
         cparser = getattr(getattr(yaml, "cyaml", None), "CParser", None)
-        before = (text.encode()[:exc.position] if cparser and issubclass(_Parser, cparser)
-                  else text[:exc.position])
+        if cparser and issubclass(_Parser, cparser):
+            newlines = text.encode()[:exc.position].count(b"\n")
+        else:
+            newlines = text[:exc.position].count("\n")
         code = exc.character if isinstance(exc.character, int) else ord(exc.character or "\0")
-        report(before.count("\n" if isinstance(before, str) else b"\n") + 1, "(yaml)",
+        report(newlines + 1, "(yaml)",
                f"character U+{code:04X} is not allowed in YAML")
         return None
     except yaml.YAMLError as exc:
@@ -292,19 +328,35 @@ def read_yaml(text: str, report: Callable[[int, str, str], None]) -> Optional[No
     return root
 
 
-def read_text(path: Path, report: Callable[[int, str, str], None]) -> Optional[str]:
-    """The file as text, or None (reported). Never blocks on a FIFO, never reads > 1 MiB."""
+class Unsettled(Exception):
+    """The file changed while it was read, or was written moments ago: it may be half
+    written. The daemon leaves the job as it is and reads the file again shortly."""
+
+
+def read_text(path: Path, report: Callable[[int, str, str], None], *,
+              settle: bool = False) -> Optional[str]:
+    """The file as text, or None (reported). Never blocks on a FIFO, never reads > 1 MiB.
+    With `settle`, raises Unsettled for a file that may still be being written (its
+    size or mtime changed around the read, or it was modified < SETTLE_SECONDS ago): a
+    half-written file with a valid prefix once restarted a job from scratch."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         report(1, "(file)", f"cannot open: {exc.strerror}")
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
             report(1, "(file)", "not a regular file")
             return None
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
+        if settle:
+            after = os.fstat(fd)
+            age = time.time() - after.st_mtime
+            if ((before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+                    or 0 <= age < SETTLE_SECONDS):
+                raise Unsettled(str(path))
     except OSError as exc:
         report(1, "(file)", f"cannot read: {exc.strerror}")
         return None
@@ -350,6 +402,8 @@ class Context:
         self.is_root = is_root
         self.flags = flags                # values from the command line: no line numbers
         self.workdir = base_dir           # checkpoint.dir resolves against this
+        self.account: Optional[pwd.struct_passwd] = None   # the job's `user:`, looked up once
+        self.group_id: Optional[int] = None                # the job's `group:`, looked up once
         self.errors: list[tuple[int, str]] = []
 
     def report(self, line: int, key: str, message: str) -> None:
@@ -405,9 +459,12 @@ def size(minimum: int = 0) -> Callable:
     return parse
 
 
-def integer(minimum: int) -> Callable:
+def integer(minimum: int, maximum: int = MAX_COUNT) -> Callable:
     def parse(node: Node, key: str, ctx: Context) -> int:
         value = node.value if node.kind == "scalar" else None
+        if isinstance(value, HugeNumber) or (isinstance(value, int) and not isinstance(value, bool)
+                                             and value > maximum):
+            raise Invalid(f"must be an integer in [{minimum}, {maximum}], got {describe(node)}")
         if not (_is_number(value) and isinstance(value, int)) or value < minimum:
             raise Invalid(f"must be an integer >= {minimum}, got {describe(node)}")
         return value
@@ -420,11 +477,11 @@ def number(low: float, high: float = math.inf, low_open: bool = False) -> Callab
 
     def parse(node: Node, key: str, ctx: Context) -> float:
         value = node.value if node.kind == "scalar" else None
-        ok = _is_number(value) and math.isfinite(value) and value <= high and (
-            value > low if low_open else value >= low)
+        ok = _is_number(value) and math.isfinite(value) and value <= high and (  # type: ignore[arg-type,operator]
+            value > low if low_open else value >= low)  # type: ignore[operator]
         if not ok:
             raise Invalid(f"must be a number {shown}, got {describe(node)}")
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
     return parse
 
 
@@ -547,8 +604,26 @@ def name_list(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def expand_home(raw: str, ctx: Context) -> str:
+    """`~` and `~/x` -> the job user's home (the daemon's when the job has no `user:`);
+    `~name/x` -> name's home. Anything else is returned as written."""
+    if not raw.startswith("~"):
+        return raw
+    head, sep, rest = raw[1:].partition("/")
+    if head:
+        try:
+            home = pwd.getpwnam(head).pw_dir
+        except KeyError:
+            raise Invalid(f"no such user {head!r} in {raw!r}") from None
+    elif ctx.account is not None:
+        home = ctx.account.pw_dir
+    else:
+        home = str(_home(os.environ))
+    return os.path.join(home, rest) if sep else home
+
+
 def path(node: Node, key: str, ctx: Context) -> Path:
-    raw = string(node, key, ctx)
+    raw = expand_home(string(node, key, ctx), ctx)
     return Path(os.path.normpath(os.path.join(ctx.base_dir, raw)))
 
 
@@ -633,11 +708,18 @@ def _current_user() -> Optional[str]:
 
 def user_name(node: Node, key: str, ctx: Context) -> str:
     name = string(node, key, ctx)
-    if not ctx.is_root:
-        if name == _current_user():
-            return name
+    if not ctx.is_root and name != _current_user():
         raise Invalid(f"runs the job as {name!r}, but the daemon is not running as root "
                       "and cannot switch users")
+    try:
+        ctx.account = pwd.getpwnam(name)
+    except KeyError:
+        raise Invalid(f"no such user {name!r}") from None
+    return name
+
+
+def daemon_user(node: Node, key: str, ctx: Context) -> str:
+    name = string(node, key, ctx)
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -654,6 +736,7 @@ def group_name(node: Node, key: str, ctx: Context) -> str:
     if not ctx.is_root and gid != os.getgid() and gid not in os.getgroups():
         raise Invalid(f"runs the job in group {name!r}, but the daemon is not running as "
                       "root and is not a member")
+    ctx.group_id = gid
     return name
 
 
@@ -730,11 +813,21 @@ def _check_backoff(values: dict, lines: dict, key: str, ctx: Context) -> None:
                    f"must be >= initial ({initial:g}s), got {maximum:g}s")
 
 
+def checkpoint_pattern(node: Node, key: str, ctx: Context) -> str:
+    """`checkpoint.pattern`: a regex over whole entry names that rotation may manage."""
+    raw = string(node, key, ctx)
+    try:
+        compile_pattern(raw)
+    except PatternError as e:
+        raise Invalid(str(e)) from None
+    return raw
+
+
 class _CheckpointDir:
     """checkpoint.dir resolves against the job's workdir, not the YAML's folder."""
 
     def __call__(self, node: Node, key: str, ctx: Context) -> Path:
-        raw = string(node, key, ctx)
+        raw = expand_home(string(node, key, ctx), ctx)
         return Path(os.path.normpath(os.path.join(ctx.workdir, raw)))
 
 
@@ -754,12 +847,13 @@ CHECKPOINT = Section(CheckpointSpec, {
     "keep_every": integer(0),
     "quota": size(1),
     "resume_args": text_list,
+    "pattern": checkpoint_pattern,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {
     "initial": duration(),
     "max": duration(),
-    "factor": number(1),
+    "factor": number(1, 10),
 }, check=_check_backoff)
 
 RESTART = Section(RestartSpec, {
@@ -768,6 +862,8 @@ RESTART = Section(RestartSpec, {
     "window": duration(positive=True),
     "backoff": BACKOFF,
     "max_restarts_without_progress": integer(1),
+    "start_limit_burst": integer(1),
+    "start_limit_interval": duration(),
 })
 
 EMERGENCY_SAVE = Section(EmergencySaveSpec, {
@@ -791,13 +887,45 @@ SCHEDULE = Section(ScheduleSpec, {
     "preempt_cron": cron,
 })
 
+def _hook_events(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
+    names = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if not names or any(n.kind != "scalar" or n.value not in HOOK_EVENTS for n in names):
+        raise Invalid(f"must be a list of events from {', '.join(HOOK_EVENTS)}, got {describe(node)}")
+    return tuple(dict.fromkeys(n.value for n in names))
+
+
+HOOK = Section(HookSpec, {
+    "command": command,
+    "on": _hook_events,
+    "timeout": duration(positive=True),
+}, required=("command",))
+
+
+def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
+    if node.kind != "seq":
+        raise Invalid(f"must be a list of hooks ({{command: [...], on: [...], timeout: 10s}}), "
+                      f"got {describe(node)}")
+    hooks, bad = [], False
+    for index, item in enumerate(node.value):
+        try:
+            hooks.append(HOOK(item, f"{key}[{index}]", ctx))
+        except Invalid as exc:
+            ctx.report(item.line, f"{key}[{index}]", str(exc))
+            bad = True
+        except _Reported:
+            bad = True
+    if bad:
+        raise _Reported
+    return tuple(hooks)
+
+
 JOB = Section(JobSpec, {
     "name": job_name,
     "command": command,
+    "user": user_name,             # before workdir and checkpoint: `~` is the user's home
+    "group": group_name,
     "workdir": _workdir,
     "env": env_map,
-    "user": user_name,
-    "group": group_name,
     "autostart": boolean,
     "stop_timeout": duration(),
     "checkpoint": CHECKPOINT,
@@ -806,6 +934,7 @@ JOB = Section(JobSpec, {
     "memory": MEMORY,
     "hang": HANG,
     "schedule": SCHEDULE,
+    "hooks": hook_list,
 }, required=("name", "command"))
 JOB.nullable.add("workdir")                      # `workdir: null` = the YAML's folder
 
@@ -816,17 +945,35 @@ PREEMPTION = Section(PreemptionSpec, {
     "metadata_url": url,
 })
 
+def listen_address(node: Node, key: str, ctx: Context) -> str:
+    """"HOST:PORT", "[V6]:PORT", or a bare port (then loopback): metrics are for a local
+    scraper unless the admin names another address."""
+    raw = text(node, key, ctx).strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:      # 0: any free port (status shows it)
+        raise Invalid(f"must be HOST:PORT such as 127.0.0.1:9184, got {describe(node)}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+METRICS = Section(MetricsSpec, {"listen": listen_address})
+
 DAEMON = Section(DaemonSpec, {
     "jobs_dir": path,
     "state_dir": path,
     "socket": path,
     "log_dir": path,
     "socket_group": existing_group,
+    "user": daemon_user,
     "disk_quota": size(1),
     "pass_env": name_list,
     "log_max_bytes": size(1),
-    "log_backups": integer(0),
+    "log_backups": integer(0, 1000),
     "preemption": PREEMPTION,
+    "metrics": METRICS,
+    "hooks": hook_list,
 })
 _PATH_KEYS = frozenset({"jobs_dir", "state_dir", "socket", "log_dir"})
 DAEMON.nullable.update(_PATH_KEYS)               # null = the default
@@ -834,13 +981,16 @@ DAEMON.nullable.update(_PATH_KEYS)               # null = the default
 
 # ------------------------------------------------------------------------- job files
 
-def _read_job(path: Path, is_root: bool) -> tuple[JobSpec | InvalidJob, int]:
-    """The job, or InvalidJob; plus the line of `name:` (0 if none) for duplicate errors."""
+def _read_job(path: Path, is_root: bool, *, settle: bool = False,
+              runnable: bool = False) -> tuple[JobSpec | InvalidJob, int]:
+    """The job, or InvalidJob; plus the line of `name:` (0 if none) for duplicate errors.
+    `settle`: raise Unsettled for a file still being written. `runnable`: also check that
+    the workdir exists and the command resolves (`trainsup validate`)."""
     path = Path(path)
     base = Path(os.path.abspath(path)).parent
     ctx = Context(str(path), base, is_root)
     name, name_line = path.stem, 0
-    text_ = read_text(path, ctx.report)
+    text_ = read_text(path, ctx.report, settle=settle)
     root = read_yaml(text_, ctx.report) if text_ is not None else None
     if root is not None:
         entry = root.value.get("name")
@@ -857,9 +1007,52 @@ def _read_job(path: Path, is_root: bool) -> tuple[JobSpec | InvalidJob, int]:
             values.setdefault("workdir", None)
             if values["workdir"] is None:
                 values["workdir"] = base
-            return JobSpec(source=Path(os.path.abspath(path)), **values), name_line
+            values.update(_identity(ctx))
+            spec = JobSpec(source=Path(os.path.abspath(path)), **values)
+            if runnable:
+                _check_runnable(spec, root, ctx)
+            if not ctx.errors:
+                return spec, name_line
     return InvalidJob(name=name, source=Path(os.path.abspath(path)),
                       errors=tuple(ctx.lines())), name_line
+
+
+def _identity(ctx: Context) -> dict:
+    """uid, gid, home and supplementary groups of the job's `user:`/`group:`, resolved
+    now so nothing looks users up on the daemon's event loop later."""
+    out: dict[str, Any] = {}
+    if ctx.account is not None:
+        gid = ctx.group_id if ctx.group_id is not None else ctx.account.pw_gid
+        out.update(uid=ctx.account.pw_uid, gid=gid, home=Path(ctx.account.pw_dir),
+                   groups=tuple(sorted(set(os.getgrouplist(ctx.account.pw_name, gid)))))
+    elif ctx.group_id is not None:
+        out["gid"] = ctx.group_id
+    return out
+
+
+def _key_line(root: Node, key: str) -> int:
+    entry = root.value.get(key)
+    return entry[0] if entry else 1
+
+
+def _check_runnable(spec: JobSpec, root: Node, ctx: Context) -> None:
+    """One line each: the workdir is missing, the program does not resolve."""
+    if not spec.workdir.is_dir():
+        what = "does not exist" if not spec.workdir.exists() else "is not a directory"
+        ctx.report(_key_line(root, "workdir"), "workdir", f"{spec.workdir} {what}")
+        return
+    program = spec.command[0]
+    env = dict(spec.env)
+    if "/" in program:
+        where = spec.workdir / program
+        if not (where.is_file() and os.access(where, os.X_OK)):
+            ctx.report(_key_line(root, "command"), "command",
+                       f"{program!r} is not an executable file (looked at {where})")
+        return
+    search = env.get("PATH") or os.environ.get("PATH") or os.defpath
+    if shutil.which(program, path=search) is None:
+        ctx.report(_key_line(root, "command"), "command",
+                   f"{program!r} is not found on the job's PATH ({search})")
 
 
 def load_job_file(path: Path | str, *, is_root: bool) -> JobSpec | InvalidJob:
@@ -896,28 +1089,59 @@ def _job_files(jobs_dir: Path) -> list[Path]:
                   if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool) -> tuple[list[JobSpec], list[InvalidJob]]:
+def _refuse_checkpoint_claims(jobs: list, jobs_dir: Optional[Path], state_dir: Optional[Path]) -> list:
+    """checkpoint.dir that is `/`, a home, the state/jobs dir or another job's: invalid."""
+    conflicts = cross_job_conflicts([j for j in jobs if isinstance(j, JobSpec)],
+                                    jobs_dir=jobs_dir, state_dir=state_dir)
+    return [InvalidJob(name=j.name, source=j.source, errors=tuple(conflicts[j.name]))
+            if isinstance(j, JobSpec) and j.name in conflicts else j for j in jobs]
+
+
+def load_jobs_dir(jobs_dir: Path | str, *, is_root: bool,
+                  state_dir: Optional[Path] = None) -> tuple[list[JobSpec], list[InvalidJob]]:
     """Every `*.yaml`/`*.yml` in jobs_dir (sorted, hidden files skipped). A missing dir is
     empty; an unreadable one is reported as one invalid entry named after the dir."""
+    scan = scan_jobs_dir(jobs_dir, is_root=is_root, settle=False, state_dir=state_dir)
+    return scan.jobs, scan.invalid
+
+
+@dataclasses.dataclass
+class JobsDirScan:
+    jobs: list[JobSpec]
+    invalid: list[InvalidJob]
+    unsettled: list[Path]       # files still being written: read them again shortly
+
+
+def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True,
+                  state_dir: Optional[Path] = None) -> JobsDirScan:
+    """load_jobs_dir, for the daemon: with `settle`, a file that may still be being
+    written is neither a job nor an invalid job but listed in `unsettled`, so the caller
+    leaves that job as it is and scans again in a moment."""
     jobs_dir = Path(jobs_dir)
     try:
         files = _job_files(jobs_dir)
     except FileNotFoundError:
-        return [], []
+        return JobsDirScan([], [], [])
     except OSError as exc:
         error = f"{jobs_dir}:1: (file): cannot list the jobs dir: {exc.strerror}"
-        return [], [InvalidJob(name=jobs_dir.name, source=jobs_dir, errors=(error,))]
-    loaded = [(p, *_read_job(p, is_root)) for p in files]
-    jobs = _mark_duplicates(loaded)
-    return ([j for j in jobs if isinstance(j, JobSpec)],
-            [j for j in jobs if isinstance(j, InvalidJob)])
+        return JobsDirScan([], [InvalidJob(name=jobs_dir.name, source=jobs_dir, errors=(error,))], [])
+    loaded, unsettled = [], []
+    for p in files:
+        try:
+            loaded.append((p, *_read_job(p, is_root, settle=settle)))
+        except Unsettled:
+            unsettled.append(p)
+    jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
+    return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
+                       [j for j in jobs if isinstance(j, InvalidJob)], unsettled)
 
 
-def validate_files(paths: Iterable[Path | str], *, is_root: bool) -> list[str]:
-    """All error lines for `trainsup validate`; duplicate names across the files count."""
-    loaded = [(Path(p), *_read_job(Path(p), is_root)) for p in paths]
+def validate_files(paths: Iterable[Path | str], *, is_root: bool, runnable: bool = False) -> list[str]:
+    """All error lines for `trainsup validate`; duplicate names across the files count.
+    `runnable` also checks that each workdir exists and each command resolves."""
+    loaded = [(Path(p), *_read_job(Path(p), is_root, runnable=runnable)) for p in paths]
     errors: list[str] = []
-    for job in _mark_duplicates(loaded):
+    for job in _refuse_checkpoint_claims(_mark_duplicates(loaded), None, None):
         if isinstance(job, InvalidJob):
             errors.extend(job.errors)
     return errors
@@ -946,6 +1170,40 @@ def default_config_path(*, is_root: bool, env: Mapping[str, str] = os.environ) -
     return _xdg(env, "XDG_CONFIG_HOME", _home(env) / ".config") / "trainsup" / "trainsup.yaml"
 
 
+def discover_config(explicit: Optional[Path | str], *, is_root: bool,
+                    env: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """The daemon config to read: --config when given (it must exist), else the
+    conventional file (/etc/trainsup/trainsup.yaml for root, else
+    $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists, else none."""
+    if explicit is not None:
+        return Path(explicit)
+    candidates = [default_config_path(is_root=is_root, env=env)]
+    systemd = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
+    if systemd is not None:              # a unit's ConfigurationDirectory=trainsup
+        candidates.insert(0, systemd / "trainsup.yaml")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _systemd_dir(env: Mapping[str, str], name: str) -> Optional[Path]:
+    """A directory systemd made for the unit (StateDirectory= etc.); the first when it
+    lists several, colon-separated."""
+    value = env.get(name, "").split(":")[0]
+    return Path(value) if value and os.path.isabs(value) else None
+
+
+def _under_systemd(defaults: dict, state_dir: Optional[Path], env: Mapping[str, str]) -> dict:
+    """Under systemd the unit's own directories are the defaults, so `ExecStart=trainsup
+    daemon` needs no path flags and the config file can still change every path."""
+    for key, var, leaf in (("jobs_dir", "CONFIGURATION_DIRECTORY", "jobs.d"),
+                           ("state_dir", "STATE_DIRECTORY", ""),
+                           ("socket", "RUNTIME_DIRECTORY", "trainsup.sock"),
+                           ("log_dir", "LOGS_DIRECTORY", "")):
+        d = _systemd_dir(env, var)
+        if d is not None and not (key in ("state_dir", "log_dir") and state_dir):
+            defaults[key] = d / leaf if leaf else d
+    return defaults
+
+
 def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) -> dict:
     if is_root:
         try:
@@ -953,10 +1211,12 @@ def _defaults(state_dir: Optional[Path], is_root: bool, env: Mapping[str, str]) 
             group: Optional[str] = "trainsup"
         except KeyError:
             group = None
+        # A daemon given its own state dir keeps its logs there too: two daemons with
+        # same-named jobs must not share /var/log/trainsup/<job>.log.
         return {"jobs_dir": Path("/etc/trainsup/jobs.d"),
-                "state_dir": Path("/var/lib/trainsup"),
+                "state_dir": state_dir or Path("/var/lib/trainsup"),
                 "socket": Path("/run/trainsup/trainsup.sock"),
-                "log_dir": Path("/var/log/trainsup"),
+                "log_dir": state_dir / "logs" if state_dir else Path("/var/log/trainsup"),
                 "socket_group": group}
     home = _home(env)
     state = state_dir or _xdg(env, "XDG_STATE_HOME", home / ".local" / "state") / "trainsup"
@@ -1014,10 +1274,16 @@ def load_daemon_config(path: Optional[Path | str], overrides: Mapping[str, Any],
     # `jobs_dir: null` means "the default"; `socket_group: null` means "no group".
     chosen = {k: v for k, v in from_file.items() if v is not None or k not in _PATH_KEYS}
     chosen.update(from_flags)
-    chosen = {**_defaults(chosen.get("state_dir"), is_root, env), **chosen}
+    chosen = {**_under_systemd(_defaults(chosen.get("state_dir"), is_root, env), chosen.get("state_dir"), env),
+              **chosen}
     socket_bytes = len(os.fsencode(str(chosen["socket"])))
     if socket_bytes > UNIX_SOCKET_PATH_MAX:
         raise ConfigError([f"socket: {chosen['socket']} is {socket_bytes} bytes long; a Unix "
                            f"socket path may have at most {UNIX_SOCKET_PATH_MAX} "
                            "(set `socket` in the config file or pass --socket)"])
+    if chosen.get("user"):
+        try:
+            chosen["uid"] = pwd.getpwnam(chosen["user"]).pw_uid
+        except KeyError:
+            raise ConfigError([f"user: no such user {chosen['user']!r}"]) from None
     return DaemonSpec(**chosen)

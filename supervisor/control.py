@@ -1,44 +1,76 @@
 """The control socket: newline-delimited JSON over a Unix socket, one request per line.
 
-Defences (SPEC section 8): a size cap per request line, a deadline per connection, an
-allow-list of verbs, and SO_PEERCRED authorisation. The socket is bound under a
-restrictive umask (0660), never abstract. The handler behind it is the daemon's; this
-module only frames, authorises and dispatches.
+Defences (SPEC section 8, issue 10): a size cap per request line, a deadline per idle
+connection, the verb registry (trainsup.verbs) as the allow-list, SO_PEERCRED
+authorisation of every job a request will act on (after its arguments are resolved),
+connections bounded per peer uid and in total (fds stay free for launches and the state
+DB), log followers counted apart from request slots, and a socket directory nobody else
+can write to. The socket is bound under a restrictive umask (0660), never abstract. The
+handler behind it is the daemon's; this module only frames, authorises and dispatches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import grp
 import json
 import logging
 import os
 import pwd
+import resource
 import socket
+import stat
 import struct
+import termios
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
+
+from .verbs import VERBS, RequestError, Verb, resolve_targets
+
+__all__ = ["RequestError", "ControlServer", "Peer", "authorize", "SocketRefused", "Unreachable",
+           "request", "connect", "send", "replies", "raise_nofile"]
 
 log = logging.getLogger("trainsup.control")
 
 MAX_REQUEST = 64 * 1024
-CONNECTION_DEADLINE = 10.0
-MAX_CONNECTIONS = 256      # requests being served at once
-# Connections waiting for a request line cost one fd and no work: they do not count
-# against MAX_CONNECTIONS (a flood of silent clients must not lock root out of `status`);
-# past MAX_IDLE the one that has waited longest is closed.
-MAX_IDLE = 4096
-READ_VERBS = frozenset({"status", "checkpoints", "history", "logs", "ping"})
-WRITE_VERBS = frozenset({"start", "stop", "restart", "checkpoint", "preempt", "reload", "pin", "unpin"})
-VERBS = READ_VERBS | WRITE_VERBS
-# Verbs that act on the whole daemon, not on a job the caller may own.
-GLOBAL_WRITE_VERBS = frozenset({"reload"})
+CONNECTION_DEADLINE = 10.0    # an idle connection (no request line yet) is closed after this
+# Requests being served at once. TRAINSUP_MAX_REQUESTS shrinks the pool for tests.
+MAX_ACTIVE = int(os.environ.get("TRAINSUP_MAX_REQUESTS", "256"))
+MAX_FOLLOWERS = 256           # `logs -f` streams: separate, so followers never starve `status`
+MAX_FOLLOWERS_PER_UID = 32
+MAX_PER_UID = 128             # connections of one peer uid, whatever they are doing
+MAX_TOTAL = 4096              # connections in all, further capped by the fd budget
+# fds kept free for everything else: the state DB (db, wal, shm, lock), the log, the
+# hashing pool, watchers, and per job a pidfd, a log file and the spawn pipes.
+FDS_RESERVED = 128
+FDS_PER_JOB = 8
+# asyncio accepts up to `backlog` connections per wakeup before any of them is counted
+# here, and evicted ones close a loop turn later: room for two batches stays free.
+ACCEPT_BACKLOG = 64
+NOFILE_WANTED = 65536
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13
 
 
-class RequestError(Exception):
-    """A one-line reason sent back as {"ok": false, "error": ...}."""
+class SocketRefused(Exception):
+    """The daemon will not serve on this path: one line, exit 2."""
+
+
+def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
+    """Raise the soft fd limit toward `wanted` (never past the hard limit); the new soft
+    limit. The default soft limit (1024) is what an idle-connection flood exhausted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
+    return soft if soft != resource.RLIM_INFINITY else wanted
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    gids: frozenset[int] = frozenset()    # supplementary groups at connect time
 
     @property
     def user(self) -> str:
@@ -55,39 +88,54 @@ class Peer:
             return str(self.uid)
 
     def groups(self) -> set[int]:
-        gids = {self.gid}
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("Groups:"):
-                        gids.update(int(g) for g in line.split()[1:])
-        except OSError:
-            pass
-        return gids
+        return {self.gid, *self.gids}
 
 
 def peer_of(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", raw))
+    pid, uid, gid = struct.unpack("3i", raw)
+    try:
+        # The kernel's record of the peer's groups when it connected: reading
+        # /proc/PID/status later could read a different process that reused the pid.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)   # Python's largest buffer
+        gids = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+    except OSError:       # more than 256 groups, or an old kernel
+        gids = _proc_groups(pid)
+    return Peer(pid, uid, gid, gids)
 
 
-def authorize(peer_uid: int, peer_groups: set[int], peer_user: str, verb: str,
-              job_user: Optional[str], *, daemon_uid: int, socket_gid: Optional[int]) -> Optional[str]:
+def _proc_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+def authorize(peer_uid: int, peer_groups: set[int], verb: Verb, targets: Optional[tuple[str, ...]],
+              owner_of: Callable[[str], Optional[int]], *, daemon_uid: int,
+              socket_gid: Optional[int]) -> Optional[str]:
     """None when allowed, else the reason. Pure: table-tested.
 
     root and the daemon's user may do anything; members of the socket group may read,
-    and change only jobs that run as themselves; anyone else is refused."""
+    and change only jobs that run as themselves: every one of `targets` (the jobs the
+    request will act on, resolved from its arguments; None = the daemon as a whole)."""
     if peer_uid == 0 or peer_uid == daemon_uid:
         return None
+    who = f"uid {peer_uid}"
     if socket_gid is None or socket_gid not in peer_groups:
-        return f"permission denied: user {peer_user} is not root, the daemon's user or in the socket group"
-    if verb in READ_VERBS:
+        return f"permission denied: {who} is not root, the daemon's user or in the socket group"
+    if not verb.writes:
         return None
-    if verb in GLOBAL_WRITE_VERBS:
-        return f"permission denied: only root or the daemon's user may {verb}"
-    if job_user is not None and job_user == peer_user:
-        return None
-    return f"permission denied: user {peer_user} may not {verb} a job that does not run as {peer_user}"
+    if targets is None:
+        return f"permission denied: only root or the daemon's user may {verb.name}"
+    for name in targets:
+        if owner_of(name) != peer_uid:
+            return f"permission denied: {who} may not {verb.name} job {name}, which does not run as {who}"
+    return None
 
 
 Handler = Callable[[dict, Peer, "Connection"], Awaitable[Any]]
@@ -104,34 +152,221 @@ class Connection:
         await self.writer.drain()
 
 
+@dataclass
+class _Slot:
+    """One open connection: whose, since when, and what it is doing."""
+    uid: int
+    since: float
+    reader: Optional[asyncio.StreamReader] = None
+    phase: str = "idle"      # idle | active | follow
+
+    def silent(self, writer: asyncio.StreamWriter) -> bool:
+        """Idle and nothing sent yet: a request already on its way is never evicted."""
+        if self.phase != "idle":
+            return False
+        if self.reader is not None and len(getattr(self.reader, "_buffer", b"")):
+            return False
+        sock = writer.get_extra_info("socket")
+        try:
+            pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return struct.unpack("i", pending)[0] == 0
+        except (OSError, AttributeError):
+            return True
+
+
+class _Slots:
+    """Every open connection, with the counts the limits need kept up to date (a flood
+    is thousands of admissions: none of them may scan every connection)."""
+
+    def __init__(self) -> None:
+        self.all: dict[asyncio.StreamWriter, _Slot] = {}
+        self.by_uid: Counter[int] = Counter()
+        self.by_phase: Counter[tuple[str, Optional[int]]] = Counter()   # (phase, uid|None)
+        # Idle connections per uid, longest idle first.
+        self.idle: dict[int, OrderedDict[asyncio.StreamWriter, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def __contains__(self, w: object) -> bool:
+        return w in self.all
+
+    def __getitem__(self, w: asyncio.StreamWriter) -> _Slot:
+        return self.all[w]
+
+    def count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
+        if phase is None:
+            return len(self.all) if uid is None else self.by_uid[uid]
+        return self.by_phase[(phase, uid)]
+
+    def add(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.all[w] = slot
+        self.by_uid[slot.uid] += 1
+        self._enter(w, slot)
+
+    def set_phase(self, w: asyncio.StreamWriter, phase: str) -> None:
+        slot = self.all[w]
+        self._leave(w, slot)
+        slot.phase, slot.since = phase, time.monotonic()
+        self._enter(w, slot)
+
+    def remove(self, w: asyncio.StreamWriter) -> Optional[_Slot]:
+        slot = self.all.pop(w, None)
+        if slot is not None:
+            self.by_uid[slot.uid] -= 1
+            self._leave(w, slot)
+        return slot
+
+    def uids_by_count(self) -> list[int]:
+        return [uid for uid, n in self.by_uid.most_common() if n > 0]
+
+    def _enter(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] += 1
+        self.by_phase[(slot.phase, slot.uid)] += 1
+        if slot.phase == "idle":
+            self.idle.setdefault(slot.uid, OrderedDict())[w] = None
+
+    def _leave(self, w: asyncio.StreamWriter, slot: _Slot) -> None:
+        self.by_phase[(slot.phase, None)] -= 1
+        self.by_phase[(slot.phase, slot.uid)] -= 1
+        if slot.phase == "idle":
+            self.idle.get(slot.uid, OrderedDict()).pop(w, None)
+
+
+def _uid_of_user(name: Optional[str]) -> Optional[int]:
+    if name is None:
+        return None
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def prepare_socket_dir(directory: Path, gid: Optional[int]) -> None:
+    """Create the socket's directory (0750 with the socket group, else 0755; ours), or
+    check an existing one: a directory others can write to lets them replace the socket
+    and impersonate the daemon. Raises SocketRefused."""
+    try:
+        os.makedirs(directory.parent, mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o750 if gid is not None else 0o755)
+            os.chmod(directory, 0o750 if gid is not None else 0o755)   # whatever the umask
+            if gid is not None:
+                os.chown(directory, -1, gid)
+        except FileExistsError:
+            pass
+        st = os.stat(directory)
+    except OSError as e:
+        raise SocketRefused(f"cannot create the socket directory {directory}: {e.strerror}") from None
+    why = unsafe_dir(st, {0, os.geteuid()}, {0, os.getegid()})
+    if why:
+        raise SocketRefused(f"refusing to serve in {directory}: {why}; use a directory only root "
+                            f"or the daemon's user can write (e.g. /run/trainsup, mode 0755)")
+
+
+def unsafe_dir(st: os.stat_result, owners: set[int], gids: set[int]) -> Optional[str]:
+    """Why a directory holding the socket lets someone else replace it, or None."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid not in owners:
+        return f"it is owned by uid {st.st_uid}"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return f"it is writable by others (mode {mode:04o})"
+    if mode & stat.S_IWGRP and st.st_gid not in gids:
+        return f"it is writable by group {st.st_gid} (mode {mode:04o})"
+    return None
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler, *, group: Optional[str],
-                 job_user_of: Callable[[str], Optional[str]]):
+                 job_user_of: Optional[Callable[[str], Optional[str]]] = None,
+                 job_owner: Optional[Callable[[str], Optional[int]]] = None,
+                 job_names: Optional[Callable[[], Iterable[str]]] = None):
+        """`job_owner(name)` is the uid a job runs as (None: the daemon's own, or no such
+        job); `job_names()` lists every job (`preempt --all`)."""
         self.path = Path(path)
         self.handler = handler
         self.group = group
-        self.job_user_of = job_user_of
+        if job_owner is None:
+            lookup = job_user_of or (lambda name: None)
+            job_owner = lambda name: _uid_of_user(lookup(name))
+        self.job_owner = job_owner
+        # Without the list of jobs "all" cannot be resolved: it then means "some job the
+        # caller does not own", which only a privileged caller may touch.
+        self.job_names = job_names or (lambda: ("(every job)",))
         self.daemon_uid = os.getuid()
-        self.socket_gid = None
+        self.socket_gid: Optional[int] = None
         if group:
             try:
                 self.socket_gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
         self.server: Optional[asyncio.AbstractServer] = None
-        self.active = 0
-        self.idle: dict[asyncio.StreamWriter, float] = {}   # waiting for a line, since when
+        self.slots = _Slots()
+        self.fd_limit = 1024
 
+    # -- counts ------------------------------------------------------------------------
+    def _count(self, phase: Optional[str] = None, uid: Optional[int] = None) -> int:
+        return self.slots.count(phase, uid)
+
+    @property
+    def active(self) -> int:
+        return self._count("active")
+
+    def max_total(self) -> int:
+        try:
+            jobs = sum(1 for _ in self.job_names())
+        except Exception:
+            jobs = 0
+        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG))
+
+    def _evict_idle(self, uid: Optional[int]) -> bool:
+        """Close the longest-idle connection (of `uid`, else of the uid holding the most);
+        False when there is none to close."""
+        if uid is None:
+            return any(self._evict_idle(candidate) for candidate in self.slots.uids_by_count())
+        victim = next((w for w in self.slots.idle.get(uid, ()) if self.slots[w].silent(w)), None)  # longest idle first
+        if victim is None:
+            return False
+        self.slots.remove(victim)
+        victim.close()      # its readline() sees EOF and its task ends itself
+        return True
+
+    def _admit(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, uid: int) -> bool:
+        """Count a new connection, making room by closing idle ones: a flood of silent
+        clients costs its sender its own oldest connections, not everyone's `status`.
+        The per-uid cap is for unprivileged peers (one socket-group member must not lock
+        out the others); root and the daemon's user are bounded by the total only."""
+        privileged = uid in (0, self.daemon_uid)
+        if not privileged and self._count(uid=uid) >= MAX_PER_UID and not self._evict_idle(uid):
+            return False
+        if len(self.slots) >= self.max_total() and not self._evict_idle(None):
+            return False
+        self.slots.add(writer, _Slot(uid, time.monotonic(), reader))
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_socket() or self.path.is_symlink():
+        """Raises SocketRefused (one line) when the path or its directory is unsafe."""
+        self.fd_limit = raise_nofile()
+        prepare_socket_dir(self.path.parent, self.socket_gid)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise SocketRefused(f"cannot inspect {self.path}: {e.strerror}") from None
+        if st is not None:
+            if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise SocketRefused(f"{self.path} exists and is not a socket; refusing to replace it")
             self.path.unlink()
-        elif self.path.exists():
-            raise RequestError(f"{self.path} exists and is not a socket; refusing to replace it")
         old = os.umask(0o117)     # the socket is born 0660: no window where others can connect
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                          limit=MAX_REQUEST)
+                                                          limit=MAX_REQUEST, backlog=ACCEPT_BACKLOG)
+        except OSError as e:
+            raise SocketRefused(f"cannot listen on {self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
         if self.socket_gid is not None:
@@ -153,14 +388,15 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer)
         try:
-            sock = writer.get_extra_info("socket")
-            peer = peer_of(sock)
+            peer = peer_of(writer.get_extra_info("socket"))
+            if not self._admit(writer, reader, peer.uid):
+                await conn.send({"ok": False, "error": "busy: too many connections"})
+                return
+            slot = self.slots[writer]
             while True:
-                self.idle[writer] = time.monotonic()
-                if len(self.idle) > MAX_IDLE:
-                    oldest = min(self.idle, key=self.idle.__getitem__)
-                    self.idle.pop(oldest)
-                    oldest.close()      # its readline() sees EOF and it ends itself
+                if writer not in self.slots:                  # evicted
+                    return
+                self.slots.set_phase(writer, "idle")
                 try:
                     line = await asyncio.wait_for(reader.readline(), CONNECTION_DEADLINE)
                 except asyncio.TimeoutError:
@@ -168,31 +404,22 @@ class ControlServer:
                 except (ValueError, asyncio.LimitOverrunError):
                     await conn.send({"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
                     return
-                finally:
-                    self.idle.pop(writer, None)
-                if not line:
+                if not line or writer not in self.slots:      # EOF, or evicted while idle
                     return
-                self.active += 1
-                try:
-                    if self.active > MAX_CONNECTIONS:
-                        await conn.send({"ok": False, "error": "busy: too many requests at once"})
-                        return
-                    if not await self._one(line, peer, conn):
-                        return
-                finally:
-                    self.active -= 1
+                if not await self._one(line, peer, conn, slot):
+                    return
         except (ConnectionError, BrokenPipeError, OSError):
             pass
         except Exception:   # a bug in one request must never take the daemon down
             log.exception("control: request failed")
         finally:
-            self.idle.pop(writer, None)
+            self.slots.remove(writer)
             try:
                 writer.close()
             except Exception:
                 pass
 
-    async def _one(self, line: bytes, peer: Peer, conn: Connection) -> bool:
+    async def _one(self, line: bytes, peer: Peer, conn: Connection, slot: _Slot) -> bool:
         try:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError, RecursionError):   # [[[[... nests past the parser
@@ -202,7 +429,8 @@ class ControlServer:
             await conn.send({"ok": False, "error": 'bad request: expected {"cmd": "...", "job": ..., "args": {...}}'})
             return False
         cmd = req["cmd"]
-        if cmd not in VERBS:
+        verb = VERBS.get(cmd)
+        if verb is None:
             await conn.send({"ok": False, "error": f"bad request: unknown command {cmd[:40]!r}"})
             return False
         job = req.get("job")
@@ -210,15 +438,32 @@ class ControlServer:
         if job is not None and not isinstance(job, str) or not isinstance(args, dict):
             await conn.send({"ok": False, "error": "bad request: job must be a string and args an object"})
             return False
-        why = authorize(peer.uid, peer.groups(), peer.user, cmd,
-                        self.job_user_of(job) if job else None,
+        try:
+            targets = resolve_targets(verb, job, args, self.job_names)
+        except RequestError as e:
+            await conn.send({"ok": False, "error": str(e)})
+            return True
+        why = authorize(peer.uid, peer.groups(), verb, targets, self.job_owner,
                         daemon_uid=self.daemon_uid, socket_gid=self.socket_gid)
         if why is not None:
             log.warning("control: refused %s from uid %d: %s", cmd, peer.uid, why)
             await conn.send({"ok": False, "error": why})
             return False
+        phase = "follow" if verb.streams(args) else "active"
+        if phase == "follow":
+            full = (self._count("follow") >= MAX_FOLLOWERS
+                    or self._count("follow", peer.uid) >= MAX_FOLLOWERS_PER_UID)
+        else:
+            full = self._count("active") >= MAX_ACTIVE
+        if full:
+            what = "log followers" if phase == "follow" else "requests"
+            await conn.send({"ok": False, "error": f"busy: too many {what} at once"})
+            return False
+        self.slots.set_phase(conn.writer, phase)
+        # The handler acts on `targets` — exactly what was authorised — never on args again.
         try:
-            result = await self.handler({"cmd": cmd, "job": job, "args": args}, peer, conn)
+            result = await self.handler({"cmd": cmd, "job": job, "args": args, "targets": targets},
+                                        peer, conn)
         except RequestError as e:
             await conn.send({"ok": False, "error": str(e)})
             return True
@@ -233,24 +478,77 @@ class Unreachable(Exception):
 
 
 def request(path: Path, cmd: str, job: Optional[str] = None, args: Optional[dict] = None,
-            timeout: float = 30.0) -> dict:
-    """One request, one reply. Raises Unreachable when no daemon answers."""
-    with connect(path, timeout) as s:
+            timeout: float = 30.0, trusted: Iterable[int] = ()) -> dict:
+    """One request, one reply. Raises Unreachable when no daemon answers (or when what
+    answers is not a daemon we trust: see connect)."""
+    with connect(path, timeout, trusted) as s:
         send(s, cmd, job, args)
         return next(replies(s))
 
 
-def connect(path: Path, timeout: float) -> socket.socket:
+def check_server(path: Path, trusted: set[int]) -> None:
+    """Before talking: the socket must be a socket owned by a trusted uid, in a directory
+    that no untrusted user can write to (unless sticky, where only the socket's owner can
+    replace it). Raises Unreachable."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise Unreachable(f"no trainsup daemon at {path} (no such file or directory)") from None
+    except OSError as e:
+        raise Unreachable(f"cannot inspect {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Unreachable(f"{path} is not a socket; refusing to talk to it")
+    if st.st_uid not in trusted:
+        raise Unreachable(f"{path} is owned by uid {st.st_uid}, not by root or the daemon's user; "
+                          "refusing to talk to it (someone may be impersonating the daemon)")
+    try:
+        dst = os.stat(path.parent)
+    except OSError as e:
+        raise Unreachable(f"cannot inspect {path.parent}: {e.strerror}") from None
+    why = unsafe_dir(dst, trusted, {0, os.getegid()})
+    if why and not (dst.st_mode & stat.S_ISVTX and stat.S_ISDIR(dst.st_mode)):
+        raise Unreachable(f"refusing to talk to {path}: its directory {path.parent} is unsafe ({why}), "
+                          "so anyone could have replaced the socket")
+
+
+def trusted_uids(extra: Iterable[int] = ()) -> set[int]:
+    """Who may own the daemon's socket: root, the caller, and the daemon's configured user."""
+    return {0, os.getuid(), *extra}
+
+
+def connect(path: Path, timeout: Optional[float], trusted: Iterable[int] = ()) -> socket.socket:
+    path = Path(path)
+    allowed = trusted_uids(trusted)
+    check_server(path, allowed)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
     try:
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:
+                # The listen backlog is full (a busy daemon, or a flood): it drains in
+                # milliseconds; wait for it rather than fail.
+                if time.monotonic() >= deadline:
+                    s.close()
+                    raise Unreachable(f"the daemon at {path} is too busy to accept a connection") from None
+                time.sleep(0.01)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         s.close()
-        raise Unreachable(f"no trainsup daemon at {path} ({e.strerror.lower()})") from None
+        raise Unreachable(f"no trainsup daemon at {path} ({(e.strerror or str(e)).lower()})") from None
     except PermissionError:
         s.close()
         raise Unreachable(f"permission denied connecting to {path}") from None
+    # The decisive check, free of races with the lstat above: the kernel's record of
+    # who is listening on the other end.
+    raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, server_uid, _ = struct.unpack("3i", raw)
+    if server_uid not in allowed:
+        s.close()
+        raise Unreachable(f"the process listening on {path} runs as uid {server_uid}, not as root or "
+                          "the daemon's user; refusing to talk to it")
     return s
 
 

@@ -15,10 +15,13 @@ from typing import Any, Optional
 
 import psutil
 
-from . import __version__, config, process
+from . import __version__, cgroup, config, process
+from .checkpoint.custody import owner_ids
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
 from .control import ControlServer
+from .hooks import HookRunner
+from .render import iso_utc
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
@@ -30,6 +33,8 @@ log = logging.getLogger("trainsup.daemon")
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
+NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
+
 
 
 class Daemon:
@@ -42,7 +47,9 @@ class Daemon:
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
         self.db: StateDB
-        self._stop = None
+        self.containment: Optional[cgroup.Containment] = None   # set up at start (JobHost)
+        self.heartbeat_dir = self.spec.state_dir / "heartbeat"   # JobHost; /run/... at start
+        self._stop: Optional[asyncio.Event] = None
         self._exit_code = 0
         self._retired: set[Job] = set()        # replaced/removed jobs whose stop is under way
         self._reload_lock = asyncio.Lock()
@@ -52,9 +59,14 @@ class Daemon:
         self.commands = Commands(self)
         self._tasks: set[asyncio.Task] = set()
         self._sources: list = []
-        self.schedule = None
+        self.schedule: Optional[JobSchedule] = None
         self.notifier = Notifier.from_env()
         self._me = psutil.Process()
+        self.active_notices: dict[tuple, Any] = {}    # machine-wide notices in force
+        self._notice_seen: dict[tuple, float] = {}
+        self.source_health: dict[str, dict] = {}      # notice source -> its last health change
+        self.hooks: Optional[HookRunner] = None
+        self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -71,25 +83,45 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Requests that arrive while the jobs dir is first read wait for it: `status` must
+        # never answer "no such job" for a job whose file is still settling.
+        self.loaded = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
-        self.db.on_pending = lambda: self.loop.call_soon(self.db.flush)
+        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
         process.become_subreaper()
+        containment = self.containment = cgroup.setup(self.spec.state_dir)
+        if containment.kind == cgroup.PROCESS_GROUP:
+            log.warning("jobs contained by process group only (%s)", containment.why)
+        else:
+            log.info("jobs contained by %s under %s", containment.kind, containment.root)
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
             self.loop.add_signal_handler(sig, handler)
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
-                                     job_user_of=self._job_user)
+                                     job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
-        (self.spec.state_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
-        jobs, invalid = config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root)
-        for spec in jobs:
+        self.hooks = HookRunner(self.loop, self.spec.hooks)
+        self._start_metrics()
+        self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
+        # YAML and user lookups off the loop; a file still being written is read again
+        # by a reload in a moment instead of being taken half-written.
+        scan = await self._scan_jobs_dir()
+        for spec in scan.jobs:
             self._add_job(spec)
-        for inv in invalid:
+        for inv in scan.invalid:
             self._add_invalid(inv)
+        self._reread_unsettled(scan.unsettled)
+        self.loaded.set()
+        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
+        # state DB says (it may be gone), then by the pids it recorded.
+        for name in await containment.end_leftovers():
+            job = self.jobs.get(name.rpartition(".")[0])
+            if job is not None:
+                job.event("orphan-stopped", cgroup=name)
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
@@ -100,6 +132,7 @@ class Daemon:
         self.notifier.ready(self._summary())
         log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
                  len(self.invalid), self.spec.socket)
+        assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
         return self._exit_code
@@ -128,10 +161,17 @@ class Daemon:
                 log.exception("stopping %r", src)
         for j in self.jobs.values():
             j.ckpts.close()
+        if self.hooks is not None:
+            self.hooks.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.control.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for j in self.jobs.values():
             j.log.close()
+        if self.containment is not None:
+            self.containment.close()
+        process.discard_heartbeat_dir(self.heartbeat_dir)
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
@@ -159,6 +199,8 @@ class Daemon:
             from .notices.cloud import CloudPoller
             self.cloud = CloudPoller(pre.provider, self._threadsafe(self.on_notice), poll=pre.poll,
                                      metadata_url=pre.metadata_url)
+            source = pre.provider
+            self.cloud.on_health = self._threadsafe(lambda ok, error: self._source_health(source, ok, error))
             self.cloud.start()
             self._sources.append(self.cloud)
 
@@ -182,8 +224,13 @@ class Daemon:
     def on_notice(self, notice) -> None:
         """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
         preemption or maintenance, stops before the deadline."""
+        key = notice.identity()
+        self._expire_notices()
+        if key in self.active_notices:
+            return                      # the same notice again (a source re-reported it): once is enough
+        self.active_notices[key] = notice
         log.warning("notice from %s: %s %s (deadline %s)", notice.source, notice.kind, notice.detail,
-                    notice.deadline)
+                    iso_utc(notice.deadline) if notice.deadline else "none")
         self.record_event("-", "notice", {"source": notice.source, "kind": notice.kind,
                                           "detail": notice.detail, "deadline": notice.deadline})
         running = [j for j in self.jobs.values() if j.alive]
@@ -198,6 +245,28 @@ class Daemon:
                  for j in running]
         if notice.event_id and getattr(self, "cloud", None) is not None:
             self._spawn_task(self._acknowledge(flows, notice), "acknowledging a notice")
+
+    def _expire_notices(self) -> None:
+        now = time.time()
+        for key, n in list(self.active_notices.items()):
+            # Without a deadline a notice is active for NOTICE_ACTIVE_FOR after it came.
+            until = n.deadline if n.deadline else self._notice_seen.setdefault(key, now) + NOTICE_ACTIVE_FOR
+            if now > until:
+                del self.active_notices[key]
+                self._notice_seen.pop(key, None)
+
+    def _source_health(self, source: str, ok: bool, error: str) -> None:
+        now = time.time()
+        self.source_health[source] = {"source": source, "ok": ok, "error": error or None,
+                                      "since": now, "since_iso": iso_utc(now)}
+
+    def notices_in_force(self) -> list:
+        self._expire_notices()
+        return list(self.active_notices.values())
+
+    def active_preemption(self) -> Optional[Any]:
+        """The machine-wide preemption notice in force (a start now would be preempted again)."""
+        return next((n for n in self.notices_in_force() if n.kind != "warning"), None)
 
     async def _acknowledge(self, flows, notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
@@ -221,15 +290,18 @@ class Daemon:
                 j.request_save()
 
     def leader_pids(self) -> list[int]:
-        return [j.child.pid for j in self.jobs.values() if j.child]
+        # Hook processes too: their exit status is the hook runner's to collect.
+        hooks = list(self.hooks.pids()) if self.hooks is not None else []
+        return [j.child.pid for j in self.jobs.values() if j.child] + hooks
 
     def _on_chld(self) -> None:
         process.reap_orphans(self.leader_pids())
 
     # -- jobs --------------------------------------------------------------------------
-    def _job_user(self, name: str) -> Optional[str]:
+    def _job_uid(self, name: str) -> Optional[int]:
+        """The uid job `name` runs as (resolved when its file loaded); None: the daemon's."""
         j = self.jobs.get(name)
-        return j.spec.user if j else None
+        return j.spec.uid if j else None
 
     def _add_invalid(self, inv: InvalidJob) -> None:
         # Keyed by name unless a valid job or another bad file already has it (a
@@ -241,8 +313,16 @@ class Daemon:
 
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
-                               on_index=lambda infos, err: None, on_scanned=self.rotation.request)
+                               on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
+                               create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
+        old = self.jobs.get(spec.name)
+        if old is not None:
+            # `logs -f` follows a job by name: a reload that replaces the job moves its
+            # followers to the new log (they went silent on the retired one).
+            job.log.followers |= old.log.followers
+            old.log.followers.clear()
         self.jobs[spec.name] = job
         ckpts.watch()
         self._schedule_job(job)
@@ -270,7 +350,7 @@ class Daemon:
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
             fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
             try:
                 signal.pidfd_send_signal(fd, signal.SIGTERM)
                 os.killpg(pid, signal.SIGTERM)
@@ -307,8 +387,10 @@ class Daemon:
             return self._reload_result
 
     async def _reload_once(self) -> dict:
-        jobs, invalid = await self.loop.run_in_executor(
-            None, lambda: config.load_jobs_dir(self.spec.jobs_dir, is_root=self.is_root))
+        scan = await self._scan_jobs_dir()
+        jobs, invalid = scan.jobs, scan.invalid
+        unsettled = set(scan.unsettled)
+        self._reread_unsettled(scan.unsettled)
         new = {s.name: s for s in jobs}
         by_source = {j.spec.source: j for j in self.jobs.values()}
         added, removed, changed = [], [], []
@@ -326,8 +408,8 @@ class Daemon:
                 continue
             self._add_invalid(inv)
         for name in list(self.jobs):
-            if name not in new and name not in kept_broken:
-                removed.append(name)
+            if name not in new and name not in kept_broken and self.jobs[name].spec.source not in unsettled:
+                removed.append(name)     # (a job whose file is mid-write is left as it is)
         flows = [self._remove_job(self.jobs[name]) for name in removed]
         for name, spec in new.items():
             old = self.jobs.get(name)
@@ -346,9 +428,33 @@ class Daemon:
                 if isinstance(r, BaseException):
                     log.error("reload: %r", r, exc_info=r)
         self.record_event("-", "reload", {"added": added, "removed": removed, "changed": changed})
+        if self.metrics is not None:
+            self.metrics.book.mark()            # jobs came and went: re-sample them all
         return {"added": added, "removed": removed, "changed": changed,
+                "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
                 + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
+
+    async def _scan_jobs_dir(self, tries: int = 10) -> config.JobsDirScan:
+        """The jobs dir, read off the loop, once its files have settled: a file written
+        moments ago (or changing while read) is read again a little later (a half-written
+        file with a valid prefix once restarted a job from scratch). Files still busy
+        after `tries` come back in `unsettled`; their jobs are left as they are."""
+        for attempt in range(tries):
+            scan = await self.loop.run_in_executor(
+                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
+                                             state_dir=self.spec.state_dir))
+            if not scan.unsettled or attempt == tries - 1:
+                return scan
+            await asyncio.sleep(config.SETTLE_SECONDS)
+        raise AssertionError("unreachable")
+
+    def _reread_unsettled(self, files: list) -> None:
+        """Files that were being written when read: reload again once they have settled."""
+        if files:
+            log.info("job files still being written, reading again shortly: %s", ", ".join(map(str, files)))
+            self.loop.call_later(2 * config.SETTLE_SECONDS,
+                                 lambda: self._spawn_task(self.reload(), "reload of settled job files"))
 
     async def _retire(self, job: Job) -> None:
         """Stop a job that is being replaced or removed; it can never launch again, and
@@ -360,6 +466,7 @@ class Daemon:
         try:
             await job.stop(save=True, final=State.STOPPED, source="reload")
         finally:
+            job.ckpts.close()
             if not job.active:
                 self._retired.discard(job)
                 job.log.close()
@@ -383,6 +490,39 @@ class Daemon:
         self.db.add_event(job, kind, data)
         if kind != "state":
             log.info("%s: %s %s", job, kind, " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+        if self.metrics is not None:
+            self.metrics.book.on_event(job, kind, data)
+            self.metrics.schedule_publish(self.loop, self._publish_metrics)
+        if self.hooks is not None:
+            j = self.jobs.get(job)
+            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+
+    # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
+    def _start_metrics(self) -> None:
+        if not self.spec.metrics.listen:
+            return
+        from .metrics import MetricsBook, MetricsServer
+        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall)
+        try:
+            server.start()
+        except OSError as e:
+            # Supervising the jobs matters more than exporting numbers about them.
+            log.error("metrics: cannot listen on %s: %s; running without metrics",
+                      self.spec.metrics.listen, e.strerror or e)
+            return
+        self.metrics = server
+        log.info("metrics on http://%s/metrics", self.metrics_address())
+        self._spawn_task(server.probe_lag(self._publish_metrics), "metrics lag probe")
+
+    def metrics_address(self) -> Optional[str]:
+        if self.metrics is None:
+            return None
+        host = self.metrics.listen.rpartition(":")[0]
+        return f"{host}:{self.metrics.port}"
+
+    def _publish_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.book.publish(self.jobs, [inv.name for inv in self.invalid.values()])
 
     def save_job(self, job: str, data: dict) -> None:
         self.db.save_job(job, data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import io
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import psutil
 import yaml
 
 from .control import Unreachable, request
+from .render import format_checkpoints, format_status
 
 JOB = "mlp-demo"
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def _tail(path: Path, n: int = 15) -> list[str]:
 def _dir_bytes(path: Path) -> int:
     """Bytes of regular files under `path`, links not followed: measured apart from the daemon."""
     total = 0
-    for top, dirs, files in os.walk(path):
+    for top, _dirs, files in os.walk(path):
         for name in files:
             try:
                 st = os.lstat(os.path.join(top, name))
@@ -238,8 +238,9 @@ class DemoDaemon:
 
 
 class Demo:
-    def __init__(self, plan: Plan, root: Path):
+    def __init__(self, plan: Plan, root: Path, picture: Optional[Path] = None):
         self.plan = plan
+        self.picture_path = picture
         self.d = DemoDaemon(root)
         self.t0 = time.monotonic()
         self.story = Story()
@@ -250,7 +251,6 @@ class Demo:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
 
     def show_status(self) -> None:
-        from .cli import format_status
         print(_indent(format_status(self.d.call("status"))), flush=True)
 
     def job_running(self, attempt: int) -> Optional[dict]:
@@ -292,6 +292,8 @@ class Demo:
         if isinstance(loaded, InvalidJob):
             raise DemoFailed(loaded.errors[0])
         ck = loaded.checkpoint
+        if ck is None:
+            raise DemoFailed(f"{loaded.source}: the demo job has no checkpoint section")
         print(f"trainsup demo: a real daemon supervising jobs/{script.name} (a small MLP on synthetic data, "
               f"checkpointed by trainsup.training)", flush=True)
         print(f"  in {self.d.root} (removed at the end)", flush=True)
@@ -303,7 +305,7 @@ class Demo:
         wait_for("the daemon to answer on its socket", self.d.ping, 30)
         self.attempt = 1
         j = wait_for(f"job {JOB} to run", lambda: self.job_running(1))
-        self.say(f"daemon up (pid {self.d.proc.pid}); job {JOB} running (attempt 1, pid {j['pid']})")
+        self.say(f"daemon up (pid {self.d.proc.pid if self.d.proc else '?'}); job {JOB} running (attempt 1, pid {j['pid']})")
 
     def first_checkpoints(self) -> None:
         n = self.plan.first_checkpoints
@@ -429,14 +431,22 @@ class Demo:
         self.story.kept_bytes, self.story.deleted = on_disk, len(deleted)
         self.say(f"rotation: {len(cps)} checkpoints kept, {on_disk} bytes on disk ({_kib(on_disk)}) <= quota "
                  f"{QUOTA} bytes; {len(deleted)} deleted. `trainsup checkpoints {JOB}`:")
-        from .cli import main as cli_main
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            cli_main(["--socket", str(self.d.socket), "checkpoints", JOB])
-        print(_indent(buf.getvalue()), flush=True)
+        print(_indent(format_checkpoints(cps)), flush=True)
         print(f"    deletions in `trainsup history {JOB}` (last 3 of {len(deleted)}):", flush=True)
         for e in deleted[-3:]:
             print(f"      step {e.get('step')}: {e.get('bytes')} bytes: {e.get('why')}", flush=True)
+
+    def picture(self) -> None:
+        """The run's timeline, as `trainsup plot` draws it (what users want to look at)."""
+        if self.picture_path is None:
+            return
+        from .plot import PlotUnavailable, draw
+        try:
+            out = draw(self.d.history(), self.picture_path, job=JOB, quota=QUOTA)
+        except PlotUnavailable as e:
+            self.say(f"no picture of the run: {e}")
+            return
+        self.say(f"the run's timeline (`trainsup plot {JOB} -o {out.name}`): {out}")
 
     def stop_daemon(self) -> None:
         rc = self.d.stop(timeout=WAIT)
@@ -491,14 +501,15 @@ class Demo:
         self.show_status()
         self.finish()
         self.rotation()
+        self.picture()
         self.stop_daemon()
         self.reference()
         self.summary()
 
 
-def run_demo(quick: bool = False) -> int:
+def run_demo(quick: bool = False, picture: Optional[Path] = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="trainsup-demo-"))
-    demo = Demo(QUICK if quick else FULL, root)
+    demo = Demo(QUICK if quick else FULL, root, picture.resolve() if picture else None)
     try:
         demo.run()
         return 0

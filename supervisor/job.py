@@ -19,9 +19,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-from . import process
+from . import cgroup, jobnotice, process
 from .backoff import RestartTracker
 from .checkpoint import confirm
 from .checkpoint.service import JobCheckpoints, RotationFacts
@@ -66,6 +66,10 @@ _ALLOWED: dict[State, set[State]] = {
     S.INVALID: set(),
 }
 
+# Seconds `status` shows a job's last notice (then it is history); tests shorten it.
+NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
+
+
 class TransitionError(RuntimeError):
     pass
 
@@ -73,6 +77,8 @@ class TransitionError(RuntimeError):
 class JobHost(Protocol):
     """What a Job may ask of the daemon that runs it."""
     loop: asyncio.AbstractEventLoop
+    containment: Optional[cgroup.Containment]   # None: process group only
+    heartbeat_dir: Path
 
     def record_event(self, job: str, kind: str, data: dict) -> None: ...
     def save_job(self, job: str, data: dict) -> None: ...
@@ -82,14 +88,40 @@ class JobHost(Protocol):
     def leader_pids(self) -> list[int]: ...
 
 
+# A job installs its save-signal handler after its imports (trainsup.save_requested() on
+# its first step): status warns only once an attempt has run this long without one.
+CATCH_GRACE_S = float(os.environ.get("TRAINSUP_TEST_CATCH_GRACE", "30"))
+
+
+def _ago(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _reported_step(heartbeat: Path, since_wall: float) -> Optional[int]:
+    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
+    a job may write its current step there), else None. Read once, at exit."""
+    try:
+        with open(heartbeat, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
+                return None            # written by an earlier attempt
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _ckpt_key(info) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
 
 class Job:
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
-                 persisted: dict):
+                 persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
+                 clock: Callable[[], float] = time.monotonic):
         self.spec = spec
+        self._spawn_process = spawn       # process.spawn; unit tests hand in a fake child
+        self.clock = clock                # monotonic: restart decisions never see wall time
         self.host = host
         self.loop = host.loop
         self.settings = settings
@@ -125,6 +157,10 @@ class Job:
         self._ckpt_waiters: list[tuple[confirm.SaveRequest, asyncio.Future]] = []
         self._valid_keys: set[tuple] = set()
         self._save_requested_mono: Optional[float] = None
+        self._notices = 0                 # notices written this daemon run (their ids)
+        self.notice_id: Optional[str] = None   # the notice the job was last signalled with
+        self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
+        self._last_step: Optional[int] = None          # the step the last attempt reported
         self._load_persisted(persisted)
 
     @property
@@ -215,7 +251,8 @@ class Job:
         if self._prelaunch is not None:
             self._prelaunch.cancel()
             self._prelaunch = None
-        self.ckpts.close()
+        # The checkpoint index stays open until the retiring stop is over: its emergency
+        # save must still be seen (the host closes it then).
 
     def set_config_error(self, error: Optional[str]) -> None:
         self.config_error = error
@@ -235,7 +272,14 @@ class Job:
                              resumed_from=self.resumed_from if self.alive else None,
                              tmp_grace=self.spec.emergency_save.grace + 60,
                              save_durations=tuple(self.save_durations),
-                             grace=self.spec.emergency_save.grace)
+                             grace=self.spec.emergency_save.grace,
+                             pids=self._job_pids())
+
+    def _job_pids(self) -> tuple[int, ...]:
+        """The job's processes, whose open files rotation must treat as being written."""
+        if self.child is None:
+            return ()
+        return (self.child.pid, *process.descendants(self.child.pid))
 
     def start(self, reason: str = "manual") -> None:
         """Launch now if idle (or cut a backoff short)."""
@@ -268,7 +312,7 @@ class Job:
 
     async def _refresh_then_spawn(self) -> None:
         try:
-            await self.ckpts.refresh()
+            await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
         except Exception as e:
             self._internal_error("refreshing the checkpoint index before a launch", e)
             return
@@ -309,9 +353,9 @@ class Job:
         if resume and spec.checkpoint is not None:
             argv += [a.replace("{checkpoint}", resume_path) for a in spec.checkpoint.resume_args]
         self.attempt += 1
-        if self.attempt > 1:
-            self.restarts += 1
         reason = "first" if self.attempt == 1 else self.restart_reason
+        if reason not in ("first", "manual"):
+            self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
             "TRAINSUP_JOB": spec.name,
             "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
@@ -321,21 +365,36 @@ class Job:
             "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
             "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
         }
+        if spec.checkpoint is not None:
+            extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_file())
         env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
             try:
                 spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 log.warning("%s: cannot create checkpoint dir %s: %s", self.name, spec.checkpoint.dir, e.strerror)
+            jobnotice.clear(self._notice_file())
+        try:
+            process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)
+        except (OSError, KeyError) as e:
+            log.warning("%s: heartbeat file %s: %s", self.name, self.heartbeat_file, e)
         wfd = -1
+        cg: Optional[cgroup.JobCgroup] = None
+        containment = self.host.containment
         try:
             wfd = self.log.new_pipe(self.loop)
-            child = process.spawn(spec, argv, env, wfd)
-            spawned_at = time.monotonic()
-        except (process.SpawnError, OSError) as e:
+            cg = containment.create(spec.name, self.attempt) if containment is not None else None
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            spawned_at = self.clock()
+        except (process.SpawnError, OSError, cgroup.CgroupError) as e:
+            if cg is not None:
+                cg.remove()
             # EMFILE, ENOMEM, a missing binary: one clean line in status, never a stuck job.
-            msg = str(e) if isinstance(e, process.SpawnError) else \
-                f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            if isinstance(e, OSError):
+                msg = f"{spec.source}: cannot start job {spec.name}: {e.strerror or e}"
+            else:
+                msg = f"{spec.source}: cannot start job {spec.name}: {e}" if isinstance(e, cgroup.CgroupError) \
+                    else str(e)
             self.error = msg
             self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
             self.event("spawn-failed", error=msg, attempt=self.attempt)
@@ -345,6 +404,7 @@ class Job:
         finally:
             if wfd >= 0:
                 os.close(wfd)
+        crash_point("launched")       # the pid is not durable yet: only the cgroup finds it
         self.child = child
         # The pid is durable before anything else happens: a daemon that dies now finds
         # this process at its next start and stops it instead of launching a second one.
@@ -363,16 +423,24 @@ class Job:
         if self._exit_noticed is not None:
             since_exit = round((spawned_at - self._exit_noticed) * 1000, 3)
             self._exit_noticed = None
+        lost: dict[str, int] = {}
+        if self._last_step is not None:
+            # Work the interrupted attempt did past the checkpoint this one resumes from
+            # (unknown when that checkpoint has no step number).
+            back_to = 0 if resume is None else resume.step
+            if back_to is not None:
+                lost["steps_lost"] = max(0, self._last_step - back_to)
+            self._last_step = None
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
-                   **({"since_exit_ms": since_exit} if since_exit is not None else {}))
-        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor)
+                   **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
+        self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
         self.sigstopped = False
         self._set(S.RUNNING, pid=child.pid)
 
     @property
     def heartbeat_file(self) -> Path:
-        return self.settings.state_dir / "heartbeat" / self.name
+        return self.host.heartbeat_dir / self.name
 
     def _on_monitor(self, kind: str, data: dict) -> None:
         """The attempt monitor's decisions, applied here (it never touches the job)."""
@@ -397,7 +465,7 @@ class Job:
 
     # -- exits ---------------------------------------------------------------------------
     def _on_pidfd(self, child: process.Child) -> None:
-        self._exit_noticed = time.monotonic()
+        self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
         rc = child.popen.wait()       # waitpid(pid) for this leader only
         child.close()
@@ -406,7 +474,11 @@ class Job:
         self.child = None
         self.memory_rss = None        # status must not show the dead attempt's RSS
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
-        leftovers = process.kill_leftovers(child) + process.kill_orphans(self.name, self.host.leader_pids())
+        leftovers = process.kill_leftovers(child)
+        if child.cgroup is None:
+            leftovers += process.kill_orphans(self.name, self.host.leader_pids())
+        else:
+            self.loop.create_task(self._end_cgroup(child.cgroup))
         ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:
@@ -415,11 +487,13 @@ class Job:
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
         self.last_exit = ex.as_dict()
-        ran_for = time.monotonic() - child.started_mono
+        ran_for = self.clock() - child.started_mono
         self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                       + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+        self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
         self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
-                   signal=ex.signal, ran_for=round(ran_for, 3))
+                   signal=ex.signal, ran_for=round(ran_for, 3),
+                   **({"last_step": self._last_step} if self._last_step is not None else {}))
         if self._exit_fut is not None and not self._exit_fut.done():
             self._exit_fut.set_result(ex)
         if self._flow is not None:
@@ -428,6 +502,21 @@ class Job:
             self._after_exit(crashed=(rc != 0), ran_for=ran_for)
         else:
             self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
+
+    async def _end_cgroup(self, cg: cgroup.JobCgroup, timeout: float = 10.0) -> bool:
+        """Kill what is left in the launch's cgroup, wait (inotify on cgroup.events) until
+        nothing of it survives, then remove the cgroup."""
+        try:
+            if cg.populated():
+                cg.kill()
+            if not await cg.wait_empty(timeout):
+                log.error("job %s: cgroup %s still populated %.0fs after cgroup.kill", self.name, cg.path, timeout)
+                return False
+        except cgroup.CgroupError as e:
+            log.error("job %s: %s", self.name, e)
+            return False
+        cg.remove()
+        return True
 
     async def _refresh_then_decide(self, crashed: bool, ran_for: float) -> None:
         # Checkpoints the attempt committed in its last moments count as progress (the
@@ -446,7 +535,7 @@ class Job:
         if self.retired:
             return
         try:
-            decision = self.tracker.on_exit(crashed=crashed, now=time.monotonic(), ran_for=ran_for)
+            decision = self.tracker.on_exit(crashed=crashed, now=self.clock(), ran_for=ran_for)
         except Exception as e:
             self._internal_error("deciding on a restart", e)
             return
@@ -493,15 +582,29 @@ class Job:
         self._ckpt_waiters.append((confirm.save_request(self.checkpoints, time.time()), fut))
         return fut
 
-    def request_save(self) -> tuple[list[int], asyncio.Future]:
+    def _notice_file(self) -> Path:
+        assert self.spec.checkpoint is not None
+        return jobnotice.path_for(self.spec.checkpoint.dir)
+
+    def request_save(self, kind: str = "checkpoint", deadline: Optional[float] = None) -> tuple[list[int], asyncio.Future]:
         """Ask the job for a checkpoint; returns the pids signalled and a future that
-        resolves when a valid checkpoint newer than this request is indexed."""
+        resolves when a valid checkpoint newer than this request is indexed. The notice
+        file (kind, deadline) is written before the signal."""
         fut = self._new_checkpoint_future()
         if not self.child:
             return [], fut
+        self.notice_id = None
+        if self.spec.checkpoint is not None:
+            self._notices += 1
+            nid = f"{self.attempt}.{self._notices}"
+            if jobnotice.write(self._notice_file(), nid, kind, deadline):
+                self.notice_id = nid
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
-        self._save_requested_mono = time.monotonic()
+        if sent:
+            # Only a delivered request is timed: a refused one never produced a save, and
+            # timing it raised a false "slow saves" warning minutes later.
+            self._save_requested_mono = time.monotonic()
         self.event("save-requested", pids=sent)
         if not sent:
             msg = (f"no process of job {self.name} catches {self.spec.emergency_save.signal}: "
@@ -570,25 +673,39 @@ class Job:
                                       f"longer than the {grace:.1f}s left")
                 self.event("save-too-slow", took_s=round(max(self.save_durations), 3), time_left_s=round(grace, 3))
             self._set(S.SAVING, source=source)
-            sent, fut = self.request_save()
+            sent, fut = self.request_save("preempt", deadline_wall if deadline_wall is not None else notice_at + grace)
             self.host.emergency_save_started(grace)
             try:
-                if sent:
+                if sent and self._exit_fut is not None:
                     waiters = [fut, asyncio.shield(self._exit_fut)]
                     done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                     if fut in done:
                         outcome.update(outcome="saved", step=fut.result().step,
                                        save_s=round(time.monotonic() - t0, 3))
+                    elif done and self._acked("saved"):
+                        # It saved for this notice and exited before the index saw the save.
+                        await self.ckpts.refresh()
+                        if fut.done():
+                            outcome.update(outcome="saved", step=getattr(self._resume_point(), "step", None),
+                                           save_s=round(time.monotonic() - t0, 3))
+                        else:
+                            outcome.update(outcome="exited before a new checkpoint")
                     elif done:
                         outcome.update(outcome="exited before a new checkpoint")
                     else:
                         outcome.update(outcome=f"no save within {grace:g}s")
                 else:
-                    outcome.update(outcome="job does not catch the save signal")
+                    outcome.update(outcome="job does not catch the save signal", lost=self._work_lost())
             finally:
                 if not fut.done():
                     fut.cancel()
         self._set(S.STOPPING, source=source)
+        cg = self.child.cgroup if self.child else None
+        if self.alive and outcome.get("outcome") == "saved" and self._acked():
+            # The job saved for this preemption and ends by itself (exit 0): no SIGTERM,
+            # which would ask a helper for a second save.
+            if await self._wait_exit(spec.stop_timeout):
+                outcome["exited"] = "by itself after its save"
         if self.alive:
             if self.child:
                 self.child.refresh_tree()
@@ -599,6 +716,9 @@ class Job:
                     process.kill_leftovers(self.child)
                     outcome["killed"] = True
                 await self._wait_exit(10.0)
+        if cg is not None:
+            # Stopped means nothing of the job survives: its cgroup is empty.
+            await self._end_cgroup(cg)
         outcome["stop_s"] = round(time.monotonic() - t0, 3)
         self.event("notice", **outcome)
         self.last_notice = outcome
@@ -608,6 +728,41 @@ class Job:
         else:
             self._set(final)
         return outcome
+
+    def _work_lost(self) -> str:
+        """What stopping without a save throws away, for the user who asked for the stop."""
+        latest = self._resume_point()
+        if latest is None:
+            return "no valid checkpoint: all work of this run is lost"
+        age = f"{_ago(time.time() - latest.mtime)} ago, " if latest.mtime else ""
+        return f"work since the last checkpoint is lost (last checkpoint {age}step {latest.step})"
+
+    def _save_signal_warnings(self) -> list[str]:
+        """Say before it matters that no process of the job catches the save signal."""
+        c = self.child
+        if c is None or self.spec.checkpoint is None or time.monotonic() - c.started_mono < CATCH_GRACE_S:
+            return []
+        now = time.monotonic()
+        seen = self._catch_seen
+        if seen is None or seen[0] != c.pid or now - seen[1] > 5.0 or not seen[2]:
+            signum = process.signal_number(self.spec.emergency_save.signal)
+            try:
+                pids = [c.pid] + [p.pid for p in c.refresh_tree()]
+            except Exception:
+                pids = [c.pid]
+            seen = self._catch_seen = (c.pid, now, any(process.catches_signal(p, signum) for p in pids))
+        if seen[2]:
+            return []
+        return [f"no process catches {self.spec.emergency_save.signal}: emergency saves impossible "
+                f"(see README 'Integrations')"]
+
+    def _acked(self, state: Optional[str] = None) -> bool:
+        """The job acknowledged the current notice and will exit after its save."""
+        nid = self.notice_id
+        if nid is None or self.spec.checkpoint is None:
+            return False
+        ack = jobnotice.read_ack(self._notice_file(), nid)
+        return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------
     def status(self) -> dict:
@@ -635,6 +790,7 @@ class Job:
             "since": self.state_since,
             "attempt": self.attempt,
             "restarts": self.restarts,
+            "crashes_in_a_row": self.tracker.consecutive,
             "last_exit": self.last_exit,
             "restart_reason": self.restart_reason,
             "resumed_from": self.resumed_from,
@@ -647,10 +803,14 @@ class Job:
                 "error": self.ckpts.error,
             } if self.spec.checkpoint else None,
             "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
-            "last_notice": self.last_notice,
-            "warnings": list(self.ckpts.warnings),
+            # A notice's outcome is news for a while, then history (`trainsup history`).
+            "last_notice": self.last_notice if self.last_notice and
+            now - float(self.last_notice.get("at") or 0) < NOTICE_SHOWN_FOR else None,
+            "warnings": list(self.ckpts.warnings) + self._save_signal_warnings(),
             "error": self.error,
             "config_error": self.config_error,
             "source": str(self.spec.source),
             "user": self.spec.user,
+            "containment": c.containment if c is not None else
+            (self.host.containment.kind if self.host.containment is not None else cgroup.PROCESS_GROUP),
         }

@@ -112,7 +112,7 @@ class JobLog:
 
     def tail(self, n: int) -> str:
         """The last n lines (from the current file and, if needed, the previous one)."""
-        chunks = []
+        chunks: list[bytes] = []
         need = n
         for p in (self.path, self.path.with_name(self.path.name + ".1")):
             try:

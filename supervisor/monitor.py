@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .cgroup import JobCgroup
 from .notices import hang as hangmod
 from .notices import memory as memmod
 from .spec import JobSpec
@@ -34,26 +35,37 @@ Decide = Callable[[str, dict], None]
 
 
 class AttemptMonitor:
-    def __init__(self, spec: JobSpec, pid: int, heartbeat_file: Path, on_decision: Decide):
+    def __init__(self, spec: JobSpec, pid: int, heartbeat_file: Path, on_decision: Decide,
+                 job_cgroup: Optional[JobCgroup] = None):
         self.spec = spec
         self.pid = pid
         self.heartbeat_file = heartbeat_file
         self.on_decision = on_decision
         self.rss: Optional[int] = None
         self.sigstopped = False
-        self.sampler = memmod.TreeSampler(pid)
         self.episode = memmod.MemoryEpisode()
         self.clock = hangmod.ProgressClock(time.monotonic())
-        # A child just forked is in the daemon's own cgroup: resolve that once, not per
-        # launch (parsing mountinfo sits on the restart path).
-        self.cgroup, self.cg_version = _own_memory_cgroup()
-        self.oom_before = self._oom_count()
+        self.job_cgroup = job_cgroup if job_cgroup is not None and job_cgroup.counts_memory else None
+        self.sampler: memmod.TreeSampler | memmod.CgroupSampler
+        if self.job_cgroup is not None:
+            # The launch's own cgroup: its counters, and a fresh cgroup has had no OOM kill.
+            self.sampler = memmod.CgroupSampler(self.job_cgroup)
+            self.cgroup, self.cg_version = None, None
+            self.oom_before: Optional[int] = 0
+        else:
+            self.sampler = memmod.TreeSampler(pid)
+            # Without one, the daemon's own memory cgroup: resolved once, not per launch
+            # (parsing mountinfo sits on the restart path).
+            self.cgroup, self.cg_version = _own_memory_cgroup()
+            self.oom_before = self._oom_count()
         self.near_limit = False
         self._sampled_at = float("-inf")
         self.task: Optional[asyncio.Task] = None
 
     def _oom_count(self) -> Optional[int]:
-        if self.cgroup is None:
+        if self.job_cgroup is not None:
+            return self.job_cgroup.memory()[1]
+        if self.cgroup is None or self.cg_version is None:
             return None
         try:
             return memmod.read_memory_cgroup(self.cgroup, self.cg_version)[1]

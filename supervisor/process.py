@@ -1,5 +1,9 @@
 """Spawning a job's process, signalling it through pidfds, and ending its whole tree.
 
+Containment: each launch is born inside its own cgroup where one is writable
+(trainsup.cgroup); the process group and the subreaper sweep below remain the fallback
+where none is (`Child.containment` says which, for `status`).
+
 One way to reap: each launched leader has a pidfd that the event loop watches; when it
 becomes readable the leader is reaped with waitpid(pid) for that pid alone. Descendants
 orphaned to the daemon (it is a child subreaper) are reaped by pid too. Nothing here ever
@@ -8,21 +12,24 @@ calls waitpid(-1): that would steal a leader's status and make a crash read as e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import grp
 import logging
 import os
 import pwd
-import grp
 import signal
+import stat
 import subprocess
-import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from pathlib import Path
 
 import psutil
 
+from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
 from .spec import DaemonSpec, JobSpec
 
 log = logging.getLogger("trainsup.process")
@@ -120,10 +127,15 @@ class Child:
     started_wall: float
     create_time: float
     known: dict[int, float] = field(default_factory=dict)   # descendant pid -> create_time
+    cgroup: JobCgroup | None = None                       # None: process-group containment
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def containment(self) -> str:
+        return self.cgroup.kind if self.cgroup is not None else PROCESS_GROUP
 
     def send(self, signum: int) -> bool:
         """Signal the leader through its pidfd: a recycled pid can never be hit."""
@@ -185,13 +197,20 @@ def deliver_save_signal(child: Child, signum: int) -> list[int]:
     """Send the save signal to every process of the tree that catches it. Returns the
     pids signalled (empty: nobody can do an emergency save)."""
     sent = []
-    procs = [child.pid] + [p.pid for p in child.refresh_tree()]
+    if child.cgroup is not None:
+        # The cgroup lists every process of the job, the ones that left the tree too.
+        procs = [child.pid] + [p for p in child.cgroup.pids() if p != child.pid]
+    else:
+        procs = [child.pid] + [p.pid for p in child.refresh_tree()]
     for pid in procs:
         if catches_signal(pid, signum):
             try:
                 if pid == child.pid:
                     if child.send(signum):
                         sent.append(pid)
+                elif child.cgroup is not None:
+                    os.kill(pid, signum)     # a member of the job's cgroup: ours
+                    sent.append(pid)
                 else:
                     ctime = child.known.get(pid)
                     p = psutil.Process(pid)
@@ -204,7 +223,16 @@ def deliver_save_signal(child: Child, signum: int) -> list[int]:
 
 
 def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
-    """End descendants that escaped the process group (setsid) but are still ours."""
+    """End what is left of the job: through its cgroup (all of it at once, whatever left
+    the tree), else the descendants that escaped the process group (setsid)."""
+    if child.cgroup is not None:
+        try:
+            n = len([p for p in child.cgroup.pids() if p != child.pid])
+            if n or child.cgroup.populated():
+                child.cgroup.kill()
+            return n
+        except CgroupError as e:
+            log.warning("%s; ending the process tree instead", e)
     n = 0
     for p in child.live_descendants():
         try:
@@ -326,39 +354,43 @@ def _privilege_drop(job: JobSpec) -> dict:
         kw["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
         kw["group"] = gid
         kw["user"] = pw.pw_uid
-    else:
+    elif job.group:
         kw["group"] = grp.getgrnam(job.group).gr_gid
         kw["extra_groups"] = [kw["group"]]
     return kw
 
 
-def _own_group() -> dict:
-    """Each job leads its own process group, so a stop reaches its whole tree (killpg).
-    On Python >= 3.11 setpgid (process_group=0) keeps posix_spawn/vfork usable: a launch
-    costs ~0.15 ms instead of the ~0.7 ms of a full fork that setsid forces."""
-    if sys.version_info >= (3, 11):
-        return {"process_group": 0}
+def _own_session() -> dict:
+    """Each job leads its own session (and so its own process group): it has no
+    controlling terminal, so a job cannot open /dev/tty or TIOCSTI into the terminal the
+    daemon was started from, and a stop reaches its group with killpg. setsid keeps
+    Popen's vfork path (no preexec_fn): a launch stays well under a millisecond."""
     return {"start_new_session": True}
 
 
-def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int) -> Child:
-    """Start the job leader in its own session and process group."""
+def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
+          containment: Containment | None = None, cgroup: JobCgroup | None = None) -> Child:
+    """Start the job leader in its own session, inside `cgroup` when one is given (it is
+    born there: see trainsup.cgroup)."""
     try:
-        popen = subprocess.Popen(
-            argv,
-            cwd=str(job.workdir),
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout_fd,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            **_own_group(),
-            **_privilege_drop(job),
-        )
+        with (containment.entered(cgroup) if containment is not None else _nothing()):
+            popen = subprocess.Popen(
+                argv,
+                cwd=str(job.workdir),
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout_fd,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                **_own_session(),
+                **_privilege_drop(job),
+            )
     except FileNotFoundError:
         raise SpawnError(f"{job.source}: command: {argv[0]!r} not found (workdir {job.workdir})") from None
     except PermissionError as e:
         raise SpawnError(f"{job.source}: command: {argv[0]!r}: {e.strerror}") from None
+    except CgroupError as e:
+        raise SpawnError(f"{job.source}: cannot start job {job.name}: {e}") from None
     except (OSError, KeyError, subprocess.SubprocessError) as e:
         raise SpawnError(f"{job.source}: cannot start {argv[0]!r}: {e}") from None
     try:
@@ -371,7 +403,85 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int)
         ctime = psutil.Process(popen.pid).create_time()
     except psutil.Error:
         ctime = 0.0
-    return Child(popen, pidfd, time.monotonic(), time.time(), ctime)
+    return Child(popen, pidfd, time.monotonic(), time.time(), ctime, cgroup=cgroup)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+RUN_DIR = Path("/run/trainsup")
+
+
+def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
+    """Where the jobs' heartbeat files live. The state dir is 0750 root: a `user:` job
+    cannot even reach a file there. A root daemon keeps them in /run/trainsup/<tree>/, each
+    level root-owned 0711 (reachable by name, not listable, not writable), one per state
+    dir like the cgroup tree; a daemon that cannot write /run (not root: it has no `user:`
+    jobs) uses state_dir/heartbeat. Raises OSError when neither can be made."""
+    if os.geteuid() == 0:
+        try:
+            d = run_dir / tree_name(state_dir)
+            for level in (run_dir, d):
+                try:
+                    os.mkdir(level, 0o711)
+                except FileExistsError:
+                    pass
+                st = os.lstat(level)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+                    raise OSError(errno.EPERM, f"{level}: not a directory owned by root")
+                os.chmod(level, 0o711)
+            return d
+        except OSError as e:
+            log.warning("heartbeat files in %s: %s; using the state dir (`user:` jobs cannot reach it)",
+                        run_dir, e.strerror or e)
+    d = state_dir / "heartbeat"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
+    """At daemon exit: remove the heartbeat files of a /run dir (a state dir's are kept)."""
+    if d.parent != run_dir:
+        return
+    try:
+        for e in os.scandir(d):
+            if e.is_file(follow_symlinks=False) or e.is_symlink():
+                os.unlink(e.path)
+        os.rmdir(d)
+    except OSError as e:
+        log.warning("heartbeat dir %s: %s", d, e.strerror)
+
+
+def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) -> None:
+    """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
+    it (a root-owned one made hang detection restart healthy jobs). The file is opened
+    without following a symlink (O_NOFOLLOW) and changed through that fd only: a link
+    planted there by the user cannot make root chown another file. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            os.close(fd)                     # a hard link to some other file: replaced
+            raise OSError(errno.ELOOP, "not a file of its own")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        os.unlink(path)                      # a symlink: never followed, replaced
+        fd = os.open(path, flags | os.O_EXCL, 0o644)
+        st = os.fstat(fd)
+    try:
+        if user:
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            if (st.st_uid, st.st_gid) != (pw.pw_uid, gid):
+                os.fchown(fd, pw.pw_uid, gid)
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
 
 
 def process_matches(pid: int, create_time: float) -> bool:

@@ -23,6 +23,7 @@ class CheckpointSpec:
     keep_every: int = 0
     quota: Optional[int] = None                # bytes
     resume_args: tuple[str, ...] = ()
+    pattern: Optional[str] = None              # regex: extra names rotation may manage
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class RestartSpec:
     window: float = 3600.0
     backoff: BackoffSpec = field(default_factory=BackoffSpec)
     max_restarts_without_progress: int = 5
+    # Like systemd's StartLimitBurst/StartLimitIntervalSec: more automatic relaunches than
+    # `start_limit_burst` within `start_limit_interval` seconds -> failed (0 s: no limit).
+    start_limit_burst: int = 5
+    start_limit_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,17 @@ class ScheduleSpec:
     preempt_cron: Optional[str] = None
 
 
+HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A command run (no shell) with the event as JSON on stdin (trainsup.hooks)."""
+    command: tuple[str, ...]
+    on: tuple[str, ...] = HOOK_EVENTS          # which events fire it
+    timeout: float = 10.0                      # then the hook's process group is killed
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
@@ -77,6 +93,12 @@ class JobSpec:
     env: tuple[tuple[str, str], ...] = ()      # ordered pairs, hashable
     user: Optional[str] = None
     group: Optional[str] = None
+    # Resolved when the config loads (never on the event loop later): who the job runs
+    # as. None when it runs as the daemon itself.
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    home: Optional[Path] = None
+    groups: tuple[int, ...] = ()               # supplementary groups of `user`
     autostart: bool = True
     stop_timeout: float = 10.0
     checkpoint: Optional[CheckpointSpec] = None
@@ -85,6 +107,7 @@ class JobSpec:
     memory: MemorySpec = field(default_factory=MemorySpec)
     hang: HangSpec = field(default_factory=HangSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    hooks: tuple[HookSpec, ...] = ()           # run after the daemon's own hooks
 
 
 @dataclass(frozen=True)
@@ -104,14 +127,23 @@ class PreemptionSpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    listen: Optional[str] = None               # "HOST:PORT" for Prometheus; None = off
+
+
+@dataclass(frozen=True)
 class DaemonSpec:
     jobs_dir: Path
     state_dir: Path
     socket: Path
     log_dir: Path
     socket_group: Optional[str] = None
+    user: Optional[str] = None                 # the daemon's user: clients trust a socket it owns
+    uid: Optional[int] = None                  # `user`, resolved
     disk_quota: Optional[int] = None
     pass_env: tuple[str, ...] = ()
     log_max_bytes: int = 50 << 20              # per-job log rotation size
     log_backups: int = 3
     preemption: PreemptionSpec = field(default_factory=PreemptionSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    hooks: tuple[HookSpec, ...] = ()

@@ -2,8 +2,12 @@
 
 Holds per-job counters (attempt, restarts, pins, the running pid with its start time),
 the event history that `status` and `history` read, and the checkpoint verdict cache.
-A corrupt or foreign database is moved aside as state.db.corrupt-<time> and a fresh one
-is started (SPEC section 11): losing history is better than not supervising.
+A database that SQLite itself says is corrupt (a failed `PRAGMA quick_check`, SQLITE_CORRUPT,
+SQLITE_NOTADB) or that is foreign is moved aside as state.db.corrupt-<time> and a fresh one
+is started (SPEC section 11): losing history is better than not supervising. Anything else
+(a full disk, a read-only or unreadable state dir, I/O errors) says nothing about the data:
+the daemon then refuses to start with one line (StateUnusable) and moves nothing — a
+healthy database once went aside on ENOSPC, taking pins, counters and history with it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,34 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 """
 _MAX_EVENTS_PER_JOB = 5000
+# SQLite primary result codes that are a verdict on the file's contents.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+class StateUnusable(Exception):
+    """The state dir or database cannot be used right now (full, read-only, I/O error,
+    written by a newer trainsup): one line, exit 2, nothing moved."""
+
+
+class Corrupt(sqlite3.DatabaseError):
+    """The database's contents are bad or foreign: it may be moved aside."""
+
+
+def is_corruption(e: sqlite3.Error) -> bool:
+    """True only for SQLite's own verdict that the file is damaged or not a database."""
+    if isinstance(e, Corrupt):
+        return True
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(e).lower()         # Pythons without sqlite_errorcode
+    return "malformed" in text or "not a database" in text
+
+
+def _unusable(what: str, path: Path, e: BaseException) -> StateUnusable:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return StateUnusable(f"cannot {what} {path}: {reason}; nothing was moved or changed "
+                         "(free space, fix permissions or the mount, then start again)")
 
 
 class LockHeld(Exception):
@@ -59,16 +91,24 @@ class StateLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        """Raises LockHeld, or StateUnusable when the state dir cannot be written."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise _unusable("use the state dir", self.path.parent, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise LockHeld(self.path, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            # The pid is only for the "in use by pid N" message; the flock is the lock.
+            log.warning("state: cannot record the daemon's pid in %s: %s", self.path, e.strerror)
         self.fd = fd
 
     def release(self) -> None:
@@ -98,45 +138,68 @@ class StateDB:
         return conn
 
     def _check(self, conn: sqlite3.Connection) -> None:
+        """Raises Corrupt for a damaged or foreign database, StateUnusable for a newer
+        one, and lets every other sqlite3 error through (the caller sorts them)."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"schema version {version} is newer than this trainsup ({SCHEMA_VERSION})")
+            raise StateUnusable(f"state database {self.path} has schema version {version}, newer than "
+                                f"this trainsup ({SCHEMA_VERSION}); run the newer trainsup or use --state DIR")
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
-            raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
-        conn.executescript(_SCHEMA)
-        # A wrong schema (a foreign db with our table names) fails here.
-        conn.execute("SELECT name, data FROM jobs LIMIT 1").fetchall()
-        conn.execute("SELECT id, job, at, kind, data FROM events LIMIT 1").fetchall()
-        conn.execute("SELECT key, verdict FROM verdicts LIMIT 1").fetchall()
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            raise Corrupt(f"integrity check failed: {ok}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"jobs", "events", "verdicts"} <= tables:
+            conn.executescript(_SCHEMA)          # writes only when something is missing
+        try:
+            # A wrong schema (a foreign db with our table names) fails here.
+            conn.execute("SELECT name, data FROM jobs LIMIT 1").fetchall()
+            conn.execute("SELECT id, job, at, kind, data FROM events LIMIT 1").fetchall()
+            conn.execute("SELECT key, verdict FROM verdicts LIMIT 1").fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such column" in str(e):
+                raise Corrupt(f"not a trainsup database ({e})") from None
+            raise
+        if version != SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """The checked connection. Raises StateUnusable for anything but corruption."""
+        conn: Optional[sqlite3.Connection] = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and self.path.stat().st_size == 0:
                 # SQLite takes an empty file as a new database; for us it is a truncated one.
-                raise sqlite3.DatabaseError("file is empty (truncated)")
+                raise Corrupt("file is empty (truncated)")
             conn = self._connect()
             self._check(conn)
             return conn
-        except sqlite3.DatabaseError as e:
-            try:
-                conn.close()  # type: ignore[possibly-undefined]
-            except Exception:
-                pass
-            conn = None
-            aside = self.path.with_name(f"state.db.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        except OSError as e:
+            raise _unusable("open the state database", self.path, e) from None
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            if not is_corruption(e):
+                raise _unusable("open the state database", self.path, e) from None
+            return self._replace_corrupt(e)
+
+    def _replace_corrupt(self, e: sqlite3.Error) -> sqlite3.Connection:
+        aside = self.path.with_name(f"state.db.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
                     os.replace(src, Path(str(aside) + suffix))
-            log.error("STATE DATABASE %s IS CORRUPT (%s): moved aside to %s; starting a fresh one "
-                      "(history and counters are lost; checkpoints are untouched)", self.path, e, aside)
-            self.moved_aside = aside
+        except OSError as err:
+            raise _unusable("move the corrupt state database aside:", self.path, err) from None
+        log.error("STATE DATABASE %s IS CORRUPT (%s): moved aside to %s; starting a fresh one "
+                  "(history and counters are lost; checkpoints are untouched)", self.path, e, aside)
+        self.moved_aside = aside
+        try:
             conn = self._connect()
             self._check(conn)
-            return conn
+        except (OSError, sqlite3.Error) as err:
+            raise _unusable("create a fresh state database", self.path, err) from None
+        return conn
 
     moved_aside: Path | None = None
 

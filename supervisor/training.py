@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 
+from . import emergency
 from .checkpoint import MANIFEST, TMP_DIR, CheckpointWriter, SaveError, read_manifest
-from .checkpoint.format import STEP_DIR_RE, step_dirname
+from .checkpoint.format import STEP_DIR_RE, ManifestError, step_dirname
 
 __all__ = ["Checkpointer", "ResumableSampler", "latest_checkpoint"]
 
@@ -63,7 +64,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The committed checkpoint (step-* dir with MANIFEST.json) with the highest step."""
     best: tuple[int, Path] | None = None
     try:
-        entries = list(os.scandir(ckpt_dir))
+        entries = list(os.scandir(os.fspath(ckpt_dir)))
     except FileNotFoundError:
         return None
     for e in entries:
@@ -73,6 +74,59 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
             if best is None or s > best[0]:
                 best = (s, Path(e.path))
     return best[1] if best else None
+
+
+def latest_valid_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The newest committed checkpoint whose manifest parses and whose files have the sizes
+    it lists (a local run outside the daemon has nobody else to check; hashes are not
+    re-read here, torch.load reads the bytes anyway)."""
+    try:
+        entries = list(os.scandir(os.fspath(ckpt_dir)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    cands = sorted(((int(m.group(1)), Path(e.path)) for e in entries
+                    if (m := STEP_DIR_RE.match(e.name)) and e.is_dir(follow_symlinks=False)), reverse=True)
+    for _, path in cands:
+        try:
+            man = read_manifest(path)
+            if all((path / name).stat().st_size == f["size"] for name, f in man["files"].items()):
+                return path
+        except (ManifestError, OSError):
+            continue
+        _log(f"{path}: files differ from its manifest; skipping it")
+    return None
+
+
+# Key names of the state dicts that scripts wrote before they used the helper (the PyTorch
+# tutorials' layout first). Checkpointer(legacy=fn) maps any other layout.
+_LEGACY_KEYS = {
+    "model": ("model_state_dict", "model", "state_dict", "net"),
+    "optimizer": ("optimizer_state_dict", "optimizer", "opt", "optim"),
+    "scheduler": ("scheduler_state_dict", "scheduler", "lr_scheduler", "sched"),
+    "scaler": ("scaler_state_dict", "scaler", "grad_scaler"),
+    "step": ("step", "global_step", "iteration", "iter"),
+}
+
+
+def map_legacy_state(obj: Any) -> dict | None:
+    """A pre-trainsup torch checkpoint as {"model", "optimizer", "scheduler", "scaler",
+    "step", "epoch"} (missing keys absent), or None when it is not a state dict we can map:
+    a dict with the tutorials' keys, or a bare model state dict (names -> tensors)."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"model": obj}
+    out: dict[str, Any] = {}
+    for key, names in _LEGACY_KEYS.items():
+        for n in names:
+            if n in obj:
+                out[key] = obj[n]
+                break
+    if "epoch" in obj:
+        out["epoch"] = obj["epoch"]
+    if "model" not in out or not isinstance(out["model"], Mapping):
+        return None
+    return out
 
 
 def _signal_number(spec: str | int | None, default: int) -> int:
@@ -227,7 +281,7 @@ def _rng_state() -> dict:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        st["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+        st["numpy"] = [name, torch.from_numpy(np.asarray(keys).astype("int64")), pos, has_gauss, cached]
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -342,7 +396,8 @@ class Checkpointer:
         dir: str | os.PathLike | None = None,
         extras: Any = None,
         resume_from: str | os.PathLike | None = None,
-        resume_latest: bool = False,
+        resume_latest: bool | None = None,
+        legacy: Callable[[Any], Mapping] | None = None,
         async_save: bool = False,
         batch_size: int | None = None,
         batches_per_step: int = 1,
@@ -365,7 +420,11 @@ class Checkpointer:
         self.every_steps = int(every_steps or 0)
         self.every_seconds = float(every_seconds) if every_seconds else None
         self.resume_from = resume_from
-        self.resume_latest = resume_latest
+        # Outside the daemon nobody hands a checkpoint over: resume from the dir's newest.
+        self.resume_latest = (not os.environ.get("TRAINSUP_JOB")) if resume_latest is None else resume_latest
+        self.legacy = legacy
+        self.legacy_state: dict | None = None  # what a pre-trainsup checkpoint held (after mapping)
+        self.notice: emergency.Request | None = None  # the daemon's notice of the last save signal
         self.async_save = async_save
         self.batch_size = batch_size
         self.batches_per_step = int(batches_per_step)
@@ -470,6 +529,14 @@ class Checkpointer:
             self._touch_heartbeat(now)
         timed = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
         signalled = self._sig_count != self._sig_served
+        if signalled:
+            # The daemon writes what it wants before it signals: a `preempt` notice means
+            # this save is the last one (save once, stop; no second save on SIGTERM).
+            self.notice = emergency.read_notice() or emergency.Request("checkpoint")
+            if self.notice.kind == "preempt":
+                self._preempt = True
+            if self._rank == 0:
+                emergency._ack(self.notice, state="taken")
         preempt = self._preempt
         if self._dist:
             if step < self._next_sync:
@@ -484,6 +551,8 @@ class Checkpointer:
         path = self._save(step, reason, self._metrics, wait=preempt)
         if preempt:
             self.should_stop = True
+        if signalled and self.notice is not None and self._rank == 0:
+            emergency._ack(self.notice, path)
         return path
 
     def _agree(self, step: int, now: float, signalled: bool, preempt: bool, timed: bool):
@@ -514,13 +583,10 @@ class Checkpointer:
             if now - self._last_heartbeat >= 1.0:
                 self._last_heartbeat = now
                 try:
-                    os.utime(self._heartbeat)
-                except FileNotFoundError:
-                    try:
-                        self._heartbeat.touch()
-                    except OSError as e:
-                        _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
-                        self._heartbeat = None
+                    # The step, not just the mtime: the daemon reads it when the attempt
+                    # ends to count the steps an interruption lost (trainsup plot, metrics).
+                    with open(self._heartbeat, "w") as f:
+                        f.write(f"{self._step}\n")
                 except OSError as e:
                     _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
                     self._heartbeat = None
@@ -594,6 +660,8 @@ class Checkpointer:
     def _dcp_state(self, keys: list[str]) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        assert self.model is not None   # sharded=True requires model= (checked in __init__)
+
         sd: dict[str, Any] = {"model": get_model_state_dict(self.model)}
         if "optimizer" in keys:
             sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -630,15 +698,24 @@ class Checkpointer:
 
     def restore(self, resume_from: str | os.PathLike | None = None) -> int:
         """Load the checkpoint named by `resume_from`, else the constructor's, else
-        TRAINSUP_RESUME_FROM; with none and resume_latest=True, the newest committed one
-        in the dir. Returns its step, or 0 when there is nothing to resume."""
+        TRAINSUP_RESUME_FROM; with none and resume_latest (default: when not run by the
+        daemon), the newest valid one in the dir. Returns its step, or 0 when there is
+        nothing to resume.
+
+        A checkpoint from before the switch to the helper (a torch.save file such as
+        last.pt) is loaded when it is a state dict Checkpointer can map (the tutorials'
+        model_state_dict/optimizer_state_dict/..., or a bare model state dict), or through
+        `legacy=fn` (fn(obj) -> {"model", "optimizer", "scheduler", "scaler", "step"});
+        anything else raises RuntimeError with one line that says what to do."""
         src = resume_from or self.resume_from or os.environ.get("TRAINSUP_RESUME_FROM") or None
         if not src and self.resume_latest:
-            src = latest_checkpoint(self.dir)
+            src = latest_valid_checkpoint(self.dir)
         if not src:
             self._step = self._iter_base_step = 0
             return 0
         path = Path(src)
+        if path.is_file():
+            return self._restore_legacy(path)
         try:
             manifest = read_manifest(path)
         except Exception as e:
@@ -690,6 +767,34 @@ class Checkpointer:
         self._last_save_time = _monotonic()
         return step
 
+    def _restore_legacy(self, path: Path) -> int:
+        hint = (f"cannot resume from {path}: not a trainsup checkpoint and not a state dict the helper "
+                f"can map; pass Checkpointer(legacy=fn), or set checkpoint.format: trainsup in the job "
+                f"(or move {path.name} out of {path.parent})")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=self.weights_only)
+        except Exception as e:
+            raise RuntimeError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        mapped = self.legacy(obj) if self.legacy is not None else map_legacy_state(obj)
+        if not mapped:
+            raise RuntimeError(hint)
+        mapped = dict(mapped)
+        for key in ("model", "optimizer", "scheduler", "scaler"):
+            obj_ = getattr(self, key)
+            if obj_ is not None and mapped.get(key) is not None:
+                obj_.load_state_dict(mapped[key])
+            elif obj_ is not None:
+                _log(f"{path}: no {key} state in this pre-trainsup checkpoint; keeping the fresh {key}")
+        step = int(mapped.get("step") or 0)
+        self.epoch = mapped.get("epoch")
+        self.legacy_state = mapped
+        self._step = self._iter_base_step = step
+        self.resumed_from = path
+        self._last_save_time = _monotonic()
+        _log(f"resumed from {path} (a torch.save file from before the helper, step {step}); "
+             f"the next save is a trainsup checkpoint in {self.dir}")
+        return step
+
     # -- save --
 
     def save(self, step: int, reason: str = "manual", metrics: Mapping | None = None) -> Path | None:
@@ -720,6 +825,7 @@ class Checkpointer:
                 flag = torch.tensor([int(done)], dtype=torch.int64)
                 dist.broadcast(flag, src=0)   # rank 0's view decides, or ranks would deadlock
                 done = bool(flag)
+            path: Path | None
             if done:
                 path = self.dir / step_dirname(step)   # nothing changed since (e.g. final after preempt)
             elif self._dist:
@@ -860,6 +966,7 @@ class Checkpointer:
             return None
         final = Path(path_box[0]).parent.parent / step_dirname(step)
         if self._rank == 0:
+            assert w is not None   # rank 0 opened the writer, or path_box would be None
             state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
                 self._start_background(step, w, self._snapshot.take(state))

@@ -21,19 +21,28 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
-    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`."""
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02,
+             proc: "subprocess.Popen | None" = None, detail: Callable[[], str] | None = None):
+    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`.
+
+    With `proc`, fail as soon as that process has exited and `pred` still does not hold
+    (no point waiting out the deadline); `detail()` is appended to the failure (a log tail)."""
     deadline = time.monotonic() + timeout
     last_exc = None
-    while time.monotonic() < deadline:
+    while True:
+        exited = proc is not None and proc.poll() is not None
         try:
             v = pred()
             if v:
                 return v
         except Exception as e:  # the condition may not be checkable yet
             last_exc = e
+        extra = (f" (last error: {last_exc!r})" if last_exc else "") + (f":\n{detail()}" if detail else "")
+        if exited:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}{extra}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def read_records(path: Path) -> list[dict]:
@@ -163,7 +172,7 @@ class DaemonProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM")
+            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

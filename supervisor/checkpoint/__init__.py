@@ -13,19 +13,31 @@ daemon. The watcher (watchdog) is imported lazily: `from trainsup.checkpoint.wat
 CheckpointWatcher`.
 """
 
-from .format import (  # noqa: F401
-    FORMAT_ID,
-    MANIFEST,
-    TMP_DIR,
-    CheckpointWriter,
-    ManifestError,
-    SaveError,
-    hash_file,
-    read_manifest,
-    step_dirname,
-    write_checkpoint,
-)
-from .index import CheckpointDirError, CheckpointInfo, best, latest_valid, scan  # noqa: F401
-from .rotation import DiskQuotaPlan, RotationPlan, plan_disk_quota, plan_rotation  # noqa: F401
-from .trash import TRASH_DIR, DeleteError, collect_stale_tmp, delete_entry, empty_trash  # noqa: F401
-from .validate import MemoryVerdictCache, Verdict, VerdictCache, check_entry  # noqa: F401
+import importlib
+from typing import Any
+
+# Re-exports resolved on first use (PEP 562): `trainsup.config` imports small submodules of
+# this package (naming, claims), and the CLI, which reads the daemon config, must not pull
+# in the hashing and validation stack (xxhash, crc32c) to send a request.
+_EXPORTS = {
+    "format": ("FORMAT_ID", "MANIFEST", "TMP_DIR", "CheckpointWriter", "ManifestError", "SaveError",
+               "hash_file", "read_manifest", "step_dirname", "write_checkpoint"),
+    "index": ("CheckpointDirError", "CheckpointInfo", "best", "latest_valid", "scan"),
+    "rotation": ("DiskQuotaPlan", "RotationPlan", "plan_disk_quota", "plan_rotation"),
+    "dirhandle": ("DirHandle",),
+    "trash": ("TRASH_DIR", "DeleteError", "delete_entry", "empty_trash"),
+    "validate": ("MemoryVerdictCache", "Verdict", "VerdictCache", "check_entry"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE) + ["DirHandleError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DirHandleError":
+        return importlib.import_module(".dirhandle", __name__).CheckpointDirError
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

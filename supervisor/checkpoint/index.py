@@ -1,13 +1,19 @@
 """The ordered view of one job's checkpoint dir: what is there, valid or why not.
 
-`scan` lists the entries of a checkpoint dir (never recursing into unrecognised
-subfolders), validates each through validate.check_entry (cached verdicts cost only lstat
-calls), and orders them oldest first by step. Step: the manifest's, else the number in the
-name, else mtime order: an unnumbered entry (`latest.pth`, `last.ckpt`) sorts right after
-the newest numbered entry whose mtime is not later than its own.
+`scan` lists the entries of a checkpoint dir through its held DirHandle (never by path
+after the dir was resolved; never recursing into unmanaged entries), validates each
+managed one through validate.check_entry (cached verdicts cost only lstat calls), and
+orders them oldest first by step. Step: the manifest's, else the number in the name, else
+mtime order: an unnumbered alias (`latest.pth`, `last.ckpt`) sorts right after the newest
+numbered entry whose mtime is not later than its own.
 
-In-progress trainsup writes (`.trainsup-tmp/step-N.<pid>/`) are listed with
-in_progress=True and valid=False so rotation can protect young ones and collect stale ones.
+What each entry is, for rotation:
+  managed=False  a name the format does not claim (naming.py): listed, never deleted;
+  unknown=True   could not be read (EACCES, EIO, EMFILE), or a format we cannot prove
+                 either way (legacy torch pickles): never "invalid", never deleted;
+  in_progress    a trainsup tmp dir `.trainsup-tmp/step-N.<pid>`;
+  fp             an lstat digest of every file, so the daemon can see a write land by
+                 its own monotonic clock (liveness.py), whatever the wall clock says.
 Symlinks are never followed and never valid.
 """
 
@@ -19,22 +25,29 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from . import frameworks
+from .dirhandle import CheckpointDirError as _HandleError
+from .dirhandle import DirHandle
 from .format import TMP_DIR
+from .naming import is_alias
+from .trash import TRASH_DIR
 from .validate import (
     FORMATS,
     VerdictCache,
     check_entry,
     detect_format,
+    fingerprint,
     name_format,
     step_from_name,
 )
 
-TMP_ENTRY_RE = re.compile(r"^step-(\d{8,})\.(\d+)$")
+TMP_ENTRY_RE = re.compile(r"step-(\d{8,})\.(\d+)")     # fullmatch only
+# Verdicts that say "could not look", not "looked and it is broken".
+_UNKNOWN_MARKERS = ("unreadable:", "unsupported")
 
 
 class CheckpointDirError(OSError):
@@ -45,9 +58,9 @@ class CheckpointDirError(OSError):
 class CheckpointInfo:
     path: Path                      # absolute; for in-progress entries, inside .trainsup-tmp/
     name: str
-    format: str                     # trainsup | torch | hf
+    format: str                     # trainsup | torch | hf | unmanaged
     step: Optional[int]             # None: nothing numbered it (ordered by mtime instead)
-    bytes: int                      # regular files only, recursively
+    bytes: int                      # regular files only, recursively (unmanaged: top entry only)
     valid: bool
     invalid_reason: Optional[str] = None
     reason: Optional[str] = None    # the manifest's save reason
@@ -58,6 +71,11 @@ class CheckpointInfo:
     in_progress: bool = False
     pid: Optional[int] = None       # writer pid of an in-progress entry
     cached: bool = field(default=False, compare=False)
+    managed: bool = True            # the format names it a checkpoint (else never deleted)
+    unknown: bool = False           # unreadable / unprovable: never deleted
+    alias: bool = False             # an unnumbered "newest" name (last.ckpt, latest.pth)
+    fp: str = field(default="", compare=False)
+    ino: int = 0
     # Framework entries (frameworks/): the files that make up the entry, relative to the
     # checkpoint dir, deleted as one unit, commit marker first (empty: `path` is the entry);
     # alias_kind: latest | best | last | link | backup for a name the framework rewrites, and
@@ -75,120 +93,141 @@ class CheckpointInfo:
         return self.resume or self.path
 
 
+def is_unknown_reason(reason: Optional[str]) -> bool:
+    return bool(reason) and any(m in reason for m in _UNKNOWN_MARKERS)
+
+
 def scan(
-    ckpt_dir: Union[str, os.PathLike],
+    ckpt_dir: Union[str, os.PathLike, DirHandle],
     fmt: str = "auto",
     cache: Optional[VerdictCache] = None,
+    pattern: Optional[re.Pattern] = None,
 ) -> list[CheckpointInfo]:
-    """Every checkpoint-looking entry of ckpt_dir, oldest first."""
+    """Every entry of the checkpoint dir, oldest first (managed ones ordered; unmanaged
+    ones listed first, by name)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if isinstance(ckpt_dir, DirHandle):
+        return _scan_held(ckpt_dir, fmt, cache, pattern)
     root = Path(os.path.abspath(ckpt_dir))
-    before = _dir_identity(root)
     try:
-        with os.scandir(root) as it:
-            entries = list(it)
-    except FileNotFoundError:
-        raise CheckpointDirError(errno.ENOENT, f"{root}: checkpoint dir vanished during scan") from None
+        h = DirHandle.open(root)
+    except _HandleError as e:
+        if e.errno == errno.ENOENT:
+            raise CheckpointDirError(errno.ENOENT, f"{root}: checkpoint dir does not exist") from None
+        raise CheckpointDirError(e.errno, f"{e.strerror} (never followed); configure its real path") from None
     except NotADirectoryError:
-        raise CheckpointDirError(errno.ENOTDIR, f"{root}: replaced by a non-directory") from None
-    infos, claimed = frameworks.scan(root, fmt, cache, CheckpointInfo)
-    for e in entries:
-        if e.name in claimed:
+        raise CheckpointDirError(errno.ENOTDIR, f"{root}: checkpoint dir is not a directory") from None
+    with h:
+        return _scan_held(h, fmt, cache, pattern)
+
+
+def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
+    io = h.io_root
+    try:
+        with os.scandir(h.fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
+    except OSError as e:
+        raise CheckpointDirError(e.errno, f"{h.path}: cannot list the checkpoint dir: {e.strerror}") from None
+    # Framework layouts (Paddle prefix groups, TF index + shards, Keras, Lightning,
+    # safetensors) first: the names they claim are one entry each, not loose files.
+    fw_infos, claimed = frameworks.scan(h.path, fmt, cache, CheckpointInfo, root_fd=h.fd)
+    infos: list[CheckpointInfo] = list(fw_infos)
+    for name, is_dir, is_link in entries:
+        if name in claimed:
             continue
-        if e.name == TMP_DIR:
-            infos.extend(_scan_tmp(root / TMP_DIR))
+        if name == TMP_DIR:
+            infos.extend(_scan_tmp(h))
             continue
-        if e.name.startswith("."):
+        if name == TRASH_DIR:
             continue
-        info = _scan_entry(root, e, fmt, cache)
+        info = _scan_entry(h, io, name, is_dir, is_link, fmt, cache, pattern)
         if info is not None:
             infos.append(info)
-    if _dir_identity(root) != before:
-        raise CheckpointDirError(errno.ESTALE, f"{root}: checkpoint dir was replaced during scan")
-    return order(infos)
+    unmanaged = sorted((i for i in infos if not i.managed), key=lambda i: i.name)
+    return unmanaged + order(i for i in infos if i.managed)
 
 
-def _dir_identity(root: Path) -> tuple[int, int]:
+def _unmanaged(h: DirHandle, name: str) -> Optional[CheckpointInfo]:
     try:
-        st = os.lstat(root)
+        st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
     except FileNotFoundError:
-        raise CheckpointDirError(errno.ENOENT, f"{root}: checkpoint dir does not exist") from None
-    except OSError as e:
-        raise CheckpointDirError(e.errno, f"{root}: cannot stat checkpoint dir: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise CheckpointDirError(
-            errno.ELOOP, f"{root}: checkpoint dir is a symlink (never followed); configure its real path"
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise CheckpointDirError(errno.ENOTDIR, f"{root}: checkpoint dir is not a directory")
-    return st.st_dev, st.st_ino
+        return None
+    except OSError:
+        st = None
+    return CheckpointInfo(
+        path=h.path / name, name=name, format="unmanaged", step=None,
+        bytes=st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0,
+        valid=False, invalid_reason="unmanaged: not a checkpoint name of this job's format",
+        mtime=st.st_mtime if st is not None else 0.0, managed=False,
+        ino=st.st_ino if st is not None else 0)
 
 
-def _scan_entry(root: Path, e: os.DirEntry, fmt: str, cache) -> Optional[CheckpointInfo]:
-    path = root / e.name
-    try:
-        if e.is_symlink():
-            kind = name_format(e.name, fmt)
-            if kind is None:
-                return None
-            st = os.lstat(path)
-            return CheckpointInfo(path, e.name, kind, step_from_name(e.name), 0, False, "symlink",
-                                  mtime=st.st_mtime)
-        kind = detect_format(e.name, e.is_dir(follow_symlinks=False), fmt)
+def _scan_entry(h: DirHandle, io: str, name: str, is_dir: bool, is_link: bool, fmt: str, cache,
+                pattern) -> Optional[CheckpointInfo]:
+    path = h.path / name
+    if is_link:
+        kind = name_format(name, fmt, pattern)
         if kind is None:
+            return _unmanaged(h, name)
+        try:
+            st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
+        except FileNotFoundError:
             return None
-        c = check_entry(str(path), kind, cache)
+        return CheckpointInfo(path, name, kind, step_from_name(name), 0, False, "symlink",
+                              mtime=st.st_mtime, alias=is_alias(name), ino=st.st_ino)
+    kind = detect_format(name, is_dir, fmt, pattern)
+    if kind is None:
+        return _unmanaged(h, name)
+    try:
+        c = check_entry(f"{io}/{name}", kind, cache, key_path=str(path))
+        ino = os.stat(name, dir_fd=h.fd, follow_symlinks=False).st_ino
     except FileNotFoundError:
         return None  # deleted between listing and checking: rotation or the user got there first
+    except OSError as e:
+        # EACCES on a root-squashed mount, EIO, EMFILE: we could not look, so we know nothing
+        return CheckpointInfo(path, name, kind, step_from_name(name), 0, False,
+                              f"unreadable: {e.strerror or e}", unknown=True, alias=is_alias(name))
     v = c.verdict
-    step = v.step if v.step is not None else step_from_name(e.name)
+    step = v.step if v.step is not None else step_from_name(name)
     return CheckpointInfo(
-        path=path, name=e.name, format=kind, step=step, bytes=c.bytes, valid=v.valid,
+        path=path, name=name, format=kind, step=step, bytes=c.bytes, valid=v.valid,
         invalid_reason=v.invalid_reason, reason=v.reason, metrics=dict(v.metrics),
         created=v.created, mtime=c.mtime, epoch=v.epoch, cached=c.cached,
+        unknown=not v.valid and is_unknown_reason(v.invalid_reason), alias=is_alias(name),
+        fp=c.fingerprint, ino=ino,
     )
 
 
-def _scan_tmp(tmp: Path) -> list[CheckpointInfo]:
-    out = []
+def _scan_tmp(h: DirHandle) -> list[CheckpointInfo]:
+    out: list[CheckpointInfo] = []
     try:
-        if os.path.islink(tmp):
-            return out
-        with os.scandir(tmp) as it:
-            entries = list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    for e in entries:
-        m = TMP_ENTRY_RE.match(e.name)
+        tfd = h.open_beneath(TMP_DIR)
+    except OSError:
+        return out      # missing, a symlink, a mount: nothing of ours in progress there
+    try:
+        with os.scandir(tfd) as it:
+            names = [e.name for e in it]
+    finally:
+        os.close(tfd)
+    tmp_io = f"{h.io_root}/{TMP_DIR}"
+    for name in names:
+        m = TMP_ENTRY_RE.fullmatch(name)
         try:
-            st = e.stat(follow_symlinks=False)
-            size = _tree_bytes(e) if e.is_dir(follow_symlinks=False) else st.st_size
+            fp, size, newest = fingerprint(f"{tmp_io}/{name}")
         except FileNotFoundError:
             continue  # committed (renamed away) while we looked
+        except OSError as e:
+            out.append(CheckpointInfo(h.path / TMP_DIR / name, name, "trainsup", None, 0, False,
+                                      f"unreadable: {e.strerror}", in_progress=True, unknown=True))
+            continue
         out.append(CheckpointInfo(
-            path=tmp / e.name, name=e.name, format="trainsup",
+            path=h.path / TMP_DIR / name, name=name, format="trainsup",
             step=int(m.group(1)) if m else None, bytes=size, valid=False,
-            invalid_reason="in progress", mtime=st.st_mtime, in_progress=True,
-            pid=int(m.group(2)) if m else None,
+            invalid_reason="in progress", mtime=newest, in_progress=True,
+            pid=int(m.group(2)) if m else None, fp=fp,
         ))
     return out
-
-
-def _tree_bytes(e: os.DirEntry) -> int:
-    total = 0
-    stack = [e.path]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for c in it:
-                    if c.is_dir(follow_symlinks=False):
-                        stack.append(c.path)
-                    elif c.is_file(follow_symlinks=False):
-                        total += c.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:

@@ -15,7 +15,8 @@ from typing import Any
 
 
 def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) -> str | None:
-    if infos:
+    # Entries listed only as `unmanaged` (names the format does not claim) count as nothing.
+    if any(getattr(i, "managed", True) for i in infos):
         return None
     try:
         with os.scandir(ckpt_dir) as it:

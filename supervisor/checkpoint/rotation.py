@@ -1,19 +1,38 @@
 """Which checkpoints to delete (SPEC section 6). Pure policy: facts in, a plan out, no I/O.
 
+The deletion design (issue 11), safe by construction. An entry may be deleted only if ALL
+of these hold, each proven by a fact the plan is given, never by a guess:
+
+  owned      it is an entry of this job's own checkpoint dir, resolved once and held as
+             an fd (dirhandle.py; claims.py refused `/`, homes, the state/jobs dirs and
+             dirs shared with or nested in another job's) — proof: index.scan lists only
+             that fd's entries, trash.py deletes only beneath it;
+  managed    the job's format names it a checkpoint (naming.py: numbered names, aliases,
+             `checkpoint.pattern`) — proof: info.managed; everything else is `unmanaged`;
+  written by the job
+             it was not there before the job's first launch (inventory.py), unless
+             `checkpoint.pattern` claims it — proof: `preexisting` (names with inode);
+  not live   no writer can still be writing it: not a tmp dir whose writer pid is alive
+             with a matching start time, no file changed within the quiet window by the
+             daemon's monotonic observation, not open by a process of the job — proof:
+             `live` (liveness.py); wall-clock time is never consulted here;
+  known      its verdict is valid or invalid, never "unknown" (unreadable: EACCES/EIO/
+             EMFILE; unprovable: legacy pickles) — proof: info.unknown;
+  not the last good state
+             at least one valid checkpoint exists (else nothing at all is deleted); it is
+             not the newest valid by step order, nor the newest valid by mtime, nor the
+             newest valid by step number, nor an alias (`last.ckpt`, `latest.pth`: the
+             framework's own "newest", whatever the clock did), nor the checkpoint the
+             running attempt resumed from, nor pinned;
+  deletable  no earlier attempt failed and is still backing off, no mount point inside
+             (`undeletable`, from deleter.py).
+
 Normal pass: keep the union of the newest `keep_last` valid checkpoints, the `keep_best`
 best by `metric`, those whose step is a multiple of `keep_every`, and pinned ones; delete
-the rest. Deletion order (the order of `RotationPlan.delete`): invalid checkpoints older
-than the newest valid one and stale in-progress tmp dirs first, then rotated valid ones,
-each group oldest first.
-
-Quota pass, while the job is over quota: relax keep_every, then keep_best, then keep_last
-down to 1, each oldest first. Never touched: the newest valid checkpoint, the one the
-running attempt resumed from, pinned ones, in-progress tmp dirs younger than tmp_grace,
-and invalid entries newer than the newest valid one that changed within tmp_grace (torch
-and HF write in place: a save under way looks exactly like a broken file).
-
-Kept reasons (strongest first): newest (the newest valid), resumed-from, in-progress,
-pinned, last (inside keep_last), best, every.
+the rest. Deletion order: invalid and stale in-progress entries first, then rotated valid
+ones, each group oldest first. Quota pass, while over quota: relax keep_every, then
+keep_best, then keep_last down to 1, each oldest first. Protections are never relaxed;
+what cannot be met is reported `over_quota`.
 
 `plan_disk_quota` applies the daemon-wide `disk_quota` on top of per-job plans: it takes
 from every job's remaining ladder together, stage by stage (every, then best, then last),
@@ -23,10 +42,9 @@ a relaxable keep_every one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Collection, Iterable, Mapping, Optional, Sequence, Union
 
 from ..spec import CheckpointSpec
 from .index import CheckpointInfo, metric_value
@@ -37,6 +55,9 @@ STAGE_EVERY, STAGE_BEST, STAGE_LAST = 1, 2, 3
 _STAGE_OF = {"every": STAGE_EVERY, "best": STAGE_BEST, "last": STAGE_LAST}
 _RELAXED = {STAGE_EVERY: "keep_every", STAGE_BEST: "keep_best", STAGE_LAST: "keep_last"}
 _UNSET = object()
+# Never deleted, not even to meet a quota.
+PROTECTED = frozenset({"newest", "resumed-from", "in-progress", "pinned", "unmanaged", "unknown",
+                       "preexisting", "alias", "undeletable", "nothing-valid"})
 
 Pin = Union[int, str, Path]
 
@@ -60,18 +81,29 @@ def plan_rotation(
     *,
     pinned: Iterable[Pin] = frozenset(),
     resumed_from: Optional[Union[str, Path]] = None,
-    now: Optional[float] = None,
-    tmp_grace: float = 180.0,
+    live: Optional[Collection[str]] = None,
+    preexisting: Collection[str] = frozenset(),
+    undeletable: Mapping[str, str] | None = None,
     quota: object = _UNSET,
+    now: Optional[float] = None,
+    tmp_grace: Optional[float] = None,
 ) -> RotationPlan:
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
-    pinned: steps (int) or paths/names of pinned checkpoints. now: wall-clock seconds,
-    compared with mtimes. tmp_grace: emergency_save.grace plus a minute. quota: bytes,
-    None for none; defaults to spec.quota.
+    pinned: steps (int) or paths/names of pinned checkpoints. live: names of entries a
+    writer may still be writing (liveness.py). preexisting: names there before the job's
+    first launch that `pattern` does not claim (inventory.py). undeletable: name -> why
+    (a failed deletion backing off, a mount inside). quota: bytes, None for none;
+    defaults to spec.quota.
+
+    live=None means "not observed": every in-progress or invalid entry is then treated as
+    live (no proof that its writer is gone, so it stays). now/tmp_grace are accepted from
+    callers not yet migrated and ignored: wall-clock ages decide nothing here.
     """
-    now = time.time() if now is None else now
     quota = spec.quota if quota is _UNSET else quota
+    if live is None:
+        live = {i.name for i in infos if i.in_progress or not i.valid}
+    undeletable = undeletable or {}
     pin_steps = {p for p in pinned if isinstance(p, int)}
     pin_names = {Path(p).name for p in pinned if not isinstance(p, int)}
     resumed = Path(resumed_from) if resumed_from else None
@@ -84,7 +116,7 @@ def plan_rotation(
     def keep(i: CheckpointInfo, why: str) -> None:
         kept.setdefault(i.path, why)
 
-    valid = [i for i in infos if i.valid and not i.in_progress]
+    valid = [i for i in infos if i.valid and not i.in_progress and i.managed]
     newest = valid[-1] if valid else None
     newest_pos = -1
     for pos, i in enumerate(infos):
@@ -94,13 +126,33 @@ def plan_rotation(
     # Absolute protections first: setdefault keeps the strongest reason.
     if newest is not None:
         keep(newest, "newest")
-    for pos, i in enumerate(infos):
+        # the newest by any other ordering too: a clock step makes mtime and step disagree
+        # (ties go to the later in step order, which is already protected)
+        keep(max(enumerate(valid), key=lambda t: (t[1].mtime, t[0]))[1], "newest")
+        numbered = [(pos, i) for pos, i in enumerate(valid) if i.step is not None]
+        if numbered:
+            keep(max(numbered, key=lambda t: (t[1].step, t[0]))[1], "newest")
+    for i in infos:
+        if not i.managed:
+            keep(i, "unmanaged")
+        elif not i.in_progress and i.name in preexisting:
+            keep(i, "preexisting")
+        elif i.unknown:
+            keep(i, "unknown")
+        elif i.name in live:
+            keep(i, "in-progress")
+        elif i.alias:
+            keep(i, "alias")
+        elif i.name in undeletable:
+            keep(i, "undeletable")
         if resumed is not None and i.path == resumed:
             keep(i, "resumed-from")
-        if i.in_progress and now - i.mtime < tmp_grace:
-            keep(i, "in-progress")
         if not i.in_progress and (i.name in pin_names or (i.step is not None and i.step in pin_steps)):
             keep(i, "pinned")
+    if newest is None:
+        # Nothing valid: whatever is here may be the only state the job can resume from.
+        for i in infos:
+            keep(i, "nothing-valid")
     for i in infos:
         if getattr(i, "alias_kind", None):
             keep(i, "alias")    # latest / last.ckpt / backup: the framework rewrites it in place
@@ -125,22 +177,17 @@ def plan_rotation(
             continue
         if i.in_progress:
             first.append(i)
-            reasons[i.path] = f"stale in-progress save (unchanged for over {tmp_grace:g}s)"
+            reasons[i.path] = "stale in-progress save (writer gone, nothing changed in the quiet window)"
         elif not i.valid:
-            if pos > newest_pos and now - i.mtime < tmp_grace:
-                keep(i, "in-progress")  # may be a save still being written in place
-            elif pos > newest_pos:
-                first.append(i)
-                reasons[i.path] = f"invalid ({i.invalid_reason}), unchanged for over {tmp_grace:g}s"
-            else:
-                first.append(i)
-                reasons[i.path] = f"invalid ({i.invalid_reason}), older than the newest valid"
+            first.append(i)
+            where = "older" if pos < newest_pos else "newer"
+            reasons[i.path] = f"invalid ({i.invalid_reason}), {where} than the newest valid, not being written"
         else:
             rest.append(i)
             reasons[i.path] = "rotated: not among keep_last/keep_best/keep_every/pinned"
 
     delete = first + rest
-    total = sum(i.bytes for i in infos)
+    total = sum(i.bytes for i in infos if i.managed)
     remaining = total - sum(i.bytes for i in delete)
 
     # Relaxable protections, in the order the quota pass gives them up.
@@ -173,27 +220,44 @@ class DiskQuotaPlan:
     reasons: dict[Path, str]
     over_quota: bool
     kept_bytes: int
+    plans: dict[str, RotationPlan] = field(default_factory=dict)   # each job's plan with its extras
 
 
 def plan_disk_quota(plans: Mapping[str, RotationPlan], disk_quota: Optional[int]) -> DiskQuotaPlan:
     """Extra deletions so that all jobs together fit `disk_quota`, after their own plans.
 
     Takes from every job's ladder stage by stage (keep_every, keep_best, keep_last), the
-    globally oldest (by mtime) first within a stage. Protected checkpoints are never taken.
+    globally oldest (by mtime) first within a stage. Protected checkpoints are never taken
+    (they are not on any ladder). `plans` of the result: each job's plan with its extra
+    deletions appended and `over_quota` set when the daemon-wide quota cannot be met.
     """
     total = sum(p.kept_bytes for p in plans.values())
     out: dict[str, list[CheckpointInfo]] = {job: [] for job in plans}
     reasons: dict[Path, str] = {}
-    if disk_quota is None or total <= disk_quota:
-        return DiskQuotaPlan(out, reasons, False, total)
-    candidates = sorted(
-        ((stage, i.mtime, job, n, i) for job, p in plans.items() for n, (stage, i) in enumerate(p.ladder)),
-        key=lambda t: (t[0], t[1], t[2], t[3]),
-    )
-    for stage, _, job, _, i in candidates:
-        if total <= disk_quota:
-            break
-        out[job].append(i)
-        reasons[i.path] = f"over disk_quota ({disk_quota} bytes, all jobs): {_RELAXED[stage]} relaxed"
-        total -= i.bytes
-    return DiskQuotaPlan(out, reasons, total > disk_quota, total)
+    if disk_quota is not None and total > disk_quota:
+        candidates = sorted(
+            ((stage, i.mtime, job, n, i) for job, p in plans.items() for n, (stage, i) in enumerate(p.ladder)),
+            key=lambda t: (t[0], t[1], t[2], t[3]),
+        )
+        for stage, _, job, _, i in candidates:
+            if total <= disk_quota:
+                break
+            out[job].append(i)
+            reasons[i.path] = f"over disk_quota ({disk_quota} bytes, all jobs): {_RELAXED[stage]} relaxed"
+            total -= i.bytes
+    over = disk_quota is not None and total > disk_quota
+    merged = {}
+    for job, p in plans.items():
+        extra = out[job]
+        gone = {i.path for i in extra}
+        merged[job] = RotationPlan(
+            delete=p.delete + extra,
+            kept={k: v for k, v in p.kept.items() if k not in gone},
+            reasons={**p.reasons, **{i.path: reasons[i.path] for i in extra}},
+            over_quota=p.over_quota or over,
+            total_bytes=p.total_bytes,
+            kept_bytes=p.kept_bytes - sum(i.bytes for i in extra),
+            quota=p.quota if not over else (disk_quota if p.quota is None else min(p.quota, disk_quota)),
+            ladder=tuple((s_, i) for s_, i in p.ladder if i.path not in gone),
+        )
+    return DiskQuotaPlan(out, reasons, over, total, merged)

@@ -18,11 +18,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from pathlib import Path
+
 from ..crashpoints import crash_point
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
-from . import layout_warnings, rotation, trash
-from .format import TMP_DIR
+from . import layout_warnings, rotation
+from .custody import JobCheckpointDir
+from .deleter import PassGate
 from .frameworks import bookkeeping
 from .watch import CheckpointWatcher
 
@@ -70,6 +73,7 @@ class RotationFacts:
     tmp_grace: float = 180.0
     save_durations: tuple[float, ...] = ()
     grace: float = 120.0
+    pids: tuple[int, ...] = ()                  # the job's processes: what they hold open is live
 
 
 @dataclass
@@ -93,15 +97,21 @@ class JobCheckpoints:
     _dirty: bool = False
     _done: Optional[asyncio.Future] = None
     closed: bool = False
+    # custody of the dir (checkpoint/custody.py): the held fd, liveness, backoff, inventory
+    state_dir: Optional[Path] = None
+    grace: float = 120.0
+    create_as: Optional[tuple[int, int]] = None
+    custody: Optional[JobCheckpointDir] = None
+    _for_launch: bool = False
 
     # -- watching -----------------------------------------------------------------
     def watch(self) -> None:
         if self.spec is None:
             return
-        try:
-            trash.empty_trash(self.spec.dir)     # finish deletions a crash cut short
-        except OSError:
-            pass
+        # resolved once and held (created for the job's user if missing); finishes
+        # deletions a crash cut short
+        self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
+        self.custody.open()
         loop = self.loop
 
         def on_change(_reason: str = "") -> None:      # observer thread: post, nothing else
@@ -118,6 +128,8 @@ class JobCheckpoints:
 
     def close(self) -> None:
         self.closed = True
+        if self.custody is not None:
+            self.custody.close()
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
@@ -128,9 +140,16 @@ class JobCheckpoints:
             task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
 
     # -- scanning -----------------------------------------------------------------
-    def _scan_sync(self, cache: Any = None) -> tuple[list, Optional[str]]:
+    def _scan_sync(self, cache: Any = None, for_launch: bool = False) -> tuple[list, Optional[str]]:
         assert self.spec is not None
         try:
+            if self.custody is not None:
+                if for_launch:     # what was there before the first launch is never the job's
+                    self.custody.before_first_launch()
+                infos, flag = self.custody.scan(cache or self.cache)
+                if for_launch:     # re-prove what a launch would be handed (reprove.py)
+                    infos = self.custody.reprove_latest(infos, cache or self.cache)
+                return infos, flag
             return ckpt_index.scan(self.spec.dir, self.spec.format, cache=cache or self.cache), None
         except FileNotFoundError:
             return [], None
@@ -143,11 +162,13 @@ class JobCheckpoints:
             log.exception("job %s: scanning %s", self.name, self.spec.dir)
             return [], f"scan failed: {e!r}"
 
-    async def refresh(self) -> None:
+    async def refresh(self, for_launch: bool = False) -> None:
         """Re-read the dir (cached verdicts cost stat calls only). Concurrent requests
-        coalesce: at most one scan runs, and one more after it if anything asked meanwhile."""
+        coalesce: at most one scan runs, and one more after it if anything asked meanwhile.
+        for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
         if self.spec is None:
             return
+        self._for_launch = self._for_launch or for_launch
         if self._running:
             self._dirty = True
             assert self._done is not None
@@ -158,17 +179,20 @@ class JobCheckpoints:
         try:
             while True:
                 self._dirty = False
-                infos = None
-                err: Optional[str] = None
-                if len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
+                result: Optional[tuple[list, Optional[str]]] = None
+                prove, self._for_launch = self._for_launch, False
+                if not prove and len(self.infos) <= _INLINE_SCAN_MAX and _small_dir(self.spec.dir):
                     try:
-                        infos, err = self._scan_sync(_CachedOnly(self.cache))
+                        result = self._scan_sync(_CachedOnly(self.cache))
                     except _NeedsHashing:
-                        infos = None
-                if infos is None:
-                    infos, err = await self.loop.run_in_executor(self.executor, self._scan_sync)
+                        result = None
+                if result is None:
+                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                infos, err = result
                 if not self.closed:
                     self.infos, self.error = infos, err
+                    if self.custody is not None:
+                        self.custody.observe(infos)     # liveness: the daemon's monotonic clock
                     self.in_place.observe(infos)
                     if not infos:       # no rotation pass runs for an empty index
                         self.warnings = self._layout_warnings()
@@ -207,6 +231,8 @@ class JobCheckpoints:
             if slow > facts.grace:
                 w.append(f"slow saves: {slow:.1f}s > grace {facts.grace:g}s; "
                          f"an emergency save will not finish in time")
+        if self.custody is not None:
+            w += self.custody.warnings()           # delete failures (once each), dir replaced
         self.warnings = w + self._layout_warnings()
         return plan.over_quota and not was_over
 
@@ -233,6 +259,8 @@ class RotationCoordinator:
         self.flush = flush
         self._pending = False
         self._lock = asyncio.Lock()
+        self._gate = PassGate(1.0)          # no pass within 1 s of the last, whatever woke it
+        self._retry: Optional[asyncio.TimerHandle] = None
 
     def request(self) -> None:
         if not self._pending:
@@ -242,7 +270,9 @@ class RotationCoordinator:
 
     async def run(self) -> None:
         async with self._lock:
+            await asyncio.sleep(self._gate.wait_s())
             self._pending = False
+            self._gate.started()
             await self._pass()
 
     async def _pass(self) -> None:
@@ -252,11 +282,15 @@ class RotationCoordinator:
             if ck.spec is None or not ck.infos or ck.closed:
                 continue
             members[ck.name] = (ck, facts, record)
-            plans[ck.name] = rotation.plan_rotation(
-                # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
-                ck.infos, ck.spec, pinned=set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos),
-                resumed_from=facts.resumed_from,
-                tmp_grace=facts.tmp_grace)
+            # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
+            pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
+            if ck.custody is None:
+                plans[ck.name] = rotation.plan_rotation(
+                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
+                continue
+            opened = await self.loop.run_in_executor(self.executor, ck.custody.open_by_job, ck.infos, facts.pids)
+            plans[ck.name] = ck.custody.plan(ck.infos, pinned=pinned,
+                                             resumed_from=facts.resumed_from, also_live=opened)
         extra: dict[str, list] = {}
         reasons: dict = {}
         all_over = False
@@ -275,31 +309,36 @@ class RotationCoordinator:
             todo = list(plan.delete) + [i for i in extra.get(name, []) if i not in plan.delete]
             if not todo:
                 continue
-            assert ck.spec is not None
-            ck_dir = ck.spec.dir
+            assert ck.spec is not None and ck.custody is not None
             for info in todo:
-                # Recorded before it happens (write-ahead): a crash after the move into the
-                # trash still leaves a record of what the daemon removed and why.
-                record("deleted", path=str(info.path), step=info.step, bytes=info.bytes,
-                       why=plan.reasons.get(info.path) or reasons.get(info.path, "rotation"))
-                self.flush()
-                try:
-                    await self.loop.run_in_executor(self.executor, _delete_checkpoint, ck_dir, info)
+                why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
+                # Intent apart from outcome: a crash after the move into the trash still
+                # leaves a record of what the daemon set out to remove and why; `deleted`
+                # is written only once the entry is gone (deleter.py).
+                if not ck.custody.backoff.failing(info.name):
+                    record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
+                    self.flush()
+                outcome = await self.loop.run_in_executor(self.executor, ck.custody.delete, info)
+                if outcome.ok:
                     crash_point("delete")
-                except OSError as e:
-                    record("delete-failed", path=str(info.path), error=str(e))
+                kind, fields = ck.custody.record(outcome)
+                if kind:
+                    record(kind, why=why, **fields)
+            # a failure shows in status at once (reported once, retried on backoff)
+            ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
+            ck.warnings += ck.custody.warnings()
             await ck.refresh()
+        self._schedule_retry(m[0] for m in members.values())
 
-
-def _delete_checkpoint(ck_dir, info) -> None:
-    """Every file of one entry: the framework's bookkeeping first (TF's state file), then
-    the members, commit marker first (frameworks/bookkeeping.py)."""
-    bookkeeping.before_delete(ck_dir, info)
-    for rel in bookkeeping.deletion_units(info, ck_dir):
-        if rel.startswith(f"{TMP_DIR}/"):
-            trash.delete_entry(ck_dir, rel)     # an in-progress trainsup save
-        else:
-            bookkeeping.delete_unit(ck_dir, rel)
+    def _schedule_retry(self, cks: Iterable[JobCheckpoints]) -> None:
+        """A failed deletion is retried when its backoff ends, not by spinning."""
+        waits = [w for ck in cks if ck.custody is not None
+                 and (w := ck.custody.backoff.next_retry_in()) is not None]
+        if waits and self._retry is None:
+            def fire() -> None:
+                self._retry = None
+                self.request()
+            self._retry = self.loop.call_later(min(waits) + 0.05, fire)
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future], None]:

@@ -1,160 +1,214 @@
-"""Deleting checkpoints without ever deleting anything outside the checkpoint dir.
+"""Deleting one checkpoint entry: the mechanism, safe by construction.
 
-An entry is first renamed into `<ckpt_dir>/.trainsup-trash/` (same filesystem, atomic: the
-index never sees half a checkpoint), then removed through directory file descriptors:
-every directory is opened with O_NOFOLLOW|O_DIRECTORY relative to its parent's fd, its
-identity checked with fstat against the lstat that chose it, and names are unlinked or
-rmdir'ed relative to that fd. A symlink is unlinked itself, never its target; a racer that
-swaps a subdirectory for a symlink makes the open fail (ELOOP/ENOTDIR) or the rmdir fail,
-and the name is looked at again.
+What may be deleted, and what proves it (rotation.py decides *which* entries; this module
+makes sure the deletion cannot reach anything else):
 
-When the daemon runs as root and the checkpoint dir belongs to another user, the removal
-runs in a forked child that dropped to that user first, so a user cannot make root delete
-what the user could not delete.
-
-A crash halfway leaves debris only inside the trash dir; `empty_trash` finishes it.
+1. Only a direct entry of the job's checkpoint dir (or of its `.trainsup-tmp/`), named by
+   its plain name: no `/` beyond that one level, no `.`/`..`, never the trash dir itself.
+   Proof: the name check in `delete_entry`.
+2. Only inside the directory the daemon resolved and opened for this job (a DirHandle held
+   for the job's life): every open, stat, rename and unlink is relative to that fd or to
+   fds opened beneath it with openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_XDEV)
+   (O_NOFOLLOW per component + mount-id/st_dev checks on older kernels). A symlink is
+   unlinked as a name, never followed; `..` cannot be walked.
+3. Never across a mount: before anything moves, the whole entry is walked with the same
+   no-crossing opens; a mount point anywhere inside (a dataset bind-mounted into an old
+   checkpoint) makes the entry undeletable (DeleteError EXDEV, reported) and nothing of it
+   is touched. A mount appearing after that walk still cannot be entered during removal.
+4. Never as anyone but the daemon: removal runs in the daemon's own worker thread. There is
+   no forked deleter that drops to the dir owner's uid (issue 10: the job's user could
+   SIGSTOP it and freeze every job's rotation). Root cannot be tricked into deleting
+   elsewhere because of 2 and 3, not because of a uid.
+5. Atomic from the index's point of view: the entry is first renamed (one rename, same
+   directory tree, so same filesystem) into `<dir>/.trainsup-trash/` under a short name of
+   our own (a 250-byte entry name cannot overflow NAME_MAX there), then emptied. A crash
+   halfway leaves debris only in the trash dir; `empty_trash` finishes the names it made.
+6. Truth: `delete_entry` returns only when the name is gone from the checkpoint dir (checked
+   with fstatat after the rename); callers record `deleted` after it returns, never before.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
-import pwd
 import re
 import stat
 import time
-from typing import Callable, Optional, Union
+from typing import Union
 
 from ..crashpoints import crash_point
+from .dirhandle import CheckpointDirError, DirHandle
 from .format import TMP_DIR
 
 TRASH_DIR = ".trainsup-trash"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_PATH = os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 100
-_TMP_ENTRY_RE = re.compile(r"^step-\d{8,}\.(\d+)$")
+# what _trash_name makes (and, before it, `<entry>.<ns>.<pid>`), fullmatch
+_TRASH_NAME_RE = re.compile(r".+\.\d+\.\d+", re.DOTALL)
+_counter = itertools.count()
 
-PathLike = Union[str, os.PathLike]
+DirLike = Union[DirHandle, str, os.PathLike]
 
 
 class DeleteError(OSError):
-    """An entry could not be deleted; whatever was moved aside is left in the trash dir."""
+    """An entry could not be deleted; nothing outside it was touched."""
 
 
-def delete_entry(ckpt_dir: PathLike, name: str) -> None:
-    """Delete ckpt_dir/name (`name` may be `.trainsup-tmp/<entry>`), never through a link."""
+def delete_entry(ckpt_dir: DirLike, name: str) -> None:
+    """Delete ckpt_dir/name (`name` may be `.trainsup-tmp/<entry>`); return once it is gone.
+
+    Raises FileNotFoundError if it was already gone, DeleteError if it could not be
+    deleted (mount inside, read-only filesystem, immutable file...): then it is either
+    untouched or wholly inside the trash dir.
+    """
     parts = name.split("/")
     if (not name or len(parts) > 2 or any(p in ("", ".", "..") for p in parts)
-            or parts[0] == TRASH_DIR or (len(parts) == 2 and parts[0] != TMP_DIR)):
+            or "\0" in name or parts[0] == TRASH_DIR or (len(parts) == 2 and parts[0] != TMP_DIR)):
         raise ValueError(f"{name!r} is not an entry of the checkpoint dir")
-    _as_owner(os.fspath(ckpt_dir), _delete_entry, os.fspath(ckpt_dir), name)
+    with _held(ckpt_dir) as h:
+        _delete_entry(h, parts)
 
 
-def empty_trash(ckpt_dir: PathLike) -> None:
-    """Finish deletions a crash interrupted."""
-    _as_owner(os.fspath(ckpt_dir), _empty_trash, os.fspath(ckpt_dir))
-
-
-def collect_stale_tmp(ckpt_dir: PathLike, older_than_s: float, now: Optional[float] = None) -> list[str]:
-    """Delete in-progress dirs of dead writers: pid (the `.pid` suffix) gone, or unchanged
-    for older_than_s (pid reused, or a writer in another pid namespace). Returns their names.
-
-    Caveat: a writer in another pid namespace whose pid happens to be free here is taken as
-    dead; jobs in containers should keep their tmp dir young (it is, while files land).
-    """
-    now = time.time() if now is None else now
-    tmp = os.path.join(os.fspath(ckpt_dir), TMP_DIR)
-    try:
-        if stat.S_ISLNK(os.lstat(tmp).st_mode):
-            return []
-        with os.scandir(tmp) as it:
-            entries = list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    removed = []
-    for e in entries:
-        m = _TMP_ENTRY_RE.match(e.name)
+def empty_trash(ckpt_dir: DirLike) -> None:
+    """Finish deletions a crash interrupted (only names this module made)."""
+    with _held(ckpt_dir) as h:
         try:
-            age = now - _newest_mtime(e)
-        except FileNotFoundError:
-            continue
-        if age > older_than_s or (m is not None and not _pid_alive(int(m.group(1)))):
-            try:
-                delete_entry(ckpt_dir, f"{TMP_DIR}/{e.name}")
-            except FileNotFoundError:
-                continue  # the writer committed it meanwhile
-            removed.append(e.name)
-    return removed
-
-
-# ---------------------------------------------------------------- mechanism
-
-def _delete_entry(ckpt_dir: str, name: str) -> None:
-    dfd = _open_root(ckpt_dir)
-    try:
-        tfd = _open_trash(dfd)
-        try:
-            parent_fd, base = dfd, name
-            sub_fd = None
-            if "/" in name:
-                sub, base = name.split("/")
-                sub_fd = parent_fd = os.open(sub, _DIR_FLAGS, dir_fd=dfd)
-            try:
-                target = f"{base}.{time.time_ns()}.{os.getpid()}"
-                os.rename(base, target, src_dir_fd=parent_fd, dst_dir_fd=tfd)
-            finally:
-                if sub_fd is not None:
-                    os.close(sub_fd)
-            crash_point("trash-rename")
-            _remove(tfd, target)
-        finally:
-            os.close(tfd)
-    finally:
-        os.close(dfd)
-
-
-def _empty_trash(ckpt_dir: str) -> None:
-    dfd = _open_root(ckpt_dir)
-    try:
-        try:
-            tfd = os.open(TRASH_DIR, _DIR_FLAGS, dir_fd=dfd)
+            tfd = h.open_beneath(TRASH_DIR)
         except FileNotFoundError:
             return
         try:
             with os.scandir(tfd) as it:
-                names = [e.name for e in it]
+                names = [e.name for e in it if _TRASH_NAME_RE.fullmatch(e.name)]
             for n in names:
-                _remove(tfd, n)
+                _remove(h, tfd, n)
+        finally:
+            os.close(tfd)
+
+
+class _held:
+    """A DirHandle as given, or one opened for this call from a path (and closed after)."""
+
+    def __init__(self, d: DirLike) -> None:
+        self.d = d
+        self.own = not isinstance(d, DirHandle)
+
+    def __enter__(self) -> DirHandle:
+        if isinstance(self.d, DirHandle):
+            return self.d
+        try:
+            self.d = DirHandle.open(self.d)
+        except CheckpointDirError as e:
+            raise DeleteError(e.errno, f"{e.strerror}; nothing deleted") from None
+        return self.d
+
+    def __exit__(self, *exc) -> None:
+        if self.own and isinstance(self.d, DirHandle):
+            self.d.close()
+
+
+def _translate(e: OSError, what: str) -> DeleteError:
+    if e.errno == errno.EXDEV:
+        return DeleteError(errno.EXDEV, f"{what}: a mount point is inside; not deleted (unmount it first)")
+    if e.errno == errno.ELOOP:
+        return DeleteError(errno.ELOOP, f"{what}: a symlink on the way; not deleted")
+    return DeleteError(e.errno, f"{what}: {e.strerror or e}")
+
+
+def _delete_entry(h: DirHandle, parts: list[str]) -> None:
+    display = "/".join(parts)
+    parent_fd = h.fd
+    sub_fd = None
+    try:
+        if len(parts) == 2:
+            try:
+                sub_fd = parent_fd = h.open_beneath(parts[0])
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise FileNotFoundError(errno.ENOENT, f"{display}: already gone") from None
+                raise _translate(e, display) from None
+        base = parts[-1]
+        try:
+            st = os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{display}: already gone") from None
+        if stat.S_ISDIR(st.st_mode):
+            _refuse_mounts(h, parent_fd, base, display)
+        tfd = _open_trash(h)
+        try:
+            target = _trash_name()
+            try:
+                os.rename(base, target, src_dir_fd=parent_fd, dst_dir_fd=tfd)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"{display}: already gone") from None
+            except OSError as e:
+                raise _translate(e, display) from None
+            crash_point("trash-rename")
+            try:
+                os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
+                raise DeleteError(errno.EEXIST, f"{display}: reappeared right after it was moved away")
+            except FileNotFoundError:
+                pass
+            try:
+                _remove(h, tfd, target)
+            except OSError as e:
+                # The entry is out of the checkpoint dir already; its debris is reported.
+                raise _translate(e, f"{display} (moved to {TRASH_DIR}/{target})") from None
         finally:
             os.close(tfd)
     finally:
-        os.close(dfd)
+        if sub_fd is not None:
+            os.close(sub_fd)
 
 
-def _open_root(ckpt_dir: str) -> int:
+def _trash_name() -> str:
+    return f"d.{time.time_ns()}.{os.getpid()}.{next(_counter)}"
+
+
+def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> None:
+    """Walk the entry with no-crossing opens; any mount point inside refuses the entry."""
     try:
-        return os.open(ckpt_dir, _DIR_FLAGS)
+        fd = h.open_beneath(name, dir_fd=parent_fd)
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise DeleteError(e.errno, f"{ckpt_dir}: checkpoint dir is a symlink or not a directory; "
-                                       "nothing deleted") from None
-        raise
-
-
-def _open_trash(dfd: int) -> int:
+        raise _translate(e, display) from None
+    stack = [(fd, name)]
     try:
-        os.mkdir(TRASH_DIR, 0o700, dir_fd=dfd)
+        while stack:
+            dfd, rel = stack.pop()
+            try:
+                with os.scandir(dfd) as it:
+                    subdirs = [c.name for c in it if c.is_dir(follow_symlinks=False)]
+                for c in subdirs:
+                    try:
+                        stack.append((h.open_beneath(c, dir_fd=dfd), f"{rel}/{c}"))
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        raise _translate(e, f"{display} ({rel}/{c})") from None
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd, _ in stack:
+            os.close(dfd)
+
+
+def _open_trash(h: DirHandle) -> int:
+    try:
+        os.mkdir(TRASH_DIR, 0o700, dir_fd=h.fd)
     except FileExistsError:
         pass
-    try:
-        return os.open(TRASH_DIR, _DIR_FLAGS, dir_fd=dfd)
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise DeleteError(e.errno, f"{TRASH_DIR} is not a real directory; nothing deleted") from None
-        raise
+        raise _translate(e, TRASH_DIR) from None
+    try:
+        return h.open_beneath(TRASH_DIR)
+    except OSError as e:
+        raise DeleteError(e.errno, f"{TRASH_DIR} is not a real directory of the checkpoint dir "
+                                   f"({e.strerror}); nothing deleted") from None
 
 
-def _remove(parent_fd: int, name: str) -> None:
-    """Remove parent_fd/name and everything under it, following no symlink."""
+def _remove(h: DirHandle, parent_fd: int, name: str) -> None:
+    """Remove parent_fd/name and everything under it; never through a link or a mount."""
     for _ in range(_RETRIES):
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
@@ -169,7 +223,7 @@ def _remove(parent_fd: int, name: str) -> None:
                 continue  # swapped for a directory since the lstat
             return
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            fd = h.open_beneath(name, dir_fd=parent_fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                 continue  # swapped for a link or file since the lstat: look again
@@ -181,7 +235,7 @@ def _remove(parent_fd: int, name: str) -> None:
             with os.scandir(fd) as it:
                 children = [c.name for c in it]
             for c in children:
-                _remove(fd, c)
+                _remove(h, fd, c)
         finally:
             os.close(fd)
         try:
@@ -194,88 +248,3 @@ def _remove(parent_fd: int, name: str) -> None:
                 continue  # swapped or refilled meanwhile
             raise
     raise DeleteError(errno.EAGAIN, f"{name}: kept changing during deletion; left in {TRASH_DIR}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _newest_mtime(e: os.DirEntry) -> float:
-    newest = e.stat(follow_symlinks=False).st_mtime
-    if not e.is_dir(follow_symlinks=False):
-        return newest
-    stack = [e.path]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for c in it:
-                    newest = max(newest, c.stat(follow_symlinks=False).st_mtime)
-                    if c.is_dir(follow_symlinks=False):
-                        stack.append(c.path)
-        except FileNotFoundError:
-            pass
-    return newest
-
-
-def _as_owner(ckpt_dir: str, fn: Callable, *args) -> None:
-    """Run fn(*args) as the owner of ckpt_dir when we are root and it is someone else's."""
-    if os.geteuid() != 0:
-        fn(*args)
-        return
-    st = os.lstat(ckpt_dir)
-    if st.st_uid == 0 or stat.S_ISLNK(st.st_mode):
-        fn(*args)  # a symlink root is refused inside fn
-        return
-    try:
-        gid = pwd.getpwuid(st.st_uid).pw_gid
-    except KeyError:
-        gid = st.st_gid
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: only os-level calls, then _exit, never back into the caller
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(st.st_uid)
-            fn(*args)
-            os.write(w, b"OK")
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - reported to the parent through the pipe
-            try:
-                os.write(w, f"{type(e).__name__}:{getattr(e, 'errno', 0) or 0}:{e}".encode()[:4000])
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    # The verdict travels through the pipe, not the exit status: the daemon, a child
-    # subreaper, may reap this child from its SIGCHLD handler before waitpid runs here.
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    report = b"".join(chunks)
-    if report != b"OK":
-        kind, _, rest = report.decode(errors="replace").partition(":")
-        code, _, msg = rest.partition(":")
-        if kind == "FileNotFoundError":
-            raise FileNotFoundError(errno.ENOENT, msg)
-        if kind == "ValueError":
-            raise ValueError(msg)
-        raise DeleteError(int(code) if code.isdigit() else errno.EIO,
-                          f"deletion as uid {st.st_uid} in {ckpt_dir} failed: {msg or 'child died'}")

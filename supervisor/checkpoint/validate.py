@@ -43,6 +43,10 @@ from typing import Mapping, Optional, Protocol
 
 import xxhash
 
+from . import naming
+from .format import MANIFEST, ManifestError, hash_fd, parse_manifest
+from .settle import settle
+
 try:  # ISA-L's CRC-32 runs several times faster than zlib's: validation keeps up with the disk
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:
@@ -106,40 +110,21 @@ class _Invalid(Exception):
 
 # ---------------------------------------------------------------- recognising entries
 
-def detect_format(name: str, is_dir: bool, fmt: str = "auto") -> Optional[str]:
-    """The format an entry of a checkpoint dir would be, from its name and kind alone."""
-    if name.startswith("."):
-        return None
+def detect_format(name: str, is_dir: bool, fmt: str = "auto", pattern=None) -> Optional[str]:
+    """The format an entry of a checkpoint dir is checked with, from its name and kind
+    alone; None for a name the format does not claim (unmanaged: never deleted)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt in ("auto", "trainsup") and is_dir and STEP_DIR_RE.match(name):
-        return "trainsup"
-    if fmt in ("auto", "hf") and is_dir and HF_DIR_RE.match(name):
-        return "hf"
-    if fmt in ("auto", "torch") and not is_dir and name.endswith(TORCH_SUFFIXES):
-        return "torch"
-    return None
+    return naming.managed_format(name, is_dir, fmt, pattern)
 
 
-def name_format(name: str, fmt: str = "auto") -> Optional[str]:
+def name_format(name: str, fmt: str = "auto", pattern=None) -> Optional[str]:
     """Like detect_format for an entry whose kind must not be trusted (a symlink)."""
-    return detect_format(name, True, fmt) or detect_format(name, False, fmt)
-
-
-_STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)")
-_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
-_VERSION_SUFFIX = re.compile(r"-v\d+$")   # Lightning's name-clash suffix: last-v1.ckpt
+    return detect_format(name, True, fmt, pattern) or detect_format(name, False, fmt, pattern)
 
 
 def step_from_name(name: str) -> Optional[int]:
-    for rx in (STEP_DIR_RE, HF_DIR_RE):
-        m = rx.match(name)
-        if m:
-            return int(m.group(1))
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    stem = _VERSION_SUFFIX.sub("", stem)
-    m = _STEP_IN_NAME.search(stem) or _LAST_NUMBER.search(stem)
-    return int(m.group(1)) if m else None
+    return naming.step_of(name)
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -195,6 +180,9 @@ def _open_under(dir_fd: int, rel: str) -> int:
 
 
 def _open_regular(dir_fd: int, rel: str) -> tuple[int, os.stat_result]:
+    if "\0" in rel:
+        # a NUL cannot be in a real file name: os.open would raise ValueError mid-scan
+        raise _Invalid(f"{rel!r}: a NUL byte in a file name")
     try:
         fd = _open_under(dir_fd, rel)
     except FileNotFoundError:
@@ -270,6 +258,10 @@ def _check_trainsup_files(dfd: int, files: dict) -> None:
     try:
         for rel in sorted(files):
             entry = files[rel]
+            if "\0" in rel or rel.startswith("/") or ".." in rel.split("/"):
+                # A hostile manifest: never a path outside the entry, never an exception.
+                what = "a NUL byte in the name" if "\0" in rel else "not a file name inside the checkpoint"
+                raise _Invalid(f"{rel!r}: {what}")
             fd, st = _open_regular(dfd, rel)
             opened.append((rel, fd, entry))
             if st.st_size != entry["size"]:
@@ -537,12 +529,16 @@ class EntryCheck:
     bytes: int
     mtime: float          # newest mtime of the entry or anything in it
     cached: bool
+    fingerprint: str = ""  # lstat digest of every file: what the liveness tracker compares
 
 
-def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None) -> EntryCheck:
+def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None,
+                key_path: Optional[str] = None) -> EntryCheck:
     """Verdict for one entry of a known format, from the cache when nothing changed.
 
-    Raises FileNotFoundError if the entry vanished before it could be looked at.
+    key_path: the entry's stable name for the cache when `path` reaches it through a
+    held fd (/proc/self/fd/N/...). Raises FileNotFoundError if the entry vanished before
+    it could be looked at.
     """
     path = os.fspath(path)
     st = os.lstat(path)
@@ -550,22 +546,29 @@ def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None) -> En
         return EntryCheck(Verdict(fmt, False, "symlink", step_from_name(os.path.basename(path))),
                           0, st.st_mtime, False)
     fp, total, newest = fingerprint(path)
-    key = f"{_CACHE_VERSION}|{fmt}|{os.path.abspath(path)}|{fp}"
+    key = f"{_CACHE_VERSION}|{fmt}|{key_path or os.path.abspath(path)}|{fp}"
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             try:
-                return EntryCheck(Verdict.from_json(hit), total, newest, True)
+                return EntryCheck(Verdict.from_json(hit), total, newest, True, fp)
             except (ValueError, TypeError):
                 pass  # a cache row from another version: recompute
     try:
+        # No dirty page may outlive the verdict: a later write through a shared mapping
+        # must fault and move ctime, so the fingerprint sees it (reprove.py).
+        settle(path)
         verdict = _CHECKERS[fmt](path)
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise
         # EIO, EACCES, EMFILE...: report, and do not cache a verdict that may be transient.
         return EntryCheck(Verdict(fmt, False, f"unreadable: {e.strerror or e}",
-                                  step_from_name(os.path.basename(path))), total, newest, False)
+                                  step_from_name(os.path.basename(path))), total, newest, False, fp)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        # Whatever a hostile entry makes a checker trip on is that entry's verdict,
+        # never the end of the whole scan.
+        verdict = Verdict(fmt, False, f"malformed: {e}"[:300], step_from_name(os.path.basename(path)))
     if cache is not None:
         # Only cache what was checked against a tree that did not move underneath us.
         try:
@@ -573,4 +576,4 @@ def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None) -> En
                 cache.put(key, verdict.to_json())
         except OSError:
             pass
-    return EntryCheck(verdict, total, newest, False)
+    return EntryCheck(verdict, total, newest, False, fp)

@@ -350,12 +350,18 @@ def fresh_notices(seen: frozenset, current: Iterable[Notice]) -> tuple[list[Noti
 class ErrorLog:
     """Logs each kind of failure once until the service answers again."""
 
-    def __init__(self, what: str, retry: float, logger: logging.Logger = log):
+    def __init__(self, what: str, retry: float, logger: logging.Logger = log,
+                 on_health: Optional[Callable[[bool, str], None]] = None):
         self.what, self.retry, self.log = what, retry, logger
+        self.on_health = on_health        # (ok, error) on each change: `status` shows it
         self._kinds: set[str] = set()
 
     def failed(self, err: MetadataError) -> None:
         if err.kind not in self._kinds:
+            if not self._kinds and self.on_health is not None:
+                unreachable = err.kind in ("timeout", "connection refused", "unreachable")
+                self.on_health(False, f"metadata unreachable ({err.kind})" if unreachable
+                               else f"metadata answers badly ({err.kind})")
             self._kinds.add(err.kind)
             self.log.warning("%s: %s; retrying every %gs (logged once until it answers)",
                              self.what, err, self.retry)
@@ -365,6 +371,8 @@ class ErrorLog:
             self.log.info("%s: answering again after %s", self.what,
                           ", ".join(sorted(self._kinds)))
             self._kinds.clear()
+            if self.on_health is not None:
+                self.on_health(True, "")
 
 
 class CloudPoller:
@@ -389,11 +397,13 @@ class CloudPoller:
         self._seen: frozenset = frozenset()
         self._values: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
+        self.on_health: Optional[Callable[[bool, str], None]] = None   # posts to the daemon's loop
 
     def start(self) -> None:
         if self._threads:
             return
         self._stop.clear()
+        targets: list[tuple[Callable[..., None], tuple]]
         if isinstance(self.provider, GcpMetadata):
             targets = [(self._watch_gcp_key, (key,)) for key in GcpMetadata.KEYS]
         else:
@@ -433,7 +443,8 @@ class CloudPoller:
                     log.exception("notice callback failed for %s", n)
 
     def _poll_loop(self) -> None:
-        errors = ErrorLog(f"{self.provider.source} metadata {self.provider.base}", self.poll)
+        errors = ErrorLog(f"{self.provider.source} metadata {self.provider.base}", self.poll,
+                          on_health=self.on_health)
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -448,7 +459,7 @@ class CloudPoller:
 
     def _watch_gcp_key(self, key: str) -> None:
         provider: GcpMetadata = self.provider
-        errors = ErrorLog(f"gcp metadata {provider.url(key)}", self.poll)
+        errors = ErrorLog(f"gcp metadata {provider.url(key)}", self.poll, on_health=self.on_health)
         etag, value, first = None, None, True
         while not self._stop.is_set():
             started = time.monotonic()

@@ -45,8 +45,8 @@ def progress_mtime(heartbeat_file, ckpt_dir) -> Optional[float]:
                         continue     # deleted by rotation between scandir and stat
         except OSError:
             pass
-    times = [t for t in times if t is not None]
-    return max(times) if times else None
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
 
 
 class ProgressClock:

@@ -1,6 +1,11 @@
-"""Memory pressure: process-tree RSS, system MemAvailable, cgroup limits, the OOM decision.
+"""Memory pressure: the job's memory use, system MemAvailable, cgroup limits, the OOM decision.
 
-Mechanism (TreeSampler, read_mem_available, cgroup readers) is thin and reads /proc and
+A job in a cgroup of its own (trainsup.cgroup) is measured by that cgroup's counters
+(CgroupSampler: v2 memory.current / memory.events, or its v1 memory cgroup on a hybrid
+host), which the kernel's OOM decision uses too and which no process can leave. Without
+one, TreeSampler sums RSS over the process tree.
+
+Mechanism (samplers, read_mem_available, cgroup readers) is thin and reads /proc and
 /sys; policy (memory_decision, classify_oom) is pure and table-tested.
 """
 
@@ -10,10 +15,9 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import psutil
-
+from trainsup.cgroup import JobCgroup, join_mount, read_mounts
 from trainsup.spec import MemorySpec
 
 # Re-arm only after falling this far back past a threshold, so RSS wobbling around the
@@ -45,7 +49,7 @@ class TreeSampler:
         self._children_files = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def _child_pids(self, pid: int) -> list[int]:
-        out = []
+        out: list[int] = []
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -104,6 +108,28 @@ class TreeSampler:
         return sorted(self._procs)
 
 
+class CgroupSampler:
+    """The job's memory from its own cgroup: one or two small reads per sample, whatever
+    the number of processes, and it counts what the tree walk misses (processes that left
+    the tree, tmpfs and kernel memory charged to the job)."""
+
+    def __init__(self, cgroup: JobCgroup):
+        self.cgroup = cgroup
+
+    @staticmethod
+    def usable(cgroup: JobCgroup | None) -> bool:
+        return cgroup is not None and cgroup.memory()[0] is not None
+
+    def sample(self) -> int:
+        return self.cgroup.memory()[0] or 0
+
+    def oom_kills(self) -> int | None:
+        return self.cgroup.memory()[1]
+
+    def pids(self) -> list[int]:
+        return sorted(self.cgroup.pids())
+
+
 def read_mem_available(path: str = "/proc/meminfo") -> int:
     """System MemAvailable in bytes."""
     with open(path) as f:
@@ -115,33 +141,16 @@ def read_mem_available(path: str = "/proc/meminfo") -> int:
 
 # --- cgroups ---------------------------------------------------------------------------
 
-def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, Optional[tuple]]:
+def _cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[list, tuple | None]:
     """([(root, mount_point)] of v1 hierarchies with the memory controller, v2 (root, mp))."""
-    v1, v2 = [], None
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 5 or len(rfields) < 3:
-                continue
-            root, mount_point = fields[3], fields[4]
-            fstype, super_opts = rfields[0], rfields[2].split(",")
-            if fstype == "cgroup" and "memory" in super_opts:
-                v1.append((root, mount_point))
-            elif fstype == "cgroup2" and v2 is None:
-                v2 = (root, mount_point)
-    return v1, v2
+    mounts = read_mounts(mountinfo)
+    return ([mounts.v1["memory"]] if "memory" in mounts.v1 else []), mounts.v2
 
 
-def _join(root: str, mount_point: str, cg_path: str) -> Path:
-    # Inside a container the mount's root is the container's own cgroup, and
-    # /proc/PID/cgroup paths are relative to the host's root: strip the common prefix.
-    if root != "/" and (cg_path == root or cg_path.startswith(root + "/")):
-        cg_path = cg_path[len(root):]
-    return Path(mount_point) / cg_path.lstrip("/")
+_join = join_mount
 
 
-def memory_cgroup_dir(pid: int) -> tuple[Optional[Path], Optional[int]]:
+def memory_cgroup_dir(pid: int) -> tuple[Path | None, int | None]:
     """(cgroup folder that accounts pid's memory, cgroup version 1|2), or (None, None)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -167,14 +176,14 @@ def memory_cgroup_dir(pid: int) -> tuple[Optional[Path], Optional[int]]:
     return None, None
 
 
-def _read(path: Path) -> Optional[str]:
+def _read(path: Path) -> str | None:
     try:
         return path.read_text()
     except OSError:
         return None
 
 
-def _keyed(text: Optional[str], key: str) -> Optional[int]:
+def _keyed(text: str | None, key: str) -> int | None:
     for line in (text or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == key:
@@ -182,7 +191,7 @@ def _keyed(text: Optional[str], key: str) -> Optional[int]:
     return None
 
 
-def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[Optional[int], Optional[int]]:
+def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[int | None, int | None]:
     """(limit bytes or None when unlimited, oom_kill count or None when not reported).
 
     The limit is the tightest over the folder and its parents that carry one: a job in
@@ -207,16 +216,16 @@ def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[Optional[int], Optio
     return limit, kills
 
 
-def cgroup_memory_of(pid: int) -> tuple[Optional[int], Optional[int]]:
+def cgroup_memory_of(pid: int) -> tuple[int | None, int | None]:
     """(limit bytes|None, oom_kill count|None) of the memory cgroup that holds pid."""
     cg_dir, version = memory_cgroup_dir(pid)
-    if cg_dir is None:
+    if cg_dir is None or version is None:
         return None, None
     return read_memory_cgroup(cg_dir, version)
 
 
-def classify_oom(before_count: Optional[int], after_count: Optional[int],
-                 exit_signal: Optional[int], near_limit: bool = False) -> bool:
+def classify_oom(before_count: int | None, after_count: int | None,
+                 exit_signal: int | None, near_limit: bool = False) -> bool:
     """Was this exit an out-of-memory kill? (SPEC section 4: `oom-killed`.)
 
     The cgroup's oom_kill count rising while the job ran is the kernel's own word. Without
@@ -241,8 +250,8 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.2f}GiB"
 
 
-def memory_decision(state: MemoryEpisode, rss: int, mem_available: Optional[int],
-                    spec: MemorySpec) -> tuple[Optional[str], MemoryEpisode]:
+def memory_decision(state: MemoryEpisode, rss: int, mem_available: int | None,
+                    spec: MemorySpec) -> tuple[str | None, MemoryEpisode]:
     """One sample -> (None | "save" | "stop", next state).
 
     An episode starts when RSS reaches save_at*limit or MemAvailable drops under

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
@@ -50,7 +50,7 @@ class TriggerFile:
         self.on_notice = on_notice
         self._lock = threading.Lock()
         self._present = False
-        self._observer = None
+        self._observer: Optional[InotifyObserver] = None
 
     @property
     def armed(self) -> bool:

@@ -99,7 +99,7 @@ def signal_to_commit(model: torch.nn.Module, d: Path) -> float:
 def bench_emergency(sec: Section, tmp: Path, mib: int, reps: int) -> None:
     model = big_model(mib)
     ours, plain = [], []
-    for r in range(reps):
+    for _ in range(reps):
         # Interleaved, so both see whatever the disk is doing at the time.
         d = tmp / f"plain-{mib}"
         d.mkdir(exist_ok=True)

@@ -221,6 +221,7 @@ NO_BACKOFF = """restart:
   window: 1h
   backoff: {initial: 0, max: 0, factor: 1.0}
   max_restarts_without_progress: 100000
+  start_limit_interval: 0s
 """
 
 

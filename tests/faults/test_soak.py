@@ -27,7 +27,7 @@ def _soak(daemon, kills: int, seed: int) -> dict:
     daemon.fakejob(job, f"--save-every-steps {SAVE_EVERY} --progress {progress}",
                    extra="  keep_last: 3\n  keep_best: 0\n"
                          "restart:\n  max_restarts: 100000\n  max_restarts_without_progress: 100000\n"
-                         "  backoff: {initial: 0}\nstop_timeout: 2s\n")
+                         "  backoff: {initial: 0}\n  start_limit_interval: 0s\nstop_timeout: 2s\n")
     daemon.start()
     lost, kill_steps = [], []
     for k in range(kills):

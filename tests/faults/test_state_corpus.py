@@ -19,13 +19,6 @@ from trainsup.state import StateDB
 from _support import canaries_now, plant_canaries
 
 
-def _future_version(p: Path) -> None:
-    c = sqlite3.connect(p)
-    c.execute("PRAGMA user_version=99")
-    c.commit()
-    c.close()
-
-
 def _wrong_schema(p: Path) -> None:
     p.unlink()
     c = sqlite3.connect(p)
@@ -39,7 +32,6 @@ DAMAGE = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[:1500]),
     "random": lambda p: p.write_bytes(os.urandom(16384)),
     "wrong-schema": _wrong_schema,
-    "future-version": _future_version,
 }
 
 

@@ -111,7 +111,7 @@ def main():
         child = ctx.Process(target=_child_main, args=(args.record + ".child",), daemon=False)
         child.start()
     if args.setsid_grandchild:
-        gc = subprocess.Popen([sys.executable, "-c", "import os,time,sys; os.setsid(); "
+        subprocess.Popen([sys.executable, "-c", "import os,time,sys; os.setsid(); "
                                "open(sys.argv[1],'w').write(str(os.getpid())); time.sleep(3600)",
                                args.record + ".grandchild"])
 
@@ -125,6 +125,8 @@ def main():
     hog = []
     hb = os.environ.get("TRAINSUP_HEARTBEAT_FILE")
     last_beat = 0.0
+    if args.progress == "heartbeat":      # report the step where the daemon reads it
+        args.progress = os.environ["TRAINSUP_HEARTBEAT_FILE"]
     progress_fd = os.open(args.progress, os.O_WRONLY | os.O_CREAT, 0o644) if args.progress else None
     while True:
         state["step"] += 1

@@ -23,9 +23,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pytest
+from conftest import wait_for  # noqa: F401 (test_systemd imports it from here)
 
 SYSTEMD = "/lib/systemd/systemd"
 START_TIMEOUT = 15.0
@@ -46,19 +47,6 @@ def missing_prerequisite() -> Optional[str]:
     if os.geteuid() != 0:
         return "needs root: unshare --mount and a tmpfs on /run need CAP_SYS_ADMIN"
     return None
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.05):
-    """Poll `condition` until it returns something truthy; raise naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _mount_ns(pid: int) -> Optional[str]:

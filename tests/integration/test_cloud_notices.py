@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import wait_for as _wait_for
 
 from trainsup.notices import cloud
 from trainsup.notices.cloud import (AwsImds, AzureScheduledEvents, CloudPoller,
@@ -26,13 +27,7 @@ from trainsup.notices.cloud import (AwsImds, AzureScheduledEvents, CloudPoller,
 
 
 def wait_for(cond, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return _wait_for(cond, timeout, what, interval=0.005)
 
 
 class FakeMetadata:

@@ -4,6 +4,7 @@ again, and that nothing (processes, temporary dir) is left behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -52,6 +53,11 @@ def test_quick_demo_survives_preemption_and_crash_within_quota(tmp_path):
     assert 0 < kept <= quota
     assert _number(r"(\d+) deleted by rotation", out) >= 1
     assert "final weights identical to an uninterrupted run" in out
+    # It ends by drawing the run (issue 15): a PNG in the current dir.
+    if importlib.util.find_spec("matplotlib") is not None:
+        picture = tmp_path / "trainsup-demo.png"
+        assert f"the run's timeline (`trainsup plot mlp-demo -o trainsup-demo.png`): {picture}" in out, out
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Nothing left behind: the demo's dir is gone and no process still uses it.
     root = re.search(r"^  in (\S+) \(removed at the end\)$", out, re.MULTILINE).group(1)

@@ -29,7 +29,9 @@ def test_rotation_keeps_last_n_and_never_follows_planted_symlinks(daemon, tmp_pa
     daemon.start()
     wait_for(lambda: len([e for e in daemon.history("rot") if e["kind"] == "deleted"]) >= 5, 20, "5 deletions")
     daemon.request("stop", "rot", no_save=True)
-    listing = _ckpts(daemon, "rot")
+    # passes are at least 1 s apart (no spinning): the one after the last save may trail
+    listing = wait_for(lambda: (ls := _ckpts(daemon, "rot")) and all(c["kept"] for c in ls if c["valid"]) and ls,
+                       10, "the rotation pass after the last save")
     valid = [c for c in listing if c["valid"]]
     assert len(valid) <= 3, listing          # keep_last 2 (+ one that landed since the last pass)
     assert {c["kept"] for c in valid} <= {"newest", "last", "resumed-from"}

@@ -61,7 +61,8 @@ def test_max_restarts_within_window_then_failed():
 
 
 def test_crashes_outside_the_window_do_not_count():
-    t = RestartTracker(spec(max_restarts=2, window=10, max_restarts_without_progress=100))
+    t = RestartTracker(spec(max_restarts=2, window=10, max_restarts_without_progress=100,
+                            start_limit_interval=0))
     ds = [t.on_exit(crashed=True, now=i * 11, ran_for=0.1) for i in range(6)]
     assert all(d.restart for d in ds)
 

@@ -15,7 +15,11 @@ def test_order_dot_entries_and_unrecognised(tmp_path):
     (tmp_path / ".hidden.pt").write_bytes(b"junk")
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "step-12").mkdir()              # too few digits: not a checkpoint name
-    infos = scan(tmp_path)
+    listed = scan(tmp_path)
+    # unrecognised names are listed as unmanaged (never deleted), before the checkpoints
+    assert [(i.name, i.format) for i in listed if not i.managed] == [
+        (".hidden.pt", "unmanaged"), ("notes.txt", "unmanaged"), ("step-12", "unmanaged")]
+    infos = [i for i in listed if i.managed]
     assert [i.step for i in infos] == [4, 30, 100]
     assert all(i.path.is_absolute() and i.format == "trainsup" for i in infos)
     assert latest_valid(infos).step == 100
@@ -30,21 +34,21 @@ def test_in_progress_and_symlinks_listed_never_valid(tmp_path):
     outside = tmp_path.parent / (tmp_path.name + "-outside")
     shutil.copytree(tmp_path / "step-00000001", outside)
     os.symlink(outside, tmp_path / "step-00000009")
-    os.symlink(outside / "x", tmp_path / "model.pt")
+    os.symlink(outside / "x", tmp_path / "model_step_5.pt")
     infos = {i.name: i for i in scan(tmp_path)}
     ip = infos["step-00000002.4242"]
     assert ip.in_progress and not ip.valid and ip.pid == 4242 and ip.step == 2 and ip.bytes == 5
-    for n in ("step-00000009", "model.pt"):
+    for n in ("step-00000009", "model_step_5.pt"):
         assert not infos[n].valid and infos[n].invalid_reason == "symlink"
     assert latest_valid(list(infos.values())).name == "step-00000001"
 
 
 def test_unnumbered_sorts_by_mtime_among_numbered(tmp_path):
-    for n, t in (("a_3.pt", 300), ("a_1.pt", 100), ("latest.pt", 200), ("a_2.pt", 250)):
+    for n, t in (("step_3.pt", 300), ("step_1.pt", 100), ("latest.pt", 200), ("step_2.pt", 250)):
         p = tmp_path / n
         p.write_bytes(b"")
         os.utime(p, (t, t))
-    assert [i.name for i in scan(tmp_path)] == ["a_1.pt", "latest.pt", "a_2.pt", "a_3.pt"]
+    assert [i.name for i in scan(tmp_path)] == ["step_1.pt", "latest.pt", "step_2.pt", "step_3.pt"]
 
 
 def test_vanished_or_replaced_dir_is_a_clear_error(tmp_path):
@@ -67,9 +71,9 @@ def test_bad_format_name_is_refused(tmp_path):
 
 def test_format_restricts_what_is_seen(tmp_path):
     write_checkpoint(tmp_path, 1, {"x": b"1"})
-    (tmp_path / "m.pt").write_bytes(b"")
-    assert [i.name for i in scan(tmp_path, fmt="trainsup")] == ["step-00000001"]
-    assert [i.name for i in scan(tmp_path, fmt="torch")] == ["m.pt"]
+    (tmp_path / "m_step_2.pt").write_bytes(b"")
+    assert [i.name for i in scan(tmp_path, fmt="trainsup") if i.managed] == ["step-00000001"]
+    assert [i.name for i in scan(tmp_path, fmt="torch") if i.managed] == ["m_step_2.pt"]
 
 
 def test_order_is_stable_for_equal_steps():

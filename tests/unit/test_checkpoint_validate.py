@@ -12,7 +12,7 @@ from trainsup.checkpoint import validate, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
 from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "frameworks"
+FIXTURES = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "frameworks").resolve()
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES} (CI provides ../shared)"
 )

@@ -55,7 +55,7 @@ BAD_EXPECTED = {
     "wrong_type.yaml": [
         '3: autostart: must be true or false, got "yes"',
         "6: checkpoint.keep_last: must be an integer >= 1, got true",     # bool is not an int
-        '8: restart.backoff.factor: must be a number >= 1, got "fast"',
+        '8: restart.backoff.factor: must be a number in [1, 10], got "fast"',
     ],
     "alias_bomb.yaml": ["3: a: anchors (&a) are not allowed"],
     "alias.yaml": ["2: command: aliases (*cmd) are not allowed"],
@@ -221,7 +221,7 @@ def test_out_of_range_values(tmp_path):
                     "restart: {backoff: {factor: 0.5}}\nmemory: {interval: 0}\n")
     assert errors_of(path) == [
         f"{path}:3: checkpoint.keep_last: must be an integer >= 1, got 0",
-        f"{path}:4: restart.backoff.factor: must be a number >= 1, got 0.5",
+        f"{path}:4: restart.backoff.factor: must be a number in [1, 10], got 0.5",
         f"{path}:5: memory.interval: must be a duration > 0, got 0",
     ]
 
@@ -599,3 +599,64 @@ def test_fuzz_bytes(fuzz_dir, data):
     path = fuzz_dir / "bytes.yaml"
     path.write_bytes(data)
     check_never_raises(path)
+
+
+# -- daemon config discovery and the example config (issue 15) -------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "trainsup.yaml.example"
+
+
+def test_example_daemon_config_sets_every_key_to_its_default():
+    from trainsup.config import DAEMON
+    assert load_daemon_config(EXAMPLE, {}, is_root=True, env={}) == load_daemon_config(None, {}, is_root=True, env={})
+    text = EXAMPLE.read_text()
+    for key in DAEMON.keys:
+        assert f"\n{key}:" in text, f"the example config does not show {key}"
+
+
+def test_config_discovery_order(tmp_path):
+    from trainsup.config import discover_config
+    env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    user_file = tmp_path / "cfg" / "trainsup" / "trainsup.yaml"
+    assert discover_config(None, is_root=False, env=env) is None           # nothing there: no file
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("disk_quota: 1GB\n")
+    assert discover_config(None, is_root=False, env=env) == user_file
+    explicit = tmp_path / "other.yaml"
+    assert discover_config(explicit, is_root=False, env=env) == explicit   # --config wins, even if absent
+    unit_dir = tmp_path / "unit-cfg"
+    unit_dir.mkdir()
+    (unit_dir / "trainsup.yaml").write_text("")
+    assert discover_config(None, is_root=False, env={**env, "CONFIGURATION_DIRECTORY": str(unit_dir)}) \
+        == unit_dir / "trainsup.yaml"
+    # root reads /etc/trainsup/trainsup.yaml only (not a user's XDG file)
+    assert discover_config(None, is_root=True, env=env) in (None, Path("/etc/trainsup/trainsup.yaml"))
+
+
+def test_log_dir_follows_state_dir_when_only_state_dir_is_set(tmp_path):
+    root = load_daemon_config(None, {"state_dir": tmp_path / "s"}, is_root=True, env={})
+    assert root.log_dir == tmp_path / "s" / "logs"
+    both = load_daemon_config(None, {"state_dir": tmp_path / "s", "log_dir": tmp_path / "l"}, is_root=True, env={})
+    assert both.log_dir == tmp_path / "l"
+
+
+def test_systemd_directories_are_the_defaults():
+    env = {"CONFIGURATION_DIRECTORY": "/etc/trainsup", "STATE_DIRECTORY": "/var/lib/t",
+           "RUNTIME_DIRECTORY": "/run/t", "LOGS_DIRECTORY": "/var/log/t"}
+    spec = load_daemon_config(None, {}, is_root=True, env=env)
+    assert (spec.jobs_dir, spec.state_dir, spec.socket, spec.log_dir) == (
+        Path("/etc/trainsup/jobs.d"), Path("/var/lib/t"), Path("/run/t/trainsup.sock"), Path("/var/log/t"))
+
+
+def test_metrics_and_hooks_keys(tmp_path):
+    from trainsup.spec import HookSpec, MetricsSpec
+    config = write(tmp_path / "c.yaml", "metrics: {listen: '9184'}\n"
+                   "hooks: [{command: [/bin/true], on: [crash], timeout: 3s}]\n")
+    spec = load_daemon_config(config, {}, is_root=True, env={})
+    assert spec.metrics == MetricsSpec(listen="127.0.0.1:9184")
+    assert spec.hooks == (HookSpec(command=("/bin/true",), on=("crash",), timeout=3.0),)
+    bad = write(tmp_path / "b.yaml", "metrics: {listen: 'localhost:http'}\nhooks: [{on: [oops]}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_daemon_config(bad, {}, is_root=True, env={})
+    assert [line.split(": ")[0].split(":", 1)[1] + ":" + line.split(": ")[1] for line in e.value.errors] == [
+        "1:metrics.listen", "2:hooks[0].command", "2:hooks[0].on"], e.value.errors

@@ -105,13 +105,14 @@ def test_read_memory_cgroup_v1_and_v2_shapes(tmp_path):
 # Each big child says "ready" (on the parent's stdout, which it inherits) only once its
 # 30 MiB are written: waiting for a total instead let the test go on while the second
 # child was still allocating, and its growth then hid the killed child's drop (the test
-# failed under load with "killed child still counted").
+# failed under load with "killed child still counted"). One write(2) per line: print()'s
+# separate writes of text and newline interleaved under load ("readyready").
 TREE = r"""
 import os, subprocess, sys, time
-big = "import time; b = bytearray(b'x') * (30 << 20); print('ready', flush=True); time.sleep(60)"
+big = "import os, time; b = bytearray(b'x') * (30 << 20); os.write(1, b'ready\\n'); time.sleep(60)"
 kids = [subprocess.Popen([sys.executable, "-c", big]) for _ in range(2)]
 short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
-print("started", flush=True)
+os.write(1, b"started\n")   # one write() each: lines of three writers never interleave
 time.sleep(60)
 """
 

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from trainsup.notices.trigger import TriggerFile
 
@@ -30,10 +31,7 @@ class Calls:
 
 
 def wait_until(cond, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
+    wait_for(cond, timeout, what, interval=0.002)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from trainsup.state import LockHeld, StateDB, StateLock
+from trainsup.state import LockHeld, StateDB, StateLock, StateUnusable
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
@@ -46,9 +46,8 @@ def _wrong_schema(p):
     lambda p: p.write_bytes(b""),
     lambda p: p.write_bytes(os.urandom(8192)),
     lambda p: p.write_bytes(p.read_bytes()[:1500]),
-    _future_version,
     _wrong_schema,
-], ids=["empty", "random", "truncated", "future-version", "wrong-schema"])
+], ids=["empty", "random", "truncated", "wrong-schema"])
 def test_corrupt_database_is_moved_aside_and_a_fresh_one_starts(tmp_path, damage, caplog):
     db = StateDB(tmp_path)
     for i in range(50):
@@ -66,3 +65,39 @@ def test_corrupt_database_is_moved_aside_and_a_fresh_one_starts(tmp_path, damage
     assert "CORRUPT" in caplog.text
     db.save_job("j", {"attempt": 1})
     assert db.load_job("j") == {"attempt": 1}
+
+
+def test_newer_schema_is_refused_not_moved_aside(tmp_path):
+    """A database from a newer trainsup is not corrupt: moving it aside would lose what a
+    downgrade can still hand back to the newer version."""
+    db = StateDB(tmp_path)
+    db.save_job("j", {"attempt": 4})
+    db.close()
+    _future_version(tmp_path / "state.db")
+    with pytest.raises(StateUnusable) as e:
+        StateDB(tmp_path)
+    assert "newer" in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.glob("state.db.corrupt-*"))
+
+
+def test_only_sqlites_corruption_verdicts_count_as_corrupt(tmp_path):
+    """A read-only database, a missing directory: errors about the place, not the data."""
+    from trainsup.state import is_corruption
+    good = tmp_path / "good.db"
+    c = sqlite3.connect(good)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    ro = sqlite3.connect(f"file:{good}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.Error) as readonly:
+        ro.execute("INSERT INTO t VALUES (1)")
+    ro.close()
+    with pytest.raises(sqlite3.Error) as cantopen:
+        sqlite3.connect(tmp_path / "no" / "such" / "dir.db").execute("SELECT 1")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\x13" * 8192)
+    with pytest.raises(sqlite3.Error) as notadb:
+        sqlite3.connect(junk).execute("PRAGMA quick_check").fetchall()
+    assert not is_corruption(readonly.value)
+    assert not is_corruption(cantopen.value)
+    assert is_corruption(notadb.value)

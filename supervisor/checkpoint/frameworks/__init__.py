@@ -233,12 +233,14 @@ def _resolve_aliases(groups: list[Group], verdicts: dict[str, Verdict]) -> dict[
 
 
 def scan(root: Path, fmt: str, cache: VerdictCache | None,
-         info_cls: Callable[..., CheckpointInfo]) -> tuple[list[CheckpointInfo], set[str]]:
-    """Framework entries of the checkpoint dir `root` and the top-level names they claim."""
+         info_cls: Callable[..., CheckpointInfo], root_fd: int | None = None) -> tuple[list[CheckpointInfo], set[str]]:
+    """Framework entries of the checkpoint dir `root` and the top-level names they claim.
+    With `root_fd` (the job's held dir fd) everything is read below that fd; `root` only
+    names the entries."""
     if fmt not in ("auto",) + NAMES:
         return [], set()
     try:
-        root_fd = os.open(root, _NOFOLLOW_DIR)
+        root_fd = os.dup(root_fd) if root_fd is not None else os.open(root, _NOFOLLOW_DIR)
     except OSError:
         return [], set()  # the index reports a missing or symlinked dir itself
     try:
@@ -272,6 +274,8 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
         _, total, newest, cached = checked[g.name]
         v = verdicts[g.name]
         claimed.update(m.split("/", 1)[0] for m in g.members)
+        if g.format == "tf" and not g.dir:
+            claimed.add(tf.STATE_FILE)      # TF's commit marker is part of its checkpoints
         resume = g.resume
         if g.link_to and v.valid:
             resume = join(g.dir, g.link_to)  # the file itself: the framework never sees the link

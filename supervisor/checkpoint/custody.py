@@ -1,0 +1,195 @@
+"""One job's custody of its checkpoint dir: the held fd and everything deletion must know.
+
+The daemon's per-job checkpoint service keeps one JobCheckpointDir per job and drives it:
+
+    jd = JobCheckpointDir(name, spec.checkpoint, grace, state_dir, create_as=(uid, gid))
+    jd.open()                                   # at job add / reload (off the loop)
+    jd.before_first_launch()                    # records the inventory once (off the loop)
+    infos, flag = jd.scan(cache)                # off the loop; flag: dir replaced -> no deletes
+    jd.observe(infos)                           # on the loop: liveness by monotonic clock
+    opened = jd.open_by_job(infos, pids)        # off the loop: entries open by the job
+    plan = jd.plan(infos, pinned=..., resumed_from=..., also_live=opened)
+    ... plan_disk_quota over all jobs' plans ...
+    for info in plan.delete:                    # intent recorded, then:
+        outcome = jd.delete(info)               # off the loop; returns once gone or failed
+        events = jd.record(outcome)             # on the loop: what to write to history
+
+Blocking calls (open, scan, open_by_job, delete) touch only the filesystem and return
+facts; the on-the-loop calls own the per-job memory (liveness, backoff).
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..spec import CheckpointSpec
+from . import inventory
+from .deleter import DeletionBackoff, Outcome, delete_one
+from .dirhandle import CheckpointDirError, DirHandle
+from .index import CheckpointInfo, is_unknown_reason, scan
+from .liveness import LivenessTracker, entry_inodes, open_inodes
+from .naming import compile_pattern
+from .reprove import latest_for_launch, reprovable, reprove
+from .rotation import RotationPlan, plan_rotation
+from .trash import empty_trash
+from .validate import Verdict, VerdictCache
+
+# A save is "quiet" after the job's emergency_save.grace plus this long without a change
+# the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen
+# unchanged across passes", never "changed in the same instant".
+QUIET_MARGIN_S = 5.0
+
+
+def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
+    """(uid, gid) a `user:`/`group:` job's missing checkpoint dir is created with, so the
+    job can save into it (issue 10: it was created root-owned); None: the daemon's own."""
+    if not user and not group:
+        return None
+    try:
+        pw = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+        return (pw.pw_uid if pw else os.getuid(), gid)
+    except KeyError:
+        return None
+
+
+class JobCheckpointDir:
+    def __init__(self, job: str, spec: CheckpointSpec, grace: float, state_dir: Optional[Path],
+                 create_as: Optional[tuple[int, int]] = None) -> None:
+        self.job = job
+        self.spec = spec
+        self.state_dir = state_dir
+        self.create_as = create_as
+        self.pattern: Optional[re.Pattern] = compile_pattern(spec.pattern) if spec.pattern else None
+        self.handle: Optional[DirHandle] = None
+        self.flag: Optional[str] = None          # set: nothing is deleted until re-resolved
+        self.liveness = LivenessTracker(quiet=grace + QUIET_MARGIN_S)
+        self.backoff = DeletionBackoff()
+        self.inventory = inventory.load(state_dir, job) if state_dir is not None else None
+
+    # ------------------------------------------------------------------ blocking
+
+    def open(self) -> None:
+        """Resolve and hold the dir (creating it for the job's user if missing)."""
+        self.close()
+        try:
+            self.handle = DirHandle.open(self.spec.dir, create_as=self.create_as)
+            self.flag = None
+        except OSError as e:
+            self.handle = None
+            self.flag = f"checkpoint dir not held: {e.strerror or e}"
+            return
+        try:
+            empty_trash(self.handle)            # finish deletions a crash cut short
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def before_first_launch(self) -> None:
+        if self.handle is not None and self.state_dir is not None:
+            self.inventory = inventory.record_first_launch(self.state_dir, self.job, self.handle)
+
+    def scan(self, cache: Optional[VerdictCache]) -> tuple[list[CheckpointInfo], Optional[str]]:
+        """The held dir's entries, and a flag when the configured path no longer names it."""
+        if self.handle is None:
+            self.open()
+            if self.handle is None:
+                return [], self.flag
+        self.flag = self.handle.check()
+        infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
+        return infos, self.flag
+
+    def open_by_job(self, infos: Iterable[CheckpointInfo], pids: Iterable[int]) -> set[str]:
+        pids = list(pids)
+        if self.handle is None or not pids:
+            return set()
+        opened = open_inodes(pids)
+        if not opened:
+            return set()
+        return {i.name for i in infos if i.managed
+                and entry_inodes(self.handle, LivenessTracker.key(i)) & opened}
+
+    def delete(self, info: CheckpointInfo) -> Outcome:
+        if self.handle is None or self.flag:
+            return Outcome(info, False, error=self.flag or "checkpoint dir not held", errno=errno.ESTALE)
+        return delete_one(self.handle, info)
+
+    def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: Optional[VerdictCache]
+                          ) -> Optional[CheckpointInfo]:
+        if self.handle is None or self.flag:
+            return None
+        return latest_for_launch(self.handle.io_root, infos, cache)
+
+    def reprove_latest(self, infos: list[CheckpointInfo], cache: Optional[VerdictCache]
+                       ) -> list[CheckpointInfo]:
+        """Before a launch: the newest valid checkpoints, newest first, re-proven until one
+        holds; those that no longer do are marked invalid (never offered for resume)."""
+        if self.handle is None or self.flag:
+            return infos
+        out = list(infos)
+        for pos in range(len(out) - 1, -1, -1):
+            i = out[pos]
+            if not (i.valid and i.managed and not i.in_progress):
+                continue
+            if not reprovable(i):
+                break
+            try:
+                v = reprove(f"{self.handle.io_root}/{i.name}", i.format, cache, str(i.path))
+            except OSError as e:
+                v = Verdict(i.format, False, f"unreadable: {e.strerror or e}")
+            if v.valid:
+                break
+            out[pos] = replace(i, valid=False, invalid_reason=f"changed since verified: {v.invalid_reason}",
+                               unknown=is_unknown_reason(v.invalid_reason))
+        return out
+
+    # ------------------------------------------------------------------ on the loop
+
+    def observe(self, infos: Iterable[CheckpointInfo]) -> None:
+        infos = list(infos)
+        self.liveness.observe(infos)
+        self.backoff.forget_absent({i.name for i in infos})
+
+    def plan(self, infos: list[CheckpointInfo], *, pinned=frozenset(), resumed_from=None,
+             also_live: Iterable[str] = ()) -> RotationPlan:
+        live = self.liveness.live(infos) | set(also_live)
+        undeletable = dict(self.backoff.undeletable())
+        if self.flag or self.handle is None:
+            why = self.flag or "checkpoint dir not held"
+            undeletable.update({i.name: why for i in infos})
+        return plan_rotation(
+            infos, self.spec, pinned=pinned, resumed_from=resumed_from, live=live,
+            preexisting=inventory.preexisting(infos, self.inventory, self.pattern),
+            undeletable=undeletable)
+
+    def record(self, outcome: Outcome) -> tuple[str, dict]:
+        """(event kind, fields) for history; a repeat failure of a streak is "" (not reported)."""
+        info = outcome.info
+        fields = {"path": str(info.path), "step": info.step, "bytes": info.bytes}
+        if outcome.ok:
+            self.backoff.succeeded(info.name)
+            if outcome.already_gone:
+                fields["note"] = "already gone"
+            return "deleted", fields
+        first = self.backoff.failed(info.name, outcome.error or "failed")
+        return ("delete-failed" if first else ""), {**fields, "error": outcome.error}
+
+    def warnings(self) -> list[str]:
+        w = list(self.backoff.status_lines())
+        if self.flag:
+            w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until the dir is re-resolved (reload)")
+        return w
+
+
+__all__ = ["JobCheckpointDir", "CheckpointDirError"]

@@ -1,0 +1,154 @@
+"""Carrying out a rotation plan truthfully, and backing off when deletion keeps failing.
+
+Issue 11 case 7: a `deleted` event was written before the deletion (and stayed after it
+failed), and a persistent failure (read-only mount, `chattr +i`, EBUSY, a name the trash
+could not take) re-planned and re-failed with no delay: 88% CPU, ~530 events/s. Here:
+  - `delete_one` returns an Outcome only after trash.delete_entry returned (the name is
+    gone) or failed; the caller records `delete-intent` before and `deleted` /
+    `delete-failed` after, so history shows intent and outcome apart;
+  - `DeletionBackoff` holds each failing entry out of plans (rotation's `undeletable`,
+    still counted in the job's bytes, so over-quota shows) for 1 s, 2 s, 4 s... up to
+    10 min, and says to report a failure once per streak, not once per pass;
+  - `PassGate` makes sure no rotation pass starts within `min_interval` (1 s) of the last
+    one, whatever woke it. All timing is monotonic.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .dirhandle import DirHandle
+from .format import TMP_DIR
+from .index import CheckpointInfo
+from .trash import DeleteError, delete_entry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    info: CheckpointInfo
+    ok: bool                        # the name is gone (deleted now, or already gone)
+    already_gone: bool = False
+    error: Optional[str] = None
+    errno: int = 0
+
+
+def rel_name(info: CheckpointInfo) -> str:
+    return f"{TMP_DIR}/{info.name}" if info.in_progress else info.name
+
+
+def _delete_members(h: DirHandle, info: CheckpointInfo) -> None:
+    """A framework entry of several files (Paddle prefix group, TF index + shards, nested
+    Lightning/Keras layouts): the framework's bookkeeping first (TF's state file must never
+    list a deleted checkpoint), then every member, commit marker first — each through a
+    dir fd opened beneath the held dir (no symlink, no mount crossing on the way)."""
+    from .frameworks import bookkeeping      # framework layouts only; keeps the import light
+    units = bookkeeping.deletion_units(info, h.path)
+    parents = {rel.rpartition("/")[0] for rel in units}
+    if info.format == "tf":
+        parent = info.name.rpartition("/")[0]
+        dfd = h.open_beneath(parent) if parent else os.dup(h.fd)
+        try:
+            bookkeeping.forget_in_tf_state(dfd, [info.name.rpartition("/")[2]])
+        finally:
+            os.close(dfd)
+    subs: dict[str, DirHandle] = {}
+    try:
+        for parent in parents:
+            if parent:
+                subs[parent] = DirHandle(h.path / parent, h.open_beneath(parent))
+        for rel in units:
+            parent, _, base = rel.rpartition("/")
+            try:
+                delete_entry(subs[parent] if parent else h, base)
+            except FileNotFoundError:
+                continue       # one member already gone: the others still go
+    finally:
+        for s in subs.values():
+            s.close()
+
+
+def delete_one(h: DirHandle, info: CheckpointInfo) -> Outcome:
+    """Delete one planned entry through the held dir; never raises for the entry's sake."""
+    try:
+        if info.members and not info.in_progress:
+            _delete_members(h, info)
+        else:
+            delete_entry(h, rel_name(info))
+    except FileNotFoundError:
+        return Outcome(info, True, already_gone=True)
+    except (DeleteError, OSError, ValueError) as e:
+        return Outcome(info, False, error=str(getattr(e, "strerror", None) or e),
+                       errno=getattr(e, "errno", 0) or errno.EIO)
+    return Outcome(info, True)
+
+
+@dataclass
+class _Failure:
+    count: int
+    retry_at: float
+    error: str
+
+
+class DeletionBackoff:
+    """Per job: which entries failed to delete, and when each may be tried again."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.initial, self.maximum, self.clock = initial, maximum, clock
+        self._failures: dict[str, _Failure] = {}
+
+    def failed(self, name: str, error: str) -> bool:
+        """Record a failure; True when this starts a streak (report it), False after."""
+        f = self._failures.get(name)
+        count = 1 if f is None else f.count + 1
+        delay = min(self.maximum, self.initial * (2 ** (count - 1)))
+        self._failures[name] = _Failure(count, self.clock() + delay, error)
+        return f is None
+
+    def failing(self, name: str) -> bool:
+        """A retry of a known failure (its intent is on record already)."""
+        return name in self._failures
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+    def forget_absent(self, present: set[str]) -> None:
+        """An entry removed by someone else is no longer ours to retry."""
+        for n in [n for n in self._failures if n not in present]:
+            del self._failures[n]
+
+    def undeletable(self) -> dict[str, str]:
+        """Names to hold out of this plan (still backing off) -> why."""
+        now = self.clock()
+        return {n: f"deletion failed {f.count}x ({f.error}); retry in {f.retry_at - now:.0f}s"
+                for n, f in self._failures.items() if f.retry_at > now}
+
+    def status_lines(self) -> list[str]:
+        now = self.clock()
+        return [f"delete-failed: {n}: {f.error} (tried {f.count}x, next in {max(0.0, f.retry_at - now):.0f}s)"
+                for n, f in sorted(self._failures.items())]
+
+    def next_retry_in(self) -> Optional[float]:
+        if not self._failures:
+            return None
+        return max(0.0, min(f.retry_at for f in self._failures.values()) - self.clock())
+
+
+class PassGate:
+    """No rotation pass within min_interval of the previous one (monotonic)."""
+
+    def __init__(self, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_interval, self.clock = min_interval, clock
+        self._last: Optional[float] = None
+
+    def wait_s(self) -> float:
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self.min_interval - self.clock())
+
+    def started(self) -> None:
+        self._last = self.clock()

@@ -1,0 +1,161 @@
+"""Which checkpoint entries a writer may still be writing (never deleted while so).
+
+An entry is live while any of these holds (issue 11 case 5):
+  - it is a trainsup tmp dir `.trainsup-tmp/step-N.<pid>` and that pid is alive with a
+    start time no later than when the daemon first saw the dir (a reused pid started
+    after it, so it is not the writer);
+  - any file in it changed (size, mtime or ctime: the scan's lstat fingerprint) within the
+    quiet window, as observed by the daemon's *monotonic* clock: for an entry that is not
+    valid the first sighting counts as a change (a valid one was proven complete). A wall-clock step (NTP, resume from suspend) changes nothing here, and a
+    slow single-file save keeps moving its file even after its dir's mtime stops;
+  - a process of the job has one of its files open (torch.save rewriting `latest.pth` in
+    place: 0 bytes for a moment, and still open).
+Tmp dirs of a dead writer that stopped changing are stale: rotation may collect them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from .dirhandle import DirHandle
+from .format import TMP_DIR
+from .index import CheckpointInfo
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def boottime() -> float:
+    """Seconds since boot on the clock /proc/<pid>/stat start times use."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def process_start(pid: int) -> Optional[float]:
+    """A process's start, in boottime seconds; None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # the comm field may hold spaces and parens: fields resume after the last ')'
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[19]) / _CLK_TCK
+
+
+def open_inodes(pids: Iterable[int]) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every regular file the given processes have open."""
+    out: set[tuple[int, int]] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def entry_inodes(h: DirHandle, rel: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the entry and every file below it, through the held dir."""
+    out: set[tuple[int, int]] = set()
+    base = f"{h.io_root}/{rel}"
+    try:
+        st = os.lstat(base)
+    except OSError:
+        return out
+    out.add((st.st_dev, st.st_ino))
+    stack = [base]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    est = e.stat(follow_symlinks=False)
+                    out.add((est.st_dev, est.st_ino))
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except (NotADirectoryError, FileNotFoundError):
+            pass
+        except OSError:
+            pass
+    return out
+
+
+@dataclass
+class _Seen:
+    fp: str
+    changed: float          # monotonic: when the daemon last saw it differ (or first saw it)
+    first_boot: float       # boottime: when the daemon first saw it
+    moved: bool = False     # seen to differ at least once (not just first sighted)
+
+
+class LivenessTracker:
+    """Per job: remembers each entry's fingerprint and when it last moved (monotonic)."""
+
+    def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic,
+                 boot_clock: Callable[[], float] = boottime) -> None:
+        self.quiet = quiet
+        self.clock = clock
+        self.boot_clock = boot_clock
+        self._seen: dict[str, _Seen] = {}
+
+    @staticmethod
+    def key(i: CheckpointInfo) -> str:
+        return f"{TMP_DIR}/{i.name}" if i.in_progress else i.name
+
+    def observe(self, infos: Iterable[CheckpointInfo]) -> None:
+        now, boot = self.clock(), self.boot_clock()
+        present = {}
+        for i in infos:
+            if not i.managed:
+                continue
+            k = self.key(i)
+            old = self._seen.get(k)
+            fp = i.fp or f"{i.bytes}:{i.mtime}"
+            if old is None:
+                present[k] = _Seen(fp, now, boot)
+            elif old.fp != fp:
+                present[k] = _Seen(fp, now, old.first_boot, True)
+            else:
+                present[k] = old
+        self._seen = present
+
+    def live(self, infos: Iterable[CheckpointInfo], *, handle: Optional[DirHandle] = None,
+             job_pids: Iterable[int] = ()) -> set[str]:
+        """Names (as rotation sees them: info.name) of entries that may still be written."""
+        now = self.clock()
+        out: set[str] = set()
+        infos = list(infos)
+        for i in infos:
+            if not i.managed:
+                continue
+            seen = self._seen.get(self.key(i))
+            # A first sighting counts as a change for what is not (yet) valid: it may be a
+            # save under way. A valid entry is complete as proven; it is live only if seen
+            # to change (rewritten in place), or while the job holds it open.
+            if seen is None or (now - seen.changed < self.quiet and (seen.moved or not i.valid)):
+                out.add(i.name)
+            elif i.in_progress and i.pid is not None and self._writer_alive(i.pid, seen.first_boot):
+                out.add(i.name)
+        pids = list(job_pids)
+        if handle is not None and pids:
+            opened = open_inodes(pids)
+            if opened:
+                for i in infos:
+                    if i.managed and i.name not in out and entry_inodes(handle, self.key(i)) & opened:
+                        out.add(i.name)
+        return out
+
+    @staticmethod
+    def _writer_alive(pid: int, first_seen_boot: float) -> bool:
+        start = process_start(pid)
+        # a pid started after we first saw its dir is a reuse, not the writer (1 s: the
+        # kernel's start time is in clock ticks, the dir may be seen in the same tick)
+        return start is not None and start <= first_seen_boot + 1.0

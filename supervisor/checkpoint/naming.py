@@ -1,0 +1,85 @@
+"""Which names in a checkpoint dir are checkpoints: the only entries rotation may touch.
+
+A name is *managed* when the job's format names it as a checkpoint:
+  - trainsup: `step-<8+ digits>` directories;
+  - hf: `checkpoint-<N>` directories;
+  - torch: files whose name carries a step-like word and a number (`step_300.pt`,
+    `epoch=3-step=400.ckpt`, `model_epoch_7.pth`, `ckpt-12.pt`), or ends in a number set
+    off by a separator (`model-100.pt`; not `resnet50.pt`), or a known alias of the
+    newest save (`last.ckpt`, `last-v1.ckpt`, `latest.pt`, `last.pth`...);
+  - anything the job's `checkpoint.pattern` (a regex over the whole name) matches.
+Everything else is *unmanaged*: listed, never deleted (issue 11 case 3: `auto` claimed every
+`*.pt`, numbered `resnet50.pt` as step 50 and rotated it away). Every match is a fullmatch
+(case 9: `step-00000300\\n` is not a checkpoint; `$` would have let the newline through).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+TRAINSUP_DIR = re.compile(r"step-(\d{8,})")
+HF_DIR = re.compile(r"checkpoint-(\d+)")
+TORCH_SUFFIX = r"\.(?:pt|pth|ckpt)"
+# a step-like word, optional separator, digits; anything word-ish around it
+_STEPWORD = r"(?:step|global_step|epoch|iter|iteration|ckpt|checkpoint)"
+TORCH_NUMBERED = re.compile(
+    rf"(?:[A-Za-z0-9_.=-]*[_.=-])?{_STEPWORD}[=_-]?\d+(?:[_.=-][A-Za-z0-9_.=-]*)?{TORCH_SUFFIX}")
+# `model-100.pt`, `legacy_50.ckpt`: a number set off by a separator right before the
+# suffix (`resnet50.pt`, `vgg16.pth` glue it to a word: a model name, not a step)
+TORCH_SEPARATED = re.compile(rf"[A-Za-z0-9_.=-]*[A-Za-z][_=-]\d+{TORCH_SUFFIX}")
+TORCH_ALIAS = re.compile(rf"(?:last(?:-v\d+)?\.ckpt)|(?:(?:latest|last){TORCH_SUFFIX})")
+_STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z])(?:global_)?step[=_-]?(\d+)")
+_OTHER_NUMBER = re.compile(rf"{_STEPWORD}[=_-]?(\d+)")
+
+
+class PatternError(ValueError):
+    pass
+
+
+def compile_pattern(text: str) -> re.Pattern:
+    """`checkpoint.pattern`: a Python regex matched against whole entry names."""
+    try:
+        rx = re.compile(text)
+    except re.error as e:
+        raise PatternError(f"is not a valid regular expression: {e}") from None
+    if rx.fullmatch(""):
+        raise PatternError("matches the empty name: it would claim everything")
+    return rx
+
+
+def managed_format(name: str, is_dir: bool, fmt: str = "auto",
+                   pattern: Optional[re.Pattern] = None) -> Optional[str]:
+    """The format a managed entry is checked with, or None when the name is unmanaged."""
+    if name.startswith(".") or "\0" in name:
+        return None
+    if fmt in ("auto", "trainsup") and is_dir and TRAINSUP_DIR.fullmatch(name):
+        return "trainsup"
+    if fmt in ("auto", "hf") and is_dir and HF_DIR.fullmatch(name):
+        return "hf"
+    if fmt in ("auto", "torch") and not is_dir and (
+            TORCH_NUMBERED.fullmatch(name) or TORCH_SEPARATED.fullmatch(name) or TORCH_ALIAS.fullmatch(name)):
+        return "torch"
+    if pattern is not None and pattern.fullmatch(name):
+        if is_dir:
+            return "hf" if fmt == "hf" or (fmt == "auto" and HF_DIR.fullmatch(name)) else "trainsup"
+        return "torch"
+    return None
+
+
+def is_alias(name: str) -> bool:
+    """An unnumbered name a framework rewrites with its newest state (`last.ckpt`)."""
+    return bool(TORCH_ALIAS.fullmatch(name))
+
+
+def step_of(name: str) -> Optional[int]:
+    """The step a managed name carries; None for aliases and unnumbered names."""
+    for rx in (TRAINSUP_DIR, HF_DIR):
+        m = rx.fullmatch(name)
+        if m:
+            return int(m.group(1))
+    if is_alias(name):
+        return None
+    m = (_STEP_IN_NAME.search(name) or _OTHER_NUMBER.search(name)
+         or re.search(rf"[_=-](\d+){TORCH_SUFFIX}\Z", name))
+    return int(m.group(1)) if m else None

@@ -1,0 +1,234 @@
+"""What per-launch cgroups cost and buy, measured against today's mechanism in one run.
+
+    sudo .venv/bin/python tests/bench/bench_containment.py [--rounds 300] [--procs 500]
+
+1. crash -> relaunch inside the launcher: from "the exit is known" (waitpid returned) to
+   "the next process exists" (Popen returned). Bare Popen loop vs the cgroup path (check the
+   old cgroup is empty, create the next one, fork inside it, remove the old one), rounds
+   interleaved so both see the same machine. Also the rejected options, for the record:
+   preexec_fn writing cgroup.procs, and clone3(CLONE_INTO_CGROUP) through ctypes.
+2. stop of a job with N processes until nothing of it is left: cgroup.kill + the
+   inotify-woken wait for `populated 0`, vs killpg + the descendant sweep (today's stop)
+   followed by polling until every process is gone.
+
+Needs root and a writable cgroup v2 hierarchy; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from trainsup import cgroup, process
+
+TRUE = ["/bin/true"]
+
+
+def q(samples: list[float]) -> str:
+    s = sorted(samples)
+    return f"{statistics.median(s):7.3f} / {s[int(len(s) * 0.95) - 1]:7.3f}"
+
+
+def bare_round() -> float:
+    p = subprocess.Popen(TRUE, process_group=0, stdin=subprocess.DEVNULL)
+    p.wait()
+    t0 = time.perf_counter()
+    nxt = subprocess.Popen(TRUE, process_group=0, stdin=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    nxt.wait()
+    return dt * 1e3
+
+
+class CgroupLauncher:
+    def __init__(self, tree: cgroup.Containment):
+        self.tree = tree
+        self.n = 0
+        self.cg = None
+
+    def launch(self) -> subprocess.Popen:
+        self.n += 1
+        self.cg = self.tree.create("bench", self.n)
+        with self.tree.entered(self.cg):
+            return subprocess.Popen(TRUE, start_new_session=True, stdin=subprocess.DEVNULL)
+
+    def round(self) -> float:
+        p = self.launch()
+        p.wait()
+        t0 = time.perf_counter()
+        old = self.cg
+        if old.populated():              # leftovers of the dead attempt: through the cgroup
+            old.kill()
+        nxt = self.launch()
+        dt = time.perf_counter() - t0
+        old.remove()                     # after the relaunch: not on its path
+        nxt.wait()
+        self.cg.remove()
+        return dt * 1e3
+
+
+def preexec_round(tree: cgroup.Containment, n: int) -> float:
+    cg = tree.create("bench-pre", n)
+    procs = str(cg.path / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write("0")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(TRUE, start_new_session=True, preexec_fn=enter,  # noqa: PLW1509 (the rejected option)
+                         stdin=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    p.wait()
+    cg.remove()
+    return dt * 1e3
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in
+                ["flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls", "set_tid", "set_tid_size", "cgroup"]]
+
+
+_PYLIBC = ctypes.PyDLL(None, use_errno=True)   # keeps the GIL across the call: the child needs it
+_PYLIBC.syscall.restype = ctypes.c_long
+
+
+def clone3_round(tree: cgroup.Containment, n: int) -> float:
+    cg = tree.create("bench-clone3", n)
+    cfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
+    pidfd = ctypes.c_int(-1)
+    args = _CloneArgs(flags=0x200000000 | 0x1000, pidfd=ctypes.addressof(pidfd),
+                      exit_signal=signal.SIGCHLD, cgroup=cfd)
+    t0 = time.perf_counter()
+    pid = _PYLIBC.syscall(435, ctypes.byref(args), ctypes.sizeof(args))
+    if pid == 0:
+        try:
+            os.setsid()
+            os.execv(TRUE[0], TRUE)
+        finally:
+            os._exit(127)
+    dt = time.perf_counter() - t0
+    os.close(cfd)
+    os.waitpid(pid, 0)
+    os.close(pidfd.value)
+    cg.remove()
+    return dt * 1e3
+
+
+# --- stop of a job with many processes --------------------------------------------------
+
+def many(n: int) -> list[str]:
+    return ["sh", "-c", f"i=0; while [ $i -lt {n} ]; do sleep 1000 & i=$((i+1)); done; wait"]
+
+
+def _spawn_many(n: int, tree, cg, work: Path) -> process.Child:
+    from trainsup.spec import JobSpec
+    job = JobSpec("bench", tuple(many(n)), work, work / "bench.yaml")
+    child = process.spawn(job, list(job.command), {"PATH": os.environ["PATH"]}, os.open(os.devnull, os.O_WRONLY),
+                          tree, cg)
+    deadline = time.monotonic() + 60
+    while len(process.descendants(child.pid)) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit("the job never reached its process count")
+        time.sleep(0.01)
+    return child
+
+
+def _alive(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] != b"Z":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def stop_old(n: int, tree, work: Path) -> float:
+    child = _spawn_many(n, None, None, work)
+    tree_pids = [child.pid] + process.descendants(child.pid)
+    t0 = time.perf_counter()
+    child.refresh_tree()
+    child.signal_group(signal.SIGKILL)
+    process.kill_leftovers(child)
+    while _alive(tree_pids):
+        time.sleep(0.0005)
+    dt = time.perf_counter() - t0
+    child.popen.wait()
+    child.close()
+    process.reap_orphans([])
+    return dt * 1e3
+
+
+def stop_cgroup(n: int, tree, work: Path, k: int) -> float:
+    cg = tree.create("bench-stop", k)
+    child = _spawn_many(n, tree, cg, work)
+
+    async def stop() -> float:
+        t0 = time.perf_counter()
+        cg.kill()
+        assert await cg.wait_empty(30)
+        return time.perf_counter() - t0
+    dt = asyncio.run(stop())
+    child.popen.wait()
+    child.close()
+    process.reap_orphans([])
+    cg.remove()
+    return dt * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--procs", type=int, default=500)
+    ap.add_argument("--stops", type=int, default=5)
+    a = ap.parse_args()
+    process.become_subreaper()
+    with tempfile.TemporaryDirectory(prefix="trainsup-bench-cg-") as tmp:
+        work = Path(tmp)
+        tree = cgroup.setup(work / "state")
+        if tree.kind != cgroup.CGROUP_V2:
+            raise SystemExit(f"needs a writable cgroup v2 hierarchy: {tree.kind} ({tree.why})")
+        try:
+            launcher = CgroupLauncher(tree)
+            bare, cg, pre, c3 = [], [], [], []
+            for i in range(a.rounds):           # interleaved: the same machine for each
+                bare.append(bare_round())
+                cg.append(launcher.round())
+                if i < a.rounds // 3:
+                    pre.append(preexec_round(tree, i))
+                    c3.append(clone3_round(tree, i))
+            old = [stop_old(a.procs, tree, work) for _ in range(a.stops)]
+            new = [stop_cgroup(a.procs, tree, work, k) for k in range(a.stops)]
+        finally:
+            for c in tree.job_cgroups():
+                c.kill()
+                c.remove()
+            os.rmdir(tree.root)
+            if tree.mem_root is not None:
+                os.rmdir(tree.mem_root)
+    d = statistics.median(cg) - statistics.median(bare)
+    print(f"{'measure (ms, median / p95)':62s} {'ours':>17s}   {'peer':>17s}   delta")
+    print(f"{'exit known -> next launch (launcher), cgroup per launch':62s} {q(cg)}   {q(bare)}   "
+          f"{d:+.3f} (budget +2.000) n={len(cg)}")
+    print(f"{'  rejected: preexec_fn writes cgroup.procs (forks)':62s} {q(pre)}   {q(bare)}   "
+          f"{statistics.median(pre) - statistics.median(bare):+.3f} n={len(pre)}")
+    print(f"{'  rejected: clone3(CLONE_INTO_CGROUP) via ctypes (forks)':62s} {q(c3)}   {q(bare)}   "
+          f"{statistics.median(c3) - statistics.median(bare):+.3f} n={len(c3)}")
+    print(f"{f'stop of a job with {a.procs} processes -> nothing left':62s} {q(new)}   {q(old)}   "
+          f"{statistics.median(new) - statistics.median(old):+.3f} (peer: killpg + sweep) n={len(new)}")
+
+
+if __name__ == "__main__":
+    main()

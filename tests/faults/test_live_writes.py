@@ -1,0 +1,186 @@
+"""Issue 11 case 5: never delete a save that is still being written — through a real
+daemon (5a slow single-file save with grace 0, 5b under a +1 h wall-clock step via an
+LD_PRELOAD clock_gettime shim, 5c torch.save rewriting latest.pth in place) — and the
+liveness rules themselves on real processes and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_records, wait_for
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.custody import JobCheckpointDir
+from trainsup.spec import CheckpointSpec
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+
+
+@pytest.fixture(scope="module")
+def clock_shim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shim") / "clockshift.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(HELPERS / "clockshift.c"), "-ldl"],
+                   check=True)
+    return out
+
+
+def _job(daemon, name, cmd, extra=""):
+    body = (f"name: {name}\ncommand: {json.dumps(cmd)}\nworkdir: {daemon.root}\n"
+            f"env: {{PYTHONPATH: {json.dumps(str(REPO))}}}\n"
+            f"checkpoint:\n  dir: {daemon.root / (name + '-ckpt')}\n  keep_last: 1\n  keep_best: 0\n{extra}")
+    daemon.write_job(name, body)
+
+
+def test_slow_single_file_save_under_clock_step_is_committed(daemon, clock_shim):
+    """5a + 5b: grace 0, a save of one file growing for 6 s, the daemon's wall clock an hour
+    ahead: the tmp dir (its mtime frozen once the file exists) was judged stale and deleted
+    under its writer, so such a save could never complete."""
+    rec = daemon.root / "slow.rec"
+    _job(daemon, "slow", [sys.executable, str(HELPERS / "slowsave.py"), "--seconds", "6", "--record", str(rec)],
+         "emergency_save:\n  grace: 0s\n")
+    daemon.start(env={"LD_PRELOAD": str(clock_shim), "TRAINSUP_TEST_CLOCK_SHIFT": "3600"})
+    wait_for(lambda: any(r["event"] == "slow-save" for r in read_records(rec)), 20, "the slow save to start")
+    # rotation passes while the save is under way (each `checkpoints` request runs one)
+    done = lambda: [r for r in read_records(rec) if r["event"] in ("committed", "save-failed")]  # noqa: E731
+    while not done():
+        assert daemon.request("checkpoints", "slow")["ok"]
+        wait_for(lambda: True, 0.2)
+    assert done()[0]["event"] == "committed", done()
+    final = daemon.root / "slow-ckpt" / "step-00000003"
+    assert (final / "w.bin").stat().st_size > 0 and (final / "MANIFEST.json").exists()
+    assert not [e for e in daemon.history("slow") if e["kind"] == "deleted" and ".trainsup-tmp" in e["path"]]
+
+
+def test_torch_save_rewriting_latest_in_place_is_never_deleted(daemon):
+    """5c: torch.save truncates latest.pth then writes it: for a moment it is 0 bytes with
+    an old mtime, sorted as invalid-and-older, and was deleted (7 of 25 saves; after the
+    last epoch it was gone for good)."""
+    pytest.importorskip("torch")
+    rec = daemon.root / "inplace.rec"
+    _job(daemon, "inplace", [sys.executable, str(HELPERS / "inplace_torch.py"), "200", str(rec)],
+         "restart:\n  policy: never\n")
+    daemon.start()
+    wait_for(lambda: read_records(rec), 120, "200 in-place saves")
+    daemon.request("checkpoints", "inplace")
+    hist = daemon.history("inplace")
+    assert not [e for e in hist if e["kind"] == "deleted" and e["path"].endswith("latest.pth")]
+    import torch
+    state = torch.load(daemon.root / "inplace-ckpt" / "latest.pth", weights_only=True)
+    assert state["step"] == 200
+
+
+# ----------------------------------------------------------------------------- the rules
+
+def _jd(ck: Path, grace: float = 0.0) -> JobCheckpointDir:
+    jd = JobCheckpointDir("j", CheckpointSpec(dir=ck, keep_last=1, keep_best=0), grace, None)
+    jd.open()
+    return jd
+
+
+def test_tmp_dir_of_live_writer_kept_dead_writer_collected(tmp_path):
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    write_checkpoint(ck, 2, {"w": b"2"})
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (writer.pid, _dead_pid()):
+            d = ck / ".trainsup-tmp" / f"step-00000003.{pid}"
+            d.mkdir(parents=True)
+            (d / "w").write_bytes(b"partial")
+        clock = [1000.0]
+        jd = _jd(ck)
+        jd.liveness.clock = lambda: clock[0]
+        infos, flag = jd.scan(None)
+        assert flag is None
+        jd.observe(infos)
+        clock[0] += 3600                      # an hour of monotonic time with no change
+        infos, _ = jd.scan(None)
+        jd.observe(infos)
+        plan = jd.plan(infos)
+        deleted = {i.name for i in plan.delete}
+        assert f"step-00000003.{writer.pid}" not in deleted        # writer alive: never
+        assert f"step-00000003.{_dead_pid()}" in deleted           # writer gone, quiet: collected
+        assert "step-00000002" not in deleted
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+_DEAD: list[int] = []
+
+
+def _dead_pid() -> int:
+    if not _DEAD:
+        p = subprocess.Popen(["true"])
+        p.wait()
+        _DEAD.append(p.pid)
+    return _DEAD[0]
+
+
+def test_reused_writer_pid_started_later_is_not_the_writer(tmp_path):
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    me = os.getpid()
+    d = ck / ".trainsup-tmp" / f"step-00000002.{me}"
+    d.mkdir(parents=True)
+    jd = _jd(ck)
+    clock = [0.0]
+    jd.liveness.clock = lambda: clock[0]
+    jd.liveness.boot_clock = lambda: 1.0          # "first seen" at boot+1 s: before we started
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    clock[0] += 3600
+    assert f"step-00000002.{me}" in {i.name for i in jd.plan(infos).delete}
+
+
+def test_file_open_by_the_job_is_live(tmp_path):
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    (ck / "step_2.pt").write_bytes(b"")                       # being written: 0 bytes, invalid
+    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'ab'); "
+                               "print('open', flush=True); time.sleep(60)", str(ck / "step_2.pt")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        jd = _jd(ck)
+        clock = [0.0]
+        jd.liveness.clock = lambda: clock[0]
+        infos, _ = jd.scan(None)
+        jd.observe(infos)
+        clock[0] += 3600
+        assert "step_2.pt" in {i.name for i in jd.plan(infos).delete}     # no job pid given
+        opened = jd.open_by_job(infos, [holder.pid])
+        assert opened == {"step_2.pt"}
+        assert "step_2.pt" not in {i.name for i in jd.plan(infos, also_live=opened).delete}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_growing_file_is_live_by_monotonic_observation(tmp_path):
+    ck = tmp_path / "ck"
+    write_checkpoint(ck, 1, {"w": b"1"})
+    f = ck / "step_2.pt"
+    f.write_bytes(b"x")
+    jd = _jd(ck, grace=0.0)
+    clock = [0.0]
+    jd.liveness.clock = lambda: clock[0]
+    for _ in range(5):                                        # changes every 50 s of monotonic time
+        infos, _ = jd.scan(None)
+        jd.observe(infos)
+        assert "step_2.pt" not in {i.name for i in jd.plan(infos).delete}
+        clock[0] += 50
+        with open(f, "ab") as fh:
+            fh.write(b"more")
+    infos, _ = jd.scan(None)                                  # the daemon sees the last write
+    jd.observe(infos)
+    assert "step_2.pt" not in {i.name for i in jd.plan(infos).delete}
+    clock[0] += 61                                            # then quiet: grace 0 + 60 s
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    assert "step_2.pt" in {i.name for i in jd.plan(infos).delete}
