@@ -21,7 +21,7 @@ from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.rotation import plan_rotation
 from trainsup.spec import CheckpointSpec
 
-FIXTURES = SHARED / "fixtures" / "frameworks"
+FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
 
 STATE = """model_checkpoint_path: "ckpt-3"

@@ -164,6 +164,8 @@ def test_auto_claims_numbered_saves_and_aliases_never_exports(tmp_path):
         (tmp_path / name).write_bytes(st)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "model.safetensors").write_bytes(st)
-    assert [i.name for i in scan(tmp_path)] == ["step_300.safetensors"]
+    infos = scan(tmp_path)
+    assert [i.name for i in infos if i.format == "safetensors"] == ["step_300.safetensors"]
+    assert all(not i.managed for i in infos if i.format != "safetensors")   # listed, never deleted
     # named explicitly, the format claims every file of its kind at the top and one level down
-    assert len(scan(tmp_path, "safetensors")) == 5
+    assert len([i for i in scan(tmp_path, "safetensors") if i.format == "safetensors"]) == 5

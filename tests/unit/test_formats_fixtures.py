@@ -23,7 +23,7 @@ def scan(*args, **kwargs):
     return [i for i in scan_all(*args, **kwargs) if i.managed]
 from trainsup.checkpoint.validate import MemoryVerdictCache
 
-FIXTURES = SHARED / "fixtures" / "frameworks"
+FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
 pytestmark = pytest.mark.skipif(
     not FIXTURES.is_dir(),
     reason=f"framework fixtures not found at {FIXTURES} (the checkout's ../shared; CI provides it)")
