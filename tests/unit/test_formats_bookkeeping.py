@@ -65,7 +65,7 @@ def test_tf_state_rewrite_is_a_rename(tmp_path):
 
 def _copy(tree: str, dst: Path) -> Path:
     shutil.copytree(FIXTURES / tree, dst)
-    for d, dirs, files in os.walk(dst):
+    for d, _dirs, files in os.walk(dst):
         os.chmod(d, 0o755)
         for f in files:
             os.chmod(os.path.join(d, f), 0o644)
