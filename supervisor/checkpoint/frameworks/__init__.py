@@ -124,7 +124,7 @@ def _claimed_by_auto(tree: _Tree, g: Group) -> bool:
     if g.alias is not None or numbered(_stem(g)):
         return True
     listed = tree.tf_listed(g.dir) if g.format == "tf" else None
-    return bool(listed) and g.name.rsplit("/", 1)[-1] in listed
+    return listed is not None and g.name.rsplit("/", 1)[-1] in listed
 
 
 def recognise(tree: _Tree, fmt: str) -> list[Group]:

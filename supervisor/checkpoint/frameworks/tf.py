@@ -177,6 +177,7 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
     while pos < len(buf):
         tag, pos = _varint(buf, pos)
         field, wt = tag >> 3, tag & 7
+        v: int | bytes
         if wt == 0:
             v, pos = _varint(buf, pos)
         elif wt == 1:
