@@ -19,7 +19,7 @@ def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) ->
     if any(getattr(i, "managed", True) for i in infos):
         return None
     try:
-        with os.scandir(ckpt_dir) as it:
+        with os.scandir(os.fspath(ckpt_dir)) as it:
             if not any(not e.name.startswith(".") for e in it):
                 return None
     except OSError:

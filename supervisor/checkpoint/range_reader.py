@@ -32,10 +32,24 @@ class Stream:
         self.pos = start
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(_DEPTH):
-            self._free.put(memoryview(bytearray(chunk)))
         self._stop = threading.Event()
         self._cur: tuple[int, memoryview, int] | None = None
+        self._thread: threading.Thread | None = None
+        if end - start <= chunk:
+            # One chunk (most files of a small checkpoint): no thread, no pool, one pread.
+            buf = memoryview(bytearray(max(0, end - start)))
+            try:
+                n = os.preadv(fd, [buf], start)
+            except OSError as e:
+                self._full.put(e)
+                return
+            if n > 0:
+                self._full.put((start, buf, n))
+            self._full.put(ShortRead(0, f"file ends at byte {start + n}, expected {end}") if n < end - start
+                           else ShortRead(0, f"read past byte {end}"))
+            return
+        for _ in range(_DEPTH):
+            self._free.put(memoryview(bytearray(chunk)))
         self._thread = threading.Thread(target=self._reader, args=(fd, start, end, chunk),
                                         name="checksum-reader", daemon=True)
         self._thread.start()
@@ -97,6 +111,8 @@ class Stream:
         return crc
 
     def close(self) -> None:
+        if self._thread is None:
+            return
         self._stop.set()
         for _ in range(_DEPTH):
             self._free.put(memoryview(bytearray(0)))  # wake a reader waiting for a buffer

@@ -101,7 +101,7 @@ def test_status_warns_about_checkpoints_written_in_place(daemon):
 
 # ---------------------------------------------------------------- resume wiring per format
 
-FIXTURES = SHARED / "fixtures" / "frameworks"
+FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
 LV = "lightning_logs/version_0/checkpoints/"
 
 # The first attempt leaves a framework's tree (as the real framework left it when killed)

@@ -21,7 +21,7 @@ from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.rotation import plan_rotation
 from trainsup.spec import CheckpointSpec
 
-FIXTURES = SHARED / "fixtures" / "frameworks"
+FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
 
 STATE = """model_checkpoint_path: "ckpt-3"
@@ -65,7 +65,7 @@ def test_tf_state_rewrite_is_a_rename(tmp_path):
 
 def _copy(tree: str, dst: Path) -> Path:
     shutil.copytree(FIXTURES / tree, dst)
-    for d, dirs, files in os.walk(dst):
+    for d, _dirs, files in os.walk(dst):
         os.chmod(d, 0o755)
         for f in files:
             os.chmod(os.path.join(d, f), 0o644)

@@ -155,3 +155,17 @@ def test_standalone_safetensors_header_and_size(tmp_path):
         ("model-00100.safetensors", 100, True), ("model-00200.safetensors", 200, False)]
     assert "header says data ends at" in infos[1].invalid_reason
     assert {i.format for i in infos} == {"safetensors"}
+
+
+def test_auto_claims_numbered_saves_and_aliases_never_exports(tmp_path):
+    st = _safetensors({"w": b"\1" * 64})
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "resnet50.safetensors",
+                 "step_300.safetensors"):
+        (tmp_path / name).write_bytes(st)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_bytes(st)
+    infos = scan(tmp_path)
+    assert [i.name for i in infos if i.format == "safetensors"] == ["step_300.safetensors"]
+    assert all(not i.managed for i in infos if i.format != "safetensors")   # listed, never deleted
+    # named explicitly, the format claims every file of its kind at the top and one level down
+    assert len([i for i in scan(tmp_path, "safetensors") if i.format == "safetensors"]) == 5

@@ -15,15 +15,15 @@ import pytest
 from conftest import SHARED
 from trainsup.checkpoint.index import latest_valid
 from trainsup.checkpoint.index import scan as scan_all
+from trainsup.checkpoint.validate import MemoryVerdictCache
 
 
 def scan(*args, **kwargs):
     """The checkpoint entries of a dir: what the format names (the index also lists every
     other name as `unmanaged`, never deleted: that is the deletion tests' business)."""
     return [i for i in scan_all(*args, **kwargs) if i.managed]
-from trainsup.checkpoint.validate import MemoryVerdictCache
 
-FIXTURES = SHARED / "fixtures" / "frameworks"
+FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
 pytestmark = pytest.mark.skipif(
     not FIXTURES.is_dir(),
     reason=f"framework fixtures not found at {FIXTURES} (the checkout's ../shared; CI provides it)")

@@ -61,3 +61,11 @@ def test_stopping_early_joins_the_reader(blob):
     with Stream(fd, 0, 3 << 20, chunk=4096) as s:
         s.read(10)
     assert threading.active_count() == before
+
+
+def test_a_short_file_read_by_the_helper_thread_is_a_short_read(blob):
+    fd, _ = blob
+    before = threading.active_count()
+    with pytest.raises(ShortRead), Stream(fd, 0, 4 << 20, chunk=4096) as s:
+        s.checksum(4 << 20, _crc)
+    assert threading.active_count() == before

@@ -40,6 +40,7 @@ from .entry import (
     fingerprint,
     join,
     list_dir,
+    numbered,
     open_dir_under,
 )
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from ..index import CheckpointInfo
 
 NAMES = ("paddle", "tf", "keras", "lightning", "safetensors")
-_CACHE_VERSION = "fw1"
+_CACHE_VERSION = "fw2"
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
@@ -57,6 +58,7 @@ class _Tree:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self.cache: dict[str, Listing] = {}
+        self.state: dict[str, list[str] | None] = {}
 
     def listing(self, rel: str) -> Listing:
         if rel not in self.cache:
@@ -72,6 +74,12 @@ class _Tree:
             finally:
                 os.close(fd)
         return self.cache[rel]
+
+    def tf_listed(self, d: str) -> list[str] | None:
+        """What dir d's TF `checkpoint` state file lists, read once per scan."""
+        if d not in self.state:
+            self.state[d] = tf.state_paths(self.root_fd, d, self.listing(d))
+        return self.state[d]
 
     def readlink(self, rel: str) -> str | None:
         d, _, base = rel.rpartition("/")
@@ -102,6 +110,23 @@ def _search_dirs(tree: _Tree, fmt: str) -> list[tuple[str, bool]]:
     return out
 
 
+def _stem(g: Group) -> str:
+    base = g.name.rsplit("/", 1)[-1]
+    for suffix in (keras.WEIGHTS, keras.MODEL, ".safetensors", ".ckpt"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _claimed_by_auto(tree: _Tree, g: Group) -> bool:
+    """`auto` claims numbered saves and the frameworks' own aliases, nothing else: a file
+    it claims may be rotated away, and an export like `final.keras` is not a checkpoint."""
+    if g.alias is not None or numbered(_stem(g)):
+        return True
+    listed = tree.tf_listed(g.dir) if g.format == "tf" else None
+    return listed is not None and g.name.rsplit("/", 1)[-1] in listed
+
+
 def recognise(tree: _Tree, fmt: str) -> list[Group]:
     groups: list[Group] = []
     for d, is_lightning_dir in _search_dirs(tree, fmt):
@@ -118,6 +143,8 @@ def recognise(tree: _Tree, fmt: str) -> list[Group]:
             groups += [Group(join(d, n), "safetensors", (join(d, n),), resume=join(d, n))
                        for n, k in sorted(listing.items())
                        if k == FILE and n.endswith(".safetensors") and not n.startswith(".")]
+    if fmt == "auto":
+        groups = [g for g in groups if g.format == "lightning" or _claimed_by_auto(tree, g)]
     return groups
 
 
@@ -126,7 +153,7 @@ def _check(tree: _Tree, g: Group) -> Verdict:
     if g.format == "paddle":
         return paddle.check(tree.root_fd, g, paddle.marker_required(g.dir, listing))
     if g.format == "tf":
-        return tf.check(tree.root_fd, g, tf.state_paths(tree.root_fd, g.dir, listing))
+        return tf.check(tree.root_fd, g)
     if g.format == "keras":
         return keras.check(tree.root_fd, g)
     if g.format == "lightning":
@@ -148,7 +175,7 @@ def _check_safetensors(root_fd: int, g: Group) -> Verdict:
 
 def _depends_on(g: Group) -> tuple[str, ...]:
     """Every path whose change can change the verdict (the fingerprint covers them all)."""
-    rels = list(g.members) + list(g.markers)
+    rels = list(g.members)
     if g.link_to and "/" not in g.link_to:
         rels.append(join(g.dir, g.link_to))
     return tuple(rels)
@@ -160,8 +187,10 @@ def check_group(tree: _Tree, root: Path, g: Group, fmt: str,
     deps = _depends_on(g)
     fp, _, newest, _ = fingerprint(tree.root_fd, deps)
     total = fingerprint(tree.root_fd, g.members)[1]
-    # A Paddle group needs a marker when its dir's saves write one: part of the key, not of
-    # the fingerprint (the dir's own mtime would invalidate every verdict at every save).
+    # What a verdict depends on outside its own files stays out of the fingerprint: the dir's
+    # mtime, or TF's state file rewritten at every save, would invalidate every verdict of
+    # the dir at every save (a full re-read of every checkpoint). A Paddle group's need for a
+    # marker goes into the key; TF's listing is applied after the cache (tf.with_listing).
     extra = str(paddle.marker_required(g.dir, tree.listing(g.dir))) if g.format == "paddle" else ""
     key = f"{_CACHE_VERSION}|{fmt}|{root}|{g.name}|{extra}|{fp}"
     if cache is not None:
@@ -223,10 +252,16 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
                 checked[g.name] = check_group(tree, root, g, fmt, cache)
             except FileNotFoundError:
                 continue  # deleted between listing and checking
+        for g in groups:
+            if g.format == "tf":
+                tree.tf_listed(g.dir)   # read while the dir fd is open
     finally:
         os.close(root_fd)
     groups = [g for g in groups if g.name in checked]
     verdicts = {n: c[0] for n, c in checked.items()}
+    for g in groups:
+        if g.format == "tf":
+            verdicts[g.name] = tf.with_listing(verdicts[g.name], g, tree.tf_listed(g.dir))
     for d in {g.dir for g in groups if g.format == "paddle"}:
         verdicts.update(paddle.harmonise({g.name: verdicts[g.name] for g in groups
                                           if g.format == "paddle" and g.dir == d}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ class Group:
     @property
     def dir(self) -> str:
         return self.name.rsplit("/", 1)[0] if "/" in self.name else ""
+
+
+# A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
+# `ckpt-12`, `model-00100`); not one glued to a word (`resnet50`: a model name).
+_NUMBERED = re.compile(r"(?:(?:step|epoch|iter|iteration|ckpt|checkpoint)[_=-]?|[_=-])\d+", re.IGNORECASE)
+_SHARD = re.compile(r"-\d+-of-\d+$")
+
+
+def numbered(stem: str) -> bool:
+    """Whether a name numbers a save (so `auto` may claim it; exports like `final.keras`,
+    `model.safetensors` or `model-00001-of-00002` shards are the user's, never rotated)."""
+    return bool(_NUMBERED.search(stem)) and not _SHARD.search(stem) and stem[-1:].isdigit()
 
 
 def join(d: str, name: str) -> str:

@@ -21,38 +21,57 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
 
 
+_M = 0xFFFFFFFF
+
+
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """lookup3.c mix()."""
+    a = ((a - c) & _M) ^ _rot(c, 4)
+    c = (c + b) & _M
+    b = ((b - a) & _M) ^ _rot(a, 6)
+    a = (a + c) & _M
+    c = ((c - b) & _M) ^ _rot(b, 8)
+    b = (b + a) & _M
+    a = ((a - c) & _M) ^ _rot(c, 16)
+    c = (c + b) & _M
+    b = ((b - a) & _M) ^ _rot(a, 19)
+    a = (a + c) & _M
+    c = ((c - b) & _M) ^ _rot(b, 4)
+    b = (b + a) & _M
+    return a, b, c
+
+
+def _final(a: int, b: int, c: int) -> int:
+    """lookup3.c final(); the hash is c."""
+    c = ((c ^ b) - _rot(b, 14)) & _M
+    a = ((a ^ c) - _rot(c, 11)) & _M
+    b = ((b ^ a) - _rot(a, 25)) & _M
+    c = ((c ^ b) - _rot(b, 16)) & _M
+    a = ((a ^ c) - _rot(c, 4)) & _M
+    b = ((b ^ a) - _rot(a, 14)) & _M
+    c = ((c ^ b) - _rot(b, 24)) & _M
+    return c
+
+
 def lookup3(data: bytes, initval: int = 0) -> int:
     """Bob Jenkins' hashlittle (lookup3.c), as H5_checksum_lookup3 computes it."""
-    M = 0xFFFFFFFF
     n = len(data)
-    a = b = c = (0xDEADBEEF + n + initval) & M
+    a = b = c = (0xDEADBEEF + n + initval) & _M
     i = 0
     while n - i > 12:
-        a = (a + int.from_bytes(data[i:i + 4], "little")) & M
-        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & M
-        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & M
-        a = (a - c) & M; a ^= _rot(c, 4); c = (c + b) & M
-        b = (b - a) & M; b ^= _rot(a, 6); a = (a + c) & M
-        c = (c - b) & M; c ^= _rot(b, 8); b = (b + a) & M
-        a = (a - c) & M; a ^= _rot(c, 16); c = (c + b) & M
-        b = (b - a) & M; b ^= _rot(a, 19); a = (a + c) & M
-        c = (c - b) & M; c ^= _rot(b, 4); b = (b + a) & M
+        a = (a + int.from_bytes(data[i:i + 4], "little")) & _M
+        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & _M
+        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & _M
+        a, b, c = _mix(a, b, c)
         i += 12
     tail = data[i:]
     if not tail:
         return c
     tail = tail + b"\0" * (12 - len(tail))
-    a = (a + int.from_bytes(tail[0:4], "little")) & M
-    b = (b + int.from_bytes(tail[4:8], "little")) & M
-    c = (c + int.from_bytes(tail[8:12], "little")) & M
-    c ^= b; c = (c - _rot(b, 14)) & M
-    a ^= c; a = (a - _rot(c, 11)) & M
-    b ^= a; b = (b - _rot(a, 25)) & M
-    c ^= b; c = (c - _rot(b, 16)) & M
-    a ^= c; a = (a - _rot(c, 4)) & M
-    b ^= a; b = (b - _rot(a, 14)) & M
-    c ^= b; c = (c - _rot(b, 24)) & M
-    return c
+    a = (a + int.from_bytes(tail[0:4], "little")) & _M
+    b = (b + int.from_bytes(tail[4:8], "little")) & _M
+    c = (c + int.from_bytes(tail[8:12], "little")) & _M
+    return _final(a, b, c)
 
 
 def _find_superblock(read, size: int) -> int:

@@ -19,6 +19,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 
 import crc32c
 
@@ -84,7 +85,19 @@ def recognise(d: str, listing: Listing, explicit: bool) -> list[Group]:
 
 # ---------------------------------------------------------------- checking
 
-def check(root_fd: int, g: Group, listed: list[str] | None) -> Verdict:
+def with_listing(v: Verdict, g: Group, listed: list[str] | None) -> Verdict:
+    """The bytes verdict with the commit marker applied: a prefix the state file (when there
+    is one) does not list is not committed. Kept apart from the cached bytes verdict, so the
+    state file's rewrite at every save re-reads no checkpoint."""
+    base = g.name.rsplit("/", 1)[-1]
+    if listed is None or base in listed:
+        return v
+    why = f"{base} not listed in the '{STATE_FILE}' state file (save not committed)"
+    return replace(v, valid=False, invalid_reason=f"{why}; {v.invalid_reason}" if v.invalid_reason else why)
+
+
+def check(root_fd: int, g: Group) -> Verdict:
+    """The bytes verdict (see with_listing for the commit marker)."""
     prefix = g.name
     base = prefix.rsplit("/", 1)[-1]
     m = _NUMBER.search(base)
@@ -93,8 +106,6 @@ def check(root_fd: int, g: Group, listed: list[str] | None) -> Verdict:
     names = [r.rsplit("/", 1)[-1] for r in g.members]
     temps = [n for n in names if _TEMP_RE.match(n)]
     shards = sorted(n for n in names if _DATA_RE.match(n))
-    if listed is not None and base not in listed:
-        problems.append(f"{base} not listed in the '{STATE_FILE}' state file (save not committed)")
     for t in temps:
         problems.append(f"{t}/: leftover temp dir (save in progress or killed)")
     if f"{base}.index" not in names:
@@ -166,6 +177,7 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
     while pos < len(buf):
         tag, pos = _varint(buf, pos)
         field, wt = tag >> 3, tag & 7
+        v: int | bytes
         if wt == 0:
             v, pos = _varint(buf, pos)
         elif wt == 1:
