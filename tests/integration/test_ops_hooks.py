@@ -77,7 +77,8 @@ def test_hung_hook_is_killed_at_its_timeout_without_delaying_status(daemon):
         daemon.status("crashy")
         worst = max(worst, time.monotonic() - t0)
         time.sleep(0.05)
-    assert worst < 0.5, f"status took {worst:.3f}s while a hook hung"
+    # A loop blocked on the hook would hold status for most of the 2 s timeout.
+    assert worst < 1.0, f"status took {worst:.3f}s while a hook hung"
     daemon.wait_ready("crashy", starts=2)
 
     def gone() -> bool:
@@ -87,7 +88,7 @@ def test_hung_hook_is_killed_at_its_timeout_without_delaying_status(daemon):
         except FileNotFoundError:
             return True
     wait_for(gone, 10, "the hung hook to be killed")
-    took = time.monotonic() - t_started
-    assert 1.0 < took < 6.0, took
+    took = time.time() - pids.stat().st_mtime      # from the hook's own start
+    assert 1.5 < took < 8.0, took
     wait_for(lambda: "no exit within 2s; killing it" in daemon.log_text(), 10, "the kill in the daemon log")
     assert "hanging" in daemon.log_text()
