@@ -160,6 +160,7 @@ class Job:
         self._save_requested_mono: Optional[float] = None
         self._notices = 0                 # notices written this daemon run (their ids)
         self.notice_id: Optional[str] = None   # the notice the job was last signalled with
+        self._notice_path: Optional[Path] = None   # TRAINSUP_NOTICE_FILE of the running attempt
         self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
         self._last_step: Optional[int] = None          # the step the last attempt reported
         self._load_persisted(persisted)
@@ -367,14 +368,19 @@ class Job:
             "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
         }
         if spec.checkpoint is not None:
-            extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_file())
+            try:
+                self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.user, spec.group)
+                jobnotice.clear(self._notice_path)
+                extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_path)
+            except (OSError, KeyError) as e:
+                self._notice_path = None     # the old flow: signal, then SIGTERM
+                log.warning("%s: notice dir: %s", self.name, e)
         env = process.build_env(spec, self.settings, extra)
         if spec.checkpoint is not None:
             # created owned by the job's user, never through a symlink (checkpoint/custody.py)
             problem = self.ckpts.ensure_dir()
             if problem:
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
-            jobnotice.clear(self._notice_file())
         try:
             process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)
         except (OSError, KeyError) as e:
@@ -590,10 +596,6 @@ class Job:
         self._ckpt_waiters.append((confirm.save_request(self.checkpoints, time.time()), fut))
         return fut
 
-    def _notice_file(self) -> Path:
-        assert self.spec.checkpoint is not None
-        return jobnotice.path_for(self.spec.checkpoint.dir)
-
     def request_save(self, kind: str = "checkpoint", deadline: Optional[float] = None) -> tuple[list[int], asyncio.Future]:
         """Ask the job for a checkpoint; returns the pids signalled and a future that
         resolves when a valid checkpoint newer than this request is indexed. The notice
@@ -602,10 +604,10 @@ class Job:
         if not self.child:
             return [], fut
         self.notice_id = None
-        if self.spec.checkpoint is not None:
+        if self._notice_path is not None:
             self._notices += 1
             nid = f"{self.attempt}.{self._notices}"
-            if jobnotice.write(self._notice_file(), nid, kind, deadline):
+            if jobnotice.write(self._notice_path, nid, kind, deadline):
                 self.notice_id = nid
         signum = process.signal_number(self.spec.emergency_save.signal)
         sent = process.deliver_save_signal(self.child, signum)
@@ -767,9 +769,9 @@ class Job:
     def _acked(self, state: Optional[str] = None) -> bool:
         """The job acknowledged the current notice and will exit after its save."""
         nid = self.notice_id
-        if nid is None or self.spec.checkpoint is None:
+        if nid is None or self._notice_path is None:
             return False
-        ack = jobnotice.read_ack(self._notice_file(), nid)
+        ack = jobnotice.read_ack(self._notice_path, nid)
         return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------

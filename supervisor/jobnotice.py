@@ -1,8 +1,10 @@
 """Daemon side of the notice file: what a save request wants, written before the signal.
 
-The job finds the file through TRAINSUP_NOTICE_FILE (a dot file in its checkpoint dir,
-so a job running as another user can read it and write its acknowledgement next to it;
-the index ignores dot names). JSON: {"id", "kind": "checkpoint"|"preempt", "deadline"
+The job finds the file through TRAINSUP_NOTICE_FILE: `<state_dir>/notices/<job>/notice.json`,
+in a per-job dir owned by the job's user (so a `user:` job can write its acknowledgement
+next to it), never in the checkpoint dir (where it would be listed as an entry). The
+daemon creates its temp file there with O_EXCL|O_NOFOLLOW: a link the user plants cannot
+make root write elsewhere. JSON: {"id", "kind": "checkpoint"|"preempt", "deadline"
 (UTC epoch seconds or null), "deadline_iso", "written"}. A job that understands it writes
 `<file>.ack` = {"id", "kind", "state": "taken"|"saved", "exits"}: "exits" true means it
 ends by itself once that save is committed (exit 0 after a preempt), so the stop flow
@@ -13,17 +15,40 @@ The job side is trainsup.emergency.
 from __future__ import annotations
 
 import datetime as _dt
+import grp
 import json
 import os
+import pwd
+import stat
 from pathlib import Path
 from typing import Optional
 
-NOTICE_NAME = ".trainsup-notice.json"
+NOTICE_NAME = "notice.json"
 ACK_SUFFIX = ".ack"
 
 
-def path_for(ckpt_dir: Path) -> Path:
-    return Path(ckpt_dir) / NOTICE_NAME
+def prepare(state_dir: Path, job: str, user: Optional[str], group: Optional[str] = None) -> Path:
+    """The job's notice dir (created, owned by the job's user) and the notice file's path.
+    Raises OSError."""
+    d = Path(state_dir) / "notices" / job
+    d.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(mode=0o755)
+    except FileExistsError:
+        pass
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)   # a planted link is refused
+    try:
+        st = os.fstat(fd)
+        if user:
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            if (st.st_uid, st.st_gid) != (pw.pw_uid, gid):
+                os.fchown(fd, pw.pw_uid, gid)
+        if stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchmod(fd, 0o755)
+    finally:
+        os.close(fd)
+    return d / NOTICE_NAME
 
 
 def clear(path: Path) -> None:
@@ -46,9 +71,13 @@ def write(path: Path, notice_id: str, kind: str, deadline: Optional[float]) -> b
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             json.dump(body, f)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         return True
     except OSError:
@@ -62,7 +91,8 @@ def write(path: Path, notice_id: str, kind: str, deadline: Optional[float]) -> b
 def read_ack(path: Path, notice_id: str) -> Optional[dict]:
     """The job's acknowledgement of notice `notice_id`, or None."""
     try:
-        with open(str(path) + ACK_SUFFIX, "rb") as f:
+        fd = os.open(str(path) + ACK_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
             ack = json.loads(f.read(4096))
     except (OSError, ValueError):
         return None

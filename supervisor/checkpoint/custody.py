@@ -106,8 +106,11 @@ class JobCheckpointDir:
             self.handle = None
 
     def before_first_launch(self) -> None:
-        if self.handle is not None and self.state_dir is not None:
-            self.inventory = inventory.record_first_launch(self.state_dir, self.job, self.handle)
+        if self.state_dir is not None:
+            if self.handle is None:
+                self.open()
+            self.inventory = inventory.record_first_launch(self.state_dir, self.job, self.handle,
+                                                           self.spec.dir)
 
     def scan(self, cache: Optional[VerdictCache]) -> tuple[list[CheckpointInfo], Optional[str]]:
         """The held dir's entries, and a flag when the configured path no longer names it."""

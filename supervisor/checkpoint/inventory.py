@@ -36,13 +36,21 @@ def load(state_dir: Path, job: str) -> Optional[dict]:
     return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else None
 
 
-def record_first_launch(state_dir: Path, job: str, h: DirHandle) -> dict:
+def record_first_launch(state_dir: Path, job: str, h: Optional[DirHandle], where: Path) -> dict:
     """The inventory for this job and dir: the one on file if it is of this very dir,
-    else what is there now (written before returning)."""
-    st = os.fstat(h.fd)
+    else what is there now (written before returning). A dir that does not exist yet at
+    the first launch held nothing: that is recorded too (identity filled in once the dir
+    appears), so the job's own later saves are never taken for pre-existing files."""
     have = load(state_dir, job)
+    if h is None:
+        if have is not None:
+            return have
+        return _write(state_dir, job, {"dir": str(where), "dev": None, "ino": None, "entries": {}})
+    st = os.fstat(h.fd)
     if have is not None and (have.get("dev"), have.get("ino")) == (st.st_dev, st.st_ino):
         return have
+    if have is not None and have.get("dev") is None:
+        return _write(state_dir, job, {**have, "dev": st.st_dev, "ino": st.st_ino})
     entries = {}
     with os.scandir(h.fd) as it:
         for e in it:
@@ -52,7 +60,10 @@ def record_first_launch(state_dir: Path, job: str, h: DirHandle) -> dict:
                 entries[e.name] = e.inode()
             except OSError:
                 continue
-    data = {"dir": str(h.path), "dev": st.st_dev, "ino": st.st_ino, "entries": entries}
+    return _write(state_dir, job, {"dir": str(h.path), "dev": st.st_dev, "ino": st.st_ino, "entries": entries})
+
+
+def _write(state_dir: Path, job: str, data: dict) -> dict:
     path = _file(state_dir, job)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

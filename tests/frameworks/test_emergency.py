@@ -30,7 +30,7 @@ print("finished", flush=True)
 
 def _run(tmp_path, notice: dict | None, signals: list[int]) -> tuple[int, str, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
-    nf = tmp_path / ".trainsup-notice.json"
+    nf = tmp_path / "notice.json"
     env.update(PYTHONPATH=str(REPO), TRAINSUP_CHECKPOINT_DIR=str(tmp_path), TRAINSUP_NOTICE_FILE=str(nf),
                READY=str(tmp_path / "ready"))
     p = subprocess.Popen([sys.executable, "-c", LOOP], env=env, stdout=subprocess.PIPE, text=True)
@@ -42,7 +42,7 @@ def _run(tmp_path, notice: dict | None, signals: list[int]) -> tuple[int, str, d
     for s in signals:
         p.send_signal(s)
     out, _ = p.communicate(timeout=60)
-    ack = json.loads((tmp_path / ".trainsup-notice.json.ack").read_text()) if (tmp_path / ".trainsup-notice.json.ack").exists() else {}
+    ack = json.loads((tmp_path / "notice.json.ack").read_text()) if (tmp_path / "notice.json.ack").exists() else {}
     return p.returncode, out, ack
 
 
@@ -81,12 +81,12 @@ def test_sigterm_without_a_notice_saves_and_exits_143(tmp_path):
 
 
 def test_an_unreadable_notice_is_a_plain_checkpoint_request(tmp_path):
-    (tmp_path / ".trainsup-notice.json").write_text("{not json")
+    (tmp_path / "notice.json").write_text("{not json")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
     code = ("import trainsup.emergency as e, signal\n"
             "e.install(); signal.raise_signal(signal.SIGUSR1)\n"
             "r = e.take(); print(r.kind, r.stops)\n")
-    env.update(PYTHONPATH=str(REPO), TRAINSUP_NOTICE_FILE=str(tmp_path / ".trainsup-notice.json"))
+    env.update(PYTHONPATH=str(REPO), TRAINSUP_NOTICE_FILE=str(tmp_path / "notice.json"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "checkpoint False", r.stderr
 
