@@ -71,7 +71,12 @@ def test_daemon_indexes_but_never_loads_malicious_checkpoints(daemon):
     assert by_name["step-00000200"]["valid"] is True
     assert by_name["checkpoint-300"]["valid"] is False
     assert start["resume"] == str(ck / "step-00000200")      # newest valid; the job, not the daemon, loads it
-    assert daemon.request("checkpoint", "evil", wait=True, timeout=10)["ok"]
+    # A save the job makes now is indexed too (its step restarts low: the job cannot read
+    # the evil dir's state, so `--wait`, which confirms only a step past 200, is not used).
+    assert daemon.request("checkpoint", "evil")["ok"]
+    wait_for(lambda: any(r["event"] == "saved" for r in daemon.records("evil")), 10, "the job's own save")
+    wait_for(lambda: len(daemon.request("checkpoints", "evil")["result"]) > len(listing), 10,
+             "the new save indexed next to the evil entries")
     daemon.request("stop", "evil", no_save=True)
     assert not canary.exists(), "a checkpoint was unpickled"
     maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()

@@ -199,21 +199,21 @@ def test_preempt_saves_before_sigterm_and_start_resumes_from_it(daemon, tmp_path
     assert f"saved at step {notice['step']} " in r.stdout, r.stdout
 
     ev = daemon.history("pre")
-    stopping = [i for i, e in enumerate(ev) if e["kind"] == "state" and e["to"] == "stopping"]
     requested = [i for i, e in enumerate(ev) if e["kind"] == "save-requested"]
     confirmed = [i for i, e in enumerate(ev) if e["kind"] == "checkpoint" and e["step"] == notice["step"]]
-    assert len(stopping) == 1 and requested and confirmed, [(e["kind"], e.get("to")) for e in ev]
-    # The save signal's checkpoint was valid (indexed) before SIGTERM went out.
-    assert requested[0] < confirmed[0] < stopping[0], [(e["kind"], e.get("to"), e.get("step")) for e in ev]
-    assert ev[confirmed[0]]["reason"] == "signal"
+    exits = [i for i, e in enumerate(ev) if e["kind"] == "exit"]
+    assert requested and confirmed and exits, [(e["kind"], e.get("to")) for e in ev]
+    # The save was valid (indexed) before the job's process ended.
+    assert requested[0] < confirmed[0] < exits[0], [(e["kind"], e.get("to"), e.get("step")) for e in ev]
+    assert ev[confirmed[0]]["reason"] == "preempt"
 
-    # SIGTERM itself means "save if you can and exit": the helper commits once more at
-    # its next step boundary. What `start` must resume from is the newest valid one.
+    # One save per preemption (issue 13): the daemon's notice file said "preempt", so the
+    # helper saved once and exited 0 by itself; no second save on a SIGTERM.
     listing = [c for c in checkpoints_json(daemon, "pre") if c["valid"]]
-    assert len(listing) == 2, listing
-    assert listing[0]["step"] == notice["step"] and listing[0]["reason"] == "signal", listing
-    newest = listing[1]
-    assert newest["step"] > notice["step"] and newest["reason"] == "preempt", listing
+    assert len(listing) == 1, listing
+    newest = listing[0]
+    assert newest["step"] == notice["step"] and newest["reason"] == "preempt", listing
+    assert ev[exits[0]]["code"] == 0, ev[exits[0]]
     assert f"stopping at step {newest['step']}: saved for preemption" in job_log(daemon, "pre")
     assert [p.name for p in committed(ck)] == [Path(c["path"]).name for c in listing]
 
