@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Literal, Mapping, Union
 
 import xxhash
 
@@ -187,7 +187,7 @@ class CheckpointWriter:
             raise SaveError(e.errno, f"cannot create {self.path}: {e.strerror}") from e
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is not None:
             self.abort()
             if isinstance(exc, OSError) and not isinstance(exc, SaveError):

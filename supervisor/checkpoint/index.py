@@ -241,13 +241,14 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     if not unnumbered:
         return numbered
     by_mtime = sorted(numbered, key=lambda i: i.mtime)
-    keyed = [((i.step, 0, i.alias_kind is None, i.mtime, i.name), i) for i in numbered]
+    keyed: list[tuple[tuple[float, int, bool, float, str], CheckpointInfo]] = [
+        ((float(i.step or 0), 0, i.alias_kind is None, i.mtime, i.name), i) for i in numbered]
     # the largest step among numbered entries not newer than each unnumbered entry
     mtimes = [i.mtime for i in by_mtime]
     running_max: list[float] = []
     best = -math.inf
     for i in by_mtime:
-        best = max(best, i.step)
+        best = max(best, float(i.step or 0))
         running_max.append(best)
     for u in unnumbered:
         k = bisect.bisect_right(mtimes, u.mtime)

@@ -52,7 +52,6 @@ try:  # ISA-L's CRC-32 runs several times faster than zlib's: validation keeps u
 except ImportError:
     _crc32 = zlib.crc32
 
-from .format import MANIFEST, STEP_DIR_RE, ManifestError, hash_fd, parse_manifest
 from .range_reader import ShortRead, Stream
 
 # paddle, tf, keras, lightning, safetensors: checkpoint/frameworks/ (groups of files)
@@ -411,21 +410,21 @@ def check_safetensors_fd(fd: int, size: int) -> None:
         if tname == "__metadata__":
             continue
         try:
-            b, e = t["data_offsets"]
+            b, end = t["data_offsets"]
             shape, dtype = t["shape"], t["dtype"]
             bits = _ST_DTYPE_BITS.get(dtype)
-            if bits is not None and (e - b) * 8 != bits * math.prod(shape):
-                raise _Invalid(f"safetensors: tensor {tname} has {e - b} bytes, its shape needs "
+            if bits is not None and (end - b) * 8 != bits * math.prod(shape):
+                raise _Invalid(f"safetensors: tensor {tname} has {end - b} bytes, its shape needs "
                                f"{bits * math.prod(shape) // 8}")
         except (KeyError, TypeError, ValueError):
             raise _Invalid(f"safetensors: tensor {tname} has a malformed header entry") from None
-        spans.append((b, e, tname))
+        spans.append((b, end, tname))
     spans.sort()
     pos = 0
-    for b, e, tname in spans:
-        if b != pos or e < b:
-            raise _Invalid(f"safetensors: tensor {tname} data [{b},{e}) is not contiguous at {pos}")
-        pos = e
+    for b, end, tname in spans:
+        if b != pos or end < b:
+            raise _Invalid(f"safetensors: tensor {tname} data [{b},{end}) is not contiguous at {pos}")
+        pos = end
     if 8 + hlen + pos != size:
         raise _Invalid(f"safetensors: header says data ends at {8 + hlen + pos}, file size is {size}")
 

@@ -124,8 +124,8 @@ class CheckpointWatcher:
         self.hub = hub if hub is not None else shared_hub()
         self._dir_handler = _Dispatch(self._on_dir_event)
         self._parent_handler = _Dispatch(self._on_parent_event)
-        self._dir_watch = None
-        self._parent_watch = None
+        self._dir_watch: object | None = None
+        self._parent_watch: object | None = None
         self._lock = self.hub.lock
         self._running = False
 

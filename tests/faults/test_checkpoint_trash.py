@@ -1,17 +1,13 @@
 """Deletion never reaches outside the checkpoint dir: planted links, racers, crashes, owners."""
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from trainsup.checkpoint import write_checkpoint
-from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.trash import TRASH_DIR, DeleteError, delete_entry, empty_trash
 
 
