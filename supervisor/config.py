@@ -35,7 +35,8 @@ import yaml
 from .checkpoint.claims import cross_job_conflicts
 from .checkpoint.naming import PatternError, compile_pattern
 from .spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec, HangSpec,
-                   InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec)
+                   InvalidJob, JobSpec, MemorySpec, PreemptionSpec, RestartSpec, ScheduleSpec,
+                   SlurmSpec)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32            # a job file is 3 levels deep; deep nesting is only an attack
@@ -886,6 +887,16 @@ SCHEDULE = Section(ScheduleSpec, {
     "preempt_cron": cron,
 })
 
+SLURM = Section(SlurmSpec, {
+    "nodes": integer(1, 100000),
+    "ntasks_per_node": integer(1, 100000),
+    "time": duration(minimum=60.0),
+    "partition": string,
+    "sbatch_args": text_list,
+    "srun_args": text_list,
+    "signal_margin": duration(),
+})
+
 JOB = Section(JobSpec, {
     "name": job_name,
     "command": command,
@@ -901,6 +912,7 @@ JOB = Section(JobSpec, {
     "memory": MEMORY,
     "hang": HANG,
     "schedule": SCHEDULE,
+    "slurm": SLURM,
 }, required=("name", "command"))
 JOB.nullable.add("workdir")                      # `workdir: null` = the YAML's folder
 
@@ -1083,6 +1095,19 @@ def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True,
     jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
     return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
                        [j for j in jobs if isinstance(j, InvalidJob)], unsettled)
+
+
+def scan_job_file(path: Path | str, *, is_root: bool, settle: bool = True,
+                  state_dir: Optional[Path] = None) -> JobsDirScan:
+    """scan_jobs_dir for one file (`trainsup run JOB.yaml`): its job, or why it is invalid."""
+    path = Path(path)
+    try:
+        loaded = [(path, *_read_job(path, is_root, settle=settle))]
+    except Unsettled:
+        return JobsDirScan([], [], [path])
+    jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), None, state_dir)
+    return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
+                       [j for j in jobs if isinstance(j, InvalidJob)], [])
 
 
 def validate_files(paths: Iterable[Path | str], *, is_root: bool, runnable: bool = False) -> list[str]:

@@ -114,7 +114,7 @@ class Daemon:
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
-            job.autostart()
+            self._autostart(job)
         self._start_notice_sources()
         self._spawn_task(self._periodic(), "periodic rescan")
         self._spawn_task(self._watchdog_pings(), "watchdog pings")
@@ -371,7 +371,7 @@ class Daemon:
                 added.append(name)
                 job = self._add_job(spec)
                 await job.ckpts.refresh()
-                job.autostart()
+                self._autostart(job)
             else:
                 old.set_config_error(None)
                 if old.spec != spec:
@@ -392,13 +392,19 @@ class Daemon:
         file with a valid prefix once restarted a job from scratch). Files still busy
         after `tries` come back in `unsettled`; their jobs are left as they are."""
         for attempt in range(tries):
-            scan = await self.loop.run_in_executor(
-                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
-                                             state_dir=self.spec.state_dir))
+            scan = await self.loop.run_in_executor(None, self._read_jobs)
             if not scan.unsettled or attempt == tries - 1:
                 return scan
             await asyncio.sleep(config.SETTLE_SECONDS)
         raise AssertionError("unreachable")
+
+    def _read_jobs(self) -> config.JobsDirScan:
+        """The jobs source, read in a worker thread (`trainsup run` reads one file)."""
+        return config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir)
+
+    def _autostart(self, job: Job) -> None:
+        """A job just loaded (daemon start or reload): `trainsup run` always starts it."""
+        job.autostart()
 
     def _reread_unsettled(self, files: list) -> None:
         """Files that were being written when read: reload again once they have settled."""

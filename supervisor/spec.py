@@ -74,6 +74,19 @@ class ScheduleSpec:
 
 
 @dataclass(frozen=True)
+class SlurmSpec:
+    """`slurm:` keys: how `trainsup slurm submit` asks for the allocation and how
+    `trainsup run` launches the ranks in it (srun, one task per rank)."""
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    time: Optional[float] = None               # seconds; sbatch --time in whole minutes
+    partition: Optional[str] = None
+    sbatch_args: tuple[str, ...] = ()
+    srun_args: tuple[str, ...] = ()
+    signal_margin: float = 30.0                # USR1 comes grace + margin before the limit
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     command: tuple[str, ...]
@@ -96,6 +109,7 @@ class JobSpec:
     memory: MemorySpec = field(default_factory=MemorySpec)
     hang: HangSpec = field(default_factory=HangSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    slurm: Optional[SlurmSpec] = None
 
 
 @dataclass(frozen=True)
