@@ -248,6 +248,11 @@ class Daemon:
     def leader_pids(self) -> list[int]:
         return [j.child.pid for j in self.jobs.values() if j.child]
 
+    async def claims_exit(self, job: Job) -> bool:
+        """JobHost: whether the host decides what this exit means (`trainsup run` under
+        Slurm: a preempted step); the daemon leaves every exit to the restart policy."""
+        return False
+
     def _on_chld(self) -> None:
         process.reap_orphans(self.leader_pids())
 

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -145,15 +146,72 @@ class RunDaemon(Daemon):
 
     async def _preempted(self) -> None:
         job = self.job
-        await self._stop_job("slurm-preempt" if self.slurm is not None else "sigterm")
-        code = FINAL_CODES.get(job.state, EXIT_PREEMPTED) if job else EXIT_PREEMPTED
-        if self.slurm is not None and code == EXIT_PREEMPTED:
-            # Slurm requeues a preempted job only if it is still alive when GraceTime ends
-            # (it then kills it); one that exits now ends FAILED. A second TERM releases.
-            log.info("saved; staying alive until Slurm requeues and ends this step")
-            self._released = asyncio.Event()
-            await self._released.wait()
-        self._finish(code)
+        if self.slurm is None:
+            await self._stop_job("sigterm")
+            self._finish(FINAL_CODES.get(job.state, EXIT_PREEMPTED) if job else EXIT_PREEMPTED)
+            return
+        await self._stop_job("slurm-term")
+        try:
+            why = await self.loop.run_in_executor(None, self.slurm.ended_by_slurm)
+        except Exception as e:
+            log.warning("could not ask Slurm why it sent TERM: %s", e)
+            why = None
+        if job is not None and job.state == State.PREEMPTED:
+            await self._after_slurm_notice(job, why)
+        else:
+            self._finish(FINAL_CODES.get(job.state, EXIT_FAILED) if job else EXIT_FAILED)
+
+    async def claims_exit(self, job: Job) -> bool:
+        """Under Slurm a preemption signals the tasks, not always the batch step: the ranks
+        save and exit 0, and only Slurm knows the step ended because of a preemption (or a
+        cancel or the time limit). Then the job is preempted, not finished or crashed."""
+        if self.slurm is None or self._ending is not None or self._exiting:
+            return False
+        try:
+            why = await self.loop.run_in_executor(None, self.slurm.ended_by_slurm)
+        except Exception as e:
+            log.warning("job %s: could not ask Slurm why the step ended: %s", job.name, e)
+            return False
+        if not why:
+            return False
+        self._notice(self._step_ended_by_slurm(job, why), f"Slurm {why}")
+        return True
+
+    async def _step_ended_by_slurm(self, job: Job, why: str) -> None:
+        await job.stop(save=False, final=State.PREEMPTED, source=f"slurm-{why}")
+        latest = job.ckpts.latest_valid()
+        notice = {"source": f"slurm-{why}", "at": time.time(),
+                  "outcome": "saved by the ranks" if latest else "no checkpoint",
+                  "step": getattr(latest, "step", None)}
+        job.last_notice = notice
+        job.event("notice", **notice)
+        await self._after_slurm_notice(job, why)
+
+    async def _after_slurm_notice(self, job: Job, why: Optional[str]) -> None:
+        """The save is confirmed (or the ranks are gone). A preempted job is requeued now,
+        by us, with StartTime=now: what Slurm does when GraceTime ends, without idling out
+        the grace and then ~121 s in BeginTime. If that fails, or this was a cancel or the
+        time limit, stay alive until Slurm ends the job (a preempted job that exits during
+        GraceTime is not requeued by Slurm)."""
+        assert self.slurm is not None
+        if why == "preempt" and await self._requeue(job):
+            self._finish(EXIT_PREEMPTED)
+            return
+        log.info("staying alive until Slurm requeues or ends this job")
+        self._released = asyncio.Event()
+        await self._released.wait()      # a second TERM releases; usually Slurm's KILL comes first
+        self._finish(EXIT_PREEMPTED)
+
+    async def _requeue(self, job: Job) -> bool:
+        assert self.slurm is not None
+        try:
+            took = await self.loop.run_in_executor(None, self.slurm.requeue_now)
+        except Exception as e:      # SlurmError, or scontrol missing: say so
+            log.error("job %s: requeue failed: %s", job.name, e)
+            self.record_event(job.name, "slurm-requeue-failed", {"error": str(e)})
+            return False
+        self.record_event(job.name, "slurm-requeue", {"job_id": self.slurm.job_id, "took_s": round(took, 3)})
+        return True
 
     async def _time_limit(self) -> None:
         assert self.slurm is not None
@@ -162,12 +220,7 @@ class RunDaemon(Daemon):
         if job is None or job.state != State.PREEMPTED:
             self._finish(FINAL_CODES.get(job.state, EXIT_FAILED) if job else EXIT_FAILED)
             return
-        try:
-            took = await self.loop.run_in_executor(None, self.slurm.requeue_now)
-            self.record_event(job.name, "slurm-requeue", {"job_id": self.slurm.job_id, "took_s": round(took, 3)})
-        except Exception as e:      # SlurmError, or scontrol missing: say so, exit preempted
-            log.error("job %s: requeue failed: %s", job.name, e)
-            self.record_event(job.name, "slurm-requeue-failed", {"error": str(e)})
+        await self._requeue(job)
         self._finish(EXIT_PREEMPTED)
 
 

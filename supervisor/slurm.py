@@ -91,12 +91,21 @@ class Allocation:
         """The job as the batch step runs it: srun, one task per rank, each task execs the
         job's command with env:// set from Slurm (trainsup.slurmtask)."""
         n = self.nodes * self.ntasks_per_node
-        command = ("srun", "--kill-on-bad-exit=1", f"--nodes={self.nodes}", f"--ntasks={n}",
+        command = (sys.executable, "-m", "trainsup.slurmstep", "srun", "--kill-on-bad-exit=1", f"--nodes={self.nodes}", f"--ntasks={n}",
                    f"--ntasks-per-node={self.ntasks_per_node}", "--export=ALL", *self.srun_args,
                    sys.executable, "-m", "trainsup.slurmtask", "--", *job.command)
         env = dict(job.env)
         env.setdefault("MASTER_ADDR", self.master_addr)
         return dataclasses.replace(job, command=command, env=tuple(env.items()))
+
+    def ended_by_slurm(self) -> Optional[str]:
+        """Why Slurm is ending this job ("preempt", "cancel", "timeout"), or None while it
+        runs on normally (a step that ended on its own: the restart policy decides)."""
+        f = parse_fields(_run(["scontrol", "show", "job", "-o", self.job_id]))
+        if f.get("PreemptTime") not in (None, "", "None"):
+            return "preempt"
+        state = f.get("JobState", "")
+        return {"PREEMPTED": "preempt", "CANCELLED": "cancel", "TIMEOUT": "timeout"}.get(state)
 
     def requeue_now(self) -> float:
         """Requeue this job and let it start again at once; returns the seconds it took."""
