@@ -24,10 +24,11 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Coroutine, Optional
 
 from . import config
 from .daemon import Daemon
@@ -90,6 +91,14 @@ class RunDaemon(Daemon):
             job.forget_crashes()
         job.start(reason=job.restart_reason)
 
+    def _start_notice_sources(self) -> None:
+        super()._start_notice_sources()
+        # The loop's handlers are in: act on notices that came while we were starting.
+        from . import earlysignals
+        for signum in earlysignals.take():
+            log.warning("acting on %s received during startup", signal.Signals(signum).name)
+            (self._on_usr1 if signum == signal.SIGUSR1 else self._on_term)()
+
     @property
     def job(self) -> Optional[Job]:
         return next(iter(self.jobs.values()), None)
@@ -112,10 +121,10 @@ class RunDaemon(Daemon):
         if self._stop is not None:
             self.loop.call_soon(self._stop.set)
 
-    def _notice(self, coro, what: str) -> None:
+    def _notice(self, flow: Callable[[], Coroutine], what: str) -> None:
         if self._ending is not None or self._exiting:
             return          # one notice at a time; the first one decides
-        self._ending = self._spawn_task(coro, what)
+        self._ending = self._spawn_task(flow(), what)
 
     # -- signals -----------------------------------------------------------------------------
     def _on_term(self) -> None:
@@ -125,13 +134,13 @@ class RunDaemon(Daemon):
         if self.job is None:
             self._finish(EXIT_USAGE)
             return
-        self._notice(self._preempted(), "preemption notice (SIGTERM)")
+        self._notice(self._preempted, "preemption notice (SIGTERM)")
 
     def _on_usr1(self) -> None:
         if self.slurm is None:
             super()._on_usr1()       # a checkpoint now, as the daemon does
             return
-        self._notice(self._time_limit(), "Slurm time-limit warning (USR1)")
+        self._notice(self._time_limit, "Slurm time-limit warning (USR1)")
 
     async def _stop_job(self, source: str) -> Optional[dict]:
         job = self.job
@@ -174,7 +183,7 @@ class RunDaemon(Daemon):
             return False
         if not why:
             return False
-        self._notice(self._step_ended_by_slurm(job, why), f"Slurm {why}")
+        self._notice(lambda: self._step_ended_by_slurm(job, why), f"Slurm {why}")
         return True
 
     async def _step_ended_by_slurm(self, job: Job, why: str) -> None:

@@ -33,6 +33,7 @@ from .spec import JobSpec, SlurmSpec
 
 SCONTROL_TIMEOUT = 30.0
 JOB_ID_FILE = "slurm-job-id"
+REQUEUE_LEAD = 2          # seconds: see Allocation.requeue_now
 
 
 class SlurmError(Exception):
@@ -107,20 +108,25 @@ class Allocation:
         state = f.get("JobState", "")
         return {"PREEMPTED": "preempt", "CANCELLED": "cancel", "TIMEOUT": "timeout"}.get(state)
 
-    def requeue_now(self) -> float:
-        """Requeue this job and let it start again at once; returns the seconds it took."""
+    def requeue_now(self, lead: int = REQUEUE_LEAD) -> float:
+        """Requeue this job so that it starts again at once; returns the seconds it took.
+
+        A requeued job's BeginTime is set ~121 s ahead (the credential lifetime) when the
+        requeue completes, which is after this batch step has exited, and only if its
+        BeginTime is not already in the future. So StartTime is set `lead` seconds ahead
+        right after the requeue: late enough to be in the future when the requeue
+        completes, so Slurm keeps it."""
         t0 = time.monotonic()
         _run(["scontrol", "requeue", self.job_id])
-        # Right after a requeue the job is pending with BeginTime ~121 s ahead; lift it.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 10
         while True:
             try:
-                _run(["scontrol", "update", f"JobId={self.job_id}", "StartTime=now"])
+                _run(["scontrol", "update", f"JobId={self.job_id}", f"StartTime=now+{lead}"])
                 break
             except SlurmError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)     # still completing: the update is refused until pending
+                time.sleep(0.2)
         return time.monotonic() - t0
 
 
@@ -148,7 +154,9 @@ def batch_script(job: JobSpec, state_dir: Path, python: str = sys.executable) ->
     if spec.partition:
         lines.append(f"#SBATCH --partition={spec.partition}")
     lines += [f"#SBATCH {a}" for a in spec.sbatch_args]
-    lines += ["# exec: trainsup is the batch step itself, so no shell can die of USR1.",
+    lines += ["# Ignored until trainsup's first line catches them (Slurm may send the time-limit",
+              "# USR1 up to 60 s early: even now); exec: no shell is left to die of a signal.",
+              "trap '' USR1 TERM",
               f"exec {shlex.quote(python)} -m trainsup run --slurm on --state {shlex.quote(str(state_dir))} "
               f"{shlex.quote(str(job.source))}", ""]
     return "\n".join(lines)

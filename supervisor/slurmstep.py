@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
     for s in FORWARDED:
         signal.signal(s, forward)
     try:
-        srun = subprocess.Popen(argv)
+        # A process group of its own: a stop signals the job's group, and srun must get
+        # each signal once (through here), or a second TERM makes it SIGKILL the tasks.
+        srun = subprocess.Popen(argv, process_group=0)
     except OSError as e:
         print(f"trainsup: cannot run {argv[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
