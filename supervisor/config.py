@@ -848,6 +848,8 @@ CHECKPOINT = Section(CheckpointSpec, {
     "quota": size(1),
     "resume_args": text_list,
     "pattern": checkpoint_pattern,
+    "rescan": duration(minimum=0.1),
+    "rotate": boolean,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {

@@ -23,7 +23,7 @@ from .control import ControlServer
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
-from .spec import DaemonSpec, InvalidJob, JobSpec
+from .spec import DaemonSpec, InvalidJob, JobSpec, rotates
 from .state import StateDB, StateLock
 
 log = logging.getLogger("trainsup.daemon")
@@ -284,11 +284,25 @@ class Daemon:
             old.log.followers.clear()
         self.jobs[spec.name] = job
         ckpts.watch()
+        if spec.checkpoint is not None and spec.checkpoint.rescan:
+            self._spawn_task(self._rescan_job(job, spec.checkpoint.rescan), f"rescan of {spec.name}")
         self._schedule_job(job)
         return job
 
     def _rotation_members(self) -> list:
-        return [(j.ckpts, j.rotation_facts(), j.event) for j in self.jobs.values()]
+        # A checkpoint dir shared by the nodes of one job is rotated by one node only.
+        return [(j.ckpts, j.rotation_facts(), j.event) for j in self.jobs.values() if rotates(j.spec)]
+
+    async def _rescan_job(self, job: Job, interval: float) -> None:
+        """checkpoint.rescan: on a network filesystem inotify does not see other hosts'
+        writes, so the index (and the confirmation of a save made on another node) is
+        kept by rescanning this often."""
+        while self.jobs.get(job.name) is job and not job.ckpts.closed:
+            await asyncio.sleep(interval)
+            try:
+                await job.ckpts.refresh()
+            except Exception:
+                log.exception("job %s: rescan failed", job.name)
 
     def own_rss(self) -> int:
         return self._me.memory_info().rss

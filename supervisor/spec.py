@@ -24,6 +24,21 @@ class CheckpointSpec:
     quota: Optional[int] = None                # bytes
     resume_args: tuple[str, ...] = ()
     pattern: Optional[str] = None              # regex: extra names rotation may manage
+    # A network filesystem: inotify does not see other hosts' writes; rescan this often.
+    rescan: Optional[float] = None             # seconds; None: the daemon's periodic rescan
+    # A dir shared by the nodes of one job is rotated by one of them. None: yes, unless the
+    # job's env sets NODE_RANK to something other than 0.
+    rotate: Optional[bool] = None
+
+
+def rotates(job: "JobSpec") -> bool:
+    """Whether this daemon rotates the job's checkpoint dir (see CheckpointSpec.rotate)."""
+    ck = job.checkpoint
+    if ck is None:
+        return False
+    if ck.rotate is not None:
+        return ck.rotate
+    return dict(job.env).get("NODE_RANK", "0").strip() in ("", "0")
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,15 @@ EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED, EXIT_STOPPED = 0, 1, 2, 
 class Run:
     """A `trainsup run` of one fake job in `root`."""
 
-    def __init__(self, root: Path, name: str = "job", flags: str = "", extra: str = ""):
+    def __init__(self, root: Path, name: str = "job", flags: str = "", extra: str = "",
+                 env: dict | None = None):
         self.root, self.name = root, name
         self.rec = root / f"{name}.rec"
         self.ckpt = root / f"{name}-ckpt"
         cmd = [sys.executable, str(FAKEJOB), "--record", str(self.rec), *flags.split()]
         self.file = root / f"{name}.yaml"
         self.file.write_text(f"name: {name}\ncommand: {json.dumps(cmd)}\n"
-                             f"env: {{PYTHONPATH: {json.dumps(str(REPO))}}}\n"
+                             f"env: {json.dumps({'PYTHONPATH': str(REPO), **(env or {})})}\n"
                              f"checkpoint:\n  dir: {self.ckpt}\n" + extra)
         self.state = root / ".trainsup" / name
         self.socket = self.state / "run.sock"
@@ -189,3 +190,31 @@ def test_run_state_and_socket_do_not_collide_with_a_system_daemon(runs, tmp_path
     assert r.wait() == EXIT_FINISHED
     assert (own / "state.db").exists() and not r.state.exists()
     assert f"socket {own}/run.sock" in r.output()
+
+
+def _committed_steps(r: Run) -> list[str]:
+    return sorted(p.name for p in committed(r.ckpt))
+
+
+@pytest.mark.parametrize("setting", ["rotate: false", "node_rank"])
+def test_shared_checkpoint_dir_is_not_rotated_by_a_non_zero_node(runs, setting):
+    # Rotation of a dir shared by the nodes of one job is done by one node only: this one
+    # is told so (`checkpoint.rotate: false`), or its job env says NODE_RANK=1 (auto).
+    extra = "  keep_last: 1\n" + ("  rotate: false\n" if setting == "rotate: false" else "")
+    r = runs(flags="--every 0.2 --catch-usr1", extra=extra,
+             env={"NODE_RANK": "1"} if setting == "node_rank" else None)
+    r.start()
+    wait_for(lambda: len(_committed_steps(r)) >= 4, 30, f"4 checkpoints (output: {r.output()[-1500:]})")
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.wait() == EXIT_PREEMPTED
+    assert len(_committed_steps(r)) >= 4
+    assert not [e for e in r.history() if e["kind"] == "deleted"]
+
+
+def test_checkpoint_dir_is_rotated_by_node_zero(runs):
+    r = runs(flags="--every 0.2 --catch-usr1", extra="  keep_last: 1\n")
+    r.start()
+    wait_for(lambda: [e for e in r.history() if e["kind"] == "deleted"], 30,
+             f"a rotation (output: {r.output()[-1500:]})")
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.wait() == EXIT_PREEMPTED

@@ -70,3 +70,15 @@ def test_task_env_from_slurm_and_a_port_per_attempt():
 def test_scontrol_fields():
     f = parse_fields("JobId=5 JobName=x JobState=RUNNING Reason=None Restarts=2 PreemptTime=None")
     assert f["JobState"] == "RUNNING" and f["Restarts"] == "2" and f["PreemptTime"] == "None"
+
+
+def test_checkpoint_rescan_and_rotate_keys(tmp_path):
+    from trainsup.spec import rotates
+    _, job = _job(tmp_path, "checkpoint: {dir: ck, rescan: 2s, rotate: false}\n")
+    assert job.checkpoint.rescan == 2.0 and job.checkpoint.rotate is False and not rotates(job)
+    _, job = _job(tmp_path, "env: {NODE_RANK: '1'}\ncheckpoint: {dir: ck}\n")
+    assert job.checkpoint.rotate is None and not rotates(job)      # auto: not node 0
+    _, job = _job(tmp_path, "env: {NODE_RANK: '0'}\ncheckpoint: {dir: ck}\n")
+    assert rotates(job)
+    f, job = _job(tmp_path, "checkpoint: {dir: ck, rescan: 0s}\n")
+    assert isinstance(job, InvalidJob) and job.errors[0].startswith(f"{f}:3: checkpoint.rescan: ")
