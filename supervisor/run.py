@@ -14,8 +14,9 @@ when its job reaches a final state. The exit code says how the job ended:
 
 SIGTERM (and SIGINT) is a preemption notice: save, confirm, stop, exit 3. Inside a Slurm
 allocation the notices differ (see slurm.py): USR1 to the batch step is the time-limit
-warning (save, requeue, exit 3) and TERM is a preemption (save, then stay alive until
-Slurm requeues and kills the step: a job that exits during GraceTime is not requeued).
+warning (save, requeue, exit 3); a preemption is found from scontrol when the step ends
+or TERM comes (save confirmed, then requeue ourselves, else stay alive until Slurm ends
+the job: one that exits during GraceTime is not requeued).
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ class RunDaemon(Daemon):
         time limit, stay alive until Slurm ends the job (a preempted job that exits during
         GraceTime is not requeued by Slurm)."""
         assert self.slurm is not None
-        if why == "preempt" and await self._requeue(job):
-            self._finish(EXIT_PREEMPTED)
+        if why is None or (why == "preempt" and await self._requeue(job)):
+            self._finish(EXIT_PREEMPTED)     # (None: a TERM that was not Slurm's: just exit)
             return
         log.info("staying alive until Slurm requeues or ends this job")
         self._released = asyncio.Event()

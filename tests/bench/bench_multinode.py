@@ -91,12 +91,14 @@ def resume_floor(d: Path, ckpt: Path, n: int = 3) -> list[float]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--bf-interval", type=int, default=None,
+                    help="the test cluster's backfill interval (default: Slurm's, 30 s)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_multinode: needs root (the test Slurm cluster)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="trainsup-bench-mn-"))
-    c = SlurmCluster(root / "slurm")
+    c = SlurmCluster(root / "slurm", bf_interval=args.bf_interval)
     try:
         c.start()
     except ClusterUnavailable as e:
@@ -156,7 +158,8 @@ def main() -> int:
         c.stop()
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     fl = med(floor)
-    print(f"\nSlurm requeue, 2 nodes x 1 rank (jobs/train_mlp.py, gloo), {args.samples} samples, median / max\n")
+    print(f"\nSlurm requeue, 2 nodes x 1 rank (jobs/train_mlp.py, gloo), {args.samples} samples, median / max; "
+          f"backfill interval {args.bf_interval or 'Slurm default (30 s)'}\n")
     print("| measure | trainsup | peer | target |")
     print("|---|---|---|---|")
     for k, xs in rows.items():

@@ -55,8 +55,11 @@ def ensure_installed() -> None:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, bf_interval: Optional[int] = None):
         self.root = root
+        # Seconds between backfill passes (Slurm's default: 30). On this idle cluster a
+        # requeued job whose BeginTime has passed is started by the next backfill pass.
+        self.bf_interval = bf_interval
         self.conf = root / "slurm.conf"
         self.pids: dict[str, int] = {}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -92,7 +95,7 @@ JobRequeue=1
 ReturnToService=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-SchedulerParameters=preempt_send_user_signal
+SchedulerParameters=preempt_send_user_signal{f',bf_interval={self.bf_interval}' if self.bf_interval else ''}
 KillWait=10
 MinJobAge=600
 InactiveLimit=0

@@ -29,7 +29,9 @@ TRAINSUP = [sys.executable, "-m", "trainsup"]
 def cluster(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the test Slurm cluster runs slurmd as root: run as root")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    # Backfill every 2 s instead of 30: a requeued job starts within seconds of its
+    # StartTime, so the tests' deadlines can be short without racing Slurm's cadence.
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), bf_interval=2)
     try:
         c.start()
     except ClusterUnavailable as e:
@@ -164,11 +166,12 @@ def test_slurm_time_limit_warning_saves_requeues_and_resumes(cluster, tmp_path):
         # Slurm may send the warning up to 60 s early: with a 1-minute limit, even at once
         # (then there is nothing to save yet, and the job is requeued all the same).
         saved = job.wait_checkpoint(timeout=150)       # nothing else saves: every=0
-        requeues = int(job.info().get("Restarts", "0"))
-        cluster.wait(lambda: int(job.info().get("Restarts", "0")) > requeues, 30, "the requeue")
-        cluster.wait(lambda: len(job.events("slurm-requeue")) > requeues, 30,
-                     f"the requeue event ({job.output()[-3000:]})")
-        job.wait_state("RUNNING", timeout=30)           # StartTime=now: no ~121 s BeginTime
+        ck = cluster.wait(lambda: [e for e in job.events("checkpoint") if e["path"] == str(saved)], 30,
+                          "the checkpoint's event")[0]
+        cluster.wait(lambda: [e for e in job.events("slurm-requeue") if e["at"] >= ck["at"]], 30,
+                     f"the requeue after the save ({job.output()[-3000:]})")
+        cluster.wait(lambda: int(job.info().get("Restarts", "0")) >= 1, 30, "Slurm's restart count")
+        job.wait_state("RUNNING", timeout=45)           # StartTime set: no ~121 s BeginTime
         step = int(saved.name.split("-")[1])
         cluster.wait(lambda: f"resumed from step {step}" in job.output(), 60, "the resumed run")
         launches = job.events("launch")
