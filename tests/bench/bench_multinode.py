@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--bf-interval", type=int, default=None,
                     help="the test cluster's backfill interval (default: Slurm's, 30 s)")
+    ap.add_argument("--out", help="also append the table to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_multinode: needs root (the test Slurm cluster)", file=sys.stderr)
@@ -158,20 +159,22 @@ def main() -> int:
         c.stop()
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     fl = med(floor)
-    print(f"\nSlurm requeue, 2 nodes x 1 rank (jobs/train_mlp.py, gloo), {args.samples} samples, median / max; "
-          f"backfill interval {args.bf_interval or 'Slurm default (30 s)'}\n")
-    print("| measure | trainsup | peer | target |")
-    print("|---|---|---|---|")
+    lines = [f"Slurm requeue, 2 nodes x 1 rank (jobs/train_mlp.py, gloo), {args.samples} samples, median / max; "
+             f"backfill interval {args.bf_interval or 'Slurm default (30 s)'}; "
+             f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "",
+             "| measure | trainsup | peer | target |", "|---|---|---|---|"]
     for k, xs in rows.items():
-        extra = ""
+        extra = " | "
         if k == "requeued -> first resumed step":
             ok = med(xs) <= 5 + fl
-            extra = f"Slurm default requeue delay (BeginTime, scontrol): {default_delay:.0f} s | " \
-                    f"<= 5 s + floor {fl:.2f} s = {5 + fl:.2f} s: {'ok' if ok else 'MISSED'}"
-        else:
-            extra = " | "
-        print(f"| {k} | {med(xs):.2f} / {max(xs):.2f} s | {extra} |")
-    print(f"| resume floor: python + import torch + load (1 process) | {fl:.2f} / {max(floor):.2f} s | | |")
+            extra = (f"Slurm default requeue delay (BeginTime, scontrol): {default_delay:.0f} s | "
+                     f"<= 5 s + floor {fl:.2f} s = {5 + fl:.2f} s: {'ok' if ok else 'MISSED'}")
+        lines.append(f"| {k} | {med(xs):.2f} / {max(xs):.2f} s | {extra} |")
+    lines.append(f"| resume floor: python + import torch + load (1 process) | {fl:.2f} / {max(floor):.2f} s | | |")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
     return 0
 
 
