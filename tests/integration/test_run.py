@@ -218,3 +218,40 @@ def test_checkpoint_dir_is_rotated_by_node_zero(runs):
              f"a rotation (output: {r.output()[-1500:]})")
     r.proc.send_signal(signal.SIGTERM)
     assert r.wait() == EXIT_PREEMPTED
+
+
+def test_run_sigkilled_torchrun_agent_leaves_no_worker_and_the_job_restarts(runs, tmp_path):
+    """torchrun's agent SIGKILLed alone orphans its worker, which keeps training (seen on
+    multi-node runs). `trainsup run` is a subreaper and ends what the dead leader left."""
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("torch")
+    train = REPO / "jobs" / "train_mlp.py"
+    r = runs(name="tr")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           "--monitor-interval", "0.2", str(train), "--steps", "1000000", "--every", "0", "--log-every", "50",
+           "--sleep-per-step", "0.01"]
+    r.file.write_text(f"name: tr\ncommand: {json.dumps(cmd)}\nenv: {{PYTHONPATH: {json.dumps(str(REPO))}}}\n"
+                      f"checkpoint: {{dir: {r.ckpt}}}\nrestart: {{backoff: {{initial: 0.2, max: 0.5}}}}\n")
+    r.start()
+
+    def worker():
+        for p in psutil.Process(r.proc.pid).children(recursive=True):
+            try:
+                if str(train) in " ".join(p.cmdline()) and "LOCAL_RANK" in p.environ():
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
+    w = wait_for(worker, 120, f"torchrun's worker (output: {r.output()[-1500:]})")
+    agent = psutil.Process(w.ppid())
+    assert "torch.distributed.run" in " ".join(agent.cmdline())
+    agent.kill()
+    wait_for(lambda: not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, 15,
+             "the orphaned worker to be ended")
+    second = wait_for(lambda: (x := worker()) and x.pid != w.pid and x, 120, "the restarted job's worker")
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.wait(120) == EXIT_PREEMPTED
+    assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE, "no worker outlives its job"
+    launches = [e for e in r.history() if e["kind"] == "launch"]
+    assert [e["reason"] for e in launches] == ["first", "crash"]
