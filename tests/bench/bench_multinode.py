@@ -148,7 +148,7 @@ def main() -> int:
         floor = resume_floor(d, latest)
         c.run("scancel", job_id, check=False)
         # Slurm's own delay: a plain `scontrol requeue` of a running job, as scontrol shows it.
-        plain = c.run("sbatch", "--parsable", "--requeue", "-N1", "--wrap", "sleep 300").strip()
+        plain = c.run("sbatch", "--parsable", "--requeue", "-N1", "-o", "/dev/null", "--wrap", "sleep 300").strip()
         wait(lambda: c.job(plain).get("JobState") == "RUNNING", 60, "the plain job")
         c.run("scontrol", "requeue", plain)
         begin = wait(lambda: (j := c.job(plain)).get("JobState") == "PENDING" and j.get("Reason") == "BeginTime"

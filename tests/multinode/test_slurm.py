@@ -206,7 +206,8 @@ def test_slurm_partition_preemption_saves_requeues_resumes_bit_identical(cluster
         job.wait_state("RUNNING")
         job.wait_checkpoint(100)
         t0 = time.monotonic()
-        high = cluster.run("sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "--wrap", "sleep 2").strip()
+        high = cluster.run("sbatch", "--parsable", "-p", "high", "-N2", "--exclusive",
+                           "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 2").strip()
         notice = cluster.wait(lambda: [e for e in job.events("notice") if e.get("outcome")], 40,
                               f"the preemption's notice (output: {job.output()[-2500:]})")[-1]
         assert notice["source"] in ("slurm-preempt", "slurm-term") and notice["step"], notice
