@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: venv test lint demo bench chaos clean
+.PHONY: venv test lint demo bench chaos clean test-multinode
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ bench: venv
 
 chaos: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# A real 2-node Slurm cluster on this host (and network-namespace hosts): root; the
+# Debian packages are installed when missing, else the tests skip and say why. <= 15 min.
+test-multinode: venv
+	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge; } || \
+	  echo "test-multinode: Slurm could not be installed; the Slurm tests will skip" >&2
+	timeout 900 $(BIN)/python -m pytest -q -rs tests/multinode
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -57,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="the daemon's own log, on stderr (default info)")
 
+    r = sub.add_parser("run", help="supervise one job in the foreground; the exit code says how it ended",
+                       description="Supervise one job in the foreground (a container's main process, a "
+                       "Slurm batch step). Exit code: 0 finished, 1 failed, 2 usage, 3 preempted "
+                       "(run again to resume), 4 stopped on request.")
+    r.add_argument("job_file", type=Path, metavar="JOB.yaml")
+    r.add_argument("--state", type=Path, dest="state_dir",
+                   help="state dir (default: .trainsup/<job> next to the job file)")
+    r.add_argument("--slurm", choices=["auto", "on", "off"], default="auto",
+                   help="Slurm mode (auto: when SLURM_JOB_ID is set)")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    from .slurm import add_subcommand as add_slurm
+    add_slurm(sub)
+
     verbs.add_subcommands(sub)          # every control verb, from the one registry
 
     x = sub.add_parser("plot", help="draw a job's timeline: steps, saves, notices, crashes, disk use",
@@ -164,6 +178,20 @@ def cmd_daemon(args) -> int:
     except (LockHeld, SocketRefused, StateUnusable) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def cmd_run(args) -> int:
+    from .run import run_job
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = getattr(args, "socket", None)
+    return run_job(args.job_file, state_dir=args.state_dir, socket=Path(sock) if sock else None,
+                   slurm=args.slurm)
+
+
+def cmd_slurm(args) -> int:
+    from .slurm import main as slurm_main
+    return slurm_main(args)
 
 
 def _call(args, cmd: str, job: Optional[str] = None, cargs: Optional[dict] = None,
@@ -476,4 +504,5 @@ COMMANDS = {
     "restart": cmd_stop, "preempt": cmd_stop, "checkpoint": cmd_checkpoint, "pid": cmd_pid,
     "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
     "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
+    "run": cmd_run, "slurm": cmd_slurm,
 }

@@ -36,7 +36,7 @@ from .checkpoint.claims import cross_job_conflicts
 from .checkpoint.naming import PatternError, compile_pattern
 from .spec import (HOOK_EVENTS, BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
                    HangSpec, HookSpec, InvalidJob, JobSpec, MemorySpec, MetricsSpec,
-                   PreemptionSpec, RestartSpec, ScheduleSpec)
+                   PreemptionSpec, RestartSpec, ScheduleSpec, SlurmSpec)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32            # a job file is 3 levels deep; deep nesting is only an attack
@@ -848,6 +848,8 @@ CHECKPOINT = Section(CheckpointSpec, {
     "quota": size(1),
     "resume_args": text_list,
     "pattern": checkpoint_pattern,
+    "rescan": duration(minimum=0.1),
+    "rotate": boolean,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {
@@ -919,6 +921,16 @@ def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
     return tuple(hooks)
 
 
+SLURM = Section(SlurmSpec, {
+    "nodes": integer(1, 100000),
+    "ntasks_per_node": integer(1, 100000),
+    "time": duration(minimum=60.0),
+    "partition": string,
+    "sbatch_args": text_list,
+    "srun_args": text_list,
+    "signal_margin": duration(),
+})
+
 JOB = Section(JobSpec, {
     "name": job_name,
     "command": command,
@@ -935,6 +947,7 @@ JOB = Section(JobSpec, {
     "hang": HANG,
     "schedule": SCHEDULE,
     "hooks": hook_list,
+    "slurm": SLURM,
 }, required=("name", "command"))
 JOB.nullable.add("workdir")                      # `workdir: null` = the YAML's folder
 
@@ -1134,6 +1147,19 @@ def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True,
     jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
     return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
                        [j for j in jobs if isinstance(j, InvalidJob)], unsettled)
+
+
+def scan_job_file(path: Path | str, *, is_root: bool, settle: bool = True,
+                  state_dir: Optional[Path] = None) -> JobsDirScan:
+    """scan_jobs_dir for one file (`trainsup run JOB.yaml`): its job, or why it is invalid."""
+    path = Path(path)
+    try:
+        loaded = [(path, *_read_job(path, is_root, settle=settle))]
+    except Unsettled:
+        return JobsDirScan([], [], [path])
+    jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), None, state_dir)
+    return JobsDirScan([j for j in jobs if isinstance(j, JobSpec)],
+                       [j for j in jobs if isinstance(j, InvalidJob)], [])
 
 
 def validate_files(paths: Iterable[Path | str], *, is_root: bool, runnable: bool = False) -> list[str]:

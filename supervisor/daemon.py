@@ -26,7 +26,7 @@ from .render import iso_utc
 from .job import Job, State
 from .notices.schedule import JobSchedule
 from .sdnotify import Notifier
-from .spec import DaemonSpec, InvalidJob, JobSpec
+from .spec import DaemonSpec, InvalidJob, JobSpec, rotates
 from .state import StateDB, StateLock
 
 log = logging.getLogger("trainsup.daemon")
@@ -131,7 +131,7 @@ class Daemon:
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
-            job.autostart()
+            self._autostart(job)
         self._start_notice_sources()
         self._spawn_task(self._periodic(), "periodic rescan")
         self._spawn_task(self._watchdog_pings(), "watchdog pings")
@@ -300,6 +300,11 @@ class Daemon:
         hooks = list(self.hooks.pids()) if self.hooks is not None else []
         return [j.child.pid for j in self.jobs.values() if j.child] + hooks
 
+    async def claims_exit(self, job: Job) -> bool:
+        """JobHost: whether the host decides what this exit means (`trainsup run` under
+        Slurm: a preempted step); the daemon leaves every exit to the restart policy."""
+        return False
+
     def _on_chld(self) -> None:
         process.reap_orphans(self.leader_pids())
 
@@ -331,11 +336,25 @@ class Daemon:
             old.log.followers.clear()
         self.jobs[spec.name] = job
         ckpts.watch()
+        if spec.checkpoint is not None and spec.checkpoint.rescan:
+            self._spawn_task(self._rescan_job(job, spec.checkpoint.rescan), f"rescan of {spec.name}")
         self._schedule_job(job)
         return job
 
     def _rotation_members(self) -> list:
-        return [(j.ckpts, j.rotation_facts(), j.event) for j in self.jobs.values()]
+        # A checkpoint dir shared by the nodes of one job is rotated by one node only.
+        return [(j.ckpts, j.rotation_facts(), j.event) for j in self.jobs.values() if rotates(j.spec)]
+
+    async def _rescan_job(self, job: Job, interval: float) -> None:
+        """checkpoint.rescan: on a network filesystem inotify does not see other hosts'
+        writes, so the index (and the confirmation of a save made on another node) is
+        kept by rescanning this often."""
+        while self.jobs.get(job.name) is job and not job.ckpts.closed:
+            await asyncio.sleep(interval)
+            try:
+                await job.ckpts.refresh()
+            except Exception:
+                log.exception("job %s: rescan failed", job.name)
 
     def own_rss(self) -> int:
         return self._me.memory_info().rss
@@ -423,7 +442,7 @@ class Daemon:
                 added.append(name)
                 job = self._add_job(spec)
                 await job.ckpts.refresh()
-                job.autostart()
+                self._autostart(job)
             else:
                 old.set_config_error(None)
                 if old.spec != spec:
@@ -447,13 +466,19 @@ class Daemon:
         file with a valid prefix once restarted a job from scratch). Files still busy
         after `tries` come back in `unsettled`; their jobs are left as they are."""
         for attempt in range(tries):
-            scan = await self.loop.run_in_executor(
-                None, lambda: config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root,
-                                             state_dir=self.spec.state_dir))
+            scan = await self.loop.run_in_executor(None, self._read_jobs)
             if not scan.unsettled or attempt == tries - 1:
                 return scan
             await asyncio.sleep(config.SETTLE_SECONDS)
         raise AssertionError("unreachable")
+
+    def _read_jobs(self) -> config.JobsDirScan:
+        """The jobs source, read in a worker thread (`trainsup run` reads one file)."""
+        return config.scan_jobs_dir(self.spec.jobs_dir, is_root=self.is_root, state_dir=self.spec.state_dir)
+
+    def _autostart(self, job: Job) -> None:
+        """A job just loaded (daemon start or reload): `trainsup run` always starts it."""
+        job.autostart()
 
     def _reread_unsettled(self, files: list) -> None:
         """Files that were being written when read: reload again once they have settled."""

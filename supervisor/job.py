@@ -87,6 +87,7 @@ class JobHost(Protocol):
     def state_changed(self, job: "Job") -> None: ...
     def emergency_save_started(self, grace: float) -> None: ...
     def leader_pids(self) -> list[int]: ...
+    async def claims_exit(self, job: "Job") -> bool: ...
 
 
 # A job installs its save-signal handler after its imports (trainsup.save_requested() on
@@ -543,7 +544,11 @@ class Job:
         finally:
             self._prelaunch = None
         if self._flow is None and self.child is None and self.state in _ALIVE | {S.STARTING}:
-            self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
+            # The host may know what this exit was (a Slurm preemption), not the policy.
+            if await self.host.claims_exit(self):
+                return
+            if self._flow is None and self.child is None and self.state in _ALIVE | {S.STARTING}:
+                self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
 
     def _after_exit(self, *, crashed: bool, ran_for: float, fresh: bool = False) -> None:
         if self.retired:

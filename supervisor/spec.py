@@ -24,6 +24,21 @@ class CheckpointSpec:
     quota: Optional[int] = None                # bytes
     resume_args: tuple[str, ...] = ()
     pattern: Optional[str] = None              # regex: extra names rotation may manage
+    # A network filesystem: inotify does not see other hosts' writes; rescan this often.
+    rescan: Optional[float] = None             # seconds; None: the daemon's periodic rescan
+    # A dir shared by the nodes of one job is rotated by one of them. None: yes, unless the
+    # job's env sets NODE_RANK to something other than 0.
+    rotate: Optional[bool] = None
+
+
+def rotates(job: "JobSpec") -> bool:
+    """Whether this daemon rotates the job's checkpoint dir (see CheckpointSpec.rotate)."""
+    ck = job.checkpoint
+    if ck is None:
+        return False
+    if ck.rotate is not None:
+        return ck.rotate
+    return dict(job.env).get("NODE_RANK", "0").strip() in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,19 @@ class HookSpec:
 
 
 @dataclass(frozen=True)
+class SlurmSpec:
+    """`slurm:` keys: how `trainsup slurm submit` asks for the allocation and how
+    `trainsup run` launches the ranks in it (srun, one task per rank)."""
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    time: Optional[float] = None               # seconds; sbatch --time in whole minutes
+    partition: Optional[str] = None
+    sbatch_args: tuple[str, ...] = ()
+    srun_args: tuple[str, ...] = ()
+    signal_margin: float = 30.0                # USR1 comes grace + margin before the limit
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     command: tuple[str, ...]
@@ -108,6 +136,7 @@ class JobSpec:
     hang: HangSpec = field(default_factory=HangSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     hooks: tuple[HookSpec, ...] = ()           # run after the daemon's own hooks
+    slurm: Optional[SlurmSpec] = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""Slurm: time-limit warning -> requeued -> first resumed step, against Slurm's own requeue
+delay (the ~121 s BeginTime a plain `scontrol requeue` leaves), in the same run.
+
+    sudo .venv/bin/python tests/bench/bench_multinode.py [--samples N]
+
+Starts the test Slurm cluster (tests/multinode/slurm_cluster.py: two slurmd on this host),
+submits a 2-node, 2-rank torch job (jobs/train_mlp.py, gloo) with `trainsup slurm submit`,
+and per sample sends the time-limit warning (`scancel --signal=USR1 --batch`, what
+`--signal=B:USR1@N` delivers) and times, on the wall clock of this host:
+  notice -> checkpoint confirmed -> requeued -> running again -> "resumed" -> first step.
+The resume floor (python + import torch + load, one process, no Slurm) is measured in the
+same run; the target is requeue -> first resumed step <= 5 s + floor. Slurm's default delay
+is what `scontrol show job` says after a plain `scontrol requeue` of a running job
+(StartTime - now), not waited out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "multinode"))
+from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
+
+TRAIN = REPO / "jobs" / "train_mlp.py"
+
+
+def job_file(d: Path) -> Path:
+    cmd = [sys.executable, str(TRAIN), "--steps", "1000000", "--every", "0", "--sleep-per-step", "0.02",
+           "--sync-every", "1", "--log-every", "1"]
+    f = d / "bench.yaml"
+    f.write_text(f"name: bench\ncommand: {json.dumps(cmd)}\nworkdir: {d}\n"
+                 f"env: {{PYTHONPATH: {json.dumps(str(REPO))}, GLOO_SOCKET_IFNAME: lo}}\n"
+                 f"checkpoint: {{dir: {d / 'ckpt'}}}\nemergency_save: {{grace: 10}}\n"
+                 "slurm: {nodes: 2, ntasks_per_node: 1}\n")
+    return f
+
+
+def events(state: Path, kind: str) -> list[dict]:
+    conn = sqlite3.connect(f"file:{state / 'state.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return [{"at": at, **json.loads(d)} for at, d in
+                conn.execute("SELECT at, data FROM events WHERE job='bench' AND kind=? ORDER BY id", (kind,))]
+    finally:
+        conn.close()
+
+
+def wait(pred, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def resume_floor(d: Path, ckpt: Path, n: int = 3) -> list[float]:
+    """One process, no Slurm, no daemon: start -> its 'resumed from step' line."""
+    out = []
+    for _ in range(n):
+        env = dict(os.environ, PYTHONPATH=str(REPO), TRAINSUP_CHECKPOINT_DIR=str(d / "floor-ckpt"),
+                   TRAINSUP_RESUME_FROM=str(ckpt))
+        for k in [k for k in env if k.startswith("SLURM_")]:
+            env.pop(k)
+        t0 = time.time()
+        p = subprocess.Popen([sys.executable, str(TRAIN), "--steps", "0", "--every", "0", "--log-every", "1"],
+                             env=env, stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        for line in p.stdout:
+            if line.startswith("resumed from step"):
+                out.append(time.time() - t0)
+                break
+        p.kill()
+        p.wait()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--bf-interval", type=int, default=None,
+                    help="the test cluster's backfill interval (default: Slurm's, 30 s)")
+    ap.add_argument("--out", help="also append the table to this file")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_multinode: needs root (the test Slurm cluster)", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="trainsup-bench-mn-"))
+    c = SlurmCluster(root / "slurm", bf_interval=args.bf_interval)
+    try:
+        c.start()
+    except ClusterUnavailable as e:
+        print(f"bench_multinode: {e}", file=sys.stderr)
+        return 2
+    rows: dict[str, list[float]] = {k: [] for k in ("notice -> checkpoint confirmed", "notice -> requeued",
+                                                     "requeued -> running again", "requeued -> resumed (restore done)",
+                                                     "requeued -> first resumed step")}
+    try:
+        d = root / "job"
+        d.mkdir()
+        f = job_file(d)
+        env = dict(c.env, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-m", "trainsup", "slurm", "submit", str(f)], check=True, env=env,
+                       capture_output=True)
+        state = d / ".trainsup" / "bench"
+        job_id = (state / "slurm-job-id").read_text().strip()
+        out = state / f"slurm-{job_id}.out"
+        text = lambda: out.read_text(errors="replace") if out.exists() else ""  # noqa: E731
+        wait(lambda: "step 20 " in text(), 120, "training")
+        for i in range(args.samples):
+            n_ck, n_rq = len(events(state, "checkpoint")), len(events(state, "slurm-requeue"))
+            mark = len(text())
+            t0 = time.time()
+            c.run("scancel", "--signal=USR1", "--batch", job_id)
+            ck = wait(lambda: len(e := events(state, "checkpoint")) > n_ck and e[-1], 60, "the checkpoint")
+            rq = wait(lambda: len(e := events(state, "slurm-requeue")) > n_rq and e[-1], 60, "the requeue")
+            t_rq = rq["at"]
+            wait(lambda: c.job(job_id).get("JobState") == "PENDING" or "resumed from step" in text()[mark:],
+                 60, "pending", 0.01)
+            wait(lambda: c.job(job_id).get("JobState") == "RUNNING", 180, "running again", 0.01)
+            t_run = time.time()
+            m = wait(lambda: re.search(r"resumed from step (\d+)", text()[mark:]), 120, "the resume", 0.01)
+            t_res = time.time()
+            step = int(m.group(1))
+            wait(lambda: f"\nstep {step + 1} " in text()[mark:], 60, "the first resumed step", 0.005)
+            t_step = time.time()
+            for k, v in (("notice -> checkpoint confirmed", ck["at"] - t0), ("notice -> requeued", t_rq - t0),
+                         ("requeued -> running again", t_run - t_rq),
+                         ("requeued -> resumed (restore done)", t_res - t_rq),
+                         ("requeued -> first resumed step", t_step - t_rq)):
+                rows[k].append(v)
+            print(f"sample {i + 1}: resumed at step {step}, requeue -> first step {t_step - t_rq:.2f} s",
+                  file=sys.stderr)
+        latest = max((d / "ckpt").glob("step-*"))
+        floor = resume_floor(d, latest)
+        c.run("scancel", job_id, check=False)
+        # Slurm's own delay: a plain `scontrol requeue` of a running job, as scontrol shows it.
+        plain = c.run("sbatch", "--parsable", "--requeue", "-N1", "-o", "/dev/null", "--wrap", "sleep 300").strip()
+        wait(lambda: c.job(plain).get("JobState") == "RUNNING", 60, "the plain job")
+        c.run("scontrol", "requeue", plain)
+        begin = wait(lambda: (j := c.job(plain)).get("JobState") == "PENDING" and j.get("Reason") == "BeginTime"
+                     and j, 60, "the plain job's BeginTime")
+        default_delay = datetime.fromisoformat(begin["StartTime"]).timestamp() - time.time()
+        c.run("scancel", plain, check=False)
+    finally:
+        c.stop()
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    fl = med(floor)
+    lines = [f"Slurm requeue, 2 nodes x 1 rank (jobs/train_mlp.py, gloo), {args.samples} samples, median / max; "
+             f"backfill interval {args.bf_interval or 'Slurm default (30 s)'}; "
+             f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "",
+             "| measure | trainsup | peer | target |", "|---|---|---|---|"]
+    for k, xs in rows.items():
+        extra = " | "
+        if k == "requeued -> first resumed step":
+            ok = med(xs) <= 5 + fl
+            extra = (f"Slurm default requeue delay (BeginTime, scontrol): {default_delay:.0f} s | "
+                     f"<= 5 s + floor {fl:.2f} s = {5 + fl:.2f} s: {'ok' if ok else 'MISSED'}")
+        lines.append(f"| {k} | {med(xs):.2f} / {max(xs):.2f} s | {extra} |")
+    lines.append(f"| resume floor: python + import torch + load (1 process) | {fl:.2f} / {max(floor):.2f} s | | |")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

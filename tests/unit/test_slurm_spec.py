@@ -1,0 +1,84 @@
+"""`slurm:` keys (FILE:LINE errors like every other key), the batch script `trainsup slurm
+submit` writes, and the env:// variables each srun task gets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainsup.config import load_job_file
+from trainsup.slurm import Allocation, batch_script, parse_fields, sbatch_time
+from trainsup.slurmtask import env_for_rank
+from trainsup.spec import InvalidJob, JobSpec, SlurmSpec
+
+
+def _job(tmp_path: Path, body: str):
+    f = tmp_path / "j.yaml"
+    f.write_text("name: j\ncommand: [python, train.py]\n" + body)
+    return f, load_job_file(f, is_root=False)
+
+
+def test_slurm_keys_parse(tmp_path):
+    _, job = _job(tmp_path, "emergency_save: {grace: 40}\nslurm:\n  nodes: 2\n  ntasks_per_node: 4\n"
+                            "  time: 2h\n  partition: gpu\n  sbatch_args: [--exclusive]\n  signal_margin: 1m\n")
+    assert isinstance(job, JobSpec)
+    assert job.slurm == SlurmSpec(nodes=2, ntasks_per_node=4, time=7200.0, partition="gpu",
+                                  sbatch_args=("--exclusive",), signal_margin=60.0)
+
+
+def test_bad_slurm_keys_are_one_line_each_with_file_and_line(tmp_path):
+    f, job = _job(tmp_path, "slurm:\n  nodes: 0\n  time: 30s\n  node: 2\n")
+    assert isinstance(job, InvalidJob)
+    assert any(e.startswith(f"{f}:4: slurm.nodes: ") for e in job.errors), job.errors
+    assert any(e.startswith(f"{f}:5: slurm.time: ") for e in job.errors), job.errors
+    assert any(e.startswith(f"{f}:6: slurm.node: unknown key; did you mean 'nodes'") for e in job.errors)
+
+
+def test_batch_script_requeues_signals_before_the_limit_and_execs_trainsup(tmp_path):
+    _, job = _job(tmp_path, "emergency_save: {grace: 10}\nslurm: {nodes: 2, time: 90s, partition: low, "
+                            "signal_margin: 20, sbatch_args: [--exclusive]}\n")
+    script = batch_script(job, tmp_path / "state")
+    lines = script.splitlines()
+    for want in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@30", "#SBATCH --open-mode=append",
+                 "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=2",
+                 "#SBATCH --partition=low", "#SBATCH --exclusive", "trap '' USR1 TERM"):
+        assert want in lines, script
+    assert lines[-1].startswith(f"exec {sys.executable} -m trainsup run --slurm on")
+    assert sbatch_time(60) == "1" and sbatch_time(61) == "2"
+
+
+def test_srun_wrapping_one_task_per_rank_through_the_step_leader(tmp_path):
+    _, job = _job(tmp_path, "env: {A: b}\n")
+    wrapped = Allocation("7", nodes=2, ntasks_per_node=2, master_addr="10.0.0.1").wrap(job)
+    cmd = list(wrapped.command)
+    assert cmd[1:4] == ["-m", "trainsup.slurmstep", "srun"]
+    assert "--ntasks=4" in cmd and "--ntasks-per-node=2" in cmd and "--kill-on-bad-exit=1" in cmd
+    assert cmd[-2:] == ["python", "train.py"] and "torchrun" not in " ".join(cmd)
+    assert dict(wrapped.env) == {"A": "b", "MASTER_ADDR": "10.0.0.1"}
+
+
+def test_task_env_from_slurm_and_a_port_per_attempt():
+    base = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_NODEID": "1", "SLURM_JOB_ID": "42", "TRAINSUP_ATTEMPT": "1"}
+    env = env_for_rank(base)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["NODE_RANK"]) == ("3", "4", "1", "1")
+    again = env_for_rank({**base, "TRAINSUP_ATTEMPT": "2"})
+    assert again["MASTER_PORT"] != env["MASTER_PORT"]
+    assert env_for_rank({**base, "RANK": "0"})["RANK"] == "0"      # the job's own value wins
+
+
+def test_scontrol_fields():
+    f = parse_fields("JobId=5 JobName=x JobState=RUNNING Reason=None Restarts=2 PreemptTime=None")
+    assert f["JobState"] == "RUNNING" and f["Restarts"] == "2" and f["PreemptTime"] == "None"
+
+
+def test_checkpoint_rescan_and_rotate_keys(tmp_path):
+    from trainsup.spec import rotates
+    _, job = _job(tmp_path, "checkpoint: {dir: ck, rescan: 2s, rotate: false}\n")
+    assert job.checkpoint.rescan == 2.0 and job.checkpoint.rotate is False and not rotates(job)
+    _, job = _job(tmp_path, "env: {NODE_RANK: '1'}\ncheckpoint: {dir: ck}\n")
+    assert job.checkpoint.rotate is None and not rotates(job)      # auto: not node 0
+    _, job = _job(tmp_path, "env: {NODE_RANK: '0'}\ncheckpoint: {dir: ck}\n")
+    assert rotates(job)
+    f, job = _job(tmp_path, "checkpoint: {dir: ck, rescan: 0s}\n")
+    assert isinstance(job, InvalidJob) and job.errors[0].startswith(f"{f}:3: checkpoint.rescan: ")
