@@ -316,6 +316,12 @@ class Job:
     async def _refresh_then_spawn(self) -> None:
         try:
             await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
+            if self.child is None:
+                # No writer is left: a save the last attempt left half-written must not be
+                # what the framework's own "latest" logic picks up next.
+                for info, where in await self.ckpts.move_aside_interrupted():
+                    self.event("moved-aside", path=str(info.path), to=where, why=info.invalid_reason)
+                    self.log.note(f"moved aside an interrupted save: {info.path} ({info.invalid_reason})")
         except Exception as e:
             self._internal_error("refreshing the checkpoint index before a launch", e)
             return

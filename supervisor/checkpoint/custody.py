@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..spec import CheckpointSpec
-from . import inventory
+from . import aside, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
 from .index import CheckpointInfo, is_unknown_reason, scan
@@ -126,7 +126,17 @@ class JobCheckpointDir:
             if self.handle is None:
                 return [], self.flag
         infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
-        return infos, self.flag
+        return aside.listed(self.handle) + infos, self.flag
+
+    def move_aside_interrupted(self, infos: list[CheckpointInfo]) -> list[tuple[CheckpointInfo, str]]:
+        """Before a relaunch, with no process of the job left: interrupted saves newer than
+        the newest valid checkpoint go aside so the framework's own "latest" cannot pick them."""
+        if self.handle is None or self.flag:
+            return []
+        # What was there before the job's first launch is never the job's to move either.
+        before = inventory.preexisting(infos, self.inventory, self.pattern)
+        todo = [i for i in aside.interrupted(infos) if i.name not in before]
+        return aside.move_aside(self.handle, todo) if todo else []
 
     def open_by_job(self, infos: Iterable[CheckpointInfo], pids: Iterable[int]) -> set[str]:
         pids = list(pids)

@@ -34,7 +34,7 @@ from .dirhandle import CheckpointDirError as _HandleError
 from .dirhandle import DirHandle
 from .format import TMP_DIR
 from .naming import is_alias
-from .trash import TRASH_DIR
+from .trash import ASIDE_DIR, TRASH_DIR
 from .validate import (
     FORMATS,
     VerdictCache,
@@ -139,8 +139,8 @@ def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
         if name == TMP_DIR:
             infos.extend(_scan_tmp(h))
             continue
-        if name == TRASH_DIR:
-            continue
+        if name in (TRASH_DIR, ASIDE_DIR):
+            continue       # the daemon's own: the trash, and saves moved aside (custody lists those)
         info = _scan_entry(h, io, name, is_dir, is_link, fmt, cache, pattern)
         if info is not None:
             infos.append(info)

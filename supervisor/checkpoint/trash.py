@@ -42,6 +42,7 @@ from .dirhandle import CheckpointDirError, DirHandle
 from .format import TMP_DIR
 
 TRASH_DIR = ".trainsup-trash"
+ASIDE_DIR = ".trainsup-aside"      # interrupted saves moved aside (aside.py)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _PATH = os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 100

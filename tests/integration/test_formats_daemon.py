@@ -180,3 +180,43 @@ def test_tf_rotation_rewrites_the_state_file_and_deletes_each_checkpoint_whole(d
     wait_for(lambda: [c["name"] for c in _indexed(daemon, "tf")] == ["ckpt-3"], 10, "the index after rotation")
     r = daemon.cli("checkpoints", "tf")
     assert r.returncode == 0 and "ck/ckpt-3" in r.stdout, r.stdout + r.stderr
+
+
+HF_PICK_JOB = r"""
+import json, os, re, shutil, sys, time
+ck = os.environ["TRAINSUP_CHECKPOINT_DIR"]
+if os.environ["TRAINSUP_ATTEMPT"] == "1":
+    # the first attempt 'dies while saving checkpoint-6' (a real interrupted HF tree)
+    shutil.copytree(sys.argv[1], ck, dirs_exist_ok=True)
+    sys.exit(1)
+# what transformers.trainer_utils.get_last_checkpoint picks: the highest checkpoint-N dir
+dirs = [d for d in os.listdir(ck) if re.fullmatch(r"checkpoint-\d+", d) and os.path.isdir(os.path.join(ck, d))]
+pick = max(dirs, key=lambda d: int(d.split("-")[1])) if dirs else None
+with open(sys.argv[2], "w") as f:
+    json.dump({"hf_pick": pick, "resume": os.environ["TRAINSUP_RESUME_FROM"]}, f)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
+def test_interrupted_newest_save_is_moved_aside_before_the_relaunch(daemon):
+    """Issue 12, Deliver 3: a first attempt killed inside HF's save of checkpoint-6 left it
+    half-written; HF's own get_last_checkpoint would pick it and crash-loop. Before the
+    relaunch the daemon moves it aside (renamed, bytes kept, listed with why)."""
+    script = daemon.root / "hf_pick.py"
+    script.write_text(HF_PICK_JOB)
+    ck, out = daemon.root / "ck", daemon.root / "picked.json"
+    cmd = [sys.executable, str(script), str(FIXTURES / "hf_trainer/interrupted"), str(out)]
+    daemon.write_job("hfpick", f"name: hfpick\ncommand: {json.dumps(cmd)}\nworkdir: {daemon.root}\n"
+                               f"checkpoint:\n  dir: {ck}\n  keep_last: 5\n"
+                               "restart:\n  backoff: {initial: 0.1s, max: 0.1s}\n")
+    daemon.start()
+    picked = wait_for(lambda: out.exists() and json.loads(out.read_text()), 30, "the second attempt's view")
+    assert picked == {"hf_pick": "checkpoint-4", "resume": str(ck / "checkpoint-4")}, picked
+    assert not (ck / "checkpoint-6").exists()
+    assert (ck / ".trainsup-aside" / "checkpoint-6" / "model.safetensors").exists()   # bytes kept
+    rows = daemon.request("checkpoints", "hfpick")["result"]
+    aside = [r for r in rows if r["path"].endswith(".trainsup-aside/checkpoint-6")]
+    assert aside and aside[0]["valid"] is False and "moved aside" in aside[0]["invalid_reason"], rows
+    moved = [e for e in daemon.history("hfpick") if e["kind"] == "moved-aside"]
+    assert len(moved) == 1 and moved[0]["path"].endswith("/checkpoint-6"), moved

@@ -1,0 +1,100 @@
+"""Interrupted saves moved aside before a relaunch (issue 12).
+
+A framework picks its own "latest" (HF's get_last_checkpoint, Paddle's `latest` prefix,
+Keras' backup): an entry a killed save left half-written, newer than every valid one, would
+be picked and crash the job again and again. Once the writer is gone (the job has no
+process), such an entry is renamed into `<dir>/.trainsup-aside/` — renamed, never deleted:
+the bytes stay, `trainsup checkpoints` lists it with why, and the framework no longer sees
+it. Only entries proven broken qualify: never one that could not be read (`unknown`), never
+a save still in progress, never an alias the framework rewrites.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Iterable
+
+from .dirhandle import DirHandle
+from .index import CheckpointInfo
+from .trash import ASIDE_DIR
+MOVED_REASON = "interrupted save, moved aside before a relaunch"
+
+
+def interrupted(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Proven-invalid managed entries newer than the newest valid one (all of them when
+    nothing is valid), in index order."""
+    managed = [i for i in infos if i.managed and not i.in_progress]
+    newest_valid = max((pos for pos, i in enumerate(managed) if i.valid), default=-1)
+    return [i for i in managed[newest_valid + 1:]
+            if not i.valid and not i.unknown and not i.alias and not i.alias_kind
+            and i.invalid_reason != "symlink"]
+
+
+def _units(info: CheckpointInfo) -> list[str]:
+    return list(info.members) if info.members else [info.name]
+
+
+def move_aside(h: DirHandle, entries: Iterable[CheckpointInfo]) -> list[tuple[CheckpointInfo, str]]:
+    """Rename each entry (every member of a framework entry) into ASIDE_DIR beneath the held
+    dir. Returns (entry, its name there) for each moved; entries that vanished are skipped."""
+    moved: list[tuple[CheckpointInfo, str]] = []
+    try:
+        os.mkdir(ASIDE_DIR, 0o700, dir_fd=h.fd)
+    except FileExistsError:
+        pass
+    afd = h.open_beneath(ASIDE_DIR)
+    try:
+        taken = set(os.listdir(afd))
+        for info in entries:
+            done = []
+            for rel in _units(info):
+                parent, _, base = rel.rpartition("/")
+                target = rel.replace("/", "__")
+                n = 1
+                while target in taken:
+                    n += 1
+                    target = f"{rel.replace('/', '__')}.{n}"
+                pfd = h.open_beneath(parent) if parent else os.dup(h.fd)
+                try:
+                    os.rename(base, target, src_dir_fd=pfd, dst_dir_fd=afd)
+                except FileNotFoundError:
+                    continue
+                finally:
+                    os.close(pfd)
+                taken.add(target)
+                done.append(target)
+            if done:
+                moved.append((info, done[0]))
+        os.fsync(afd)
+        os.fsync(h.fd)
+    finally:
+        os.close(afd)
+    return moved
+
+
+def listed(h: DirHandle) -> list[CheckpointInfo]:
+    """What was moved aside, for `trainsup checkpoints`: never valid, never rotated."""
+    try:
+        afd = h.open_beneath(ASIDE_DIR)
+    except OSError:
+        return []
+    out = []
+    try:
+        with os.scandir(afd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out.append(CheckpointInfo(
+                    path=h.path / ASIDE_DIR / e.name, name=f"{ASIDE_DIR}/{e.name}", format="aside",
+                    step=None, bytes=st.st_size if e.is_file(follow_symlinks=False) else 0, valid=False,
+                    invalid_reason=MOVED_REASON, mtime=st.st_mtime, managed=False, ino=st.st_ino))
+    finally:
+        os.close(afd)
+    return sorted(out, key=lambda i: i.name)
+
+
+def with_reason(info: CheckpointInfo) -> CheckpointInfo:
+    return replace(info, invalid_reason=f"{MOVED_REASON}: {info.invalid_reason}")
