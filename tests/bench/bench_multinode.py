@@ -36,24 +36,39 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
 TRAIN = REPO / "jobs" / "train_mlp.py"
 
 
-def job_file(d: Path) -> Path:
+def job_file(d: Path, name: str = "bench", nodes: int = 2) -> Path:
     cmd = [sys.executable, str(TRAIN), "--steps", "1000000", "--every", "0", "--sleep-per-step", "0.02",
            "--sync-every", "1", "--log-every", "1"]
-    f = d / "bench.yaml"
-    f.write_text(f"name: bench\ncommand: {json.dumps(cmd)}\nworkdir: {d}\n"
+    f = d / f"{name}.yaml"
+    ckpt = d / ("ckpt" if name == "bench" else f"ckpt-{name}")
+    f.write_text(f"name: {name}\ncommand: {json.dumps(cmd)}\nworkdir: {d}\n"
                  f"env: {{PYTHONPATH: {json.dumps(str(REPO))}, GLOO_SOCKET_IFNAME: lo}}\n"
-                 f"checkpoint: {{dir: {d / 'ckpt'}}}\nemergency_save: {{grace: 10}}\n"
-                 "slurm: {nodes: 2, ntasks_per_node: 1}\n")
+                 f"checkpoint: {{dir: {ckpt}}}\nemergency_save: {{grace: 10}}\n"
+                 f"slurm: {{nodes: {nodes}, ntasks_per_node: 1}}\n")
     return f
 
 
-def events(state: Path, kind: str) -> list[dict]:
+def events(state: Path, kind: str, job: str = "bench") -> list[dict]:
     conn = sqlite3.connect(f"file:{state / 'state.db'}?mode=ro", uri=True, timeout=5)
     try:
         return [{"at": at, **json.loads(d)} for at, d in
-                conn.execute("SELECT at, data FROM events WHERE job='bench' AND kind=? ORDER BY id", (kind,))]
+                conn.execute("SELECT at, data FROM events WHERE job=? AND kind=? ORDER BY id", (job, kind))]
     finally:
         conn.close()
+
+
+def save_took(env: dict, state: Path, name: str, n: int) -> list[float]:
+    """`trainsup checkpoint NAME --wait` n times: save signal -> checkpoint committed by every
+    rank and indexed valid (the daemon's own took_s)."""
+    out = []
+    for _ in range(n):
+        k = len(events(state, "checkpoint", name))
+        subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(state / "run.sock"), "checkpoint", name,
+                        "--wait"], env=env, check=True, capture_output=True, timeout=120)
+        ev = wait(lambda: len(e := events(state, "checkpoint", name)) > k and e[-1], 30, "the save's event")
+        if "took_s" in ev:
+            out.append(ev["took_s"])
+    return out
 
 
 def wait(pred, timeout: float, what: str, interval: float = 0.02):
@@ -144,9 +159,21 @@ def main() -> int:
                 rows[k].append(v)
             print(f"sample {i + 1}: resumed at step {step}, requeue -> first step {t_step - t_rq:.2f} s",
                   file=sys.stderr)
+        two_nodes = save_took(env, state, "bench", 5)
         latest = max((d / "ckpt").glob("step-*"))
         floor = resume_floor(d, latest)
         c.run("scancel", job_id, check=False)
+        wait(lambda: c.job(job_id).get("JobState") not in ("RUNNING", "COMPLETING", "PENDING"), 60, "the cancel")
+        # The same state on one node (1 rank): the peer of the 2-node save.
+        f1 = job_file(d, "bench1", nodes=1)
+        subprocess.run([sys.executable, "-m", "trainsup", "slurm", "submit", str(f1)], check=True, env=env,
+                       capture_output=True)
+        state1 = d / ".trainsup" / "bench1"
+        id1 = (state1 / "slurm-job-id").read_text().strip()
+        out1 = state1 / f"slurm-{id1}.out"
+        wait(lambda: out1.exists() and "step 20 " in out1.read_text(errors="replace"), 120, "the 1-node job")
+        one_node = save_took(env, state1, "bench1", 5)
+        c.run("scancel", id1, check=False)
         # Slurm's own delay: a plain `scontrol requeue` of a running job, as scontrol shows it.
         plain = c.run("sbatch", "--parsable", "--requeue", "-N1", "-o", "/dev/null", "--wrap", "sleep 300").strip()
         wait(lambda: c.job(plain).get("JobState") == "RUNNING", 60, "the plain job")
@@ -171,6 +198,10 @@ def main() -> int:
                      f"<= 5 s + floor {fl:.2f} s = {5 + fl:.2f} s: {'ok' if ok else 'MISSED'}")
         lines.append(f"| {k} | {med(xs):.2f} / {max(xs):.2f} s | {extra} |")
     lines.append(f"| resume floor: python + import torch + load (1 process) | {fl:.2f} / {max(floor):.2f} s | | |")
+    ratio = med(two_nodes) / med(one_node)
+    lines.append(f"| save signal -> checkpoint committed, 2 nodes x 1 rank | {med(two_nodes) * 1e3:.0f} / "
+                 f"{max(two_nodes) * 1e3:.0f} ms | same state, 1 node x 1 rank: {med(one_node) * 1e3:.0f} / "
+                 f"{max(one_node) * 1e3:.0f} ms | <= 1.2x: {ratio:.2f}x {'ok' if ratio <= 1.2 else 'MISSED'} |")
     print("\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "a") as f:
