@@ -61,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Supervise one job in the foreground (a container's main process, a "
                        "Slurm batch step). Exit code: 0 finished, 1 failed, 2 usage, 3 preempted "
                        "(run again to resume), 4 stopped on request.")
-    r.add_argument("job_file", type=Path, metavar="JOB.yaml")
+    r.add_argument("job_file", type=Path, metavar="JOB.yaml", help="the job file (the same YAML as in a jobs dir)")
     r.add_argument("--state", type=Path, dest="state_dir",
                    help="state dir (default: .trainsup/<job> next to the job file)")
     r.add_argument("--slurm", choices=["auto", "on", "off"], default="auto",
                    help="Slurm mode (auto: when SLURM_JOB_ID is set)")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="trainsup's own log, on stderr (default info)")
 
     from .slurm import add_subcommand as add_slurm
     add_slurm(sub)

@@ -274,16 +274,21 @@ def format_status(st: dict) -> str:
 # -- the command line ------------------------------------------------------------------------
 
 def add_subcommand(sub) -> None:
-    p = sub.add_parser("slurm", help="submit a job to Slurm, or see it from a login node")
-    ss = p.add_subparsers(dest="slurm_cmd", metavar="ACTION", required=True)
+    p = sub.add_parser("slurm", help="submit a job to Slurm, or see it from a login node",
+                       description="Run a job YAML on Slurm: `submit` writes the batch script (requeue, "
+                       "USR1 before the time limit, append-mode output) and sbatches it; `status` shows "
+                       "it from a login node.")
+    ss = p.add_subparsers(dest="slurm_cmd", metavar="ACTION", required=True,
+                          help="submit or status")
     s = ss.add_parser("submit", help="write the batch script and sbatch it")
-    s.add_argument("job_file", type=Path, metavar="JOB.yaml")
-    s.add_argument("--state", type=Path, dest="state_dir")
+    s.add_argument("job_file", type=Path, metavar="JOB.yaml", help="the job file (with its slurm: keys)")
+    s.add_argument("--state", type=Path, dest="state_dir",
+                   help="trainsup run's state dir on the shared filesystem (default: .trainsup/<job>)")
     s.add_argument("sbatch_args", nargs=argparse.REMAINDER, help="-- then extra sbatch arguments")
     t = ss.add_parser("status", help="Slurm state, restarts, newest valid checkpoint, last notice")
-    t.add_argument("job_file", type=Path, metavar="JOB.yaml")
-    t.add_argument("--state", type=Path, dest="state_dir")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("job_file", type=Path, metavar="JOB.yaml", help="the job file that was submitted")
+    t.add_argument("--state", type=Path, dest="state_dir", help="the state dir given to submit, if any")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args) -> int:
