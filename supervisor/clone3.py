@@ -24,7 +24,9 @@ import errno
 import gc
 import os
 import platform
+import select
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,9 +38,9 @@ _SYSCALLS = {
 _NR = _SYSCALLS.get(platform.machine())
 _CLONE_PIDFD = 0x00001000
 _CLONE_INTO_CGROUP = 0x200000000
-_CLONE_VFORK = 0x00004000
 _CLOSE_RANGE_CLOEXEC = 1 << 2
 _SIG_DFL = 0
+EXEC_TIMEOUT = 5.0       # clone -> exec normally takes well under a millisecond
 _STAGES = {1: "stdio", 2: "workdir", 3: "setsid", 4: "user", 5: "exec"}
 
 
@@ -129,7 +131,11 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int,
     pidfd = ctypes.c_int(-1)
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
-    args = _CloneArgs(flags=_CLONE_INTO_CGROUP | _CLONE_PIDFD | _CLONE_VFORK, pidfd=ctypes.addressof(pidfd),
+    # No CLONE_VFORK: the clone is a copy of a multi-threaded process, and a lock another
+    # thread held at that instant (seen under load: the child parked in a futex before its
+    # exec) would freeze the daemon inside clone3 for good. Without it the daemon only
+    # waits, bounded, for the exec report below, and kills a clone that never gets there.
+    args = _CloneArgs(flags=_CLONE_INTO_CGROUP | _CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
                       exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
     # The mask the job starts with (the daemon's, as Popen leaves it), as a sigset_t.
     old_mask = csignal.pthread_sigmask(signal.SIG_BLOCK, ())
@@ -172,7 +178,15 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int,
                 _disabled = f"clone3: {os.strerror(err)}"
             raise OSError(err, f"clone3: {os.strerror(err)}")
         data = b""
+        deadline = time.monotonic() + EXEC_TIMEOUT
         while True:                 # EOF: the exec closed the pipe (CLOEXEC): it started
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([rpipe], [], [], left)[0]:
+                signal.pidfd_send_signal(pidfd.value, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(pidfd.value)
+                raise OSError(errno.ETIMEDOUT, f"the new process did not reach exec within "
+                                               f"{EXEC_TIMEOUT:g}s (killed); the launch is retried")
             chunk = os.read(rpipe, 8 - len(data))
             if not chunk:
                 break

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from . import cgroup, jobnotice, process
+from . import cgroup, fdbudget, jobnotice, process
 from .backoff import RestartTracker
 from .checkpoint import confirm
 from .checkpoint.service import JobCheckpoints, RotationFacts
@@ -396,6 +396,7 @@ class Job:
         cg: Optional[cgroup.JobCgroup] = None
         containment = self.host.containment
         try:
+            fdbudget.check()      # never the fds `status` needs: one line instead (fdbudget.py)
             wfd = self.log.new_pipe(self.loop)
             cg = containment.create(spec.name, self.attempt) if containment is not None else None
             child = self._spawn_process(spec, argv, env, wfd, containment, cg)

@@ -61,6 +61,11 @@ class JobLog:
     def note(self, text: str) -> None:
         """A line from trainsup itself, so the log tells the whole story of each attempt."""
         self.write(f"[trainsup] {text}\n".encode())
+        if self._read_fd < 0 and self._fd >= 0:
+            # No attempt is writing: the file is not held open between attempts (200 jobs
+            # that cannot start must not hold 200 fds the control socket needs).
+            os.close(self._fd)
+            self._fd = -1
 
     # -- the pipe from the child ----------------------------------------------------
     def new_pipe(self, loop: asyncio.AbstractEventLoop) -> int:

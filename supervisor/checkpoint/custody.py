@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .. import fdbudget
 from ..spec import CheckpointSpec
 from . import aside, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
@@ -80,6 +81,7 @@ class JobCheckpointDir:
         """Resolve and hold the dir; create: make it if missing (for the job's user)."""
         self.close()
         try:
+            fdbudget.check(needed=2, what="hold the checkpoint dir")
             self.handle = DirHandle.open(self.spec.dir, create=create, create_as=self.create_as)
             self.flag = None
         except OSError as e:
