@@ -708,6 +708,11 @@ class Checkpointer:
         `legacy=fn` (fn(obj) -> {"model", "optimizer", "scheduler", "scaler", "step"});
         anything else raises RuntimeError with one line that says what to do."""
         src = resume_from or self.resume_from or os.environ.get("TRAINSUP_RESUME_FROM") or None
+        if not resume_from and not self.resume_from and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            # torchrun restarted its workers in place (--max-restarts): the daemon's
+            # TRAINSUP_RESUME_FROM is from the agent's launch, older than what the ranks
+            # saved since (a multi-node peer's preemption save): take the newest valid one.
+            src = latest_valid_checkpoint(self.dir) or src
         if not src and self.resume_latest:
             src = latest_valid_checkpoint(self.dir)
         if not src:
