@@ -149,6 +149,12 @@ def main(argv=None) -> int:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+    if ckpt.stop_is_remote:
+        # Another node was preempted; this node was not. Exit 75 (EX_TEMPFAIL), not 0, so that
+        # torchrun (--max-restarts) restarts this node's worker into a new rendezvous and its
+        # daemon does not take the job for finished.
+        print("another node's preemption stopped this one: exit 75 to rejoin", flush=True)
+        return 75
     return 0
 
 

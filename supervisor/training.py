@@ -555,6 +555,14 @@ class Checkpointer:
             emergency._ack(self.notice, path)
         return path
 
+    @property
+    def stop_is_remote(self) -> bool:
+        """should_stop came from another rank's preemption: this process got neither a
+        preempt notice nor SIGTERM. Under multi-node torchrun that is another node's
+        ending, not this one's: exit non-zero so torchrun restarts this node's workers
+        and they wait in the rendezvous for the preempted node to come back."""
+        return self.should_stop and not self._preempt
+
     def _agree(self, step: int, now: float, signalled: bool, preempt: bool, timed: bool):
         t0 = _monotonic()
         flags = torch.tensor([int(signalled), int(preempt), int(timed), self._propose_sync_every(step, now)],
