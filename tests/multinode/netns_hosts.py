@@ -53,6 +53,7 @@ class NetnsHosts:
             raise NetnsUnavailable("`ip` (iproute2) or `unshare` (util-linux) is not installed")
         a, b = self.hosts
         hosts_file = (f"127.0.0.1 localhost\n{a.addr} {a.hostname}\n{b.addr} {b.hostname}\n")
+        self._etc_made = not Path("/etc/netns").exists()
         for h in self.hosts:
             _ip("netns", "add", h.ns)
             self._made.append(h.ns)
@@ -86,3 +87,8 @@ class NetnsHosts:
         for h in self.hosts:
             subprocess.run(["ip", "link", "delete", h.ifname], capture_output=True, timeout=20)
         self._made.clear()
+        if getattr(self, "_etc_made", False):
+            try:
+                Path("/etc/netns").rmdir()      # ours, and empty again
+            except OSError:
+                pass

@@ -181,9 +181,11 @@ def test_netns_preempt_one_node_one_checkpoint_both_resume_bit_identical(pair, r
     wait_for(lambda: pair.last_step() >= 40, 150, "the 2-node group training", 0.2, detail=pair.detail)
     before = {p.name for p in committed(pair.ckpt)}
     # The preemption notice goes to node B's daemon only (B does not host the store).
+    t0 = time.monotonic()
     r = b.d.cli("preempt", JOB, timeout=90)
     assert r.returncode == 0, (r.stdout, r.stderr, pair.detail())
     b.d.wait_state(JOB, "preempted", timeout=30)
+    t_preempt = time.monotonic() - t0
     new = [manifest(p) for p in committed(pair.ckpt) if p.name not in before]
     # One commit for the notice, made by rank 0 (on whichever node) with every rank's state.
     saves = [m for m in new if m["reason"] != "periodic"]
@@ -202,7 +204,8 @@ def test_netns_preempt_one_node_one_checkpoint_both_resume_bit_identical(pair, r
     assert r.returncode == 0, r.stderr
     wait_for(lambda: saved["step"] in pair.resumes(), 120, f"a resume from step {saved['step']}", 0.2,
              detail=pair.detail)
-    print(f"\nnetns preempt: notice on B -> B started again -> resumed in {time.monotonic() - t0:.1f} s")
+    print(f"\nnetns preempt: notice on B -> checkpoint step {saved['step']} committed and B's job stopped "
+          f"in {t_preempt:.1f} s; `trainsup start` on B -> both resumed in {time.monotonic() - t0:.1f} s")
     a.d.wait_state(JOB, "finished", timeout=150)
     b.d.wait_state(JOB, "finished", timeout=30)
     torch = pytest.importorskip("torch")
