@@ -176,11 +176,16 @@ def pair(hosts, tmp_path, request):
     p.stop()
 
 
-def test_netns_preempt_one_node_one_checkpoint_both_resume_bit_identical(pair, reference):
-    a, b = pair.a.start(), pair.b.start()
+@pytest.mark.parametrize("preempted", ["B", "A"])
+def test_netns_preempt_one_node_one_checkpoint_both_resume_bit_identical(pair, reference, preempted):
+    pair.a.start(), pair.b.start()
+    # b: the node that gets the notice; a: the other. Node A hosts the rendezvous store:
+    # when A is preempted, B's torchrun loses the store and its daemon relaunches it
+    # (restart policy) until A is back.
+    b, a = (pair.b, pair.a) if preempted == "B" else (pair.a, pair.b)
     wait_for(lambda: pair.last_step() >= 40, 150, "the 2-node group training", 0.2, detail=pair.detail)
     before = {p.name for p in committed(pair.ckpt)}
-    # The preemption notice goes to node B's daemon only (B does not host the store).
+    # The preemption notice goes to one node's daemon only.
     t0 = time.monotonic()
     r = b.d.cli("preempt", JOB, timeout=90)
     assert r.returncode == 0, (r.stdout, r.stderr, pair.detail())
@@ -193,19 +198,19 @@ def test_netns_preempt_one_node_one_checkpoint_both_resume_bit_identical(pair, r
     saved = saves[0]
     assert saved["world_size"] == 2 and {"state.pt", "rank-00000.pt", "rank-00001.pt"} <= set(saved["files"])
     assert all(m["world_size"] == 2 for m in new)
-    # Node A was not preempted: its worker exits 75 and torchrun restarts it in place
-    # (its daemon does not take the job for finished); it waits in the rendezvous.
-    wait_for(lambda: "another node's preemption" in a.log(), 30, "node A's worker to stop for B's notice",
+    # The other node was not preempted: its worker exits 75 and torchrun restarts it in
+    # place (its daemon does not take the job for finished); it waits in the rendezvous.
+    wait_for(lambda: "another node's preemption" in a.log(), 30, "the other node's worker to stop for the notice",
              detail=pair.detail)
     assert a.d.status(JOB)["state"] in ("running", "starting", "backoff"), a.d.status(JOB)
-    # B's daemon starts the job again: both nodes resume from that one checkpoint.
+    # The preempted node's daemon starts the job again: both resume from that one checkpoint.
     t0 = time.monotonic()
     r = b.d.cli("start", JOB)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: saved["step"] in pair.resumes(), 120, f"a resume from step {saved['step']}", 0.2,
              detail=pair.detail)
-    print(f"\nnetns preempt: notice on B -> checkpoint step {saved['step']} committed and B's job stopped "
-          f"in {t_preempt:.1f} s; `trainsup start` on B -> both resumed in {time.monotonic() - t0:.1f} s")
+    print(f"\nnetns preempt: notice on {preempted} -> checkpoint step {saved['step']} committed and its job "
+          f"stopped in {t_preempt:.1f} s; `trainsup start` there -> both resumed in {time.monotonic() - t0:.1f} s")
     a.d.wait_state(JOB, "finished", timeout=150)
     b.d.wait_state(JOB, "finished", timeout=30)
     torch = pytest.importorskip("torch")
