@@ -440,6 +440,7 @@ class Checkpointer:
         self._step = 0
         self._metrics: Mapping | None = None
         self._sig_count = 0                   # save signals received
+        self._sig_read = 0                    # _sig_count when a notice was last read
         self._sig_served = 0                  # signals covered by a committed save
         self._preempt = False
         self._pending = False                 # any flag set by a handler (the fast-path check)
@@ -532,6 +533,7 @@ class Checkpointer:
         if signalled:
             # The daemon writes what it wants before it signals: a `preempt` notice means
             # this save is the last one (save once, stop; no second save on SIGTERM).
+            self._sig_read = self._sig_count
             self.notice = emergency.read_notice() or emergency.Request("checkpoint")
             if self.notice.kind == "preempt":
                 self._preempt = True
@@ -561,7 +563,14 @@ class Checkpointer:
         preempt notice nor SIGTERM. Under multi-node torchrun that is another node's
         ending, not this one's: exit non-zero so torchrun restarts this node's workers
         and they wait in the rendezvous for the preempted node to come back."""
-        return self.should_stop and not self._preempt
+        if not self.should_stop or self._preempt:
+            return False
+        if self._sig_count != self._sig_read:
+            # This rank's own save signal arrived after the agreed stop (both ranks of one
+            # node are signalled together): its notice says whether it was a preemption.
+            notice = emergency.read_notice()
+            return notice is None or notice.kind != "preempt"
+        return True
 
     def _agree(self, step: int, now: float, signalled: bool, preempt: bool, timed: bool):
         t0 = _monotonic()
