@@ -836,32 +836,25 @@ class Job:
                self.memory_rss, self.error, shown and tuple(shown.items()))
         if key == self._row[0]:
             return self._row[1]
-        latest = summary[0] if summary else None
-        row = {
-            "name": self.name,
-            "state": "stopped" if self.sigstopped and c else self.state.value,
-            "pid": c.pid if c else None,
-            "started": round(c.started_wall, 2) if c else None,
-            "restarts": self.restarts,
-            "crashes_in_a_row": self.tracker.consecutive,
-            "checkpoint": {
-                "latest": str(latest.path) if latest else None,
-                "step": latest.step if latest else None,
-                "mtime": latest.mtime if latest and latest.mtime else None,
-                "invalid": summary[2], "bytes": summary[3],
-                "quota": self.spec.checkpoint.quota, "over_quota": ck.over_quota,
-            } if summary is not None and self.spec.checkpoint else None,
-            "memory": {"rss": self.memory_rss, "limit": self.spec.memory.limit},
-            "last_notice": shown,
-            "warnings": list(key[8]) + list(key[9]),
-            "error": self.error,
-        }
         # Unset fields are left out (the reader's defaults say the same): a short row
         # is quicker to send and to decode. A checkpoint summary keeps its `bytes`.
-        if row["checkpoint"] is not None:
-            row["checkpoint"] = {k: v for k, v in row["checkpoint"].items() if v or k == "bytes"}
-        row["memory"] = {k: v for k, v in row["memory"].items() if v is not None}
-        row = {k: v for k, v in row.items() if v or k in ("name", "state")}
+        ckpt: Optional[dict] = None
+        if summary is not None and self.spec.checkpoint:
+            latest = summary[0]
+            ckpt = {k: v for k, v in (
+                ("latest", str(latest.path) if latest else None),
+                ("mtime", latest.mtime if latest else None), ("invalid", summary[2]),
+                ("quota", self.spec.checkpoint.quota), ("over_quota", ck.over_quota)) if v}
+            ckpt["bytes"] = summary[3]
+            if latest is not None and latest.step is not None:
+                ckpt["step"] = latest.step          # step 0 is a step
+        memory = {k: v for k, v in (("rss", self.memory_rss), ("limit", self.spec.memory.limit)) if v is not None}
+        row = {k: v for k, v in (
+            ("pid", c.pid if c else None), ("started", round(c.started_wall, 2) if c else None),
+            ("restarts", self.restarts), ("crashes_in_a_row", self.tracker.consecutive),
+            ("checkpoint", ckpt), ("memory", memory), ("last_notice", shown),
+            ("warnings", list(key[8]) + list(key[9])), ("error", self.error)) if v}
+        row = {"name": self.name, "state": "stopped" if self.sigstopped and c else self.state.value, **row}
         encoded = json.dumps(row, separators=(",", ":")).encode()
         self._row = (key, encoded)
         return encoded
