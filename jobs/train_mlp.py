@@ -8,6 +8,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import os
 import sys
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default=None, help="default: TRAINSUP_CHECKPOINT_DIR, else ./ckpt")
     p.add_argument("--final-out", default=None, help="torch.save the final model state here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pg-timeout", type=float, default=None,
+                   help="process-group timeout in seconds (torch's default is 30 min: a lost peer hangs that long)")
     return p.parse_args(argv)
 
 
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("gloo")
+        timeout = datetime.timedelta(seconds=args.pg_timeout) if args.pg_timeout else None
+        dist.init_process_group("gloo", timeout=timeout)
     rank = dist.get_rank() if distributed else 0
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -145,6 +149,12 @@ def main(argv=None) -> int:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+    if ckpt.stop_is_remote:
+        # Another node was preempted; this node was not. Exit 75 (EX_TEMPFAIL), not 0, so that
+        # torchrun (--max-restarts) restarts this node's worker into a new rendezvous and its
+        # daemon does not take the job for finished.
+        print("another node's preemption stopped this one: exit 75 to rejoin", flush=True)
+        return 75
     return 0
 
 

@@ -234,6 +234,7 @@ def _bad_job(j: dict) -> bool:
 
 
 def cmd_status(args) -> int:
+    args.table = not args.json           # the table needs its rows only (SPEC 8: --json is full)
     try:
         ok, res = _ask(args)
     except Unreachable as e:

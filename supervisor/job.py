@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ _ALLOWED: dict[State, set[State]] = {
 _CLEANUPS: set[asyncio.Task] = set()       # cgroup removals under way
 # Seconds `status` shows a job's last notice (then it is history); tests shorten it.
 NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
+# `status` reads a job's /proc entries (stop state, RSS, signal handlers) at most this
+# often: 200 jobs polled back to back must not walk 200 process trees per request.
+PROC_MAX_AGE = 1.0
 
 
 class TransitionError(RuntimeError):
@@ -164,6 +168,9 @@ class Job:
         self._notice_path: Optional[Path] = None   # TRAINSUP_NOTICE_FILE of the running attempt
         self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
         self._last_step: Optional[int] = None          # the step the last attempt reported
+        self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
+        self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
+        self._row: tuple[tuple, bytes] = ((), b"")               # (what it shows, the encoded row)
         self._load_persisted(persisted)
 
     @property
@@ -766,7 +773,7 @@ class Job:
             return []
         now = time.monotonic()
         seen = self._catch_seen
-        if seen is None or seen[0] != c.pid or now - seen[1] > 5.0 or not seen[2]:
+        if seen is None or seen[0] != c.pid or now - seen[1] > (5.0 if seen[2] else PROC_MAX_AGE):
             signum = process.signal_number(self.spec.emergency_save.signal)
             try:
                 pids = [c.pid] + [p.pid for p in c.refresh_tree()]
@@ -787,20 +794,78 @@ class Job:
         return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------
+    def _sample_proc(self, c: process.Child) -> None:
+        """Stop state and RSS for `status`, read at most once a PROC_MAX_AGE per attempt
+        (a new attempt is read at once). The monitor keeps RSS current when a memory
+        limit is set; an exited attempt has no RSS (cleared at its exit)."""
+        now = time.monotonic()
+        pid, at = self._proc_seen
+        if pid == c.pid and now - at < PROC_MAX_AGE:
+            return
+        self._proc_seen = (c.pid, now)
+        self.sigstopped = is_stopped(c.pid)
+        if self.monitor is not None and not self.spec.memory.limit:
+            try:
+                self.memory_rss = self.monitor.sample_rss(max_age=PROC_MAX_AGE)
+            except Exception:
+                pass
+
+    def _checkpoint_summary(self) -> tuple:
+        """(latest valid, valid count, invalid count, bytes), recounted only when the index
+        is replaced (the checkpoint service assigns a new list on each refresh)."""
+        infos = self.checkpoints
+        seen, summary = self._ck_summary
+        if seen is not infos or not summary:
+            summary = (self._resume_point(), sum(1 for i in infos if i.valid),
+                       sum(1 for i in infos if not i.valid and not i.in_progress), sum(i.bytes for i in infos))
+            self._ck_summary = (infos, summary)
+        return summary
+
+    def status_row(self) -> bytes:
+        """What the `status` table shows of this job, JSON-encoded, re-encoded only when
+        any of it changed. Times travel as wall timestamps (`started`, checkpoint `mtime`):
+        the reader computes ages, so a row does not go stale as time passes."""
+        c = self.child
+        if c is not None:
+            self._sample_proc(c)
+        ck = self.ckpts
+        summary = self._checkpoint_summary() if self.spec.checkpoint else None
+        ln = self.last_notice
+        shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
+        key = (self.state, self.sigstopped, c and (c.pid, c.started_wall), self.restarts, self.tracker.consecutive, summary,
+               ck.over_quota, ck.error, tuple(ck.warnings), tuple(self._save_signal_warnings()),
+               self.memory_rss, self.error, shown and tuple(shown.items()))
+        if key == self._row[0]:
+            return self._row[1]
+        # Unset fields are left out (the reader's defaults say the same): a short row
+        # is quicker to send and to decode. A checkpoint summary keeps its `bytes`.
+        ckpt: Optional[dict] = None
+        if summary is not None and self.spec.checkpoint:
+            latest = summary[0]
+            ckpt = {k: v for k, v in (
+                ("latest", str(latest.path) if latest else None),
+                ("mtime", latest.mtime if latest else None), ("invalid", summary[2]),
+                ("quota", self.spec.checkpoint.quota), ("over_quota", ck.over_quota)) if v}
+            ckpt["bytes"] = summary[3]
+            if latest is not None and latest.step is not None:
+                ckpt["step"] = latest.step          # step 0 is a step
+        memory = {k: v for k, v in (("rss", self.memory_rss), ("limit", self.spec.memory.limit)) if v is not None}
+        row = {k: v for k, v in (
+            ("pid", c.pid if c else None), ("started", round(c.started_wall, 2) if c else None),
+            ("restarts", self.restarts), ("crashes_in_a_row", self.tracker.consecutive),
+            ("checkpoint", ckpt), ("memory", memory), ("last_notice", shown),
+            ("warnings", list(key[8]) + list(key[9])), ("error", self.error)) if v}
+        row = {"name": self.name, "state": "stopped" if self.sigstopped and c else self.state.value, **row}
+        encoded = json.dumps(row, separators=(",", ":")).encode()
+        self._row = (key, encoded)
+        return encoded
+
     def status(self) -> dict:
-        latest = self._resume_point()
-        valid = sum(1 for i in self.checkpoints if i.valid)
-        invalid = sum(1 for i in self.checkpoints if not i.valid and not i.in_progress)
-        total = sum(i.bytes for i in self.checkpoints)
+        latest, valid, invalid, total = self._checkpoint_summary()
         c = self.child
         now = time.time()
         if c is not None:
-            self.sigstopped = is_stopped(c.pid)
-        if c is not None and self.monitor is not None and not self.spec.memory.limit:
-            try:
-                self.memory_rss = self.monitor.sample_rss(max_age=1.0)   # at most once a second
-            except Exception:
-                pass
+            self._sample_proc(c)
         quota = self.spec.checkpoint.quota if self.spec.checkpoint else None
         return {
             "name": self.name,

@@ -65,8 +65,13 @@ def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> li
 def format_status(result: dict, colour: bool = False) -> str:
     rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
     notes = []
+    now = time.time()
     for j in result["jobs"]:
         ck = j.get("checkpoint") or {}
+        # The table view sends timestamps (`started`, checkpoint `mtime`), the full one ages.
+        uptime = j["uptime_s"] if "uptime_s" in j else _since(now, j.get("started"))
+        if ck and "age_s" not in ck:
+            ck = {**ck, "age_s": _since(now, ck.get("mtime"))}
         if ck.get("step") is not None:
             ckpt = f"step {ck['step']}, {human_age(ck.get('age_s'))} ago"
         elif ck.get("latest"):
@@ -86,7 +91,7 @@ def format_status(result: dict, colour: bool = False) -> str:
         state = j["state"]
         if ck.get("over_quota"):
             state += " over-quota"
-        rows.append((j["name"], state, str(j.get("pid") or "-"), human_age(j.get("uptime_s")),
+        rows.append((j["name"], state, str(j.get("pid") or "-"), human_age(uptime),
                      str(j.get("restarts", 0)), ckpt, disk, memtxt))
         if j.get("error"):
             notes.append(f"  {j['name']}: {j['error']}")
@@ -104,6 +109,10 @@ def format_status(result: dict, colour: bool = False) -> str:
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
     return "\n".join(head + table(rows, 1 if colour else None) + notes)
+
+
+def _since(now: float, t: float | None) -> float | None:
+    return None if t is None else max(0.0, now - t)
 
 
 def format_checkpoints(entries: Iterable[dict]) -> str:

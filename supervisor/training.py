@@ -440,6 +440,7 @@ class Checkpointer:
         self._step = 0
         self._metrics: Mapping | None = None
         self._sig_count = 0                   # save signals received
+        self._sig_read = 0                    # _sig_count when a notice was last read
         self._sig_served = 0                  # signals covered by a committed save
         self._preempt = False
         self._pending = False                 # any flag set by a handler (the fast-path check)
@@ -532,6 +533,7 @@ class Checkpointer:
         if signalled:
             # The daemon writes what it wants before it signals: a `preempt` notice means
             # this save is the last one (save once, stop; no second save on SIGTERM).
+            self._sig_read = self._sig_count
             self.notice = emergency.read_notice() or emergency.Request("checkpoint")
             if self.notice.kind == "preempt":
                 self._preempt = True
@@ -554,6 +556,21 @@ class Checkpointer:
         if signalled and self.notice is not None and self._rank == 0:
             emergency._ack(self.notice, path)
         return path
+
+    @property
+    def stop_is_remote(self) -> bool:
+        """should_stop came from another rank's preemption: this process got neither a
+        preempt notice nor SIGTERM. Under multi-node torchrun that is another node's
+        ending, not this one's: exit non-zero so torchrun restarts this node's workers
+        and they wait in the rendezvous for the preempted node to come back."""
+        if not self.should_stop or self._preempt:
+            return False
+        if self._sig_count != self._sig_read:
+            # This rank's own save signal arrived after the agreed stop (both ranks of one
+            # node are signalled together): its notice says whether it was a preemption.
+            notice = emergency.read_notice()
+            return notice is None or notice.kind != "preempt"
+        return True
 
     def _agree(self, step: int, now: float, signalled: bool, preempt: bool, timed: bool):
         t0 = _monotonic()
@@ -708,6 +725,11 @@ class Checkpointer:
         `legacy=fn` (fn(obj) -> {"model", "optimizer", "scheduler", "scaler", "step"});
         anything else raises RuntimeError with one line that says what to do."""
         src = resume_from or self.resume_from or os.environ.get("TRAINSUP_RESUME_FROM") or None
+        if not resume_from and not self.resume_from and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            # torchrun restarted its workers in place (--max-restarts): the daemon's
+            # TRAINSUP_RESUME_FROM is from the agent's launch, older than what the ranks
+            # saved since (a multi-node peer's preemption save): take the newest valid one.
+            src = latest_valid_checkpoint(self.dir) or src
         if not src and self.resume_latest:
             src = latest_valid_checkpoint(self.dir)
         if not src:

@@ -92,7 +92,11 @@ _LONG = 24 * 3600.0              # the daemon bounds a stop flow by grace + stop
 VERBS: dict[str, Verb] = {v.name: v for v in (
     Verb("ping", "is the daemon there", writes=False, targets=NO_JOB),
     Verb("status", "what every job is doing", writes=False, targets=OPTIONAL_JOB,
-         args=(Arg(("job",), {"nargs": "?", "help": "show this job only"}), _JSON)),
+         args=(Arg(("job",), {"nargs": "?", "help": "show this job only"}), _JSON,
+               # The table's rows only, times as timestamps (Job.status_row); the CLI sets it
+               # for its table, scripts get the full shape (`status --json`).
+               Arg(("--table",), {"action": "store_true",
+                                  "help": "ask for the table's fields only (the default without --json)"}))),
     Verb("start", "start jobs (already running: says so, exit 0)", writes=True, targets=ONE_JOB,
          args=(JOBS_ARG, Arg(("--force",), {"action": "store_true",
                                             "help": "start even while a preemption notice is in force"}))),
