@@ -190,7 +190,7 @@ def job_yaml(name: str, workdir: Path) -> str:
           PYTHONPATH: "{REPO}"
         stop_timeout: 5s
         checkpoint:
-          dir: {workdir / 'ckpt'}
+          dir: {workdir / ('ckpt-' + name)}   # each job its own: a shared dir is refused
         emergency_save:
           grace: 5s
         """)
