@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 from trainsup.cgroup import JobCgroup, join_mount, read_mounts
+from trainsup.cgroup import _keyed, _read  # one reader of cgroup files
 from trainsup.spec import MemorySpec
 
 # Re-arm only after falling this far back past a threshold, so RSS wobbling around the
@@ -176,19 +177,6 @@ def memory_cgroup_dir(pid: int) -> tuple[Path | None, int | None]:
     return None, None
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _keyed(text: str | None, key: str) -> int | None:
-    for line in (text or "").splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == key:
-            return int(parts[1])
-    return None
 
 
 def read_memory_cgroup(cg_dir: Path, version: int) -> tuple[int | None, int | None]:
