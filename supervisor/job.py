@@ -326,7 +326,7 @@ class Job:
             if self.child is None:
                 # No writer is left: a save the last attempt left half-written must not be
                 # what the framework's own "latest" logic picks up next.
-                for info, where in await self.ckpts.move_aside_interrupted():
+                for info, where in await self.ckpts.move_aside_interrupted(self.pinned):
                     self.event("moved-aside", path=str(info.path), to=where, why=info.invalid_reason)
                     self.log.note(f"moved aside an interrupted save: {info.path} ({info.invalid_reason})")
         except Exception as e:

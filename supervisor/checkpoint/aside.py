@@ -21,14 +21,17 @@ from .trash import ASIDE_DIR
 MOVED_REASON = "interrupted save, moved aside before a relaunch"
 
 
-def interrupted(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+def interrupted(infos: list[CheckpointInfo], pinned: Iterable[int] = ()) -> list[CheckpointInfo]:
     """Proven-invalid managed entries newer than the newest valid one (all of them when
-    nothing is valid), in index order."""
+    nothing is valid), in index order. Not trainsup's own format (the daemon names the
+    resume point itself; nothing picks a "latest" behind its back), not a pinned step."""
+    pins = set(pinned)
     managed = [i for i in infos if i.managed and not i.in_progress]
     newest_valid = max((pos for pos, i in enumerate(managed) if i.valid), default=-1)
     return [i for i in managed[newest_valid + 1:]
             if not i.valid and not i.unknown and not i.alias and not i.alias_kind
-            and i.invalid_reason != "symlink"]
+            and i.invalid_reason != "symlink" and i.format != "trainsup"
+            and (i.step is None or i.step not in pins)]
 
 
 def _units(info: CheckpointInfo) -> list[str]:

@@ -130,14 +130,15 @@ class JobCheckpointDir:
         infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
         return aside.listed(self.handle) + infos, self.flag
 
-    def move_aside_interrupted(self, infos: list[CheckpointInfo]) -> list[tuple[CheckpointInfo, str]]:
+    def move_aside_interrupted(self, infos: list[CheckpointInfo],
+                               pinned: Iterable[int] = ()) -> list[tuple[CheckpointInfo, str]]:
         """Before a relaunch, with no process of the job left: interrupted saves newer than
         the newest valid checkpoint go aside so the framework's own "latest" cannot pick them."""
         if self.handle is None or self.flag:
             return []
         # What was there before the job's first launch is never the job's to move either.
         before = inventory.preexisting(infos, self.inventory, self.pattern)
-        todo = [i for i in aside.interrupted(infos) if i.name not in before]
+        todo = [i for i in aside.interrupted(infos, pinned) if i.name not in before]
         return aside.move_aside(self.handle, todo) if todo else []
 
     def open_by_job(self, infos: Iterable[CheckpointInfo], pids: Iterable[int]) -> set[str]:

@@ -129,13 +129,13 @@ class JobCheckpoints:
             log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
                         self.name, self.spec.dir, e)
 
-    async def move_aside_interrupted(self) -> list[tuple[Any, str]]:
+    async def move_aside_interrupted(self, pinned: Iterable[int] = ()) -> list[tuple[Any, str]]:
         """Interrupted saves newer than the newest valid one, renamed aside (never deleted)
         before a relaunch; the index is refreshed when anything moved."""
         if self.custody is None or not self.infos:
             return []
         moved = await self.loop.run_in_executor(self.executor, self.custody.move_aside_interrupted,
-                                                list(self.infos))
+                                                list(self.infos), list(pinned))
         if moved:
             await self.refresh()
         return moved
