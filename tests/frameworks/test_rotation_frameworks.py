@@ -68,7 +68,7 @@ def _wait(daemon, name: str, pred, timeout: float, what: str):
         ckpt = daemon.root / f"{name}-ckpt"
         listing = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
         raise AssertionError(f"{e}\nstatus: {daemon.status(name)}\ndir: {listing}\n"
-                             f"history: {daemon.history(name)[-8:]}\nlog tail: {job_log(daemon, name)[-1500:]}") from None
+                             f"checkpoints: {daemon.cli('checkpoints', name).stdout}\nhistory: {daemon.history(name)[-8:]}\nlog tail: {job_log(daemon, name)[-1500:]}") from None
 
 
 def _deleted_by_trainsup(daemon, name: str) -> list[str]:
@@ -92,7 +92,7 @@ def _rotation_scenario(daemon, name: str, ckpt: Path, keep: dict[Path, str], com
     daemon.start()
     _wait(daemon, name, saves_and_rotation, startup, f"{name}: 4 saves and a trainsup deletion")
     first = min(seen, key=seen.__getitem__)
-    wait_for(lambda: not first.exists(), 60, f"the oldest save {first} to be rotated away")
+    _wait(daemon, name, lambda: not first.exists(), 60, f"the oldest save {first} to be rotated away")
     for p, h in keep.items():
         assert _sha(p) == h, f"{p.name} changed or vanished under a {QUOTA}-byte quota"
 
@@ -196,6 +196,9 @@ def _keras_backup(d: Path) -> tuple[Path, int]:
     return d / "latest.weights.h5", int(json.loads((d / "training_metadata.json").read_text())["step"])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "found here: valid ModelCheckpoint epochNN.weights.h5 files of a running Keras job stay KEPT "
+    "'in-progress' (trainsup checkpoints), so rotation leaves the oldest and the dir grows past its quota"))
 def test_keras_rotation_keeps_resume_from_the_backup(daemon, tmp_path):
     pytest.importorskip("keras", reason="run `make test-frameworks` (.venv-fw has keras)")
     pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
