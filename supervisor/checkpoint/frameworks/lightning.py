@@ -9,6 +9,11 @@ from `global_step` in data.pkl, read as a symbolic opcode stream, never unpickle
 
 save_last="link" makes `last.ckpt` a symlink to a sibling: an alias of that sibling, valid
 when the sibling is. A link that leaves the dir is never followed and is reported.
+
+Metrics for keep_best come from the name only (never unpickled): ModelCheckpoint's
+`filename="{epoch}-{step}-{val_loss:.2f}"` writes `epoch=1-step=8-val_loss=0.31.ckpt`, so
+every `key=number` field but epoch/step is a metric (`val_loss=0.31`, `val/acc=0.9` is
+written `val_acc=0.9` or with the `/`-free name the user chose).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ _STEP_RE = re.compile(r"(?:^|-)step=(\d+)")
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 _NAMED_RE = re.compile(r"(^|-)(epoch|step)=\d+|^hpc_ckpt_\d+\.ckpt$")
 _MAX_DATA_PKL = 64 << 20
+# `key=number`, bounded by `-`, the `-vN` clash suffix or the end; a leading `-` after `=`
+# is a negative value (`val_loss=-0.12`), not a separator.
+_FIELD_RE = re.compile(r"(?:^|-)([A-Za-z_][\w.]*?)=(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=-|$)")
+_CLASH_RE = re.compile(r"-v\d+$")
 
 
 def checkpoint_dirs(listing_of, root: Listing) -> list[str]:
@@ -69,6 +78,21 @@ def step_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def metrics_from_name(name: str) -> dict[str, float]:
+    """`{"val_loss": 0.31}` from `epoch=1-step=8-val_loss=0.31.ckpt`; epoch/step are not metrics."""
+    stem = name[: -len(".ckpt")] if name.endswith(".ckpt") else name
+    stem = _CLASH_RE.sub("", stem)
+    out: dict[str, float] = {}
+    for key, value in _FIELD_RE.findall(stem):
+        if key in ("epoch", "step"):
+            continue
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
 def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
     base = g.name.rsplit("/", 1)[-1]
     step = step_from_name(base)
@@ -81,7 +105,7 @@ def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
         inner = Group(join(g.dir, t), "lightning", (join(g.dir, t),), resume=join(g.dir, t))
         v = check(root_fd, inner, sibling_kinds)
         return Verdict("lightning", v.valid, v.invalid_reason and f"links to {t}: {v.invalid_reason}",
-                       v.step, v.epoch)
+                       v.step, v.epoch, metrics=v.metrics)
     try:
         with Opened(root_fd, g.name) as (fd, st):
             check_torch_fd(fd, st.st_size)
@@ -90,7 +114,7 @@ def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
         return Verdict("lightning", False, str(e), step)
     if found is not None:
         step = found
-    return Verdict("lightning", True, None, step)
+    return Verdict("lightning", True, None, step, metrics=metrics_from_name(base))
 
 
 def _global_step(fd: int) -> int | None:
