@@ -732,8 +732,11 @@ class Job:
         cg = self.child.cgroup if self.child else None
         if self.alive and outcome.get("outcome") == "saved" and self._acked():
             # The job saved for this preemption and ends by itself (exit 0): no SIGTERM,
-            # which would ask a helper for a second save.
-            if await self._wait_exit(spec.stop_timeout):
+            # which would ask a helper for a second save. Its exit may take a while (a
+            # framework's teardown, a loaded machine): what is left of the grace, at least
+            # stop_timeout.
+            left = max(spec.stop_timeout, grace - (time.monotonic() - t0))
+            if await self._wait_exit(left):
                 outcome["exited"] = "by itself after its save"
         if self.alive:
             if self.child:
