@@ -153,6 +153,14 @@ class LivenessTracker:
                         out.add(i.name)
         return out
 
+    def next_quiet_in(self) -> Optional[float]:
+        """Seconds until the next entry's quiet window ends (None: none is running). Nothing
+        else wakes rotation then: a save's last write was its last inotify event."""
+        now = self.clock()
+        waits = [s.changed + self.quiet - now for s in self._seen.values()
+                 if s.changed + self.quiet > now]
+        return min(waits) if waits else None
+
     @staticmethod
     def _writer_alive(pid: int, first_seen_boot: float) -> bool:
         start = process_start(pid)

@@ -387,9 +387,13 @@ class RotationCoordinator:
         self._schedule_retry(m[0] for m in members.values())
 
     def _schedule_retry(self, cks: Iterable[JobCheckpoints]) -> None:
-        """A failed deletion is retried when its backoff ends, not by spinning."""
+        """A failed deletion is retried when its backoff ends, not by spinning; an entry
+        kept only while its quiet window runs is looked at again when the window ends."""
+        cks = list(cks)
         waits = [w for ck in cks if ck.custody is not None
                  and (w := ck.custody.backoff.next_retry_in()) is not None]
+        waits += [w for ck in cks if ck.custody is not None
+                  and (w := ck.custody.liveness.next_quiet_in()) is not None]
         if waits and self._retry is None:
             def fire() -> None:
                 self._retry = None
