@@ -288,18 +288,20 @@ def tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp.{os.getpid()}"
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object], *, sync: bool = True) -> Path:
-    """Write `path` through `write(fileobj)` into a temp file next to it, fsync, rename over
-    `path`, fsync the dir. A reader (or a kill at any moment) sees the old file or the new."""
+def _replace_atomically(path: PathLike, fill: Callable[[Path], object], sync: bool) -> Path:
+    """The one commit protocol: fill a temp file next to `path`, fsync it, rename it over
+    `path`, fsync the dir; on any failure the temp file goes and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
+        fill(tmp)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -312,28 +314,19 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object], *, sync: 
     return path
 
 
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object], *, sync: bool = True) -> Path:
+    """Write `path` through `write(fileobj)` into a temp file next to it, fsync, rename over
+    `path`, fsync the dir. A reader (or a kill at any moment) sees the old file or the new."""
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    return _replace_atomically(path, fill, sync)
+
+
 def atomic_write_path(path: PathLike, write: Callable[[Path], object]) -> Path:
     """Like atomic_write for a writer that takes a file name (torch.save, paddle.save,
     save_weights write through their own buffered writers, faster than a Python file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
+    return _replace_atomically(path, write, True)
 
 
 def _write_bytes_atomic(path: Path, data: bytes, sync: bool = True) -> Path:
