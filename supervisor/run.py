@@ -214,13 +214,18 @@ class RunDaemon(Daemon):
 
     async def _requeue(self, job: Job) -> bool:
         assert self.slurm is not None
+        # Recorded, durably, before it is asked for: the requeue ends this batch step, and
+        # Slurm may kill us (KillWait) before the next turn of the loop would commit it.
+        self.record_event(job.name, "slurm-requeue", {"job_id": self.slurm.job_id})
+        self.flush()
         try:
             took = await self.loop.run_in_executor(None, self.slurm.requeue_now)
         except Exception as e:      # SlurmError, or scontrol missing: say so
             log.error("job %s: requeue failed: %s", job.name, e)
             self.record_event(job.name, "slurm-requeue-failed", {"error": str(e)})
+            self.flush()
             return False
-        self.record_event(job.name, "slurm-requeue", {"job_id": self.slurm.job_id, "took_s": round(took, 3)})
+        log.info("job %s: requeued in %.3fs", job.name, took)
         return True
 
     async def _time_limit(self) -> None:

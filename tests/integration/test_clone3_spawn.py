@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import sys
 
 import pytest
 from trainsup import cgroup, clone3
@@ -28,8 +29,9 @@ print("stdin", os.readlink("/proc/self/fd/0"))
 """
 
 
-@pytest.fixture
-def tree(tmp_path):
+@pytest.fixture(params=[True, False], ids=["shared-memory", "copy-on-write"])
+def tree(tmp_path, request, monkeypatch):
+    monkeypatch.setattr(clone3, "SHARE_MEMORY", request.param)
     c = cgroup.setup(tmp_path / "state")
     if c.kind != cgroup.CGROUP_V2:
         pytest.skip(f"needs a writable cgroup v2 hierarchy: {c.kind} {c.why}")
@@ -114,3 +116,43 @@ def test_clone3_parent_signal_mask_and_handlers_restored(tmp_path, tree):
     _run(tmp_path, fd)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_clone3_launches_while_other_threads_want_the_gil(tmp_path, tree):
+    """Found as `the new process did not reach exec within 5s` for 1 of 200 jobs started
+    at once under load: a GIL drop request another thread had posted before the clone made
+    a child that ran Python wait forever for a thread it does not have. Threads that keep
+    asking for the GIL post such requests all the time; every launch must still exec."""
+    import threading
+    _, cg, fd = tree
+    stop = threading.Event()
+
+    def spin() -> None:                 # pure-Python work: wants the GIL every switch interval
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    spinners = [threading.Thread(target=spin, daemon=True) for _ in range(3)]
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)         # drop requests every 10 us instead of every 5 ms
+    for t in spinners:
+        t.start()
+    out = os.open(os.devnull, os.O_WRONLY)
+    failures = []
+    try:
+        for _ in range(300):
+            try:
+                leader, pidfd = clone3.spawn(["/bin/true"], {"PATH": "/bin"}, "/", out, fd)
+            except OSError as e:
+                failures.append(str(e))
+                continue
+            os.close(pidfd)
+            assert leader.wait() == 0
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+        sys.setswitchinterval(old_interval)
+        os.close(out)
+    assert failures == []
+    assert cg.pids() == []
