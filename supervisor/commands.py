@@ -35,6 +35,9 @@ class Request:
 class Commands:
     def __init__(self, daemon: "Daemon"):
         self.d = daemon
+        self._sampling: Optional[asyncio.Future] = None
+        self._sample_next = float("-inf")       # monotonic: when some job's sample ages out
+        self._sample_gens: tuple[int, ...] = ()
 
     def job(self, name: Optional[str]) -> Job:
         if not name:
@@ -105,7 +108,28 @@ class Commands:
     async def do_ping(self, r: "Request") -> Any:
         return {"pid": os.getpid(), "version": __version__}
 
+    async def fresh_proc_samples(self) -> None:
+        """Bring every running job's /proc sample (stop state, RSS, save-signal handler) to
+        within PROC_MAX_AGE, reading /proc in a thread: at 200 jobs those reads take tens of
+        milliseconds, which the loop (and every other request) must not wait through.
+        Requests arriving meanwhile share the one read under way."""
+        d = self.d
+        now = time.monotonic()
+        gens = tuple(j.row_gen for j in d.jobs.values())     # a new attempt moves its job's count
+        if now < self._sample_next and gens == self._sample_gens:
+            return
+        due = [j for j in d.jobs.values() if j.proc_sample_due(now)]
+        if due:
+            if self._sampling is None or self._sampling.done():
+                self._sampling = d.loop.run_in_executor(None, lambda: [(j, j.read_proc()) for j in due])
+            for job, sample in await asyncio.shield(self._sampling):
+                if sample is not None:
+                    job.apply_proc(sample, now)
+        self._sample_gens = tuple(j.row_gen for j in d.jobs.values())
+        self._sample_next = min((j.proc_sample_next() for j in d.jobs.values()), default=float("inf"))
+
     async def do_status(self, r: "Request") -> Any:
+        await self.fresh_proc_samples()
         if r.args.get("table"):
             return self.status_table(r.job)
         return self.status(r.job)

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -30,6 +31,7 @@ from .crashpoints import crash_point
 from .joblog import JobLog
 from .monitor import AttemptMonitor
 from .notices.hang import is_stopped
+from .rowgen import RowFields
 from .spec import DaemonSpec, JobSpec
 
 log = logging.getLogger("trainsup.job")
@@ -73,6 +75,15 @@ NOTICE_SHOWN_FOR = float(os.environ.get("TRAINSUP_NOTICE_SHOWN_FOR", "900"))
 # `status` reads a job's /proc entries (stop state, RSS, signal handlers) at most this
 # often: 200 jobs polled back to back must not walk 200 process trees per request.
 PROC_MAX_AGE = 1.0
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """What `status` shows of a running attempt from /proc and its cgroup, read off the loop."""
+    pid: int
+    stopped: bool
+    rss: Optional[int]
+    catches: Optional[bool]     # None: not re-read this time
 
 
 class TransitionError(RuntimeError):
@@ -121,7 +132,11 @@ def _ckpt_key(info) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
 
-class Job:
+class Job(RowFields):
+    # What status_row shows (see rowgen.py): assigning any of these re-encodes the row.
+    ROW_FIELDS = frozenset({"spec", "state", "child", "restarts", "error", "last_notice", "memory_rss",
+                            "sigstopped", "_catch_seen"})
+
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
                  persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
                  clock: Callable[[], float] = time.monotonic):
@@ -770,20 +785,13 @@ class Job:
         return f"work since the last checkpoint is lost (last checkpoint {age}step {latest.step})"
 
     def _save_signal_warnings(self) -> list[str]:
-        """Say before it matters that no process of the job catches the save signal."""
+        """Say before it matters that no process of the job catches the save signal (from
+        the last off-loop sample: ProcSample)."""
         c = self.child
         if c is None or self.spec.checkpoint is None or time.monotonic() - c.started_mono < CATCH_GRACE_S:
             return []
-        now = time.monotonic()
         seen = self._catch_seen
-        if seen is None or seen[0] != c.pid or now - seen[1] > (5.0 if seen[2] else PROC_MAX_AGE):
-            signum = process.signal_number(self.spec.emergency_save.signal)
-            try:
-                pids = [c.pid] + [p.pid for p in c.refresh_tree()]
-            except Exception:
-                pids = [c.pid]
-            seen = self._catch_seen = (c.pid, now, any(process.catches_signal(p, signum) for p in pids))
-        if seen[2]:
+        if seen is None or seen[0] != c.pid or seen[2]:
             return []
         return [f"no process catches {self.spec.emergency_save.signal}: emergency saves impossible "
                 f"(see README 'Integrations')"]
@@ -797,21 +805,56 @@ class Job:
         return bool(ack and ack.get("exits") and (state is None or ack.get("state") == state))
 
     # -- views ---------------------------------------------------------------------------
-    def _sample_proc(self, c: process.Child) -> None:
-        """Stop state and RSS for `status`, read at most once a PROC_MAX_AGE per attempt
-        (a new attempt is read at once). The monitor keeps RSS current when a memory
-        limit is set; an exited attempt has no RSS (cleared at its exit)."""
-        now = time.monotonic()
+    def proc_sample_due(self, now: float) -> bool:
+        """Whether `status` needs a fresher /proc sample of this job (at most one a
+        PROC_MAX_AGE per attempt; a new attempt is read at once)."""
+        c = self.child
+        if c is None:
+            return False
         pid, at = self._proc_seen
-        if pid == c.pid and now - at < PROC_MAX_AGE:
-            return
-        self._proc_seen = (c.pid, now)
-        self.sigstopped = is_stopped(c.pid)
+        return pid != c.pid or now - at >= PROC_MAX_AGE
+
+    def proc_sample_next(self) -> float:
+        """When (monotonic) this job's sample ages out; +inf with nothing running."""
+        return self._proc_seen[1] + PROC_MAX_AGE if self.child is not None else float("inf")
+
+    def read_proc(self) -> Optional[ProcSample]:
+        """Off the loop (a thread): stop state, RSS, and whether any process of the job
+        catches the save signal. Reads /proc and the cgroup only; changes nothing here.
+        The monitor keeps RSS current itself when a memory limit is set."""
+        c = self.child
+        if c is None:
+            return None
+        rss = None
         if self.monitor is not None and not self.spec.memory.limit:
             try:
-                self.memory_rss = self.monitor.sample_rss(max_age=PROC_MAX_AGE)
+                rss = self.monitor.sample_rss(max_age=PROC_MAX_AGE)
             except Exception:
                 pass
+        catches = None
+        seen = self._catch_seen
+        now = time.monotonic()
+        if (self.spec.checkpoint is not None and now - c.started_mono >= CATCH_GRACE_S
+                and (seen is None or seen[0] != c.pid or now - seen[1] > (5.0 if seen[2] else PROC_MAX_AGE))):
+            signum = process.signal_number(self.spec.emergency_save.signal)
+            try:
+                pids = [c.pid] + process.descendants(c.pid)
+            except OSError:
+                pids = [c.pid]
+            catches = any(process.catches_signal(p, signum) for p in pids)
+        return ProcSample(c.pid, is_stopped(c.pid), rss, catches)
+
+    def apply_proc(self, sample: ProcSample, at: float) -> None:
+        """On the loop: take a sample read off it, if it is still of the current attempt."""
+        c = self.child
+        if c is None or c.pid != sample.pid:
+            return
+        self._proc_seen = (sample.pid, at)
+        self.sigstopped = sample.stopped
+        if sample.rss is not None:
+            self.memory_rss = sample.rss
+        if sample.catches is not None:
+            self._catch_seen = (sample.pid, at, sample.catches)
 
     def _checkpoint_summary(self) -> tuple:
         """(latest valid, valid count, invalid count, bytes), recounted only when the index
@@ -829,17 +872,16 @@ class Job:
         any of it changed. Times travel as wall timestamps (`started`, checkpoint `mtime`):
         the reader computes ages, so a row does not go stale as time passes."""
         c = self.child
-        if c is not None:
-            self._sample_proc(c)
         ck = self.ckpts
+        # Time alone changes two things shown (a notice ages out, the save-signal check's
+        # grace ends): the row is also re-made once a PROC_MAX_AGE.
+        key = (self.row_gen, ck.row_gen, self.tracker.consecutive, int(time.monotonic() / PROC_MAX_AGE))
+        if key == self._row[0]:
+            return self._row[1]
         summary = self._checkpoint_summary() if self.spec.checkpoint else None
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
-        key = (self.state, self.sigstopped, c and (c.pid, c.started_wall), self.restarts, self.tracker.consecutive, summary,
-               ck.over_quota, ck.error, tuple(ck.warnings), tuple(self._save_signal_warnings()),
-               self.memory_rss, self.error, shown and tuple(shown.items()))
-        if key == self._row[0]:
-            return self._row[1]
+        warnings = list(ck.warnings) + self._save_signal_warnings()
         # Unset fields are left out (the reader's defaults say the same): a short row
         # is quicker to send and to decode. A checkpoint summary keeps its `bytes`.
         ckpt: Optional[dict] = None
@@ -857,7 +899,7 @@ class Job:
             ("pid", c.pid if c else None), ("started", round(c.started_wall, 2) if c else None),
             ("restarts", self.restarts), ("crashes_in_a_row", self.tracker.consecutive),
             ("checkpoint", ckpt), ("memory", memory), ("last_notice", shown),
-            ("warnings", list(key[8]) + list(key[9])), ("error", self.error)) if v}
+            ("warnings", warnings), ("error", self.error)) if v}
         row = {"name": self.name, "state": "stopped" if self.sigstopped and c else self.state.value, **row}
         encoded = json.dumps(row, separators=(",", ":")).encode()
         self._row = (key, encoded)
@@ -867,8 +909,6 @@ class Job:
         latest, valid, invalid, total = self._checkpoint_summary()
         c = self.child
         now = time.time()
-        if c is not None:
-            self._sample_proc(c)
         quota = self.spec.checkpoint.quota if self.spec.checkpoint else None
         return {
             "name": self.name,

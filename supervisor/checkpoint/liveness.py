@@ -4,10 +4,16 @@ An entry is live while any of these holds (issue 11 case 5):
   - it is a trainsup tmp dir `.trainsup-tmp/step-N.<pid>` and that pid is alive with a
     start time no later than when the daemon first saw the dir (a reused pid started
     after it, so it is not the writer);
-  - any file in it changed (size, mtime or ctime: the scan's lstat fingerprint) within the
-    quiet window, as observed by the daemon's *monotonic* clock: for an entry that is not
-    valid the first sighting counts as a change (a valid one was proven complete). A wall-clock step (NTP, resume from suspend) changes nothing here, and a
-    slow single-file save keeps moving its file even after its dir's mtime stops;
+  - it is not valid and any file in it changed (size, mtime or ctime: the scan's lstat
+    fingerprint) within the quiet window, as observed by the daemon's *monotonic* clock; the
+    first sighting counts as a change. A wall-clock step (NTP, resume from suspend) changes
+    nothing here, and a slow single-file save keeps moving its file even after its dir's
+    mtime stops;
+  - it is valid and changed within the settle window (seconds): its format proved the
+    writer finished it (HDF5's closed superblock, a zip's central directory, a commit
+    marker), so a save written in place at its final name (h5py, Keras' ModelCheckpoint)
+    is not held for the whole grace once complete, which let rotation fall a grace's worth
+    of saves behind its quota; a rewrite that keeps moving it re-arms the window;
   - a process of the job has one of its files open (torch.save rewriting `latest.pth` in
     place: 0 bytes for a moment, and still open).
 Tmp dirs of a dead writer that stopped changing are stale: rotation may collect them.
@@ -94,14 +100,16 @@ class _Seen:
     changed: float          # monotonic: when the daemon last saw it differ (or first saw it)
     first_boot: float       # boottime: when the daemon first saw it
     moved: bool = False     # seen to differ at least once (not just first sighted)
+    valid: bool = False     # the verdict when last observed: which window applies
 
 
 class LivenessTracker:
     """Per job: remembers each entry's fingerprint and when it last moved (monotonic)."""
 
     def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic,
-                 boot_clock: Callable[[], float] = boottime) -> None:
+                 boot_clock: Callable[[], float] = boottime, settle: float = 5.0) -> None:
         self.quiet = quiet
+        self.settle = min(settle, quiet)
         self.clock = clock
         self.boot_clock = boot_clock
         self._seen: dict[str, _Seen] = {}
@@ -120,10 +128,11 @@ class LivenessTracker:
             old = self._seen.get(k)
             fp = i.fp or f"{i.bytes}:{i.mtime}"
             if old is None:
-                present[k] = _Seen(fp, now, boot)
+                present[k] = _Seen(fp, now, boot, valid=i.valid)
             elif old.fp != fp:
-                present[k] = _Seen(fp, now, old.first_boot, True)
+                present[k] = _Seen(fp, now, old.first_boot, True, i.valid)
             else:
+                old.valid = i.valid
                 present[k] = old
         self._seen = present
 
@@ -138,9 +147,9 @@ class LivenessTracker:
                 continue
             seen = self._seen.get(self.key(i))
             # A first sighting counts as a change for what is not (yet) valid: it may be a
-            # save under way. A valid entry is complete as proven; it is live only if seen
-            # to change (rewritten in place), or while the job holds it open.
-            if seen is None or (now - seen.changed < self.quiet and (seen.moved or not i.valid)):
+            # save under way. A valid entry is complete as proven; it is live only while it
+            # keeps changing (settle window), or while the job holds it open.
+            if seen is None or now - seen.changed < self._window(seen.moved, i.valid):
                 out.add(i.name)
             elif i.in_progress and i.pid is not None and self._writer_alive(i.pid, seen.first_boot):
                 out.add(i.name)
@@ -157,9 +166,15 @@ class LivenessTracker:
         """Seconds until the next entry's quiet window ends (None: none is running). Nothing
         else wakes rotation then: a save's last write was its last inotify event."""
         now = self.clock()
-        waits = [s.changed + self.quiet - now for s in self._seen.values()
-                 if s.changed + self.quiet > now]
+        waits = [end - now for s in self._seen.values()
+                 if (end := s.changed + self._window(s.moved, s.valid)) > now]
         return min(waits) if waits else None
+
+    def _window(self, moved: bool, valid: bool) -> float:
+        """How long after its last change an entry stays live: the quiet window while it is
+        not valid, the settle window once valid if it was seen to change, none for a valid
+        entry that never did (found complete)."""
+        return self.quiet if not valid else self.settle if moved else 0.0
 
     @staticmethod
     def _writer_alive(pid: int, first_seen_boot: float) -> bool:

@@ -17,11 +17,12 @@ import shutil
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 from pathlib import Path
 
 from ..crashpoints import crash_point
+from ..rowgen import RowFields
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
 from . import layout_warnings, rotation
@@ -79,8 +80,10 @@ class RotationFacts:
 
 
 @dataclass
-class JobCheckpoints:
+class JobCheckpoints(RowFields):
     """One job's checkpoint dir as the daemon sees it."""
+    # What a status row shows of it (rowgen.py): assigning any of these re-makes the row.
+    ROW_FIELDS: ClassVar[frozenset[str]] = frozenset({"infos", "over_quota", "error", "warnings"})
     name: str
     spec: Optional[CheckpointSpec]
     loop: asyncio.AbstractEventLoop
@@ -352,6 +355,7 @@ class RotationCoordinator:
                 went_over = True
             if went_over:
                 record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
+            ck.touch()      # its warnings may have changed in place: status re-reads them
             todo = list(plan.delete) + [i for i in extra.get(name, []) if i not in plan.delete]
             if not todo:
                 continue
@@ -383,6 +387,7 @@ class RotationCoordinator:
                 ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
                                    f"({failed_bytes} bytes could not be deleted)")
                 record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
+            ck.touch()
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
 

@@ -196,10 +196,10 @@ def _keras_backup(d: Path) -> tuple[Path, int]:
     return d / "latest.weights.h5", int(json.loads((d / "training_metadata.json").read_text())["step"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found here: valid ModelCheckpoint epochNN.weights.h5 files of a running Keras job stay KEPT "
-    "'in-progress' (trainsup checkpoints), so rotation leaves the oldest and the dir grows past its quota"))
 def test_keras_rotation_keeps_resume_from_the_backup(daemon, tmp_path):
+    """Found here: valid ModelCheckpoint epochNN.weights.h5 files (h5py writes in place, so
+    each was seen growing) stayed KEPT 'in-progress' for the whole grace, so rotation fell
+    behind and the dir grew past its quota."""
     pytest.importorskip("keras", reason="run `make test-frameworks` (.venv-fw has keras)")
     pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
     old = 'callbacks=[PrintSteps(args.sleep_per_step), TrainsupBackup(save_freq="epoch")]'

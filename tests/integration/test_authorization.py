@@ -246,12 +246,21 @@ socks = []
 for _ in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(1)
-    try:
-        s.connect(sys.argv[1])
-    except OSError:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            s.connect(sys.argv[1])
+        except BlockingIOError:     # the listen backlog is full: AF_UNIX says EAGAIN at once
+            if time.monotonic() < deadline:
+                time.sleep(0.001)
+                continue
+        except OSError:
+            pass
+        else:
+            socks.append(s)
+            break
         s.close()
-        continue
-    socks.append(s)
+        break
 print(len(socks), flush=True)
 time.sleep(60)
 """
