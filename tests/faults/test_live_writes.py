@@ -221,3 +221,62 @@ def test_file_held_open_by_the_job_survives_a_quiet_spell(daemon):
     assert not [e for e in hist if e["kind"] == "deleted" and e["path"].endswith("step_4.pt")]
     wait_for(lambda: sorted(p.name for p in ck.iterdir() if p.name.endswith(".pt")) == ["step_4.pt"], 20,
              "rotation to keep only the newest (keep_last 1)")
+
+
+def _zip_pt(path: Path, payload: bytes) -> None:
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+
+
+def test_valid_file_written_in_place_is_rotated_after_the_settle_window_not_the_grace(tmp_path):
+    """Found with Keras' ModelCheckpoint (h5py writes each epoch file in place): every file
+    was seen growing, so each stayed live for grace + 5 s although its format proved it
+    finished, and rotation fell a grace's worth of saves behind its quota."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    jd = _jd(ck, grace=120.0)
+    clock = [0.0]
+    jd.liveness.clock = lambda: clock[0]
+    old = ck / "step_1.pt"
+    old.write_bytes(b"PK\x03\x04partial")                     # seen mid-write: invalid
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    _zip_pt(old, b"state 1")                                  # finished in place: valid, moved
+    _zip_pt(ck / "step_2.pt", b"state 2")
+    clock[0] += 1
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    assert all(i.valid for i in infos if i.name in ("step_1.pt", "step_2.pt")), infos
+    assert "step_1.pt" not in {i.name for i in jd.plan(infos).delete}     # still settling
+    clock[0] += jd.liveness.settle
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    assert "step_1.pt" in {i.name for i in jd.plan(infos).delete}         # not 120 s later
+    assert jd.liveness.settle < jd.liveness.quiet
+
+
+def test_invalid_file_that_moved_stays_live_for_the_whole_quiet_window(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    _zip_pt(ck / "step_2.pt", b"state 2")
+    jd = _jd(ck, grace=120.0)
+    clock = [0.0]
+    jd.liveness.clock = lambda: clock[0]
+    part = ck / "step_1.pt"
+    part.write_bytes(b"PK\x03\x04partial")
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    with open(part, "ab") as f:
+        f.write(b"more")                                       # still being written, in place
+    clock[0] += 1
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    clock[0] += 60                                             # past the settle window, inside grace
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    assert "step_1.pt" not in {i.name for i in jd.plan(infos).delete}
+    clock[0] += 65                                             # past grace + margin: collected
+    infos, _ = jd.scan(None)
+    jd.observe(infos)
+    assert "step_1.pt" in {i.name for i in jd.plan(infos).delete}
