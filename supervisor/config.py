@@ -1037,7 +1037,8 @@ def _identity(ctx: Context) -> dict:
     if ctx.account is not None:
         gid = ctx.group_id if ctx.group_id is not None else ctx.account.pw_gid
         out.update(uid=ctx.account.pw_uid, gid=gid, home=Path(ctx.account.pw_dir),
-                   groups=tuple(sorted(set(os.getgrouplist(ctx.account.pw_name, gid)))))
+                   groups=tuple(sorted(set(os.getgrouplist(ctx.account.pw_name, gid)))),
+                   shell=ctx.account.pw_shell or "/bin/sh")
     elif ctx.group_id is not None:
         out["gid"] = ctx.group_id
     return out

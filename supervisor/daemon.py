@@ -16,7 +16,6 @@ from typing import Any, Optional
 import psutil
 
 from . import __version__, cgroup, config, process
-from .checkpoint.custody import owner_ids
 from .checkpoint.deleter import unfinished_intents
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
@@ -326,7 +325,7 @@ class Daemon:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request,
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
-                               create_as=owner_ids(spec.user, spec.group) if self.is_root else None)
+                               create_as=spec.owner() if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
         old = self.jobs.get(spec.name)
         if old is not None:

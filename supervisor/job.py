@@ -398,7 +398,7 @@ class Job(RowFields):
         }
         if spec.checkpoint is not None:
             try:
-                self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.user, spec.group)
+                self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.owner())
                 jobnotice.clear(self._notice_path)
                 extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_path)
             except (OSError, KeyError) as e:
@@ -411,7 +411,7 @@ class Job(RowFields):
             if problem:
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
         try:
-            process.prepare_heartbeat(self.heartbeat_file, spec.user, spec.group)
+            process.prepare_heartbeat(self.heartbeat_file, spec.owner())
         except (OSError, KeyError) as e:
             log.warning("%s: heartbeat file %s: %s", self.name, self.heartbeat_file, e)
         wfd = -1

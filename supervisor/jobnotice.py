@@ -15,10 +15,8 @@ The job side is trainsup.emergency.
 from __future__ import annotations
 
 import datetime as _dt
-import grp
 import json
 import os
-import pwd
 import stat
 from pathlib import Path
 from typing import Optional
@@ -27,7 +25,7 @@ NOTICE_NAME = "notice.json"
 ACK_SUFFIX = ".ack"
 
 
-def prepare(state_dir: Path, job: str, user: Optional[str], group: Optional[str] = None) -> Path:
+def prepare(state_dir: Path, job: str, owner: Optional[tuple[int, int]]) -> Path:
     """The job's notice dir (created, owned by the job's user) and the notice file's path.
     Raises OSError."""
     d = Path(state_dir) / "notices" / job
@@ -39,11 +37,8 @@ def prepare(state_dir: Path, job: str, user: Optional[str], group: Optional[str]
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)   # a planted link is refused
     try:
         st = os.fstat(fd)
-        if user:
-            pw = pwd.getpwnam(user)
-            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
-            if (st.st_uid, st.st_gid) != (pw.pw_uid, gid):
-                os.fchown(fd, pw.pw_uid, gid)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
         if stat.S_IMODE(st.st_mode) != 0o755:
             os.fchmod(fd, 0o755)
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import grp
+import functools
 import logging
 import os
 import pwd
@@ -50,6 +50,15 @@ def become_subreaper() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _daemon_account() -> pwd.struct_passwd | None:
+    """The daemon's own account, looked up once (jobs without `user:` run as it)."""
+    try:
+        return pwd.getpwuid(os.getuid())
+    except KeyError:
+        return None
+
+
 def build_env(job: JobSpec, daemon: DaemonSpec, extra: Mapping[str, str],
               daemon_env: Mapping[str, str] = os.environ) -> dict[str, str]:
     env: dict[str, str] = {}
@@ -60,12 +69,10 @@ def build_env(job: JobSpec, daemon: DaemonSpec, extra: Mapping[str, str],
         if k.startswith("LC_"):
             env[k] = v
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    try:
-        pw = pwd.getpwnam(job.user) if job.user else pwd.getpwuid(os.getuid())
-        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
-                   SHELL=pw.pw_shell or "/bin/sh")
-    except KeyError:
-        pass
+    if job.user and job.uid is not None:        # resolved when the config loaded
+        env.update(HOME=str(job.home or "/"), USER=job.user, LOGNAME=job.user, SHELL=job.shell or "/bin/sh")
+    elif (me := _daemon_account()) is not None:
+        env.update(HOME=me.pw_dir, USER=me.pw_name, LOGNAME=me.pw_name, SHELL=me.pw_shell or "/bin/sh")
     for k in daemon.pass_env:
         if k in daemon_env:
             env[k] = daemon_env[k]
@@ -345,19 +352,15 @@ def kill_orphans(job_name: str, leaders: Iterable[int]) -> int:
 
 def _privilege_drop(job: JobSpec) -> dict:
     """Popen arguments that drop to the job's user in the safe order (supplementary
-    groups, gid, uid), with that user's groups rather than root's."""
+    groups, gid, uid), with that user's groups rather than root's: the ids the config
+    resolved when it loaded (a lookup here would block the loop on NSS, LDAP say)."""
     if not job.user and not job.group:
         return {}
-    kw: dict = {}
+    if job.gid is None or (job.user and job.uid is None):
+        raise KeyError(f"user/group of job {job.name} not resolved")
+    kw: dict = {"group": job.gid, "extra_groups": list(job.groups) if job.user else [job.gid]}
     if job.user:
-        pw = pwd.getpwnam(job.user)
-        gid = grp.getgrnam(job.group).gr_gid if job.group else pw.pw_gid
-        kw["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
-        kw["group"] = gid
-        kw["user"] = pw.pw_uid
-    elif job.group:
-        kw["group"] = grp.getgrnam(job.group).gr_gid
-        kw["extra_groups"] = [kw["group"]]
+        kw["user"] = job.uid
     return kw
 
 
@@ -486,7 +489,7 @@ def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
         log.warning("heartbeat dir %s: %s", d, e.strerror)
 
 
-def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) -> None:
+def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
     """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
     it (a root-owned one made hang detection restart healthy jobs). The file is opened
     without following a symlink (O_NOFOLLOW) and changed through that fd only: a link
@@ -506,11 +509,8 @@ def prepare_heartbeat(path: Path, user: str | None, group: str | None = None) ->
         fd = os.open(path, flags | os.O_EXCL, 0o644)
         st = os.fstat(fd)
     try:
-        if user:
-            pw = pwd.getpwnam(user)
-            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
-            if (st.st_uid, st.st_gid) != (pw.pw_uid, gid):
-                os.fchown(fd, pw.pw_uid, gid)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
         os.fchmod(fd, 0o644)
     finally:
         os.close(fd)

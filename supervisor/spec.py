@@ -7,6 +7,7 @@ whether a reload changed a job.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -127,6 +128,7 @@ class JobSpec:
     gid: Optional[int] = None
     home: Optional[Path] = None
     groups: tuple[int, ...] = ()               # supplementary groups of `user`
+    shell: Optional[str] = None                # `user`'s login shell (SHELL in its environment)
     autostart: bool = True
     stop_timeout: float = 10.0
     checkpoint: Optional[CheckpointSpec] = None
@@ -137,6 +139,15 @@ class JobSpec:
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     hooks: tuple[HookSpec, ...] = ()           # run after the daemon's own hooks
     slurm: Optional[SlurmSpec] = None
+
+    def owner(self) -> Optional[tuple[int, int]]:
+        """(uid, gid) the files made for a `user:`/`group:` job belong to (its checkpoint
+        dir, heartbeat, notice dir); None when it runs as the daemon. From the ids the
+        config resolved: nothing here looks a user up."""
+        if not self.user and not self.group:
+            return None
+        return (self.uid if self.uid is not None else os.getuid(),
+                self.gid if self.gid is not None else os.getgid())
 
 
 @dataclass(frozen=True)

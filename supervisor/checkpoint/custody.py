@@ -21,9 +21,7 @@ facts; the on-the-loop calls own the per-job memory (liveness, backoff).
 from __future__ import annotations
 
 import errno
-import grp
 import os
-import pwd
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -46,19 +44,6 @@ from .validate import Verdict, VerdictCache
 # the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen
 # unchanged across passes", never "changed in the same instant".
 QUIET_MARGIN_S = 5.0
-
-
-def owner_ids(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
-    """(uid, gid) a `user:`/`group:` job's missing checkpoint dir is created with, so the
-    job can save into it (issue 10: it was created root-owned); None: the daemon's own."""
-    if not user and not group:
-        return None
-    try:
-        pw = pwd.getpwnam(user) if user else None
-        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
-        return (pw.pw_uid if pw else os.getuid(), gid)
-    except KeyError:
-        return None
 
 
 class JobCheckpointDir:

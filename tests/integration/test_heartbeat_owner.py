@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from trainsup import process
 
+_pw = pwd.getpwnam("nobody")
+NOBODY = (_pw.pw_uid, _pw.pw_gid)      # the ids a `user: nobody` job's spec resolves to
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
 PY = "/usr/bin/python3"     # world-executable: the venv under /root is not nobody's
 
@@ -45,7 +48,7 @@ def test_user_job_heartbeat_file_writable_by_the_job(open_dir):
     hb = hb_dir / "job"
     before = _as_nobody(hb)
     assert before.returncode != 0, "the defect's precondition: nobody cannot create it"
-    process.prepare_heartbeat(hb, "nobody")
+    process.prepare_heartbeat(hb, NOBODY)
     st = os.lstat(hb)
     assert (st.st_uid, st.st_gid) == (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
     old = os.stat(hb).st_mtime_ns
@@ -62,7 +65,7 @@ def test_heartbeat_symlink_is_replaced_not_followed(tmp_path):
     hb = tmp_path / "heartbeat" / "job"
     hb.parent.mkdir()
     hb.symlink_to(victim)
-    process.prepare_heartbeat(hb, "nobody")
+    process.prepare_heartbeat(hb, NOBODY)
     assert not hb.is_symlink() and hb.is_file()
     assert os.stat(victim).st_uid == 0 and oct(os.stat(victim).st_mode & 0o777) == "0o600"
     assert victim.read_text() == "root's"
@@ -71,7 +74,7 @@ def test_heartbeat_symlink_is_replaced_not_followed(tmp_path):
 def test_heartbeat_existing_file_rechowned_for_a_changed_user(tmp_path):
     hb = tmp_path / "hb"
     hb.write_text("")
-    process.prepare_heartbeat(hb, "nobody")
+    process.prepare_heartbeat(hb, NOBODY)
     assert os.stat(hb).st_uid == pwd.getpwnam("nobody").pw_uid
     process.prepare_heartbeat(hb, None)       # the job's `user:` removed: stays writable by root
     assert os.stat(hb).st_uid == pwd.getpwnam("nobody").pw_uid
@@ -82,7 +85,7 @@ def test_heartbeat_hardlink_to_another_file_is_replaced(tmp_path):
     other.write_text("x")
     hb = tmp_path / "hb"
     os.link(other, hb)
-    process.prepare_heartbeat(hb, "nobody")
+    process.prepare_heartbeat(hb, NOBODY)
     assert os.stat(other).st_uid == 0 and os.stat(hb).st_ino != os.stat(other).st_ino
 
 
@@ -124,7 +127,7 @@ def test_heartbeat_dir_reachable_not_listable(tmp_path):
     for level in (run, d):
         st = os.lstat(level)
         assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o711"
-    process.prepare_heartbeat(d / "job", "nobody")
+    process.prepare_heartbeat(d / "job", NOBODY)
     process.discard_heartbeat_dir(d, run_dir=run)
     assert not d.exists()
 
