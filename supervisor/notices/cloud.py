@@ -11,14 +11,10 @@ Only urllib, with proxies switched off: a metadata address sent through an
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Optional
 
@@ -33,7 +29,7 @@ GCP_NOTICE_LEAD = 30.0
 # AWS gives two minutes; used only when instance-action's `time` cannot be read.
 AWS_NOTICE_LEAD = 120.0
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_OPENER = None     # urllib.request (with ssl, email, http): imported at the first request, not by every daemon
 
 
 class MetadataError(Exception):
@@ -47,6 +43,12 @@ class MetadataError(Exception):
 def _request(method: str, url: str, headers: dict, *, timeout: float,
              data: Optional[bytes] = None) -> tuple[int, bytes, dict]:
     """One HTTP exchange. Any status comes back; only no answer at all raises."""
+    global _OPENER
+    import http.client
+    import urllib.error
+    import urllib.request
+    if _OPENER is None:
+        _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with _OPENER.open(req, timeout=timeout) as resp:
@@ -91,6 +93,7 @@ def parse_iso_utc(text: str) -> float:
 
 def parse_rfc1123(text: str) -> float:
     """'Mon, 19 Sep 2016 18:29:47 GMT' -> epoch seconds."""
+    import email.utils
     dt = email.utils.parsedate_to_datetime(text.strip())
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)

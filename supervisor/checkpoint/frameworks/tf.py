@@ -21,7 +21,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import replace
 
-import crc32c
 
 from ..range_reader import ShortRead, checksum_ranges
 from ..validate import Verdict, _Invalid
@@ -40,6 +39,12 @@ _MAX_INDEX = 256 << 20
 
 
 # ---------------------------------------------------------------- recognising
+
+
+def _crc32c():
+    """crc32c.crc32c, imported at the first TF check (3 MB of RSS most daemons never use)."""
+    import crc32c
+    return crc32c.crc32c
 
 def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
     """Prefixes the `checkpoint` state file lists (None: there is no state file)."""
@@ -145,7 +150,7 @@ def _read_block(fd: int, size: int, off: int, length: int, what: str) -> bytes:
         raise _Invalid("tf-index: short read (file changed while checking?)")
     ctype = raw[length]
     (stored,) = struct.unpack_from("<I", raw, length + 1)
-    if _mask(crc32c.crc32c(raw[: length + 1])) != stored:
+    if _mask(_crc32c()(raw[: length + 1])) != stored:
         raise _Invalid(f"tf-index: {what} block CRC32C mismatch")
     if ctype != 0:
         raise _Invalid(f"tf-index: {what} block is compressed (type {ctype}), not supported")
@@ -308,7 +313,7 @@ def _check_shard(fd: int, size: int, shard: int, tensors: list[_Tensor]) -> None
 
 
 def _crc32c_update(data: memoryview, crc: int) -> int:
-    return crc32c.crc32c(data, crc)
+    return _crc32c()(data, crc)
 
 
 def _range_crc(fd: int, off: int, n: int, crc: int) -> int:
@@ -316,7 +321,7 @@ def _range_crc(fd: int, off: int, n: int, crc: int) -> int:
         b = os.pread(fd, min(n, _CHUNK), off)
         if not b:
             raise _Invalid("tf-data: short read (file changed while checking?)")
-        crc = crc32c.crc32c(b, crc)
+        crc = _crc32c()(b, crc)
         off += len(b)
         n -= len(b)
     return crc
@@ -330,7 +335,7 @@ def _string_crc(fd: int, t: _Tensor) -> int:
     pos, crc = 0, 0
     for _ in range(t.elements):
         length, pos = _varint(head, pos)
-        crc = crc32c.crc32c(struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length), crc)
+        crc = _crc32c()(struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length), crc)
     if pos + 4 > t.size:
         raise _Invalid(f"tf-data: string tensor {t.name} is shorter than its lengths")
     (lcrc,) = struct.unpack_from("<I", head, pos)
