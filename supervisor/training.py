@@ -927,7 +927,8 @@ class Checkpointer:
     def _write_and_commit(self, step: int, w: CheckpointWriter, state: dict, rank_only: bool = False) -> Path | None:
         try:
             try:
-                _save_file(state, w.path / STATE_FILE)
+                with w.hashed_file(STATE_FILE) as f:     # hashed as written: no read-back
+                    torch.save(state, f)
             except BaseException as e:
                 w.abort()
                 raise SaveError(getattr(e, "errno", 0) or 0, f"writing {STATE_FILE}: {e}") from e

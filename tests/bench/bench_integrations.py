@@ -303,7 +303,54 @@ def preempt_to_exit(d: Path, mib: int, runs: int) -> dict:
             saves.append(len(committed))
             lost.append(int((run / "step").read_text()) - int(committed[-1].name.split("-")[1]))
     return {"ours": statistics.median(ours), "peer": statistics.median(peer), "saves": max(saves),
-            "lost": max(lost), "runs": runs}
+            "lost": max(lost), "runs": runs, "ours_s": ours, "peer_s": peer}
+
+
+def framework_saves(name: str, mib: int, runs: int, python: str = sys.executable) -> dict:
+    """One framework's signal -> committed against its own save, in a child process of
+    `python` (TensorFlow and Paddle do not load into one). {"error": ...} on failure."""
+    with tempfile.TemporaryDirectory(dir=WORK) as d:
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", GLOG_minloglevel="3",
+                   OMP_NUM_THREADS="1")
+        for k in [k for k in env if k.startswith("TRAINSUP_")]:
+            del env[k]
+        r = subprocess.run([python, __file__, "--child", name, "--dir", d, "--mib", str(mib), "--runs", str(runs)],
+                           env=env, capture_output=True, text=True, timeout=1200)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode or not line:
+        return {"error": (r.stderr or r.stdout)[-300:].replace("\n", " ")}
+    return json.loads(line[0][7:])
+
+
+def run(quick: bool = False):
+    """run_all.py's section: the helper's preempt -> exit at 256 MiB and 1 GiB (20 runs, 5
+    with --quick) and, where .venv-fw exists, every framework integration's save."""
+    from measure import Section, Stat
+    sec = Section("integrations")
+    runs = 5 if quick else 20
+    WORK.mkdir(parents=True, exist_ok=True)
+    for mib in (256, 1024):
+        with tempfile.TemporaryDirectory(dir=WORK) as d:
+            res = preempt_to_exit(Path(d), mib, runs)
+        ratio = res["ours"] / res["peer"]
+        sec.add(f"helper `preempt` -> process exited, checkpoint committed ({mib} MiB)", Stat("s", res["ours_s"]),
+                "torch.save + fsync + exit (python+torch), same state", Stat("s", res["peer_s"]),
+                target="<= 1.2x", met=ratio <= 1.2)
+        sec.add(f"  saves per preempt, most in {runs} runs ({mib} MiB)", Stat.one(res["saves"], "saves"),
+                target="1", met=res["saves"] == 1)
+        sec.add(f"  steps lost, most in {runs} runs ({mib} MiB)", Stat.one(res["lost"], "steps"),
+                target="0", met=res["lost"] == 0)
+    fw = REPO / ".venv-fw" / "bin" / "python"
+    python = str(fw) if fw.exists() else sys.executable
+    for name, (mod, _) in CHILDREN.items():
+        res = framework_saves(name, 64, 3 if quick else 5, python)
+        if "error" in res:
+            sec.notes.append(f"{name}: not measured ({mod} not importable in {python}, or: {res['error'][-120:]})")
+            continue
+        sec.add(f"{name}: save signal -> committed (64 MiB)", Stat("s", [res["ours"]]),
+                "the framework's own save + fsync, same state", Stat("s", [res["own"]]),
+                target="<= 1.2x", met=res["ours"] / res["own"] <= 1.2)
+    return sec
 
 
 # ------------------------------------------------------------------ main
@@ -329,19 +376,10 @@ def main() -> int:
         if importlib.util.find_spec(mod) is None:
             rows.append((f"{name}: signal -> committed", "skipped", f"{mod} not importable", "", ""))
             continue
-        with tempfile.TemporaryDirectory(dir=WORK) as d:
-            env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", GLOG_minloglevel="3",
-                       OMP_NUM_THREADS="1")
-            for k in [k for k in env if k.startswith("TRAINSUP_")]:
-                del env[k]
-            r = subprocess.run([sys.executable, __file__, "--child", name, "--dir", d, "--mib", str(args.mib),
-                                "--runs", str(args.runs)], env=env, capture_output=True, text=True, timeout=1200)
-            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-            if r.returncode or not line:
-                rows.append((f"{name}: signal -> committed", "error", (r.stderr or r.stdout)[-300:].replace("\n", " "),
-                             "", ""))
-                continue
-            res = json.loads(line[0][7:])
+        res = framework_saves(name, args.mib, args.runs)
+        if "error" in res:
+            rows.append((f"{name}: signal -> committed", "error", res["error"], "", ""))
+            continue
             ratio = res["ours"] / res["own"]
             rows.append((f"{name}: signal -> committed ({args.mib} MiB)", f"{res['ours'] * 1e3:.0f} ms",
                          f"own save + fsync {res['own'] * 1e3:.0f} ms", f"{ratio:.2f}x",
