@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import __version__, cgroup, config, process
+from . import __version__, cgroup, clone3, config, process
 from .checkpoint.deleter import unfinished_intents
 from .checkpoint.service import JobCheckpoints, RotationCoordinator
 from .commands import Commands
@@ -97,6 +97,8 @@ class Daemon:
             log.warning("jobs contained by process group only (%s)", containment.why)
         else:
             log.info("jobs contained by %s under %s", containment.kind, containment.root)
+            if containment.kind == cgroup.CGROUP_V2 and not clone3.available():
+                log.warning("launching through cgroup.procs, not clone3 (slower): %s", clone3.why_unavailable())
         for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
                              (signal.SIGHUP, self._on_hup), (signal.SIGUSR1, self._on_usr1),
                              (signal.SIGCHLD, self._on_chld)):
