@@ -330,14 +330,18 @@ class Job(RowFields):
         if self.retired:
             return
         self._set(S.STARTING)
-        if fresh or self.spec.checkpoint is None:
+        # Fresh (an immediate relaunch, the index refreshed after the exit): straight on,
+        # unless the last attempt left a save half-written (found with backoff 0: HF's
+        # get_last_checkpoint then picked the half-written checkpoint-N/).
+        if self.spec.checkpoint is None or (fresh and not self.ckpts.has_interrupted(self.pinned)):
             self._spawn_guarded()
             return
-        self._prelaunch = self.loop.create_task(self._refresh_then_spawn())
+        self._prelaunch = self.loop.create_task(self._refresh_then_spawn(refresh=not fresh))
 
-    async def _refresh_then_spawn(self) -> None:
+    async def _refresh_then_spawn(self, refresh: bool = True) -> None:
         try:
-            await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
+            if refresh:
+                await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
             if self.child is None:
                 # No writer is left: a save the last attempt left half-written must not be
                 # what the framework's own "latest" logic picks up next.

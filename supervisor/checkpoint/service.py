@@ -25,7 +25,7 @@ from ..crashpoints import crash_point
 from ..rowgen import RowFields
 from ..spec import CheckpointSpec
 from . import index as ckpt_index
-from . import layout_warnings, rotation
+from . import aside, layout_warnings, rotation
 from .custody import JobCheckpointDir
 from .deleter import PassGate
 from .frameworks import bookkeeping
@@ -132,10 +132,14 @@ class JobCheckpoints(RowFields):
             log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
                         self.name, self.spec.dir, e)
 
+    def has_interrupted(self, pinned: Iterable[int] = ()) -> bool:
+        """Whether the index shows a save to move aside before a launch (on the loop: no I/O)."""
+        return self.custody is not None and bool(aside.interrupted(self.infos, pinned))
+
     async def move_aside_interrupted(self, pinned: Iterable[int] = ()) -> list[tuple[Any, str]]:
         """Interrupted saves newer than the newest valid one, renamed aside (never deleted)
         before a relaunch; the index is refreshed when anything moved."""
-        if self.custody is None or not self.infos:
+        if self.custody is None or not self.has_interrupted(pinned):
             return []
         moved = await self.loop.run_in_executor(self.executor, self.custody.move_aside_interrupted,
                                                 list(self.infos), list(pinned))
