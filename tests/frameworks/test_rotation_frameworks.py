@@ -26,6 +26,7 @@ import pytest
 
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, resumed_lines, steps_since_resume
+from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
 
@@ -214,39 +215,8 @@ def test_keras_rotation_keeps_resume_from_the_backup(daemon, tmp_path):
 
 # ---------------------------------------------------------------------------- Paddle
 
-_PD = re.compile(r"^iter_epoch_(\d+)\.pdparams$")
-
-
-def _paddle_step(prefix: Path) -> int | None:
-    """global_step of a complete PaddleOCR group (its .states pickle: the save's last file)."""
-    import pickle
-
-    try:
-        with open(prefix.with_name(prefix.name + ".states"), "rb") as f:
-            return int(pickle.load(f)["global_step"])
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError):
-        return None
-
-
 def _paddle_complete(d: Path) -> dict[Path, int]:
-    out = {}
-    for p in d.glob("iter_epoch_*.pdparams"):
-        prefix = p.with_name(p.name[: -len(".pdparams")])
-        if _PD.match(p.name) and (s := _paddle_step(prefix)) is not None:
-            out[p] = s
-    return out
-
-
-def _paddle_resume_point(d: Path) -> tuple[Path, int]:
-    """The prefix Global.checkpoints gets: the newest group by step; `latest` only when it is
-    newer than every iter_epoch_N (at the same step the numbered group is the checkpoint)."""
-    numbered = max(((p.with_name(p.name[: -len(".pdparams")]), s) for p, s in _paddle_complete(d).items()),
-                   key=lambda kv: kv[1], default=None)
-    latest = _paddle_step(d / "latest")
-    if latest is not None and (numbered is None or latest > numbered[1]):
-        return d / "latest", latest
-    assert numbered is not None, f"no complete Paddle group in {sorted(os.listdir(d))}"
-    return numbered
+    return {p.with_name(p.name + ".pdparams"): s for p, s in paddle_numbered(d).items()}
 
 
 def test_paddleocr_rotation_keeps_resume_from_the_newest_prefix(daemon, tmp_path):
@@ -256,37 +226,24 @@ def test_paddleocr_rotation_keeps_resume_from_the_newest_prefix(daemon, tmp_path
     pytest.importorskip("paddle", reason="run `make test-frameworks` (.venv-fw has paddlepaddle)")
     ckpt, keep = _job(daemon, "pdrot", SCRIPTS / "train_paddleocr.py", "--batches", "3", "--sleep-per-step", "0.05")
     _rotation_scenario(daemon, "pdrot", ckpt, keep, _paddle_complete, startup=240,
-                       resume_point=_paddle_resume_point)
-    groups = {n.split(".")[0] for n in os.listdir(ckpt) if _PD.match(n) or n.startswith("iter_epoch_")}
+                       resume_point=paddle_resume_point)
+    groups = {n.split(".")[0] for n in os.listdir(ckpt) if n.startswith("iter_epoch_")}
     for g in groups:     # deleted as one unit: no group left with a file missing
         files = sorted(n for n in os.listdir(ckpt) if n.split(".")[0] == g)
         assert files in ([f"{g}.pdopt", f"{g}.pdparams", f"{g}.states"], []), f"a partial group is left: {files}"
     # rotation passes are >= 1 s apart and this loop saves every ~0.2 s: count only what is
     # older than the resume point (it stays while the attempt that resumed from it runs)
     resumed = Path(resumed_lines(daemon, "pdrot")[-1]).name
-    older = [g for g in groups if _paddle_step(ckpt / g) < _paddle_step(ckpt / resumed) and g != resumed]
+    older = [g for g in groups if paddle_step(ckpt / g) < paddle_step(ckpt / resumed) and g != resumed]
     assert not older, f"saves older than the resume point survived keep_last 2 and the quota: {older}"
-    assert _paddle_step(ckpt / "latest") is not None, "the `latest` alias was deleted"
+    assert paddle_step(ckpt / "latest") is not None, "the `latest` alias was deleted"
 
 
 # -------------------------------------------------------------------------- TensorFlow
 
-def _tf_listed(d: Path) -> list[str]:
-    try:
-        text = (d / "checkpoint").read_text()
-    except OSError:
-        return []
-    return [Path(n).name for n in re.findall(r'^all_model_checkpoint_paths:\s*"([^"]+)"', text, re.M)]
-
-
 def _tf_complete(d: Path) -> dict[Path, int]:
     """ckpt-N.index of every save the `checkpoint` state file lists (TF's commit marker)."""
-    out = {}
-    for name in _tf_listed(d):
-        idx = d / f"{name}.index"
-        if (m := re.fullmatch(r"ckpt-(\d+)", name)) and idx.exists() and list(d.glob(f"{name}.data-*")):
-            out[idx] = int(m.group(1))
-    return out
+    return {p.with_name(p.name + ".index"): s for p, s in tf_ckpts(d).items()}
 
 
 def _tf_resume_point(d: Path) -> tuple[Path, int]:
@@ -302,20 +259,20 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
     ckpt, keep = _job(daemon, "tfrot", SCRIPTS / "train_tf.py", "--every", "3", "--max-to-keep", "2",
                       "--sleep-per-step", "0.05")
-    checked: list[int] = []     # deletions after which the state file was read
+    checked: list[int] = [0]    # numbers of trainsup deletions after which the state file was read
 
     def complete_and_state_file(d: Path) -> dict[Path, int]:
         deleted = {Path(p).name for p in _deleted_by_trainsup(daemon, "tfrot")}
-        if len(deleted) > len(checked):
-            listed = set(_tf_listed(d))
+        if len(deleted) > checked[-1]:
+            listed = set(tf_listed(d))
             assert not listed & deleted, f"the checkpoint state file lists deleted saves {listed & deleted}"
             checked.append(len(deleted))
         return _tf_complete(d)
 
     _rotation_scenario(daemon, "tfrot", ckpt, keep, complete_and_state_file, startup=240,
                        resume_point=_tf_resume_point)
-    assert len(checked) >= 2, "the state file was never read after a trainsup deletion"
-    listed = _tf_listed(ckpt)
+    assert len(checked) >= 3, "the state file was never read after a trainsup deletion"
+    listed = tf_listed(ckpt)
     assert listed and all((ckpt / f"{n}.index").exists() for n in listed), (listed, sorted(os.listdir(ckpt)))
     assert len(list(ckpt.glob("ckpt-*.index"))) <= 3
     assert not list(ckpt.glob("*_temp")), sorted(os.listdir(ckpt))

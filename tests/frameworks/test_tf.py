@@ -12,29 +12,10 @@ import re
 from pathlib import Path
 
 from fw import need, need_daemon_format, scenario, write_job
+from fw_formats import tf_ckpts
 
 need("tensorflow")
 need_daemon_format("tf")
-
-
-def tf_listed(d: Path) -> list[str]:
-    """The prefixes the `checkpoint` state file lists (TF's commit marker)."""
-    try:
-        text = (d / "checkpoint").read_text()
-    except OSError:
-        return []
-    return re.findall(r'^all_model_checkpoint_paths:\s*"([^"]+)"', text, re.M)
-
-
-def tf_ckpts(d: Path) -> dict[Path, int]:
-    """Committed CheckpointManager saves: listed in `checkpoint`, index and shard on disk."""
-    out = {}
-    for name in tf_listed(d):
-        p = d / Path(name).name
-        if (m := re.fullmatch(r"ckpt-(\d+)", p.name)) and p.with_name(p.name + ".index").exists() \
-                and list(d.glob(p.name + ".data-*")):
-            out[p] = int(m.group(1))
-    return out
 
 
 def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
