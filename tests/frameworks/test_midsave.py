@@ -158,7 +158,7 @@ CASES = [
          ("--steps", "100000", "--every", "4", "--sleep-per-step", "0.01"),
          _hf_complete, _hf_partial, in_place=True),
     Case("lightning", "lightning", _as_is("train_lightning.py"),
-         ("--steps", "100000", "--every", "4", "--pad-mb", "192", "--sleep-per-step", "0.01"),
+         ("--steps", "100000", "--every", "4", "--pad-mb", "128", "--sleep-per-step", "0.01"),
          _pl_complete, _pl_partial, in_place=True, env={"TMPDIR": "/dev/shm"}),
     Case("paddle", "paddle", _as_is("train_paddleocr.py"),
          ("--batches", "4", "--pad-mb", "48", "--sleep-per-step", "0.01"),
