@@ -42,9 +42,12 @@ from fw_formats import paddle_resume_point, paddle_step, tf_ckpts
 ASIDE = ".trainsup-aside"
 
 
-def _dot_temps(d: Path) -> Path | None:
-    found = sorted(p for p in d.glob(".*.tmp.*") if p.is_file())
-    return found[0] if found else None
+def _dot_temp(pattern: str) -> Callable[[Path], Path | None]:
+    """A rename-committed save in progress: its (big) dot-named temp file exists."""
+    def partial(d: Path) -> Path | None:
+        found = sorted(p for p in d.glob(pattern) if p.is_file())
+        return found[0] if found else None
+    return partial
 
 
 # -------------------------------------------------------- complete saves, per framework
@@ -151,7 +154,7 @@ def _variant(name: str, old: str, new: str) -> Callable[[Path], Path]:
 CASES = [
     Case("plain", "torch", lambda tmp: REPO / "jobs" / "train_plain_trainsup.py",
          ("--steps", "1000000", "--every", "5", "--pad-mb", "64", "--sleep-per-step", "0.01"),
-         _plain_complete, _dot_temps, in_place=False),
+         _plain_complete, _dot_temp(".last.pt.tmp.*"), in_place=False),
     Case("hf", "transformers",
          # a 256k-position table: model.safetensors 32 MB, optimizer.pt 64 MB per save
          _variant("train_hf.py", "n_positions=16,", "n_positions=1 << 18,"),
@@ -162,7 +165,7 @@ CASES = [
          _pl_complete, _pl_partial, in_place=True, env={"TMPDIR": "/dev/shm"}),
     Case("paddle", "paddle", _as_is("train_paddleocr.py"),
          ("--batches", "4", "--pad-mb", "48", "--sleep-per-step", "0.01"),
-         _paddle_complete, _dot_temps, in_place=False),
+         _paddle_complete, _dot_temp(".*.pdparams.tmp.*"), in_place=False),
     Case("tf", "tensorflow", _as_is("train_tf.py"),
          ("--every", "5", "--pad-mb", "64", "--sleep-per-step", "0.01"),
          tf_ckpts, _tf_partial, in_place=True),
@@ -171,7 +174,7 @@ CASES = [
                   '    model.pad = model.add_weight(shape=(32 << 18,), initializer="zeros", trainable=False)\n'
                   '    model.compile('),
          ("--sleep-per-step", "0.01"),
-         _keras_complete, _dot_temps, in_place=False, env={"KERAS_BACKEND": "tensorflow"}),
+         _keras_complete, _dot_temp(".latest.tmp.*.weights.h5"), in_place=False, env={"KERAS_BACKEND": "tensorflow"}),
 ]
 
 
