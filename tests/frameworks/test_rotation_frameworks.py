@@ -26,6 +26,7 @@ import pytest
 
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, resumed_lines, steps_since_resume
+from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
 
@@ -210,3 +211,68 @@ def test_keras_rotation_keeps_resume_from_the_backup(daemon, tmp_path):
     ckpt, keep = _job(daemon, "kerasrot", script, "--sleep-per-step", "0.01")
     _rotation_scenario(daemon, "kerasrot", ckpt, keep, _keras_complete, startup=240, resume_point=_keras_backup)
     assert (ckpt / "latest.weights.h5").exists(), "the backup alias was rotated away"
+
+
+# ---------------------------------------------------------------------------- Paddle
+
+def _paddle_complete(d: Path) -> dict[Path, int]:
+    return {p.with_name(p.name + ".pdparams"): s for p, s in paddle_numbered(d).items()}
+
+
+def test_paddleocr_rotation_keeps_resume_from_the_newest_prefix(daemon, tmp_path):
+    """PaddleOCR has no rotation of its own: trainsup's keeps iter_epoch_N groups whole (the
+    three files go together), leaves the `latest` alias it rewrites every epoch, and the
+    loop's load_model(Global.checkpoints) resumes from the newest group after a SIGKILL."""
+    pytest.importorskip("paddle", reason="run `make test-frameworks` (.venv-fw has paddlepaddle)")
+    ckpt, keep = _job(daemon, "pdrot", SCRIPTS / "train_paddleocr.py", "--batches", "3", "--sleep-per-step", "0.05")
+    _rotation_scenario(daemon, "pdrot", ckpt, keep, _paddle_complete, startup=240,
+                       resume_point=paddle_resume_point)
+    groups = {n.split(".")[0] for n in os.listdir(ckpt) if n.startswith("iter_epoch_")}
+    for g in groups:     # deleted as one unit: no group left with a file missing
+        files = sorted(n for n in os.listdir(ckpt) if n.split(".")[0] == g)
+        assert files in ([f"{g}.pdopt", f"{g}.pdparams", f"{g}.states"], []), f"a partial group is left: {files}"
+    # rotation passes are >= 1 s apart and this loop saves every ~0.2 s: count only what is
+    # older than the resume point (it stays while the attempt that resumed from it runs)
+    resumed = Path(resumed_lines(daemon, "pdrot")[-1]).name
+    older = [g for g in groups if paddle_step(ckpt / g) < paddle_step(ckpt / resumed) and g != resumed]
+    assert not older, f"saves older than the resume point survived keep_last 2 and the quota: {older}"
+    assert paddle_step(ckpt / "latest") is not None, "the `latest` alias was deleted"
+
+
+# -------------------------------------------------------------------------- TensorFlow
+
+def _tf_complete(d: Path) -> dict[Path, int]:
+    """ckpt-N.index of every save the `checkpoint` state file lists (TF's commit marker)."""
+    return {p.with_name(p.name + ".index"): s for p, s in tf_ckpts(d).items()}
+
+
+def _tf_resume_point(d: Path) -> tuple[Path, int]:
+    idx, step = max(_tf_complete(d).items(), key=lambda kv: kv[1])
+    return idx.with_suffix(""), step        # the ckpt-N prefix ckpt.restore takes
+
+
+def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon, tmp_path):
+    """CheckpointManager(max_to_keep=2) rotates on its own while trainsup's keep_last 2 and
+    quota delete under it: after every trainsup deletion the `checkpoint` state file lists
+    no deleted save (trainsup rewrites it first), the manager's own sweep of a save trainsup
+    already deleted raises nothing, and ckpt.restore resumes from the newest after SIGKILL."""
+    pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
+    ckpt, keep = _job(daemon, "tfrot", SCRIPTS / "train_tf.py", "--every", "3", "--max-to-keep", "2",
+                      "--sleep-per-step", "0.05")
+    checked: list[int] = [0]    # numbers of trainsup deletions after which the state file was read
+
+    def complete_and_state_file(d: Path) -> dict[Path, int]:
+        deleted = {Path(p).name for p in _deleted_by_trainsup(daemon, "tfrot")}
+        if len(deleted) > checked[-1]:
+            listed = set(tf_listed(d))
+            assert not listed & deleted, f"the checkpoint state file lists deleted saves {listed & deleted}"
+            checked.append(len(deleted))
+        return _tf_complete(d)
+
+    _rotation_scenario(daemon, "tfrot", ckpt, keep, complete_and_state_file, startup=240,
+                       resume_point=_tf_resume_point)
+    assert len(checked) >= 3, "the state file was never read after a trainsup deletion"
+    listed = tf_listed(ckpt)
+    assert listed and all((ckpt / f"{n}.index").exists() for n in listed), (listed, sorted(os.listdir(ckpt)))
+    assert len(list(ckpt.glob("ckpt-*.index"))) <= 3
+    assert not list(ckpt.glob("*_temp")), sorted(os.listdir(ckpt))
