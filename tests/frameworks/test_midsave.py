@@ -261,13 +261,11 @@ def test_killed_mid_save_resumes_from_the_newest_complete_save(daemon, tmp_path,
     daemon.cli("stop", name, "--no-save")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found here: with restart.backoff.initial 0 a crash relaunches through _after_exit(fresh=True) -> "
-    "_launch(fresh=True), which skips _refresh_then_spawn and so move_aside_interrupted (supervisor/job.py): "
-    "the half-written checkpoint-N/ stays where HF's get_last_checkpoint picks it"))
 def test_killed_mid_save_is_moved_aside_even_with_restart_backoff_0(daemon, tmp_path):
     """Issue 12 item 3 holds whatever the backoff: before the next launch, with no writer left,
-    a half-written save newer than the newest valid one goes aside."""
+    a half-written save newer than the newest valid one goes aside. Found here: with backoff 0
+    the immediate relaunch skipped the move, and HF's get_last_checkpoint picked the
+    half-written checkpoint-N/."""
     pytest.importorskip("transformers", reason="run `make test-frameworks` (.venv-fw has transformers)")
     from transformers.trainer_utils import get_last_checkpoint
 
