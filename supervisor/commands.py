@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from . import __version__
 from .control import Connection, Encoded, Peer, RequestError
 from .render import iso_utc
-from .job import Job, State
+from .job import PROC_MAX_AGE, Job, State
 from .verbs import VERBS
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class Commands:
     def __init__(self, daemon: "Daemon"):
         self.d = daemon
         self._sampling: Optional[asyncio.Future] = None
+        self._table: tuple[Any, bytes] = (None, b"")      # (what it depends on, the joined rows)
         self._sample_next = float("-inf")       # monotonic: when some job's sample ages out
         self._sample_gens: tuple[int, ...] = ()
 
@@ -66,13 +67,22 @@ class Commands:
         row is kept encoded and re-encoded only when it changes, so the reply at 200 jobs
         costs little more than at 10."""
         d = self.d
-        rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
-        rows += [(r["name"], json.dumps(r).encode()) for r in self._invalid_rows(name)]
-        if name is not None and not rows:
-            raise self.no_such_job(name)
-        rows.sort(key=lambda r: r[0])
+        # Every job's rows joined, kept while no row can have changed (rowgen.py): a count
+        # per job, the invalid files, and the second (what depends on time alone).
+        key = (name, int(time.monotonic() / PROC_MAX_AGE), tuple(d.invalid.items()),
+               tuple((n, j.row_gen, j.ckpts.row_gen, j.tracker.consecutive) for n, j in d.jobs.items()))
+        if key == self._table[0]:
+            joined = self._table[1]
+        else:
+            rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
+            rows += [(r["name"], json.dumps(r).encode()) for r in self._invalid_rows(name)]
+            if name is not None and not rows:
+                raise self.no_such_job(name)
+            rows.sort(key=lambda r: r[0])
+            joined = b", ".join(r for _, r in rows)
+            self._table = (key, joined)
         return Encoded(b'{"daemon": ' + json.dumps(self._daemon_status()).encode()
-                       + b', "jobs": [' + b", ".join(r for _, r in rows) + b"]}")
+                       + b', "jobs": [' + joined + b"]}")
 
     def _invalid_rows(self, name: Optional[str]) -> list[dict]:
         return [{"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
@@ -111,22 +121,36 @@ class Commands:
     async def fresh_proc_samples(self) -> None:
         """Bring every running job's /proc sample (stop state, RSS, save-signal handler) to
         within PROC_MAX_AGE, reading /proc in a thread: at 200 jobs those reads take tens of
-        milliseconds, which the loop (and every other request) must not wait through.
-        Requests arriving meanwhile share the one read under way."""
+        milliseconds, which the loop (and every other request) must not wait through. A
+        request waits for the read only for a job never sampled in its current attempt;
+        otherwise it is served the last sample while the next one is read."""
         d = self.d
         now = time.monotonic()
         gens = tuple(j.row_gen for j in d.jobs.values())     # a new attempt moves its job's count
         if now < self._sample_next and gens == self._sample_gens:
             return
         due = [j for j in d.jobs.values() if j.proc_sample_due(now)]
-        if due:
-            if self._sampling is None or self._sampling.done():
-                self._sampling = d.loop.run_in_executor(None, lambda: [(j, j.read_proc()) for j in due])
-            for job, sample in await asyncio.shield(self._sampling):
-                if sample is not None:
-                    job.apply_proc(sample, now)
-        self._sample_gens = tuple(j.row_gen for j in d.jobs.values())
-        self._sample_next = min((j.proc_sample_next() for j in d.jobs.values()), default=float("inf"))
+        if not due:
+            self._sample_gens, self._sample_next = gens, self._next_sample_due()
+            return
+        if self._sampling is None or self._sampling.done():
+            fut = d.loop.run_in_executor(None, lambda: [(j, j.read_proc()) for j in due])
+            fut.add_done_callback(lambda f: self._apply_samples(f, now))
+            self._sampling = fut
+        if any(j.never_sampled() for j in due):
+            await asyncio.shield(self._sampling)
+
+    def _apply_samples(self, fut: asyncio.Future, at: float) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for job, sample in fut.result():
+            if sample is not None:
+                job.apply_proc(sample, at)
+        self._sample_gens = tuple(j.row_gen for j in self.d.jobs.values())
+        self._sample_next = self._next_sample_due()
+
+    def _next_sample_due(self) -> float:
+        return min((j.proc_sample_next() for j in self.d.jobs.values()), default=float("inf"))
 
     async def do_status(self, r: "Request") -> Any:
         await self.fresh_proc_samples()

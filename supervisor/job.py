@@ -135,7 +135,7 @@ def _ckpt_key(info) -> tuple:
 class Job(RowFields):
     # What status_row shows (see rowgen.py): assigning any of these re-encodes the row.
     ROW_FIELDS = frozenset({"spec", "state", "child", "restarts", "error", "last_notice", "memory_rss",
-                            "sigstopped", "_catch_seen"})
+                            "sigstopped", "_catch_shown"})
 
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
                  persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
@@ -182,6 +182,7 @@ class Job(RowFields):
         self.notice_id: Optional[str] = None   # the notice the job was last signalled with
         self._notice_path: Optional[Path] = None   # TRAINSUP_NOTICE_FILE of the running attempt
         self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
+        self._catch_shown: tuple[int, bool] | None = None          # what of it status shows
         self._last_step: Optional[int] = None          # the step the last attempt reported
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
@@ -818,6 +819,10 @@ class Job(RowFields):
         pid, at = self._proc_seen
         return pid != c.pid or now - at >= PROC_MAX_AGE
 
+    def never_sampled(self) -> bool:
+        """The running attempt has no /proc sample yet (status would show none)."""
+        return self.child is not None and self._proc_seen[0] != self.child.pid
+
     def proc_sample_next(self) -> float:
         """When (monotonic) this job's sample ages out; +inf with nothing running."""
         return self._proc_seen[1] + PROC_MAX_AGE if self.child is not None else float("inf")
@@ -859,6 +864,7 @@ class Job(RowFields):
             self.memory_rss = sample.rss
         if sample.catches is not None:
             self._catch_seen = (sample.pid, at, sample.catches)
+            self._catch_shown = (sample.pid, sample.catches)
 
     def _checkpoint_summary(self) -> tuple:
         """(latest valid, valid count, invalid count, bytes), recounted only when the index
