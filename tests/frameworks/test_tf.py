@@ -8,11 +8,14 @@ The daemon recognises CheckpointManager's `ckpt-N.index` + `ckpt-N.data-*` throu
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
+import pytest
+
 from fw import need, need_daemon_format, scenario, write_job
-from fw_formats import tf_ckpts
+from fw_formats import tf_ckpts, tf_listed
 
 need("tensorflow")
 need_daemon_format("tf")
@@ -34,3 +37,51 @@ def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
     for c in rows:
         assert c["resume_path"] == c["path"] and sorted(Path(m).name for m in c["members"]) == \
             [Path(c["path"]).name + ".data-00000-of-00001", Path(c["path"]).name + ".index"], c
+
+
+@pytest.mark.parametrize("swap", ["rename-exchange", "no-rename-exchange"])
+def test_trainsup_rewriting_the_state_file_never_drops_a_save_tf_commits_meanwhile(tmp_path, monkeypatch, swap):
+    """Found here under rotation (train_tf.py --every 1, keep_last 2, a tiny quota, the state
+    file polled every 0.5 ms): ckpt-574, the newest save and complete on disk, vanished from
+    `checkpoint` after trainsup's rewrite (1 of 6 deletions): trainsup read the state file, TF
+    committed ckpt-574 (its own temp + rename), and trainsup renamed its rewrite of the older
+    text over it. The daemon then takes the newest save for "not committed".
+
+    The race is made certain by committing TF's save (a real CheckpointManager.save) at the
+    fsync of trainsup's rewrite, the moment between its read and its rename; with and without
+    renameat2's RENAME_EXCHANGE (the fix swaps its rewrite in and checks what came out)."""
+    import tensorflow as tf
+
+    from trainsup.checkpoint.frameworks import bookkeeping
+    from trainsup.checkpoint.index import scan
+
+    d = tmp_path / "ckpt"
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(tf.zeros(4))), str(d), max_to_keep=None)
+    for n in (1, 2, 3):
+        manager.save(checkpoint_number=n)
+    real_fsync, fired = os.fsync, []
+
+    def fsync_then_tf_saves(fd: int) -> None:
+        real_fsync(fd)
+        if not fired:
+            fired.append(manager.save(checkpoint_number=4))
+
+    monkeypatch.setattr(os, "fsync", fsync_then_tf_saves)
+    swaps: list[bool] = []
+    if swap == "no-rename-exchange":            # a filesystem without RENAME_EXCHANGE
+        monkeypatch.setattr(bookkeeping, "_exchange", lambda *a: False)
+    else:
+        real_exchange = bookkeeping._exchange
+        monkeypatch.setattr(bookkeeping, "_exchange", lambda *a: swaps.append(real_exchange(*a)) or swaps[-1])
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bookkeeping.forget_in_tf_state(dfd, ["ckpt-1"])       # trainsup, before deleting ckpt-1
+    finally:
+        os.close(dfd)
+    monkeypatch.undo()
+    assert fired, "TF's save did not land inside the rewrite"
+    assert swap != "rename-exchange" or swaps and all(swaps), f"RENAME_EXCHANGE not taken here: {swaps}"
+    assert tf.train.latest_checkpoint(str(d)) == str(d / "ckpt-4"), (d / "checkpoint").read_text()
+    assert "ckpt-4" in tf_listed(d) and "ckpt-1" not in tf_listed(d), (d / "checkpoint").read_text()
+    verdicts = {i.name: (i.valid, i.invalid_reason) for i in scan(d, "auto")}
+    assert verdicts["ckpt-4"] == (True, None), verdicts
