@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_for
-from fw import SCRIPTS, job_log, resumed_lines, steps_since_resume
+from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume
 from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
@@ -223,7 +223,7 @@ def test_paddleocr_rotation_keeps_resume_from_the_newest_prefix(daemon, tmp_path
     """PaddleOCR has no rotation of its own: trainsup's keeps iter_epoch_N groups whole (the
     three files go together), leaves the `latest` alias it rewrites every epoch, and the
     loop's load_model(Global.checkpoints) resumes from the newest group after a SIGKILL."""
-    pytest.importorskip("paddle", reason="run `make test-frameworks` (.venv-fw has paddlepaddle)")
+    need("paddle")      # find_spec only: paddle imported into this process after TF segfaults
     ckpt, keep = _job(daemon, "pdrot", SCRIPTS / "train_paddleocr.py", "--batches", "3", "--sleep-per-step", "0.05")
     _rotation_scenario(daemon, "pdrot", ckpt, keep, _paddle_complete, startup=240,
                        resume_point=paddle_resume_point)
@@ -256,7 +256,7 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     quota delete under it: after every trainsup deletion the `checkpoint` state file lists
     no deleted save (trainsup rewrites it first), the manager's own sweep of a save trainsup
     already deleted raises nothing, and ckpt.restore resumes from the newest after SIGKILL."""
-    pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
+    need("tensorflow")
     ckpt, keep = _job(daemon, "tfrot", SCRIPTS / "train_tf.py", "--every", "3", "--max-to-keep", "2",
                       "--sleep-per-step", "0.05")
     checked: list[int] = [0]    # numbers of trainsup deletions after which the state file was read
