@@ -284,12 +284,12 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     "(emergency_save.grace + 5 s = 125 s by default): keep_last 2 and the quota are not applied meanwhile "
     "(same cause as the Keras xfail above)"))
 def test_tf_saves_of_a_running_job_are_rotated_within_seconds_not_after_the_grace(daemon, tmp_path):
-    """A job saving every ~0.5 s (an 8 MB state, so the daemon sees each save while it is
+    """A job saving every ~0.5 s (a 4 MB state, so the daemon sees each save while it is
     written) under keep_last 2 and a quota smaller than one save: seconds after each commit
     at most keep_last complete saves (+1 being written) are on disk, not one per save of
     the last two minutes."""
     need("tensorflow")
-    ckpt, keep = _job(daemon, "tfquiet", SCRIPTS / "train_tf.py", "--every", "5", "--pad-mb", "8",
+    ckpt, keep = _job(daemon, "tfquiet", SCRIPTS / "train_tf.py", "--every", "5", "--pad-mb", "4",
                       "--sleep-per-step", "0.05")
     daemon.start()
     seen: set[Path] = set()
