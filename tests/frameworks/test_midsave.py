@@ -227,6 +227,9 @@ def _relaunched(daemon, name: str) -> tuple[list[dict], list[dict]]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_killed_mid_save_resumes_from_the_newest_complete_save(daemon, tmp_path, case):
     need(case.module)        # find_spec only: paddle imported after TF in one process segfaults
+    tmpdir = case.env.get("TMPDIR")
+    if tmpdir and (not os.path.isdir(tmpdir) or os.stat(tmpdir).st_dev == os.stat(daemon.root).st_dev):
+        pytest.skip(f"{tmpdir} is not another filesystem here: Lightning's move is a rename, no partial file")
     name = f"mid{case.id}"
     ckpt = _start(daemon, tmp_path, case, name, "1s")      # the default backoff
 
