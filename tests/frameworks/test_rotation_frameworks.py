@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_for
-from fw import SCRIPTS, job_log, resumed_lines, steps_since_resume
+from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume
 from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
@@ -223,7 +223,7 @@ def test_paddleocr_rotation_keeps_resume_from_the_newest_prefix(daemon, tmp_path
     """PaddleOCR has no rotation of its own: trainsup's keeps iter_epoch_N groups whole (the
     three files go together), leaves the `latest` alias it rewrites every epoch, and the
     loop's load_model(Global.checkpoints) resumes from the newest group after a SIGKILL."""
-    pytest.importorskip("paddle", reason="run `make test-frameworks` (.venv-fw has paddlepaddle)")
+    need("paddle")      # find_spec only: paddle imported into this process after TF segfaults
     ckpt, keep = _job(daemon, "pdrot", SCRIPTS / "train_paddleocr.py", "--batches", "3", "--sleep-per-step", "0.05")
     _rotation_scenario(daemon, "pdrot", ckpt, keep, _paddle_complete, startup=240,
                        resume_point=paddle_resume_point)
@@ -256,7 +256,7 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     quota delete under it: after every trainsup deletion the `checkpoint` state file lists
     no deleted save (trainsup rewrites it first), the manager's own sweep of a save trainsup
     already deleted raises nothing, and ckpt.restore resumes from the newest after SIGKILL."""
-    pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
+    need("tensorflow")
     ckpt, keep = _job(daemon, "tfrot", SCRIPTS / "train_tf.py", "--every", "3", "--max-to-keep", "2",
                       "--sleep-per-step", "0.05")
     checked: list[int] = [0]    # numbers of trainsup deletions after which the state file was read
@@ -276,3 +276,25 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     assert listed and all((ckpt / f"{n}.index").exists() for n in listed), (listed, sorted(os.listdir(ckpt)))
     assert len(list(ckpt.glob("ckpt-*.index"))) <= 3
     assert not list(ckpt.glob("*_temp")), sorted(os.listdir(ckpt))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "found here: a TF save the daemon first sights mid-write (ckpt-N_temp/, then index + shard) counts as "
+    "'changed' in liveness.py, so the completed, valid save stays KEPT 'in-progress' for the whole quiet window "
+    "(emergency_save.grace + 5 s = 125 s by default): keep_last 2 and the quota are not applied meanwhile "
+    "(same cause as the Keras xfail above)"))
+def test_tf_saves_of_a_running_job_are_rotated_within_seconds_not_after_the_grace(daemon, tmp_path):
+    """A job saving every ~0.5 s (a 4 MB state, so the daemon sees each save while it is
+    written) under keep_last 2 and a quota smaller than one save: seconds after each commit
+    at most keep_last complete saves (+1 being written) are on disk, not one per save of
+    the last two minutes."""
+    need("tensorflow")
+    ckpt, keep = _job(daemon, "tfquiet", SCRIPTS / "train_tf.py", "--every", "5", "--pad-mb", "4",
+                      "--sleep-per-step", "0.05")
+    daemon.start()
+    seen: set[Path] = set()
+    _wait(daemon, "tfquiet", lambda: seen.update(tf_ckpts(ckpt)) or len(seen) >= 8, 180, "8 TF saves")
+    _wait(daemon, "tfquiet", lambda: len(tf_ckpts(ckpt)) <= 3, 15, "rotation down to keep_last 2 (+1 in flight)")
+    for p, h in keep.items():
+        assert _sha(p) == h, f"{p.name} changed or vanished under a {QUOTA}-byte quota"
+    daemon.cli("stop", "tfquiet", "--no-save")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -26,6 +27,8 @@ from ..validate import HF_DIR_RE
 from .tf import STATE_FILE
 
 _MAX_STATE = 16 << 20
+_RENAME_EXCHANGE = 2
+_MAX_ROUNDS = 20      # TF saving faster than a rewrite every round: its next save lists what it has
 
 
 def hf_best_steps(infos: Sequence[Any]) -> set[int]:
@@ -98,29 +101,95 @@ def tf_state_without(text: str, removed: Iterable[str]) -> str | None:
     return "\n".join(out) + "\n"
 
 
-def forget_in_tf_state(dir_fd: int, removed: Iterable[str]) -> bool:
-    """Rewrite `checkpoint` in the dir of dir_fd without `removed`; True if it changed."""
+def _read_state(dir_fd: int, name: str) -> str | None:
     try:
-        fd = os.open(STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
-        return False
+        return None
     try:
-        text = os.read(fd, _MAX_STATE).decode("utf-8", "replace")
+        return os.read(fd, _MAX_STATE).decode("utf-8", "replace")
     finally:
         os.close(fd)
-    new = tf_state_without(text, removed)
-    if new is None:
-        return False
-    tmp = f"{STATE_FILE}.tmp{os.getpid():x}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+
+
+def _write_synced(dir_fd: int, name: str, text: str) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
-        os.write(fd, new.encode())
+        os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+_libc: Any = None
+
+
+def _exchange(dir_fd: int, a: str, b: str) -> bool:
+    """renameat2(RENAME_EXCHANGE): swap two names at once. False where the kernel, the C
+    library or the filesystem cannot."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc is False:
+        return False
+    if _libc(dir_fd, a.encode(), dir_fd, b.encode(), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def forget_in_tf_state(dir_fd: int, removed: Iterable[str]) -> bool:
+    """Rewrite `checkpoint` in the dir of dir_fd without `removed`; True if it changed.
+
+    TF rewrites the file (temp + rename) at every save while the job runs, so a plain read,
+    rewrite, rename would put back an older text over a save TF committed in between: the
+    newest save would read as not committed. The rewrite is swapped in instead
+    (RENAME_EXCHANGE), and when what comes out is not the text it was made from, TF wrote
+    meanwhile: that text is rewritten in its turn. Without RENAME_EXCHANGE the file is read
+    again just before the rename (a window of microseconds instead of an fsync)."""
+    gone = list(removed)
+    base = _read_state(dir_fd, STATE_FILE)
+    if base is None:
+        return False
+    new = tf_state_without(base, gone)
+    if new is None:
+        return False
+    tmp = f"{STATE_FILE}.tmp{os.getpid():x}"
+    changed = False
+    try:
+        for _ in range(_MAX_ROUNDS):
+            _write_synced(dir_fd, tmp, new)
+            try:
+                swapped = _exchange(dir_fd, tmp, STATE_FILE)
+            except FileNotFoundError:
+                break                             # no state file any more: nothing lists anything
+            if not swapped:
+                now = _read_state(dir_fd, STATE_FILE)
+                if now is not None and now != base:
+                    base, new = now, tf_state_without(now, gone) or now
+                    continue
+                os.rename(tmp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                changed = True
+                break
+            changed = True
+            out = _read_state(dir_fd, tmp)        # what was `checkpoint` an instant ago
+            os.unlink(tmp, dir_fd=dir_fd)
+            if out is None or out == base:
+                break
+            # TF committed a save after the read: its text goes back in, without `removed`
+            base, new = new, tf_state_without(out, gone) or out
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
     os.fsync(dir_fd)
-    return True
+    return changed
 
 
 def before_delete(ckpt_dir: Path, info: Any) -> None:
