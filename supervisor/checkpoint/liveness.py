@@ -9,11 +9,13 @@ An entry is live while any of these holds (issue 11 case 5):
     first sighting counts as a change. A wall-clock step (NTP, resume from suspend) changes
     nothing here, and a slow single-file save keeps moving its file even after its dir's
     mtime stops;
-  - it is valid and changed within the settle window (seconds): its format proved the
-    writer finished it (HDF5's closed superblock, a zip's central directory, a commit
-    marker), so a save written in place at its final name (h5py, Keras' ModelCheckpoint)
-    is not held for the whole grace once complete, which let rotation fall a grace's worth
-    of saves behind its quota; a rewrite that keeps moving it re-arms the window;
+  - a valid entry is never live by this window, even one seen changing: its format
+    proved the writer finished it (HDF5's closed superblock, a zip's central directory,
+    TF's index CRCs, a commit marker). Holding such saves for the grace (h5py and Keras'
+    ModelCheckpoint write in place; TF and HF are sighted mid-write) let rotation fall a
+    grace's worth of saves behind its quota: 42 TF saves, 344 MB over a 4 KB quota in 25 s.
+    An in-place rewrite of a valid file truncates it first (invalid again), and a writer
+    of this job that holds it open is caught by the open-file rule below;
   - a process of the job has one of its files open (torch.save rewriting `latest.pth` in
     place: 0 bytes for a moment, and still open).
 Tmp dirs of a dead writer that stopped changing are stale: rotation may collect them.
@@ -107,9 +109,8 @@ class LivenessTracker:
     """Per job: remembers each entry's fingerprint and when it last moved (monotonic)."""
 
     def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic,
-                 boot_clock: Callable[[], float] = boottime, settle: float = 5.0) -> None:
+                 boot_clock: Callable[[], float] = boottime) -> None:
         self.quiet = quiet
-        self.settle = min(settle, quiet)
         self.clock = clock
         self.boot_clock = boot_clock
         self._seen: dict[str, _Seen] = {}
@@ -147,9 +148,9 @@ class LivenessTracker:
                 continue
             seen = self._seen.get(self.key(i))
             # A first sighting counts as a change for what is not (yet) valid: it may be a
-            # save under way. A valid entry is complete as proven; it is live only while it
-            # keeps changing (settle window), or while the job holds it open.
-            if seen is None or now - seen.changed < self._window(seen.moved, i.valid):
+            # save under way. A valid entry is complete as proven; it is live only while the
+            # job holds it open.
+            if seen is None or (not i.valid and now - seen.changed < self.quiet):
                 out.add(i.name)
             elif i.in_progress and i.pid is not None and self._writer_alive(i.pid, seen.first_boot):
                 out.add(i.name)
@@ -167,14 +168,8 @@ class LivenessTracker:
         else wakes rotation then: a save's last write was its last inotify event."""
         now = self.clock()
         waits = [end - now for s in self._seen.values()
-                 if (end := s.changed + self._window(s.moved, s.valid)) > now]
+                 if not s.valid and (end := s.changed + self.quiet) > now]
         return min(waits) if waits else None
-
-    def _window(self, moved: bool, valid: bool) -> float:
-        """How long after its last change an entry stays live: the quiet window while it is
-        not valid, the settle window once valid if it was seen to change, none for a valid
-        entry that never did (found complete)."""
-        return self.quiet if not valid else self.settle if moved else 0.0
 
     @staticmethod
     def _writer_alive(pid: int, first_seen_boot: float) -> bool:

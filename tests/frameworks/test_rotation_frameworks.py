@@ -278,16 +278,12 @@ def test_tf_rotation_keeps_checkpoint_manager_and_its_state_file_working(daemon,
     assert not list(ckpt.glob("*_temp")), sorted(os.listdir(ckpt))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found here: a TF save the daemon first sights mid-write (ckpt-N_temp/, then index + shard) counts as "
-    "'changed' in liveness.py, so the completed, valid save stays KEPT 'in-progress' for the whole quiet window "
-    "(emergency_save.grace + 5 s = 125 s by default): keep_last 2 and the quota are not applied meanwhile "
-    "(same cause as the Keras xfail above)"))
 def test_tf_saves_of_a_running_job_are_rotated_within_seconds_not_after_the_grace(daemon, tmp_path):
     """A job saving every ~0.5 s (a 4 MB state, so the daemon sees each save while it is
     written) under keep_last 2 and a quota smaller than one save: seconds after each commit
     at most keep_last complete saves (+1 being written) are on disk, not one per save of
-    the last two minutes."""
+    the last two minutes. Found here: a save sighted mid-write stayed live for grace + 5 s
+    once complete (42 valid saves, 344 MB over a 4 KB quota in 25 s)."""
     need("tensorflow")
     ckpt, keep = _job(daemon, "tfquiet", SCRIPTS / "train_tf.py", "--every", "5", "--pad-mb", "4",
                       "--sleep-per-step", "0.05")
