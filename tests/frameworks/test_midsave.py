@@ -216,11 +216,14 @@ def _start(daemon, tmp_path: Path, case: Case, name: str, backoff: str) -> Path:
     return ckpt
 
 
-def _relaunched(daemon, name: str) -> tuple[list[dict], list[dict]]:
-    """Wait for the relaunch's "resuming from" line; the listing and history read at once
-    (the relaunched job will write a save of the same name again)."""
-    n_resumes = len(resumed_lines(daemon, name))
-    wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, 120, f"{name} to resume after the kill")
+def _relaunched(daemon, name: str, n_resumes: int) -> tuple[list[dict], list[dict]]:
+    """Wait for the relaunch's "resuming from" line (more than `n_resumes`, counted before
+    the kill: with backoff 0 the relaunch may resume before the test gets here); the
+    listing and history read at once (the relaunched job will write a save of the same
+    name again)."""
+    wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, 120, f"{name} to resume after the kill",
+             detail=lambda: f"status: {daemon.status(name)}\nhistory: {daemon.history(name)[-6:]}\n"
+                            f"log tail: {job_log(daemon, name)[-1500:]}")
     return json.loads(daemon.cli("checkpoints", name, "--json").stdout), daemon.history(name)
 
 
@@ -233,10 +236,11 @@ def test_killed_mid_save_resumes_from_the_newest_complete_save(daemon, tmp_path,
     name = f"mid{case.id}"
     ckpt = _start(daemon, tmp_path, case, name, "1s")      # the default backoff
 
+    n_resumes = len(resumed_lines(daemon, name))
     partial, committed = _kill_inside_a_save(daemon.status(name)["pid"], ckpt, case)
     assert committed, f"nothing complete when the kill landed: {sorted(os.listdir(ckpt))}"
     newest, step = max(committed.items(), key=lambda kv: kv[1])
-    rows, history = _relaunched(daemon, name)
+    rows, history = _relaunched(daemon, name, n_resumes)
 
     # the framework's own resume call was handed the newest complete save, never the partial one
     launches = [e for e in history if e["kind"] == "launch"]
@@ -277,8 +281,9 @@ def test_killed_mid_save_is_moved_aside_even_with_restart_backoff_0(daemon, tmp_
 
     (case,) = [c for c in CASES if c.id == "hf"]
     ckpt = _start(daemon, tmp_path, case, "midhf0", "0")
+    n_resumes = len(resumed_lines(daemon, "midhf0"))
     partial, committed = _kill_inside_a_save(daemon.status("midhf0")["pid"], ckpt, case)
-    rows, history = _relaunched(daemon, "midhf0")
+    rows, history = _relaunched(daemon, "midhf0", n_resumes)
     last = get_last_checkpoint(str(ckpt))      # what HF's own resume_from_checkpoint=True takes
     daemon.cli("stop", "midhf0", "--no-save")
     assert last != str(partial), f"HF's get_last_checkpoint picks the half-written {partial}"
