@@ -22,7 +22,6 @@ import signal
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume
@@ -141,7 +140,7 @@ def _hf_complete(d: Path) -> dict[Path, int]:
 
 
 def test_hf_rotation_keeps_resume_and_save_total_limit_working(daemon, tmp_path):
-    pytest.importorskip("transformers", reason="run `make test-frameworks` (.venv-fw has transformers)")
+    need("transformers")
     script = _variant(tmp_path, "train_hf.py", "save_steps=args.every,", "save_steps=args.every, save_total_limit=2,")
     ckpt, keep = _job(daemon, "hfrot", script, "--steps", "100000", "--every", "3", "--sleep-per-step", "0.05")
     _rotation_scenario(daemon, "hfrot", ckpt, keep, _hf_complete)
@@ -171,7 +170,7 @@ def _pl_complete(d: Path) -> dict[Path, int]:
 
 
 def test_lightning_rotation_keeps_resume_and_save_top_k_working(daemon, tmp_path):
-    pytest.importorskip("lightning", reason="run `make test-frameworks` (.venv-fw has lightning)")
+    need("lightning")
     script = _variant(tmp_path, "train_lightning.py", "save_top_k=-1", 'save_top_k=2, monitor="step", mode="max"')
     ckpt, keep = _job(daemon, "plrot", script, "--steps", "100000", "--every", "3", "--sleep-per-step", "0.05")
     _rotation_scenario(daemon, "plrot", ckpt, keep, _pl_complete)
@@ -201,8 +200,8 @@ def test_keras_rotation_keeps_resume_from_the_backup(daemon, tmp_path):
     """Found here: valid ModelCheckpoint epochNN.weights.h5 files (h5py writes in place, so
     each was seen growing) stayed KEPT 'in-progress' for the whole grace, so rotation fell
     behind and the dir grew past its quota."""
-    pytest.importorskip("keras", reason="run `make test-frameworks` (.venv-fw has keras)")
-    pytest.importorskip("tensorflow", reason="run `make test-frameworks` (.venv-fw has tensorflow)")
+    need("keras")
+    need("tensorflow")
     old = 'callbacks=[PrintSteps(args.sleep_per_step), TrainsupBackup(save_freq="epoch")]'
     new = ('callbacks=[PrintSteps(args.sleep_per_step), TrainsupBackup(save_freq="epoch"), '
            'keras.callbacks.ModelCheckpoint(os.path.join(os.environ["TRAINSUP_CHECKPOINT_DIR"], "ckpt_weights", '
