@@ -214,7 +214,10 @@ def test_slurm_partition_preemption_saves_requeues_resumes_bit_identical(cluster
         assert time.monotonic() - t0 < 20, "saved within GraceTime (20 s)"
         cluster.wait(lambda: job.info().get("Restarts") == "1", 60, "the requeue")
         cluster.wait(lambda: cluster.job(high).get("JobState") == "COMPLETED", 60, "the preempting job")
-        job.wait_state("COMPLETED", timeout=150)
+        # Usually running again within seconds (StartTime set). When Slurm's own preemption
+        # requeue wins the race, it ignores our StartTime and the job waits its ~121 s
+        # BeginTime (issue 14, open; the bench measures it): correctness is checked anyway.
+        job.wait_state("COMPLETED", timeout=300)
         assert f"resumed from step {notice['step']}" in job.output()
         for p in ref:
             assert p.wait(120) == 0
