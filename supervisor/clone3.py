@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +32,7 @@ SHARE_MEMORY = True     # CLONE_VM on a stack of its own where _spawn.c can (x86
 _STAGES = {1: "stdio", 2: "workdir", 3: "setsid", 4: "user", 5: "exec"}
 _disabled: str | None = (
     _why_missing if _spawn is None
-    else None if platform.system() == "Linux" else f"clone3 is Linux only, not {platform.system()}")
+    else None if sys.platform.startswith("linux") else f"clone3 is Linux only, not {sys.platform}")
 
 
 def available() -> bool:

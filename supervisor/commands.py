@@ -7,7 +7,6 @@ module is the layer between them. Handlers run on the daemon's loop.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
 import os
 import time
@@ -51,6 +50,7 @@ class Commands:
         return job
 
     def no_such_job(self, name: str) -> RequestError:
+        import difflib      # only for a typo: not imported by every daemon
         close = difflib.get_close_matches(name, list(self.d.jobs) + list(self.d.invalid), n=1, cutoff=0.6)
         return RequestError(f"no such job: {name}" + (f" (did you mean {close[0]}?)" if close else ""))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import difflib
 import grp
 import json
 import math
@@ -772,6 +771,7 @@ class Section:
         before = len(ctx.errors)
         for name, (line, _) in node.value.items():
             if name not in self.keys:
+                import difflib      # only for a typo: not imported by every daemon
                 close = difflib.get_close_matches(name, list(self.keys), n=1, cutoff=0.6)
                 hint = (f"did you mean {close[0]!r}?" if close
                         else f"valid keys: {', '.join(self.keys)}")
