@@ -19,7 +19,6 @@ written `val_acc=0.9` or with the `/`-free name the user chose).
 from __future__ import annotations
 
 import os
-import pickletools
 import re
 import zipfile
 
@@ -126,6 +125,7 @@ def _global_step(fd: int) -> int | None:
         data = zf.read(pkl[0])
     want = False
     try:
+        import pickletools      # at the first Lightning file: not in every daemon
         for op, arg, _ in pickletools.genops(data):
             if want:
                 if op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):

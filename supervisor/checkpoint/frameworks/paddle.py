@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
 import re
 import struct
 from dataclasses import replace
@@ -62,17 +61,23 @@ def recognise(d: str, listing: Listing) -> list[Group]:
     return groups
 
 
+def _unpickling_error() -> type[Exception]:
+    import pickle
+    return pickle.UnpicklingError
+
+
 def marker_required(d: str, listing: Listing) -> bool:
     """A dir whose saves write a marker (.states/.pdstates) needs one for every group there."""
     return any(k == FILE and n.endswith(MARKERS) for n, k in listing.items())
 
 
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
-
-
 def _load_plain(data: bytes) -> object:
+    """Unpickle refusing every global (pickle imported here: at the first Paddle check)."""
+    import pickle
+
+    class _NoGlobals(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
     return _NoGlobals(io.BytesIO(data)).load()
 
 
@@ -112,7 +117,7 @@ def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
                 check_pickle_fd(fd, st.st_size)
             try:
                 st_obj = _load_plain(data)
-            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            except (_unpickling_error(), EOFError, ValueError, TypeError, AttributeError,
                     IndexError, KeyError, MemoryError) as e:
                 st_obj = None
                 if suffix == ".states":

@@ -12,10 +12,11 @@ power accumulator looks like) in stream order, for cross-file checks; nothing is
 
 from __future__ import annotations
 
+import functools
 import os
-import pickletools
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from ..validate import _Invalid
 
@@ -23,15 +24,22 @@ _WINDOW = 1 << 20
 _MAX_LINE = 1 << 16
 _SMALL = 256          # arguments up to this many bytes are decoded for small_args
 
-# n in pickletools' ArgumentDescriptor: >0 fixed size, else how the length is encoded.
-_UP_TO_NEWLINE = pickletools.UP_TO_NEWLINE
-_LEN_BYTES = {
-    pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1),
-    pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
-    pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4),
-    pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8),
-}
-_OPS = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+
+
+@functools.cache
+def _tables() -> tuple[int, dict[int, tuple[str, int]], dict[int, Any]]:
+    """pickletools' opcode table, imported at the first pickle walked (0.8 MB of the RSS
+    of a daemon whose jobs never write one). n in its ArgumentDescriptor: >0 a fixed
+    size, else how the length is encoded."""
+    import pickletools
+    len_bytes = {
+        pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1),
+        pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
+        pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4),
+        pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8),
+    }
+    return pickletools.UP_TO_NEWLINE, len_bytes, {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
             "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _BYTES = {"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"}
@@ -100,11 +108,12 @@ def check_pickle_fd(fd: int, size: int,
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except (AttributeError, OSError):
         pass
+    up_to_newline, len_bytes, ops = _tables()
     w = _Window(fd, size)
     while w.pos < size:
         at = w.pos
         code = w.take(1, "opcode")[0]
-        op = _OPS.get(code)
+        op = ops.get(code)
         if op is None:
             raise _Invalid(f"pickle: unknown opcode 0x{code:02x} at byte {at} (not a pickle, or corrupt)")
         name = op.name
@@ -128,14 +137,14 @@ def check_pickle_fd(fd: int, size: int,
             elif small_args is not None:
                 fmt = _INTS.get(name)
                 small_args(name, struct.unpack(fmt, raw)[0] if fmt else None)
-        elif n == _UP_TO_NEWLINE:
+        elif n == up_to_newline:
             w.line(name)
             if name in ("GLOBAL", "INST"):
                 w.line(name)  # module and qualname: two lines
             if small_args is not None:
                 small_args(name, None)
         else:
-            fmt, width = _LEN_BYTES[n]
+            fmt, width = len_bytes[n]
             (length,) = struct.unpack(fmt, w.take(width, name))
             if length < 0:
                 raise _Invalid(f"pickle: negative length {length} for {name} at byte {at}")
