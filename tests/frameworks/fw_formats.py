@@ -4,10 +4,36 @@ these are the framework's own commit markers, read the way the framework reads t
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 from pathlib import Path
+
+# ------------------------------------------------------------ Hugging Face, Keras
+
+def hf_complete(d: Path) -> dict[Path, int]:
+    """{checkpoint-N: N} whose trainer_state.json (the Trainer writes it last) says step N."""
+    out = {}
+    for p in d.glob("checkpoint-*"):
+        try:
+            st = json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if re.fullmatch(r"checkpoint-\d+", p.name) and st.get("global_step") == int(p.name.split("-")[1]):
+            out[p] = st["global_step"]
+    return out
+
+
+def keras_backup_complete(d: Path) -> dict[Path, int]:
+    """{latest.weights.h5: step} of BackupAndRestore's backup, by its metadata (the marker)."""
+    try:
+        meta = json.loads((d / "training_metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    w = d / "latest.weights.h5"
+    return {w: int(meta["step"])} if w.exists() else {}
+
 
 # ----------------------------------------------------------------- TensorFlow
 

@@ -37,7 +37,7 @@ import pytest
 
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume, write_job
-from fw_formats import paddle_resume_point, paddle_step, tf_ckpts
+from fw_formats import paddle_resume_point, paddle_step, tf_ckpts, hf_complete, keras_backup_complete
 
 ASIDE = ".trainsup-aside"
 
@@ -62,20 +62,8 @@ def _plain_complete(d: Path) -> dict[Path, int]:
         return {}
 
 
-def _hf_complete(d: Path) -> dict[Path, int]:
-    out = {}
-    for p in d.glob("checkpoint-*"):
-        try:
-            st = json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if re.fullmatch(r"checkpoint-\d+", p.name) and st.get("global_step") == int(p.name.split("-")[1]):
-            out[p] = st["global_step"]
-    return out
-
-
 def _hf_partial(d: Path) -> Path | None:
-    done = _hf_complete(d)
+    done = hf_complete(d)
     found = [p for p in d.glob("checkpoint-*") if p.is_dir() and p not in done and any(p.iterdir())]
     return found[0] if found else None
 
@@ -111,15 +99,6 @@ def _paddle_complete(d: Path) -> dict[Path, int]:
 def _tf_partial(d: Path) -> Path | None:
     found = sorted(d.glob("ckpt-*_temp"))
     return found[0] if found else None
-
-
-def _keras_complete(d: Path) -> dict[Path, int]:
-    try:
-        meta = json.loads((d / "training_metadata.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    w = d / "latest.weights.h5"
-    return {w: int(meta["step"])} if w.exists() else {}
 
 
 # ------------------------------------------------------------------------ the cases
@@ -159,7 +138,7 @@ CASES = [
          # a 256k-position table: model.safetensors 32 MB, optimizer.pt 64 MB per save
          _variant("train_hf.py", "n_positions=16,", "n_positions=1 << 18,"),
          ("--steps", "100000", "--every", "4", "--sleep-per-step", "0.01"),
-         _hf_complete, _hf_partial, in_place=True),
+         hf_complete, _hf_partial, in_place=True),
     Case("lightning", "lightning", _as_is("train_lightning.py"),
          ("--steps", "100000", "--every", "4", "--pad-mb", "128", "--sleep-per-step", "0.01"),
          _pl_complete, _pl_partial, in_place=True, env={"TMPDIR": "/dev/shm"}),
@@ -174,7 +153,7 @@ CASES = [
                   '    model.pad = model.add_weight(shape=(32 << 18,), initializer="zeros", trainable=False)\n'
                   '    model.compile('),
          ("--sleep-per-step", "0.01"),
-         _keras_complete, _dot_temp(".latest.tmp.*.weights.h5"), in_place=False, env={"KERAS_BACKEND": "tensorflow"}),
+         keras_backup_complete, _dot_temp(".latest.tmp.*.weights.h5"), in_place=False, env={"KERAS_BACKEND": "tensorflow"}),
 ]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume
-from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
+from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed, hf_complete
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
 
@@ -127,23 +127,11 @@ def _rotation_scenario(daemon, name: str, ckpt: Path, keep: dict[Path, str], com
 
 # ------------------------------------------------------------------------------- HF
 
-def _hf_complete(d: Path) -> dict[Path, int]:
-    out = {}
-    for p in d.glob("checkpoint-*"):
-        try:
-            st = json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if re.fullmatch(r"checkpoint-\d+", p.name) and st.get("global_step") == int(p.name.split("-")[1]):
-            out[p] = st["global_step"]
-    return out
-
-
 def test_hf_rotation_keeps_resume_and_save_total_limit_working(daemon, tmp_path):
     need("transformers")
     script = _variant(tmp_path, "train_hf.py", "save_steps=args.every,", "save_steps=args.every, save_total_limit=2,")
     ckpt, keep = _job(daemon, "hfrot", script, "--steps", "100000", "--every", "3", "--sleep-per-step", "0.05")
-    _rotation_scenario(daemon, "hfrot", ckpt, keep, _hf_complete)
+    _rotation_scenario(daemon, "hfrot", ckpt, keep, hf_complete)
     assert len([p for p in ckpt.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]) <= 3
 
 
