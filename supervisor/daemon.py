@@ -26,8 +26,9 @@ from .hooks import HookRunner
 from .render import iso_utc
 from .job import Job, State
 from .notices.schedule import JobSchedule
+from .notices.schedule import preload as schedule_preload
 from .sdnotify import Notifier
-from .spec import DaemonSpec, InvalidJob, JobSpec, rotates
+from .spec import DaemonSpec, InvalidJob, JobSpec, ScheduleSpec, rotates
 from .state import StateDB, StateLock
 
 log = logging.getLogger("trainsup.daemon")
@@ -495,6 +496,8 @@ class Daemon:
         after `tries` come back in `unsettled`; their jobs are left as they are."""
         for attempt in range(tries):
             scan = await self.loop.run_in_executor(None, self._read_jobs)
+            if any(s.schedule != ScheduleSpec() for s in scan.jobs):
+                await self.loop.run_in_executor(None, schedule_preload)    # not on the loop
             if not scan.unsettled or attempt == tries - 1:
                 return scan
             await asyncio.sleep(config.SETTLE_SECONDS)

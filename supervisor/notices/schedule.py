@@ -49,6 +49,15 @@ def triggers_for(spec: ScheduleSpec) -> dict:
     return out
 
 
+def preload() -> None:
+    """Import APScheduler (off the loop: its import takes tens of ms) before a job's
+    schedule makes the scheduler."""
+    import apscheduler.executors.pool  # noqa: F401
+    import apscheduler.schedulers.background  # noqa: F401
+    import apscheduler.triggers.cron  # noqa: F401
+    import apscheduler.triggers.interval  # noqa: F401
+
+
 class JobSchedule:
     """All jobs' schedules on one APScheduler BackgroundScheduler, in UTC."""
 
