@@ -135,7 +135,7 @@ def _ckpt_key(info) -> tuple:
 class Job(RowFields):
     # What status_row shows (see rowgen.py): assigning any of these re-encodes the row.
     ROW_FIELDS = frozenset({"spec", "state", "child", "restarts", "error", "last_notice", "memory_rss",
-                            "sigstopped", "_catch_shown"})
+                            "sigstopped", "_catch_seen"})
 
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
                  persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
@@ -181,8 +181,8 @@ class Job(RowFields):
         self._notices = 0                 # notices written this daemon run (their ids)
         self.notice_id: Optional[str] = None   # the notice the job was last signalled with
         self._notice_path: Optional[Path] = None   # TRAINSUP_NOTICE_FILE of the running attempt
-        self._catch_seen: tuple[int, float, bool] | None = None   # (pid, when, catches) for status
-        self._catch_shown: tuple[int, bool] | None = None          # what of it status shows
+        self._catch_seen: tuple[int, bool] | None = None   # (pid, catches the save signal) for status
+        self._catch_at = float("-inf")                      # monotonic: when that was read
         self._last_step: Optional[int] = None          # the step the last attempt reported
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
@@ -796,7 +796,7 @@ class Job(RowFields):
         if c is None or self.spec.checkpoint is None or time.monotonic() - c.started_mono < CATCH_GRACE_S:
             return []
         seen = self._catch_seen
-        if seen is None or seen[0] != c.pid or seen[2]:
+        if seen is None or seen[0] != c.pid or seen[1]:
             return []
         return [f"no process catches {self.spec.emergency_save.signal}: emergency saves impossible "
                 f"(see README 'Integrations')"]
@@ -844,7 +844,7 @@ class Job(RowFields):
         seen = self._catch_seen
         now = time.monotonic()
         if (self.spec.checkpoint is not None and now - c.started_mono >= CATCH_GRACE_S
-                and (seen is None or seen[0] != c.pid or now - seen[1] > (5.0 if seen[2] else PROC_MAX_AGE))):
+                and (seen is None or seen[0] != c.pid or now - self._catch_at > (5.0 if seen[1] else PROC_MAX_AGE))):
             signum = process.signal_number(self.spec.emergency_save.signal)
             try:
                 pids = [c.pid] + process.descendants(c.pid)
@@ -863,8 +863,8 @@ class Job(RowFields):
         if sample.rss is not None:
             self.memory_rss = sample.rss
         if sample.catches is not None:
-            self._catch_seen = (sample.pid, at, sample.catches)
-            self._catch_shown = (sample.pid, sample.catches)
+            self._catch_seen = (sample.pid, sample.catches)
+            self._catch_at = at
 
     def _checkpoint_summary(self) -> tuple:
         """(latest valid, valid count, invalid count, bytes), recounted only when the index

@@ -5,6 +5,7 @@ liveness rules themselves on real processes and files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -141,15 +142,25 @@ def test_reused_writer_pid_started_later_is_not_the_writer(tmp_path):
     assert f"step-00000002.{me}" in {i.name for i in jd.plan(infos).delete}
 
 
+@contextlib.contextmanager
+def _held_open(path: Path, mode: str):
+    """A real process (standing in for the job) holding `path` open until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys,time; f=open(sys.argv[1],{mode!r}); "
+                               "print('open', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_file_open_by_the_job_is_live(tmp_path):
     ck = tmp_path / "ck"
     write_checkpoint(ck, 1, {"w": b"1"})
     (ck / "step_2.pt").write_bytes(b"")                       # being written: 0 bytes, invalid
-    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'ab'); "
-                               "print('open', flush=True); time.sleep(60)", str(ck / "step_2.pt")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with _held_open(ck / "step_2.pt", "ab") as holder:
         jd = _jd(ck)
         clock = [0.0]
         jd.liveness.clock = lambda: clock[0]
@@ -160,9 +171,6 @@ def test_file_open_by_the_job_is_live(tmp_path):
         opened = jd.open_by_job(infos, [holder.pid])
         assert opened == {"step_2.pt"}
         assert "step_2.pt" not in {i.name for i in jd.plan(infos, also_live=opened).delete}
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_growing_file_is_live_by_monotonic_observation(tmp_path):
@@ -252,15 +260,9 @@ def test_valid_file_written_in_place_is_rotated_once_complete_not_after_the_grac
     assert all(i.valid for i in infos if i.name in ("step_1.pt", "step_2.pt")), infos
     assert "step_1.pt" in {i.name for i in jd.plan(infos).delete}         # not 125 s later
     # ... unless a process of the job still holds it open (a writer not done with it)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'rb'); "
-                               "print('open', flush=True); time.sleep(60)", str(old)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with _held_open(old, "rb") as holder:
         opened = jd.open_by_job(infos, [holder.pid])
         assert "step_1.pt" not in {i.name for i in jd.plan(infos, also_live=opened).delete}
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_invalid_file_that_moved_stays_live_for_the_whole_quiet_window(tmp_path):
