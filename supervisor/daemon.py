@@ -117,7 +117,8 @@ class Daemon:
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
-        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.flush) else None
+        self.db.start_writer()
+        self.db.on_pending = lambda: None if self.loop.call_soon(self.db.wake) else None
         process.become_subreaper()
         containment = self.containment = cgroup.setup(self.spec.state_dir)
         if containment.kind == cgroup.PROCESS_GROUP:
@@ -145,7 +146,8 @@ class Daemon:
             self._add_invalid(inv)
         self._reread_unsettled(scan.unsettled)
         self.loaded.set()
-        self.loop.call_later(RELEASE_MEMORY_AFTER_S, release_freed_memory)
+        # malloc_trim walks the whole heap (0.1-0.5 s once scans have run): off the loop
+        self.loop.call_later(RELEASE_MEMORY_AFTER_S, self.loop.run_in_executor, None, release_freed_memory)
         # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
         # state DB says (it may be gone), then by the pids it recorded.
         for name in await containment.end_leftovers():

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS verdicts (
 _MAX_EVENTS_PER_JOB = 5000
 # SQLite primary result codes that are a verdict on the file's contents.
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_BUSY = (5, 6)                 # SQLITE_BUSY, SQLITE_LOCKED: someone else holds the database
+_BUSY_RETRY_S = 0.25
 
 
 class StateUnusable(Exception):
@@ -122,12 +124,21 @@ class StateDB:
         self.path = Path(state_dir) / "state.db"
         self.conn = self._open()
         # Writes are queued and committed together, one transaction per turn of the
-        # daemon's loop (`on_pending` schedules the flush): an exit and its relaunch cost
+        # daemon's loop (`on_pending` schedules the commit): an exit and its relaunch cost
         # one commit, not nine. Durable points (a spawned pid, a deletion about to happen)
-        # call flush() themselves before going on.
+        # call flush() themselves before going on. With start_writer() the commits run on
+        # a thread of their own: a commit, and the WAL checkpoint SQLite runs inside one
+        # (two fsyncs), took 1.5 s on a disk busy deleting a 10 GiB checkpoint, and the
+        # loop that answers `status` must not wait for that.
         self._pending: list[tuple[str, tuple]] = []
+        self._qlock = threading.Lock()   # guards _pending only: never held across I/O
         self.on_pending: Optional[Callable[[], None]] = None
-        self.lock = threading.RLock()    # the hashing threads use the verdict cache
+        self.lock = threading.RLock()    # the connection: writer thread, hashing threads
+        self._writer: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._retry_busy = False
+        self._busy_since: Optional[float] = None
 
     # -- opening, with corruption handling -------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -204,21 +215,50 @@ class StateDB:
     moved_aside: Path | None = None
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._closing = True
+            self._wake.set()
+            self._writer.join()
+            self._writer = None
         self.flush()
         self.conn.close()
 
+    def start_writer(self) -> None:
+        """Commit from now on in a thread of this db's own; `wake()` (called by
+        `on_pending` at the end of a loop turn) hands it what was queued."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="trainsup-state", daemon=True)
+            self._writer.start()
+
+    def wake(self) -> None:
+        if self._writer is None:
+            self.flush()
+        else:
+            self._wake.set()
+
+    def _write_loop(self) -> None:
+        while not self._closing:
+            self._wake.wait(_BUSY_RETRY_S if self._retry_busy else None)
+            self._wake.clear()
+            self._retry_busy = False
+            self.flush()
+
     def _queue(self, sql: str, params: tuple) -> None:
-        self._pending.append((sql, params))
+        with self._qlock:
+            self._pending.append((sql, params))
+            first = len(self._pending) == 1
         if self.on_pending is None:
             self.flush()
-        elif len(self._pending) == 1:
+        elif first:
             self.on_pending()
 
     def flush(self) -> None:
-        """Commit queued writes in one transaction. On failure (ENOSPC...) they are
-        dropped and the previous state stays intact; supervision goes on."""
+        """Commit queued writes in one transaction, in the calling thread. On failure
+        (ENOSPC...) they are dropped and the previous state stays intact; supervision
+        goes on."""
         with self.lock:
-            batch, self._pending = self._pending, []
+            with self._qlock:
+                batch, self._pending = self._pending, []
             if not batch:
                 return
             try:
@@ -226,17 +266,33 @@ class StateDB:
                 for sql, params in batch:
                     self.conn.execute(sql, params)
                 self.conn.execute("COMMIT")
+                if self._busy_since is not None:
+                    log.warning("state: the database is writable again after %.1fs; %d records written",
+                                time.monotonic() - self._busy_since, len(batch))
+                    self._busy_since = None
             except sqlite3.Error as e:
                 try:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+                if getattr(e, "sqlite_errorcode", None) in _BUSY and self._writer is not None:
+                    # Another process holds the database (a backup, sqlite3 by hand): the
+                    # records wait, in order, and the writer tries again; nothing is lost.
+                    with self._qlock:
+                        self._pending[:0] = batch
+                    if self._busy_since is None:
+                        self._busy_since = time.monotonic()
+                        log.warning("state: the database is locked by another process (%s); "
+                                    "%d records wait and are retried", e, len(batch))
+                    self._retry_busy = True
+                    return
                 log.error("state: cannot write %d records: %s (previous state kept)", len(batch), e)
 
     # -- jobs ---------------------------------------------------------------------
     def load_job(self, name: str) -> dict[str, Any]:
-        self.flush()
-        row = self.conn.execute("SELECT data FROM jobs WHERE name=?", (name,)).fetchone()
+        with self.lock:
+            self.flush()
+            row = self.conn.execute("SELECT data FROM jobs WHERE name=?", (name,)).fetchone()
         if not row:
             return {}
         try:
@@ -266,9 +322,10 @@ class StateDB:
     _since_trim = 0
 
     def events(self, job: str, limit: int = 50) -> list[dict]:
-        self.flush()
-        rows = self.conn.execute("SELECT at, kind, data FROM events WHERE job=? ORDER BY id DESC LIMIT ?",
-                                 (job, limit)).fetchall()
+        with self.lock:
+            self.flush()
+            rows = self.conn.execute("SELECT at, kind, data FROM events WHERE job=? ORDER BY id DESC LIMIT ?",
+                                     (job, limit)).fetchall()
         out = []
         for at, kind, data in reversed(rows):
             try:

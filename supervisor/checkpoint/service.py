@@ -108,6 +108,8 @@ class JobCheckpoints(RowFields):
     create_as: Optional[tuple[int, int]] = None
     custody: Optional[JobCheckpointDir] = None
     _for_launch: bool = False
+    _posted: bool = False        # a change is posted to the loop and not yet taken
+    _scan_asked: bool = False    # changed() made a scan task that has not begun
     _last_scan_s: float = 0.0
 
     # -- watching -----------------------------------------------------------------
@@ -121,10 +123,15 @@ class JobCheckpoints(RowFields):
         loop = self.loop
 
         def on_change(_reason: str = "") -> None:      # observer thread: post, nothing else
+            # One post until the loop has taken it: an entry of 20k files moved in is 20k
+            # events (watchdog walks it), and 20k callbacks and scan tasks stalled status.
+            if self._posted:
+                return
+            self._posted = True
             try:
-                loop.call_soon_threadsafe(self.changed)
+                loop.call_soon_threadsafe(self._take_post)
             except RuntimeError:
-                pass      # the loop closed during shutdown
+                self._posted = False      # the loop closed during shutdown
         try:
             self._watcher = CheckpointWatcher(self.spec.dir, on_change)
             self._watcher.start()
@@ -164,10 +171,25 @@ class JobCheckpoints(RowFields):
             self._watcher.stop()
             self._watcher = None
 
+    def _take_post(self) -> None:
+        self._posted = False
+        self.changed()
+
     def changed(self) -> None:
-        if not self.closed:
-            task = self.loop.create_task(self.refresh())
-            task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+        """Something in the dir changed: one scan more. A scan already running re-scans
+        when it ends; one already asked for and not begun covers this change too."""
+        if self.closed or self._scan_asked:
+            return
+        if self._running:
+            self._dirty = True
+            return
+        self._scan_asked = True
+        task = self.loop.create_task(self._asked_refresh())
+        task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+
+    async def _asked_refresh(self) -> None:
+        self._scan_asked = False
+        await self.refresh()
 
     # -- scanning -----------------------------------------------------------------
     def _scan_sync(self, cache: Any = None, for_launch: bool = False) -> tuple[list, Optional[str]]:
@@ -372,8 +394,8 @@ class RotationCoordinator:
                 # is written only once the entry is gone (deleter.py).
                 if not ck.custody.backoff.failing(info.name):
                     record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
-                    self.flush()
-                outcome = await self.loop.run_in_executor(self.executor, ck.custody.delete, info)
+                # the intent is committed before the delete starts, both off the loop
+                outcome = await self.loop.run_in_executor(self.executor, self._commit_then_delete, ck.custody, info)
                 if outcome.ok:
                     crash_point("delete")
                 kind, fields = ck.custody.record(outcome)
@@ -394,6 +416,10 @@ class RotationCoordinator:
             ck.touch()
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
+
+    def _commit_then_delete(self, custody: JobCheckpointDir, info: ckpt_index.CheckpointInfo) -> Any:
+        self.flush()
+        return custody.delete(info)
 
     def _schedule_retry(self, cks: Iterable[JobCheckpoints]) -> None:
         """A failed deletion is retried when its backoff ends, not by spinning; an entry

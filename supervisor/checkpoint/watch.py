@@ -183,8 +183,10 @@ class CheckpointWatcher:
         self.on_change("changed")
 
     def _inside_hidden(self, path) -> bool:
-        rel = os.path.relpath(os.fsdecode(path), self.path)
-        return rel.startswith(".") and os.sep in rel
+        # a prefix test, not relpath: a 20k-file entry moving in is 20k events here
+        p = os.fsdecode(path)
+        prefix = self.path.rstrip(os.sep) + os.sep + "."
+        return p.startswith(prefix) and os.sep in p[len(prefix):]
 
     def _on_parent_event(self, event: FileSystemEvent) -> None:
         src = event.src_path

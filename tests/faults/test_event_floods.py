@@ -1,0 +1,109 @@
+"""The loop that answers `status` is never made to wait by a burst of work elsewhere (issue 11).
+
+Found by the deletion benchmark (`status` during the deletion of a 10 GiB checkpoint of
+20,000 files): one round trip took 1.55 s. Profiled (py-spy on the daemon): watchdog walks
+a directory moved into a recursively watched dir and reports each of its files, and every
+report became a callback on the loop and a scan task (20,000 of each, 0.1-0.6 s per burst).
+A commit of the state database also ran on the loop; a commit waits for a disk that is
+busy, or for another process that holds the database (a backup, `sqlite3` by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
+from trainsup.checkpoint.service import JobCheckpoints
+from trainsup.control import request
+from trainsup.spec import CheckpointSpec
+
+from conftest import wait_for
+
+
+def test_a_many_file_entry_moved_in_costs_a_few_scans_not_one_per_file(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    write_checkpoint(ck, 1, {"w": b"1"})
+    stage = tmp_path / "stage" / "step-00000002"
+    stage.mkdir(parents=True)
+    for i in range(5000):
+        (stage / f"s{i:05d}").write_bytes(b"x")
+    scans = []
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(2) as pool:
+            jc = JobCheckpoints("flood", CheckpointSpec(dir=ck), loop, pool, MemoryVerdictCache(),
+                                on_index=lambda infos, err: scans.append(len(infos)), on_scanned=lambda: None)
+            calls = []
+            real_refresh = jc.refresh
+
+            def counted(*a, **k):           # every scan task the loop is given
+                calls.append(1)
+                return real_refresh(*a, **k)
+            jc.refresh = counted
+            jc.watch()
+            try:
+                await jc.refresh()
+                before = len(calls)
+                os.rename(stage, ck / "step-00000002")
+                # watchdog reports the 5,000 files inside the moved dir, one by one
+                deadline = time.monotonic() + 30
+                while not any(i.name == "step-00000002" for i in jc.infos) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(2.0)      # let every report of the burst arrive
+                while jc._running:
+                    await asyncio.sleep(0.05)
+                return len(calls) - before
+            finally:
+                jc.close()
+
+    n = asyncio.run(main())
+    assert any(s == 2 for s in scans), "the moved-in entry was never indexed"
+    # before: one callback and one refresh per reported file (thousands, mostly coalesced
+    # inside refresh, but each one a task and a wake-up on the loop)
+    assert 1 <= n <= 20, f"{n} scan tasks for one entry moved in"
+
+
+def test_status_answers_and_nothing_is_lost_while_another_process_holds_the_state_db(daemon):
+    daemon.fakejob("held", flags="--every 1")
+    daemon.start()
+    daemon.wait_ready("held")
+    db = daemon.state / "state.db"
+    # another process takes the write lock and keeps it for 4 s (longer than SQLite's
+    # busy timeout of 2 s)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(4); c.execute('COMMIT')\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t = time.monotonic()
+        out = daemon.cli("stop", "--no-save", "held")      # records events: a commit is due
+        took_stop = time.monotonic() - t
+        assert out.returncode == 0, out.stderr
+        rtts = []
+        while holder.poll() is None:
+            t = time.monotonic()
+            assert request(daemon.socket, "status", None, None, timeout=10)["ok"]
+            rtts.append(time.monotonic() - t)
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rtts, "the holder let go before status was asked"
+    # before: each commit on the loop waited out the 2 s busy timeout, then dropped its records
+    assert max(rtts) < 1.0, f"status waited {max(rtts):.2f}s for the held database"
+    assert took_stop < 1.5, f"stop waited {took_stop:.2f}s for the held database"
+    # the records waited and were written once the holder let go: history shows the stop
+    wait_for(lambda: any(e["kind"] == "state" and e.get("to") == "stopped" for e in daemon.history("held")),
+             10, "the stop in history")
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA quick_check").fetchone()[0] == "ok"
