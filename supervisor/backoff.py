@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from .rowgen import RowFields
 from .spec import RestartSpec
 
 
@@ -26,7 +28,9 @@ class Decision:
 
 
 @dataclass
-class RestartTracker:
+class RestartTracker(RowFields):
+    # `status` shows the crash streak (rowgen.py): assigning it re-makes the job's row
+    ROW_FIELDS: ClassVar[frozenset[str]] = frozenset({"consecutive"})
     spec: RestartSpec
     crash_times: deque = field(default_factory=deque)   # monotonic times of crashes
     consecutive: int = 0                                 # crashes since last progress/stable run

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from . import __version__
 from . import verbs
 from .control import SocketRefused, Unreachable, connect, replies, request, send
-from .render import format_checkpoints, format_status
+from .render import TABLE_FIELDS, format_checkpoints, format_status, table_rows
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -226,11 +226,18 @@ def use_colour(stream) -> bool:
         return False
 
 
-def _bad_job(j: dict) -> bool:
+def _bad(state: str, over_quota: bool, crashes_in_a_row: int) -> bool:
     """What `status` exits 3 for: a job that needs a person (a crash loop included)."""
-    ck = j.get("checkpoint") or {}
-    looping = j["state"] == "backoff" and (j.get("crashes_in_a_row") or 0) >= 2
-    return j["state"] in ("failed", "invalid") or bool(ck.get("over_quota")) or looping
+    looping = state == "backoff" and crashes_in_a_row >= 2
+    return state in ("failed", "invalid") or over_quota or looping
+
+
+def _any_bad(res: dict) -> bool:
+    fields = {f: i for i, f in enumerate(TABLE_FIELDS)}
+    st, over, crashes = fields["state"], fields["over_quota"], fields["crashes_in_a_row"]
+    return (any(_bad(r[st], bool(r[over]), int(r[crashes] or 0)) for r in table_rows(res))
+            or any(_bad(j["state"], bool((j.get("checkpoint") or {}).get("over_quota")),
+                        j.get("crashes_in_a_row") or 0) for j in res.get("jobs") or ()))
 
 
 def cmd_status(args) -> int:
@@ -244,7 +251,7 @@ def cmd_status(args) -> int:
         print(f"trainsup: {res}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(json.dumps(res, indent=1) if args.json else format_status(res, colour=use_colour(sys.stdout)))
-    return EXIT_STATUS_BAD if any(_bad_job(j) for j in res["jobs"]) else EXIT_OK
+    return EXIT_STATUS_BAD if _any_bad(res) else EXIT_OK
 
 
 def _job_names(args) -> list[str]:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
 from .control import Connection, Encoded, Peer, RequestError
-from .render import iso_utc
+from .render import iso_utc, table_row
+from .rowgen import any_change
 from .job import PROC_MAX_AGE, Job, State
 from .verbs import VERBS
 
@@ -63,26 +64,27 @@ class Commands:
         return {"daemon": self._daemon_status(), "jobs": jobs}
 
     def status_table(self, name: Optional[str] = None) -> Encoded:
-        """What the `status` table needs (Job.status_row), as one encoded reply: each job's
-        row is kept encoded and re-encoded only when it changes, so the reply at 200 jobs
-        costs little more than at 10."""
+        """What the `status` table needs, as one encoded reply (render.TABLE_FIELDS): each
+        job's row is kept encoded and re-encoded only when it changes, and the joined reply
+        is kept while nothing changed, so the reply at 200 jobs costs little more than at 10."""
         d = self.d
-        # Every job's rows joined, kept while no row can have changed (rowgen.py): a count
-        # per job, the invalid files, and the second (what depends on time alone).
-        key = (name, int(time.monotonic() / PROC_MAX_AGE), tuple(d.invalid.items()),
-               tuple((n, j.row_gen, j.ckpts.row_gen, j.tracker.consecutive) for n, j in d.jobs.items()))
+        # Kept while no row can have changed (rowgen.py): one count for every job's rows,
+        # the set of jobs, the invalid files, and the second (what depends on time alone).
+        key = (name, int(time.monotonic() / PROC_MAX_AGE), any_change(), len(d.jobs), tuple(d.invalid.items()))
         if key == self._table[0]:
             joined = self._table[1]
         else:
             rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
-            rows += [(r["name"], json.dumps(r).encode()) for r in self._invalid_rows(name)]
+            rows += [(inv.name, (json.dumps(table_row(inv.name, "invalid")).encode(),
+                                 json.dumps({"error": "; ".join(inv.errors), "source": str(inv.source)}).encode()))
+                     for inv in self.d.invalid.values() if name is None or inv.name == name]
             if name is not None and not rows:
                 raise self.no_such_job(name)
             rows.sort(key=lambda r: r[0])
-            joined = b", ".join(r for _, r in rows)
+            joined = (b'"rows": [' + b",".join(r for _, (r, _) in rows) + b'], "notes": {'
+                      + b",".join(json.dumps(n).encode() + b":" + note for n, (_, note) in rows if note) + b"}")
             self._table = (key, joined)
-        return Encoded(b'{"daemon": ' + json.dumps(self._daemon_status()).encode()
-                       + b', "jobs": [' + joined + b"]}")
+        return Encoded(b'{"daemon": ' + json.dumps(self._daemon_status()).encode() + b", " + joined + b"}")
 
     def _invalid_rows(self, name: Optional[str]) -> list[dict]:
         return [{"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
@@ -126,7 +128,7 @@ class Commands:
         otherwise it is served the last sample while the next one is read."""
         d = self.d
         now = time.monotonic()
-        gens = tuple(j.row_gen for j in d.jobs.values())     # a new attempt moves its job's count
+        gens = (any_change(), len(d.jobs))     # a new attempt moves its job's count
         if now < self._sample_next and gens == self._sample_gens:
             return
         due = [j for j in d.jobs.values() if j.proc_sample_due(now)]
@@ -146,7 +148,7 @@ class Commands:
         for job, sample in fut.result():
             if sample is not None:
                 job.apply_proc(sample, at)
-        self._sample_gens = tuple(j.row_gen for j in self.d.jobs.values())
+        self._sample_gens = (any_change(), len(self.d.jobs))
         self._sample_next = self._next_sample_due()
 
     def _next_sample_due(self) -> float:
@@ -227,7 +229,8 @@ class Commands:
         n = r.args.get("n", 50)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise RequestError("history: n must be a positive integer")
-        events = self.d.db.events(str(r.job), min(n, 10000))   # a removed job's history too
+        # a removed job's history too; read off the loop (it waits for queued writes)
+        events = await self.d.loop.run_in_executor(None, self.d.db.events, str(r.job), min(n, 10000))
         if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
             raise self.no_such_job(str(r.job))    # a typo, not an empty history
         return events

@@ -31,6 +31,7 @@ from .crashpoints import crash_point
 from .joblog import JobLog
 from .monitor import AttemptMonitor
 from .notices.hang import is_stopped
+from .render import table_row
 from .rowgen import RowFields
 from .spec import DaemonSpec, JobSpec
 
@@ -186,7 +187,7 @@ class Job(RowFields):
         self._last_step: Optional[int] = None          # the step the last attempt reported
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
-        self._row: tuple[tuple, bytes] = ((), b"")               # (what it shows, the encoded row)
+        self._row: tuple[tuple, tuple[bytes, bytes]] = ((), (b"", b""))   # (what it shows, row and notes)
         self._load_persisted(persisted)
 
     @property
@@ -877,41 +878,34 @@ class Job(RowFields):
             self._ck_summary = (infos, summary)
         return summary
 
-    def status_row(self) -> bytes:
-        """What the `status` table shows of this job, JSON-encoded, re-encoded only when
-        any of it changed. Times travel as wall timestamps (`started`, checkpoint `mtime`):
-        the reader computes ages, so a row does not go stale as time passes."""
+    def status_row(self) -> tuple[bytes, bytes]:
+        """What the `status` table shows of this job (render.TABLE_FIELDS: one string,
+        JSON-encoded) and its notes (error, warnings, the last notice: a JSON object, or
+        b"" when none), re-encoded only when any of it changed. Times travel as wall
+        timestamps (`started`, checkpoint `mtime`): the reader computes ages, so a row
+        does not go stale as time passes."""
         c = self.child
         ck = self.ckpts
         # Time alone changes two things shown (a notice ages out, the save-signal check's
         # grace ends): the row is also re-made once a PROC_MAX_AGE.
-        key = (self.row_gen, ck.row_gen, self.tracker.consecutive, int(time.monotonic() / PROC_MAX_AGE))
+        key = (self.row_gen, ck.row_gen, self.tracker.row_gen, int(time.monotonic() / PROC_MAX_AGE))
         if key == self._row[0]:
             return self._row[1]
-        summary = self._checkpoint_summary() if self.spec.checkpoint else None
+        latest, invalid, nbytes = None, None, None
+        if self.spec.checkpoint:
+            latest, _, invalid, nbytes = self._checkpoint_summary()
+        row = table_row(
+            self.name, "stopped" if self.sigstopped and c else self.state.value, c.pid if c else None,
+            int(c.started_wall) if c else None, self.restarts, self.tracker.consecutive,
+            bool(self.spec.checkpoint), latest.step if latest else None, str(latest.path) if latest else None,
+            int(latest.mtime) if latest and latest.mtime else None, invalid, nbytes,
+            self.spec.checkpoint.quota if self.spec.checkpoint else None, ck.over_quota,
+            self.memory_rss, self.spec.memory.limit)
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()
-        # Unset fields are left out (the reader's defaults say the same): a short row
-        # is quicker to send and to decode. A checkpoint summary keeps its `bytes`.
-        ckpt: Optional[dict] = None
-        if summary is not None and self.spec.checkpoint:
-            latest = summary[0]
-            ckpt = {k: v for k, v in (
-                ("latest", str(latest.path) if latest else None),
-                ("mtime", latest.mtime if latest else None), ("invalid", summary[2]),
-                ("quota", self.spec.checkpoint.quota), ("over_quota", ck.over_quota)) if v}
-            ckpt["bytes"] = summary[3]
-            if latest is not None and latest.step is not None:
-                ckpt["step"] = latest.step          # step 0 is a step
-        memory = {k: v for k, v in (("rss", self.memory_rss), ("limit", self.spec.memory.limit)) if v is not None}
-        row = {k: v for k, v in (
-            ("pid", c.pid if c else None), ("started", round(c.started_wall, 2) if c else None),
-            ("restarts", self.restarts), ("crashes_in_a_row", self.tracker.consecutive),
-            ("checkpoint", ckpt), ("memory", memory), ("last_notice", shown),
-            ("warnings", warnings), ("error", self.error)) if v}
-        row = {"name": self.name, "state": "stopped" if self.sigstopped and c else self.state.value, **row}
-        encoded = json.dumps(row, separators=(",", ":")).encode()
+        notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown)) if v}
+        encoded = (json.dumps(row).encode(), json.dumps(notes, separators=(",", ":")).encode() if notes else b"")
         self._row = (key, encoded)
         return encoded
 

@@ -78,20 +78,23 @@ class TrainsupBackup(keras.callbacks.BackupAndRestore):
         d = Path(self.backup_dir)
         d.mkdir(parents=True, exist_ok=True)
         weights = Path(self._weights_path)
+        marker = Path(self._training_metadata_path)
         tmp = d / f".latest.tmp.{os.getpid()}.weights.h5"   # Keras wants the .weights.h5 suffix
-        try:
-            self.model.save_weights(str(tmp), overwrite=True)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, weights)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        tmp_meta = emergency.tmp_name(marker)
         meta = {"epoch": self._current_epoch, "batch": self._batch_in_epoch,
                 "step": int(self.model.optimizer.iterations)}
-        emergency.atomic_write(self._training_metadata_path, lambda f: f.write(json.dumps(meta).encode()))
+        try:
+            self.model.save_weights(str(tmp), overwrite=True)
+            tmp_meta.write_bytes(json.dumps(meta).encode())
+            # both written, then both synced (one journal commit on ext4), then renamed:
+            # the weights first, the metadata (the commit marker) last
+            emergency.fsync_files([tmp, tmp_meta])
+            os.replace(tmp, weights)
+            os.replace(tmp_meta, marker)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
+            raise
+        emergency.fsync_dir(d)
         self.last_saved = weights
         return weights

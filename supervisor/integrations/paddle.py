@@ -105,7 +105,7 @@ def save_model(model: Any, optimizer: Any, save_dir: str | os.PathLike, prefix: 
         g.parent.mkdir(parents=True, exist_ok=True)
         tmps: list[tuple[Path, Path]] = []
         try:
-            for suffix, obj in [*parts, (".states", None)]:   # all complete and durable before any rename
+            for suffix, obj in [*parts, (".states", None)]:
                 final = g.with_name(g.name + suffix)
                 tmp = emergency.tmp_name(final)
                 tmps.append((tmp, final))
@@ -114,11 +114,9 @@ def save_model(model: Any, optimizer: Any, save_dir: str | os.PathLike, prefix: 
                 else:
                     with open(tmp, "wb") as f:
                         f.write(states_blob)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # all complete and durable before any rename; written first, then synced: one
+            # journal commit carries all three (ext4), not one commit per file
+            emergency.fsync_files([t for t, _ in tmps])
             for tmp, final in tmps:
                 os.replace(tmp, final)
         except BaseException:

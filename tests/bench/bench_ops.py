@@ -1,8 +1,9 @@
 """Operability costs (issue 15), each figure next to its limit from the same run:
 
 - `status` round trip with 200 jobs vs 10 jobs (limit: <= 1.5x): the request `trainsup status`
-  makes for its table (the table view), over the socket, the reply's JSON decode included;
-  the full `status --json` round trip is shown beside it (no limit);
+  makes for its table (the table view), over the socket, the reply decoded (JSON, and each
+  row split into its fields); the full `status --json` round trip and the drawing of the
+  table are shown beside it (no limit);
 - a Prometheus scrape of `/metrics` with 200 jobs (limit: <= 50 ms) and what scraping
   every 15 s costs the daemon (limit: < 0.5% of a core);
 - crash -> relaunch with a `crash` hook vs without (limit: median within +-0.5 ms).
@@ -22,16 +23,20 @@ from pathlib import Path
 import psutil
 
 from measure import NO_BACKOFF, Stat, fmt, job_yaml, poll, running_daemon, workdir
+from trainsup.render import format_status, table_rows
 
 SCRAPE_INTERVAL = 15.0
 
 
 def round_trips(d, cmd: str, n: int, **args) -> list[float]:
-    """Socket round trips, the reply's JSON decode included (control.request decodes)."""
+    """Socket round trips, the reply decoded into what the table is drawn from: JSON
+    (control.request decodes) and, for the table view, each row split into its fields."""
     out = []
     for _ in range(n):
         t = time.perf_counter()
         r = d.request(cmd, **args)
+        if args.get("table"):
+            table_rows(r["result"])
         out.append((time.perf_counter() - t) * 1e3)
         assert r["ok"], r
     return out
@@ -63,6 +68,12 @@ def status_and_scrape(root: Path, n: int, rounds: int) -> dict:
         # `status --json` asks for (every documented field).
         out["status"] = round_trips(d, "status", rounds, table=True)
         out["status_json"] = round_trips(d, "status", rounds)
+        view = d.request("status", table=True)["result"]
+        out["render"] = []
+        for _ in range(rounds):      # drawing the table from it, the rest of what `trainsup status` does
+            t = time.perf_counter()
+            format_status(view)
+            out["render"].append((time.perf_counter() - t) * 1e3)
         url = f"http://{d.request('status')['result']['daemon']['metrics']}/metrics"
         proc = psutil.Process(d.proc.pid)
         time.sleep(2.0)           # the publish after start has happened: measure steady state
@@ -134,6 +145,9 @@ def main() -> int:
     j10, j200 = Stat("ms", small["status_json"]), Stat("ms", big["status_json"])
     rows.append(("`status --json` round trip (full shape), 200 jobs", f"{fmt(j200.median)} ms",
                  f"10 jobs: {fmt(j10.median)} ms", f"{j200.median / j10.median:.2f}x", "(none)", True))
+    r10, r200 = Stat("ms", small["render"]), Stat("ms", big["render"])
+    rows.append(("  the table drawn from it (format_status), 200 jobs", f"{fmt(r200.median)} ms",
+                 f"10 jobs: {fmt(r10.median)} ms", f"{r200.median / r10.median:.2f}x", "(none)", True))
     if args.status_only:
         return _print(rows)
     sc = Stat("ms", big["scrape"])

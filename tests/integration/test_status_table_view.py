@@ -11,6 +11,8 @@ import os
 import re
 import signal
 
+from trainsup.render import TABLE_FIELDS, table_row, table_rows
+
 from conftest import wait_for
 
 
@@ -64,16 +66,20 @@ def test_status_table_view_agrees_with_json(daemon):
     table = daemon.request("status", table=True)
     full = daemon.request("status")
     assert table["ok"] and full["ok"], (table, full)
-    rows = {j["name"]: j for j in table["result"]["jobs"]}
+    rows = {r[0]: dict(zip(TABLE_FIELDS, r)) for r in table_rows(table["result"])}
+    notes = table["result"]["notes"]
     for j in full["result"]["jobs"]:
         row = rows[j["name"]]
         assert row["state"] == j["state"], (row, j)
-        assert row.get("pid") == j["pid"]
-        assert row.get("restarts", 0) == j["restarts"]
-        assert row.get("error") == j["error"]
-        assert (row.get("checkpoint") or {}).get("step") == (j.get("checkpoint") or {}).get("step")
+        assert row["pid"] == str(j["pid"] or "")
+        assert int(row["restarts"] or 0) == j["restarts"]
+        assert (notes.get(j["name"]) or {}).get("error") == (j["error"] or None)
+        assert row["step"] == str((j.get("checkpoint") or {}).get("step") or "")
+        assert int(row["crashes_in_a_row"] or 0) == (j.get("crashes_in_a_row") or 0)
     assert rows["bad"]["state"] == "invalid"
     assert set(rows) == {"one", "two", "bad"}
+    # a value with a tab or newline cannot break a row apart (display only)
+    assert table_row("a\tb", "x\ny", None, True, False, 0) == "a b\tx y\t\t1\t\t0"
     # `status --json` keeps the full documented shape (SPEC section 8), ages included.
     out = json.loads(daemon.cli("status", "--json").stdout)
     one = next(j for j in out["jobs"] if j["name"] == "one")
