@@ -64,29 +64,27 @@ def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> li
 
 
 # The table view (`status` without --json) sends each job as one string, its fields in
-# TABLE_FIELDS order joined by tabs: 200 strings decode in a tenth of the time 200 nested
-# objects take. It is for display only: a tab or newline in a value reads as a space.
-# Free text (error, warnings, the last notice) travels apart, in "notes", keyed by job,
-# for the jobs that have any. Times are wall timestamps: the reader computes ages.
+# TABLE_FIELDS order joined by "|": 200 such strings decode and split in a quarter of the
+# time 200 nested objects take (a tab would be escaped in JSON, and escapes are the slow
+# path). It is for display only: in a value, "|" reads as "¦" and a tab or newline as a
+# space. Free text (error, warnings, the last notice) travels apart, in "notes", keyed by
+# job, for the jobs that have any. Times are wall timestamps: the reader computes ages.
 TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "crashes_in_a_row", "has_checkpoint",
                 "step", "latest", "mtime", "invalid", "bytes", "quota", "over_quota", "rss", "mem_limit")
+TABLE_SEP = "|"
+_DISPLAY = str.maketrans({"|": "¦", "\t": " ", "\n": " ", "\r": " "})
 
 
 def table_row(*fields: object) -> str:
-    """One job's table-view string (None and False read as empty; missing fields too)."""
-    return "\t".join("" if f is None or f is False else "1" if f is True
-                     else str(f).replace("\t", " ").replace("\n", " ") for f in fields)
+    """One job's table-view string, every field present (None and False read as empty)."""
+    cells = ["" if f is None or f is False else "1" if f is True else str(f).translate(_DISPLAY) for f in fields]
+    cells += [""] * (len(TABLE_FIELDS) - len(cells))
+    return TABLE_SEP.join(cells)
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    """The table view's rows, split into their fields (TABLE_FIELDS order, padded with
-    empty fields: a row may say less, e.g. an invalid file's, or a newer daemon's more)."""
-    n = len(TABLE_FIELDS)
-    out = []
-    for r in result.get("rows") or ():
-        f = r.split("\t")
-        out.append(f[:n] if len(f) >= n else f + [""] * (n - len(f)))
-    return out
+    """The table view's rows, split into their fields (TABLE_FIELDS order)."""
+    return [r.split(TABLE_SEP) for r in result.get("rows") or ()]
 
 
 Val = Union[str, float, int, None]      # a field of either view
@@ -141,8 +139,12 @@ def format_status(result: dict, colour: bool = False) -> str:
     now = time.time()
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
-        for (name, state, pid, started, restarts, _crashes, has_ck, step, latest, mtime, invalid, nbytes,
-             quota, over, rss, limit) in table_rows(result):
+        n = len(TABLE_FIELDS)
+        for f in table_rows(result):
+            if len(f) != n:       # a daemon of another version: what it says, padded or cut
+                f = (f + [""] * n)[:n]
+            (name, state, pid, started, restarts, _crashes, has_ck, step, latest, mtime, invalid, nbytes,
+             quota, over, rss, limit) = f
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
                                nbytes, quota, bool(over), rss, limit))
