@@ -27,6 +27,7 @@ from ..spec import CheckpointSpec
 from . import index as ckpt_index
 from . import aside, layout_warnings, rotation
 from .custody import JobCheckpointDir
+from .validate import TooManyFiles
 from .deleter import PassGate
 from .frameworks import bookkeeping
 from .watch import CheckpointWatcher
@@ -53,7 +54,9 @@ class _NeedsHashing(Exception):
 
 
 class _CachedOnly:
-    """A verdict cache view that refuses to let a scan hash anything."""
+    """A verdict cache view that refuses to let a scan hash anything, or walk an entry of
+    more than fingerprint_limit files (validate.check_entry reads it)."""
+    fingerprint_limit = 256
 
     def __init__(self, cache: Any):
         self.cache = cache
@@ -207,7 +210,7 @@ class JobCheckpoints(RowFields):
             return [], None
         except (OSError, ckpt_index.CheckpointDirError) as e:
             return [], str(e)
-        except _NeedsHashing:
+        except (_NeedsHashing, TooManyFiles):
             raise
         except Exception as e:
             # A hostile entry must never kill the scan task for good: one line, keep going.
@@ -241,7 +244,7 @@ class JobCheckpoints(RowFields):
                         t = time.perf_counter()
                         result = self._scan_sync(_CachedOnly(self.cache))
                         self._last_scan_s = time.perf_counter() - t
-                    except _NeedsHashing:
+                    except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
                         result = None
                 if result is None:
                     t = time.perf_counter()

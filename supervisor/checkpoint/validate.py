@@ -128,11 +128,19 @@ def step_from_name(name: str) -> Optional[int]:
 
 # ---------------------------------------------------------------- fingerprints
 
-def fingerprint(path: str) -> tuple[str, int, float]:
-    """(digest, total bytes, newest mtime) of an entry from lstat calls only."""
+class TooManyFiles(Exception):
+    """fingerprint() met more files than its caller allowed (not an OSError: nothing is
+    wrong with the entry, the caller only must not pay for it here)."""
+
+
+def fingerprint(path: str, limit: Optional[int] = None) -> tuple[str, int, float]:
+    """(digest, total bytes, newest mtime) of an entry from lstat calls only. With
+    `limit`, raises TooManyFiles past that many files (the daemon's loop scans inline
+    only what stays cheap: an entry of 20,000 files cost it 330 ms)."""
     h = xxhash.xxh3_128()
     total = 0
     newest = 0.0
+    seen = 0
 
     def add(rel: str, st: os.stat_result) -> None:
         nonlocal total, newest
@@ -151,7 +159,16 @@ def fingerprint(path: str) -> tuple[str, int, float]:
         while stack:
             rel, p = stack.pop()
             with os.scandir(p) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                if limit is None:
+                    entries = list(it)
+                else:
+                    entries = []
+                    for e in it:          # stop listing as soon as the limit is passed
+                        entries.append(e)
+                        if seen + len(entries) > limit:
+                            raise TooManyFiles(f"{path}: more than {limit} files")
+            entries.sort(key=lambda e: e.name)
+            seen += len(entries)
             for e in entries:
                 est = e.stat(follow_symlinks=False)
                 erel = f"{rel}/{e.name}" if rel else e.name
@@ -544,7 +561,8 @@ def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None,
     if stat.S_ISLNK(st.st_mode):
         return EntryCheck(Verdict(fmt, False, "symlink", step_from_name(os.path.basename(path))),
                           0, st.st_mtime, False)
-    fp, total, newest = fingerprint(path)
+    # a cache view may bound the walk (service._CachedOnly: the loop's inline scans)
+    fp, total, newest = fingerprint(path, getattr(cache, "fingerprint_limit", None))
     key = f"{_CACHE_VERSION}|{fmt}|{key_path or os.path.abspath(path)}|{fp}"
     if cache is not None:
         hit = cache.get(key)

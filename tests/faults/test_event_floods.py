@@ -107,3 +107,51 @@ def test_status_answers_and_nothing_is_lost_while_another_process_holds_the_stat
              10, "the stop in history")
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+def test_a_scan_on_the_loop_never_walks_a_many_file_entry(tmp_path, monkeypatch):
+    """Found with py-spy in the same benchmark: a dir of few entries is re-scanned on the
+    loop (every verdict cached: stat calls only), judged cheap by how long its last scan
+    took; the first scan after a 20,000-file entry landed walked it there, 330 ms. Now an
+    inline scan gives up past 256 files and the scan runs on the pool."""
+    import threading
+
+    from trainsup.checkpoint import validate
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    write_checkpoint(ck, 1, {"w": b"1"})
+    walked: list[tuple[str, str, int]] = []
+    real = validate.fingerprint
+
+    def spy(path, limit=None):
+        try:
+            return real(path) if limit is None else real(path, limit)
+        finally:
+            if path.endswith("step-00000002"):
+                walked.append((threading.current_thread().name, path, limit or 0))
+    monkeypatch.setattr(validate, "fingerprint", spy)
+    stage = tmp_path / "stage" / "step-00000002"
+    stage.mkdir(parents=True)
+    for i in range(3000):
+        (stage / f"s{i:05d}").write_bytes(b"x")
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(2, thread_name_prefix="pool") as pool:
+            jc = JobCheckpoints("big", CheckpointSpec(dir=ck), loop, pool, MemoryVerdictCache(),
+                                on_index=lambda infos, err: None, on_scanned=lambda: None)
+            try:
+                await jc.refresh()
+                await jc.refresh()           # cached and quick: the next one may run inline
+                os.rename(stage, ck / "step-00000002")
+                await jc.refresh()
+                return jc.infos
+            finally:
+                jc.close()
+
+    infos = asyncio.run(main())
+    assert any(i.name == "step-00000002" for i in infos), "the new entry was not indexed"
+    full = [w for w in walked if w[0] == threading.main_thread().name and not w[2]]
+    assert not full, f"walked in full on the loop's thread: {full}"
+    assert any(w[0].startswith("pool") for w in walked), walked
