@@ -235,8 +235,7 @@ def _bad(state: str, over_quota: bool, crashes_in_a_row: int) -> bool:
 def _any_bad(res: dict) -> bool:
     fields = {f: i for i, f in enumerate(TABLE_FIELDS)}
     st, over, crashes = fields["state"], fields["over_quota"], fields["crashes_in_a_row"]
-    padded = ((r + [""] * len(TABLE_FIELDS)) for r in table_rows(res))     # a daemon of another version
-    return (any(_bad(r[st], bool(r[over]), int(r[crashes] or 0)) for r in padded)
+    return (any(_bad(r[st], bool(r[over]), int(r[crashes] or 0)) for r in table_rows(res))
             or any(_bad(j["state"], bool((j.get("checkpoint") or {}).get("over_quota")),
                         j.get("crashes_in_a_row") or 0) for j in res.get("jobs") or ()))
 

@@ -75,7 +75,7 @@ class Commands:
             joined = self._table[1]
         else:
             rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
-            rows += [(inv.name, (json.dumps(table_row(inv.name, "invalid")).encode(),
+            rows += [(inv.name, (json.dumps(table_row(name=inv.name, state="invalid")).encode(),
                                  json.dumps({"error": "; ".join(inv.errors), "source": str(inv.source)}).encode()))
                      for inv in self.d.invalid.values() if name is None or inv.name == name]
             if name is not None and not rows:

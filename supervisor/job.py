@@ -895,12 +895,13 @@ class Job(RowFields):
         if self.spec.checkpoint:
             latest, _, invalid, nbytes = self._checkpoint_summary()
         row = table_row(
-            self.name, "stopped" if self.sigstopped and c else self.state.value, c.pid if c else None,
-            int(c.started_wall) if c else None, self.restarts, self.tracker.consecutive,
-            bool(self.spec.checkpoint), latest.step if latest else None, str(latest.path) if latest else None,
-            int(latest.mtime) if latest and latest.mtime else None, invalid, nbytes,
-            self.spec.checkpoint.quota if self.spec.checkpoint else None, ck.over_quota,
-            self.memory_rss, self.spec.memory.limit)
+            name=self.name, state="stopped" if self.sigstopped and c else self.state.value,
+            pid=c.pid if c else None, started=int(c.started_wall) if c else None, restarts=self.restarts,
+            crashes_in_a_row=self.tracker.consecutive, has_checkpoint=bool(self.spec.checkpoint),
+            step=latest.step if latest else None, latest=str(latest.path) if latest else None,
+            mtime=int(latest.mtime) if latest and latest.mtime else None, invalid=invalid, bytes=nbytes,
+            quota=self.spec.checkpoint.quota if self.spec.checkpoint else None, over_quota=ck.over_quota,
+            rss=self.memory_rss, mem_limit=self.spec.memory.limit)
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()

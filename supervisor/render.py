@@ -69,22 +69,38 @@ def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> li
 # path). It is for display only: in a value, "|" reads as "¦" and a tab or newline as a
 # space. Free text (error, warnings, the last notice) travels apart, in "notes", keyed by
 # job, for the jobs that have any. Times are wall timestamps: the reader computes ages.
-TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "crashes_in_a_row", "has_checkpoint",
-                "step", "latest", "mtime", "invalid", "bytes", "quota", "over_quota", "rss", "mem_limit")
+TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "has_checkpoint", "bytes", "rss",
+                "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit")
 TABLE_SEP = "|"
+_ZERO_IS_EMPTY = frozenset({"restarts", "crashes_in_a_row", "invalid"})
 _DISPLAY = str.maketrans({"|": "¦", "\t": " ", "\n": " ", "\r": " "})
 
 
-def table_row(*fields: object) -> str:
-    """One job's table-view string, every field present (None and False read as empty)."""
-    cells = ["" if f is None or f is False else "1" if f is True else str(f).translate(_DISPLAY) for f in fields]
-    cells += [""] * (len(TABLE_FIELDS) - len(cells))
+def table_row(**fields: object) -> str:
+    """One job's table-view string: the fields by name, in TABLE_FIELDS order. None and
+    False read as empty, and so does 0 for the counts (restarts, crashes, invalid);
+    trailing empty fields are left out: an idle job's row is 8 fields, not 16, and splits
+    in half the time."""
+    cells = []
+    for name in TABLE_FIELDS:
+        f = fields.get(name)
+        cells.append("" if f is None or f is False or (f == 0 and name in _ZERO_IS_EMPTY) else "1" if f is True
+                     else str(f).translate(_DISPLAY))
+    while cells and not cells[-1]:
+        cells.pop()
     return TABLE_SEP.join(cells)
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    """The table view's rows, split into their fields (TABLE_FIELDS order)."""
-    return [r.split(TABLE_SEP) for r in result.get("rows") or ()]
+    """The table view's rows, each padded to TABLE_FIELDS' length (trailing empty fields
+    are not sent; a daemon of another version may send more: they are cut)."""
+    n = len(TABLE_FIELDS)
+    pad = [""] * n
+    out = []
+    for r in result.get("rows") or ():
+        f = r.split(TABLE_SEP)
+        out.append(f if len(f) == n else (f + pad)[:n])
+    return out
 
 
 Val = Union[str, float, int, None]      # a field of either view
@@ -139,12 +155,8 @@ def format_status(result: dict, colour: bool = False) -> str:
     now = time.time()
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
-        n = len(TABLE_FIELDS)
-        for f in table_rows(result):
-            if len(f) != n:       # a daemon of another version: what it says, padded or cut
-                f = (f + [""] * n)[:n]
-            (name, state, pid, started, restarts, _crashes, has_ck, step, latest, mtime, invalid, nbytes,
-             quota, over, rss, limit) = f
+        for (name, state, pid, started, restarts, has_ck, nbytes, rss, _crashes, step, latest, mtime,
+             invalid, quota, over, limit) in table_rows(result):
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
                                nbytes, quota, bool(over), rss, limit))

@@ -67,7 +67,7 @@ def ops_daemon(root: Path, n: int):
         yield d
 
 
-def status_interleaved(small, big, rounds: int, block: int = 5) -> dict:
+def status_interleaved(small, big, rounds: int, block: int = 1) -> dict:
     """Status round trips against both daemons in alternating blocks of `block`: the
     machine's drift (another process, a /proc sampling pass) hits both alike. What
     `trainsup status` asks for its table (the table view) and what `status --json` asks
@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--status-only", action="store_true", help="only the status round trip")
     args = ap.parse_args()
-    rounds = 20 if args.quick else 100
+    rounds = 20 if args.quick else 200
     rows = []
     with workdir("ops-10") as r10, workdir("ops-200") as r200:
         with ops_daemon(r10, 10) as d10, ops_daemon(r200, 200) as d200:

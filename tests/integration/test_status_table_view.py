@@ -79,7 +79,7 @@ def test_status_table_view_agrees_with_json(daemon):
     assert rows["bad"]["state"] == "invalid"
     assert set(rows) == {"one", "two", "bad"}
     # a value with a tab or newline cannot break a row apart (display only)
-    assert table_row("a|b", "x\ny", None, True, False, 0).split("|")[:6] == ["a¦b", "x y", "", "1", "", "0"]
+    assert table_row(name="a|b", state="x\ny", started=True, bytes=0).split("|") == ["a¦b", "x y", "", "1", "", "", "0"]
     # `status --json` keeps the full documented shape (SPEC section 8), ages included.
     out = json.loads(daemon.cli("status", "--json").stdout)
     one = next(j for j in out["jobs"] if j["name"] == "one")

@@ -16,13 +16,11 @@ def _cols(text: str, name: str) -> str:
 
 def test_table_view_ages_come_from_timestamps():
     now = time.time()
-    # name state pid started restarts crashes has_checkpoint step latest mtime invalid bytes
-    # quota over_quota rss mem_limit
     view = {"daemon": {}, "rows": [
-        table_row("a", "running", 42, int(now - 95), 2, 0, True, 7, "/ck/step-7", int(now - 130), 0, 2048, 4096,
-                  False, 3 << 20, None),
-        table_row("b", "stopped", None, None, 0, 0, True, None, None, None, 0, 0, None, False, None, None),
-        table_row("c", "failed"),
+        table_row(name="a", state="running", pid=42, started=int(now - 95), restarts=2, has_checkpoint=True,
+                  step=7, latest="/ck/step-7", mtime=int(now - 130), bytes=2048, quota=4096, rss=3 << 20),
+        table_row(name="b", state="stopped", restarts=0, crashes_in_a_row=0, has_checkpoint=True, bytes=0),
+        table_row(name="c", state="failed"),
     ], "notes": {"c": {"error": "exit 3", "warnings": ["w1"]}}}
     full = {"daemon": {}, "jobs": [
         {"name": "a", "state": "running", "pid": 42, "uptime_s": 95, "restarts": 2,
@@ -39,3 +37,14 @@ def test_table_view_ages_come_from_timestamps():
     b = _cols(format_status(view), "b").split()
     assert b[1:5] == ["stopped", "-", "-", "0"] and "none" in b, b
     assert "  c: exit 3" in format_status(view) and "  c: warning: w1" in format_status(view)
+
+
+def test_table_view_rows_leave_out_what_is_unset_and_keep_step_0():
+    from trainsup.render import TABLE_FIELDS, table_rows
+    idle = table_row(name="idle", state="running", pid=7, started=100, restarts=0, has_checkpoint=True,
+                     bytes=0, rss=5, crashes_in_a_row=0, step=None)
+    assert idle == "idle|running|7|100||1|0|5", idle           # trailing empties are not sent
+    zero = table_row(name="z", state="running", has_checkpoint=True, step=0, bytes=0)
+    (row,) = table_rows({"rows": [zero]})
+    assert len(row) == len(TABLE_FIELDS) and dict(zip(TABLE_FIELDS, row))["step"] == "0"
+    assert "step 0," in format_status({"rows": [zero], "notes": {}}).splitlines()[1]
