@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,21 @@ def limit_malloc_arenas(n: int = 2) -> None:
 
 
 SWITCH_INTERVAL_S = float(os.environ.get("TRAINSUP_SWITCH_INTERVAL", "0.001"))
+
+
+POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "10"))
+
+
+def lower_thread_priority() -> None:
+    """The pool's threads (scans, hashing, deletion) yield the CPU to the loop: on a busy
+    machine the loop, woken by a request, preempts them instead of waiting for its turn.
+    Linux nice is per thread; lowering it needs no privilege."""
+    try:
+        tid = threading.get_native_id()
+        # never above the daemon's own priority (a daemon started at nice 15 stays there)
+        os.setpriority(os.PRIO_PROCESS, tid, max(POOL_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
+    except (OSError, AttributeError):
+        pass
 
 
 def release_freed_memory() -> None:
@@ -121,7 +137,8 @@ class Daemon:
         # Requests that arrive while the jobs dir is first read wait for it: `status` must
         # never answer "no such job" for a job whose file is still settling.
         self.loaded = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash",
+                                           initializer=lower_thread_priority)
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
         self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
