@@ -106,6 +106,12 @@ class RestartTracker(RowFields):
                                 f"(max_restarts_without_progress {s.max_restarts_without_progress})")
         return self._start_limited(now) or Decision(True, self.delay_for(self.consecutive), why="crashed")
 
+    def on_stopped_elsewhere(self, now: float) -> Decision:
+        """The attempt ended because another node's preemption stopped the group (its last
+        save says so): not a crash and not the end of the run. Relaunched at once, to
+        rejoin; only the start-rate limit applies."""
+        return self._start_limited(now) or Decision(True, 0.0, why="stopped by a preemption elsewhere")
+
     def snapshot(self) -> dict:
         return {"consecutive": self.consecutive, "without_progress": self.without_progress}
 

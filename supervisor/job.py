@@ -546,7 +546,7 @@ class Job(RowFields):
         if self.spec.checkpoint is None:
             self._after_exit(crashed=(rc != 0), ran_for=ran_for)
         else:
-            self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for))
+            self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for, child.started_wall))
 
     def _start_end_cgroup(self, cg: cgroup.JobCgroup) -> None:
         task = self.loop.create_task(self._end_cgroup(cg))
@@ -568,7 +568,7 @@ class Job(RowFields):
         cg.remove()
         return True
 
-    async def _refresh_then_decide(self, crashed: bool, ran_for: float) -> None:
+    async def _refresh_then_decide(self, crashed: bool, ran_for: float, started_wall: float = 0.0) -> None:
         # Checkpoints the attempt committed in its last moments count as progress (the
         # backoff resets), and the resume point is fresh for an immediate relaunch.
         try:
@@ -583,7 +583,43 @@ class Job(RowFields):
             if await self.host.claims_exit(self):
                 return
             if self._flow is None and self.child is None and self.state in _ALIVE | {S.STARTING}:
-                self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
+                saved = self._stopped_elsewhere(started_wall)
+                if saved is not None:
+                    self._rejoin(saved)
+                else:
+                    self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
+
+    def _stopped_elsewhere(self, started_wall: float) -> Optional[Any]:
+        """The checkpoint that says this attempt ended for a preemption no notice of this
+        daemon asked for (another node's: the ranks of a multi-node job agree on a save
+        and stop together), or None. Read from the newest valid checkpoint, not from the
+        exit code: its manifest's reason is `preempt` (trainsup's helper writes it) and it
+        was written during this attempt, shortly before the exit."""
+        latest = self.ckpts.latest_valid()
+        if latest is None or latest.reason != "preempt" or not latest.mtime:
+            return None
+        recent = self.spec.emergency_save.grace + self.spec.stop_timeout + 60
+        if latest.mtime < started_wall - 1 or time.time() - latest.mtime > recent:
+            return None
+        return latest
+
+    def _rejoin(self, saved: Any) -> None:
+        """Relaunch at once from that checkpoint: not a crash (no backoff, no crash count),
+        not the end of the run, whatever the exit code."""
+        if self.retired:
+            return
+        self.event("stopped-elsewhere", step=saved.step, path=str(saved.path),
+                   code=(self.last_exit or {}).get("code"))
+        self.log.note(f"attempt {self.attempt}: stopped by a preemption elsewhere "
+                      f"(saved step {saved.step}); relaunching to rejoin")
+        decision = self.tracker.on_stopped_elsewhere(self.clock())
+        if not decision.restart:
+            self.error = decision.why
+            self._set(S(decision.final_state), why=decision.why)
+            return
+        self.restart_reason = "preempt"
+        self._set(S.BACKOFF, delay=0.0, why=decision.why)
+        self._launch(fresh=True)
 
     def _after_exit(self, *, crashed: bool, ran_for: float, fresh: bool = False) -> None:
         if self.retired:

@@ -35,6 +35,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--exit", type=int, default=None, help="exit with this code after --after seconds")
     p.add_argument("--after", type=float, default=0.0)
+    p.add_argument("--peer-preempted", type=int, default=None, metavar="CODE",
+                   help="first attempt only: after --after s, save for a preemption (as a rank "
+                        "does when another node's preemption stops the group) and exit CODE")
     p.add_argument("--catch-usr1", action="store_true", help="save a checkpoint on SIGUSR1")
     p.add_argument("--ignore-term", action="store_true")
     p.add_argument("--save-on-term", action="store_true", help="save then exit 0 on SIGTERM")
@@ -145,6 +148,10 @@ def main():
             if now - last_beat > 0.05:
                 Path(hb).touch()
                 last_beat = now
+        if args.peer_preempted is not None and not resume and time.monotonic() - start >= args.after:
+            save("preempt")
+            record(event="peer-preempted-exit", code=args.peer_preempted)
+            sys.exit(args.peer_preempted)
         if args.exit is not None and time.monotonic() - start >= args.after:
             record(event="exit", code=args.exit)
             sys.exit(args.exit)
