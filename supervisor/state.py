@@ -253,9 +253,10 @@ class StateDB:
             self.on_pending()
 
     def flush(self) -> None:
-        """Commit queued writes in one transaction, in the calling thread. On failure
-        (ENOSPC...) they are dropped and the previous state stays intact; supervision
-        goes on."""
+        """Commit queued writes in one transaction, in the calling thread. While another
+        process holds the database they wait and the writer thread retries; on any other
+        failure (ENOSPC...) they are dropped and the previous state stays intact;
+        supervision goes on."""
         with self.lock:
             with self._qlock:
                 batch, self._pending = self._pending, []
