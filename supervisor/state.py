@@ -50,6 +50,8 @@ _MAX_EVENTS_PER_JOB = 5000
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _BUSY = (5, 6)                 # SQLITE_BUSY, SQLITE_LOCKED: someone else holds the database
 _BUSY_RETRY_S = 0.25
+_MAX_HELD = 100_000            # records kept in memory while another process holds the db
+_EVENT_INSERT = "INSERT INTO events"
 
 
 class StateUnusable(Exception):
@@ -139,6 +141,7 @@ class StateDB:
         self._closing = False
         self._retry_busy = False
         self._busy_since: Optional[float] = None
+        self.max_held = _MAX_HELD
 
     # -- opening, with corruption handling -------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -243,6 +246,20 @@ class StateDB:
             self._retry_busy = False
             self.flush()
 
+    def _bound_held(self) -> int:
+        """Under _qlock: drop the oldest event records past max_held; how many went."""
+        over = len(self._pending) - self.max_held
+        if over <= 0:
+            return 0
+        keep, dropped = [], 0
+        for rec in self._pending:
+            if dropped < over and rec[0].startswith(_EVENT_INSERT):
+                dropped += 1
+                continue
+            keep.append(rec)
+        self._pending = keep
+        return dropped
+
     def _queue(self, sql: str, params: tuple) -> None:
         with self._qlock:
             self._pending.append((sql, params))
@@ -278,13 +295,20 @@ class StateDB:
                     pass
                 if getattr(e, "sqlite_errorcode", None) in _BUSY and self._writer is not None:
                     # Another process holds the database (a backup, sqlite3 by hand): the
-                    # records wait, in order, and the writer tries again; nothing is lost.
-                    with self._qlock:
-                        self._pending[:0] = batch
+                    # records wait, in order, and the writer tries again. Held for long,
+                    # the oldest history records go first (job rows are kept): the
+                    # daemon's memory is bounded, its state is not lost.
                     if self._busy_since is None:
                         self._busy_since = time.monotonic()
                         log.warning("state: the database is locked by another process (%s); "
                                     "%d records wait and are retried", e, len(batch))
+                    with self._qlock:
+                        self._pending[:0] = batch
+                        dropped = self._bound_held()
+                    if dropped:
+                        log.error("state: the database has been locked for %.0fs; %d oldest history "
+                                  "records dropped (at most %d wait)", time.monotonic() - self._busy_since,
+                                  dropped, self.max_held)
                     self._retry_busy = True
                     return
                 log.error("state: cannot write %d records: %s (previous state kept)", len(batch), e)
@@ -312,7 +336,7 @@ class StateDB:
         at = time.time() if at is None else at
         ev = {"job": job, "at": at, "kind": kind, **data}
         crash_point("record")
-        self._queue("INSERT INTO events(job, at, kind, data) VALUES(?,?,?,?)", (job, at, kind, json.dumps(data)))
+        self._queue(_EVENT_INSERT + "(job, at, kind, data) VALUES(?,?,?,?)", (job, at, kind, json.dumps(data)))
         self._since_trim += 1
         if self._since_trim >= 500:
             self._since_trim = 0

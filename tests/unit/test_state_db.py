@@ -101,3 +101,39 @@ def test_only_sqlites_corruption_verdicts_count_as_corrupt(tmp_path):
     assert not is_corruption(readonly.value)
     assert not is_corruption(cantopen.value)
     assert is_corruption(notadb.value)
+
+
+def test_records_held_by_another_process_wait_in_order_and_stay_bounded(tmp_path, caplog):
+    """While another process holds the database (a backup, sqlite3 by hand) the writer
+    thread keeps the records and retries; held long, the oldest history records go first
+    (job rows stay) so the daemon's memory is bounded. A real second connection holds it."""
+    import sqlite3
+    import time
+
+    db = StateDB(tmp_path)
+    db.max_held = 50
+    db.start_writer()
+    db.on_pending = db.wake
+    holder = sqlite3.connect(db.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(200):
+            db.add_event("j", "tick", {"i": i})
+        db.save_job("j", {"attempt": 3})
+        # the writer meets the lock (after SQLite's 2 s busy timeout) and trims what waits
+        deadline = time.monotonic() + 15
+        while not any("oldest history records dropped" in r.message for r in caplog.records):
+            assert time.monotonic() < deadline, "the writer never found the database held"
+            time.sleep(0.05)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    deadline = time.monotonic() + 10
+    while db._pending and time.monotonic() < deadline:
+        db.wake()
+        time.sleep(0.05)
+    events = db.events("j", 1000)
+    assert [e["i"] for e in events] == list(range(200 - len(events), 200)), "the newest, in order"
+    assert 40 <= len(events) <= 60, len(events)
+    assert db.load_job("j") == {"attempt": 3}          # job rows are never dropped
+    db.close()
