@@ -16,9 +16,19 @@ def _ckpts(d, job):
 
 
 def _user_files(home: Path) -> dict:
-    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*"))
-            if p.is_file() and not p.relative_to(home).parts[0].startswith(("step-", ".trainsup"))
-            and p.suffix != ".rec"}
+    """The user's files under home, never descending into the job's own entries: rotation
+    may still be deleting one after `stop` (a pass in flight), and a walk into it failed
+    with FileNotFoundError in CI."""
+    out = {}
+    for root, dirs, files in os.walk(home):
+        if Path(root) == home:
+            dirs[:] = [d for d in dirs if not d.startswith(("step-", ".trainsup"))]
+            files = [f for f in files if not f.startswith(("step-", ".trainsup"))]
+        for f in files:
+            p = Path(root) / f
+            if p.suffix != ".rec":
+                out[str(p.relative_to(home))] = p.read_bytes()
+    return dict(sorted(out.items()))
 
 
 def test_home_like_workdir_with_dir_dot_never_loses_user_files(daemon, tmp_path):
