@@ -308,11 +308,7 @@ def _replace_atomically(path: PathLike, fill: Callable[[Path], object], sync: bo
     try:
         fill(tmp)
         if sync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_files([tmp])
         os.replace(tmp, path)
     except BaseException:
         try:

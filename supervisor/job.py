@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Protocol
 from . import cgroup, fdbudget, jobnotice, process
 from .backoff import RestartTracker
 from .checkpoint import confirm
+from .checkpoint.index import CheckpointInfo
 from .checkpoint.service import JobCheckpoints, RotationFacts
 from .crashpoints import crash_point
 from .joblog import JobLog
@@ -589,7 +590,7 @@ class Job(RowFields):
                 else:
                     self._after_exit(crashed=crashed, ran_for=ran_for, fresh=True)
 
-    def _stopped_elsewhere(self, started_wall: float) -> Optional[Any]:
+    def _stopped_elsewhere(self, started_wall: float) -> Optional[CheckpointInfo]:
         """The checkpoint that says this attempt ended for a preemption no notice of this
         daemon asked for (another node's: the ranks of a multi-node job agree on a save
         and stop together), or None. Read from the newest valid checkpoint, not from the
@@ -603,7 +604,7 @@ class Job(RowFields):
             return None
         return latest
 
-    def _rejoin(self, saved: Any) -> None:
+    def _rejoin(self, saved: CheckpointInfo) -> None:
         """Relaunch at once from that checkpoint: not a crash (no backoff, no crash count),
         not the end of the run, whatever the exit code."""
         if self.retired:

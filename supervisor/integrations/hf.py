@@ -41,13 +41,7 @@ def _complete(path: Path) -> bool:
 
 def _fsync_tree(path: Path) -> None:
     try:
-        for p in path.iterdir():
-            if p.is_file() and not p.is_symlink():
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        emergency.fsync_files([p for p in path.iterdir() if p.is_file() and not p.is_symlink()])
         emergency.fsync_dir(path)
         emergency.fsync_dir(path.parent)
     except OSError as e:

@@ -116,11 +116,7 @@ class TrainsupCallback(Callback):
             d.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(str(tmp))          # every rank calls it (a collective)
         if trainer.is_global_zero:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            emergency.fsync_files([tmp])
             os.replace(tmp, final)
             emergency.fsync_dir(d)
         trainer.strategy.barrier("trainsup_save")
