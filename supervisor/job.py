@@ -65,8 +65,10 @@ _ALLOWED: dict[State, set[State]] = {
     S.BACKOFF: {S.STARTING, S.RUNNING, S.SAVING},
     S.STOPPED: _ALIVE | {S.BACKOFF, S.PENDING, S.STARTING, S.FAILED, S.FINISHED, S.PREEMPTED},
     S.PREEMPTED: _ALIVE | {S.BACKOFF, S.STARTING, S.PENDING},
-    S.FINISHED: {S.RUNNING, S.SAVING},
-    S.FAILED: {S.STARTING, S.RUNNING, S.SAVING, S.STOPPING},
+    # From PENDING only when restored at daemon start (or when re-added by a reload):
+    # a job that finished or failed stays so, and the daemon must start regardless.
+    S.FINISHED: {S.RUNNING, S.SAVING, S.PENDING},
+    S.FAILED: {S.STARTING, S.RUNNING, S.SAVING, S.STOPPING, S.PENDING},
     S.PENDING: set(),
     S.INVALID: set(),
 }

@@ -207,3 +207,55 @@ def test_a_crashed_leaders_setsid_descendant_is_killed_before_the_relaunch(daemo
     assert not psutil.pid_exists(gc_pid) or psutil.Process(gc_pid).status() == psutil.STATUS_ZOMBIE
     exits = [e for e in daemon.history("leaky") if e["kind"] == "exit"]
     assert exits[0]["reason"] == "exit 1"
+
+
+def test_daemon_starts_again_with_jobs_in_every_state(daemon):
+    """Found the first time a daemon was restarted after a job had finished: restoring
+    `finished` (or `failed`) raised `pending -> finished is not allowed` and the daemon
+    exited 1, so no job on the machine was supervised again. Every state the state DB can
+    hold, then a daemon crash and a start: each job kept or resumed as the README says."""
+    no_backoff = "restart:\n  backoff: {initial: 0}\n"
+    daemon.fakejob("fin", "--exit 0 --after 0")
+    daemon.fakejob("fail", "--exit 3 --after 0", extra="restart:\n  policy: never\n")
+    daemon.fakejob("stopped", "--catch-usr1", extra="stop_timeout: 2s\n")
+    daemon.fakejob("preempted", "--catch-usr1", extra="stop_timeout: 2s\n")
+    daemon.fakejob("backoff", "--every 0.1 --exit 5 --after 0.3",
+                   extra="restart:\n  backoff: {initial: 1h, max: 1h}\n")
+    daemon.fakejob("running", "--catch-usr1", extra=no_backoff)
+    daemon.start()
+    daemon.wait_state("fin", "finished")
+    daemon.wait_state("fail", "failed")
+    for name in ("stopped", "preempted", "running"):
+        daemon.wait_state(name, "running")
+        daemon.wait_ready(name)
+    assert daemon.request("stop", "stopped")["ok"]
+    assert daemon.request("preempt", "preempted")["ok"]
+    daemon.wait_state("stopped", "stopped")
+    daemon.wait_state("preempted", "preempted")
+    daemon.wait_state("backoff", "backoff", timeout=20)
+    saved = [r["path"] for r in daemon.records("preempted") if r["event"] == "saved"]
+    assert saved, daemon.records("preempted")
+
+    daemon.kill()
+    daemon.start()
+    assert daemon.wait_state("fin", "finished")["last_exit"]["code"] == 0
+    assert daemon.wait_state("fail", "failed")["last_exit"]["code"] == 3
+    daemon.wait_state("stopped", "stopped")
+    # A preempted job starts again at daemon start, resuming from its emergency save.
+    daemon.wait_state("preempted", "running")
+    start = daemon.wait_ready("preempted", 2)
+    assert start["resume"] == saved[-1] and start["reason"] == "preempt"
+    # A job the daemon left in backoff (a crash) runs again; so does a running one.
+    daemon.wait_state("backoff", "running")
+    daemon.wait_state("running", "running")
+    assert daemon.proc.poll() is None
+
+    # Re-adding a finished job on reload is not a failed request either.
+    src = daemon.jobs / "fin.yaml"
+    body = src.read_text()
+    src.unlink()
+    assert daemon.request("reload")["ok"]
+    src.write_text(body)
+    r = daemon.request("reload")
+    assert r["ok"] and r["result"]["added"] == ["fin"], r
+    daemon.wait_state("fin", "finished")

@@ -249,3 +249,18 @@ def test_a_retired_job_never_launches_again(world):
     loop.run_until_complete(asyncio.sleep(0.05))
     job.start()
     assert len(kids) == 1
+
+
+@pytest.mark.parametrize("persisted, expected", [
+    ("finished", S.FINISHED), ("failed", S.FAILED), ("stopped", S.STOPPED),
+    ("preempted", S.RUNNING), ("backoff", S.RUNNING), ("running", S.RUNNING), (None, S.RUNNING),
+])
+def test_autostart_from_every_state_the_db_can_hold(world, persisted, expected):
+    """Found the first time a daemon was restarted after a job had finished: the restore
+    of `finished` raised TransitionError (pending -> finished) and the daemon exited 1."""
+    tmp, loop = world
+    job, host, _, kids = make_job(tmp, loop)
+    job._load_persisted({"state": persisted} if persisted else {})
+    job.autostart()
+    assert job.state == expected
+    assert len(kids) == (1 if expected == S.RUNNING else 0)
