@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
 from trainsup.training import Checkpointer, ResumableSampler
 
 

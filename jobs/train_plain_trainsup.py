@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 import trainsup
+from torch import nn
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,6 @@ if "run" in sys.argv[1:]:
     from . import earlysignals
     earlysignals.catch()      # before the imports: a notice now must not kill `trainsup run`
 
-from .cli import main  # noqa: E402
+from .cli.main import main  # noqa: E402
 
 sys.exit(main())

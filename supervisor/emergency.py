@@ -26,9 +26,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, Any, Union
 
 __all__ = ["Request", "save_requested", "take", "served", "current", "should_stop", "install",
            "atomic_save", "atomic_write", "read_notice", "NOTICE_ENV", "fsync_dir", "fsync_files"]
@@ -45,18 +46,18 @@ class Request:
     then exit 0: the daemon stops the job), `terminate` (SIGTERM: save, then exit 143)."""
 
     kind: str
-    deadline: Optional[float] = None     # wall clock (epoch seconds), when the daemon knows it
-    id: Optional[str] = None
+    deadline: float | None = None     # wall clock (epoch seconds), when the daemon knows it
+    id: str | None = None
 
     @property
     def stops(self) -> bool:
         return self.kind in ("preempt", "terminate")
 
     @property
-    def exit_code(self) -> Optional[int]:
+    def exit_code(self) -> int | None:
         return 0 if self.kind == "preempt" else TERM_EXIT if self.kind == "terminate" else None
 
-    def time_left(self) -> Optional[float]:
+    def time_left(self) -> float | None:
         """Seconds to the deadline (wall clock: it comes from another process), or None."""
         return None if self.deadline is None else self.deadline - time.time()
 
@@ -70,7 +71,7 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------
 
 
-def read_notice(path: Optional[PathLike] = None) -> Optional[Request]:
+def read_notice(path: PathLike | None = None) -> Request | None:
     """The daemon's latest notice, or None (no notice file, or one this code cannot read:
     then the signal alone says "checkpoint")."""
     p = path or os.environ.get(NOTICE_ENV)
@@ -90,7 +91,7 @@ def read_notice(path: Optional[PathLike] = None) -> Optional[Request]:
         return None
 
 
-def _ack(req: Request, path: Optional[Path] = None, state: str = "saved") -> None:
+def _ack(req: Request, path: Path | None = None, state: str = "saved") -> None:
     """Tell the daemon which notice the job took ("taken") or saved for ("saved"), and
     whether it exits after that save, so the daemon waits for the exit of a job that saved
     for a preemption instead of sending SIGTERM (which would ask for a second save)."""
@@ -118,8 +119,8 @@ class _Flags:
         self.term_seen = False
         self.installed = False
         self.prev: dict[int, Any] = {}
-        self.current: Optional[Request] = None   # the request being served
-        self.stop: Optional[Request] = None      # a stopping request that was saved
+        self.current: Request | None = None   # the request being served
+        self.stop: Request | None = None      # a stopping request that was saved
         self.current_saved = False               # the current request has a save already
 
 
@@ -198,17 +199,17 @@ def save_requested() -> bool:
     return _pending and _take_slow() is not None
 
 
-def take() -> Optional[Request]:
+def take() -> Request | None:
     """The pending request (consumed), or None. Reads the notice only when signalled."""
     return _take_slow() if _pending else None
 
 
-def _take_slow() -> Optional[Request]:
+def _take_slow() -> Request | None:
     global _pending
     if not _f.installed:
         install()
     _pending = False
-    req: Optional[Request] = None
+    req: Request | None = None
     if _f.term and not _f.term_seen:
         _f.term_seen = True
         req = Request("terminate")
@@ -228,7 +229,7 @@ def _take_slow() -> Optional[Request]:
     return req
 
 
-def current() -> Optional[Request]:
+def current() -> Request | None:
     """The request taken last and not yet served (its deadline tells how long a save may take)."""
     return _f.current
 
@@ -239,8 +240,8 @@ def should_stop() -> bool:
     return _f.stop is not None or (cur is not None and cur.stops and _f.current_saved)
 
 
-def served(req: Optional[Request] = None, path: Optional[PathLike] = None, *,
-           exit: bool = False) -> Optional[int]:
+def served(req: Request | None = None, path: PathLike | None = None, *,
+           exit: bool = False) -> int | None:
     """Record that `req` (default: the current request) was saved to `path`. Returns the
     exit code the job should end with (0 after a preempt, 143 after SIGTERM), None to go on;
     with exit=True it exits with it."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -19,20 +18,20 @@ class CheckpointSpec:
     format: str = "auto"                       # auto | trainsup | torch | hf | paddle | tf | keras | lightning | safetensors
     keep_last: int = 3
     keep_best: int = 1
-    metric: Optional[str] = None
+    metric: str | None = None
     mode: str = "min"                          # min | max
     keep_every: int = 0
-    quota: Optional[int] = None                # bytes
+    quota: int | None = None                # bytes
     resume_args: tuple[str, ...] = ()
-    pattern: Optional[str] = None              # regex: extra names rotation may manage
+    pattern: str | None = None              # regex: extra names rotation may manage
     # A network filesystem: inotify does not see other hosts' writes; rescan this often.
-    rescan: Optional[float] = None             # seconds; None: the daemon's periodic rescan
+    rescan: float | None = None             # seconds; None: the daemon's periodic rescan
     # A dir shared by the nodes of one job is rotated by one of them. None: yes, unless the
     # job's env sets NODE_RANK to something other than 0.
-    rotate: Optional[bool] = None
+    rotate: bool | None = None
 
 
-def rotates(job: "JobSpec") -> bool:
+def rotates(job: JobSpec) -> bool:
     """Whether this daemon rotates the job's checkpoint dir (see CheckpointSpec.rotate)."""
     ck = job.checkpoint
     if ck is None:
@@ -70,23 +69,23 @@ class EmergencySaveSpec:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    limit: Optional[int] = None
+    limit: int | None = None
     save_at: float = 0.9
-    min_available: Optional[int] = None
+    min_available: int | None = None
     action: str = "save"                       # save | stop
     interval: float = 1.0
 
 
 @dataclass(frozen=True)
 class HangSpec:
-    timeout: Optional[float] = None
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    checkpoint_every: Optional[float] = None
-    checkpoint_cron: Optional[str] = None
-    preempt_cron: Optional[str] = None
+    checkpoint_every: float | None = None
+    checkpoint_cron: str | None = None
+    preempt_cron: str | None = None
 
 
 HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
@@ -106,8 +105,8 @@ class SlurmSpec:
     `trainsup run` launches the ranks in it (srun, one task per rank)."""
     nodes: int = 1
     ntasks_per_node: int = 1
-    time: Optional[float] = None               # seconds; sbatch --time in whole minutes
-    partition: Optional[str] = None
+    time: float | None = None               # seconds; sbatch --time in whole minutes
+    partition: str | None = None
     sbatch_args: tuple[str, ...] = ()
     srun_args: tuple[str, ...] = ()
     signal_margin: float = 30.0                # USR1 comes grace + margin before the limit
@@ -120,27 +119,27 @@ class JobSpec:
     workdir: Path                              # absolute
     source: Path                               # the YAML file it came from
     env: tuple[tuple[str, str], ...] = ()      # ordered pairs, hashable
-    user: Optional[str] = None
-    group: Optional[str] = None
+    user: str | None = None
+    group: str | None = None
     # Resolved when the config loads (never on the event loop later): who the job runs
     # as. None when it runs as the daemon itself.
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    home: Optional[Path] = None
+    uid: int | None = None
+    gid: int | None = None
+    home: Path | None = None
     groups: tuple[int, ...] = ()               # supplementary groups of `user`
-    shell: Optional[str] = None                # `user`'s login shell (SHELL in its environment)
+    shell: str | None = None                # `user`'s login shell (SHELL in its environment)
     autostart: bool = True
     stop_timeout: float = 10.0
-    checkpoint: Optional[CheckpointSpec] = None
+    checkpoint: CheckpointSpec | None = None
     restart: RestartSpec = field(default_factory=RestartSpec)
     emergency_save: EmergencySaveSpec = field(default_factory=EmergencySaveSpec)
     memory: MemorySpec = field(default_factory=MemorySpec)
     hang: HangSpec = field(default_factory=HangSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     hooks: tuple[HookSpec, ...] = ()           # run after the daemon's own hooks
-    slurm: Optional[SlurmSpec] = None
+    slurm: SlurmSpec | None = None
 
-    def owner(self) -> Optional[tuple[int, int]]:
+    def owner(self) -> tuple[int, int] | None:
         """(uid, gid) the files made for a `user:`/`group:` job belong to (its checkpoint
         dir, heartbeat, notice dir); None when it runs as the daemon. From the ids the
         config resolved: nothing here looks a user up."""
@@ -160,15 +159,15 @@ class InvalidJob:
 
 @dataclass(frozen=True)
 class PreemptionSpec:
-    trigger_file: Optional[Path] = None
-    provider: Optional[str] = None             # aws | gcp | azure
+    trigger_file: Path | None = None
+    provider: str | None = None             # aws | gcp | azure
     poll: float = 5.0
-    metadata_url: Optional[str] = None
+    metadata_url: str | None = None
 
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    listen: Optional[str] = None               # "HOST:PORT" for Prometheus; None = off
+    listen: str | None = None               # "HOST:PORT" for Prometheus; None = off
 
 
 @dataclass(frozen=True)
@@ -177,10 +176,10 @@ class DaemonSpec:
     state_dir: Path
     socket: Path
     log_dir: Path
-    socket_group: Optional[str] = None
-    user: Optional[str] = None                 # the daemon's user: clients trust a socket it owns
-    uid: Optional[int] = None                  # `user`, resolved
-    disk_quota: Optional[int] = None
+    socket_group: str | None = None
+    user: str | None = None                 # the daemon's user: clients trust a socket it owns
+    uid: int | None = None                  # `user`, resolved
+    disk_quota: int | None = None
     pass_env: tuple[str, ...] = ()
     log_max_bytes: int = 50 << 20              # per-job log rotation size
     log_backups: int = 3

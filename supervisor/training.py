@@ -23,8 +23,8 @@ the flag, so either kind of Checkpointer resumes either kind of checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import math
 import os
 import random
@@ -33,8 +33,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -1001,7 +1002,7 @@ class Checkpointer:
             return None
         return self._committed(step, final)
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02,
-             proc: "subprocess.Popen | None" = None, detail: Callable[[], str] | None = None):
+             proc: subprocess.Popen | None = None, detail: Callable[[], str] | None = None):
     """Poll `pred` until it returns something truthy; fail with `what` after `timeout`.
 
     With `proc`, fail as soon as that process has exited and `pred` still does not hold
@@ -113,7 +113,7 @@ class DaemonProc:
         return read_records(self.root / f"{name}.rec")
 
     def start(self, *extra: str, wait: bool = True, env: dict | None = None,
-              prefix: list[str] | None = None) -> "DaemonProc":
+              prefix: list[str] | None = None) -> DaemonProc:
         cmd = [*(prefix or []), sys.executable, "-m", "trainsup", "--socket", str(self.socket), "daemon",
                "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
         e = dict(os.environ)
@@ -141,7 +141,7 @@ class DaemonProc:
             return ""
 
     def request(self, cmd: str, job: str | None = None, timeout: float = 60.0, **args) -> dict:
-        from trainsup.control import request
+        from trainsup.control.client import request
         return request(self.socket, cmd, job, args or None, timeout=timeout)
 
     def status(self, job: str) -> dict:

@@ -12,12 +12,13 @@ a save still in progress, never an alias the framework rewrites.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable
 
 from .dirhandle import DirHandle
 from .index import CheckpointInfo
 from .trash import ASIDE_DIR
+
 MOVED_REASON = "interrupted save, moved aside before a relaunch"
 
 

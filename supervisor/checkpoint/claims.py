@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import pwd
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -43,8 +44,8 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def refuse_dir(d: Path, *, state_dir: Optional[Path] = None, jobs_dir: Optional[Path] = None,
-               env: Mapping[str, str] = os.environ) -> Optional[str]:
+def refuse_dir(d: Path, *, state_dir: Path | None = None, jobs_dir: Path | None = None,
+               env: Mapping[str, str] = os.environ) -> str | None:
     """Why `d` (absolute, normalised) cannot be a checkpoint dir, or None."""
     d = Path(os.path.normpath(d))
     if d == Path("/"):
@@ -84,8 +85,8 @@ def dir_line(source: Path) -> int:
     return 1
 
 
-def cross_job_conflicts(jobs: Sequence, *, state_dir: Optional[Path] = None,
-                        jobs_dir: Optional[Path] = None,
+def cross_job_conflicts(jobs: Sequence, *, state_dir: Path | None = None,
+                        jobs_dir: Path | None = None,
                         env: Mapping[str, str] = os.environ) -> dict[str, list[str]]:
     """job name -> `FILE:LINE: checkpoint.dir: ...` lines, for JobSpecs (in load order)."""
     out: dict[str, list[str]] = {}

@@ -23,9 +23,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .. import fdbudget
 from ..spec import CheckpointSpec
@@ -47,15 +47,15 @@ QUIET_MARGIN_S = 5.0
 
 
 class JobCheckpointDir:
-    def __init__(self, job: str, spec: CheckpointSpec, grace: float, state_dir: Optional[Path],
-                 create_as: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, job: str, spec: CheckpointSpec, grace: float, state_dir: Path | None,
+                 create_as: tuple[int, int] | None = None) -> None:
         self.job = job
         self.spec = spec
         self.state_dir = state_dir
         self.create_as = create_as
-        self.pattern: Optional[re.Pattern] = compile_pattern(spec.pattern) if spec.pattern else None
-        self.handle: Optional[DirHandle] = None
-        self.flag: Optional[str] = None          # set: nothing is deleted until re-resolved
+        self.pattern: re.Pattern | None = compile_pattern(spec.pattern) if spec.pattern else None
+        self.handle: DirHandle | None = None
+        self.flag: str | None = None          # set: nothing is deleted until re-resolved
         self.liveness = LivenessTracker(quiet=grace + QUIET_MARGIN_S)
         self.backoff = DeletionBackoff()
         self.inventory = inventory.load(state_dir, job) if state_dir is not None else None
@@ -81,7 +81,7 @@ class JobCheckpointDir:
         except OSError:
             pass
 
-    def ensure_dir(self) -> Optional[str]:
+    def ensure_dir(self) -> str | None:
         """Hold the dir, creating it if it went missing; None when held, else why not."""
         if self.handle is None or (self.flag and not os.path.lexists(self.spec.dir)):
             self.open(create=True)
@@ -99,7 +99,7 @@ class JobCheckpointDir:
             self.inventory = inventory.record_first_launch(self.state_dir, self.job, self.handle,
                                                            self.spec.dir)
 
-    def scan(self, cache: Optional[VerdictCache]) -> tuple[list[CheckpointInfo], Optional[str]]:
+    def scan(self, cache: VerdictCache | None) -> tuple[list[CheckpointInfo], str | None]:
         """The held dir's entries, and a flag when the configured path no longer names it."""
         if self.handle is None:
             self.open()
@@ -141,13 +141,13 @@ class JobCheckpointDir:
             return Outcome(info, False, error=self.flag or "checkpoint dir not held", errno=errno.ESTALE)
         return delete_one(self.handle, info)
 
-    def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: Optional[VerdictCache]
-                          ) -> Optional[CheckpointInfo]:
+    def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: VerdictCache | None
+                          ) -> CheckpointInfo | None:
         if self.handle is None or self.flag:
             return None
         return latest_for_launch(self.handle.io_root, infos, cache)
 
-    def reprove_latest(self, infos: list[CheckpointInfo], cache: Optional[VerdictCache]
+    def reprove_latest(self, infos: list[CheckpointInfo], cache: VerdictCache | None
                        ) -> list[CheckpointInfo]:
         """Before a launch: the newest valid checkpoints, newest first, re-proven until one
         holds; those that no longer do are marked invalid (never offered for resume)."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from .dirhandle import DirHandle
 from .format import TMP_DIR
@@ -32,7 +32,7 @@ class Outcome:
     info: CheckpointInfo
     ok: bool                        # the name is gone (deleted now, or already gone)
     already_gone: bool = False
-    error: Optional[str] = None
+    error: str | None = None
     errno: int = 0
 
 
@@ -45,7 +45,7 @@ def _delete_members(h: DirHandle, info: CheckpointInfo) -> None:
     Lightning/Keras layouts): the framework's bookkeeping first (TF's state file must never
     list a deleted checkpoint), then every member, commit marker first — each through a
     dir fd opened beneath the held dir (no symlink, no mount crossing on the way)."""
-    from .frameworks import bookkeeping      # framework layouts only; keeps the import light
+    from .frameworks import bookkeeping  # framework layouts only; keeps the import light
     units = bookkeeping.deletion_units(info, h.path)
     parents = {rel.rpartition("/")[0] for rel in units}
     if info.format == "tf":
@@ -132,7 +132,7 @@ class DeletionBackoff:
         return [f"delete-failed: {n}: {f.error} (tried {f.count}x, next in {max(0.0, f.retry_at - now):.0f}s)"
                 for n, f in sorted(self._failures.items())]
 
-    def next_retry_in(self) -> Optional[float]:
+    def next_retry_in(self) -> float | None:
         if not self._failures:
             return None
         return max(0.0, min(f.retry_at for f in self._failures.values()) - self.clock())
@@ -143,7 +143,7 @@ class PassGate:
 
     def __init__(self, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.min_interval, self.clock = min_interval, clock
-        self._last: Optional[float] = None
+        self._last: float | None = None
 
     def wait_s(self) -> float:
         if self._last is None:

@@ -29,7 +29,6 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -87,7 +86,7 @@ def mount_id(fd: int) -> int:
     return -1
 
 
-def find_symlink(path: Path) -> Optional[tuple[Path, str]]:
+def find_symlink(path: Path) -> tuple[Path, str] | None:
     """The first existing component of an absolute path that is a symlink, and its target."""
     cur = Path("/")
     for part in path.parts[1:]:
@@ -123,7 +122,7 @@ class DirHandle:
 
     @classmethod
     def open(cls, path: os.PathLike | str, *, create: bool = False,
-             create_as: Optional[tuple[int, int]] = None) -> "DirHandle":
+             create_as: tuple[int, int] | None = None) -> DirHandle:
         """Open `path` walking from `/` one component at a time, never through a symlink.
 
         create (or create_as): missing components are created (mkdirat, never following a
@@ -168,7 +167,7 @@ class DirHandle:
             os.close(self.fd)
             self.fd = -1
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         """None while the configured path still names the held dir; else why not."""
         try:
             other = DirHandle.open(self.path)
@@ -185,7 +184,7 @@ class DirHandle:
 
     # ------------------------------------------------------------------ beneath the dir
 
-    def open_beneath(self, rel: str, flags: int = _DIR, dir_fd: Optional[int] = None) -> int:
+    def open_beneath(self, rel: str, flags: int = _DIR, dir_fd: int | None = None) -> int:
         """Open rel beneath dir_fd (default: the checkpoint dir): no symlink, no `..`, no
         mount crossing, anywhere on the way."""
         base = self.fd if dir_fd is None else dir_fd
@@ -219,7 +218,7 @@ class DirHandle:
         read-only code that takes paths: the validators open everything O_NOFOLLOW below it."""
         return f"/proc/self/fd/{self.fd}"
 
-    def __enter__(self) -> "DirHandle":
+    def __enter__(self) -> DirHandle:
         return self
 
     def __exit__(self, *exc) -> None:

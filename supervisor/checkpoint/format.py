@@ -15,9 +15,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Literal
 
 import xxhash
 
@@ -98,7 +98,7 @@ def hash_fd(fd: int, algo: str = "xxh3_128") -> str:
     return h.hexdigest()
 
 
-def hash_file(path: Union[str, os.PathLike], algo: str = "xxh3_128") -> str:
+def hash_file(path: str | os.PathLike, algo: str = "xxh3_128") -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return hash_fd(fd, algo)
@@ -106,7 +106,7 @@ def hash_file(path: Union[str, os.PathLike], algo: str = "xxh3_128") -> str:
         os.close(fd)
 
 
-def fsync_dir(path: Union[str, os.PathLike]) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -126,7 +126,7 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def read_manifest(ckpt_path: Union[str, os.PathLike]) -> dict:
+def read_manifest(ckpt_path: str | os.PathLike) -> dict:
     """Parse and shape-check a checkpoint's MANIFEST.json (no file hashing here)."""
     p = Path(ckpt_path) / MANIFEST
     try:
@@ -190,7 +190,7 @@ class CheckpointWriter:
 
     def __init__(
         self,
-        ckpt_dir: Union[str, os.PathLike],
+        ckpt_dir: str | os.PathLike,
         step: int,
         *,
         epoch: int | None = None,
@@ -215,7 +215,7 @@ class CheckpointWriter:
         self.path = self.ckpt_dir / TMP_DIR / f"{step_dirname(self.step)}.{os.getpid()}"
         self.committed: Path | None = None
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         try:
             (self.ckpt_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
             if self.path.exists():
@@ -317,11 +317,11 @@ class CheckpointWriter:
         return self.final_path
 
 
-FileSource = Union[bytes, Callable[[Path], None]]
+FileSource = bytes | Callable[[Path], None]
 
 
 def write_checkpoint(
-    ckpt_dir: Union[str, os.PathLike],
+    ckpt_dir: str | os.PathLike,
     step: int,
     files: Mapping[str, FileSource],
     **kw,

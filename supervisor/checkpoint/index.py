@@ -25,9 +25,9 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from . import frameworks
 from .dirhandle import CheckpointDirError as _HandleError
@@ -35,15 +35,7 @@ from .dirhandle import DirHandle
 from .format import TMP_DIR
 from .naming import is_alias
 from .trash import ASIDE_DIR, TRASH_DIR
-from .validate import (
-    FORMATS,
-    VerdictCache,
-    check_entry,
-    detect_format,
-    fingerprint,
-    name_format,
-    step_from_name,
-)
+from .validate import FORMATS, VerdictCache, check_entry, detect_format, fingerprint, name_format, step_from_name
 
 TMP_ENTRY_RE = re.compile(r"step-(\d{8,})\.(\d+)")     # fullmatch only
 # Verdicts that say "could not look", not "looked and it is broken".
@@ -59,17 +51,17 @@ class CheckpointInfo:
     path: Path                      # absolute; for in-progress entries, inside .trainsup-tmp/
     name: str
     format: str                     # trainsup | torch | hf | unmanaged
-    step: Optional[int]             # None: nothing numbered it (ordered by mtime instead)
+    step: int | None             # None: nothing numbered it (ordered by mtime instead)
     bytes: int                      # regular files only, recursively (unmanaged: top entry only)
     valid: bool
-    invalid_reason: Optional[str] = None
-    reason: Optional[str] = None    # the manifest's save reason
+    invalid_reason: str | None = None
+    reason: str | None = None    # the manifest's save reason
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
-    created: Optional[str] = None   # the manifest's UTC timestamp
+    created: str | None = None   # the manifest's UTC timestamp
     mtime: float = 0.0              # newest mtime of the entry or anything in it (wall clock)
-    epoch: Optional[int] = None
+    epoch: int | None = None
     in_progress: bool = False
-    pid: Optional[int] = None       # writer pid of an in-progress entry
+    pid: int | None = None       # writer pid of an in-progress entry
     cached: bool = field(default=False, compare=False)
     managed: bool = True            # the format names it a checkpoint (else never deleted)
     unknown: bool = False           # unreadable / unprovable: never deleted
@@ -82,9 +74,9 @@ class CheckpointInfo:
     # alias_of: the numbered entry whose step it shares; resume: what the framework's resume
     # call takes when that is not `path` (a save_last="link" symlink's target).
     members: tuple[str, ...] = ()
-    alias_kind: Optional[str] = None
-    alias_of: Optional[str] = None
-    resume: Optional[Path] = None
+    alias_kind: str | None = None
+    alias_of: str | None = None
+    resume: Path | None = None
 
     @property
     def resume_path(self) -> Path:
@@ -93,15 +85,15 @@ class CheckpointInfo:
         return self.resume or self.path
 
 
-def is_unknown_reason(reason: Optional[str]) -> bool:
+def is_unknown_reason(reason: str | None) -> bool:
     return reason is not None and any(m in reason for m in _UNKNOWN_MARKERS)
 
 
 def scan(
-    ckpt_dir: Union[str, os.PathLike, DirHandle],
+    ckpt_dir: str | os.PathLike | DirHandle,
     fmt: str = "auto",
-    cache: Optional[VerdictCache] = None,
-    pattern: Optional[re.Pattern] = None,
+    cache: VerdictCache | None = None,
+    pattern: re.Pattern | None = None,
 ) -> list[CheckpointInfo]:
     """Every entry of the checkpoint dir, oldest first (managed ones ordered; unmanaged
     ones listed first, by name)."""
@@ -148,7 +140,7 @@ def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
     return unmanaged + order(i for i in infos if i.managed)
 
 
-def _unmanaged(h: DirHandle, name: str) -> Optional[CheckpointInfo]:
+def _unmanaged(h: DirHandle, name: str) -> CheckpointInfo | None:
     try:
         st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -164,7 +156,7 @@ def _unmanaged(h: DirHandle, name: str) -> Optional[CheckpointInfo]:
 
 
 def _scan_entry(h: DirHandle, io: str, name: str, is_dir: bool, is_link: bool, fmt: str, cache,
-                pattern) -> Optional[CheckpointInfo]:
+                pattern) -> CheckpointInfo | None:
     path = h.path / name
     if is_link:
         kind = name_format(name, fmt, pattern)
@@ -260,21 +252,21 @@ def order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     return [i for _, i in keyed]
 
 
-def latest_valid(infos: Sequence[CheckpointInfo]) -> Optional[CheckpointInfo]:
+def latest_valid(infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
     for i in reversed(infos):
         if i.valid and not i.in_progress:
             return i
     return None
 
 
-def metric_value(info: CheckpointInfo, metric: str) -> Optional[float]:
+def metric_value(info: CheckpointInfo, metric: str) -> float | None:
     v = info.metrics.get(metric) if info.metrics else None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
         return None
     return float(v)
 
 
-def best(infos: Sequence[CheckpointInfo], metric: str, mode: str = "min") -> Optional[CheckpointInfo]:
+def best(infos: Sequence[CheckpointInfo], metric: str, mode: str = "min") -> CheckpointInfo | None:
     """The valid checkpoint with the best `metric`; ties go to the newest."""
     if mode not in ("min", "max"):
         raise ValueError(f"mode {mode!r} is not min or max")

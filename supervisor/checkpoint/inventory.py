@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .dirhandle import DirHandle
 from .format import TMP_DIR
@@ -28,7 +28,7 @@ def _file(state_dir: Path, job: str) -> Path:
     return Path(state_dir) / _SUBDIR / f"{job}.json"
 
 
-def load(state_dir: Path, job: str) -> Optional[dict]:
+def load(state_dir: Path, job: str) -> dict | None:
     try:
         data = json.loads(_file(state_dir, job).read_text())
     except (OSError, ValueError):
@@ -36,7 +36,7 @@ def load(state_dir: Path, job: str) -> Optional[dict]:
     return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else None
 
 
-def record_first_launch(state_dir: Path, job: str, h: Optional[DirHandle], where: Path) -> dict:
+def record_first_launch(state_dir: Path, job: str, h: DirHandle | None, where: Path) -> dict:
     """The inventory for this job and dir: the one on file if it is of this very dir,
     else what is there now (written before returning). A dir that does not exist yet at
     the first launch held nothing: that is recorded too (identity filled in once the dir
@@ -80,8 +80,8 @@ def _write(state_dir: Path, job: str, data: dict) -> dict:
     return data
 
 
-def preexisting(infos: Iterable[CheckpointInfo], inventory: Optional[dict],
-                pattern: Optional[re.Pattern] = None) -> set[str]:
+def preexisting(infos: Iterable[CheckpointInfo], inventory: dict | None,
+                pattern: re.Pattern | None = None) -> set[str]:
     """Names rotation must leave alone because they predate the job (and `pattern`
     does not claim them)."""
     if not inventory:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
 
 from .dirhandle import DirHandle
 from .format import TMP_DIR
@@ -40,7 +40,7 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def process_start(pid: int) -> Optional[float]:
+def process_start(pid: int) -> float | None:
     """A process's start, in boottime seconds; None if it does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -137,7 +137,7 @@ class LivenessTracker:
                 present[k] = old
         self._seen = present
 
-    def live(self, infos: Iterable[CheckpointInfo], *, handle: Optional[DirHandle] = None,
+    def live(self, infos: Iterable[CheckpointInfo], *, handle: DirHandle | None = None,
              job_pids: Iterable[int] = ()) -> set[str]:
         """Names (as rotation sees them: info.name) of entries that may still be written."""
         now = self.clock()
@@ -163,7 +163,7 @@ class LivenessTracker:
                         out.add(i.name)
         return out
 
-    def next_quiet_in(self) -> Optional[float]:
+    def next_quiet_in(self) -> float | None:
         """Seconds until the next entry's quiet window ends (None: none is running). Nothing
         else wakes rotation then: a save's last write was its last inotify event."""
         now = self.clock()

@@ -16,7 +16,6 @@ Everything else is *unmanaged*: listed, never deleted (issue 11 case 3: `auto` c
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 TRAINSUP_DIR = re.compile(r"step-(\d{8,})")
 HF_DIR = re.compile(r"checkpoint-(\d+)")
@@ -49,7 +48,7 @@ def compile_pattern(text: str) -> re.Pattern:
 
 
 def managed_format(name: str, is_dir: bool, fmt: str = "auto",
-                   pattern: Optional[re.Pattern] = None) -> Optional[str]:
+                   pattern: re.Pattern | None = None) -> str | None:
     """The format a managed entry is checked with, or None when the name is unmanaged."""
     if name.startswith(".") or "\0" in name:
         return None
@@ -72,7 +71,7 @@ def is_alias(name: str) -> bool:
     return bool(TORCH_ALIAS.fullmatch(name))
 
 
-def step_of(name: str) -> Optional[int]:
+def step_of(name: str) -> int | None:
     """The step a managed name carries; None for aliases and unnumbered names."""
     for rx in (TRAINSUP_DIR, HF_DIR):
         m = rx.fullmatch(name)

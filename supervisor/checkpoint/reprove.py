@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .index import CheckpointInfo
 from .settle import settle  # noqa: F401  (re-exported: part of the re-proof design)
@@ -74,15 +74,15 @@ def reprovable(info: CheckpointInfo) -> bool:
     return info.format in _CHECKERS and not info.members
 
 
-def reprove(io_path: str, fmt: str, cache: Optional[VerdictCache], key_path: str) -> Verdict:
+def reprove(io_path: str, fmt: str, cache: VerdictCache | None, key_path: str) -> Verdict:
     """The entry's verdict now: from its fingerprint where a mapped write would have moved
     it, else by checking the content again."""
     use_cache = cache if stamps_mapped_writes(io_path) else None
     return check_entry(io_path, fmt, use_cache, key_path=key_path).verdict
 
 
-def latest_for_launch(io_root: str, infos: Iterable[CheckpointInfo], cache: Optional[VerdictCache]
-                      ) -> Optional[CheckpointInfo]:
+def latest_for_launch(io_root: str, infos: Iterable[CheckpointInfo], cache: VerdictCache | None
+                      ) -> CheckpointInfo | None:
     """The newest checkpoint whose verdict still holds right now (index order, newest last)."""
     for i in reversed(list(infos)):
         if not (i.valid and i.managed and not i.in_progress):

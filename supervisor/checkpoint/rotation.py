@@ -42,9 +42,9 @@ a relaxable keep_every one.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Mapping, Optional, Sequence, Union
 
 from ..spec import CheckpointSpec
 from .index import CheckpointInfo, metric_value
@@ -59,7 +59,7 @@ _UNSET = object()
 PROTECTED = frozenset({"newest", "resumed-from", "in-progress", "pinned", "unmanaged", "unknown",
                        "preexisting", "alias", "undeletable", "nothing-valid"})
 
-Pin = Union[int, str, Path]
+Pin = int | str | Path
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class RotationPlan:
     over_quota: bool                                  # quota still not met after the plan
     total_bytes: int                                  # before the plan
     kept_bytes: int                                   # after the plan
-    quota: Optional[int] = None
+    quota: int | None = None
     # what could still go under more pressure (daemon-wide quota), in the order it would go
     ladder: tuple[tuple[int, CheckpointInfo], ...] = field(default=(), repr=False)
 
@@ -80,13 +80,13 @@ def plan_rotation(
     spec: CheckpointSpec,
     *,
     pinned: Iterable[Pin] = frozenset(),
-    resumed_from: Optional[Union[str, Path]] = None,
-    live: Optional[Collection[str]] = None,
+    resumed_from: str | Path | None = None,
+    live: Collection[str] | None = None,
     preexisting: Collection[str] = frozenset(),
     undeletable: Mapping[str, str] | None = None,
     quota: object = _UNSET,
-    now: Optional[float] = None,
-    tmp_grace: Optional[float] = None,
+    now: float | None = None,
+    tmp_grace: float | None = None,
 ) -> RotationPlan:
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
@@ -100,7 +100,7 @@ def plan_rotation(
     live (no proof that its writer is gone, so it stays). now/tmp_grace are accepted from
     callers not yet migrated and ignored: wall-clock ages decide nothing here.
     """
-    limit: Optional[int] = spec.quota if quota is _UNSET else quota  # type: ignore[assignment]
+    limit: int | None = spec.quota if quota is _UNSET else quota  # type: ignore[assignment]
     if live is None:
         live = {i.name for i in infos if i.in_progress or not i.valid}
     undeletable = undeletable or {}
@@ -223,7 +223,7 @@ class DiskQuotaPlan:
     plans: dict[str, RotationPlan] = field(default_factory=dict)   # each job's plan with its extras
 
 
-def plan_disk_quota(plans: Mapping[str, RotationPlan], disk_quota: Optional[int]) -> DiskQuotaPlan:
+def plan_disk_quota(plans: Mapping[str, RotationPlan], disk_quota: int | None) -> DiskQuotaPlan:
     """Extra deletions so that all jobs together fit `disk_quota`, after their own plans.
 
     Takes from every job's ladder stage by stage (keep_every, keep_best, keep_last), the

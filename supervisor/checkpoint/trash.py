@@ -35,7 +35,6 @@ import os
 import re
 import stat
 import time
-from typing import Union
 
 from ..crashpoints import crash_point
 from .dirhandle import CheckpointDirError, DirHandle
@@ -51,7 +50,7 @@ _TRASH_NAME_RE = re.compile(r"d\.\d+\.\d+\.\d+(?:~.+)?|.+\.\d+\.\d+", re.DOTALL)
 _ORIGINAL_RE = re.compile(r"d\.\d+\.\d+\.\d+~(.+)", re.DOTALL)
 _counter = itertools.count()
 
-DirLike = Union[DirHandle, str, os.PathLike]
+DirLike = DirHandle | str | os.PathLike
 
 
 class DeleteError(OSError):

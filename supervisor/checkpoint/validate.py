@@ -38,8 +38,9 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional, Protocol
+from typing import Protocol
 
 import xxhash
 
@@ -68,7 +69,7 @@ _CACHE_VERSION = "v1"
 class VerdictCache(Protocol):
     """Where verdicts survive between scans (the daemon backs it with SQLite)."""
 
-    def get(self, key: str) -> Optional[str]: ...
+    def get(self, key: str) -> str | None: ...
 
     def put(self, key: str, verdict_json: str) -> None: ...
 
@@ -77,7 +78,7 @@ class MemoryVerdictCache:
     def __init__(self) -> None:
         self.data: dict[str, str] = {}
 
-    def get(self, key: str) -> Optional[str]:
+    def get(self, key: str) -> str | None:
         return self.data.get(key)
 
     def put(self, key: str, verdict_json: str) -> None:
@@ -88,18 +89,18 @@ class MemoryVerdictCache:
 class Verdict:
     format: str
     valid: bool
-    invalid_reason: Optional[str] = None
-    step: Optional[int] = None            # from the manifest / trainer_state, else the name
-    epoch: Optional[int] = None
-    reason: Optional[str] = None          # the manifest's save reason
-    created: Optional[str] = None         # the manifest's UTC timestamp
+    invalid_reason: str | None = None
+    step: int | None = None            # from the manifest / trainer_state, else the name
+    epoch: int | None = None
+    reason: str | None = None          # the manifest's save reason
+    created: str | None = None         # the manifest's UTC timestamp
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "Verdict":
+    def from_json(cls, s: str) -> Verdict:
         return cls(**json.loads(s))
 
 
@@ -109,7 +110,7 @@ class _Invalid(Exception):
 
 # ---------------------------------------------------------------- recognising entries
 
-def detect_format(name: str, is_dir: bool, fmt: str = "auto", pattern=None) -> Optional[str]:
+def detect_format(name: str, is_dir: bool, fmt: str = "auto", pattern=None) -> str | None:
     """The format an entry of a checkpoint dir is checked with, from its name and kind
     alone; None for a name the format does not claim (unmanaged: never deleted)."""
     if fmt not in FORMATS:
@@ -117,12 +118,12 @@ def detect_format(name: str, is_dir: bool, fmt: str = "auto", pattern=None) -> O
     return naming.managed_format(name, is_dir, fmt, pattern)
 
 
-def name_format(name: str, fmt: str = "auto", pattern=None) -> Optional[str]:
+def name_format(name: str, fmt: str = "auto", pattern=None) -> str | None:
     """Like detect_format for an entry whose kind must not be trusted (a symlink)."""
     return detect_format(name, True, fmt, pattern) or detect_format(name, False, fmt, pattern)
 
 
-def step_from_name(name: str) -> Optional[int]:
+def step_from_name(name: str) -> int | None:
     return naming.step_of(name)
 
 
@@ -133,7 +134,7 @@ class TooManyFiles(Exception):
     wrong with the entry, the caller only must not pay for it here)."""
 
 
-def fingerprint(path: str, limit: Optional[int] = None) -> tuple[str, int, float]:
+def fingerprint(path: str, limit: int | None = None) -> tuple[str, int, float]:
     """(digest, total bytes, newest mtime) of an entry from lstat calls only. With
     `limit`, raises TooManyFiles past that many files (the daemon's loop scans inline
     only what stays cheap: an entry of 20,000 files cost it 330 ms)."""
@@ -223,7 +224,7 @@ def _pread_exact(fd: int, n: int, off: int) -> bytes:
 
 # ---------------------------------------------------------------- trainsup
 
-def _open_entry_dir(path: str, fmt: str, step: Optional[int]):
+def _open_entry_dir(path: str, fmt: str, step: int | None):
     """An fd on a directory checkpoint, never through a symlink; or the invalid Verdict."""
     try:
         return os.open(path, _NOFOLLOW_DIR)
@@ -548,8 +549,8 @@ class EntryCheck:
     fingerprint: str = ""  # lstat digest of every file: what the liveness tracker compares
 
 
-def check_entry(path: str, fmt: str, cache: Optional[VerdictCache] = None,
-                key_path: Optional[str] = None) -> EntryCheck:
+def check_entry(path: str, fmt: str, cache: VerdictCache | None = None,
+                key_path: str | None = None) -> EntryCheck:
     """Verdict for one entry of a known format, from the cache when nothing changed.
 
     key_path: the entry's stable name for the cache when `path` reaches it through a

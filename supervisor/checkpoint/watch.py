@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -96,7 +96,7 @@ class ObserverHub:
             self.observer.join(5)
 
 
-_shared_hub: Optional[ObserverHub] = None
+_shared_hub: ObserverHub | None = None
 _shared_lock = threading.Lock()
 
 
@@ -117,7 +117,7 @@ class _Dispatch(FileSystemEventHandler):
 
 
 class CheckpointWatcher:
-    def __init__(self, ckpt_dir, on_change: Callable[[str], None], hub: Optional[ObserverHub] = None):
+    def __init__(self, ckpt_dir, on_change: Callable[[str], None], hub: ObserverHub | None = None):
         self.path = os.path.abspath(os.fspath(ckpt_dir))
         self.parent = os.path.dirname(self.path)
         self.on_change = on_change

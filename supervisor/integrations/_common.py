@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from .. import emergency
 
@@ -14,12 +13,12 @@ def under_daemon() -> bool:
     return bool(os.environ.get("TRAINSUP_JOB"))
 
 
-def resume_env() -> Optional[str]:
+def resume_env() -> str | None:
     """TRAINSUP_RESUME_FROM when set and non-empty (the daemon checked it is valid)."""
     return os.environ.get("TRAINSUP_RESUME_FROM") or None
 
 
-def newest_numbered(dir: Path, rx: re.Pattern, valid) -> Optional[Path]:
+def newest_numbered(dir: Path, rx: re.Pattern, valid) -> Path | None:
     """The entry of `dir` whose name matches `rx` (group 1 = step) with the highest step
     for which valid(path) holds; a local run outside the daemon resumes from it."""
     try:

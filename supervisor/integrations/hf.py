@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -48,7 +48,7 @@ def _fsync_tree(path: Path) -> None:
         log(f"fsync of {path}: {e.strerror}")
 
 
-def resume_checkpoint(output_dir: Optional[str] = None) -> Optional[str]:
+def resume_checkpoint(output_dir: str | None = None) -> str | None:
     """What to pass to `trainer.train(resume_from_checkpoint=...)`: TRAINSUP_RESUME_FROM
     under the daemon (None when there is nothing valid); outside it, the newest complete
     `checkpoint-N/` in output_dir (default TRAINSUP_CHECKPOINT_DIR). Never HF's own `True`,
@@ -69,8 +69,8 @@ class TrainsupCallback(TrainerCallback):
 
     def __init__(self, exit_after_stop: bool = True) -> None:
         self.exit_after_stop = exit_after_stop
-        self._req: Optional[emergency.Request] = None
-        self._exit: Optional[int] = None
+        self._req: emergency.Request | None = None
+        self._exit: int | None = None
         emergency.install()   # the Trainer is built on the main thread: catch signals from now on
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import keras
 
@@ -33,13 +33,13 @@ __all__ = ["TrainsupBackup"]
 
 
 class TrainsupBackup(keras.callbacks.BackupAndRestore):
-    def __init__(self, backup_dir: Optional[str] = None, save_freq: Any = "epoch",
+    def __init__(self, backup_dir: str | None = None, save_freq: Any = "epoch",
                  delete_checkpoint: bool = False) -> None:
         d = backup_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
         if not d:
             raise ValueError("TrainsupBackup: no backup_dir (pass one or set TRAINSUP_CHECKPOINT_DIR)")
         super().__init__(d, save_freq=save_freq, double_checkpoint=False, delete_checkpoint=delete_checkpoint)
-        self.last_saved: Optional[Path] = None
+        self.last_saved: Path | None = None
         self._batch_in_epoch = 0
         emergency.install()
 

@@ -29,7 +29,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -51,7 +51,7 @@ def _complete_zip(p: Path) -> bool:
         return False
 
 
-def ckpt_path(dir: Optional[str] = None) -> Optional[str]:
+def ckpt_path(dir: str | None = None) -> str | None:
     """What to pass to `trainer.fit(..., ckpt_path=...)`: TRAINSUP_RESUME_FROM under the
     daemon (None when nothing valid); outside it, the `.ckpt` with the highest step in dir
     (default TRAINSUP_CHECKPOINT_DIR, searched recursively, so lightning_logs/ too) whose
@@ -78,14 +78,14 @@ class TrainsupCallback(Callback):
     """Save on the save signal at the next batch end; after a preempt notice exit 0, after
     SIGTERM save and exit 143."""
 
-    def __init__(self, dirpath: Optional[str] = None) -> None:
+    def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
-        self.last_saved: Optional[Path] = None
+        self.last_saved: Path | None = None
         self._term_saved = False
 
     # Lightning registers its handlers in fit() after `setup`; installing ours here puts
     # them first, and Lightning's SIGTERM handler chains to ours.
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         env = trainer._accelerator_connector.cluster_environment
@@ -100,7 +100,7 @@ class TrainsupCallback(Callback):
         else:
             emergency.install()
 
-    def _target_dir(self, trainer: "pl.Trainer") -> Path:
+    def _target_dir(self, trainer: pl.Trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
         cb = trainer.checkpoint_callback
@@ -108,7 +108,7 @@ class TrainsupCallback(Callback):
             return Path(cb.dirpath)
         return Path(os.environ.get("TRAINSUP_CHECKPOINT_DIR") or trainer.default_root_dir)
 
-    def _save(self, trainer: "pl.Trainer") -> Path:
+    def _save(self, trainer: pl.Trainer) -> Path:
         d = self._target_dir(trainer)
         final = d / f"trainsup-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         tmp = emergency.tmp_name(final)
@@ -123,7 +123,7 @@ class TrainsupCallback(Callback):
         self.last_saved = final
         return final
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         req = emergency.take()
         if req is None:
@@ -136,7 +136,7 @@ class TrainsupCallback(Callback):
             log(f"saved {path.name} for {'preemption' if code == 0 else 'SIGTERM'}; exiting {code}")
             raise SystemExit(code)
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         # SIGTERM landed outside a training batch (validation, epoch end): Lightning raises
         # SIGTERMException (exit 0). Save if it was not saved yet, and exit non-zero.

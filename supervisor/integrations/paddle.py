@@ -25,7 +25,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import paddle
 
@@ -65,7 +65,7 @@ def _read_states(prefix: Path) -> dict:
         return {}
 
 
-def resume_prefix(save_dir: Optional[str] = None) -> Optional[str]:
+def resume_prefix(save_dir: str | None = None) -> str | None:
     """The prefix to resume from (PaddleOCR's `Global.checkpoints`): TRAINSUP_RESUME_FROM
     under the daemon; outside it, of `latest` and `iter_epoch_N` in save_dir (default
     TRAINSUP_CHECKPOINT_DIR) the complete group with the highest global_step."""
@@ -129,7 +129,7 @@ def save_model(model: Any, optimizer: Any, save_dir: str | os.PathLike, prefix: 
     return d / prefix
 
 
-def load_model(checkpoints: Optional[str], model: Any, optimizer: Any = None) -> dict:
+def load_model(checkpoints: str | None, model: Any, optimizer: Any = None) -> dict:
     """PaddleOCR's load_model for `Global.checkpoints`: loads `<prefix>.pdparams` into the
     model, `<prefix>.pdopt` into the optimizer when both exist, and returns the
     best_model_dict with `start_epoch` (= saved epoch + 1) and `global_step`. {} for None."""
@@ -161,7 +161,7 @@ class TrainsupCallback(paddle.callbacks.Callback):
     preemption's save (exit 0) or SIGTERM's (exit 143). `global_step` counts batches
     across restarts (fit() itself always starts at epoch 0)."""
 
-    def __init__(self, save_dir: Optional[str] = None, prefix: str = "latest") -> None:
+    def __init__(self, save_dir: str | None = None, prefix: str = "latest") -> None:
         super().__init__()
         d = save_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
         if not d:
@@ -170,7 +170,7 @@ class TrainsupCallback(paddle.callbacks.Callback):
         self.prefix = prefix
         self.global_step = 0
         self.epoch = 0
-        self.resumed_from: Optional[str] = None
+        self.resumed_from: str | None = None
         emergency.install()
 
     def on_train_begin(self, logs: Any = None) -> None:

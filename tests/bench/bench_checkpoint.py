@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import xxhash
-
-from measure import (WORK_DIR, Section, Stat, job_yaml, poll, running_daemon, workdir)
+from measure import WORK_DIR, Section, Stat, job_yaml, poll, running_daemon, workdir
 from trainsup.checkpoint import format as ckfmt
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.index import CheckpointInfo

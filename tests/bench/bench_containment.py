@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from trainsup import cgroup, process  # noqa: E402 (the repository, not an installed copy)
+from trainsup.daemon.launch import cgroup, process  # noqa: E402 (the repository, not an installed copy)
 
 TRUE = ["/bin/true"]
 RUN = ["/bin/sleep", "0.02"]      # an attempt that runs a little, then exits: the "crash"

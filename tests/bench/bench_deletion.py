@@ -24,7 +24,7 @@ from trainsup.checkpoint.custody import JobCheckpointDir  # noqa: E402
 from trainsup.checkpoint.dirhandle import DirHandle  # noqa: E402
 from trainsup.checkpoint.index import CheckpointInfo  # noqa: E402
 from trainsup.checkpoint.reprove import fs_magic, reprove  # noqa: E402
-from trainsup.control import request  # noqa: E402
+from trainsup.control.client import request  # noqa: E402
 from trainsup.spec import CheckpointSpec  # noqa: E402
 
 FAKEJOB = Path(__file__).resolve().parents[1] / "helpers" / "fakejob.py"

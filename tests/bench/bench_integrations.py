@@ -72,7 +72,6 @@ def _timed(fn) -> float:
 
 def child_plain(d: Path, mib: int, runs: int) -> dict:
     import torch
-
     import trainsup
     from trainsup import emergency
 
@@ -105,7 +104,6 @@ def child_plain(d: Path, mib: int, runs: int) -> dict:
 def child_lightning(d: Path, mib: int, runs: int) -> dict:
     import lightning.pytorch as pl
     import torch
-
     from trainsup import emergency
     from trainsup.integrations.lightning import TrainsupCallback
 
@@ -136,7 +134,6 @@ def child_keras(d: Path, mib: int, runs: int) -> dict:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import numpy as np
-
     from trainsup import emergency
     from trainsup.integrations.keras import TrainsupBackup
 
@@ -155,7 +152,6 @@ def child_keras(d: Path, mib: int, runs: int) -> dict:
 
 def child_paddle(d: Path, mib: int, runs: int) -> dict:
     import paddle
-
     from trainsup import emergency
     from trainsup.integrations.paddle import save_model
 
@@ -184,10 +180,9 @@ def child_hf(d: Path, mib: int, runs: int) -> dict:
     # The callback's save IS the Trainer's own (control.should_save): the figure is its
     # _save_checkpoint, reached through the callback, against the same call made directly.
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
     from trainsup import emergency
     from trainsup.integrations.hf import TrainsupCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     n_embd = 256
     layers = max(1, (mib << 20) // (12 * n_embd * n_embd * 4 * 3))   # weights + Adam's two moments

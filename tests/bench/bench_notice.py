@@ -26,8 +26,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from measure import (BENCH, PY, WORK_DIR, Section, Stat, job_yaml, poll, read_records, running_daemon,
-                     workdir)
+from measure import BENCH, PY, WORK_DIR, Section, Stat, job_yaml, poll, read_records, running_daemon, workdir
 
 POLL = 0.2                      # the AWS poll interval under test, seconds
 BIG_JOB = BENCH / "resume_job.py"

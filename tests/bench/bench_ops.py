@@ -14,17 +14,17 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 import json
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-
 from measure import NO_BACKOFF, Stat, fmt, job_yaml, poll, running_daemon, workdir
-from trainsup.render import format_status, table_rows
+from trainsup.cli.render import format_status
+from trainsup.control.protocol import table_rows
 
 SCRAPE_INTERVAL = 15.0
 

@@ -11,10 +11,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
-from measure import (BENCH, NO_BACKOFF, PY, Section, Stat, count_starts, end_process, job_yaml,
-                     latencies_ms, poll, read_crash_record, running_daemon, workdir)
+from measure import (
+    BENCH,
+    NO_BACKOFF,
+    PY,
+    Section,
+    Stat,
+    count_starts,
+    end_process,
+    job_yaml,
+    latencies_ms,
+    poll,
+    read_crash_record,
+    running_daemon,
+    workdir,
+)
 
 CHILD = BENCH / "crashchild.py"
 SUPERVISORD_VENV = Path("/tmp/trainsup-bench-supervisord")
@@ -76,7 +88,7 @@ def torchrun(root: Path, n: int, timeout: float = 300) -> list[float]:
     return latencies_ms(*read_crash_record(rec), n)
 
 
-def ensure_supervisord() -> Optional[Path]:
+def ensure_supervisord() -> Path | None:
     """supervisord 4.x in its own venv (created once, reused by later runs)."""
     exe = SUPERVISORD_VENV / "bin" / "supervisord"
     if exe.exists():

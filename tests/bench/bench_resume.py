@@ -14,8 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from measure import (BENCH, NO_BACKOFF, PY, REPO, WORK_DIR, Section, Stat, job_yaml, poll, read_records,
-                     running_daemon, workdir)
+from measure import (
+    BENCH,
+    NO_BACKOFF,
+    PY,
+    REPO,
+    WORK_DIR,
+    Section,
+    Stat,
+    job_yaml,
+    poll,
+    read_records,
+    running_daemon,
+    workdir,
+)
 
 JOB = BENCH / "resume_job.py"
 MIB = 64

@@ -12,12 +12,22 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
-from measure import (NO_BACKOFF, Section, Stat, count_starts, end_process, job_yaml, latencies_ms, poll,
-                     read_crash_record, running_daemon, workdir)
 import bench_checkpoint
 import bench_restart
+import psutil
+from measure import (
+    NO_BACKOFF,
+    Section,
+    Stat,
+    count_starts,
+    end_process,
+    job_yaml,
+    latencies_ms,
+    poll,
+    read_crash_record,
+    running_daemon,
+    workdir,
+)
 
 
 def cpu_and_rss(pid: int, window: float) -> tuple[float, float]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from measure import WORK_DIR, Section, Stat, workdir
 from trainsup.training import Checkpointer
 

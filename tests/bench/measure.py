@@ -15,9 +15,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tests" / "bench"
@@ -38,7 +38,7 @@ class Stat:
     samples: list[float] = field(default_factory=list)
 
     @classmethod
-    def one(cls, value: float, unit: str) -> "Stat":
+    def one(cls, value: float, unit: str) -> Stat:
         return cls(unit, [value])
 
     @property
@@ -88,10 +88,10 @@ class Row:
     what: str
     ours: Stat
     peer_label: str
-    peer: Optional[Stat]
+    peer: Stat | None
     compare: str              # "delta" (ours - peer, same unit) or "ratio" (ours / peer)
     target: str = ""
-    met: Optional[bool] = None
+    met: bool | None = None
     latency: bool = False     # show median / p95
     note: str = ""
 
@@ -122,8 +122,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def add(self, what: str, ours: Stat, peer_label: str = "", peer: Optional[Stat] = None,
-            compare: str = "ratio", target: str = "", met: Optional[bool] = None,
+    def add(self, what: str, ours: Stat, peer_label: str = "", peer: Stat | None = None,
+            compare: str = "ratio", target: str = "", met: bool | None = None,
             latency: bool = False, note: str = "") -> Row:
         r = Row(self.name, what, ours, peer_label, peer, compare, target, met, latency, note)
         self.rows.append(r)
@@ -158,7 +158,7 @@ def count_starts(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def workdir(prefix: str, base: Optional[str] = None) -> Iterator[Path]:
+def workdir(prefix: str, base: str | None = None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=f"trainsup-bench-{prefix}-", dir=base) as d:
         yield Path(d)
 
@@ -204,8 +204,8 @@ def end_process(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float =
         p.wait()
 
 
-def job_yaml(name: str, command: list[str], *, workdir: Path, ckpt_dir: Optional[Path] = None,
-             env: Optional[dict] = None, extra: str = "", autostart: bool = True) -> str:
+def job_yaml(name: str, command: list[str], *, workdir: Path, ckpt_dir: Path | None = None,
+             env: dict | None = None, extra: str = "", autostart: bool = True) -> str:
     env = {"PYTHONPATH": str(REPO), **(env or {})}
     body = (f"name: {name}\ncommand: {json.dumps(command)}\nworkdir: {json.dumps(str(workdir))}\n"
             f"env: {json.dumps(env)}\nautostart: {'true' if autostart else 'false'}\n")

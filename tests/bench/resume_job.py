@@ -13,7 +13,6 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
-
 from trainsup.training import Checkpointer  # noqa: E402
 
 

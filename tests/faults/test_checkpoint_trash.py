@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.trash import TRASH_DIR, DeleteError, delete_entry, empty_trash
 

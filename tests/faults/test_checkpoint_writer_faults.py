@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import SaveError, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 
 LIBS = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import wait_for
 from _support import canaries_now, db_integrity, job_processes, plant_canaries
+from conftest import wait_for
 
 POINTS = ["state-write", "trash-rename", "delete", "spawn", "record"]
 ROTATING = {"trash-rename", "delete"}

@@ -267,6 +267,7 @@ def test_job_user_sigstopping_everything_cannot_freeze_deletion(daemon, open_bas
     """Issue 10: the deleter ran as the checkpoint dir's owner, so that user's job could
     SIGSTOP it: rotation froze for every job and the daemon then ignored SIGTERM."""
     import zipfile
+
     from conftest import wait_for
     (u1, uid1, gid1), _ = accounts
     home = open_base / u1

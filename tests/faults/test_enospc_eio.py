@@ -13,11 +13,9 @@ import os
 import sqlite3
 
 import pytest
-
+from _support import fill, snapshot, tmpfs
 from trainsup.checkpoint import SaveError, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
-from _support import fill, snapshot, tmpfs
-
 
 
 def _count_fsyncs(tmp_path) -> int:

@@ -18,12 +18,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
-from trainsup.checkpoint.service import JobCheckpoints
-from trainsup.control import request
-from trainsup.spec import CheckpointSpec
-
 from conftest import wait_for
+from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
+from trainsup.control.client import request
+from trainsup.daemon.checkpoints import JobCheckpoints
+from trainsup.spec import CheckpointSpec
 
 
 def test_a_many_file_entry_moved_in_costs_a_few_scans_not_one_per_file(tmp_path):

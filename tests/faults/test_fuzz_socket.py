@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_for
 
 STATUS_BUDGET_S = 1.0
@@ -81,7 +80,7 @@ def _send(path, payload: bytes, read: bool = True, timeout: float = 5.0) -> byte
             if not chunk:
                 break
             out += chunk
-    except (BrokenPipeError, ConnectionResetError, socket.timeout):
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
         pass
     finally:
         s.close()

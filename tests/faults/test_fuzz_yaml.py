@@ -9,7 +9,6 @@ import time
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from trainsup import config
 from trainsup.spec import InvalidJob, JobSpec
 

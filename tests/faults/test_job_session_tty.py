@@ -70,7 +70,7 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
         wait_for(lambda: result.exists() and result.read_text(), 30, "the job's injection attempt")
         outcome = json.loads(result.read_text())
         assert "injected" not in outcome.values(), outcome
-        from trainsup.control import request
+        from trainsup.control.client import request
         pid = request(sock, "status", "tty")["result"]["jobs"][0]["pid"]
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         assert int(fields[4]) == 0, "the job has a controlling terminal"      # tty_nr

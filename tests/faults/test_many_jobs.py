@@ -11,7 +11,6 @@ import shutil
 import time
 
 import pytest
-
 from conftest import wait_for
 
 N = 200

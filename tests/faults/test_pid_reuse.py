@@ -10,9 +10,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import wait_for
-from trainsup.state import StateDB
+from trainsup.daemon.state import StateDB
 
 # Records every catchable signal it gets; SIGKILL shows as death.
 STRANGER = r"""

@@ -14,7 +14,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import wait_for
 
 SAVE_EVERY = 20

@@ -12,11 +12,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
+from _support import canaries_now, plant_canaries
 from conftest import wait_for
 from trainsup.checkpoint import write_checkpoint
-from trainsup.state import StateDB
-from _support import canaries_now, plant_canaries
+from trainsup.daemon.state import StateDB
 
 
 def _wrong_schema(p: Path) -> None:

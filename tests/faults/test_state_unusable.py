@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from trainsup.state import StateDB
+from trainsup.daemon.state import StateDB
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
 

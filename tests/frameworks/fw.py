@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, wait_for  # tests/conftest.py: its daemon fixture applies here too
 
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fw_formats import hf_complete
 from fw import bit_exact_after_preemptions, need, scenario, write_job
+from fw_formats import hf_complete
 
 need("transformers")
 

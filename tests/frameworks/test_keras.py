@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fw_formats import keras_backup_complete
 from fw import need, need_daemon_format, scenario, write_job
+from fw_formats import keras_backup_complete
 
 need("keras")
 need("tensorflow")

@@ -29,15 +29,14 @@ import re
 import signal
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume, write_job
-from fw_formats import paddle_resume_point, paddle_step, tf_ckpts, hf_complete, keras_backup_complete
+from fw_formats import hf_complete, keras_backup_complete, paddle_resume_point, paddle_step, tf_ckpts
 
 ASIDE = ".trainsup-aside"
 

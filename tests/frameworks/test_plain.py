@@ -10,10 +10,18 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import wait_for
-from fw import (REPO, bit_exact_after_preemptions, exits, job_log, need, resumed_lines, scenario,
-                steps_since_resume, write_job)
+from fw import (
+    REPO,
+    bit_exact_after_preemptions,
+    exits,
+    job_log,
+    need,
+    resumed_lines,
+    scenario,
+    steps_since_resume,
+    write_job,
+)
 
 need("torch")
 

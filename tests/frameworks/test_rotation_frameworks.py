@@ -22,10 +22,9 @@ import signal
 import sys
 from pathlib import Path
 
-
 from conftest import REPO, wait_for
 from fw import SCRIPTS, job_log, need, resumed_lines, steps_since_resume
-from fw_formats import paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed, hf_complete
+from fw_formats import hf_complete, paddle_numbered, paddle_resume_point, paddle_step, tf_ckpts, tf_listed
 
 QUOTA = 4096      # smaller than one checkpoint: only protections keep anything
 

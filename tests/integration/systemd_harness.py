@@ -22,8 +22,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import pytest
 from conftest import wait_for  # noqa: F401 (test_systemd imports it from here)
@@ -37,7 +37,7 @@ class HarnessError(RuntimeError):
     pass
 
 
-def missing_prerequisite() -> Optional[str]:
+def missing_prerequisite() -> str | None:
     """Why a user manager cannot run here, or None when it can."""
     if not os.path.exists(SYSTEMD):
         return f"systemd is not installed ({SYSTEMD} missing)"
@@ -49,7 +49,7 @@ def missing_prerequisite() -> Optional[str]:
     return None
 
 
-def _mount_ns(pid: int) -> Optional[str]:
+def _mount_ns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/mnt")
     except OSError:
@@ -77,8 +77,8 @@ class UserManager:
         self.log_dir = self.root / "logs"
         self.manager_log_path = self.log_dir / "manager.log"
         self.setup_log_path = self.log_dir / "setup.log"   # unshare/mount errors
-        self.proc: Optional[subprocess.Popen] = None
-        self._mnt_ns: Optional[str] = None
+        self.proc: subprocess.Popen | None = None
+        self._mnt_ns: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ class UserManager:
         }
         return env
 
-    def start(self) -> "UserManager":
+    def start(self) -> UserManager:
         for d in (self.unit_dir, self.state_home, self.log_dir,
                   self.root / "data", self.root / "cache"):
             d.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ class UserManager:
             wait_for(lambda: not _pids_in_mount_ns(ns), 5.0,
                      "leftover processes in the test mount namespace to die")
 
-    def __enter__(self) -> "UserManager":
+    def __enter__(self) -> UserManager:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -199,7 +199,7 @@ class UserManager:
     # -- running things inside ----------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30,
-            env: Optional[dict] = None, input: Optional[str] = None
+            env: dict | None = None, input: str | None = None
             ) -> subprocess.CompletedProcess:
         """Run `argv` in the manager's mount namespace (its /run, its sockets)."""
         full_env = dict(self.env, **(env or {}))
@@ -235,7 +235,7 @@ class UserManager:
     # -- units and logs -----------------------------------------------------------------
 
     def install_unit(self, name: str, text: str,
-                     dropins: Optional[dict[str, str]] = None) -> Path:
+                     dropins: dict[str, str] | None = None) -> Path:
         """Write a unit (+ drop-ins), route its output to `unit_log(name)`, daemon-reload."""
         path = self.unit_dir / name
         path.write_text(text)

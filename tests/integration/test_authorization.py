@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, wait_for
 
 PY = "/usr/bin/python3"
@@ -229,7 +228,7 @@ def test_socket_replaced_by_another_users_listener_is_refused_by_root_cli(people
 
 
 def test_client_refuses_a_regular_file_for_a_socket(tmp_path):
-    from trainsup.control import Unreachable, request
+    from trainsup.control.client import Unreachable, request
     p = tmp_path / "trainsup.sock"
     p.write_text("")
     with pytest.raises(Unreachable, match="not a socket"):
@@ -269,7 +268,7 @@ time.sleep(60)
 def test_a_socket_group_members_flood_is_capped_per_uid(people, daemon, public_dir):
     """One member's idle connections cost that member its own oldest ones; root's status
     still answers at once and the daemon holds at most MAX_PER_UID of hers."""
-    from trainsup.control import MAX_PER_UID
+    from trainsup.control.server import MAX_PER_UID
     daemon.socket = public_dir / "trainsup.sock"
     config = daemon.root / "trainsup.yaml"
     config.write_text(f"socket_group: {people['group']}\n")

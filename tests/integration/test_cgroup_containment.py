@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from trainsup import cgroup, process
-from trainsup.notices.memory import CgroupSampler
+from trainsup.daemon.launch import cgroup, process
+from trainsup.daemon.notices.memory import CgroupSampler
 from trainsup.spec import DaemonSpec, JobSpec
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from conftest import REPO, wait_for
-from trainsup.cli import build_parser
+from trainsup.cli.main import build_parser
 
 
 def _two_jobs(daemon):

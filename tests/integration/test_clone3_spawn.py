@@ -10,7 +10,7 @@ import signal
 import sys
 
 import pytest
-from trainsup import cgroup, clone3
+from trainsup.daemon.launch import cgroup, clone3
 
 pytestmark = pytest.mark.skipif(not clone3.available(), reason=f"clone3 unavailable: {clone3.why_unavailable()}")
 

@@ -20,10 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import wait_for as _wait_for
-
-from trainsup.notices import cloud
-from trainsup.notices.cloud import (AwsImds, AzureScheduledEvents, CloudPoller,
-                                      GcpMetadata, MetadataError)
+from trainsup.daemon.notices import cloud
+from trainsup.daemon.notices.cloud import AwsImds, AzureScheduledEvents, CloudPoller, GcpMetadata, MetadataError
 
 
 def wait_for(cond, timeout=5.0, what="condition"):

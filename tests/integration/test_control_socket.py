@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 
-
 def _raw(sock_path, payload: bytes, read=True, timeout=5.0) -> bytes:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -30,7 +29,7 @@ def _raw(sock_path, payload: bytes, read=True, timeout=5.0) -> bytes:
                 if not chunk:
                     break
                 out += chunk
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     s.close()
     return out

@@ -8,7 +8,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import REPO, wait_for
 
 

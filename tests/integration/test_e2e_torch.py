@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, committed, manifest, wait_for
 
 torch = pytest.importorskip("torch")

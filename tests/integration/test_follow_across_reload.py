@@ -11,7 +11,7 @@ from conftest import wait_for
 
 
 def _talker(daemon, tag: str, extra: str = "") -> None:
-    program = ("import time\\nfor i in range(100000):\\n  print('%s', i, flush=True); time.sleep(0.05)" % tag)
+    program = ("import time\\nfor i in range(100000):\\n  print('" + tag + "', i, flush=True); time.sleep(0.05)")
     daemon.write_job("talk", f"name: talk\ncommand: [{json.dumps(sys.executable)}, -u, -c, \"{program}\"]\n"
                              f"stop_timeout: 2s\n{extra}")
 

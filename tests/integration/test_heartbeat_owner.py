@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trainsup import process
+from trainsup.daemon.launch import process
 
 _pw = pwd.getpwnam("nobody")
 NOBODY = (_pw.pw_uid, _pw.pw_gid)      # the ids a `user: nobody` job's spec resolves to

@@ -11,10 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from trainsup.notices.memory import (MemoryEpisode, TreeSampler, cgroup_memory_of,
-                                       classify_oom, memory_cgroup_dir, memory_decision,
-                                       read_mem_available, read_memory_cgroup)
+from trainsup.daemon.notices.memory import (
+    MemoryEpisode,
+    TreeSampler,
+    cgroup_memory_of,
+    classify_oom,
+    memory_cgroup_dir,
+    memory_decision,
+    read_mem_available,
+    read_memory_cgroup,
+)
 from trainsup.spec import MemorySpec
 
 MiB = 1 << 20
@@ -139,7 +145,8 @@ def test_daemon_classifies_a_kernel_oom_kill_of_its_job(tmp_path):
     """The daemon runs inside a memory cgroup (as under systemd); its job outgrows the
     cgroup and the kernel kills it: the exit is recorded `oom-killed`, the restart `oom`."""
     import json as _json
-    from conftest import DaemonProc, wait_for, _kill_recorded
+
+    from conftest import DaemonProc, _kill_recorded, wait_for
     cg, version = _make_memory_cgroup(400 * MiB)
     d = DaemonProc(tmp_path)
     try:

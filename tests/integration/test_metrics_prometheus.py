@@ -10,7 +10,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import wait_for
 
 PROMETHEUS = shutil.which("prometheus")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainsup.plot import timeline
+from trainsup.cli.plot import timeline
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = Path(__file__).parent / "data" / "run_history.json"
@@ -56,7 +56,7 @@ def test_plot_writes_a_png_with_steps_and_disk_axes(tmp_path):
 def test_plot_figure_axes(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from trainsup.plot import figure
+    from trainsup.cli.plot import figure
     rec = json.loads(RECORDED.read_text())
     fig = figure(rec["events"], job="run", quota=rec["quota"])
     steps, disk = fig.axes

@@ -8,11 +8,9 @@ import os
 import signal
 import threading
 import time
-
-import pytest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
+import pytest
 from conftest import wait_for
 
 
@@ -20,7 +18,7 @@ def _events(d, job, kind=None):
     return [e for e in d.history(job) if kind is None or e["kind"] == kind]
 
 
-def _provider_config(tmp_path, provider: str, srv) -> "os.PathLike":
+def _provider_config(tmp_path, provider: str, srv) -> os.PathLike:
     """A daemon config polling `provider` at a loopback metadata server every 0.2 s."""
     cfg = tmp_path / "trainsup.yaml"
     cfg.write_text(f"preemption:\n  provider: {provider}\n  poll: 0.2s\n"

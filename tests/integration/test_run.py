@@ -35,7 +35,7 @@ class Run:
         self.socket = self.state / "run.sock"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *args: str) -> "Run":
+    def start(self, *args: str) -> Run:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("SLURM_JOB_ID", None)
         self.out = open(self.root / f"{self.name}.out", "ab")

@@ -11,9 +11,8 @@ import os
 import re
 import signal
 
-from trainsup.render import TABLE_FIELDS, table_row, table_rows
-
 from conftest import wait_for
+from trainsup.control.protocol import TABLE_FIELDS, table_row, table_rows
 
 
 def _line(out: str, name: str) -> str:

@@ -9,7 +9,6 @@ relaunch at once to rejoin, recorded as `stopped-elsewhere`, not a crash."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import wait_for
 
 RESTART = "restart: {policy: on-failure, backoff: {initial: 30s, max: 60s}}\n"

@@ -112,7 +112,7 @@ def test_systemd_analyze_verify_passes(tmp_path):
 SMOKE = textwrap.dedent("""\
     import os, signal, sys, time
     from pathlib import Path
-    from trainsup.sdnotify import Notifier
+    from trainsup.daemon.sdnotify import Notifier
     time.sleep(1.0)  # a slow start: `systemctl start` must still wait for READY=1
     Path(sys.argv[1]).write_text(str(os.getpid()))
     Notifier.from_env().ready(status="smoke ready")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import committed, manifest  # noqa: F401 (test_training_dist imports them from here)
 from conftest import wait_for as _wait_for
 

@@ -24,7 +24,14 @@ psutil = pytest.importorskip("psutil")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import (  # noqa: E402
-    JOBS, Job, assert_same_state, committed, job_env, manifest, tail, wait_for,
+    JOBS,
+    Job,
+    assert_same_state,
+    committed,
+    job_env,
+    manifest,
+    tail,
+    wait_for,
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 GRACE_TIME = 20          # the `low` partition's GraceTime (seconds)
@@ -55,7 +54,7 @@ def ensure_installed() -> None:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, bf_interval: Optional[int] = None):
+    def __init__(self, root: Path, bf_interval: int | None = None):
         self.root = root
         # Seconds between backfill passes (Slurm's default: 30). On this idle cluster a
         # requeued job whose BeginTime has passed is started by the next backfill pass.
@@ -121,7 +120,7 @@ PartitionName=high Nodes=n1,n2 PriorityTier=10 PreemptMode=OFF
                 time.sleep(0.05)
         raise ClusterUnavailable(f"{name} wrote no pid file {pidfile}")
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         ensure_installed()
         self.write_conf()
         r = self.root
@@ -142,7 +141,7 @@ PartitionName=high Nodes=n1,n2 PriorityTier=10 PreemptMode=OFF
         return sum(1 for line in out.splitlines() if line.split()[-1:] == ["idle"])
 
     def job(self, job_id: str) -> dict:
-        from trainsup.slurm import parse_fields
+        from trainsup.slurm.allocation import parse_fields
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         return parse_fields(out) if out.strip() else {}
 
@@ -196,7 +195,7 @@ def _end(pid: int, timeout: float = 15.0) -> None:
         pass
 
 
-def start_cluster(root: Path) -> Optional[SlurmCluster]:
+def start_cluster(root: Path) -> SlurmCluster | None:
     c = SlurmCluster(root)
     try:
         return c.start()

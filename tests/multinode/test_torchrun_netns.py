@@ -94,7 +94,7 @@ class Node:
                               "emergency_save: {grace: 20s}\n"
                               "restart: {policy: on-failure, max_restarts: 10, backoff: {initial: 0.5, max: 2}}\n")
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         self.d.start(prefix=self.host.prefix())
         return self
 

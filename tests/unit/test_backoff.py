@@ -1,8 +1,7 @@
 """Restart policy as a table: facts in, decisions out (no processes, no sleeps)."""
 
 import pytest
-
-from trainsup.backoff import RestartTracker
+from trainsup.daemon.backoff import RestartTracker
 from trainsup.spec import BackoffSpec, RestartSpec
 
 

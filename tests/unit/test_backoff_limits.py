@@ -8,7 +8,7 @@ job exiting 0 at once under `policy: always` relaunched 939 times a second, fore
 import math
 
 import pytest
-from trainsup.backoff import RestartTracker
+from trainsup.daemon.backoff import RestartTracker
 from trainsup.spec import BackoffSpec, RestartSpec
 
 

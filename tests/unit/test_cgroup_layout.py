@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from trainsup import cgroup
-from trainsup.cgroup import CGROUP_V1, CGROUP_V2, PROCESS_GROUP
+from trainsup.daemon.launch import cgroup
+from trainsup.daemon.launch.cgroup import CGROUP_V1, CGROUP_V2, PROCESS_GROUP
 
 HYBRID_MOUNTS = """\
 31 23 0:28 / {r}/fs rw - tmpfs tmpfs rw

@@ -4,7 +4,6 @@ import os
 import shutil
 
 import pytest
-
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.index import CheckpointDirError, best, latest_valid, order, scan
 

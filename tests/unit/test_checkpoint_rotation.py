@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint.index import CheckpointInfo
 from trainsup.checkpoint.rotation import plan_disk_quota, plan_rotation
 from trainsup.spec import CheckpointSpec

@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from trainsup.checkpoint import validate, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
 from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.watch import CheckpointWatcher, ObserverHub

@@ -15,14 +15,23 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from trainsup import config
-from trainsup.config import (ConfigError, MAX_ERRORS, crontab_trigger, load_daemon_config,
-                               load_job_file, load_jobs_dir, parse_duration, parse_signal,
-                               parse_size, validate_files)
-from trainsup.spec import (BackoffSpec, CheckpointSpec, DaemonSpec, EmergencySaveSpec,
-                             HangSpec, InvalidJob, JobSpec, MemorySpec, PreemptionSpec,
-                             RestartSpec, ScheduleSpec)
+from trainsup.config import yaml as config  # the reader: the fixture swaps its parser
+from trainsup.config.files import load_daemon_config, load_job_file, load_jobs_dir, validate_files
+from trainsup.config.values import crontab_trigger, parse_duration, parse_signal, parse_size
+from trainsup.config.yaml import MAX_ERRORS, ConfigError
+from trainsup.spec import (
+    BackoffSpec,
+    CheckpointSpec,
+    DaemonSpec,
+    EmergencySaveSpec,
+    HangSpec,
+    InvalidJob,
+    JobSpec,
+    MemorySpec,
+    PreemptionSpec,
+    RestartSpec,
+    ScheduleSpec,
+)
 
 CORPUS = Path(__file__).parent / "yaml_corpus"
 BAD = CORPUS / "bad"
@@ -607,7 +616,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "trainsup.yaml.examp
 
 
 def test_example_daemon_config_sets_every_key_to_its_default():
-    from trainsup.config import DAEMON
+    from trainsup.config.schema import DAEMON
     assert load_daemon_config(EXAMPLE, {}, is_root=True, env={}) == load_daemon_config(None, {}, is_root=True, env={})
     text = EXAMPLE.read_text()
     for key in DAEMON.keys:
@@ -615,7 +624,7 @@ def test_example_daemon_config_sets_every_key_to_its_default():
 
 
 def test_config_discovery_order(tmp_path):
-    from trainsup.config import discover_config
+    from trainsup.config.files import discover_config
     env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
     user_file = tmp_path / "cfg" / "trainsup" / "trainsup.yaml"
     assert discover_config(None, is_root=False, env=env) is None           # nothing there: no file

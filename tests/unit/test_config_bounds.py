@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
-from trainsup.config import (MAX_SIZE, load_job_file, scan_jobs_dir, validate_files)
+from trainsup.config.files import load_job_file, scan_jobs_dir, validate_files
+from trainsup.config.yaml import MAX_SIZE
 from trainsup.spec import InvalidJob, JobSpec
 
 

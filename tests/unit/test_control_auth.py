@@ -2,9 +2,8 @@
 request's arguments (issue 10: `preempt` with `all` once authorised only the named job)."""
 
 import pytest
-
-from trainsup.control import authorize
-from trainsup.verbs import VERBS, RequestError, resolve_targets
+from trainsup.control.server import authorize
+from trainsup.control.verbs import VERBS, RequestError, resolve_targets
 
 DAEMON_UID, GROUP, ALICE, BOB = 1000, 500, 2000, 2001
 OWNERS = {"a1": ALICE, "a2": ALICE, "b1": BOB, "svc": None}    # None: runs as the daemon
@@ -67,8 +66,8 @@ def test_client_trusts_only_root_itself_and_the_configured_daemon_user(tmp_path)
     import pwd
     import socket as so
 
-    from trainsup.config import load_daemon_config
-    from trainsup.control import Unreachable, check_server, trusted_uids
+    from trainsup.config.files import load_daemon_config
+    from trainsup.control.client import Unreachable, check_server, trusted_uids
 
     if os.geteuid() != 0:
         pytest.skip("needs root to chown the socket")
@@ -100,7 +99,7 @@ def test_socket_dir_safety_table(mode, uid, gid, unsafe):
     import os
     import stat as st
 
-    from trainsup.control import unsafe_dir
+    from trainsup.control.protocol import unsafe_dir
     fake = os.stat_result((st.S_IFDIR | mode, 0, 0, 2, uid, gid, 0, 0, 0, 0))
     why = unsafe_dir(fake, {0, 1000}, {0, 1000})
     assert (why is None) if unsafe is None else (unsafe in why), why

@@ -58,7 +58,6 @@ def test_hash_fd_read_ahead_hashes_every_byte_at_every_size(tmp_path):
     import os
 
     import xxhash
-
     from trainsup.checkpoint.format import hash_file
 
     blob = os.urandom((10 << 20) + 3)

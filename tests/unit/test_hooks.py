@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from trainsup.hooks import HookRunner, hook_event
+from trainsup.daemon.hooks import HookRunner, hook_event
 from trainsup.spec import HookSpec
 
 

@@ -15,11 +15,11 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from trainsup import config, process
-from trainsup import job as jobmod
-from trainsup.checkpoint.service import JobCheckpoints
-from trainsup.job import _ALLOWED, Job, State, TransitionError
+from trainsup import config
+from trainsup.daemon import job as jobmod
+from trainsup.daemon.checkpoints import JobCheckpoints
+from trainsup.daemon.job import _ALLOWED, Job, State, TransitionError
+from trainsup.daemon.launch import process
 from trainsup.spec import DaemonSpec
 
 S = State

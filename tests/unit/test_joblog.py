@@ -1,6 +1,6 @@
 """The per-job log: size cap with rotation, tail across the rotation boundary."""
 
-from trainsup.joblog import JobLog
+from trainsup.daemon.joblog import JobLog
 
 
 def test_log_rotates_at_the_cap_and_keeps_n_backups(tmp_path):

@@ -1,7 +1,7 @@
 """The metrics book (fed events on the loop) and what a scrape of its snapshot shows."""
 
 from prometheus_client.parser import text_string_to_metric_families
-from trainsup.metrics import Histogram, MetricsBook, MetricsServer
+from trainsup.daemon.metrics import Histogram, MetricsBook, MetricsServer
 
 
 def _samples(book):

@@ -6,11 +6,19 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-
-from trainsup.notices import Notice
-from trainsup.notices.cloud import (ErrorLog, MetadataError, aws_instance_action_notice,
-                                      aws_rebalance_notice, azure_notices, fresh_notices,
-                                      gcp_notices, make_provider, parse_iso_utc, parse_rfc1123)
+from trainsup.daemon.notices import Notice
+from trainsup.daemon.notices.cloud import (
+    ErrorLog,
+    MetadataError,
+    aws_instance_action_notice,
+    aws_rebalance_notice,
+    azure_notices,
+    fresh_notices,
+    gcp_notices,
+    make_provider,
+    parse_iso_utc,
+    parse_rfc1123,
+)
 
 T17 = datetime(2026, 11, 25, 17, 0, tzinfo=timezone.utc).timestamp()
 

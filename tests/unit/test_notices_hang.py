@@ -8,8 +8,7 @@ import subprocess
 import time
 
 import pytest
-
-from trainsup.notices.hang import ProgressClock, hang_decision, is_stopped, progress_mtime
+from trainsup.daemon.notices.hang import ProgressClock, hang_decision, is_stopped, progress_mtime
 
 
 @pytest.mark.parametrize("now,last,timeout,hung", [

@@ -11,10 +11,14 @@ import time
 
 import psutil
 import pytest
-
-from trainsup.notices.memory import (MemoryEpisode, TreeSampler, classify_oom,
-                                       memory_decision, read_mem_available,
-                                       read_memory_cgroup)
+from trainsup.daemon.notices.memory import (
+    MemoryEpisode,
+    TreeSampler,
+    classify_oom,
+    memory_decision,
+    read_mem_available,
+    read_memory_cgroup,
+)
 from trainsup.spec import MemorySpec
 
 GiB = 1 << 30

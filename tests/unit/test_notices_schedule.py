@@ -7,8 +7,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-
-from trainsup.notices.schedule import JobSchedule, parse_cron, triggers_for
+from trainsup.daemon.notices.schedule import JobSchedule, parse_cron, triggers_for
 from trainsup.spec import ScheduleSpec
 
 

@@ -9,8 +9,7 @@ import time
 
 import pytest
 from conftest import wait_for
-
-from trainsup.notices.trigger import TriggerFile
+from trainsup.daemon.notices.trigger import TriggerFile
 
 
 class Calls:

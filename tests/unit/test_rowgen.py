@@ -3,7 +3,7 @@ different value (the status reply at 200 jobs re-encodes nothing else)."""
 
 from __future__ import annotations
 
-from trainsup.rowgen import RowFields
+from trainsup.daemon.rowgen import RowFields
 
 
 class Shown(RowFields):

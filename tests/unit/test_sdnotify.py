@@ -8,8 +8,7 @@ import socket
 import uuid
 
 import pytest
-
-from trainsup.sdnotify import Notifier
+from trainsup.daemon.sdnotify import Notifier
 
 
 @pytest.fixture

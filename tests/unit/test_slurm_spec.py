@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trainsup.config import load_job_file
-from trainsup.slurm import Allocation, batch_script, parse_fields, sbatch_time
-from trainsup.slurmtask import env_for_rank
+from trainsup.cli.slurm import batch_script, sbatch_time
+from trainsup.config.files import load_job_file
+from trainsup.slurm.allocation import Allocation, parse_fields
+from trainsup.slurm.task import env_for_rank
 from trainsup.spec import InvalidJob, JobSpec, SlurmSpec
 
 
@@ -51,7 +52,7 @@ def test_srun_wrapping_one_task_per_rank_through_the_step_leader(tmp_path):
     _, job = _job(tmp_path, "env: {A: b}\n")
     wrapped = Allocation("7", nodes=2, ntasks_per_node=2, master_addr="10.0.0.1").wrap(job)
     cmd = list(wrapped.command)
-    assert cmd[1:4] == ["-m", "trainsup.slurmstep", "srun"]
+    assert cmd[1:4] == ["-m", "trainsup.slurm.step", "srun"]
     assert "--ntasks=4" in cmd and "--ntasks-per-node=2" in cmd and "--kill-on-bad-exit=1" in cmd
     assert cmd[-2:] == ["python", "train.py"] and "torchrun" not in " ".join(cmd)
     assert dict(wrapped.env) == {"A": "b", "MASTER_ADDR": "10.0.0.1"}

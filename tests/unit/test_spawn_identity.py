@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainsup import process
+from trainsup.daemon.launch import process
 from trainsup.spec import DaemonSpec, JobSpec
 
 

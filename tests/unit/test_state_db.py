@@ -4,8 +4,7 @@ import os
 import sqlite3
 
 import pytest
-
-from trainsup.state import LockHeld, StateDB, StateLock, StateUnusable
+from trainsup.daemon.state import LockHeld, StateDB, StateLock, StateUnusable
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
@@ -82,7 +81,7 @@ def test_newer_schema_is_refused_not_moved_aside(tmp_path):
 
 def test_only_sqlites_corruption_verdicts_count_as_corrupt(tmp_path):
     """A read-only database, a missing directory: errors about the place, not the data."""
-    from trainsup.state import is_corruption
+    from trainsup.daemon.state import is_corruption
     good = tmp_path / "good.db"
     c = sqlite3.connect(good)
     c.execute("CREATE TABLE t (x)")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 
-from trainsup.render import format_status, table_row
+from trainsup.cli.render import format_status
+from trainsup.control.protocol import table_row
 
 
 def _cols(text: str, name: str) -> str:
@@ -40,7 +41,7 @@ def test_table_view_ages_come_from_timestamps():
 
 
 def test_table_view_rows_leave_out_what_is_unset_and_keep_step_0():
-    from trainsup.render import TABLE_FIELDS, table_rows
+    from trainsup.control.protocol import TABLE_FIELDS, table_rows
     idle = table_row(name="idle", state="running", pid=7, started=100, restarts=0, has_checkpoint=True,
                      bytes=0, rss=5, crashes_in_a_row=0, step=None)
     assert idle == "idle|running|7|100||1|0|5", idle           # trailing empties are not sent

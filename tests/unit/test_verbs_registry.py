@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from trainsup import cli, control, verbs
-from trainsup.commands import Commands
+from trainsup.cli import main as cli
+from trainsup.control import server as control
+from trainsup.control import verbs
+from trainsup.daemon.handlers import Commands
 
 
 def test_every_verb_has_a_handler_a_printer_and_a_subcommand():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, verb in verbs.VERBS.items():
-        assert callable(getattr(Commands, verb.handler, None)), f"commands.py lacks {verb.handler}"
+        assert callable(getattr(Commands, verb.handler, None)), f"daemon/handlers.py lacks {verb.handler}"
         if name != "ping":
             assert name in sub.choices, f"the CLI has no `{name}`"
             assert name in cli.COMMANDS, f"cli.COMMANDS has no printer for `{name}`"

@@ -22,27 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..format import STEP_DIR_RE
-from ..validate import (
-    _NOFOLLOW_DIR,
-    HF_DIR_RE,
-    Verdict,
-    VerdictCache,
-    _Invalid,
-    check_safetensors_fd,
-)
+from ..validate import _NOFOLLOW_DIR, HF_DIR_RE, Verdict, VerdictCache, _Invalid, check_safetensors_fd
 from . import keras, lightning, paddle, tf
-from .entry import (
-    DIR,
-    FILE,
-    Group,
-    Listing,
-    Opened,
-    fingerprint,
-    join,
-    list_dir,
-    numbered,
-    open_dir_under,
-)
+from .entry import DIR, FILE, Group, Listing, Opened, fingerprint, join, list_dir, numbered, open_dir_under
 
 if TYPE_CHECKING:
     from ..index import CheckpointInfo

@@ -125,7 +125,7 @@ def _global_step(fd: int) -> int | None:
         data = zf.read(pkl[0])
     want = False
     try:
-        import pickletools      # at the first Lightning file: not in every daemon
+        import pickletools  # at the first Lightning file: not in every daemon
         for op, arg, _ in pickletools.genops(data):
             if want:
                 if op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):

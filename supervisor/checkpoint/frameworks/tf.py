@@ -21,7 +21,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import replace
 
-
 from ..range_reader import ShortRead, checksum_ranges
 from ..validate import Verdict, _Invalid
 from .entry import DIR, FILE, Group, Listing, Opened, join, read_small

@@ -12,9 +12,8 @@ import sys
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
-
 from trainsup.integrations.hf import TrainsupCallback, resume_checkpoint
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 
 class Tokens(torch.utils.data.Dataset):

@@ -11,7 +11,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
 from trainsup.integrations.keras import TrainsupBackup  # noqa: E402
 
 

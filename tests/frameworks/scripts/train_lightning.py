@@ -12,11 +12,10 @@ import os
 import sys
 import time
 
-import torch
-from torch import nn
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-
+from torch import nn
 from trainsup.integrations.lightning import TrainsupCallback, ckpt_path
 
 

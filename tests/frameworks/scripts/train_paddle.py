@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import paddle
-
 from trainsup.integrations.paddle import TrainsupCallback
 
 

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import paddle
-
 import trainsup
 from trainsup.integrations.paddle import load_model, resume_prefix, save_model
 

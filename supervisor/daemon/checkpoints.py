@@ -1,0 +1,446 @@
+"""Checkpoint handling of the daemon, out of the event loop's wiring: one `JobCheckpoints`
+per job (watch, scan coalescing, the index, the rotation verdicts and warnings) and one
+`RotationCoordinator` that plans and applies rotation across jobs (the daemon-wide
+`disk_quota` needs every job's plan at once).
+
+Both live on the daemon's event loop; the watcher thread only posts to it, hashing runs on
+the pool. A Job reads its `JobCheckpoints`; nothing here knows about Job internals beyond
+the small `RotationFacts` each job hands over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..checkpoint import aside, layout_warnings, rotation
+from ..checkpoint import index as ckpt_index
+from ..checkpoint.custody import JobCheckpointDir
+from ..checkpoint.deleter import PassGate
+from ..checkpoint.frameworks import bookkeeping
+from ..checkpoint.validate import TooManyFiles
+from ..checkpoint.watch import CheckpointWatcher
+from ..crashpoints import crash_point
+from ..spec import CheckpointSpec
+from .rowgen import RowFields
+
+log = logging.getLogger("trainsup.checkpoint")
+
+# An index this small, in a dir this small, is re-checked inline on the loop when every
+# verdict is cached: a few stat calls on the relaunch path instead of a pool round trip.
+_INLINE_SCAN_MAX = 32
+_INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
+
+
+def _small_dir(path) -> bool:
+    # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
+    # flooded with files is listed on the pool, never on the loop.
+    try:
+        return os.stat(path).st_size <= 16384
+    except OSError:
+        return True
+
+
+class _NeedsHashing(Exception):
+    pass
+
+
+class _CachedOnly:
+    """A verdict cache view that refuses to let a scan hash anything, or walk an entry of
+    more than fingerprint_limit files (validate.check_entry reads it)."""
+    fingerprint_limit = 256
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def get(self, key: str) -> str | None:
+        v = self.cache.get(key)
+        if v is None:
+            raise _NeedsHashing(key)
+        return v
+
+    def put(self, key: str, verdict: str) -> None:
+        self.cache.put(key, verdict)
+
+
+@dataclass
+class RotationFacts:
+    """What rotation needs from a job besides its index: never delete these."""
+    pinned: frozenset[int] = frozenset()
+    resumed_from: str | None = None          # only while an attempt runs
+    tmp_grace: float = 180.0
+    save_durations: tuple[float, ...] = ()
+    grace: float = 120.0
+    pids: tuple[int, ...] = ()                  # the job's processes: what they hold open is live
+
+
+@dataclass
+class JobCheckpoints(RowFields):
+    """One job's checkpoint dir as the daemon sees it."""
+    # What a status row shows of it (rowgen.py): assigning any of these re-makes the row.
+    ROW_FIELDS: ClassVar[frozenset[str]] = frozenset({"infos", "over_quota", "error", "warnings"})
+    name: str
+    spec: CheckpointSpec | None
+    loop: asyncio.AbstractEventLoop
+    executor: Executor
+    cache: Any
+    on_index: Callable[[list, str | None], None]     # the job's reaction to a new index
+    on_scanned: Callable[[], None]                      # asks for a rotation pass
+    infos: list = field(default_factory=list)
+    error: str | None = None
+    kept: dict[str, str] = field(default_factory=dict)
+    over_quota: bool = False
+    warnings: list[str] = field(default_factory=list)
+    in_place: layout_warnings.InPlaceWrites = field(default_factory=layout_warnings.InPlaceWrites)
+    _watcher: Any = None
+    _running: bool = False
+    _dirty: bool = False
+    _done: asyncio.Future | None = None
+    closed: bool = False
+    # custody of the dir (checkpoint/custody.py): the held fd, liveness, backoff, inventory
+    state_dir: Path | None = None
+    grace: float = 120.0
+    create_as: tuple[int, int] | None = None
+    custody: JobCheckpointDir | None = None
+    _for_launch: bool = False
+    _posted: bool = False        # a change is posted to the loop and not yet taken
+    _scan_asked: bool = False    # changed() made a scan task that has not begun
+    _last_scan_s: float = 0.0
+
+    # -- watching -----------------------------------------------------------------
+    def watch(self) -> None:
+        if self.spec is None:
+            return
+        # resolved once and held (created for the job's user if missing); finishes
+        # deletions a crash cut short
+        self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
+        self.custody.open()
+        loop = self.loop
+
+        def on_change(_reason: str = "") -> None:      # observer thread: post, nothing else
+            # One post until the loop has taken it: an entry of 20k files moved in is 20k
+            # events (watchdog walks it), and 20k callbacks and scan tasks stalled status.
+            if self._posted:
+                return
+            self._posted = True
+            try:
+                loop.call_soon_threadsafe(self._take_post)
+            except RuntimeError:
+                self._posted = False      # the loop closed during shutdown
+        try:
+            self._watcher = CheckpointWatcher(self.spec.dir, on_change)
+            self._watcher.start()
+        except Exception as e:
+            log.warning("job %s: cannot watch %s (%s); relying on the periodic rescan",
+                        self.name, self.spec.dir, e)
+
+    def has_interrupted(self, pinned: Iterable[int] = ()) -> bool:
+        """Whether the index shows a save to move aside before a launch (on the loop: no I/O)."""
+        return self.custody is not None and bool(aside.interrupted(self.infos, pinned))
+
+    async def move_aside_interrupted(self, pinned: Iterable[int] = ()) -> list[tuple[Any, str]]:
+        """Interrupted saves newer than the newest valid one, renamed aside (never deleted)
+        before a relaunch; the index is refreshed when anything moved."""
+        if self.custody is None or not self.has_interrupted(pinned):
+            return []
+        moved = await self.loop.run_in_executor(self.executor, self.custody.move_aside_interrupted,
+                                                list(self.infos), list(pinned))
+        if moved:
+            await self.refresh()
+        return moved
+
+    def ensure_dir(self) -> str | None:
+        """Before a launch: the checkpoint dir exists (made for the job's user if it went
+        missing, never through a symlink). None when fine, else why not."""
+        if self.spec is None:
+            return None
+        if self.custody is None:
+            self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
+        return self.custody.ensure_dir()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.custody is not None:
+            self.custody.close()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _take_post(self) -> None:
+        self._posted = False
+        self.changed()
+
+    def changed(self) -> None:
+        """Something in the dir changed: one scan more. A scan already running re-scans
+        when it ends; one already asked for and not begun covers this change too."""
+        if self.closed or self._scan_asked:
+            return
+        if self._running:
+            self._dirty = True
+            return
+        self._scan_asked = True
+        task = self.loop.create_task(self._asked_refresh())
+        task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+
+    async def _asked_refresh(self) -> None:
+        self._scan_asked = False
+        await self.refresh()
+
+    # -- scanning -----------------------------------------------------------------
+    def _scan_sync(self, cache: Any = None, for_launch: bool = False) -> tuple[list, str | None]:
+        assert self.spec is not None
+        try:
+            if self.custody is not None:
+                if for_launch:     # what was there before the first launch is never the job's
+                    self.custody.before_first_launch()
+                infos, flag = self.custody.scan(cache or self.cache)
+                if for_launch:     # re-prove what a launch would be handed (reprove.py)
+                    infos = self.custody.reprove_latest(infos, cache or self.cache)
+                return infos, flag
+            return ckpt_index.scan(self.spec.dir, self.spec.format, cache=cache or self.cache), None
+        except FileNotFoundError:
+            return [], None
+        except (OSError, ckpt_index.CheckpointDirError) as e:
+            return [], str(e)
+        except (_NeedsHashing, TooManyFiles):
+            raise
+        except Exception as e:
+            # A hostile entry must never kill the scan task for good: one line, keep going.
+            log.exception("job %s: scanning %s", self.name, self.spec.dir)
+            return [], f"scan failed: {e!r}"
+
+    async def refresh(self, for_launch: bool = False) -> None:
+        """Re-read the dir (cached verdicts cost stat calls only). Concurrent requests
+        coalesce: at most one scan runs, and one more after it if anything asked meanwhile.
+        for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
+        if self.spec is None:
+            return
+        self._for_launch = self._for_launch or for_launch
+        if self._running:
+            self._dirty = True
+            assert self._done is not None
+            await asyncio.shield(self._done)
+            return
+        self._running = True
+        self._done = self.loop.create_future()
+        try:
+            while True:
+                self._dirty = False
+                result: tuple[list, str | None] | None = None
+                prove, self._for_launch = self._for_launch, False
+                # inline only while scans are cheap: an entry of 20k files costs 20k lstat
+                # calls even when every verdict is cached (status would stall behind it)
+                if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
+                        and _small_dir(self.spec.dir)):
+                    try:
+                        t = time.perf_counter()
+                        result = self._scan_sync(_CachedOnly(self.cache))
+                        self._last_scan_s = time.perf_counter() - t
+                    except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
+                        result = None
+                if result is None:
+                    t = time.perf_counter()
+                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    self._last_scan_s = time.perf_counter() - t
+                infos, err = result
+                if not self.closed:
+                    self.infos, self.error = infos, err
+                    if self.custody is not None:
+                        self.custody.observe(infos)     # liveness: the daemon's monotonic clock
+                    self.in_place.observe(infos)
+                    if not infos:       # no rotation pass runs for an empty index
+                        self.warnings = self._layout_warnings()
+                    self.on_index(infos, err)
+                if not self._dirty:
+                    break
+        finally:
+            self._running = False
+            self._done.set_result(None)
+        self.on_scanned()
+
+    # -- verdicts -----------------------------------------------------------------
+    def latest_valid(self):
+        if self.custody is not None and self.custody.flag:
+            return None     # the configured path now names another dir: offer nothing from it
+        return ckpt_index.latest_valid(self.infos) if self.infos else None
+
+    def apply_plan(self, plan: rotation.RotationPlan, facts: RotationFacts) -> bool:
+        """Record rotation's verdicts and recompute warnings; True when the job just
+        went over its quota."""
+        was_over = self.over_quota
+        self.kept = {str(k): v for k, v in plan.kept.items()}
+        self.over_quota = plan.over_quota
+        w = []
+        if plan.over_quota:
+            w.append(f"over-quota: {plan.kept_bytes} bytes kept > quota {plan.quota}")
+        latest = self.latest_valid()
+        if latest is not None and self.spec is not None:
+            try:
+                free = shutil.disk_usage(self.spec.dir).free
+                if free < latest.bytes:
+                    w.append(f"low disk: {free} bytes free < last checkpoint {latest.bytes} bytes; "
+                             f"the next save will fail")
+            except OSError:
+                pass
+        if facts.save_durations:
+            slow = max(facts.save_durations)
+            if slow > facts.grace:
+                w.append(f"slow saves: {slow:.1f}s > grace {facts.grace:g}s; "
+                         f"an emergency save will not finish in time")
+        if self.custody is not None:
+            w += self.custody.warnings()           # delete failures (once each), dir replaced
+        self.warnings = w + self._layout_warnings()
+        return plan.over_quota and not was_over
+
+    def _layout_warnings(self) -> list[str]:
+        if self.spec is None or self.error is not None:
+            return []
+        found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
+                 self.in_place.warning())
+        return [w for w in found if w]
+
+
+class RotationCoordinator:
+    """Plans rotation for every job at once (disk_quota spans jobs) and deletes through the
+    trash on the pool. One pass at a time: a pass planned while another deletes would plan
+    from a stale index and delete (and record) the same entry twice."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor, disk_quota: int | None,
+                 jobs: Callable[[], Iterable[tuple[JobCheckpoints, RotationFacts, Callable[..., None]]]],
+                 flush: Callable[[], None]):
+        self.loop = loop
+        self.executor = executor
+        self.disk_quota = disk_quota
+        self.jobs = jobs            # -> (checkpoints, facts, event recorder) per job
+        self.flush = flush
+        self._pending = False
+        self._lock = asyncio.Lock()
+        self._gate = PassGate(1.0)          # no pass within 1 s of the last, whatever woke it
+        self._retry: asyncio.TimerHandle | None = None
+
+    def request(self) -> None:
+        if not self._pending:
+            self._pending = True
+            task = self.loop.create_task(self.run())
+            task.add_done_callback(_log_failure("rotation pass"))
+
+    async def run(self) -> None:
+        async with self._lock:
+            await asyncio.sleep(self._gate.wait_s())
+            self._pending = False
+            self._gate.started()
+            await self._pass()
+
+    async def _pass(self) -> None:
+        plans: dict[str, rotation.RotationPlan] = {}
+        members: dict[str, tuple[JobCheckpoints, RotationFacts, Callable[..., None]]] = {}
+        for ck, facts, record in self.jobs():
+            if ck.spec is None or not ck.infos or ck.closed:
+                continue
+            members[ck.name] = (ck, facts, record)
+            # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
+            pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
+            if ck.custody is None:
+                plans[ck.name] = rotation.plan_rotation(
+                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
+                continue
+            # Files the job holds open are being written: checked only for what the plan
+            # would delete (a walk of every entry would cost each pass), re-planned until
+            # nothing planned is open.
+            opened: set[str] = set()
+            for _ in range(4):
+                plan = ck.custody.plan(ck.infos, pinned=pinned,
+                                       resumed_from=facts.resumed_from, also_live=opened)
+                held = await self.loop.run_in_executor(
+                    self.executor, ck.custody.open_by_job,
+                    [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
+                if not held:
+                    break
+                opened |= held
+            else:       # the job keeps opening what we would delete: nothing this pass
+                plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
+                                       also_live={i.name for i in ck.infos})
+            plans[ck.name] = plan
+        extra: dict[str, list] = {}
+        reasons: dict = {}
+        all_over = False
+        if self.disk_quota and plans:
+            dq = rotation.plan_disk_quota(plans, self.disk_quota)
+            extra, reasons, all_over = dq.delete, dq.reasons, dq.over_quota
+        for name, plan in plans.items():
+            ck, facts, record = members[name]
+            went_over = ck.apply_plan(plan, facts)
+            if all_over and not ck.over_quota:
+                ck.over_quota = True
+                ck.warnings.append(f"over-quota: all jobs keep more than disk_quota {self.disk_quota} bytes")
+                went_over = True
+            if went_over:
+                record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
+            ck.touch()      # its warnings may have changed in place: status re-reads them
+            todo = list(plan.delete) + [i for i in extra.get(name, []) if i not in plan.delete]
+            if not todo:
+                continue
+            assert ck.spec is not None and ck.custody is not None
+            failed_bytes = 0
+            for info in todo:
+                why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
+                # Intent apart from outcome: a crash after the move into the trash still
+                # leaves a record of what the daemon set out to remove and why; `deleted`
+                # is written only once the entry is gone (deleter.py).
+                if not ck.custody.backoff.failing(info.name):
+                    record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
+                # the intent is committed before the delete starts, both off the loop
+                outcome = await self.loop.run_in_executor(self.executor, self._commit_then_delete, ck.custody, info)
+                if outcome.ok:
+                    crash_point("delete")
+                kind, fields = ck.custody.record(outcome)
+                if kind:
+                    record(kind, why=why, **fields)
+                if not outcome.ok:
+                    failed_bytes += info.bytes
+            # a failure shows in status at once (reported once, retried on backoff)
+            ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
+            ck.warnings += ck.custody.warnings()
+            quota = plan.quota or self.disk_quota
+            if failed_bytes and quota is not None and plan.kept_bytes + failed_bytes > quota and not ck.over_quota:
+                # what could not be deleted still takes the space: over quota after all
+                ck.over_quota = True
+                ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
+                                   f"({failed_bytes} bytes could not be deleted)")
+                record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
+            ck.touch()
+            await ck.refresh()
+        self._schedule_retry(m[0] for m in members.values())
+
+    def _commit_then_delete(self, custody: JobCheckpointDir, info: ckpt_index.CheckpointInfo) -> Any:
+        self.flush()
+        return custody.delete(info)
+
+    def _schedule_retry(self, cks: Iterable[JobCheckpoints]) -> None:
+        """A failed deletion is retried when its backoff ends, not by spinning; an entry
+        kept only while its quiet window runs is looked at again when the window ends."""
+        cks = list(cks)
+        waits = [w for ck in cks if ck.custody is not None
+                 and (w := ck.custody.backoff.next_retry_in()) is not None]
+        waits += [w for ck in cks if ck.custody is not None
+                  and (w := ck.custody.liveness.next_quiet_in()) is not None]
+        if waits and self._retry is None:
+            def fire() -> None:
+                self._retry = None
+                self.request()
+            self._retry = self.loop.call_later(min(waits) + 0.05, fire)
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future], None]:
+    def done(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", what, task.exception(), exc_info=task.exception())
+    return done

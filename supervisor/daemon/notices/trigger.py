@@ -1,0 +1,99 @@
+"""The preemption trigger file (SPEC section 7: `preemption.trigger_file`).
+
+A file appearing at the path (created, or renamed into place) preempts every job. The
+parent folder is watched with inotify through watchdog; the handler runs on watchdog's
+observer thread under its lock, so it only calls `on_notice`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
+
+from . import Notice
+
+log = logging.getLogger("trainsup.notices.trigger")
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, owner: TriggerFile):
+        self.owner = owner
+
+    def on_created(self, event):
+        if not event.is_directory and os.fsdecode(event.src_path) == self.owner.path_str:
+            self.owner._appeared("created")
+
+    def on_moved(self, event):
+        if os.fsdecode(event.dest_path) == self.owner.path_str:
+            self.owner._appeared("moved into place")
+        if os.fsdecode(event.src_path) == self.owner.path_str:
+            self.owner._gone()
+
+    def on_deleted(self, event):
+        if os.fsdecode(event.src_path) == self.owner.path_str:
+            self.owner._gone()
+
+
+class TriggerFile:
+    """Calls `on_notice` once each time the file appears, and once at start() if it is
+    already there. Touching a file that is already present does not fire again."""
+
+    def __init__(self, path, on_notice: Callable[[Notice], None]):
+        self.path = Path(os.path.abspath(path))
+        self.path_str = str(self.path)
+        self.on_notice = on_notice
+        self._lock = threading.Lock()
+        self._present = False
+        self._observer: InotifyObserver | None = None
+
+    @property
+    def armed(self) -> bool:
+        """True when the next appearance of the file will fire."""
+        with self._lock:
+            return not self._present
+
+    def start(self) -> None:
+        if self._observer is not None:
+            return
+        parent = self.path.parent
+        if not parent.is_dir():
+            # Like systemd's RuntimeDirectory=: the user asked for a file there.
+            parent.mkdir(parents=True, exist_ok=True)
+            log.info("created %s to watch for the trigger file %s", parent, self.path.name)
+        observer = InotifyObserver()
+        observer.schedule(_Handler(self), str(parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        # Checked after the watch is in place, so a file created in between is seen by
+        # one of the two; _appeared() makes sure it fires only once.
+        if self.path.exists():
+            self._appeared("present at start")
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            if observer is not threading.current_thread():
+                observer.join(timeout=2.0)
+
+    def _appeared(self, how: str) -> None:
+        with self._lock:
+            if self._present or self._observer is None:
+                return
+            self._present = True
+        try:
+            self.on_notice(Notice(source="trigger-file", kind="preempt", deadline=None,
+                                  detail=f"trigger file {self.path} {how}"))
+        except Exception:
+            log.exception("trigger file callback failed")
+
+    def _gone(self) -> None:
+        with self._lock:
+            self._present = False
