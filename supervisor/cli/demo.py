@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import yaml
 
+from .. import contract
 from ..control.client import Unreachable, request
 from .render import format_checkpoints, format_status
 
@@ -371,7 +372,7 @@ class Demo:
         pid, before = j["pid"], j["checkpoint"]["step"]
         try:
             # Never signal a bare number: check it is this job's process.
-            if psutil.Process(pid).environ().get("TRAINSUP_JOB") != JOB:
+            if psutil.Process(pid).environ().get(contract.JOB) != JOB:
                 raise DemoFailed(f"pid {pid} is not the {JOB} job's process")
         except psutil.Error as e:
             raise DemoFailed(f"cannot inspect pid {pid}: {e}") from None

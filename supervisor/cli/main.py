@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, contract
 from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def socket_path(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    if os.environ.get("TRAINSUP_SOCKET"):
-        return Path(os.environ["TRAINSUP_SOCKET"])
+    if os.environ.get(contract.SOCKET):
+        return Path(os.environ[contract.SOCKET])
     from ..config.files import discover_config, load_daemon_config
     from ..config.yaml import ConfigError
     is_root = os.geteuid() == 0

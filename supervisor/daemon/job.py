@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import fdbudget
+from .. import contract, fdbudget
 from ..checkpoint import confirm
 from ..checkpoint.index import CheckpointInfo
 from ..control.protocol import table_row
@@ -123,16 +124,22 @@ def _ago(seconds: float) -> str:
 
 
 def _reported_step(heartbeat: Path, since_wall: float) -> int | None:
-    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
-    a job may write its current step there), else None. Read once, at exit."""
+    """The step a job wrote into its heartbeat file during this attempt (the contract's
+    heartbeat: a job may write its current step there), else None. Read once, at exit;
+    never blocking (the job can put a FIFO there) and never past HEARTBEAT_READ bytes."""
     try:
-        with open(heartbeat, "rb") as f:
-            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
-                return None            # written by an earlier attempt
-            text = f.read(64).strip()
+        fd = os.open(heartbeat, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime < since_wall - 1.0:
+            return None            # not a file, or written by an earlier attempt
+        return contract.parse_heartbeat(os.read(fd, contract.HEARTBEAT_READ))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _ckpt_key(info) -> tuple:
@@ -400,19 +407,19 @@ class Job(RowFields):
         if reason not in ("first", "manual"):
             self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
-            "TRAINSUP_JOB": spec.name,
-            "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
-            "TRAINSUP_RESUME_FROM": resume_path,
-            "TRAINSUP_ATTEMPT": str(self.attempt),
-            "TRAINSUP_RESTART_REASON": reason,
-            "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
-            "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
+            contract.JOB: spec.name,
+            contract.CHECKPOINT_DIR: str(spec.checkpoint.dir) if spec.checkpoint else "",
+            contract.RESUME_FROM: resume_path,
+            contract.ATTEMPT: str(self.attempt),
+            contract.RESTART_REASON: reason,
+            contract.SAVE_SIGNAL: spec.emergency_save.signal,
+            contract.HEARTBEAT_FILE: str(self.heartbeat_file),
         }
         if spec.checkpoint is not None:
             try:
                 self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.owner())
                 jobnotice.clear(self._notice_path)
-                extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_path)
+                extra[contract.NOTICE_FILE] = str(self._notice_path)
             except (OSError, KeyError) as e:
                 self._notice_path = None     # the old flow: signal, then SIGTERM
                 log.warning("%s: notice dir: %s", self.name, e)

@@ -14,14 +14,12 @@ The job side is trainsup.emergency.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import stat
 from pathlib import Path
 
-NOTICE_NAME = "notice.json"
-ACK_SUFFIX = ".ack"
+from ..contract import ACK_SUFFIX, MAX_NOTICE_BYTES, NOTICE_NAME, notice_body, parse_ack
 
 
 def prepare(state_dir: Path, job: str, owner: tuple[int, int] | None) -> Path:
@@ -59,10 +57,7 @@ def clear(path: Path) -> None:
 def write(path: Path, notice_id: str, kind: str, deadline: float | None) -> bool:
     """Write the notice atomically (tmp + rename: the job never reads half of one). A few
     hundred bytes into the page cache, no fsync: only a live process reads it."""
-    body = {"id": notice_id, "kind": kind, "deadline": deadline,
-            "deadline_iso": (_dt.datetime.fromtimestamp(deadline, _dt.timezone.utc).isoformat()
-                             if deadline is not None else None),
-            "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    body = notice_body(notice_id, kind, deadline)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         try:
@@ -87,7 +82,7 @@ def read_ack(path: Path, notice_id: str) -> dict | None:
     try:
         fd = os.open(str(path) + ACK_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
-            ack = json.loads(f.read(4096))
-    except (OSError, ValueError):
+            raw = f.read(MAX_NOTICE_BYTES)
+    except OSError:
         return None
-    return ack if isinstance(ack, dict) and ack.get("id") == notice_id else None
+    return parse_ack(raw, notice_id)

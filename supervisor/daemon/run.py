@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import config
+from .. import config, contract
 from ..spec import DaemonSpec, InvalidJob, JobSpec
 from .job import Job, State
 from .loop import Daemon
@@ -267,7 +267,7 @@ def run_job(job_file: Path, *, state_dir: Path | None = None, socket: Path | Non
             return EXIT_USAGE
     # Everything the job would have seen when run by hand reaches it (a container's or a
     # batch step's environment: SLURM_*, CUDA_*, ...), plus the socket for `trainsup status`.
-    os.environ["TRAINSUP_SOCKET"] = str(sock)
+    os.environ[contract.SOCKET] = str(sock)
     spec = DaemonSpec(jobs_dir=job.source.parent, state_dir=state, socket=sock, log_dir=state / "logs",
                       pass_env=tuple(os.environ))
     print(f"trainsup run: job {job.name}, state {state}, socket {sock}", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from ... import contract
 from ...spec import DaemonSpec, JobSpec
 from . import clone3
 from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
@@ -83,7 +84,7 @@ def build_env(job: JobSpec, daemon: DaemonSpec, extra: Mapping[str, str],
 
 
 def signal_number(name: str) -> int:
-    return int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
+    return contract.signal_number(name)
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -314,9 +315,9 @@ def reap_orphans(leaders: Iterable[int]) -> list[int]:
 
 def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process]:
     """Live processes reparented to the daemon (it is a subreaper) that were launched for
-    `job_name` (TRAINSUP_JOB in their environment), with their descendants."""
+    `job_name` (contract.JOB in their environment), with their descendants."""
     keep = set(leaders)
-    marker = b"\0TRAINSUP_JOB=" + job_name.encode() + b"\0"
+    marker = b"\0" + contract.JOB.encode() + b"=" + job_name.encode() + b"\0"
     out: list[psutil.Process] = []
     for pid in _own_children():
         if pid in keep:
