@@ -1,4 +1,4 @@
-"""Typed, validated job and daemon specs: what config.py produces from YAML.
+"""Typed, validated job and daemon specs: what config/ produces from YAML.
 
 Field names are the YAML keys. Durations are float seconds, sizes int bytes, paths
 absolute. These objects are immutable values: the daemon compares them to decide

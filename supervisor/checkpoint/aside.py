@@ -1,4 +1,4 @@
-"""Interrupted saves moved aside before a relaunch (issue 12).
+"""Interrupted saves moved aside before a relaunch.
 
 A framework picks its own "latest" (HF's get_last_checkpoint, Paddle's `latest` prefix,
 Keras' backup): an entry a killed save left half-written, newer than every valid one, would

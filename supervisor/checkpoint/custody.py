@@ -32,13 +32,13 @@ from ..spec import CheckpointSpec
 from . import aside, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
+from .formats.common import Verdict, VerdictCache
 from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
 from .reprove import latest_for_launch, reprovable, reprove
 from .rotation import RotationPlan, plan_rotation
 from .trash import empty_trash
-from .validate import Verdict, VerdictCache
 
 # A save is "quiet" after the job's emergency_save.grace plus this long without a change
 # the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen

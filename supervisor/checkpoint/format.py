@@ -164,8 +164,8 @@ def parse_manifest(raw: bytes) -> dict:
 
 class _HashingFile:
     """Write-only file that hashes what passes through it, for the manifest: a 1 GiB
-    state otherwise costs a second pass over its bytes after the save (issue 13: the
-    helper's preempt -> exit at 1 GiB was 1.31x torch.save + fsync)."""
+    state otherwise costs a second pass over its bytes after the save (the helper's
+    preempt -> exit at 1 GiB was 1.31x torch.save + fsync with that pass)."""
 
     def __init__(self, f: Any, algo: str) -> None:
         self.f = f

@@ -1,6 +1,6 @@
 """Re-proving a checkpoint's verdict right before it is handed to a launch.
 
-Issue 11 case 8: a file modified in place through a shared mmap keeps its ctime — always
+A file modified in place through a shared mmap keeps its ctime — always
 on tmpfs (no writeback, no page_mkwrite timestamp update), and on ext4 for writes to a
 page that is already dirty (the timestamp moves only on the first write fault to a clean
 page). A stat-only cached verdict then still says valid.
@@ -23,9 +23,10 @@ import ctypes
 import os
 from collections.abc import Iterable
 
+from .formats.common import Verdict, VerdictCache
 from .index import CheckpointInfo
 from .settle import settle  # noqa: F401  (re-exported: part of the re-proof design)
-from .validate import Verdict, VerdictCache, check_entry
+from .validate import check_entry
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
@@ -70,8 +71,8 @@ def reprovable(info: CheckpointInfo) -> bool:
     """Single-path entries of the trainsup/torch/hf checkers. Framework entries (Paddle
     prefix groups, TF index + shards, Keras, Lightning: several member files) are re-checked
     by the pre-launch scan through their members' fingerprints instead."""
-    from .validate import _CHECKERS
-    return info.format in _CHECKERS and not info.members
+    from .formats import ENTRY
+    return info.format in ENTRY and not info.members
 
 
 def reprove(io_path: str, fmt: str, cache: VerdictCache | None, key_path: str) -> Verdict:

@@ -16,8 +16,8 @@ makes sure the deletion cannot reach anything else):
    checkpoint) makes the entry undeletable (DeleteError EXDEV, reported) and nothing of it
    is touched. A mount appearing after that walk still cannot be entered during removal.
 4. Never as anyone but the daemon: removal runs in the daemon's own worker thread. There is
-   no forked deleter that drops to the dir owner's uid (issue 10: the job's user could
-   SIGSTOP it and freeze every job's rotation). Root cannot be tricked into deleting
+   no forked deleter that drops to the dir owner's uid (the job's user could SIGSTOP
+   it and freeze every job's rotation). Root cannot be tricked into deleting
    elsewhere because of 2 and 3, not because of a uid.
 5. Atomic from the index's point of view: the entry is first renamed (one rename, same
    directory tree, so same filesystem) into `<dir>/.trainsup-trash/` under a short name of
@@ -174,7 +174,7 @@ def _delete_entry(h: DirHandle, parts: list[str]) -> None:
 
 def _trash_name(original: str) -> str:
     """Short and ours; carries the original name after `~` when it fits NAME_MAX (a
-    250-byte name could not take a suffix: issue 11 case 7)."""
+    250-byte name could not take a suffix)."""
     base = f"d.{time.time_ns()}.{os.getpid()}.{next(_counter)}"
     full = f"{base}~{original}"
     return full if len(os.fsencode(full)) <= 255 else base

@@ -16,7 +16,6 @@ from .. import __version__, contract
 from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
-from ..control.server import SocketRefused
 from .render import format_checkpoints, format_status
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
@@ -178,6 +177,7 @@ def cmd_daemon(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    from ..control.server import SocketRefused
     from ..daemon.loop import Daemon
     try:
         return Daemon(spec).run()

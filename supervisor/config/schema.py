@@ -34,6 +34,7 @@ from .values import (
     cron,
     daemon_user,
     duration,
+    each_item,
     env_map,
     existing_group,
     expand_home,
@@ -142,9 +143,15 @@ def _workdir(node: Node, key: str, ctx: Context) -> Path:
     return resolved
 
 
+def _format_names() -> tuple[str, ...]:
+    """checkpoint.format's values: the format table's names (imported with the first job)."""
+    from ..checkpoint import formats
+    return formats.CHOICES
+
+
 CHECKPOINT = Section(CheckpointSpec, {
     "dir": _CheckpointDir(),
-    "format": choice("auto", "trainsup", "torch", "hf", "paddle", "tf", "keras", "lightning", "safetensors"),
+    "format": choice(among=_format_names),
     "keep_last": integer(1),
     "keep_best": integer(0),
     "metric": string,
@@ -212,18 +219,7 @@ def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
     if node.kind != "seq":
         raise Invalid(f"must be a list of hooks ({{command: [...], on: [...], timeout: 10s}}), "
                       f"got {describe(node)}")
-    hooks, bad = [], False
-    for index, item in enumerate(node.value):
-        try:
-            hooks.append(HOOK(item, f"{key}[{index}]", ctx))
-        except Invalid as exc:
-            ctx.report(item.line, f"{key}[{index}]", str(exc))
-            bad = True
-        except _Reported:
-            bad = True
-    if bad:
-        raise _Reported
-    return tuple(hooks)
+    return tuple(each_item(node, key, ctx, HOOK))
 
 
 SLURM = Section(SlurmSpec, {

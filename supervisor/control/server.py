@@ -1,6 +1,6 @@
 """The control socket: newline-delimited JSON over a Unix socket, one request per line.
 
-Defences (SPEC section 8, issue 10): a size cap per request line, a deadline per idle
+Defences (SPEC section 8): a size cap per request line, a deadline per idle
 connection, the verb registry (trainsup.verbs) as the allow-list, SO_PEERCRED
 authorisation of every job a request will act on (after its arguments are resolved),
 connections bounded per peer uid and in total (fds stay free for launches and the state

@@ -1,10 +1,10 @@
 """Every control verb, defined once: its name, whether it writes, which jobs it acts on,
 its handler and its command-line arguments.
 
-The control socket's allow-list and authorisation (control.py), the dispatcher
-(commands.py) and the CLI parser (cli.py) all derive from VERBS, so they cannot drift
-apart. To add a verb: add a Verb here, a `do_<name>` handler in commands.py and a printer
-in cli.py; a unit test checks that all three exist.
+The control socket's allow-list and authorisation (control/server.py), the dispatcher
+(daemon/handlers.py) and the CLI parser (cli/main.py) all derive from VERBS, so they cannot drift
+apart. To add a verb: add a Verb here, a `do_<name>` handler in daemon/handlers.py and a printer
+in cli/main.py; a unit test checks that all three exist.
 
 Targets are resolved here, before authorisation, and the handler is given exactly the
 resolved list: a request cannot act on a job it was not authorised for by changing its
@@ -75,7 +75,7 @@ class Verb:
 
     @property
     def handler(self) -> str:
-        """The name of the method in commands.py that serves this verb."""
+        """The name of the method in daemon/handlers.py that serves this verb."""
         return f"do_{self.name}"
 
     def streams(self, args: Mapping[str, Any]) -> bool:

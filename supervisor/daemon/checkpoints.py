@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import aside, layout_warnings, rotation
+from ..checkpoint import aside, formats, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
 from ..checkpoint.custody import JobCheckpointDir
 from ..checkpoint.deleter import PassGate
-from ..checkpoint.frameworks import bookkeeping
 from ..checkpoint.validate import TooManyFiles
 from ..checkpoint.watch import CheckpointWatcher
 from ..crashpoints import crash_point
@@ -40,7 +39,7 @@ _INLINE_SCAN_MAX = 32
 _INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
 
 
-def _small_dir(path) -> bool:
+def _small_dir(path: str | os.PathLike[str]) -> bool:
     # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
     # flooded with files is listed on the pool, never on the loop.
     try:
@@ -267,7 +266,7 @@ class JobCheckpoints(RowFields):
         self.on_scanned()
 
     # -- verdicts -----------------------------------------------------------------
-    def latest_valid(self):
+    def latest_valid(self) -> ckpt_index.CheckpointInfo | None:
         if self.custody is not None and self.custody.flag:
             return None     # the configured path now names another dir: offer nothing from it
         return ckpt_index.latest_valid(self.infos) if self.infos else None
@@ -299,6 +298,31 @@ class JobCheckpoints(RowFields):
             w += self.custody.warnings()           # delete failures (once each), dir replaced
         self.warnings = w + self._layout_warnings()
         return plan.over_quota and not was_over
+
+    def over_disk_quota(self, disk_quota: int | None) -> bool:
+        """Every job together keeps more than the daemon-wide quota: this one is over too.
+        True when it just went over."""
+        if self.over_quota:
+            return False
+        self.over_quota = True
+        self.warnings.append(f"over-quota: all jobs keep more than disk_quota {disk_quota} bytes")
+        return True
+
+    def after_deletions(self, kept_bytes: int, failed_bytes: int, quota: int | None) -> bool:
+        """A pass's deletions are over: their failures show in status at once (reported
+        once, retried on backoff). True when what could not be deleted puts the job over
+        its quota after all (it still takes the space)."""
+        assert self.custody is not None
+        self.warnings = [w for w in self.warnings if not w.startswith(("delete-failed", "rotation paused"))]
+        self.warnings += self.custody.warnings()
+        went_over = False
+        if failed_bytes and quota is not None and kept_bytes + failed_bytes > quota and not self.over_quota:
+            self.over_quota = True
+            self.warnings.append(f"over-quota: {kept_bytes + failed_bytes} bytes kept > quota {quota} "
+                                 f"({failed_bytes} bytes could not be deleted)")
+            went_over = True
+        self.touch()
+        return went_over
 
     def _layout_warnings(self) -> list[str]:
         if self.spec is None or self.error is not None:
@@ -343,15 +367,13 @@ class RotationCoordinator:
         plans: dict[str, rotation.RotationPlan] = {}
         members: dict[str, tuple[JobCheckpoints, RotationFacts, Callable[..., None]]] = {}
         for ck, facts, record in self.jobs():
-            if ck.spec is None or not ck.infos or ck.closed:
+            # Without custody of the dir (the held fd, liveness, inventory) nothing is
+            # planned: every deletion-safety fact comes from it.
+            if ck.spec is None or not ck.infos or ck.closed or ck.custody is None:
                 continue
             members[ck.name] = (ck, facts, record)
             # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
-            pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
-            if ck.custody is None:
-                plans[ck.name] = rotation.plan_rotation(
-                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
-                continue
+            pinned = set(facts.pinned) | formats.protected_steps(ck.infos)
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.
@@ -378,9 +400,7 @@ class RotationCoordinator:
         for name, plan in plans.items():
             ck, facts, record = members[name]
             went_over = ck.apply_plan(plan, facts)
-            if all_over and not ck.over_quota:
-                ck.over_quota = True
-                ck.warnings.append(f"over-quota: all jobs keep more than disk_quota {self.disk_quota} bytes")
+            if all_over and ck.over_disk_quota(self.disk_quota):
                 went_over = True
             if went_over:
                 record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
@@ -406,17 +426,9 @@ class RotationCoordinator:
                     record(kind, why=why, **fields)
                 if not outcome.ok:
                     failed_bytes += info.bytes
-            # a failure shows in status at once (reported once, retried on backoff)
-            ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
-            ck.warnings += ck.custody.warnings()
             quota = plan.quota or self.disk_quota
-            if failed_bytes and quota is not None and plan.kept_bytes + failed_bytes > quota and not ck.over_quota:
-                # what could not be deleted still takes the space: over quota after all
-                ck.over_quota = True
-                ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
-                                   f"({failed_bytes} bytes could not be deleted)")
+            if ck.after_deletions(plan.kept_bytes, failed_bytes, quota):
                 record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
-            ck.touch()
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
 

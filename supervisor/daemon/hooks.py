@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..spec import HookSpec
+from .pipes import read_ready
 
 log = logging.getLogger("trainsup.hooks")
 
@@ -132,12 +133,9 @@ class HookRunner:
         run.timer = self.loop.call_later(hook.timeout, self._timeout, run)
 
     def _read(self, run: _Run) -> None:
-        try:
-            chunk = os.read(run.out_fd, 65536)
-        except BlockingIOError:
+        chunk = read_ready(run.out_fd)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.loop.remove_reader(run.out_fd)
             return

@@ -142,7 +142,7 @@ def _reported_step(heartbeat: Path, since_wall: float) -> int | None:
         os.close(fd)
 
 
-def _ckpt_key(info) -> tuple:
+def _ckpt_key(info: CheckpointInfo) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
 
@@ -239,7 +239,7 @@ class Job(RowFields):
     def event(self, kind: str, **data: Any) -> None:
         self.host.record_event(self.name, kind, data)
 
-    def _set(self, new: State, **data) -> None:
+    def _set(self, new: State, **data: Any) -> None:
         old = self.state
         if old == new:
             return
@@ -296,6 +296,11 @@ class Job(RowFields):
 
     def set_config_error(self, error: str | None) -> None:
         self.config_error = error
+
+    def note_notice(self, notice: dict) -> None:
+        """A notice the host acted on for this job (a machine-wide warning, a Slurm end
+        of step): `status` shows it as the job's last notice."""
+        self.last_notice = notice
 
     def pin(self, step: int) -> None:
         self.pinned.add(step)
@@ -744,7 +749,8 @@ class Job(RowFields):
         except asyncio.TimeoutError:
             return False
 
-    async def _stop_flow(self, save, final, grace, deadline_wall, then_restart, source) -> dict:
+    async def _stop_flow(self, save: bool, final: State, grace: float | None, deadline_wall: float | None,
+                         then_restart: str | None, source: str) -> dict:
         spec = self.spec
         notice_at = time.time()
         outcome: dict[str, Any] = {"source": source, "at": notice_at}

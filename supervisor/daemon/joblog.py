@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from .pipes import read_ready
+
 log = logging.getLogger("trainsup.joblog")
 
 
@@ -78,12 +80,9 @@ class JobLog:
         return w
 
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self._read_fd, 65536)
-        except BlockingIOError:
+        data = read_ready(self._read_fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close_pipe()
             return

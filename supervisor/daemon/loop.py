@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,6 +30,7 @@ from .handlers import Commands
 from .hooks import HookRunner
 from .job import Job, State
 from .launch import cgroup, clone3, process
+from .notices import Notice
 from .notices.schedule import JobSchedule
 from .notices.schedule import preload as schedule_preload
 from .sdnotify import Notifier
@@ -238,8 +240,8 @@ class Daemon:
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
-    def _threadsafe(self, fn):
-        def post(*args) -> None:
+    def _threadsafe(self, fn: Callable[..., None]) -> Callable[..., None]:
+        def post(*args: Any) -> None:
             try:
                 self.loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:
@@ -284,7 +286,7 @@ class Daemon:
         elif not job.busy:
             job.request_save()
 
-    def on_notice(self, notice) -> None:
+    def on_notice(self, notice: Notice) -> None:
         """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
         preemption or maintenance, stops before the deadline."""
         key = notice.identity()
@@ -299,8 +301,8 @@ class Daemon:
         running = [j for j in self.jobs.values() if j.alive]
         if notice.kind == "warning":
             for j in running:
-                j.last_notice = {"source": notice.source, "kind": notice.kind, "at": time.time(),
-                                 "detail": notice.detail, "outcome": "checkpoint requested"}
+                j.note_notice({"source": notice.source, "kind": notice.kind, "at": time.time(),
+                               "detail": notice.detail, "outcome": "checkpoint requested"})
                 if not j.busy:
                     j.request_save()
             return
@@ -331,7 +333,7 @@ class Daemon:
         """The machine-wide preemption notice in force (a start now would be preempted again)."""
         return next((n for n in self.notices_in_force() if n.kind != "warning"), None)
 
-    async def _acknowledge(self, flows, notice) -> None:
+    async def _acknowledge(self, flows: list[asyncio.Task], notice: Notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
         await asyncio.gather(*flows, return_exceptions=True)
         try:

@@ -14,7 +14,7 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
@@ -353,7 +353,7 @@ class MetricsServer:
         if self._publish_handle is not None:
             self._publish_handle.cancel()
 
-    def schedule_publish(self, loop: asyncio.AbstractEventLoop, publish) -> None:
+    def schedule_publish(self, loop: asyncio.AbstractEventLoop, publish: Callable[[], None]) -> None:
         """Publish once, PUBLISH_DELAY from now, however many events arrive meanwhile."""
         if self._publish_handle is None:
             def run() -> None:
@@ -361,7 +361,7 @@ class MetricsServer:
                 publish()
             self._publish_handle = loop.call_later(PUBLISH_DELAY, run)
 
-    async def probe_lag(self, publish) -> None:
+    async def probe_lag(self, publish: Callable[[], None]) -> None:
         """Measure how late a timer fires: the loop's responsiveness, as users feel it."""
         loop = asyncio.get_running_loop()
         probes = 0

@@ -193,7 +193,7 @@ class RunDaemon(Daemon):
         notice = {"source": f"slurm-{why}", "at": time.time(),
                   "outcome": "saved by the ranks" if latest else "no checkpoint",
                   "step": getattr(latest, "step", None)}
-        job.last_notice = notice
+        job.note_notice(notice)
         job.event("notice", **notice)
         await self._after_slurm_notice(job, why)
 

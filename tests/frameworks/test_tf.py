@@ -45,7 +45,7 @@ def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
 _RACE = textwrap.dedent("""
     import json, os, sys
     import tensorflow as tf
-    from trainsup.checkpoint.frameworks import bookkeeping
+    from trainsup.checkpoint.formats import tf_state as bookkeeping
     real_fsync, real_exchange = os.fsync, getattr(bookkeeping, "_exchange", None)
     for d, swap in zip(sys.argv[1::2], sys.argv[2::2]):
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(tf.zeros(4))), d, max_to_keep=None)

@@ -169,7 +169,7 @@ def test_torchrun_x2_three_interruptions_bit_exact(tmp_path, runs, reference):
 
 
 def test_torchrun_x2_sharded_dcp_preempt_and_kill_bit_exact(tmp_path, runs, reference):
-    from trainsup.checkpoint.validate import check_trainsup
+    from trainsup.checkpoint.formats.trainsup import check_trainsup
 
     # From step 45 on: the resumes land after StepLR's first decay (step 50), so the
     # optimizer's param_groups (lr) must come back from DCP too, not only its tensors.

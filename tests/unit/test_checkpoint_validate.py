@@ -7,9 +7,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from trainsup.checkpoint import validate, write_checkpoint
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.formats import FORMATS
+from trainsup.checkpoint.formats import trainsup as trainsup_format
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
 from trainsup.checkpoint.index import latest_valid, scan
-from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
+from trainsup.checkpoint.validate import check_entry
 
 FIXTURES = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "frameworks").resolve()
 needs_fixtures = pytest.mark.skipif(
@@ -229,9 +232,9 @@ def test_verdict_cache_hit_reads_nothing(tmp_path, monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a cached verdict must not read file contents")
-    for name in ("check_trainsup", "check_torch", "check_hf", "hash_fd"):
-        monkeypatch.setattr(validate, name, refuse)
-    monkeypatch.setitem(validate._CHECKERS, "trainsup", refuse)
+    for fmt in FORMATS.values():
+        monkeypatch.setattr(fmt, "check", refuse)
+    monkeypatch.setattr(trainsup_format, "hash_fd", refuse)
     again = scan(tmp_path, cache=cache)
     assert again == first and all(i.cached for i in again)
 

@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED
-from trainsup.checkpoint.frameworks.bookkeeping import (
-    delete_unit,
-    deletion_units,
-    forget_in_tf_state,
-    hf_best_steps,
-    tf_state_without,
-)
+from trainsup.checkpoint.deleter import delete_unit, deletion_units
+from trainsup.checkpoint.formats.hf import protected_steps as hf_best_steps
+from trainsup.checkpoint.formats.tf_state import forget_in_tf_state, tf_state_without
 from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.rotation import plan_rotation
 from trainsup.spec import CheckpointSpec

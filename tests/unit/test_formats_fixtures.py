@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
 from trainsup.checkpoint.index import latest_valid
 from trainsup.checkpoint.index import scan as scan_all
-from trainsup.checkpoint.validate import MemoryVerdictCache
 
 
 def scan(*args, **kwargs):

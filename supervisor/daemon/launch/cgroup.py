@@ -44,7 +44,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,14 +325,14 @@ class EventsWatcher:
         self.callbacks: dict[int, list] = {}
         loop.add_reader(fd, self._ready)
 
-    def watch(self, path: Path, callback) -> int:
+    def watch(self, path: Path, callback: Callable[[], None]) -> int:
         wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
         if wd < 0:
             raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
         self.callbacks.setdefault(wd, []).append(callback)
         return wd
 
-    def unwatch(self, wd: int, callback) -> None:
+    def unwatch(self, wd: int, callback: Callable[[], None]) -> None:
         cbs = self.callbacks.get(wd, [])
         if callback in cbs:
             cbs.remove(callback)

@@ -23,7 +23,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,7 +252,8 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
     return n
 
 
-def _children_of(pid: int) -> list[int]:
+def children_of(pid: int) -> list[int]:
+    """The direct children of every thread of `pid` (/proc/PID/task/*/children)."""
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -275,7 +276,7 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     seen = {pid}
     while todo:
-        for child in _children_of(todo.pop()):
+        for child in children_of(todo.pop()):
             if child not in seen:
                 seen.add(child)
                 out.append(child)
@@ -285,7 +286,7 @@ def descendants(pid: int) -> list[int]:
 
 def _own_children() -> list[int]:
     """Our direct children: a few small reads, not a scan of /proc."""
-    return _children_of(os.getpid())
+    return children_of(os.getpid())
 
 
 def _is_zombie(pid: int) -> bool:
@@ -438,7 +439,7 @@ def _clone_into(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd
 
 
 @contextlib.contextmanager
-def _nothing():
+def _nothing() -> Iterator[None]:
     yield
 
 

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
@@ -25,17 +26,17 @@ class _Handler(FileSystemEventHandler):
     def __init__(self, owner: TriggerFile):
         self.owner = owner
 
-    def on_created(self, event):
+    def on_created(self, event: Any) -> None:
         if not event.is_directory and os.fsdecode(event.src_path) == self.owner.path_str:
             self.owner._appeared("created")
 
-    def on_moved(self, event):
+    def on_moved(self, event: Any) -> None:
         if os.fsdecode(event.dest_path) == self.owner.path_str:
             self.owner._appeared("moved into place")
         if os.fsdecode(event.src_path) == self.owner.path_str:
             self.owner._gone()
 
-    def on_deleted(self, event):
+    def on_deleted(self, event: Any) -> None:
         if os.fsdecode(event.src_path) == self.owner.path_str:
             self.owner._gone()
 
@@ -44,7 +45,7 @@ class TriggerFile:
     """Calls `on_notice` once each time the file appears, and once at start() if it is
     already there. Touching a file that is already present does not fire again."""
 
-    def __init__(self, path, on_notice: Callable[[Notice], None]):
+    def __init__(self, path: str | os.PathLike[str], on_notice: Callable[[Notice], None]) -> None:
         self.path = Path(os.path.abspath(path))
         self.path_str = str(self.path)
         self.on_notice = on_notice

@@ -20,12 +20,13 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 from ..range_reader import ShortRead, checksum_ranges
-from ..validate import Verdict, _Invalid
-from .entry import DIR, FILE, Group, Listing, Opened, join, read_small
+from .common import Invalid, Verdict
+from .group import DIR, FILE, Group, Listing, Looking, Opened, join, read_small
+from .tf_state import STATE_FILE, forget_in_tf_state
 
-STATE_FILE = "checkpoint"
 _DATA_RE = re.compile(r"^(.+)\.data-(\d{5})-of-(\d{5})$")
 _TEMP_RE = re.compile(r"^(.+)_temp$")
 _NUMBER = re.compile(r"-(\d+)$")
@@ -51,7 +52,7 @@ def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
         return None
     try:
         text = read_small(root_fd, join(d, STATE_FILE)).decode("utf-8", "replace")
-    except _Invalid:
+    except Invalid:
         return []
     out = []
     for line in text.splitlines():
@@ -62,7 +63,44 @@ def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
     return out
 
 
-def recognise(d: str, listing: Listing, explicit: bool) -> list[Group]:
+NAME = "tf"
+KIND = "group"
+COMMIT_MARKER = STATE_FILE
+
+
+def skips_dir(name: str) -> bool:
+    """`ckpt-3_temp/` is an entry of its own (a save in progress), not a folder of entries."""
+    return name.endswith("_temp")
+
+
+def _listed(tree: Any, d: str) -> list[str] | None:
+    """What dir d's state file lists, read once per scan."""
+    return tree.once((NAME, d), lambda: state_paths(tree.root_fd, d, tree.listing(d)))
+
+
+def auto_claims(tree: Any, g: Group) -> bool:
+    """An unnumbered prefix the state file lists is TF's."""
+    listed = _listed(tree, g.dir)
+    return listed is not None and g.name.rsplit("/", 1)[-1] in listed
+
+
+def also_claims(g: Group) -> tuple[str, ...]:
+    """TF's commit marker is part of its checkpoints."""
+    return (STATE_FILE,) if not g.dir else ()
+
+
+def finish(tree: Any, groups: list[Group], verdicts: dict[str, Verdict]) -> None:
+    for g in groups:
+        verdicts[g.name] = with_listing(verdicts[g.name], g, _listed(tree, g.dir))
+
+
+def before_delete(dir_fd: int, base: str) -> None:
+    """The state file must never list a deleted checkpoint: rewritten first."""
+    forget_in_tf_state(dir_fd, [base])
+
+
+def recognise(where: Looking) -> list[Group]:
+    d, listing, explicit = where.dir, where.listing, where.explicit
     prefixes: dict[str, list[str]] = {}
     for name, kind in listing.items():
         if name.startswith("."):
@@ -100,7 +138,7 @@ def with_listing(v: Verdict, g: Group, listed: list[str] | None) -> Verdict:
     return replace(v, valid=False, invalid_reason=f"{why}; {v.invalid_reason}" if v.invalid_reason else why)
 
 
-def check(root_fd: int, g: Group) -> Verdict:
+def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
     """The bytes verdict (see with_listing for the commit marker)."""
     prefix = g.name
     base = prefix.rsplit("/", 1)[-1]
@@ -117,7 +155,7 @@ def check(root_fd: int, g: Group) -> Verdict:
     else:
         try:
             _check_bundle(root_fd, prefix, shards)
-        except _Invalid as e:
+        except Invalid as e:
             problems.append(str(e))
     if problems:
         return Verdict("tf", False, "; ".join(problems), step)
@@ -132,7 +170,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
-            raise _Invalid("tf-index: malformed varint")
+            raise Invalid("tf-index: malformed varint")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
@@ -143,33 +181,33 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def _read_block(fd: int, size: int, off: int, length: int, what: str) -> bytes:
     if off + length + 5 > size:
-        raise _Invalid(f"tf-index: {what} block [{off},{off + length + 5}) runs past the end ({size} bytes)")
+        raise Invalid(f"tf-index: {what} block [{off},{off + length + 5}) runs past the end ({size} bytes)")
     raw = os.pread(fd, length + 5, off)
     if len(raw) != length + 5:
-        raise _Invalid("tf-index: short read (file changed while checking?)")
+        raise Invalid("tf-index: short read (file changed while checking?)")
     ctype = raw[length]
     (stored,) = struct.unpack_from("<I", raw, length + 1)
     if _mask(_crc32c()(raw[: length + 1])) != stored:
-        raise _Invalid(f"tf-index: {what} block CRC32C mismatch")
+        raise Invalid(f"tf-index: {what} block CRC32C mismatch")
     if ctype != 0:
-        raise _Invalid(f"tf-index: {what} block is compressed (type {ctype}), not supported")
+        raise Invalid(f"tf-index: {what} block is compressed (type {ctype}), not supported")
     return raw[:length]
 
 
 def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     if len(block) < 4:
-        raise _Invalid("tf-index: block too small")
+        raise Invalid("tf-index: block too small")
     (nrest,) = struct.unpack_from("<I", block, len(block) - 4)
     end = len(block) - 4 - 4 * nrest
     if end < 0:
-        raise _Invalid("tf-index: block restart array does not fit")
+        raise Invalid("tf-index: block restart array does not fit")
     pos, key = 0, b""
     while pos < end:
         shared, pos = _varint(block, pos)
         unshared, pos = _varint(block, pos)
         vlen, pos = _varint(block, pos)
         if shared > len(key) or pos + unshared + vlen > end:
-            raise _Invalid("tf-index: block entry runs past its block")
+            raise Invalid("tf-index: block entry runs past its block")
         key = key[:shared] + block[pos:pos + unshared]
         pos += unshared
         yield key, block[pos:pos + vlen]
@@ -192,9 +230,9 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
         elif wt == 5:
             v, pos = buf[pos:pos + 4], pos + 4
         else:
-            raise _Invalid(f"tf-index: unsupported protobuf wire type {wt}")
+            raise Invalid(f"tf-index: unsupported protobuf wire type {wt}")
         if pos > len(buf):
-            raise _Invalid("tf-index: truncated protobuf")
+            raise Invalid("tf-index: truncated protobuf")
         yield field, wt, v
 
 
@@ -238,15 +276,15 @@ def _read_index(root_fd: int, rel: str) -> tuple[int, list[_Tensor]]:
     with Opened(root_fd, rel) as (fd, st):
         size = st.st_size
         if size == 0:
-            raise _Invalid(f"{rel.rsplit('/', 1)[-1]}: empty file (0 bytes)")
+            raise Invalid(f"{rel.rsplit('/', 1)[-1]}: empty file (0 bytes)")
         if size < _FOOTER:
-            raise _Invalid(f"tf-index: file too small ({size} bytes; footer is {_FOOTER})")
+            raise Invalid(f"tf-index: file too small ({size} bytes; footer is {_FOOTER})")
         if size > _MAX_INDEX:
-            raise _Invalid(f"tf-index: {size} bytes, larger than any index this checks")
+            raise Invalid(f"tf-index: {size} bytes, larger than any index this checks")
         footer = os.pread(fd, _FOOTER, size - _FOOTER)
         (magic,) = struct.unpack_from("<Q", footer, 40)
         if magic != _MAGIC:
-            raise _Invalid(f"tf-index: bad footer magic 0x{magic:016x} (truncated?)")
+            raise Invalid(f"tf-index: bad footer magic 0x{magic:016x} (truncated?)")
         _, pos = _varint(footer, 0)       # metaindex handle: unused by bundles
         _, pos = _varint(footer, pos)
         ioff, pos = _varint(footer, pos)
@@ -273,11 +311,11 @@ def _check_bundle(root_fd: int, prefix: str, shards: list[str]) -> None:
     want = [f"{base}.data-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
     missing = [w for w in want if w not in shards]
     if missing:
-        raise _Invalid(f"missing {', '.join(missing)} (the index names {num_shards} shard(s))")
+        raise Invalid(f"missing {', '.join(missing)} (the index names {num_shards} shard(s))")
     by_shard: dict[int, list[_Tensor]] = {}
     for t in tensors:
         if t.shard >= num_shards:
-            raise _Invalid(f"tf-index: {t.name} is in shard {t.shard} of {num_shards}")
+            raise Invalid(f"tf-index: {t.name} is in shard {t.shard} of {num_shards}")
         by_shard.setdefault(t.shard, []).append(t)
     d = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
     for shard in range(num_shards):
@@ -290,25 +328,25 @@ def _check_shard(fd: int, size: int, shard: int, tensors: list[_Tensor]) -> None
     if short:
         t = short[0]
         more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
-        raise _Invalid(f"tf-data: {t.name} needs bytes [{t.offset},{t.offset + t.size}) of shard {shard}, "
+        raise Invalid(f"tf-data: {t.name} needs bytes [{t.offset},{t.offset + t.size}) of shard {shard}, "
                        f"shard has {size}{more}")
     end = max((t.offset + t.size for t in tensors), default=0)
     raw = [t for t in tensors if t.crc is not None and t.size and t.dtype not in (_DT_STRING, _DT_VARIANT)]
     try:
         crcs = checksum_ranges(fd, [(t.offset, t.size) for t in raw], _crc32c_update)
     except ValueError as e:
-        raise _Invalid(f"tf-index: tensors overlap in shard {shard} ({e})") from None
+        raise Invalid(f"tf-index: tensors overlap in shard {shard} ({e})") from None
     except ShortRead:
-        raise _Invalid(f"tf-data: shard {shard} shrank while being checked") from None
+        raise Invalid(f"tf-data: shard {shard} shrank while being checked") from None
     for t, crc in zip(raw, crcs):
         if _mask(crc) != t.crc:
-            raise _Invalid(f"tf-data: CRC32C mismatch for {t.name}")
+            raise Invalid(f"tf-data: CRC32C mismatch for {t.name}")
     for t in tensors:
         # variants and slices carry nothing to compare: their bounds were checked above
         if t.crc is not None and t.size and t.dtype == _DT_STRING and _mask(_string_crc(fd, t)) != t.crc:
-            raise _Invalid(f"tf-data: CRC32C mismatch for {t.name}")
+            raise Invalid(f"tf-data: CRC32C mismatch for {t.name}")
     if end != size:
-        raise _Invalid(f"tf-data: shard {shard} has {size - end} trailing bytes beyond the last tensor")
+        raise Invalid(f"tf-data: shard {shard} has {size - end} trailing bytes beyond the last tensor")
 
 
 def _crc32c_update(data: memoryview, crc: int) -> int:
@@ -319,7 +357,7 @@ def _range_crc(fd: int, off: int, n: int, crc: int) -> int:
     while n:
         b = os.pread(fd, min(n, _CHUNK), off)
         if not b:
-            raise _Invalid("tf-data: short read (file changed while checking?)")
+            raise Invalid("tf-data: short read (file changed while checking?)")
         crc = _crc32c()(b, crc)
         off += len(b)
         n -= len(b)
@@ -336,8 +374,8 @@ def _string_crc(fd: int, t: _Tensor) -> int:
         length, pos = _varint(head, pos)
         crc = _crc32c()(struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length), crc)
     if pos + 4 > t.size:
-        raise _Invalid(f"tf-data: string tensor {t.name} is shorter than its lengths")
+        raise Invalid(f"tf-data: string tensor {t.name} is shorter than its lengths")
     (lcrc,) = struct.unpack_from("<I", head, pos)
     if _mask(crc) != lcrc:
-        raise _Invalid(f"tf-data: length checksum mismatch for {t.name}")
+        raise Invalid(f"tf-data: length checksum mismatch for {t.name}")
     return _range_crc(fd, t.offset + pos, t.size - pos, crc)

@@ -16,16 +16,29 @@ import os
 import re
 import zipfile
 
-from ..validate import Verdict, _Invalid, check_torch_fd
-from .entry import FILE, Group, Listing, Opened, join, read_small
-from .hdf5 import check_hdf5, check_hdf5_fd
+from .common import Invalid, Verdict
+from .group import FILE, Group, Listing, Looking, Opened, join, read_small
+from .readers.hdf5 import check_hdf5, check_hdf5_fd
+from .readers.zip import check_torch_fd
 
 WEIGHTS, MODEL = ".weights.h5", ".keras"
 BACKUP_WEIGHTS, BACKUP_META = "latest.weights.h5", "training_metadata.json"
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
-def recognise(d: str, listing: Listing) -> list[Group]:
+NAME = "keras"
+KIND = "group"
+COMMIT_MARKER = BACKUP_META              # of BackupAndRestore's backup
+STEM_SUFFIXES = (WEIGHTS, MODEL)
+
+
+def alias_rank(name: str) -> int:
+    """The backup names the weights file of its step before the .keras one."""
+    return 0 if name.endswith(WEIGHTS) else 1
+
+
+def recognise(where: Looking) -> list[Group]:
+    d, listing = where.dir, where.listing
     groups = []
     backup = listing.get(BACKUP_META) == FILE or listing.get(BACKUP_WEIGHTS) == FILE
     if backup:
@@ -48,7 +61,7 @@ def step_from_name(rel: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check(root_fd: int, g: Group) -> Verdict:
+def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
     if g.alias == "backup":
         return _check_backup(root_fd, g)
     step = step_from_name(g.name)
@@ -59,7 +72,7 @@ def check(root_fd: int, g: Group) -> Verdict:
                 _check_keras_zip(fd, st.st_size)
             else:
                 check_hdf5_fd(fd, st.st_size)
-    except _Invalid as e:
+    except Invalid as e:
         return Verdict("keras", False, str(e), step)
     return Verdict("keras", True, None, step)
 
@@ -70,11 +83,11 @@ def _check_keras_zip(fd: int, size: int) -> None:
         names = set(zf.namelist())
         for member in ("metadata.json", "config.json"):
             if member not in names:
-                raise _Invalid(f"keras: missing {member} in the archive")
+                raise Invalid(f"keras: missing {member} in the archive")
             try:
                 json.loads(zf.read(member))
             except (ValueError, UnicodeDecodeError) as e:
-                raise _Invalid(f"keras: {member} is not valid JSON ({e})") from None
+                raise Invalid(f"keras: {member} is not valid JSON ({e})") from None
         if "model.weights.h5" in names:
             info = zf.getinfo("model.weights.h5")
             if info.compress_type == zipfile.ZIP_STORED:
@@ -100,13 +113,13 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
     meta = join(d, BACKUP_META)
     try:
         if meta not in g.members:
-            raise _Invalid("missing (commit marker: BackupAndRestore writes it after the weights)")
+            raise Invalid("missing (commit marker: BackupAndRestore writes it after the weights)")
         m = json.loads(read_small(root_fd, meta) or b"null")
         if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
             problems.append(f"{BACKUP_META}: no integer epoch")
         else:
             step = epoch = m["epoch"]
-    except _Invalid as e:
+    except Invalid as e:
         problems.append(f"{BACKUP_META}: {e}")
     except (ValueError, UnicodeDecodeError) as e:
         problems.append(f"{BACKUP_META}: not valid JSON ({e})")
@@ -117,7 +130,7 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
         try:
             with Opened(root_fd, weights) as (fd, st):
                 check_hdf5_fd(fd, st.st_size)
-        except _Invalid as e:
+        except Invalid as e:
             problems.append(f"{BACKUP_WEIGHTS}: {e}")
     if problems:
         return Verdict("keras", False, "; ".join(problems), step, epoch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..validate import _Invalid
+from ..common import Invalid
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -80,25 +80,25 @@ def _find_superblock(read, size: int) -> int:
         if read(8, off) == SIGNATURE:
             return off
         off = 512 if off == 0 else off * 2
-    raise _Invalid("hdf5: no HDF5 superblock signature")
+    raise Invalid("hdf5: no HDF5 superblock signature")
 
 
 def check_hdf5(read, size: int) -> None:
-    """Raise _Invalid unless the HDF5 file of `size` bytes was closed cleanly.
+    """Raise Invalid unless the HDF5 file of `size` bytes was closed cleanly.
 
     read(n, off) -> bytes reads from the file (or from a zip member).
     """
     if size == 0:
-        raise _Invalid("empty file (0 bytes)")
+        raise Invalid("empty file (0 bytes)")
     sb = _find_superblock(read, size)
     head = read(min(128, size - sb), sb)
     if len(head) < 12:
-        raise _Invalid("hdf5: superblock cut short (file truncated)")
+        raise Invalid("hdf5: superblock cut short (file truncated)")
     version = head[8]
     problems = []
     if version in (0, 1):
         if len(head) < 24:
-            raise _Invalid("hdf5: superblock cut short (file truncated)")
+            raise Invalid("hdf5: superblock cut short (file truncated)")
         osz = head[13]
         (flags,) = struct.unpack_from("<I", head, 20)
         at = 24 if version == 0 else 28
@@ -109,11 +109,11 @@ def check_hdf5(read, size: int) -> None:
         at = 12
         need = 12 + 4 * osz + 4
     else:
-        raise _Invalid(f"hdf5: unknown superblock version {version}")
+        raise Invalid(f"hdf5: unknown superblock version {version}")
     if osz not in (2, 4, 8):
-        raise _Invalid(f"hdf5: bad size of offsets {osz}")
+        raise Invalid(f"hdf5: bad size of offsets {osz}")
     if len(head) < need:
-        raise _Invalid("hdf5: superblock cut short (file truncated)")
+        raise Invalid("hdf5: superblock cut short (file truncated)")
 
     def addr(k: int) -> int:
         return int.from_bytes(head[at + k * osz: at + (k + 1) * osz], "little")
@@ -130,7 +130,7 @@ def check_hdf5(read, size: int) -> None:
         why = "file truncated" if eof > size - base else "superblock stale: writer never closed the file"
         problems.append(f"hdf5: superblock end-of-file address {eof} != actual size {size} ({why})")
     if problems:
-        raise _Invalid("; ".join(problems))
+        raise Invalid("; ".join(problems))
 
 
 def check_hdf5_fd(fd: int, size: int) -> None:

@@ -20,10 +20,11 @@ import math
 import re
 import struct
 from dataclasses import replace
+from typing import Any
 
-from ..validate import Verdict, _Invalid
-from .entry import FILE, Group, Listing, Opened, join, read_small
-from .pickle_stream import SmallArg, check_pickle_fd
+from .common import Invalid, Verdict
+from .group import FILE, Group, Listing, Looking, Opened, join, read_small
+from .readers.pickle_stream import SmallArg, check_pickle_fd
 
 SUFFIXES = (".pdparams", ".pdopt", ".states", ".pdstates")
 MARKERS = (".states", ".pdstates")
@@ -42,7 +43,13 @@ def _split(name: str) -> tuple[str, str] | None:
     return None
 
 
-def recognise(d: str, listing: Listing) -> list[Group]:
+NAME = "paddle"
+KIND = "group"
+COMMIT_MARKER = ".states"
+
+
+def recognise(where: Looking) -> list[Group]:
+    d, listing = where.dir, where.listing
     prefixes: dict[str, set[str]] = {}
     for name, kind in listing.items():
         if kind != FILE or name.startswith("."):
@@ -81,7 +88,8 @@ def _load_plain(data: bytes) -> object:
     return _NoGlobals(io.BytesIO(data)).load()
 
 
-def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
+def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
+    need_marker = marker_required(g.dir, listing)
     prefix = g.name
     base = prefix.rsplit("/", 1)[-1]
     m = _NUMBER.search(base)
@@ -105,7 +113,7 @@ def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
                 check_pickle_fd(fd, st.st_size, acc.feed if acc else None)
             if acc is not None and acc.value is not None:
                 opt_step = (acc.step_at(0.9), acc.value)
-        except _Invalid as e:
+        except Invalid as e:
             problems.append(f"{base}{suffix}: {e}")
     states_step = None
     if ".states" in have or ".pdstates" in have:
@@ -132,7 +140,7 @@ def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
                     v = st_obj.get(k)
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         metrics[k] = v
-        except _Invalid as e:
+        except Invalid as e:
             problems.append(f"{base}{suffix}: {e}")
     elif need_marker and not (base == "model" and g.dir.endswith("best_model")):
         problems.append(f"missing {base}.states (commit marker: written last)")
@@ -144,6 +152,17 @@ def check(root_fd: int, g: Group, need_marker: bool) -> Verdict:
     if problems:
         return Verdict("paddle", False, "; ".join(problems), step, epoch, metrics=metrics)
     return Verdict("paddle", True, None, step, epoch, metrics=metrics)
+
+
+def cache_key(g: Group, listing: Listing) -> str:
+    """A group's verdict depends on whether its dir's saves write markers at all."""
+    return str(marker_required(g.dir, listing))
+
+
+def finish(tree: Any, groups: list[Group], verdicts: dict[str, Verdict]) -> None:
+    """Steps for marker-less groups from their neighbours', dir by dir."""
+    for d in {g.dir for g in groups}:
+        verdicts.update(harmonise({g.name: verdicts[g.name] for g in groups if g.dir == d}))
 
 
 def harmonise(verdicts: dict[str, Verdict]) -> dict[str, Verdict]:

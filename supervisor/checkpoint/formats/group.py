@@ -15,11 +15,12 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
 
-from ..validate import _NOFOLLOW_DIR, _Invalid, _open_regular
+from .common import NOFOLLOW_DIR, Invalid, open_regular
 
 # kinds in a listing
 FILE, DIR, LINK = "f", "d", "l"
@@ -39,6 +40,16 @@ class Group:
     @property
     def dir(self) -> str:
         return self.name.rsplit("/", 1)[0] if "/" in self.name else ""
+
+
+@dataclass(frozen=True)
+class Looking:
+    """What a group format is shown of one dir it may find checkpoints in."""
+    dir: str                                   # relative to the checkpoint dir ("" = the dir itself)
+    listing: Listing
+    explicit: bool                             # the job named this format (not `auto`)
+    lightning_dir: bool                        # a Lightning `.../checkpoints` dir
+    readlink: Callable[[str], str | None]      # a symlink's target, read beneath the root
 
 
 # A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
@@ -79,7 +90,7 @@ def open_dir_under(root_fd: int, rel: str) -> int:
     opened: list[int] = []
     try:
         for comp in [c for c in rel.split("/") if c]:
-            fd = os.open(comp, _NOFOLLOW_DIR, dir_fd=fd)
+            fd = os.open(comp, NOFOLLOW_DIR, dir_fd=fd)
             opened.append(fd)
     except BaseException:
         for o in opened:
@@ -149,14 +160,14 @@ def _dir_bytes(root_fd: int, rel: str) -> int:
 
 
 class Opened:
-    """`with Opened(root_fd, rel) as (fd, st):` a regular file below root, or _Invalid."""
+    """`with Opened(root_fd, rel) as (fd, st):` a regular file below root, or Invalid."""
 
     def __init__(self, root_fd: int, rel: str) -> None:
         self.root_fd, self.rel = root_fd, rel
         self.fd = -1
 
     def __enter__(self) -> tuple[int, os.stat_result]:
-        self.fd, st = _open_regular(self.root_fd, self.rel)
+        self.fd, st = open_regular(self.root_fd, self.rel)
         return self.fd, st
 
     def __exit__(self, *exc) -> None:
@@ -165,11 +176,11 @@ class Opened:
 
 
 def read_small(root_fd: int, rel: str, limit: int = 1 << 20) -> bytes:
-    """The bytes of a small file (JSON metadata, a state file); _Invalid if larger than limit."""
+    """The bytes of a small file (JSON metadata, a state file); Invalid if larger than limit."""
     with Opened(root_fd, rel) as (fd, st):
         if st.st_size > limit:
-            raise _Invalid(f"{rel}: {st.st_size} bytes, more than the {limit} expected")
+            raise Invalid(f"{rel}: {st.st_size} bytes, more than the {limit} expected")
         data = os.pread(fd, st.st_size, 0)
         if len(data) != st.st_size:
-            raise _Invalid(f"{rel}: short read (file changed while checking?)")
+            raise Invalid(f"{rel}: short read (file changed while checking?)")
         return data

@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from typing import Any
 
-from ..validate import Verdict, _Invalid, check_torch_fd
-from .entry import FILE, LINK, Group, Listing, Opened, join
+from .common import Invalid, Verdict
+from .group import FILE, LINK, Group, Listing, Looking, Opened, join
+from .readers.zip import check_torch_fd
 
 LOGS_DIR = "lightning_logs"
 _VERSION_RE = re.compile(r"^version_(\d+)$")
@@ -35,6 +37,20 @@ _MAX_DATA_PKL = 64 << 20
 # is a negative value (`val_loss=-0.12`), not a separator.
 _FIELD_RE = re.compile(r"(?:^|-)([A-Za-z_][\w.]*?)=(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=-|$)")
 _CLASH_RE = re.compile(r"-v\d+$")
+
+
+NAME = "lightning"
+KIND = "group"
+STEM_SUFFIXES = (".ckpt",)
+AUTO_CLAIMS_ALL = True              # every .ckpt it recognises is a save (it checks names itself)
+
+
+def skips_dir(name: str) -> bool:
+    return name == LOGS_DIR             # its checkpoints dirs come from extra_dirs
+
+
+def extra_dirs(listing_of: Any, root: Listing) -> list[str]:
+    return checkpoint_dirs(listing_of, root)
 
 
 def checkpoint_dirs(listing_of, root: Listing) -> list[str]:
@@ -55,7 +71,9 @@ def is_lightning_name(name: str) -> bool:
     return bool(_LAST_RE.match(name) or _NAMED_RE.search(name))
 
 
-def recognise(d: str, listing: Listing, every_ckpt: bool, readlink) -> list[Group]:
+def recognise(where: Looking) -> list[Group]:
+    d, listing, readlink = where.dir, where.listing, where.readlink
+    every_ckpt = where.explicit or where.lightning_dir
     groups = []
     for name, kind in sorted(listing.items()):
         if name.startswith(".") or not name.endswith(".ckpt"):
@@ -109,7 +127,7 @@ def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
         with Opened(root_fd, g.name) as (fd, st):
             check_torch_fd(fd, st.st_size)
             found = _global_step(fd) if step is None or g.alias else None
-    except _Invalid as e:
+    except Invalid as e:
         return Verdict("lightning", False, str(e), step)
     if found is not None:
         step = found

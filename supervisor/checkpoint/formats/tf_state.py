@@ -1,63 +1,20 @@
-"""What rotation must respect so each framework's own bookkeeping keeps working.
-
-- HF Trainer's best checkpoint (`best_model_checkpoint` in the newest trainer_state.json,
-  `load_best_model_at_end`): deleting it makes Trainer silently return the last model. Its
-  step is protected like a pinned one.
-- A multi-file checkpoint is deleted member by member, commit marker first (Paddle's
-  `.states`, TF's `.index`): a deletion cut short leaves an entry that reads as invalid,
-  never one that looks complete with files missing.
-- TF's `checkpoint` state file must never list a deleted checkpoint
-  (`manager.latest_checkpoint`, `tf.train.latest_checkpoint` read it): it is rewritten
-  first, the way TF writes it (temp file, fsync, rename, fsync dir).
-"""
+"""TF's `checkpoint` state file, kept true while rotation deletes: it must never list a
+deleted checkpoint (`manager.latest_checkpoint`, `tf.train.latest_checkpoint` read it), so
+it is rewritten before the checkpoint's files go, the way TF writes it (temp file, fsync,
+rename, fsync dir), and re-read afterwards in case TF committed a save meanwhile."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
-import stat
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from .. import trash
-from ..validate import HF_DIR_RE
-from .tf import STATE_FILE
-
+STATE_FILE = "checkpoint"        # TF's state file: which prefixes are committed, newest last
 _MAX_STATE = 16 << 20
 _RENAME_EXCHANGE = 2
 _MAX_ROUNDS = 20      # TF saving faster than a rewrite every round: its next save lists what it has
-
-
-def hf_best_steps(infos: Sequence[Any]) -> set[int]:
-    """Steps of the checkpoint HF's newest trainer_state.json names as best (read-only)."""
-    newest = next((i for i in reversed(infos) if i.format == "hf" and i.valid), None)
-    if newest is None:
-        return set()
-    try:
-        fd = os.open(Path(newest.path) / "trainer_state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return set()
-    try:
-        state = json.loads(os.read(fd, _MAX_STATE))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return set()
-    finally:
-        os.close(fd)
-    best = state.get("best_model_checkpoint") if isinstance(state, dict) else None
-    m = HF_DIR_RE.match(os.path.basename(str(best).rstrip("/"))) if isinstance(best, str) else None
-    return {int(m.group(1))} if m else set()
-
-
-def deletion_units(info: Any, ckpt_dir: Path) -> list[str]:
-    """Paths relative to the checkpoint dir to delete, in order, for one entry."""
-    members = getattr(info, "members", ())
-    if members:
-        return list(members)
-    p = Path(info.path)
-    return [p.relative_to(ckpt_dir).as_posix() if p.is_relative_to(ckpt_dir) else info.name]
 
 
 def _state_lines(text: str) -> list[tuple[str, str]]:
@@ -190,29 +147,3 @@ def forget_in_tf_state(dir_fd: int, removed: Iterable[str]) -> bool:
             pass
     os.fsync(dir_fd)
     return changed
-
-
-def before_delete(ckpt_dir: Path, info: Any) -> None:
-    """Framework bookkeeping to update before an entry's files go (TF's state file)."""
-    if getattr(info, "format", None) != "tf":
-        return
-    rel = Path(info.name)
-    d = (Path(ckpt_dir) / rel.parent) if str(rel.parent) != "." else Path(ckpt_dir)
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        forget_in_tf_state(dfd, [rel.name])
-    finally:
-        os.close(dfd)
-
-
-def delete_unit(ckpt_dir: Path, rel: str) -> None:
-    """Delete one member through the trash. A member in a framework's nested layout
-    (lightning_logs/version_N/checkpoints/, best_model/, a Keras subdir) is deleted with its
-    own dir as the root, reached without a symlink in any component."""
-    parent, _, base = rel.rpartition("/")
-    d = Path(ckpt_dir)
-    for comp in parent.split("/") if parent else ():
-        d = d / comp
-        if not stat.S_ISDIR(os.lstat(d).st_mode):
-            raise trash.DeleteError(errno.ELOOP, f"{d}: not a real directory (never followed)")
-    trash.delete_entry(d, base)

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ..validate import _Invalid
+from ..common import Invalid
 
 _WINDOW = 1 << 20
 _MAX_LINE = 1 << 16
@@ -59,7 +59,7 @@ class _Window:
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > self.size:
-            raise _Invalid(f"pickle: opcode stream broken (truncated at byte {self.pos}: {what} needs "
+            raise Invalid(f"pickle: opcode stream broken (truncated at byte {self.pos}: {what} needs "
                            f"{n} bytes, {self.size - self.pos} remain)")
         lo = self.pos - self.buf_at
         if lo < 0 or lo + n > len(self.buf):
@@ -67,13 +67,13 @@ class _Window:
             self.buf_at = self.pos
             lo = 0
             if len(self.buf) < n:
-                raise _Invalid(f"pickle: short read at byte {self.pos} (file changed while checking?)")
+                raise Invalid(f"pickle: short read at byte {self.pos} (file changed while checking?)")
         self.pos += n
         return self.buf[lo:lo + n]
 
     def skip(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise _Invalid(f"pickle: opcode stream broken (truncated at byte {self.pos}: {what} needs "
+            raise Invalid(f"pickle: opcode stream broken (truncated at byte {self.pos}: {what} needs "
                            f"{n} bytes, {self.size - self.pos} remain)")
         self.pos += n
 
@@ -83,7 +83,7 @@ class _Window:
             lo = self.pos - self.buf_at
             if lo < 0 or lo >= len(self.buf):
                 if self.pos >= self.size:
-                    raise _Invalid(f"pickle: opcode stream broken (truncated at byte {start}: {what} "
+                    raise Invalid(f"pickle: opcode stream broken (truncated at byte {start}: {what} "
                                    f"has no newline)")
                 self.buf = os.pread(self.fd, _WINDOW, self.pos)
                 self.buf_at = self.pos
@@ -92,18 +92,18 @@ class _Window:
             if nl >= 0:
                 self.pos = self.buf_at + nl + 1
                 if self.pos - start > _MAX_LINE:
-                    raise _Invalid(f"pickle: {what} line at byte {start} longer than {_MAX_LINE} bytes")
+                    raise Invalid(f"pickle: {what} line at byte {start} longer than {_MAX_LINE} bytes")
                 return b""  # text arguments are never needed: only their extent
             self.pos = self.buf_at + len(self.buf)
             if self.pos - start > _MAX_LINE:
-                raise _Invalid(f"pickle: {what} line at byte {start} longer than {_MAX_LINE} bytes")
+                raise Invalid(f"pickle: {what} line at byte {start} longer than {_MAX_LINE} bytes")
 
 
 def check_pickle_fd(fd: int, size: int,
                     small_args: Callable[[str, SmallArg], None] | None = None) -> None:
-    """Raise _Invalid unless fd holds exactly one complete pickle (STOP as the last byte)."""
+    """Raise Invalid unless fd holds exactly one complete pickle (STOP as the last byte)."""
     if size == 0:
-        raise _Invalid("empty file (0 bytes)")
+        raise Invalid("empty file (0 bytes)")
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except (AttributeError, OSError):
@@ -115,11 +115,11 @@ def check_pickle_fd(fd: int, size: int,
         code = w.take(1, "opcode")[0]
         op = ops.get(code)
         if op is None:
-            raise _Invalid(f"pickle: unknown opcode 0x{code:02x} at byte {at} (not a pickle, or corrupt)")
+            raise Invalid(f"pickle: unknown opcode 0x{code:02x} at byte {at} (not a pickle, or corrupt)")
         name = op.name
         if name == "STOP":
             if w.pos != size:
-                raise _Invalid(f"pickle: STOP at byte {at} but stream is {size} bytes (trailing data)")
+                raise Invalid(f"pickle: STOP at byte {at} but stream is {size} bytes (trailing data)")
             return
         arg = op.arg
         if arg is None:
@@ -132,7 +132,7 @@ def check_pickle_fd(fd: int, size: int,
             if name == "FRAME":
                 (flen,) = struct.unpack("<Q", raw)
                 if w.pos + flen > size:
-                    raise _Invalid(f"pickle: opcode stream broken (frame at byte {at} needs {flen} bytes, "
+                    raise Invalid(f"pickle: opcode stream broken (frame at byte {at} needs {flen} bytes, "
                                    f"{size - w.pos} remain)")
             elif small_args is not None:
                 fmt = _INTS.get(name)
@@ -147,7 +147,7 @@ def check_pickle_fd(fd: int, size: int,
             fmt, width = len_bytes[n]
             (length,) = struct.unpack(fmt, w.take(width, name))
             if length < 0:
-                raise _Invalid(f"pickle: negative length {length} for {name} at byte {at}")
+                raise Invalid(f"pickle: negative length {length} for {name} at byte {at}")
             if small_args is not None and length <= _SMALL:
                 payload = w.take(length, name)
                 if name in _STRINGS:
@@ -160,4 +160,4 @@ def check_pickle_fd(fd: int, size: int,
                 w.skip(length, name)
                 if small_args is not None:
                     small_args(name, None)
-    raise _Invalid("pickle: opcode stream broken (pickle exhausted before seeing STOP)")
+    raise Invalid("pickle: opcode stream broken (pickle exhausted before seeing STOP)")
