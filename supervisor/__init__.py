@@ -3,9 +3,9 @@
 The source folder is `supervisor/`; it is installed and imported as `trainsup` (see
 pyproject.toml), so it never shadows supervisord's own `supervisor` package.
 
-`trainsup.save_requested()`, `trainsup.atomic_save()` and `trainsup.should_stop()` (see
-trainsup.emergency) are loaded on first use: the daemon imports this package and must
-not pay for, or depend on, anything a training job uses.
+`trainsup.save_requested()`, `trainsup.atomic_save()`, `trainsup.saved()` and
+`trainsup.should_stop()` (see trainsup.emergency) are loaded on first use: the daemon
+imports this package and must not pay for, or depend on, anything a training job uses.
 """
 
 from typing import Any
@@ -17,6 +17,7 @@ _LAZY = {
     "atomic_save": "emergency",
     "atomic_write": "emergency",
     "should_stop": "emergency",
+    "saved": "emergency",
 }
 
 

@@ -15,7 +15,17 @@ ends the process with exit 0 (one save per preemption; the daemon sees the exit 
 sending SIGTERM). After SIGTERM it saves and exits 143 (128+SIGTERM), so a stop from
 outside the daemon is a restartable crash, never a "finished" run.
 
-Integrations call `take()` (the pending request, or None) and `served(request)`.
+A script that saves with anything else (TF's CheckpointManager, safetensors, its own
+torch.save) says "my save for this request is done" with `saved(path)`: the same ending.
+`should_stop()` is true from the moment a preemption or SIGTERM is taken.
+
+The acknowledgement tells the daemon only what will happen: "taken" promises an exit
+after the save only from code that makes one (the integrations: `take(exits=True)`);
+`save_requested()` cannot know what the script does next, so its "taken" promises
+nothing, and the daemon sends SIGTERM as soon as it has confirmed the save instead of
+waiting for an exit that may never come.
+
+Integrations call `take(exits=True)` (the pending request, or None) and `served(request)`.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import IO, Any, Union
 
 from . import contract
 
-__all__ = ["Request", "save_requested", "take", "served", "current", "should_stop", "install", "flags",
+__all__ = ["Request", "save_requested", "take", "served", "saved", "current", "should_stop", "install", "flags",
            "atomic_save", "atomic_write", "read_notice", "NOTICE_ENV", "fsync_dir", "fsync_files"]
 
 NOTICE_ENV = contract.NOTICE_FILE
@@ -91,14 +101,17 @@ def read_notice(path: PathLike | None = None) -> Request | None:
     return Request(kind, deadline, notice_id)
 
 
-def _ack(req: Request, path: Path | None = None, state: str = "saved") -> None:
+def _ack(req: Request, path: Path | None = None, state: str = "saved", *, exits: bool | None = None) -> None:
     """Tell the daemon which notice the job took ("taken") or saved for ("saved"), and
-    whether it exits after that save, so the daemon waits for the exit of a job that saved
-    for a preemption instead of sending SIGTERM (which would ask for a second save)."""
+    whether it exits after that save (default: whenever the request stops the job), so the
+    daemon waits for the exit of a job that saved for a preemption instead of sending
+    SIGTERM (which would ask for a second save). Promise an exit only where one is made:
+    the daemon waits for it for the rest of the grace."""
     notice = os.environ.get(NOTICE_ENV)
     if not notice or req.id is None:
         return
-    body = contract.ack_body(req.id, req.kind, state, req.stops, os.getpid(),
+    promise = req.stops if exits is None else exits and req.stops
+    body = contract.ack_body(req.id, req.kind, state, promise, os.getpid(),
                              str(Path(path).absolute()) if path is not None else None)
     try:
         _write_bytes_atomic(Path(notice + ACK_SUFFIX), json.dumps(body).encode(), sync=False)
@@ -122,7 +135,6 @@ class _Flags:
         self.prev: dict[int, Any] = {}
         self.current: Request | None = None   # the request being served
         self.stop: Request | None = None      # a stopping request that was saved
-        self.current_saved = False               # the current request has a save already
 
 
 _f = _Flags()
@@ -198,21 +210,28 @@ def uninstall() -> None:
 
 def save_requested() -> bool:
     """True once per request (save signal or SIGTERM) since the last call; the first call
-    installs the handlers. Nothing pending costs one global read."""
-    return _pending and _take_slow() is not None
+    installs the handlers. Nothing pending costs one global read. After the save, call
+    `saved(path)` (atomic_save does): after a preemption or SIGTERM that ends the process."""
+    return _pending and _take_slow(False) is not None
 
 
-def take() -> Request | None:
-    """The pending request (consumed), or None. Reads the notice only when signalled."""
-    return _take_slow() if _pending else None
+def take(*, exits: bool = False) -> Request | None:
+    """The pending request (consumed), or None. Reads the notice only when signalled.
+    exits=True: the caller ends the process right after the save a stopping request asks
+    for (the integrations do), and the acknowledgement says so."""
+    return _take_slow(exits) if _pending else None
 
 
-def _take_slow() -> Request | None:
+def _take_slow(exits: bool) -> Request | None:
     global _pending
     if not _f.installed:
         install()
     _pending = False
     req: Request | None = None
+    if _f.term and not _f.term_seen and _f.stop is not None:
+        # After a stop was saved for, SIGTERM is the daemon's "now exit" (or a second
+        # stop): one save per stop, not a second one of the same state.
+        _f.term_seen = True
     if _f.term and not _f.term_seen:
         _f.term_seen = True
         req = Request("terminate")
@@ -221,13 +240,11 @@ def _take_slow() -> Request | None:
         # The daemon writes the notice before it signals; a missing or unreadable one
         # means a plain "checkpoint" (an older daemon, or `kill -USR1` by hand).
         req = read_notice() or Request("checkpoint")
-        _ack(req, state="taken")
+        _ack(req, state="taken", exits=exits)
     if req is None:
         return None
     if _f.current is not None and _f.current.stops and not req.stops:
         req = _f.current              # a stop not yet saved is not downgraded
-    if req is not _f.current:
-        _f.current_saved = False
     _f.current = req
     return req
 
@@ -238,23 +255,24 @@ def current() -> Request | None:
 
 
 def should_stop() -> bool:
-    """A preemption or SIGTERM was served by a save: the loop should end now."""
+    """A preemption or SIGTERM was taken (by save_requested() or an integration): save if
+    that was not done yet, then end the loop."""
     cur = _f.current
-    return _f.stop is not None or (cur is not None and cur.stops and _f.current_saved)
+    return _f.stop is not None or (cur is not None and cur.stops)
 
 
 def served(req: Request | None = None, path: PathLike | None = None, *,
-           exit: bool = False) -> int | None:
+           exit: bool = False, exits: bool = True) -> int | None:
     """Record that `req` (default: the current request) was saved to `path`. Returns the
     exit code the job should end with (0 after a preempt, 143 after SIGTERM), None to go on;
-    with exit=True it exits with it."""
+    with exit=True it exits with it. exits=False: the caller does not end the process
+    itself right away (the acknowledgement promises no exit; the daemon sends SIGTERM)."""
     req = req or _f.current
     if req is None:
         return None
     if _f.current is req:
         _f.current = None
-        _f.current_saved = False
-    _ack(req, Path(path) if path is not None else None)
+    _ack(req, Path(path) if path is not None else None, exits=exit or exits)
     if not req.stops:
         return None
     _f.stop = req
@@ -264,6 +282,18 @@ def served(req: Request | None = None, path: PathLike | None = None, *,
         sys.stdout.flush()
         raise SystemExit(code)
     return code
+
+
+def saved(path: PathLike | None = None, *, exit: bool = True) -> int | None:
+    """My save for the request `save_requested()` returned is done, whatever wrote it (TF's
+    CheckpointManager, safetensors, a script's own torch.save): call it once the files are
+    complete. After a preemption notice the process ends with exit 0, after SIGTERM with
+    143 (one save per stop; the daemon sees the exit instead of sending SIGTERM). With
+    exit=False it returns that code instead (None for a plain checkpoint request) and the
+    script ends itself; should_stop() is true. A call with no request taken does nothing."""
+    if _f.current is None:
+        return None
+    return served(_f.current, path, exit=exit, exits=exit)
 
 
 def _reset_for_tests() -> None:
@@ -354,9 +384,7 @@ def atomic_save(obj: Any, path: PathLike, *, exit_after_stop: bool = True, **tor
     import torch  # only here: `import trainsup` must not import torch
 
     p = atomic_write_path(path, lambda tmp: torch.save(obj, str(tmp), **torch_save_kw))
-    if _f.current is not None:
-        if exit_after_stop:
-            served(_f.current, p, exit=True)
-        else:
-            _f.current_saved = True   # served by the caller's last save, or should_stop()
+    if _f.current is not None and exit_after_stop:
+        served(_f.current, p, exit=True)
+    # else: the caller's last save serves the request; should_stop() is already true
     return p

@@ -6,10 +6,12 @@
     trainer.train(resume_from_checkpoint=resume_checkpoint())
 
 The save signal sets `control.should_save` at the next step end: the Trainer writes its
-own `checkpoint-N/` (trainer_state.json last, the commit marker the daemon checks). A
-`preempt` notice or SIGTERM also sets `should_training_stop`; once that save is written
-the process exits (0 after a preempt notice, 143 after SIGTERM) from `on_train_end`, so
-code after `trainer.train()` never runs as if training had finished.
+own `checkpoint-N/` (trainer_state.json last, the commit marker the daemon checks). After
+a `preempt` notice or SIGTERM the process exits (0 after a preempt notice, 143 after
+SIGTERM) in `on_save`, right after that checkpoint is written: nothing of the Trainer's
+end of training runs (with `load_best_model_at_end` and `save_total_limit=1` that end
+deletes every checkpoint but the best, the one just saved included), and code after
+`trainer.train()` never runs as if training had finished.
 """
 
 from __future__ import annotations
@@ -70,14 +72,13 @@ class TrainsupCallback(TrainerCallback):
     def __init__(self, exit_after_stop: bool = True) -> None:
         self.exit_after_stop = exit_after_stop
         self._req: emergency.Request | None = None
-        self._exit: int | None = None
         emergency.install()   # the Trainer is built on the main thread: catch signals from now on
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         emergency.install()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        req = emergency.take()
+        req = emergency.take(exits=self.exit_after_stop)
         if req is None:
             return
         self._req = req
@@ -91,13 +92,14 @@ class TrainsupCallback(TrainerCallback):
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         _fsync_tree(path)   # the Trainer does not fsync: an emergency save must survive the VM going away
-        code = emergency.served(req, path)
-        if code is not None:
-            self._exit = code
-            control.should_training_stop = True
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self._exit is not None and self.exit_after_stop:
-            why = "preemption" if self._exit == 0 else "SIGTERM"
-            log(f"saved checkpoint-{state.global_step} for {why}; exiting {self._exit}")
-            raise SystemExit(self._exit)
+        code = emergency.served(req, path, exits=self.exit_after_stop)
+        if code is None:
+            return
+        control.should_training_stop = True
+        if self.exit_after_stop:
+            # Here, not in on_train_end: the Trainer's end of training (_load_best_model,
+            # then with save_total_limit=1 the deletion of every checkpoint but the best)
+            # would delete the checkpoint this stop asked for.
+            log(f"saved checkpoint-{state.global_step} for {'preemption' if code == 0 else 'SIGTERM'}; "
+                f"exiting {code}")
+            raise SystemExit(code)

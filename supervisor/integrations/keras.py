@@ -59,7 +59,7 @@ class TrainsupBackup(keras.callbacks.BackupAndRestore):
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self._batch_in_epoch = batch + 1
-        req = emergency.take()
+        req = emergency.take(exits=True)
         periodic = isinstance(self.save_freq, int) and self.save_freq > 0 and \
             int(self.model.optimizer.iterations) % self.save_freq == 0
         if req is None:

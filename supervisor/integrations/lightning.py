@@ -125,7 +125,7 @@ class TrainsupCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        req = emergency.take()
+        req = emergency.take(exits=True)
         if req is None:
             return
         path = self._save(trainer)
@@ -142,7 +142,7 @@ class TrainsupCallback(Callback):
         # SIGTERMException (exit 0). Save if it was not saved yet, and exit non-zero.
         if isinstance(exception, SIGTERMException):
             if not self._term_saved:
-                req = emergency.take() or emergency.Request("terminate")
+                req = emergency.take(exits=True) or emergency.Request("terminate")
                 try:
                     path = self._save(trainer)
                     emergency.served(req, path)

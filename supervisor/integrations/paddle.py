@@ -188,7 +188,7 @@ class TrainsupCallback(paddle.callbacks.Callback):
 
     def on_train_batch_end(self, step: int, logs: Any = None) -> None:
         self.global_step += 1
-        req = emergency.take()
+        req = emergency.take(exits=True)
         if req is None:
             return
         path = save_model(self.model, self.model._optimizer, self.save_dir, self.prefix,
