@@ -6,7 +6,9 @@ be picked and crash the job again and again. Once the writer is gone (the job ha
 process), such an entry is renamed into `<dir>/.trainsup-aside/` — renamed, never deleted:
 the bytes stay, `trainsup checkpoints` lists it with why, and the framework no longer sees
 it. Only entries proven broken qualify: never one that could not be read (`unknown`), never
-a save still in progress, never an alias the framework rewrites.
+a save still in progress, never an alias the framework rewrites — except one its format
+names (`broken_alias_aside`): Keras' BackupAndRestore loads its backup at every start
+and crashes on one its in-place write left broken, however old it is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import replace
 
+from . import formats
 from .dirhandle import DirHandle
 from .index import CheckpointInfo
 from .trash import ASIDE_DIR
@@ -29,10 +32,16 @@ def interrupted(infos: list[CheckpointInfo], pinned: Iterable[int] = ()) -> list
     pins = set(pinned)
     managed = [i for i in infos if i.managed and not i.in_progress]
     newest_valid = max((pos for pos, i in enumerate(managed) if i.valid), default=-1)
-    return [i for i in managed[newest_valid + 1:]
-            if not i.valid and not i.unknown and not i.alias and not i.alias_kind
-            and i.invalid_reason != "symlink" and i.format != "trainsup"
-            and (i.step is None or i.step not in pins)]
+    return [i for pos, i in enumerate(managed)
+            if not i.valid and not i.unknown and i.invalid_reason != "symlink" and i.format != "trainsup"
+            and (i.step is None or i.step not in pins)
+            and (pos > newest_valid and not i.alias and not i.alias_kind or _loaded_at_start(i))]
+
+
+def _loaded_at_start(i: CheckpointInfo) -> bool:
+    """A broken alias the framework loads by itself at every start (the format says)."""
+    fn = formats.hook(formats.FORMATS.get(i.format), "broken_alias_aside", None)
+    return bool(i.alias_kind and fn is not None and fn(i))
 
 
 def _units(info: CheckpointInfo) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import fdbudget
 from ..spec import CheckpointSpec
-from . import aside, inventory
+from . import aside, formats, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
 from .formats.common import Verdict, VerdictCache
@@ -141,6 +141,26 @@ class JobCheckpointDir:
             return Outcome(info, False, error=self.flag or "checkpoint dir not held", errno=errno.ESTALE)
         return delete_one(self.handle, info)
 
+    def tidy(self, infos: Iterable[CheckpointInfo]) -> list[str]:
+        """Each format's bookkeeping repaired in every dir that holds its entries (TF's
+        state file listing again what was deleted). Returns what was dropped (dir/name)."""
+        if self.handle is None or self.flag:
+            return []
+        out: list[str] = []
+        for fmt, d in sorted(tidy_dirs(infos)):
+            fn = formats.hook(formats.FORMATS.get(fmt), "tidy", None)
+            try:
+                dfd = self.handle.open_beneath(d) if d else os.dup(self.handle.fd)
+            except OSError:
+                continue        # gone, or a symlink now: nothing of ours to repair there
+            try:
+                out += [f"{d}/{n}" if d else n for n in fn(dfd)]
+            except OSError:
+                pass            # unreadable or read-only: the next pass tries again
+            finally:
+                os.close(dfd)
+        return out
+
     def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: VerdictCache | None
                           ) -> CheckpointInfo | None:
         if self.handle is None or self.flag:
@@ -206,6 +226,12 @@ class JobCheckpointDir:
         if self.flag:
             w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until it is re-resolved (edit the job file or restart the daemon)")
         return w
+
+
+def tidy_dirs(infos: Iterable[CheckpointInfo]) -> set[tuple[str, str]]:
+    """(format, dir) pairs whose format has a `tidy` hook (on the loop: no I/O)."""
+    return {(i.format, i.name.rpartition("/")[0]) for i in infos
+            if i.managed and not i.in_progress and formats.hook(formats.FORMATS.get(i.format), "tidy", None)}
 
 
 __all__ = ["JobCheckpointDir", "CheckpointDirError"]

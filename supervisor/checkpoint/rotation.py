@@ -90,7 +90,8 @@ def plan_rotation(
 ) -> RotationPlan:
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
-    pinned: steps (int) or paths/names of pinned checkpoints. live: names of entries a
+    pinned: steps (int), absolute paths (a framework's bookkeeping names entries by path:
+    formats.protected_steps) or names of pinned checkpoints. live: names of entries a
     writer may still be writing (liveness.py). preexisting: names there before the job's
     first launch that `pattern` does not claim (inventory.py). undeletable: name -> why
     (a failed deletion backing off, a mount inside). quota: bytes, None for none;
@@ -105,7 +106,8 @@ def plan_rotation(
         live = {i.name for i in infos if i.in_progress or not i.valid}
     undeletable = undeletable or {}
     pin_steps = {p for p in pinned if isinstance(p, int)}
-    pin_names = {Path(p).name for p in pinned if not isinstance(p, int)}
+    pin_paths = {p for p in pinned if isinstance(p, Path) and p.is_absolute()}
+    pin_names = {Path(p).name for p in pinned if not isinstance(p, int) and p not in pin_paths}
     resumed = Path(resumed_from) if resumed_from else None
 
     kept: dict[Path, str] = {}
@@ -147,7 +149,8 @@ def plan_rotation(
             keep(i, "undeletable")
         if resumed is not None and i.path == resumed:
             keep(i, "resumed-from")
-        if not i.in_progress and (i.name in pin_names or (i.step is not None and i.step in pin_steps)):
+        if not i.in_progress and (i.name in pin_names or i.path in pin_paths
+                                  or (i.step is not None and i.step in pin_steps)):
             keep(i, "pinned")
     if newest is None:
         # Nothing valid: whatever is here may be the only state the job can resume from.

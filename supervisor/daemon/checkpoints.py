@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from ..checkpoint import aside, formats, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
-from ..checkpoint.custody import JobCheckpointDir
+from ..checkpoint.custody import JobCheckpointDir, tidy_dirs
 from ..checkpoint.deleter import PassGate
 from ..checkpoint.validate import TooManyFiles
 from ..checkpoint.watch import CheckpointWatcher
@@ -372,8 +372,18 @@ class RotationCoordinator:
             if ck.spec is None or not ck.infos or ck.closed or ck.custody is None:
                 continue
             members[ck.name] = (ck, facts, record)
-            # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
-            pinned = set(facts.pinned) | formats.protected_steps(ck.infos)
+            if tidy_dirs(ck.infos):
+                # bookkeeping a framework broke again since the last pass (TF's state file
+                # listing deleted saves): repaired before anything is planned
+                dropped = await self.loop.run_in_executor(self.executor, ck.custody.tidy, list(ck.infos))
+                if dropped:
+                    log.info("job %s: dropped from the framework's bookkeeping (files gone): %s",
+                             ck.name, ", ".join(dropped))
+            # The frameworks' bookkeeping stays, as pinned: HF's best checkpoint (a small
+            # trainer_state.json read), Lightning's best k (data.pkl of the newest .ckpt),
+            # read on the pool
+            pinned = set(facts.pinned) | await self.loop.run_in_executor(
+                self.executor, formats.protected_steps, list(ck.infos))
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.

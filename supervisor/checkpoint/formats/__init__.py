@@ -14,8 +14,14 @@ Every format module has:
                 check(root_fd, group, listing) -> Verdict
 and, where they apply (hooks; absent means "nothing to do"):
   COMMIT_MARKER           the file written last (documentation, and the fixture test)
-  protected_steps(infos)  steps rotation must keep for the framework's own bookkeeping
+  protected_steps(infos)  what rotation must keep for the framework's own bookkeeping:
+                          steps (int), or entries by absolute path (Path) where the
+                          framework names files (Lightning's best k); blocking reads
+                          of small files: called off the daemon's loop
   before_delete(dir_fd, base)   bookkeeping to update before an entry's files go
+  tidy(dir_fd) -> [names] bookkeeping to repair at every rotation pass, in each dir that
+                          holds entries of the format (TF's state file re-listing what
+                          was deleted); off the loop
   group scan hooks:       skips_dir(name), extra_dirs(listing_of, root), STEM_SUFFIXES,
                           AUTO_CLAIMS_ALL, auto_claims(tree, g), cache_key(g, listing),
                           finish(tree, groups, verdicts), also_claims(g), alias_rank(name)
@@ -52,9 +58,10 @@ def hook(module: ModuleType | None, name: str, default: Any) -> Any:
     return getattr(module, name, default) if module is not None else default
 
 
-def protected_steps(infos: Sequence[Any]) -> set[int]:
-    """Steps every format's bookkeeping needs kept (HF's best checkpoint...)."""
-    out: set[int] = set()
+def protected_steps(infos: Sequence[Any]) -> set[Any]:
+    """Steps and entry paths every format's bookkeeping needs kept (HF's best checkpoint,
+    Lightning's best k...). Reads files: never on the daemon's loop."""
+    out: set[Any] = set()
     for m in FORMATS.values():
         fn = hook(m, "protected_steps", None)
         if fn is not None:

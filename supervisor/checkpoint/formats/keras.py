@@ -4,9 +4,20 @@
 whether the writer closed it (hdf5.py). `.keras` is a zip of metadata.json, config.json
 and model.weights.h5: zip checks (EOCD at the end, CRC-32 of every member), the JSON
 members parse, and the inner weights were closed cleanly. BackupAndRestore overwrites
-`latest.weights.h5` in place and then writes `training_metadata.json` ({"epoch": E}): the
-metadata is the commit marker; its epoch is the step of the backup (epochs completed,
-the same count as ModelCheckpoint's 1-based `epoch{epoch:02d}` names).
+`latest.weights.h5` in place and then writes `training_metadata.json` ({"epoch": E,
+"batch": B}): the metadata is the commit marker.
+
+Step of the backup: the metadata's `step` (optimizer iterations) where the writer records
+it (trainsup's TrainsupBackup does, and saves mid-epoch: an epoch count would not grow
+and such a save could never confirm a request), else its epoch (epochs completed, the
+count of ModelCheckpoint's 1-based `epoch{epoch:02d}` names). Beside a backup with a step,
+files named by epoch (`epoch03.keras`) get epoch x the steps per epoch the backup shows,
+so both count in one unit.
+
+Keras' own BackupAndRestore loads the backup unconditionally at the start of fit(): a
+backup its in-place write left broken crashes every relaunch. BROKEN_ALIAS_ASIDE lets
+aside.py move such a backup aside before the relaunch (never one with a `.bkp` copy:
+with double_checkpoint Keras falls back to that itself).
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import json
 import os
 import re
 import zipfile
+from dataclasses import replace
+from typing import Any
 
 from .common import Invalid, Verdict
 from .group import FILE, Group, Listing, Looking, Opened, join, read_small
@@ -24,12 +37,19 @@ from .readers.zip import check_torch_fd
 WEIGHTS, MODEL = ".weights.h5", ".keras"
 BACKUP_WEIGHTS, BACKUP_META = "latest.weights.h5", "training_metadata.json"
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
+_EPOCH_NAMED = re.compile(r"epoch[_=-]?(\d+)", re.IGNORECASE)
 
 
 NAME = "keras"
 KIND = "group"
 COMMIT_MARKER = BACKUP_META              # of BackupAndRestore's backup
 STEM_SUFFIXES = (WEIGHTS, MODEL)
+
+
+def broken_alias_aside(info: Any) -> bool:
+    """An invalid backup that Keras would load at the next fit() (no `.bkp` to fall back
+    to): move it aside before a relaunch, or every relaunch crashes on it."""
+    return info.alias_kind == "backup" and not any(m.endswith(".bkp") for m in info.members)
 
 
 def alias_rank(name: str) -> int:
@@ -119,6 +139,8 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
             problems.append(f"{BACKUP_META}: no integer epoch")
         else:
             step = epoch = m["epoch"]
+            if isinstance(m.get("step"), int) and not isinstance(m["step"], bool) and m["step"] >= 0:
+                step = m["step"]
     except Invalid as e:
         problems.append(f"{BACKUP_META}: {e}")
     except (ValueError, UnicodeDecodeError) as e:
@@ -135,3 +157,33 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
     if problems:
         return Verdict("keras", False, "; ".join(problems), step, epoch)
     return Verdict("keras", True, None, step, epoch)
+
+
+def finish(tree: Any, groups: list[Group], verdicts: dict[str, Verdict]) -> None:
+    """Files named by epoch get steps in the backup's unit (optimizer iterations) where a
+    backup of the same tree records both: epoch x steps per epoch."""
+    per_epoch = {k for g in groups if g.alias == "backup"
+                 if (k := _steps_per_epoch(tree, g, verdicts[g.name])) is not None}
+    if len(per_epoch) != 1:
+        return      # no backup with a step, or backups that disagree: names keep their numbers
+    k = per_epoch.pop()
+    for g in groups:
+        v = verdicts[g.name]
+        m = _EPOCH_NAMED.search(g.name.rsplit("/", 1)[-1])
+        if g.alias is None and m is not None and v.step is not None:
+            verdicts[g.name] = replace(v, step=int(m.group(1)) * k, epoch=int(m.group(1)))
+
+
+def _steps_per_epoch(tree: Any, g: Group, v: Verdict) -> int | None:
+    """(step - batch) / epoch of a valid backup whose metadata records a step."""
+    if not v.valid or not v.epoch or v.step is None or v.step == v.epoch:
+        return None
+    try:
+        m = json.loads(read_small(tree.root_fd, join(g.dir, BACKUP_META)))
+    except (Invalid, OSError, ValueError, UnicodeDecodeError):
+        return None
+    batch = m.get("batch", 0) if isinstance(m, dict) else None
+    if not isinstance(batch, int) or isinstance(batch, bool) or m.get("step") != v.step:
+        return None
+    done = v.step - batch
+    return done // v.epoch if done > 0 and done % v.epoch == 0 else None

@@ -14,6 +14,12 @@ Metrics for keep_best come from the name only (never unpickled): ModelCheckpoint
 `filename="{epoch}-{step}-{val_loss:.2f}"` writes `epoch=1-step=8-val_loss=0.31.ckpt`, so
 every `key=number` field but epoch/step is a metric (`val_loss=0.31`, `val/acc=0.9` is
 written `val_acc=0.9` or with the `/`-free name the user chose).
+
+Bookkeeping: every ModelCheckpoint keeps its best k files, `best_model_path` and
+`last_model_path` in its state, which every `.ckpt` carries (`callbacks` in data.pkl).
+Rotation keeps the files the newest `.ckpt` names there (`protected_steps`, by path):
+deleting them breaks `trainer.validate(ckpt_path="best")` and ModelCheckpoint's own
+rotation. Read from the opcode stream (readers/pickle_values.py), never unpickled.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .common import Invalid, Verdict
+from .common import NOFOLLOW_DIR, Invalid, Verdict
 from .group import FILE, LINK, Group, Listing, Looking, Opened, join
+from .readers.pickle_values import NotPlain, plain_values
 from .readers.zip import check_torch_fd
 
 LOGS_DIR = "lightning_logs"
@@ -33,6 +42,8 @@ _STEP_RE = re.compile(r"(?:^|-)step=(\d+)")
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 _NAMED_RE = re.compile(r"(^|-)(epoch|step)=\d+|^hpc_ckpt_\d+\.ckpt$")
 _MAX_DATA_PKL = 64 << 20
+_MAX_STATE_PKL = 16 << 20      # data.pkl walked for ModelCheckpoint's state (tensors live elsewhere)
+_TRACKED = ("best_model_path", "last_model_path", "kth_best_model_path")
 # `key=number`, bounded by `-`, the `-vN` clash suffix or the end; a leading `-` after `=`
 # is a negative value (`val_loss=-0.12`), not a separator.
 _FIELD_RE = re.compile(r"(?:^|-)([A-Za-z_][\w.]*?)=(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=-|$)")
@@ -134,13 +145,20 @@ def check(root_fd: int, g: Group, sibling_kinds: Listing) -> Verdict:
     return Verdict("lightning", True, None, step, metrics=metrics_from_name(base))
 
 
-def _global_step(fd: int) -> int | None:
-    """`global_step` from data.pkl: the int right after that key string at the top level."""
+def _data_pkl(fd: int, limit: int) -> bytes | None:
+    """The torch zip's data.pkl (the pickle without its tensors), or None past `limit`."""
     with zipfile.ZipFile(os.fdopen(fd, "rb", closefd=False)) as zf:
         pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-        if not pkl or pkl[0].file_size > _MAX_DATA_PKL:
+        if not pkl or pkl[0].file_size > limit:
             return None
-        data = zf.read(pkl[0])
+        return zf.read(pkl[0])
+
+
+def _global_step(fd: int) -> int | None:
+    """`global_step` from data.pkl: the int right after that key string at the top level."""
+    data = _data_pkl(fd, _MAX_DATA_PKL)
+    if data is None:
+        return None
     want = False
     try:
         import pickletools  # at the first Lightning file: not in every daemon
@@ -156,3 +174,70 @@ def _global_step(fd: int) -> int | None:
     except ValueError:
         return None
     return None
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+# (path, dev, ino, size, mtime_ns) of a .ckpt -> the paths its ModelCheckpoint state names:
+# a rotation pass re-reads data.pkl only when the newest .ckpt changed.
+_tracked_cache: dict[tuple, frozenset[str]] = {}
+_CACHE_MAX = 64
+
+
+def protected_steps(infos: Sequence[Any]) -> set[Any]:
+    """The entries (absolute paths) the newest valid `.ckpt`'s ModelCheckpoint state still
+    tracks: its best k, best_model_path, last_model_path. Read-only; nothing on any error."""
+    mine = [i for i in infos if i.format == NAME and i.valid and not getattr(i, "in_progress", False)
+            and getattr(i, "alias_kind", None) != "link" and getattr(i, "link_to", None) is None]
+    if not mine:
+        return set()
+    newest = max(mine, key=lambda i: (i.step if i.step is not None else -1, i.mtime))
+    tracked = _tracked_paths(newest)
+    if not tracked:
+        return set()
+    out: set[Any] = set()
+    for i in infos:
+        if i.format == NAME and (str(i.path) in tracked or any(t.endswith("/" + i.name) for t in tracked)):
+            out.add(Path(i.path))
+    return out
+
+
+def _tracked_paths(info: Any) -> frozenset[str]:
+    name = str(info.name)
+    path = str(info.path)
+    if not path.endswith(name):
+        return frozenset()
+    try:
+        root_fd = os.open(path[: len(path) - len(name)] or "/", NOFOLLOW_DIR)
+    except OSError:
+        return frozenset()
+    try:
+        with Opened(root_fd, name) as (fd, st):
+            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            hit = _tracked_cache.get(key)
+            if hit is not None:
+                return hit
+            data = _data_pkl(fd, _MAX_STATE_PKL)
+        found = model_checkpoint_paths(plain_values(data)) if data is not None else frozenset()
+    except (Invalid, OSError, NotPlain, zipfile.BadZipFile, ValueError, EOFError):
+        return frozenset()
+    finally:
+        os.close(root_fd)
+    if len(_tracked_cache) >= _CACHE_MAX:
+        _tracked_cache.pop(next(iter(_tracked_cache)))
+    _tracked_cache[key] = found
+    return found
+
+
+def model_checkpoint_paths(ckpt: Any) -> frozenset[str]:
+    """Every path the ModelCheckpoint states of one checkpoint's `callbacks` name."""
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
+    out: set[str] = set()
+    for key, state in (callbacks.items() if isinstance(callbacks, dict) else ()):
+        if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):
+            continue
+        best_k = state.get("best_k_models")
+        if isinstance(best_k, dict):
+            out.update(k for k in best_k if isinstance(k, str) and k)
+        out.update(v for k in _TRACKED if isinstance(v := state.get(k), str) and v)
+    return frozenset(out)

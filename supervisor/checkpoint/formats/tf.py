@@ -25,7 +25,7 @@ from typing import Any
 from ..range_reader import ShortRead, checksum_ranges
 from .common import Invalid, Verdict
 from .group import DIR, FILE, Group, Listing, Looking, Opened, join, read_small
-from .tf_state import STATE_FILE, forget_in_tf_state
+from .tf_state import STATE_FILE, forget_in_tf_state, forget_missing
 
 _DATA_RE = re.compile(r"^(.+)\.data-(\d{5})-of-(\d{5})$")
 _TEMP_RE = re.compile(r"^(.+)_temp$")
@@ -97,6 +97,12 @@ def finish(tree: Any, groups: list[Group], verdicts: dict[str, Verdict]) -> None
 def before_delete(dir_fd: int, base: str) -> None:
     """The state file must never list a deleted checkpoint: rewritten first."""
     forget_in_tf_state(dir_fd, [base])
+
+
+def tidy(dir_fd: int) -> list[str]:
+    """Every rotation pass: names CheckpointManager listed again after they were deleted
+    (it rewrites the state file from memory at each save) are dropped."""
+    return forget_missing(dir_fd)
 
 
 def recognise(where: Looking) -> list[Group]:

@@ -1,7 +1,11 @@
 """TF's `checkpoint` state file, kept true while rotation deletes: it must never list a
 deleted checkpoint (`manager.latest_checkpoint`, `tf.train.latest_checkpoint` read it), so
 it is rewritten before the checkpoint's files go, the way TF writes it (temp file, fsync,
-rename, fsync dir), and re-read afterwards in case TF committed a save meanwhile."""
+rename, fsync dir), and re-read afterwards in case TF committed a save meanwhile.
+
+CheckpointManager writes the file from the list it keeps in memory: its next save lists
+again what rotation deleted (with max_to_keep=None, forever). `forget_missing` drops the
+names whose files are gone; every rotation pass runs it."""
 
 from __future__ import annotations
 
@@ -147,3 +151,33 @@ def forget_in_tf_state(dir_fd: int, removed: Iterable[str]) -> bool:
             pass
     os.fsync(dir_fd)
     return changed
+
+
+def listed_names(text: str) -> list[str]:
+    """The checkpoint names the state file lists (latest and all), as written."""
+    out = []
+    for k, v in _state_lines(text):
+        if k in ("model_checkpoint_path", "all_model_checkpoint_paths"):
+            out.append(v.strip('"'))
+    return out
+
+
+def forget_missing(dir_fd: int) -> list[str]:
+    """Drop from `checkpoint` every name it lists whose `.index` is not in the dir (deleted,
+    then listed again by CheckpointManager's next save). Only names relative to the dir
+    (what CheckpointManager writes): an absolute path may name a checkpoint elsewhere.
+    Returns the names dropped."""
+    text = _read_state(dir_fd, STATE_FILE)
+    if text is None:
+        return []
+    gone = []
+    for name in dict.fromkeys(listed_names(text)):
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            continue
+        try:
+            os.stat(f"{name}.index", dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            gone.append(name)
+    if gone and forget_in_tf_state(dir_fd, gone):
+        return gone
+    return []
