@@ -155,11 +155,26 @@ def load_model(checkpoints: str | None, model: Any, optimizer: Any = None) -> di
     return best
 
 
+def _epochs_done(st: dict) -> int:
+    """Epochs a TrainsupCallback save had finished: its `epoch` is the one in progress,
+    finished only when the save came at its last batch."""
+    epoch, batch, steps = st.get("epoch"), st.get("batch"), st.get("epoch_steps")
+    if not isinstance(epoch, int) or epoch < 0:
+        return 0
+    return epoch + 1 if isinstance(batch, int) and isinstance(steps, int) and batch >= steps > 0 else epoch
+
+
 class TrainsupCallback(paddle.callbacks.Callback):
     """For paddle.Model.fit: restores the newest checkpoint at the start (Model.load), saves
     `<dir>/latest.*` at the next batch end after the save signal, and stops after a
     preemption's save (exit 0) or SIGTERM's (exit 143). `global_step` counts batches
-    across restarts (fit() itself always starts at epoch 0)."""
+    across restarts.
+
+    fit() itself always starts at its epoch 0 and runs `epochs` epochs: pass
+    `epochs=cb.epochs_left(total)` so a resumed run skips the finished epochs. The epoch
+    it saves and reports (`epoch`) is fit's epoch plus the finished ones. An epoch
+    interrupted by a save is run again from its first batch (as Keras' BackupAndRestore
+    does; the weights are those of the save), and its batches count again in global_step."""
 
     def __init__(self, save_dir: str | None = None, prefix: str = "latest") -> None:
         super().__init__()
@@ -171,28 +186,40 @@ class TrainsupCallback(paddle.callbacks.Callback):
         self.global_step = 0
         self.epoch = 0
         self.resumed_from: str | None = None
+        # Read before fit(): epochs_left() needs it before fit() counts its epochs.
+        self._src = resume_prefix(str(self.save_dir))
+        self._states = _read_states(Path(self._src)) if self._src else {}
+        self.epochs_done = _epochs_done(self._states)
+        self._batch_in_epoch = 0
         emergency.install()
+
+    def epochs_left(self, total: int) -> int:
+        """The epochs fit() still has to run of `total` (all of them on a first launch).
+        At least 1: fit() with epochs=0 skips on_train_begin, and the restore with it."""
+        return max(1, total - self.epochs_done)
 
     def on_train_begin(self, logs: Any = None) -> None:
         emergency.install()
-        src = resume_prefix(str(self.save_dir))
-        if src:
-            self.model.load(src)                       # paddle's own resume: params + optimizer
-            st = _read_states(Path(src))
-            self.global_step = int(st.get("global_step", 0))
-            self.epoch = int(st.get("epoch", 0))
-            self.resumed_from = src
+        if self._src:
+            self.model.load(self._src)                  # paddle's own resume: params + optimizer
+            self.global_step = int(self._states.get("global_step", 0))
+            self.epoch = self.epochs_done
+            self.resumed_from = self._src
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self.epoch = epoch
+        self.epoch = self.epochs_done + epoch          # fit's epoch counts from 0 every launch
+        self._batch_in_epoch = 0
 
     def on_train_batch_end(self, step: int, logs: Any = None) -> None:
         self.global_step += 1
+        self._batch_in_epoch = step + 1
         req = emergency.take(exits=True)
         if req is None:
             return
+        steps = self.params.get("steps") if isinstance(getattr(self, "params", None), dict) else None
         path = save_model(self.model, self.model._optimizer, self.save_dir, self.prefix,
-                          exit_after_stop=False, epoch=self.epoch, global_step=self.global_step)
+                          exit_after_stop=False, epoch=self.epoch, global_step=self.global_step,
+                          batch=self._batch_in_epoch, epoch_steps=steps)
         code = emergency.served(req, path)
         if code is not None:
             log(f"saved {path} for {'preemption' if code == 0 else 'SIGTERM'}; exiting {code}")

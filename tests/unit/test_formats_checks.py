@@ -106,10 +106,11 @@ def test_hdf5_v2_superblock_checksum_flags_and_eof(tmp_path):
         _check_h5(p)
 
 
-def _paddle_group(d: Path, prefix: str, opt_power: float, global_step: int) -> None:
+def _paddle_group(d: Path, prefix: str, opt_power: float, global_step: int, beta2_power: float = 0.5) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{prefix}.pdopt").write_bytes(pickle.dumps(
-        {"linear_0.w_0_moment1_0": b"\0" * 64, "linear_0.w_0_beta1_pow_acc_0": struct.pack("<f", opt_power)},
+        {"linear_0.w_0_moment1_0": b"\0" * 64, "linear_0.w_0_beta1_pow_acc_0": struct.pack("<f", opt_power),
+         "linear_0.w_0_beta2_pow_acc_0": struct.pack("<f", beta2_power)},
         protocol=4))
     (d / f"{prefix}.pdparams").write_bytes(pickle.dumps({"linear_0.w_0": b"\0" * 64}, protocol=4))
     (d / f"{prefix}.states").write_bytes(pickle.dumps(
@@ -169,3 +170,29 @@ def test_auto_claims_numbered_saves_and_aliases_never_exports(tmp_path):
     assert all(not i.managed for i in infos if i.format != "safetensors")   # listed, never deleted
     # named explicitly, the format claims every file of its kind at the top and one level down
     assert len([i for i in scan(tmp_path, "safetensors") if i.format == "safetensors"]) == 5
+
+
+def _f32_power(beta: float, steps: int) -> float:
+    """beta^(steps+1) the way Paddle's Adam accumulates it: float32, one multiply a step."""
+    import numpy as np
+
+    b = np.float32(beta)
+    p = b
+    for _ in range(steps):
+        p = np.float32(p * b)
+    return float(p)
+
+
+@pytest.mark.parametrize("step", [700, 5000, 40000])
+def test_paddle_mixed_group_is_invalid_after_beta1_power_underflows(tmp_path, step):
+    """Found with PaddleOCR killed inside its in-place save after ~650 Adam steps: beta1's
+    accumulator (0.9^(step+1)) is below 1e-30 there, the old check skipped, and a new .pdopt
+    next to the previous save's .states was valid. beta2's accumulator still tells."""
+    pytest.importorskip("numpy")
+    beta1 = _f32_power(0.9, step + 7)     # underflowed (or denormal) at any of these steps
+    _paddle_group(tmp_path / "mixed", "latest", beta1, step, beta2_power=_f32_power(0.999, step + 7))
+    (info,) = scan(tmp_path / "mixed")
+    assert not info.valid and f"latest.pdopt is from step {step + 7} (Adam beta2 power" in info.invalid_reason
+    _paddle_group(tmp_path / "same", "latest", beta1, step, beta2_power=_f32_power(0.999, step))
+    (info,) = scan(tmp_path / "same")
+    assert info.valid and info.step == step, info.invalid_reason

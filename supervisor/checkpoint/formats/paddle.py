@@ -5,8 +5,12 @@ marker), each with one write() of a pickle, in place: `latest` and `best_accurac
 overwritten every time, so a kill leaves the new `.pdopt` next to a 0-byte `.pdparams` and
 the *previous* `.states`, which looks committed. Two checks catch it without unpickling:
 every file must be one complete pickle (pickle_stream), and for Adam-family optimizers the
-step the `.pdopt` was taken at (its beta1 power accumulator holds beta1^(step+1)) must
-match the `.states` global_step. mtimes are not used: copies and checkouts reorder them.
+step the `.pdopt` was taken at must match the `.states` global_step: its power accumulators
+hold beta^(step+1) in float32. beta1's (0.9) underflows below 1e-30 after ~650 steps, so
+past that beta2's (0.999: informative up to ~69,000 steps, 0.9999: ~690,000) is read
+instead. Past both, or for an optimizer without them (SGD, Momentum), a mix of complete
+files from two saves is not detected: the README's format table says so. mtimes are not
+used: copies and checkouts reorder them.
 
 `.states` is read with an Unpickler that refuses every global (it is a dict of numbers).
 Step: `.states` global_step (PaddleOCR), else `.pdstates` epoch (PaddleClas), else the
@@ -34,6 +38,13 @@ _NUMBER = re.compile(r"(\d+)$")
 # power accumulator fits any of them at the .states step (so a non-default beta1 is never
 # called broken), and rejects one that fits none.
 _BETA1_SEEN = (0.9, 0.95, 0.99, 0.85, 0.8, 0.5)
+_BETA2_SEEN = (0.999, 0.9999, 0.99, 0.98, 0.995, 0.95)
+
+
+def _f32(x: float) -> float:
+    # Paddle multiplies the accumulator by the float32 beta: the step read back from it is
+    # exact only with that same beta (0.999 as a double drifts half a step by 50,000).
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
 
 
 def _split(name: str) -> tuple[str, str] | None:
@@ -102,7 +113,7 @@ def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
     have = {rel[len(prefix):] for rel in g.members}
     if ".pdparams" not in have:
         problems.append(f"missing {base}.pdparams")
-    opt_step: tuple[int, float] | None = None
+    pdopt: _AdamPower | None = None
     for suffix in (".pdparams", ".pdopt"):
         if suffix not in have:
             continue
@@ -111,8 +122,8 @@ def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
         try:
             with Opened(root_fd, rel) as (fd, st):
                 check_pickle_fd(fd, st.st_size, acc.feed if acc else None)
-            if acc is not None and acc.value is not None:
-                opt_step = (acc.step_at(0.9), acc.value)
+            if acc is not None:
+                pdopt = acc
         except Invalid as e:
             problems.append(f"{base}{suffix}: {e}")
     states_step = None
@@ -144,11 +155,11 @@ def check(root_fd: int, g: Group, listing: Listing) -> Verdict:
             problems.append(f"{base}{suffix}: {e}")
     elif need_marker and not (base == "model" and g.dir.endswith("best_model")):
         problems.append(f"missing {base}.states (commit marker: written last)")
-    if opt_step is not None and states_step is not None and not _fits(opt_step[1], states_step):
+    mismatch = pdopt.mismatch(states_step) if pdopt is not None and states_step is not None else None
+    if mismatch is not None:
         problems.append(
-            f"{base}.pdopt is from step {opt_step[0]} (Adam beta1 power {opt_step[1]:.6g}) but "
-            f"{base}.states says global_step {states_step}: files from different saves "
-            f"(interrupted in-place overwrite)")
+            f"{base}.pdopt is from {mismatch} but {base}.states says global_step {states_step}: "
+            f"files from different saves (interrupted in-place overwrite)")
     if problems:
         return Verdict("paddle", False, "; ".join(problems), step, epoch, metrics=metrics)
     return Verdict("paddle", True, None, step, epoch, metrics=metrics)
@@ -182,34 +193,66 @@ def harmonise(verdicts: dict[str, Verdict]) -> dict[str, Verdict]:
 
 
 def _fits(power: float, step: int) -> bool:
-    if not 1e-30 < power < 1.0:
-        return True  # underflowed, or not a power: nothing to compare
+    """beta1's accumulator fits some usual beta1 at `step` (the old check, kept for its
+    tolerance on any beta1: implied beta within 1e-5)."""
     implied = math.exp(math.log(power) / (step + 1))
     return any(abs(implied - b) <= 1e-5 * b for b in _BETA1_SEEN)
 
 
-class _AdamPower:
-    """Picks the first `*beta1_pow_acc*` tensor's 4-byte float32 value out of the stream.
+def _fits_beta2(power: float, step: int) -> bool:
+    """beta2's accumulator is beta2^(step+1) for some usual beta2, to the float32 rounding
+    that accumulates over the steps (measured: under 3e-5 x step)."""
+    for b in _BETA2_SEEN:
+        implied = math.log(power) / math.log(_f32(b)) - 1
+        if abs(implied - step) <= 0.5 + 1e-4 * step:
+            return True
+    return False
 
-    Paddle pickles it as: key string, then numpy's reconstruct/BUILD with the raw data as
+
+def _informative(v: float | None) -> bool:
+    return v is not None and 1e-30 < v < 1.0
+
+
+class _AdamPower:
+    """Picks the first `*beta1_pow_acc*` and `*beta2_pow_acc*` tensors' 4-byte float32
+    values out of the stream.
+
+    Paddle pickles each as: key string, then numpy's reconstruct/BUILD with the raw data as
     a 4-byte bytes argument. The first 4-byte bytes argument after the key is that value.
     """
 
     def __init__(self) -> None:
-        self.armed = False
-        self.value: float | None = None
+        self.armed: str | None = None
+        self.value: float | None = None     # beta1's
+        self.value2: float | None = None    # beta2's
 
     def feed(self, op: str, arg: SmallArg) -> None:
-        if self.value is not None:
+        if self.value is not None and self.value2 is not None:
             return
-        if isinstance(arg, str) and "beta1_pow_acc" in arg:
-            self.armed = True
+        if isinstance(arg, str) and "beta1_pow_acc" in arg and self.value is None:
+            self.armed = "1"
+        elif isinstance(arg, str) and "beta2_pow_acc" in arg and self.value2 is None:
+            self.armed = "2"
         elif self.armed and isinstance(arg, bytes) and len(arg) == 4:
-            self.value = struct.unpack("<f", arg)[0]
+            v = struct.unpack("<f", arg)[0]
+            if self.armed == "1":
+                self.value = v
+            else:
+                self.value2 = v
+            self.armed = None
 
-    def step_at(self, beta1: float) -> int:
-        v = self.value or 0.0
+    def step_at(self, beta: float, value: float | None) -> int:
+        v = value or 0.0
         if not 1e-30 < v < 1.0:
             return -1
-        return round(math.log(v) / math.log(beta1)) - 1
+        return round(math.log(v) / math.log(_f32(beta))) - 1
 
+    def mismatch(self, step: int) -> str | None:
+        """"step N (Adam betaK power P)" where the accumulators say this .pdopt was not taken
+        at `step`; None where they fit (or say nothing: underflowed, or not Adam)."""
+        v1, v2 = self.value, self.value2
+        if v1 is not None and _informative(v1):
+            return None if _fits(v1, step) else f"step {self.step_at(0.9, v1)} (Adam beta1 power {v1:.6g})"
+        if v2 is not None and _informative(v2):
+            return None if _fits_beta2(v2, step) else f"step {self.step_at(0.999, v2)} (Adam beta2 power {v2:.6g})"
+        return None

@@ -35,6 +35,9 @@ class PrintSteps(paddle.callbacks.Callback):
             self.said = True
             print(f"resuming from {self.ts.resumed_from} at step {self.ts.global_step}", flush=True)
 
+    def on_epoch_end(self, epoch, logs=None):
+        print(f"epoch {self.ts.epoch} done", flush=True)
+
     def on_train_batch_end(self, step, logs=None):
         # Runs before the trainsup callback, which counts this batch and may save and exit.
         print(f"step {self.ts.global_step + 1}", flush=True)
@@ -53,7 +56,8 @@ def main() -> int:
     model = paddle.Model(net)
     model.prepare(paddle.optimizer.Adam(learning_rate=1e-2, parameters=net.parameters()), paddle.nn.MSELoss())
     ts = TrainsupCallback()
-    model.fit(Data(), batch_size=16, epochs=args.epochs, verbose=0, shuffle=False,
+    # epochs_left: fit() counts from epoch 0 at every launch; a resumed run skips the finished ones
+    model.fit(Data(), batch_size=16, epochs=ts.epochs_left(args.epochs), verbose=0, shuffle=False,
               callbacks=[PrintSteps(ts, args.sleep_per_step), ts])
     print(f"finished step {ts.global_step}", flush=True)
     return 0
