@@ -7,7 +7,17 @@ import re
 import signal
 
 from conftest import wait_for
-from fw import bit_exact_after_preemptions, exits, job_log, need, resumed_lines, scenario, wait_steps, write_job
+from fw import (
+    SCRIPTS,
+    bit_exact_after_preemptions,
+    exits,
+    job_log,
+    need,
+    resumed_lines,
+    scenario,
+    wait_steps,
+    write_job,
+)
 
 need("lightning")
 
@@ -75,3 +85,35 @@ def test_under_slurm_lightning_keeps_the_requeue_signal_and_trainsup_handles_sig
             p.kill()
             p.wait()
     assert len(pl_ckpts(ckpt)) == 1 and list(pl_ckpts(ckpt))[0].name.startswith("trainsup-")
+
+
+def test_lightning_rotation_keeps_model_checkpoint_top_k_and_best_model_path(daemon, tmp_path):
+    """Found with keep_last tighter than ModelCheckpoint's save_top_k: trainsup's rotation
+    deleted the top-k files and best_model_path, so trainer.validate(ckpt_path="best") raised
+    FileNotFoundError at the end of every run and the job crash-looped into `failed`. Here
+    the best 3 are the first saves (monitor step, mode min) and keep_last is 2."""
+    script = tmp_path / "train_lightning.py"
+    text = (SCRIPTS / "train_lightning.py").read_text()
+    for old, new in (("save_top_k=-1", 'save_top_k=3, monitor="step", mode="min"'),
+                     ("    def configure_optimizers(self):",
+                      "    def validation_step(self, batch, batch_idx):\n"
+                      "        return self.training_step(batch, batch_idx)\n\n"
+                      "    def configure_optimizers(self):"),
+                     ("    trainer.fit(model, data, ckpt_path=resume)\n",
+                      "    trainer.fit(model, data, ckpt_path=resume)\n"
+                      '    trainer.validate(model, data, ckpt_path="best", verbose=False)\n'
+                      '    print(f"validated {trainer.checkpoint_callback.best_model_path}", flush=True)\n')):
+        assert old in text, old
+        text = text.replace(old, new)
+    script.write_text(text)
+    ckpt = write_job(daemon, "plbest", str(script), "--steps", "60", "--every", "3", "--sleep-per-step", "0.05")
+    job = daemon.jobs / "plbest.yaml"
+    job.write_text(job.read_text().replace("keep_last: 100", "keep_last: 2"))
+    daemon.start()
+    daemon.wait_state("plbest", "finished", "failed", timeout=240)
+    log = job_log(daemon, "plbest")
+    assert daemon.status("plbest")["state"] == "finished", log[-3000:]
+    assert [e["code"] for e in exits(daemon, "plbest")] == [0], log[-3000:]
+    best = sorted(ckpt.glob("*.ckpt"), key=lambda p: int(re.search(r"step=(\d+)", p.name).group(1)))
+    assert [p.name for p in best][:3] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt"], best
+    assert f"validated {ckpt / 'epoch=0-step=3.ckpt'}" in log, log[-2000:]
