@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fw import REPO, need, need_daemon_format, scenario, write_job
+from fw import REPO, SCRIPTS, exits, job_log, need, need_daemon_format, saves_logged, scenario, wait_steps, write_job
 from fw_formats import tf_ckpts, tf_listed
 
 need("tensorflow")
@@ -99,3 +99,36 @@ def test_trainsup_rewriting_the_state_file_never_drops_a_save_tf_commits_meanwhi
         verdicts = {i.name: (i.valid, i.invalid_reason) for i in scan(d, "auto")}
         assert verdicts["ckpt-4"] == (True, None), (out["swap"], verdicts)
         assert out["swap"] != "rename-exchange" or out["swaps"] and all(out["swaps"]), f"not swapped: {out}"
+
+
+def _preempt_timed(daemon, name: str) -> tuple[str, float]:
+    r = daemon.cli("preempt", name, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    daemon.wait_state(name, "preempted", timeout=60)
+    return r.stdout, float(re.search(r"stopped in ([\d.]+)s", r.stdout).group(1))
+
+
+def test_save_requested_with_its_own_save_function_exits_after_saved_not_after_the_grace(daemon, tmp_path):
+    """Found with scripts saving with anything but atomic_save (here TF's CheckpointManager):
+    save_requested() acknowledged every preempt notice as "taken, will exit", the daemon
+    waited the whole grace (120 s here) while training went on, SIGTERM asked for a second
+    save, and SIGKILL ended it. trainsup.saved(path) says "my save for this request is done"
+    (exit 0); a script that only ends its loop on should_stop() gets SIGTERM at once after
+    the confirmed save, which its loop already obeys: one save, exit 0, no grace idled."""
+    write_job(daemon, "tfsaved", "train_tf.py", "--every", "100000", "--sleep-per-step", "0.02")
+    script = tmp_path / "train_tf.py"
+    text = (SCRIPTS / "train_tf.py").read_text()
+    for old, new in (("            trainsup.saved(path)", "            pass"),
+                     ("    while int(step) < args.steps:", "    while int(step) < args.steps and not trainsup.should_stop():")):
+        assert old in text, old
+        text = text.replace(old, new)
+    script.write_text(text)
+    write_job(daemon, "tfstop", str(script), "--every", "100000", "--sleep-per-step", "0.02")
+    daemon.start()
+    for name in ("tfsaved", "tfstop"):
+        wait_steps(daemon, name, 5, timeout=240)
+        out, took = _preempt_timed(daemon, name)
+        assert "saved at step" in out, out
+        assert took < 60, f"{name}: the stop took {took}s (grace 120s): {out}"
+        assert exits(daemon, name)[-1]["code"] == 0, exits(daemon, name)
+        assert len(saves_logged(daemon, name)) == 1, job_log(daemon, name)[-2000:]

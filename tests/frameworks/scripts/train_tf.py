@@ -1,7 +1,8 @@
 """A typical small TF2 custom training loop: tf.train.Checkpoint + CheckpointManager (CPU).
 
 The trainsup lines: `trainsup.save_requested()` once per step (the save signal as a flag),
-a `manager.save` when it is true, then `trainsup.emergency.served(path=...)`, which ends the
+a `manager.save` when it is true, then `trainsup.saved(path)` ("my save for this request is
+done", for any save function), which ends the
 process after a preempt (exit 0) or SIGTERM (exit 143) save. There is no TF integration: a
 CheckpointManager save is already the commit protocol the daemon checks (the `checkpoint`
 state file is its commit marker).
@@ -23,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import trainsup  # noqa: E402
-from trainsup import emergency  # noqa: E402
 
 
 class MLP(tf.Module):
@@ -87,7 +87,7 @@ def main() -> int:
         if trainsup.save_requested() or n % args.every == 0:
             print(f"saving step {n}", flush=True)
             path = manager.save(checkpoint_number=n)
-            emergency.served(path=path, exit=True)   # after a preempt/SIGTERM save: exit 0/143
+            trainsup.saved(path)    # after a preempt/SIGTERM save: exit 0/143; else nothing
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
     h = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.params))
