@@ -132,3 +132,30 @@ def test_save_requested_with_its_own_save_function_exits_after_saved_not_after_t
         assert took < 60, f"{name}: the stop took {took}s (grace 120s): {out}"
         assert exits(daemon, name)[-1]["code"] == 0, exits(daemon, name)
         assert len(saves_logged(daemon, name)) == 1, job_log(daemon, name)[-2000:]
+
+
+def test_tf_state_file_stops_listing_checkpoints_rotation_deleted(daemon):
+    """Found with CheckpointManager(max_to_keep=None) under keep_last 2: rotation dropped the
+    saves it deleted from the `checkpoint` state file, but the manager rewrites that file
+    from its in-memory list at its next save and listed them all again, for good. Every
+    rotation pass now drops the names whose files are gone."""
+    import signal
+
+    from conftest import wait_for
+
+    ckpt = write_job(daemon, "tfstate", "train_tf.py", "--every", "3", "--sleep-per-step", "0.05")
+    job = daemon.jobs / "tfstate.yaml"
+    job.write_text(job.read_text().replace("keep_last: 100", "keep_last: 2"))
+    daemon.start()
+    wait_for(lambda: len([e for e in daemon.history("tfstate") if e["kind"] == "deleted"]) >= 3, 240,
+             "three deletions by rotation", interval=0.1)
+    pid = daemon.status("tfstate")["pid"]
+    os.kill(pid, signal.SIGSTOP)        # no more saves: the manager's last rewrite stays as it is
+    try:
+        wait_for(lambda: all((ckpt / f"{n}.index").exists() for n in tf_listed(ckpt)), 30,
+                 "the state file to list only checkpoints on disk",
+                 detail=lambda: f"listed {tf_listed(ckpt)}; dir {sorted(os.listdir(ckpt))}")
+        assert len(tf_listed(ckpt)) >= 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    daemon.cli("stop", "tfstate", "--no-save")
