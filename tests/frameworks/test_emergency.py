@@ -100,3 +100,51 @@ def test_a_stop_request_is_not_downgraded_by_a_later_checkpoint_signal(tmp_path)
     env.update(PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "terminate terminate terminate", r.stderr
+
+
+OWN_SAVE = """
+import json, os, signal, sys, trainsup
+from pathlib import Path
+ack = Path(os.environ["TRAINSUP_NOTICE_FILE"] + ".ack")
+assert not trainsup.save_requested()         # the first call installs the handlers
+signal.raise_signal(signal.SIGUSR1)
+assert trainsup.save_requested()
+print("taken", json.loads(ack.read_text())["exits"], trainsup.should_stop(), flush=True)
+p = Path(os.environ["TRAINSUP_CHECKPOINT_DIR"]) / "weights.bin"
+p.write_bytes(b"x" * 16)                     # any save function: no atomic_save
+trainsup.saved(p)
+print("not reached", flush=True)
+"""
+
+
+def test_saved_after_any_save_function_ends_a_preempted_job_and_only_then_promises_the_exit(tmp_path):
+    """save_requested() acknowledged every preempt notice as "taken, will exit" although only
+    atomic_save() exited: a script saving otherwise had the daemon wait the whole grace.
+    Now "taken" promises nothing, should_stop() is true at once, and saved(path) acks the
+    save with the exit it then makes (0 after a preempt)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
+    nf = tmp_path / "notice.json"
+    nf.write_text(json.dumps({"id": "3.1", "kind": "preempt", "deadline": None}))
+    env.update(PYTHONPATH=str(REPO), TRAINSUP_CHECKPOINT_DIR=str(tmp_path), TRAINSUP_NOTICE_FILE=str(nf))
+    r = subprocess.run([sys.executable, "-c", OWN_SAVE], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["taken False True"], r.stdout + r.stderr
+    ack = json.loads((tmp_path / "notice.json.ack").read_text())
+    assert ack["state"] == "saved" and ack["exits"] is True and ack["path"] == str(tmp_path / "weights.bin")
+
+
+def test_saved_without_a_request_does_nothing_and_a_checkpoint_request_goes_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
+    nf = tmp_path / "notice.json"
+    nf.write_text(json.dumps({"id": "4.1", "kind": "checkpoint", "deadline": None}))
+    env.update(PYTHONPATH=str(REPO), TRAINSUP_NOTICE_FILE=str(nf))
+    code = ("import signal, trainsup\n"
+            "print(trainsup.saved('/nonexistent'))\n"
+            "assert not trainsup.save_requested()\n"
+            "signal.raise_signal(signal.SIGUSR1)\n"
+            "assert trainsup.save_requested() and not trainsup.should_stop()\n"
+            "print(trainsup.saved('/x', exit=False), trainsup.should_stop())\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["None", "None False"], r.stdout + r.stderr
+    ack = json.loads((tmp_path / "notice.json.ack").read_text())
+    assert ack["state"] == "saved" and ack["exits"] is False
