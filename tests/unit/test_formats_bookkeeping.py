@@ -126,3 +126,72 @@ def test_aliases_are_kept_and_not_counted_for_keep_last(tmp_path, tree, keep_las
     plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=keep_last))
     assert {i.name for i in plan.delete} == deleted
     assert {i.name for i in infos if i.path in plan.kept} == kept
+
+
+def test_tf_state_forgets_names_whose_files_are_gone_and_leaves_other_paths(tmp_path):
+    """CheckpointManager rewrites the state file from memory at its next save, listing again
+    what rotation deleted: every pass drops the names with no `.index` in the dir. An
+    absolute path may name a checkpoint elsewhere: never touched."""
+    from trainsup.checkpoint.formats.tf_state import forget_missing
+
+    (tmp_path / "checkpoint").write_text(STATE.replace('all_model_checkpoint_paths: "ckpt-1"',
+                                                       'all_model_checkpoint_paths: "/elsewhere/ckpt-0"\n'
+                                                       'all_model_checkpoint_paths: "ckpt-1"'))
+    (tmp_path / "ckpt-3.index").write_bytes(b"")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert forget_missing(fd) == ["ckpt-1", "ckpt-2"]
+        assert forget_missing(fd) == []                   # nothing left to drop: no rewrite
+    finally:
+        os.close(fd)
+    text = (tmp_path / "checkpoint").read_text()
+    assert '"ckpt-1"' not in text and '"ckpt-2"' not in text
+    assert 'model_checkpoint_path: "ckpt-3"' in text and '"/elsewhere/ckpt-0"' in text
+
+
+def _lightning_ckpt(path: Path, step: int, callbacks: dict) -> None:
+    torch = pytest.importorskip("torch")
+    torch.save({"epoch": 0, "global_step": step, "state_dict": {"w": torch.zeros(4)},
+                "callbacks": callbacks, "optimizer_states": [{"state": {}}]}, path)
+
+
+def test_lightning_model_checkpoint_state_is_protected_by_path(tmp_path):
+    """The newest .ckpt's ModelCheckpoint state names its best k (here the oldest saves,
+    mode min) and best_model_path: rotation keeps them, read from the pickle's opcodes."""
+    torch = pytest.importorskip("torch")
+    from trainsup.checkpoint.formats import protected_steps
+
+    names = [f"epoch=0-step={s}.ckpt" for s in (3, 6, 9, 12, 15)]
+    best = {str(tmp_path / n): torch.tensor(float(s)) for n, s in zip(names[:3], (3, 6, 9))}
+    state = {"monitor": "step", "best_model_score": torch.tensor(3.0), "best_model_path": str(tmp_path / names[0]),
+             "best_k_models": best, "kth_best_model_path": str(tmp_path / names[2]), "last_model_path": "",
+             "dirpath": str(tmp_path)}
+    for n, s in zip(names, (3, 6, 9, 12, 15)):
+        _lightning_ckpt(tmp_path / n, s, {"ModelCheckpoint{'monitor': 'step', 'mode': 'min'}": state})
+    infos = scan(tmp_path)
+    pins = protected_steps(infos)
+    assert pins == {tmp_path / n for n in names[:3]}, pins
+    plan = plan_rotation(infos, CheckpointSpec(dir=str(tmp_path), keep_last=2), pinned=pins)
+    assert sorted(Path(i.path).name for i in plan.delete) == [], plan
+    plan = plan_rotation(infos, CheckpointSpec(dir=str(tmp_path), keep_last=1), pinned=pins)
+    assert [Path(i.path).name for i in plan.delete] == [names[3]], plan
+
+
+def test_lightning_state_read_never_unpickles_and_a_broken_pickle_protects_nothing(tmp_path):
+    import pickle
+
+    from trainsup.checkpoint.formats.lightning import model_checkpoint_paths
+    from trainsup.checkpoint.formats.readers.pickle_values import OPAQUE, NotPlain, plain_values
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    data = pickle.dumps({"callbacks": {"ModelCheckpoint{}": {"best_model_path": "/d/a.ckpt", "x": Boom(),
+                                                             "best_k_models": {"/d/b.ckpt": Boom()}}}})
+    v = plain_values(data)
+    assert v["callbacks"]["ModelCheckpoint{}"]["x"] is OPAQUE
+    assert model_checkpoint_paths(v) == {"/d/a.ckpt", "/d/b.ckpt"}
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(NotPlain):
+        plain_values(data[: len(data) // 2])

@@ -196,3 +196,41 @@ def test_paddle_mixed_group_is_invalid_after_beta1_power_underflows(tmp_path, st
     _paddle_group(tmp_path / "same", "latest", beta1, step, beta2_power=_f32_power(0.999, step))
     (info,) = scan(tmp_path / "same")
     assert info.valid and info.step == step, info.invalid_reason
+
+
+def _keras_dir(d: Path, meta: dict | None, backup_ok: bool = True) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    good = _superblock_v2(512).ljust(512, b"\0")
+    for n in ("epoch01.weights.h5", "epoch02.weights.h5"):
+        (d / n).write_bytes(good)
+    (d / "latest.weights.h5").write_bytes(good if backup_ok else good[:100])
+    if meta is not None:
+        (d / "training_metadata.json").write_text(json.dumps(meta))
+
+
+def test_keras_backup_step_is_the_metadata_step_and_epoch_files_share_its_unit(tmp_path):
+    """A TrainsupBackup save in the middle of epoch 3 (5 batches in, 16 a epoch) is step 37:
+    higher than the epoch-end save before it (32), so it confirms a request; epochNN files
+    beside it count in the same unit (epoch x 16)."""
+    _keras_dir(tmp_path, {"epoch": 2, "batch": 5, "step": 37})
+    steps = {i.name: i.step for i in scan(tmp_path)}
+    assert steps == {"latest.weights.h5": 37, "epoch01.weights.h5": 16, "epoch02.weights.h5": 32}, steps
+
+
+def test_keras_plain_backup_and_restore_step_is_its_epoch(tmp_path):
+    _keras_dir(tmp_path, {"epoch": 2, "batch": 0})
+    steps = {i.name: i.step for i in scan(tmp_path)}
+    assert steps == {"latest.weights.h5": 2, "epoch01.weights.h5": 1, "epoch02.weights.h5": 2}, steps
+
+
+def test_broken_keras_backup_is_moved_aside_unless_keras_has_its_bkp(tmp_path):
+    """Keras' BackupAndRestore loads its backup at every fit(): a broken one (killed inside
+    its in-place write) goes aside however old, unless a `.bkp` copy lets Keras fall back."""
+    from trainsup.checkpoint.aside import interrupted
+
+    _keras_dir(tmp_path / "a", {"epoch": 2, "batch": 0}, backup_ok=False)
+    infos = scan(tmp_path / "a")
+    assert [i.name for i in interrupted(infos)] == ["latest.weights.h5"]
+    _keras_dir(tmp_path / "b", {"epoch": 2, "batch": 0}, backup_ok=False)
+    (tmp_path / "b" / "latest.weights.h5.bkp").write_bytes(_superblock_v2(512).ljust(512, b"\0"))
+    assert interrupted(scan(tmp_path / "b")) == []
