@@ -197,15 +197,15 @@ class JobCheckpointDir:
         self.liveness.observe(infos)
         self.backoff.forget_absent({i.name for i in infos})
 
-    def plan(self, infos: list[CheckpointInfo], *, pinned=frozenset(), resumed_from=None,
-             also_live: Iterable[str] = ()) -> RotationPlan:
+    def plan(self, infos: list[CheckpointInfo], *, pinned=frozenset(), framework_kept=frozenset(),
+             resumed_from=None, also_live: Iterable[str] = ()) -> RotationPlan:
         live = self.liveness.live(infos) | set(also_live)
         undeletable = dict(self.backoff.undeletable())
         if self.flag or self.handle is None:
             why = self.flag or "checkpoint dir not held"
             undeletable.update({i.name: why for i in infos})
         return plan_rotation(
-            infos, self.spec, pinned=pinned, resumed_from=resumed_from, live=live,
+            infos, self.spec, pinned=pinned, framework_kept=framework_kept, resumed_from=resumed_from, live=live,
             preexisting=inventory.preexisting(infos, self.inventory, self.pattern),
             undeletable=undeletable)
 

@@ -51,9 +51,10 @@ from .index import CheckpointInfo, metric_value
 
 # Relaxation stages for the quota pass; a checkpoint's stage is that of its strongest
 # relaxable reason.
-STAGE_EVERY, STAGE_BEST, STAGE_LAST = 1, 2, 3
-_STAGE_OF = {"every": STAGE_EVERY, "best": STAGE_BEST, "last": STAGE_LAST}
-_RELAXED = {STAGE_EVERY: "keep_every", STAGE_BEST: "keep_best", STAGE_LAST: "keep_last"}
+STAGE_EVERY, STAGE_BEST, STAGE_FRAMEWORK, STAGE_LAST = 1, 2, 3, 4
+_STAGE_OF = {"every": STAGE_EVERY, "best": STAGE_BEST, "framework": STAGE_FRAMEWORK, "last": STAGE_LAST}
+_RELAXED = {STAGE_EVERY: "keep_every", STAGE_BEST: "keep_best",
+            STAGE_FRAMEWORK: "the framework's own best k", STAGE_LAST: "keep_last"}
 _UNSET = object()
 # Never deleted, not even to meet a quota.
 PROTECTED = frozenset({"newest", "resumed-from", "in-progress", "pinned", "unmanaged", "unknown",
@@ -80,6 +81,7 @@ def plan_rotation(
     spec: CheckpointSpec,
     *,
     pinned: Iterable[Pin] = frozenset(),
+    framework_kept: Iterable[Path] = frozenset(),
     resumed_from: str | Path | None = None,
     live: Collection[str] | None = None,
     preexisting: Collection[str] = frozenset(),
@@ -91,7 +93,9 @@ def plan_rotation(
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
     pinned: steps (int), absolute paths (a framework's bookkeeping names entries by path:
-    formats.protected_steps) or names of pinned checkpoints. live: names of entries a
+    formats.protected_steps) or names of pinned checkpoints. framework_kept: absolute
+    paths a framework's own retention counts on (Lightning's best k, formats.kept_by_framework):
+    kept above keep_last, given up under quota before it. live: names of entries a
     writer may still be writing (liveness.py). preexisting: names there before the job's
     first launch that `pattern` does not claim (inventory.py). undeletable: name -> why
     (a failed deletion backing off, a mount inside). quota: bytes, None for none;
@@ -163,6 +167,10 @@ def plan_rotation(
         # aliases duplicate a numbered save: they are not a state of their own for keep_last
         for i in [v for v in valid if not getattr(v, "alias_kind", None)][-spec.keep_last:]:
             keep(i, "last")
+    fw_kept = {Path(p) for p in framework_kept}
+    for i in valid:
+        if i.path in fw_kept:
+            keep(i, "framework")
     if spec.keep_best > 0 and spec.metric:
         sign = 1.0 if spec.mode == "min" else -1.0
         scored = [(sign * v, -pos, i) for pos, i in enumerate(valid)
@@ -187,7 +195,7 @@ def plan_rotation(
             reasons[i.path] = f"invalid ({i.invalid_reason}), {where} than the newest valid, not being written"
         else:
             rest.append(i)
-            reasons[i.path] = "rotated: not among keep_last/keep_best/keep_every/pinned"
+            reasons[i.path] = "rotated: not among keep_last/keep_best/keep_every/pinned/the framework's best k"
 
     delete = first + rest
     total = sum(i.bytes for i in infos if i.managed)

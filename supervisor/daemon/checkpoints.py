@@ -379,17 +379,17 @@ class RotationCoordinator:
                 if dropped:
                     log.info("job %s: dropped from the framework's bookkeeping (files gone): %s",
                              ck.name, ", ".join(dropped))
-            # The frameworks' bookkeeping stays, as pinned: HF's best checkpoint (a small
-            # trainer_state.json read), Lightning's best k (data.pkl of the newest .ckpt),
-            # read on the pool
-            pinned = set(facts.pinned) | await self.loop.run_in_executor(
-                self.executor, formats.protected_steps, list(ck.infos))
+            # The frameworks' bookkeeping stays: HF's best checkpoint (a small
+            # trainer_state.json read) and Lightning's best/last as pins, the rest of its
+            # best k above keep_last (data.pkl of the newest .ckpt), read on the pool
+            fw_pins, fw_kept = await self.loop.run_in_executor(self.executor, formats.bookkeeping, list(ck.infos))
+            pinned = set(facts.pinned) | fw_pins
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.
             opened: set[str] = set()
             for _ in range(4):
-                plan = ck.custody.plan(ck.infos, pinned=pinned,
+                plan = ck.custody.plan(ck.infos, pinned=pinned, framework_kept=fw_kept,
                                        resumed_from=facts.resumed_from, also_live=opened)
                 held = await self.loop.run_in_executor(
                     self.executor, ck.custody.open_by_job,
@@ -398,8 +398,8 @@ class RotationCoordinator:
                     break
                 opened |= held
             else:       # the job keeps opening what we would delete: nothing this pass
-                plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
-                                       also_live={i.name for i in ck.infos})
+                plan = ck.custody.plan(ck.infos, pinned=pinned, framework_kept=fw_kept,
+                                       resumed_from=facts.resumed_from, also_live={i.name for i in ck.infos})
             plans[ck.name] = plan
         extra: dict[str, list] = {}
         reasons: dict = {}

@@ -159,7 +159,7 @@ def test_lightning_model_checkpoint_state_is_protected_by_path(tmp_path):
     """The newest .ckpt's ModelCheckpoint state names its best k (here the oldest saves,
     mode min) and best_model_path: rotation keeps them, read from the pickle's opcodes."""
     torch = pytest.importorskip("torch")
-    from trainsup.checkpoint.formats import protected_steps
+    from trainsup.checkpoint.formats import bookkeeping
 
     names = [f"epoch=0-step={s}.ckpt" for s in (3, 6, 9, 12, 15)]
     best = {str(tmp_path / n): torch.tensor(float(s)) for n, s in zip(names[:3], (3, 6, 9))}
@@ -169,12 +169,21 @@ def test_lightning_model_checkpoint_state_is_protected_by_path(tmp_path):
     for n, s in zip(names, (3, 6, 9, 12, 15)):
         _lightning_ckpt(tmp_path / n, s, {"ModelCheckpoint{'monitor': 'step', 'mode': 'min'}": state})
     infos = scan(tmp_path)
-    pins = protected_steps(infos)
-    assert pins == {tmp_path / n for n in names[:3]}, pins
-    plan = plan_rotation(infos, CheckpointSpec(dir=str(tmp_path), keep_last=2), pinned=pins)
-    assert sorted(Path(i.path).name for i in plan.delete) == [], plan
-    plan = plan_rotation(infos, CheckpointSpec(dir=str(tmp_path), keep_last=1), pinned=pins)
+    pins, kept = bookkeeping(infos)
+    assert pins == {tmp_path / names[0]}, pins                     # best_model_path: a pin
+    assert kept == {tmp_path / n for n in names[1:3]}, kept        # the rest of the best k
+    spec = CheckpointSpec(dir=str(tmp_path), keep_last=2)
+    plan = plan_rotation(infos, spec, pinned=pins, framework_kept=kept)
+    assert [Path(i.path).name for i in plan.delete] == [], plan
+    spec = CheckpointSpec(dir=str(tmp_path), keep_last=1)
+    plan = plan_rotation(infos, spec, pinned=pins, framework_kept=kept)
     assert [Path(i.path).name for i in plan.delete] == [names[3]], plan
+    # under quota pressure the best k goes before keep_last; best_model_path never
+    plan = plan_rotation(infos, CheckpointSpec(dir=str(tmp_path), keep_last=2), pinned=pins, framework_kept=kept,
+                         quota=1)
+    assert [Path(i.path).name for i in plan.delete] == [names[1], names[2], names[3]], plan
+    assert "the framework's own best k relaxed" in plan.reasons[tmp_path / names[1]]
+    assert plan.kept[tmp_path / names[0]] == "pinned" and plan.over_quota
 
 
 def test_lightning_state_read_never_unpickles_and_a_broken_pickle_protects_nothing(tmp_path):
@@ -191,7 +200,7 @@ def test_lightning_state_read_never_unpickles_and_a_broken_pickle_protects_nothi
                                                              "best_k_models": {"/d/b.ckpt": Boom()}}}})
     v = plain_values(data)
     assert v["callbacks"]["ModelCheckpoint{}"]["x"] is OPAQUE
-    assert model_checkpoint_paths(v) == {"/d/a.ckpt", "/d/b.ckpt"}
+    assert model_checkpoint_paths(v) == ({"/d/a.ckpt"}, {"/d/b.ckpt"})
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(NotPlain):
         plain_values(data[: len(data) // 2])

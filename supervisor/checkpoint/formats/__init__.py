@@ -14,10 +14,12 @@ Every format module has:
                 check(root_fd, group, listing) -> Verdict
 and, where they apply (hooks; absent means "nothing to do"):
   COMMIT_MARKER           the file written last (documentation, and the fixture test)
-  protected_steps(infos)  what rotation must keep for the framework's own bookkeeping:
-                          steps (int), or entries by absolute path (Path) where the
-                          framework names files (Lightning's best k); blocking reads
-                          of small files: called off the daemon's loop
+  protected_steps(infos)  what rotation must keep for the framework's own bookkeeping,
+                          whatever the quota: steps (int), or entries by absolute path
+                          (Path) where the framework names files (Lightning's
+                          best_model_path); blocking reads of small files: off the loop
+  kept_by_framework(infos)  entries (Path) the framework's own retention counts on
+                          (Lightning's best k): kept above keep_last, below a quota
   before_delete(dir_fd, base)   bookkeeping to update before an entry's files go
   tidy(dir_fd) -> [names] bookkeeping to repair at every rotation pass, in each dir that
                           holds entries of the format (TF's state file re-listing what
@@ -59,11 +61,26 @@ def hook(module: ModuleType | None, name: str, default: Any) -> Any:
 
 
 def protected_steps(infos: Sequence[Any]) -> set[Any]:
-    """Steps and entry paths every format's bookkeeping needs kept (HF's best checkpoint,
-    Lightning's best k...). Reads files: never on the daemon's loop."""
+    """Steps and entry paths every format's bookkeeping needs kept whatever the quota (HF's
+    best checkpoint, Lightning's best_model_path...). Reads files: never on the daemon's loop."""
+    return _union(infos, "protected_steps")
+
+
+def kept_by_framework(infos: Sequence[Any]) -> set[Any]:
+    """Entry paths a framework's own retention still counts on (Lightning's best k): kept
+    by rotation, given up under quota before keep_last. Reads files: never on the loop."""
+    return _union(infos, "kept_by_framework")
+
+
+def bookkeeping(infos: Sequence[Any]) -> tuple[set[Any], set[Any]]:
+    """(protected_steps, kept_by_framework): one call on the daemon's pool per pass."""
+    return protected_steps(infos), kept_by_framework(infos)
+
+
+def _union(infos: Sequence[Any], name: str) -> set[Any]:
     out: set[Any] = set()
     for m in FORMATS.values():
-        fn = hook(m, "protected_steps", None)
+        fn = hook(m, name, None)
         if fn is not None:
             out |= fn(infos)
     return out

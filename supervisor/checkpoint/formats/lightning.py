@@ -17,9 +17,12 @@ written `val_acc=0.9` or with the `/`-free name the user chose).
 
 Bookkeeping: every ModelCheckpoint keeps its best k files, `best_model_path` and
 `last_model_path` in its state, which every `.ckpt` carries (`callbacks` in data.pkl).
-Rotation keeps the files the newest `.ckpt` names there (`protected_steps`, by path):
-deleting them breaks `trainer.validate(ckpt_path="best")` and ModelCheckpoint's own
-rotation. Read from the opcode stream (readers/pickle_values.py), never unpickled.
+Rotation keeps the files the newest `.ckpt` names there, by path: best_model_path and
+last_model_path as pins (`protected_steps`: deleting them breaks
+`trainer.validate(ckpt_path="best")` and a resume from "last"), the rest of the best k
+above keep_last but below a quota (`kept_by_framework`: with save_top_k=-1 and a monitor
+every save is in it). Read from the opcode stream (readers/pickle_values.py), never
+unpickled.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 _NAMED_RE = re.compile(r"(^|-)(epoch|step)=\d+|^hpc_ckpt_\d+\.ckpt$")
 _MAX_DATA_PKL = 64 << 20
 _MAX_STATE_PKL = 16 << 20      # data.pkl walked for ModelCheckpoint's state (tensors live elsewhere)
-_TRACKED = ("best_model_path", "last_model_path", "kth_best_model_path")
+_PINNED = ("best_model_path", "last_model_path")
 # `key=number`, bounded by `-`, the `-vN` clash suffix or the end; a leading `-` after `=`
 # is a negative value (`val_loss=-0.12`), not a separator.
 _FIELD_RE = re.compile(r"(?:^|-)([A-Za-z_][\w.]*?)=(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=-|$)")
@@ -178,39 +181,55 @@ def _global_step(fd: int) -> int | None:
 
 # ------------------------------------------------------------------ bookkeeping
 
-# (path, dev, ino, size, mtime_ns) of a .ckpt -> the paths its ModelCheckpoint state names:
+# (path, dev, ino, size, mtime_ns) of a .ckpt -> what its ModelCheckpoint states name:
 # a rotation pass re-reads data.pkl only when the newest .ckpt changed.
-_tracked_cache: dict[tuple, frozenset[str]] = {}
+_Tracked = tuple[frozenset[str], frozenset[str]]
+_tracked_cache: dict[tuple, _Tracked] = {}
 _CACHE_MAX = 64
+_NOTHING: _Tracked = (frozenset(), frozenset())
 
 
 def protected_steps(infos: Sequence[Any]) -> set[Any]:
-    """The entries (absolute paths) the newest valid `.ckpt`'s ModelCheckpoint state still
-    tracks: its best k, best_model_path, last_model_path. Read-only; nothing on any error."""
+    """The entries (absolute paths) the newest valid `.ckpt`'s ModelCheckpoint state names
+    as `best_model_path` or `last_model_path`: never deleted, not even for a quota
+    (`trainer.validate(ckpt_path="best")` and a resume from "last" load them)."""
+    return _entries(infos, _tracked(infos)[0])
+
+
+def kept_by_framework(infos: Sequence[Any]) -> set[Any]:
+    """The rest of ModelCheckpoint's best k (`best_k_models`): kept by rotation however
+    tight keep_last is, given up under quota pressure before keep_last (Lightning's own
+    rotation tolerates a file of its best k that is gone)."""
+    pins, best_k = _tracked(infos)
+    return _entries(infos, best_k - pins)
+
+
+def _tracked(infos: Sequence[Any]) -> _Tracked:
     mine = [i for i in infos if i.format == NAME and i.valid and not getattr(i, "in_progress", False)
             and getattr(i, "alias_kind", None) != "link" and getattr(i, "link_to", None) is None]
     if not mine:
-        return set()
-    newest = max(mine, key=lambda i: (i.step if i.step is not None else -1, i.mtime))
-    tracked = _tracked_paths(newest)
+        return _NOTHING
+    return _tracked_paths(max(mine, key=lambda i: (i.step if i.step is not None else -1, i.mtime)))
+
+
+def _entries(infos: Sequence[Any], tracked: frozenset[str]) -> set[Any]:
+    """The Lightning entries `tracked` names: by absolute path, or by the name relative to
+    the checkpoint dir (the dir seen under another path: a bind mount, a moved tree)."""
     if not tracked:
         return set()
-    out: set[Any] = set()
-    for i in infos:
-        if i.format == NAME and (str(i.path) in tracked or any(t.endswith("/" + i.name) for t in tracked)):
-            out.add(Path(i.path))
-    return out
+    return {Path(i.path) for i in infos
+            if i.format == NAME and (str(i.path) in tracked or any(t.endswith("/" + i.name) for t in tracked))}
 
 
-def _tracked_paths(info: Any) -> frozenset[str]:
+def _tracked_paths(info: Any) -> _Tracked:
     name = str(info.name)
     path = str(info.path)
     if not path.endswith(name):
-        return frozenset()
+        return _NOTHING
     try:
         root_fd = os.open(path[: len(path) - len(name)] or "/", NOFOLLOW_DIR)
     except OSError:
-        return frozenset()
+        return _NOTHING
     try:
         with Opened(root_fd, name) as (fd, st):
             key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -218,9 +237,9 @@ def _tracked_paths(info: Any) -> frozenset[str]:
             if hit is not None:
                 return hit
             data = _data_pkl(fd, _MAX_STATE_PKL)
-        found = model_checkpoint_paths(plain_values(data)) if data is not None else frozenset()
+        found = model_checkpoint_paths(plain_values(data)) if data is not None else _NOTHING
     except (Invalid, OSError, NotPlain, zipfile.BadZipFile, ValueError, EOFError):
-        return frozenset()
+        return _NOTHING
     finally:
         os.close(root_fd)
     if len(_tracked_cache) >= _CACHE_MAX:
@@ -229,15 +248,19 @@ def _tracked_paths(info: Any) -> frozenset[str]:
     return found
 
 
-def model_checkpoint_paths(ckpt: Any) -> frozenset[str]:
-    """Every path the ModelCheckpoint states of one checkpoint's `callbacks` name."""
+def model_checkpoint_paths(ckpt: Any) -> _Tracked:
+    """(best_model_path and last_model_path, every file of the best k) that the
+    ModelCheckpoint states in one checkpoint's `callbacks` name."""
     callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
-    out: set[str] = set()
+    pins: set[str] = set()
+    best_k: set[str] = set()
     for key, state in (callbacks.items() if isinstance(callbacks, dict) else ()):
         if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):
             continue
-        best_k = state.get("best_k_models")
-        if isinstance(best_k, dict):
-            out.update(k for k in best_k if isinstance(k, str) and k)
-        out.update(v for k in _TRACKED if isinstance(v := state.get(k), str) and v)
-    return frozenset(out)
+        k = state.get("best_k_models")
+        if isinstance(k, dict):
+            best_k.update(p for p in k if isinstance(p, str) and p)
+        if isinstance(v := state.get("kth_best_model_path"), str) and v:
+            best_k.add(v)
+        pins.update(v for k in _PINNED if isinstance(v := state.get(k), str) and v)
+    return frozenset(pins), frozenset(best_k)
