@@ -195,7 +195,8 @@ class TrainsupCallback(paddle.callbacks.Callback):
 
     def epochs_left(self, total: int) -> int:
         """The epochs fit() still has to run of `total` (all of them on a first launch).
-        At least 1: fit() with epochs=0 skips on_train_begin, and the restore with it."""
+        At least 1: fit(epochs=0) raises (paddle 3.3: UnboundLocalError in its own loop), so
+        a run resumed from a save at the very last batch runs one epoch more."""
         return max(1, total - self.epochs_done)
 
     def on_train_begin(self, logs: Any = None) -> None:
