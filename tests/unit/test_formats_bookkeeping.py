@@ -204,3 +204,16 @@ def test_lightning_state_read_never_unpickles_and_a_broken_pickle_protects_nothi
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(NotPlain):
         plain_values(data[: len(data) // 2])
+
+
+def test_tf_state_tidy_ignores_a_fifo_planted_as_the_state_file(tmp_path):
+    """Every rotation pass reads the state file on a daemon worker: a FIFO under its name
+    (a hostile job) must not block it."""
+    from trainsup.checkpoint.formats.tf_state import forget_missing
+
+    os.mkfifo(tmp_path / "checkpoint")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert forget_missing(fd) == []
+    finally:
+        os.close(fd)

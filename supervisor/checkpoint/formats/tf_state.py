@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,10 +65,13 @@ def tf_state_without(text: str, removed: Iterable[str]) -> str | None:
 
 def _read_state(dir_fd: int, name: str) -> str | None:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO planted under the name must not hold a daemon worker forever
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None                 # not TF's file: nothing to keep true in it
         return os.read(fd, _MAX_STATE).decode("utf-8", "replace")
     finally:
         os.close(fd)
