@@ -30,6 +30,7 @@ Integrations call `take(exits=True)` (the pending request, or None) and `served(
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -135,6 +136,7 @@ class _Flags:
         self.prev: dict[int, Any] = {}
         self.current: Request | None = None   # the request being served
         self.stop: Request | None = None      # a stopping request that was saved
+        self.exit_hooked = False
 
 
 _f = _Flags()
@@ -189,7 +191,21 @@ def install(*, sigterm: bool = True, save_signal: bool = True) -> bool:
     for sig, fn in pairs:
         _f.prev[sig] = signal.signal(sig, fn)
     _f.installed = True
+    if not _f.exit_hooked:
+        _f.exit_hooked = True
+        atexit.register(_ignore_sigterm_when_stopping)
     return True
+
+
+def _ignore_sigterm_when_stopping() -> None:
+    """At exit after a stop was taken, SIGTERM is ignored for the rest of the teardown. The
+    daemon sends it once it has confirmed the save (unless the job promised its exit), and
+    Python restores the default action before a framework's C++ teardown ends (TF's runs
+    long after): arriving then, it killed a job that had saved and was exiting 0."""
+    cur = _f.current
+    if (_f.stop is not None or (cur is not None and cur.stops)) and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def install_sigterm_only() -> bool:
@@ -232,6 +248,13 @@ def _take_slow(exits: bool) -> Request | None:
         # After a stop was saved for, SIGTERM is the daemon's "now exit" (or a second
         # stop): one save per stop, not a second one of the same state.
         _f.term_seen = True
+    if _f.save_count != _f.save_seen and _f.term and not _f.term_seen:
+        notice = read_notice()
+        if notice is not None and notice.kind == "preempt":
+            # A preempt notice not yet taken, and SIGTERM on top: the daemon confirmed a
+            # save made meanwhile (a periodic one) and sends "now exit". One stop: the save
+            # and exit 0 the notice asked for, not a second request that exits 143.
+            _f.term_seen = True
     if _f.term and not _f.term_seen:
         _f.term_seen = True
         req = Request("terminate")

@@ -148,3 +148,15 @@ def test_saved_without_a_request_does_nothing_and_a_checkpoint_request_goes_on(t
     assert r.returncode == 0 and r.stdout.splitlines() == ["None", "None False"], r.stdout + r.stderr
     ack = json.loads((tmp_path / "notice.json.ack").read_text())
     assert ack["state"] == "saved" and ack["exits"] is False
+
+
+def test_sigterm_on_top_of_an_untaken_preempt_notice_is_one_stop_exit_0(tmp_path):
+    """Found under load in the framework suite: a periodic save landed between the preempt
+    notice and the job's next step; the daemon confirmed it and sent SIGTERM before the job
+    took the notice, and the job took SIGTERM as a request of its own (a save, exit 143).
+    Both pending at once: the preemption's one save, then exit 0."""
+    rc, out, ack = _run(tmp_path, {"id": "9.1", "kind": "preempt", "deadline": None},
+                        [signal.SIGUSR1, signal.SIGTERM])
+    assert rc == 0, out
+    assert out.count("saving") == 1 and "finished" not in out, out
+    assert ack["id"] == "9.1" and ack["state"] == "saved"
