@@ -167,7 +167,8 @@ class PreemptionSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    listen: str | None = None               # "HOST:PORT" for Prometheus; None = off
+    listen: str | None = None               # "HOST:PORT" or "unix:PATH" for Prometheus; None = off
+    required: bool = True                   # cannot listen: the daemon does not start (exit 2)
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground",
                        description="Run the daemon in the foreground (systemd runs it as a service). "
                        "Flags beat the config file, which beats the defaults.")
-    d.add_argument("--config", type=Path, metavar="FILE",
-                   help="daemon config (default: /etc/trainsup/trainsup.yaml as root, else "
-                        "$XDG_CONFIG_HOME/trainsup/trainsup.yaml, when present)")
+    d.add_argument("--config", metavar="FILE|none",
+                   help="daemon config; `none` reads no file (default: $TRAINSUP_CONFIG, else "
+                        "/etc/trainsup/trainsup.yaml as root or $XDG_CONFIG_HOME/trainsup/trainsup.yaml, "
+                        "when present); the log and `status` name the file in use")
     d.add_argument("--jobs", type=Path, dest="jobs_dir", metavar="DIR", help="the job YAML files' dir")
     d.add_argument("--state", type=Path, dest="state_dir", metavar="DIR",
                    help="state database and lock (one daemon per state dir)")
@@ -120,7 +121,7 @@ def socket_path(arg: str | None) -> Path:
     from ..config.yaml import ConfigError
     is_root = os.geteuid() == 0
     try:
-        # The socket a config file names (the conventional one: the CLI has no --config).
+        # The socket a config file names ($TRAINSUP_CONFIG, else the conventional one).
         return load_daemon_config(discover_config(None, is_root=is_root), {}, is_root=is_root).socket
     except ConfigError:
         return load_daemon_config(None, {}, is_root=is_root).socket
@@ -129,12 +130,12 @@ def socket_path(arg: str | None) -> Path:
 def daemon_uids() -> tuple[int, ...]:
     """The uid of the daemon user named by the default daemon config (`user:`), if any:
     a socket owned by it is trusted like one owned by root or by the caller."""
-    from ..config.files import default_config_path, load_daemon_config
+    from ..config.files import discover_config, load_daemon_config
     from ..config.yaml import ConfigError
     is_root = os.geteuid() == 0
-    path = default_config_path(is_root=is_root)
     try:
-        if not path.is_file():
+        path = discover_config(None, is_root=is_root)
+        if path is None:
             return ()
         spec = load_daemon_config(path, {}, is_root=is_root)
     except (ConfigError, OSError):
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- commands ----------------------------------------------------------------------------
 
 def cmd_daemon(args) -> int:
-    from ..config.files import discover_config, load_daemon_config
+    from ..config.files import choose_config, load_daemon_config
     from ..config.yaml import ConfigError
     from ..daemon.state import LockHeld, StateUnusable
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -174,14 +175,18 @@ def cmd_daemon(args) -> int:
                  "socket": Path(args.socket) if args.socket else None}
     try:
         is_root = os.geteuid() == 0
-        spec = load_daemon_config(discover_config(args.config, is_root=is_root), overrides, is_root=is_root)
+        path, how = choose_config(args.config, is_root=is_root)
+        spec = load_daemon_config(path, overrides, is_root=is_root)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     from ..daemon.loop import Daemon
+    from ..daemon.metrics_http import MetricsUnavailable
     try:
-        return Daemon(spec).run()
-    except (LockHeld, SocketRefused, StateUnusable) as e:
+        daemon = Daemon(spec)
+        daemon.config_file = how
+        return daemon.run()
+    except (LockHeld, SocketRefused, StateUnusable, MetricsUnavailable) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -99,13 +99,16 @@ class Commands:
         if not d.spec.jobs_dir.is_dir():
             warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
                             "(create it, or pass --jobs)")
+        if d.metrics_error:
+            warnings.append(f"{d.metrics_error}: running without metrics (metrics.required: false)")
         notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
                     "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
                    for n in d.notices_in_force()]
         return {"pid": os.getpid(), "version": __version__,
                 "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                "rss": d.own_rss(), "socket": str(d.spec.socket),
-                "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                "rss": d.own_rss(), "socket": str(d.spec.socket), "config": d.config_file,
+                "metrics": d.metrics_address(), "metrics_error": d.metrics_error,
+                "warnings": warnings, "notices": notices,
                 "sources": list(d.source_health.values())}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:

@@ -27,7 +27,7 @@ from systemd_harness import UserManager, user_manager, wait_for  # noqa: E402,F4
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "trainsup.service"
 # The daemon is reached through the CLI (`trainsup daemon`), so both must have landed.
-DAEMON_PRESENT = all((REPO / "supervisor" / f).exists() for f in ("daemon.py", "cli.py"))
+DAEMON_PRESENT = all((REPO / "supervisor" / f).exists() for f in ("daemon/loop.py", "cli/main.py"))
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(120)]
 
