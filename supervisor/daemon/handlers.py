@@ -77,7 +77,9 @@ class Commands:
         else:
             rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
             rows += [(inv.name, (json.dumps(table_row(name=inv.name, state="invalid")).encode(),
-                                 json.dumps({"error": "; ".join(inv.errors), "source": str(inv.source)}).encode()))
+                                 json.dumps({"error": inv.errors[0] if inv.errors else "invalid",
+                                             "more_errors": max(0, len(inv.errors) - 1),
+                                             "source": str(inv.source)}).encode()))
                      for inv in self.d.invalid.values() if name is None or inv.name == name]
             if name is not None and not rows:
                 raise self.no_such_job(name)
@@ -90,7 +92,7 @@ class Commands:
     def _invalid_rows(self, name: str | None) -> list[dict]:
         return [{"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
                  "last_exit": None, "checkpoint": None, "memory": None,
-                 "error": "; ".join(inv.errors), "source": str(inv.source)}
+                 "error": "; ".join(inv.errors), "errors": list(inv.errors), "source": str(inv.source)}
                 for inv in self.d.invalid.values() if name is None or inv.name == name]
 
     def _daemon_status(self) -> dict:

@@ -487,12 +487,14 @@ class Daemon:
         added, removed, changed = [], [], []
         self.invalid = {}
         kept_broken: set[str] = set()
+        kept_errors: list[str] = []
         for inv in invalid:
             old = by_source.get(inv.source)
             if old is not None and old.name not in new:
                 # The job's own file broke (or is half-written): the job keeps running as
                 # it was, and status shows the error next to it.
                 kept_broken.add(old.name)
+                kept_errors.extend(inv.errors)
                 old.set_config_error("; ".join(inv.errors))
                 for line in inv.errors:
                     log.error("%s", line)
@@ -524,7 +526,7 @@ class Daemon:
         return {"added": added, "removed": removed, "changed": changed,
                 "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
-                + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
+                + kept_errors}         # each "FILE:LINE: KEY: ..." once, as for an invalid new file
 
     async def _scan_jobs_dir(self, tries: int = 10) -> config.JobsDirScan:
         """The jobs dir, read off the loop, once its files have settled: a file written
