@@ -392,7 +392,10 @@ def _settle(args, name: str, res: dict, wait: float = 10.0) -> dict:
     st = res
     while st.get("state") in ("pending", "starting", "stopping", "saving", None) and time.monotonic() < deadline:
         time.sleep(0.05)
-        ok, full = _call(args, "status", name)
+        try:
+            ok, full = _call(args, "status", name)
+        except (Unreachable, OSError):
+            break
         if not ok:
             break
         st = full["jobs"][0]
@@ -400,7 +403,9 @@ def _settle(args, name: str, res: dict, wait: float = 10.0) -> dict:
 
 
 def _show_stop(args, name: str, res: dict) -> Outcome:
-    has_ck = _has_checkpoint(args, name)
+    # Asked only when the reply does not say (no save was attempted): `trainsup run` exits
+    # with its job, so there may be no daemon left to ask.
+    has_ck = True if "outcome" in res or getattr(args, "no_save", False) else _has_checkpoint(args, name)
     o = outcomes.stop_outcome(name, res, verb=args.cmd, no_save=bool(getattr(args, "no_save", False)),
                               has_checkpoint=has_ck)
     if args.cmd == "restart" and o.outcome == "restarted":
@@ -413,7 +418,10 @@ def _show_stop(args, name: str, res: dict) -> Outcome:
 
 
 def _has_checkpoint(args, name: str) -> bool:
-    ok, st = _call(args, "status", name)
+    try:
+        ok, st = _call(args, "status", name)
+    except (Unreachable, OSError):
+        return False
     return bool(ok and st["jobs"] and st["jobs"][0].get("checkpoint") is not None)
 
 

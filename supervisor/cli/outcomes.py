@@ -56,7 +56,7 @@ class Outcome:
 
 
 def _saved_at(res: dict) -> str:
-    what = f"step {res['step']}" if res.get("step") is not None else "a checkpoint"
+    what = f"at step {res['step']}" if res.get("step") is not None else "a checkpoint"
     took = f" in {res['save_s']}s" if res.get("save_s") is not None else ""
     return f"saved {what}{took}"
 
@@ -103,8 +103,9 @@ def start_outcome(name: str, res: dict) -> Outcome:
 
 def checkpoint_outcome(name: str, res: dict, *, wait: bool) -> Outcome:
     if wait:
+        what = f"at step {res['step']}" if res.get("step") is not None else str(res.get("path", "")).rstrip("/").rsplit("/", 1)[-1]
         return Outcome(name, True, "saved", saved=True, step=res.get("step"),
-                       line=f"{name}: {_saved_at(res)}: {res.get('path')}")
+                       line=f"{name}: checkpoint {what} is valid: {res.get('path')}")
     pids = ", ".join(map(str, res.get("signalled") or ()))
     return Outcome(name, True, "save-requested", line=f"{name}: save signal sent to pid {pids}")
 

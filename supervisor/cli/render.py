@@ -142,7 +142,7 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
     # Which daemon config is in force: a daemon that silently read another file is how
     # tests once fired production hooks.
-    tail = [f"config: {daemon['config']}"] if overview and daemon.get("config") else []
+    tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []
     return "\n".join(head + table(rows, 1 if colour else None) + notes + tail)
 
 

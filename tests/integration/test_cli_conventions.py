@@ -29,13 +29,13 @@ def test_start_and_stop_are_idempotent(daemon):
     r = daemon.cli("start", "train")
     assert (r.returncode, r.stdout) == (0, f"train: already running (pid {pid})\n"), r.stderr
     r = daemon.cli("stop", "train")
-    assert r.returncode == 0 and r.stdout.startswith("train: saved at step "), r.stdout
+    assert r.returncode == 0 and r.stdout.startswith("train: stopped, saved at step "), r.stdout
     r = daemon.cli("stop", "train")
     assert (r.returncode, r.stdout) == (0, "train: already stopped\n"), r.stderr
     # `start` reports where the launch got to: running, as the README shows (not "starting").
     r = daemon.cli("start", "train")
     assert r.returncode == 0
-    assert re.fullmatch(r"train: running \(pid \d+\)\n", r.stdout), r.stdout
+    assert re.fullmatch(r"train: started \(pid \d+\)\n", r.stdout), r.stdout
 
 
 def test_several_jobs_and_all(daemon):
@@ -43,7 +43,7 @@ def test_several_jobs_and_all(daemon):
     r = daemon.cli("checkpoint", "train", "eval", "--wait", "--timeout", "20")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [l.split(":")[0] for l in lines] == ["train", "eval"] and all("is valid" in l for l in lines)
+    assert [l.split(":")[0] for l in lines] == ["train", "eval"] and all(": saved at step" in l for l in lines)
     r = daemon.cli("stop", "all", "--no-save")
     assert r.returncode == 0, r.stderr
     assert sorted(l.split(":")[0] for l in r.stdout.splitlines()) == ["eval", "train"]
@@ -57,7 +57,7 @@ def test_several_jobs_and_all(daemon):
     assert {daemon.status(n)["state"] for n in ("train", "eval")} == {"preempted"}
     # One bad name: the others are still done, the exit status says something failed.
     r = daemon.cli("start", "train", "nosuch")
-    assert r.returncode == 4 and r.stdout.startswith("train: running"), (r.stdout, r.stderr)
+    assert r.returncode == 4 and r.stdout.startswith("train: started"), (r.stdout, r.stderr)
     r = daemon.cli("stop", "all", "train")
     assert r.returncode == 2 and "not both" in r.stderr
 
@@ -69,10 +69,14 @@ def test_pid(daemon):
     r = daemon.cli("pid")
     assert (r.returncode, r.stdout.strip()) == (0, str(daemon.proc.pid))
     r = daemon.cli("pid", "all")
+    assert r.returncode == 0
     assert r.stdout.splitlines() == [f"eval {daemon.status('eval')['pid']}", f"train {daemon.status('train')['pid']}"]
     assert daemon.cli("stop", "eval", "--no-save").returncode == 0
     r = daemon.cli("pid", "eval")
     assert r.returncode == 1 and r.stdout == "" and "eval is not running (state stopped)" in r.stderr
+    # Issue 24: `pid all` exited 0 while a job was down (the README says 1).
+    r = daemon.cli("pid", "all")
+    assert r.returncode == 1 and r.stdout.splitlines()[0] == "eval -", r.stdout
 
 
 def test_json_on_every_read_command(daemon, tmp_path):
@@ -84,13 +88,14 @@ def test_json_on_every_read_command(daemon, tmp_path):
         assert r.returncode == 0, (args, r.stderr)
         json.loads(r.stdout)
     hist = json.loads(daemon.cli("history", "train", "--json").stdout)
-    assert hist[0]["kind"] == "state" and {"at", "kind"} <= set(hist[-1])
-    assert isinstance(json.loads(daemon.cli("logs", "train", "--json").stdout), list)
+    assert hist["schema"] == 1 and hist["job"] == "train"
+    assert hist["events"][0]["kind"] == "state" and {"at", "kind"} <= set(hist["events"][-1])
+    assert isinstance(json.loads(daemon.cli("logs", "train", "--json").stdout)["lines"], list)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncommand: [true]\nbogus: 1\n")
     r = daemon.cli("validate", "--json", str(daemon.jobs / "train.yaml"), str(bad))
     assert r.returncode == 1
-    out = json.loads(r.stdout)
+    out = json.loads(r.stdout)["files"]
     assert [(o["file"], o["ok"]) for o in out] == [(str(daemon.jobs / "train.yaml"), True), (str(bad), False)]
     assert any("bogus: unknown key" in e for e in out[1]["errors"])
 
