@@ -165,3 +165,60 @@ def test_colour_only_on_a_tty_and_never_with_no_color(daemon):
     assert b"\x1b[32mrunning" in _status_through_a_pty(daemon, {"TERM": "xterm"})
     assert b"\x1b[" not in _status_through_a_pty(daemon, {"TERM": "xterm", "NO_COLOR": "1"})
     assert "\x1b[" not in daemon.cli("status").stdout          # a pipe
+
+
+def test_exit_codes_and_words_verb_by_verb_for_one_job_and_all(daemon):
+    """Issue 24: stop/preempt exited 0 when no save was confirmed (1 only for `lost`, and
+    `preempt all` 0 even then); a job without `checkpoint:` printed `JOB: None`; `pid all`
+    exited 0 with a job down. The README's table, checked verb by verb."""
+    daemon.fakejob("good", "--catch-usr1 --every 0.5")
+    daemon.fakejob("deaf")                       # checkpoint dir, but never catches the save signal
+    daemon.fakejob("bare", "--catch-usr1", ckpt=False)      # no checkpoint: at all
+    daemon.start()
+    for n in ("good", "deaf", "bare"):
+        daemon.wait_ready(n)
+
+    def run(*args):
+        r = daemon.cli(*args)
+        return r.returncode, r.stdout, r.stderr
+
+    assert run("status")[0] == 0
+    assert run("status", "good", "deaf")[0] == 0
+    assert run("status", "nosuch")[0] == 4
+    code, out, _ = run("stop", "deaf")
+    assert code == 1 and out.startswith("deaf: stopped, no save confirmed: job does not catch the save signal"), out
+    code, out, _ = run("stop", "bare")
+    assert code == 1 and out.startswith("bare: stopped, no save confirmed: the job has no checkpoint section"), out
+    assert "None" not in out
+    assert run("status", "good", "bare")[0] == 3         # a named job not active (systemctl status)
+    code, out, _ = run("pid", "all")
+    assert code == 1 and "bare -" in out.splitlines()
+    code, out, _ = run("checkpoint", "bare")
+    assert code == 1
+    assert run("start", "all")[0] == 0
+    for n in ("deaf", "bare"):
+        daemon.wait_ready(n, starts=2)
+    code, out, _ = run("stop", "bare", "--no-save")
+    assert (code, out) == (0, "bare: stopped without a save (--no-save)\n")
+    assert run("stop", "bare")[:2] == (0, "bare: already stopped\n")
+    assert run("start", "bare")[0] == 0
+    daemon.wait_ready("bare", starts=3)
+    code, out, _ = run("preempt", "all")
+    lines = sorted(out.splitlines())
+    assert code == 1, out
+    assert lines[0].startswith("bare: preempted, no save confirmed") and \
+        lines[1].startswith("deaf: preempted, no save confirmed") and \
+        lines[2].startswith("good: preempted, saved at step "), lines
+    assert run("preempt", "all")[:2] == (0, "preempt: no job was running\n")
+    code, out, _ = run("start", "good", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["schema"] == 1 and res["verb"] == "start"
+    assert [(o["job"], o["ok"], o["outcome"]) for o in res["results"]] == [("good", True, "started")]
+    daemon.wait_ready("good", starts=2)
+    code, out, _ = run("restart", "good", "--json")
+    o = json.loads(out)["results"][0]
+    assert code == 0 and (o["outcome"], o["saved"]) == ("restarted", True) and o["pid"], o
+    code, out, _ = run("stop", "good", "nosuch", "--json")
+    res = json.loads(out)["results"]
+    assert code == 4 and [r["outcome"] for r in res] == ["stopped", "no-such-job"]
+    assert set(res[0]) == set(res[1])                        # one shape, whatever happened
