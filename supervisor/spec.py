@@ -88,7 +88,7 @@ class ScheduleSpec:
     preempt_cron: str | None = None
 
 
-HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
+HOOK_EVENTS = ("failed", "preempted", "finished", "saved", "crash", "over-quota")
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
-        self.hooks = HookRunner(self.loop, self.spec.hooks)
+        self.hooks = HookRunner(self.loop, self.spec.hooks, daemon_spec=self.spec,
+                                containment=containment if containment.kind != cgroup.PROCESS_GROUP else None)
         if self.metrics is not None:
             self._spawn_task(self.metrics.probe_lag(self._publish_metrics), "metrics lag probe")
         self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
@@ -596,7 +597,7 @@ class Daemon:
             self.metrics.schedule_publish(self.loop, self._publish_metrics)
         if self.hooks is not None:
             j = self.jobs.get(job)
-            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+            self.hooks.on_event(job, kind, data, job_spec=j.spec if j is not None else None)
 
     # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
     def _start_metrics(self) -> None:
