@@ -48,6 +48,11 @@ def service_settings(text: str) -> dict[str, str]:
     return settings
 
 
+def _all(text: str, key: str) -> list[str]:
+    """Every value of a [Service] setting, in order (ExecStartPre= may repeat)."""
+    return [line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
 def seconds(value: str) -> float:
     units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "ms": 0.001}
     total = 0.0
@@ -70,7 +75,9 @@ def test_unit_file_has_the_settings_the_spec_requires():
     assert s["Type"] == "notify"
     assert s["NotifyAccess"] == "main"
     assert re.match(r"^/\S+/trainsup daemon( |$)", s["ExecStart"]), s["ExecStart"]
-    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # A reload through the socket: `systemctl reload` fails when the reload failed.
+    assert re.match(r"^/\S+/trainsup reload$", s["ExecReload"]), s["ExecReload"]
+    assert "Documentation" in UNIT_FILE.read_text()
     assert s["KillMode"] == "mixed"
     assert s["Restart"] == "on-failure"
     assert seconds(s["WatchdogSec"]) > 0
@@ -95,9 +102,8 @@ def test_systemd_analyze_verify_passes(tmp_path):
         pytest.skip("systemd-analyze is not installed")
     # verify checks that ExecStart's binary exists; point it at this venv's trainsup.
     text = UNIT_FILE.read_text()
-    text, n = re.subn(r"(?m)^ExecStart=\S+/trainsup ", f"ExecStart={trainsup_executable()} ",
-                      text)
-    assert n == 1, "ExecStart= line not found in the unit"
+    text, n = re.subn(r"(?m)^(Exec\w+=)/usr/local/bin/trainsup ", rf"\g<1>{trainsup_executable()} ", text)
+    assert n == 3, "ExecStartPre=, ExecStart= and ExecReload= lines not found in the unit"
     unit = tmp_path / "trainsup.service"
     unit.write_text(text)
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
@@ -210,11 +216,13 @@ class DaemonUnit:
         self.jobs_dir.mkdir(parents=True)
         self.socket = f"{um.runtime_dir}/trainsup/trainsup.sock"
         unit_text = UNIT_FILE.read_text()
-        exec_start = service_settings(unit_text)["ExecStart"]
-        exec_start = re.sub(r"^\S+", trainsup_executable(), exec_start)
+        exe = trainsup_executable()
+        # The README's virtualenv drop-in: every line naming /usr/local/bin/trainsup replaced.
+        exec_lines = "".join(f"{key}=\n" + "".join(f"{key}={re.sub(r'^/usr/local/bin/trainsup', exe, v)}\n"
+                                                   for v in _all(unit_text, key))
+                             for key in ("ExecStartPre", "ExecStart", "ExecReload"))
         um.install_unit(self.name, unit_text, dropins={"50-test.conf": (
-            "[Service]\nExecStart=\n"
-            f"ExecStart={exec_start}\n"
+            "[Service]\n" + exec_lines +
             f"Environment=PYTHONPATH={REPO}\n{extra_service}")})
 
     def add_job(self, name: str) -> None:
