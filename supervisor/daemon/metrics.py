@@ -80,6 +80,7 @@ class JobSample:
     step: int | None = None             # newest valid checkpoint's step (None: unnumbered/none)
     ckpt_mtime: float | None = None     # its mtime: the age is computed at scrape time
     ckpt_bytes: int | None = None
+    save_interval: float | None = None  # schedule.checkpoint_every
     quota: int | None = None
     over_quota: bool = False
     valid: int = 0
@@ -155,6 +156,7 @@ def sample_job(job: Job) -> JobSample:
         rss=job.memory_rss if job.child else None, mem_limit=job.spec.memory.limit,
         step=latest.step if latest else None, ckpt_mtime=latest.mtime if latest else None,
         ckpt_bytes=sum(i.bytes for i in job.checkpoints) if ck else None,
+        save_interval=job.spec.schedule.checkpoint_every,
         quota=ck.quota if ck else None, over_quota=bool(ck and job.ckpts.over_quota),
         valid=sum(1 for i in job.checkpoints if i.valid),
         invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
@@ -268,6 +270,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "trainsup_job_checkpoint_step": ("gauge", "step of the newest valid checkpoint (absent when it has no step number)"),
     "trainsup_job_checkpoint_timestamp_seconds": ("gauge", "mtime of the newest valid checkpoint (unix time)"),
     "trainsup_job_checkpoint_age_seconds": ("gauge", "age of the newest valid checkpoint"),
+    "trainsup_job_save_interval_seconds": ("gauge", "the job's schedule.checkpoint_every (absent when none)"),
     "trainsup_job_checkpoint_bytes": ("gauge", "bytes in the job's checkpoint dir"),
     "trainsup_job_checkpoint_quota_bytes": ("gauge", "the job's checkpoint quota (absent when none)"),
     "trainsup_job_over_quota": ("gauge", "1 while the job's checkpoints exceed its quota and rotation cannot fix it"),
@@ -309,6 +312,8 @@ def _job_rows(s: JobSample, snap: Snapshot, now: float, out: dict[str, list[str]
     if s.ckpt_mtime is not None:
         out["trainsup_job_checkpoint_timestamp_seconds"].append(f"{job}}} {_num(s.ckpt_mtime)}")
         out["trainsup_job_checkpoint_age_seconds"].append(f"{job}}} {_num(max(0.0, now - s.ckpt_mtime))}")
+    if s.save_interval:
+        out["trainsup_job_save_interval_seconds"].append(f"{job}}} {_num(s.save_interval)}")
     out["trainsup_job_checkpoint_bytes"].append(f"{job}}} {s.ckpt_bytes or 0}")
     if s.quota:
         out["trainsup_job_checkpoint_quota_bytes"].append(f"{job}}} {s.quota}")
