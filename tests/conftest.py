@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "helpers" / "fakejob.py"
 SHARED = (REPO.parent / "shared").resolve()   # a worktree reaches it through a symlink; checkpoint dirs never are
 sys.path.insert(0, str(REPO / "tests"))
+# Nothing the suite starts reads the machine's daemon config: on a host running the service,
+# /etc/trainsup/trainsup.yaml has production hooks and a metrics port (issue 24). DaemonProc
+# also says so on its command line; this covers the CLI, `trainsup run` and the demo.
+os.environ["TRAINSUP_CONFIG"] = "none"
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02,
@@ -114,8 +118,10 @@ class DaemonProc:
 
     def start(self, *extra: str, wait: bool = True, env: dict | None = None,
               prefix: list[str] | None = None) -> DaemonProc:
+        # Every test daemon names its config: its own file, or none at all.
+        config = () if "--config" in extra else ("--config", "none")
         cmd = [*(prefix or []), sys.executable, "-m", "trainsup", "--socket", str(self.socket), "daemon",
-               "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
+               "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *config, *extra]
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
         e["PYTHONPATH"] = str(REPO)

@@ -147,7 +147,8 @@ class DemoDaemon:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("NOTIFY_SOCKET", None)        # the demo's daemon is nobody's systemd service
         cmd = [sys.executable, "-m", "trainsup", "daemon", "--jobs", str(self.jobs),
-               "--state", str(self.state), "--socket", str(self.socket), "--log-dir", str(self.logs)]
+               "--state", str(self.state), "--socket", str(self.socket), "--log-dir", str(self.logs),
+               "--config", "none"]     # never the machine's own config (its hooks, its metrics port)
         with open(self.output, "ab") as out:
             # Own session: a Ctrl-C reaches the demo only, which then stops the daemon in order.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,

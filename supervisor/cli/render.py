@@ -98,7 +98,12 @@ def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val,
 def _notes(name: str, j: dict) -> list[str]:
     notes = []
     if j.get("error"):
-        notes.append(f"  {name}: {j['error']}")
+        more = j.get("more_errors") or 0
+        notes.append(f"  {name}: {j['error']}" + (f" (and {more} more: trainsup validate {j['source']})"
+                                                   if more and j.get("source") else ""))
+    if j.get("config_error"):
+        # The job's file broke on a reload: it runs as it was loaded until the file is fixed.
+        notes.append(f"  {name}: job file broken, running as last loaded: {j['config_error']}")
     for w in j.get("warnings") or []:
         notes.append(f"  {name}: warning: {w}")
     ln = j.get("last_notice")
@@ -108,7 +113,7 @@ def _notes(name: str, j: dict) -> list[str]:
     return notes
 
 
-def format_status(result: dict, colour: bool = False) -> str:
+def format_status(result: dict, colour: bool = False, overview: bool = True) -> str:
     rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
     notes: list[str] = []
     now = time.time()
@@ -135,7 +140,10 @@ def format_status(result: dict, colour: bool = False) -> str:
     head += [f"{s['source']}: {s['error']} since {s['since_iso']}" for s in daemon.get("sources") or []
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
-    return "\n".join(head + table(rows, 1 if colour else None) + notes)
+    # Which daemon config is in force: a daemon that silently read another file is how
+    # tests once fired production hooks.
+    tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []
+    return "\n".join(head + table(rows, 1 if colour else None) + notes + tail)
 
 
 def _since(now: float, t: float | None) -> float | None:

@@ -220,18 +220,39 @@ def default_config_path(*, is_root: bool, env: Mapping[str, str] = os.environ) -
     return _xdg(env, "XDG_CONFIG_HOME", _home(env) / ".config") / "trainsup" / "trainsup.yaml"
 
 
-def discover_config(explicit: Path | str | None, *, is_root: bool,
-                    env: Mapping[str, str] = os.environ) -> Path | None:
-    """The daemon config to read: --config when given (it must exist), else the
-    conventional file (/etc/trainsup/trainsup.yaml for root, else
-    $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists, else none."""
-    if explicit is not None:
-        return Path(explicit)
+# `--config none` / TRAINSUP_CONFIG=none: read no config file at all (a test daemon on a
+# machine whose /etc/trainsup/trainsup.yaml has production hooks and a metrics port).
+NO_CONFIG = "none"
+
+
+def choose_config(explicit: Path | str | None, *, is_root: bool,
+                  env: Mapping[str, str] = os.environ) -> tuple[Path | None, str]:
+    """(the daemon config to read, or None; how it was chosen, for the log and `status`).
+
+    --config FILE beats TRAINSUP_CONFIG, which beats the conventional file
+    ($CONFIGURATION_DIRECTORY/trainsup.yaml under systemd, /etc/trainsup/trainsup.yaml as
+    root, else $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists. `none` in either
+    of the first two means no file. An explicit file must exist (load_daemon_config says so)."""
+    for value, how in ((explicit, "--config"), (env.get("TRAINSUP_CONFIG") or None, "TRAINSUP_CONFIG")):
+        if value is None:
+            continue
+        if str(value) == NO_CONFIG:
+            return None, f"no config file ({how} none)"
+        return Path(value), f"{os.path.abspath(value)} ({how})"
     candidates = [default_config_path(is_root=is_root, env=env)]
     systemd = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
     if systemd is not None:              # a unit's ConfigurationDirectory=trainsup
         candidates.insert(0, systemd / "trainsup.yaml")
-    return next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        return found, f"{found} (found at its default place)"
+    return None, f"no config file (none at {candidates[0]})"
+
+
+def discover_config(explicit: Path | str | None, *, is_root: bool,
+                    env: Mapping[str, str] = os.environ) -> Path | None:
+    """The daemon config to read (choose_config without the why)."""
+    return choose_config(explicit, is_root=is_root, env=env)[0]
 
 
 def _systemd_dir(env: Mapping[str, str], name: str) -> Path | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fdbudget import METRICS_CONNECTIONS
 from .protocol import MAX_REQUEST, Encoded, unsafe_dir
 from .verbs import VERBS, RequestError, Verb, resolve_targets
 
@@ -312,7 +313,8 @@ class ControlServer:
             jobs = sum(1 for _ in self.job_names())
         except Exception:
             jobs = 0
-        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG))
+        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG
+                           - METRICS_CONNECTIONS))
 
     def _evict_idle(self, uid: int | None) -> bool:
         """Close the longest-idle connection (of `uid`, else of the uid holding the most);

@@ -77,7 +77,9 @@ class Commands:
         else:
             rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
             rows += [(inv.name, (json.dumps(table_row(name=inv.name, state="invalid")).encode(),
-                                 json.dumps({"error": "; ".join(inv.errors), "source": str(inv.source)}).encode()))
+                                 json.dumps({"error": inv.errors[0] if inv.errors else "invalid",
+                                             "more_errors": max(0, len(inv.errors) - 1),
+                                             "source": str(inv.source)}).encode()))
                      for inv in self.d.invalid.values() if name is None or inv.name == name]
             if name is not None and not rows:
                 raise self.no_such_job(name)
@@ -90,7 +92,7 @@ class Commands:
     def _invalid_rows(self, name: str | None) -> list[dict]:
         return [{"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
                  "last_exit": None, "checkpoint": None, "memory": None,
-                 "error": "; ".join(inv.errors), "source": str(inv.source)}
+                 "error": "; ".join(inv.errors), "errors": list(inv.errors), "source": str(inv.source)}
                 for inv in self.d.invalid.values() if name is None or inv.name == name]
 
     def _daemon_status(self) -> dict:
@@ -99,13 +101,16 @@ class Commands:
         if not d.spec.jobs_dir.is_dir():
             warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
                             "(create it, or pass --jobs)")
+        if d.metrics_error:
+            warnings.append(f"{d.metrics_error}: running without metrics (metrics.required: false)")
         notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
                     "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
                    for n in d.notices_in_force()]
         return {"pid": os.getpid(), "version": __version__,
                 "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                "rss": d.own_rss(), "socket": str(d.spec.socket),
-                "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                "rss": d.own_rss(), "socket": str(d.spec.socket), "config": d.config_file,
+                "metrics": d.metrics_address(), "metrics_error": d.metrics_error,
+                "warnings": warnings, "notices": notices,
                 "sources": list(d.source_health.values())}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:

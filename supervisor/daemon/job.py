@@ -149,7 +149,7 @@ def _ckpt_key(info: CheckpointInfo) -> tuple:
 class Job(RowFields):
     # What status_row shows (see rowgen.py): assigning any of these re-encodes the row.
     ROW_FIELDS = frozenset({"spec", "state", "child", "restarts", "error", "last_notice", "memory_rss",
-                            "sigstopped", "_catch_seen"})
+                            "sigstopped", "_catch_seen", "config_error"})
 
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
                  persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
@@ -960,7 +960,8 @@ class Job(RowFields):
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()
-        notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown)) if v}
+        notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown),
+                                   ("config_error", self.config_error)) if v}
         encoded = (json.dumps(row).encode(), json.dumps(notes, separators=(",", ":")).encode() if notes else b"")
         self._row = (key, encoded)
         return encoded

@@ -83,6 +83,7 @@ def release_freed_memory() -> None:
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
 NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
+METRICS_SAMPLE_S = 5.0          # jobs' RSS in the metrics is at most this old
 
 
 
@@ -116,6 +117,9 @@ class Daemon:
         self.source_health: dict[str, dict] = {}      # notice source -> its last health change
         self.hooks: HookRunner | None = None
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
+        self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
+        self.metrics_error: str | None = None   # metrics.required false and they could not start
+        self._metrics_sampled = float("-inf")
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -137,6 +141,10 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        log.info("config: %s", self.config_file)
+        # First: a port another daemon holds fails the start (exit 2) before anything else
+        # is set up, unless metrics.required is false.
+        self._start_metrics()
         # Requests that arrive while the jobs dir is first read wait for it: `status` must
         # never answer "no such job" for a job whose file is still settling.
         self.loaded = asyncio.Event()
@@ -162,8 +170,10 @@ class Daemon:
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
         await self.control.start()
-        self.hooks = HookRunner(self.loop, self.spec.hooks)
-        self._start_metrics()
+        self.hooks = HookRunner(self.loop, self.spec.hooks, daemon_spec=self.spec,
+                                containment=containment if containment.kind != cgroup.PROCESS_GROUP else None)
+        if self.metrics is not None:
+            self._spawn_task(self.metrics.probe_lag(self._publish_metrics), "metrics lag probe")
         self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
         # YAML and user lookups off the loop; a file still being written is read again
         # by a reload in a moment instead of being taken half-written.
@@ -480,12 +490,14 @@ class Daemon:
         added, removed, changed = [], [], []
         self.invalid = {}
         kept_broken: set[str] = set()
+        kept_errors: list[str] = []
         for inv in invalid:
             old = by_source.get(inv.source)
             if old is not None and old.name not in new:
                 # The job's own file broke (or is half-written): the job keeps running as
                 # it was, and status shows the error next to it.
                 kept_broken.add(old.name)
+                kept_errors.extend(inv.errors)
                 old.set_config_error("; ".join(inv.errors))
                 for line in inv.errors:
                     log.error("%s", line)
@@ -517,7 +529,7 @@ class Daemon:
         return {"added": added, "removed": removed, "changed": changed,
                 "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
-                + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
+                + kept_errors}         # each "FILE:LINE: KEY: ..." once, as for an invalid new file
 
     async def _scan_jobs_dir(self, tries: int = 10) -> config.JobsDirScan:
         """The jobs dir, read off the loop, once its files have settled: a file written
@@ -587,34 +599,52 @@ class Daemon:
             self.metrics.schedule_publish(self.loop, self._publish_metrics)
         if self.hooks is not None:
             j = self.jobs.get(job)
-            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+            self.hooks.on_event(job, kind, data, job_spec=j.spec if j is not None else None)
 
     # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
     def _start_metrics(self) -> None:
         if not self.spec.metrics.listen:
             return
-        from .metrics import MetricsBook, MetricsServer
-        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall)
+        from .metrics import MetricsBook, MetricsServer, MetricsUnavailable
+        gid = None
+        if self.spec.socket_group:
+            import grp
+            try:
+                gid = grp.getgrnam(self.spec.socket_group).gr_gid
+            except KeyError:
+                gid = None
+        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall, gid=gid)
         try:
             server.start()
-        except OSError as e:
-            # Supervising the jobs matters more than exporting numbers about them.
-            log.error("metrics: cannot listen on %s: %s; running without metrics",
-                      self.spec.metrics.listen, e.strerror or e)
+        except MetricsUnavailable as e:
+            if self.spec.metrics.required:
+                # Never run on silently without them: another daemon's numbers would be
+                # scraped from this address (and status would not say).
+                raise MetricsUnavailable(f"{e} (set metrics.required: false to run without metrics)") from None
+            log.error("%s; running without metrics (metrics.required is false)", e)
+            self.metrics_error = str(e)
             return
         self.metrics = server
-        log.info("metrics on http://%s/metrics", self.metrics_address())
-        self._spawn_task(server.probe_lag(self._publish_metrics), "metrics lag probe")
+        log.info("metrics at %s", self.metrics_address())
 
     def metrics_address(self) -> str | None:
         if self.metrics is None:
             return None
-        host = self.metrics.listen.rpartition(":")[0]
-        return f"{host}:{self.metrics.port}"
+        return self.metrics.address
 
     def _publish_metrics(self) -> None:
         if self.metrics is not None:
             self.metrics.book.publish(self.jobs, [inv.name for inv in self.invalid.values()])
+            # memory of running jobs: /proc and cgroup reads, off the loop (Commands)
+            now = time.monotonic()
+            if now - self._metrics_sampled >= METRICS_SAMPLE_S:
+                self._metrics_sampled = now
+                self._spawn_task(self._sample_for_metrics(), "sampling jobs for metrics")
+
+    async def _sample_for_metrics(self) -> None:
+        await self.commands.fresh_proc_samples()
+        if self.metrics is not None:
+            self.metrics.book.mark()
 
     def save_job(self, job: str, data: dict) -> None:
         self.db.save_job(job, data)

@@ -61,7 +61,7 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
     # The daemon is a session leader whose controlling terminal is the pty, like a root shell
     # (preexec_fn: TIOCSCTTY must run in the child; the test process forks nothing else).
     d = subprocess.Popen([sys.executable, "-m", "trainsup", "--socket", str(sock), "daemon", "--jobs", str(jobs),
-                          "--state", str(tmp_path / "state"), "--log-dir", str(tmp_path / "logs")],
+                          "--state", str(tmp_path / "state"), "--log-dir", str(tmp_path / "logs"), "--config", "none"],
                          stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
                          preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
     os.close(slave)

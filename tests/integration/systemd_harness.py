@@ -127,6 +127,12 @@ class UserManager:
             "cat <>\"$HARNESS_FIFO\" >>\"$HARNESS_LOG\" & "
             "mount --bind \"$HARNESS_FIFO\" /dev/kmsg; "
             "mkdir -p /run/systemd/system \"$XDG_RUNTIME_DIR\"; "
+            # PID 1 makes these at boot; the unit's ProtectKernelLogs=, ProtectProc= etc.
+            # mount them over what they hide. This /run is fresh, so make them here.
+            "mkdir -p /run/systemd/inaccessible && cd /run/systemd/inaccessible && "
+            "touch reg && mkdir dir && mknod chr c 0 0 && mknod blk b 0 0 && mkfifo fifo && "
+            "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('sock')\" && "
+            "chmod 0000 reg dir chr blk fifo sock && cd /; "
             "chmod 700 \"$XDG_RUNTIME_DIR\"; "
             f"exec {SYSTEMD} --user --log-target=kmsg --log-level=info"
         )

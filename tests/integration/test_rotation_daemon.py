@@ -11,7 +11,7 @@ from conftest import wait_for
 def _ckpts(d, job):
     r = d.cli("checkpoints", job, "--json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return json.loads(r.stdout)["checkpoints"]
 
 
 def test_rotation_keeps_last_n_and_never_follows_planted_symlinks(daemon, tmp_path):
