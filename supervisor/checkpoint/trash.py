@@ -207,18 +207,42 @@ def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> Non
             os.close(dfd)
 
 
-def _open_trash(h: DirHandle) -> int:
+def open_own_dir(h: DirHandle, name: str) -> int:
+    """Make (if missing) and open one of the daemon's dirs beneath the held checkpoint dir
+    (the trash, the aside dir): mode 0700, owned by the checkpoint dir's owner. A root
+    daemon that kept them root's left a `user:` job's own files where its user could no
+    longer read, recover or delete them. A symlink or file planted under the name is never
+    followed or replaced: OSError (ELOOP, ENOTDIR)."""
     try:
-        os.mkdir(TRASH_DIR, 0o700, dir_fd=h.fd)
+        os.mkdir(name, 0o700, dir_fd=h.fd)
     except FileExistsError:
         pass
-    except OSError as e:
-        raise _translate(e, TRASH_DIR) from None
+    fd = h.open_beneath(name)
     try:
-        return h.open_beneath(TRASH_DIR)
-    except OSError as e:
+        st, top = os.fstat(fd), os.fstat(h.fd)
+        # only what the daemon made (or an older daemon made root's) changes hands
+        if st.st_uid == os.geteuid() and (st.st_uid, st.st_gid) != (top.st_uid, top.st_gid):
+            try:
+                os.fchown(fd, top.st_uid, top.st_gid)
+            except PermissionError:
+                pass             # not root: the dir stays ours, as the checkpoint dir is
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_trash(h: DirHandle) -> int:
+    try:
+        return open_own_dir(h, TRASH_DIR)
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise DeleteError(e.errno, f"{TRASH_DIR} is not a real directory of the checkpoint dir "
                                    f"({e.strerror}); nothing deleted") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DeleteError(e.errno, f"{TRASH_DIR} is a symlink, never followed; nothing deleted "
+                                       "(remove it)") from None
+        raise _translate(e, TRASH_DIR) from None
 
 
 def _remove(h: DirHandle, parent_fd: int, name: str) -> None:

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_daemon(args) -> int:
     from ..config.files import discover_config, load_daemon_config
     from ..config.yaml import ConfigError
+    from ..daemon.notices.trigger import TriggerRefused
     from ..daemon.state import LockHeld, StateUnusable
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -181,7 +182,7 @@ def cmd_daemon(args) -> int:
     from ..daemon.loop import Daemon
     try:
         return Daemon(spec).run()
-    except (LockHeld, SocketRefused, StateUnusable) as e:
+    except (LockHeld, SocketRefused, StateUnusable, TriggerRefused) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 

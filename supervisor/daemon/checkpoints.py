@@ -305,7 +305,8 @@ class JobCheckpoints(RowFields):
             return []
         found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
                  self.in_place.warning())
-        return [w for w in found if w]
+        planted = self.custody.planted if self.custody is not None else []
+        return [w for w in found if w] + planted
 
 
 class RotationCoordinator:

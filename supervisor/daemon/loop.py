@@ -125,6 +125,10 @@ class Daemon:
         self.lock = StateLock(self.spec.state_dir)
         self.lock.acquire()        # raises LockHeld: the CLI turns it into exit 2
         try:
+            if self.spec.preemption.trigger_file is not None:
+                # before anything is served: a folder others can write refuses the start
+                from .notices.trigger import prepare_trigger_dir
+                prepare_trigger_dir(self.spec.preemption.trigger_file)    # TriggerRefused: exit 2
             self.db = StateDB(self.spec.state_dir)
             with self.db.conn:
                 pass

@@ -42,7 +42,7 @@ def test_batch_script_requeues_signals_before_the_limit_and_execs_trainsup(tmp_p
     lines = script.splitlines()
     for want in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@30", "#SBATCH --open-mode=append",
                  "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=2",
-                 "#SBATCH --partition=low", "#SBATCH --exclusive", "trap '' USR1 TERM"):
+                 "#SBATCH --partition=\"low\"", "#SBATCH --exclusive", "trap '' USR1 TERM"):
         assert want in lines, script
     assert lines[-1].startswith(f"exec {sys.executable} -m trainsup run --slurm on")
     assert sbatch_time(60) == "1" and sbatch_time(61) == "2"
