@@ -10,6 +10,7 @@ fail to encode. Imports nothing: the CLI, the config loader and the daemon all u
 
 from __future__ import annotations
 
+import logging
 import re
 
 # C0 controls (newline and tab included: one value stays one line, one cell), DEL, C1
@@ -36,3 +37,20 @@ def printable(text: object) -> str:
     if _CONTROL.search(s):
         s = _CONTROL.sub(_escape, s)
     return s
+
+
+class PrintableFormatter(logging.Formatter):
+    """The daemon's log lines: each message is one line whatever it quotes (a `reason`
+    holding a newline forged lines in root's log). A traceback keeps its own lines: it is
+    appended after the message, and it is the daemon's, not a job's."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
+def log_to_stderr(level: str) -> None:
+    """logging.basicConfig for the daemon and `trainsup run`, through PrintableFormatter."""
+    import sys
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -37,7 +37,7 @@ from .dirhandle import CheckpointDirError, DirHandle
 from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
-from .reprove import latest_for_launch, reprovable, reprove
+from .reprove import latest_for_launch, reprovable, reprove, stamps_mapped_writes
 from .rotation import RotationPlan, plan_rotation
 from .trash import ASIDE_DIR, TRASH_DIR, empty_trash
 from .validate import Verdict, VerdictCache
@@ -64,6 +64,7 @@ class JobCheckpointDir:
         self.backoff = DeletionBackoff()
         self.inventory = inventory.load(state_dir, job) if state_dir is not None else None
         self.planted: list[str] = []          # the daemon's own dir names, planted as links
+        self._stamps: tuple[int, bool] | None = None    # (held fd, fingerprints_prove)
 
     # ------------------------------------------------------------------ blocking
 
@@ -151,6 +152,15 @@ class JobCheckpointDir:
         if self.handle is None or self.flag:
             return Outcome(info, False, error=self.flag or "checkpoint dir not held", errno=errno.ESTALE)
         return delete_one(self.handle, info)
+
+    def fingerprints_prove(self) -> bool:
+        """Whether an unchanged fingerprint proves unchanged content in this dir (mapped
+        writes move ctime: reprove.py); False on tmpfs, where only a re-hash does."""
+        if self.handle is None:
+            return True
+        if self._stamps is None or self._stamps[0] != self.handle.fd:
+            self._stamps = (self.handle.fd, stamps_mapped_writes(self.handle.io_root))
+        return self._stamps[1]
 
     def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: VerdictCache | None
                           ) -> CheckpointInfo | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
 from ..control.server import SocketRefused
+from ..printable import log_to_stderr, printable
 from .render import format_checkpoints, format_status
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
@@ -169,8 +169,7 @@ def cmd_daemon(args) -> int:
     from ..config.yaml import ConfigError
     from ..daemon.notices.trigger import TriggerRefused
     from ..daemon.state import LockHeld, StateUnusable
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
                  "socket": Path(args.socket) if args.socket else None}
     try:
@@ -189,8 +188,7 @@ def cmd_daemon(args) -> int:
 
 def cmd_run(args) -> int:
     from ..daemon.run import run_job
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     sock = getattr(args, "socket", None)
     return run_job(args.job_file, state_dir=args.state_dir, socket=Path(sock) if sock else None,
                    slurm=args.slurm)
@@ -217,7 +215,7 @@ def _ask(args) -> tuple[bool, Any]:
 
 
 def _fail(msg) -> int:
-    print(f"trainsup: {msg}", file=sys.stderr)
+    print(f"trainsup: {printable(msg)}", file=sys.stderr)
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
 
 
@@ -310,7 +308,7 @@ def _show_start(args, name: str, res: dict) -> int:
             break
         st = full["jobs"][0]
     print(f"{name}: {st['state']}" + (f" (pid {st['pid']})" if st.get("pid") else "")
-          + (f": {st['error']}" if st.get("error") and st["state"] not in ("running",) else ""))
+          + (f": {printable(st['error'])}" if st.get("error") and st["state"] not in ("running",) else ""))
     return EXIT_OK if st["state"] in ("running", "starting", "finished") else EXIT_FAIL
 
 
@@ -319,7 +317,7 @@ def _show_stop(args, name: str, res: dict) -> int:
         print(f"{name}: already {res['state']}")
     elif "outcome" in res:
         extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
-        print(f"{name}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
+        print(f"{name}: {printable(res['outcome'])}{extra}; stopped in {res.get('stop_s')}s")
         if res.get("lost"):
             # A stop that asked for a save and could not get one: say what it cost.
             print(f"{name}: {res['lost']} (see README 'Integrations'; --no-save to stop without asking)",
@@ -333,7 +331,7 @@ def _show_stop(args, name: str, res: dict) -> int:
 def _show_checkpoint(args, name: str, res: dict) -> int:
     if args.wait:
         what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
-        print(f"{name}: checkpoint {what} is valid: {res['path']}")
+        print(f"{name}: checkpoint {printable(what)} is valid: {printable(res['path'])}")
     else:
         print(f"{name}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
     return EXIT_OK
@@ -396,7 +394,7 @@ def cmd_reload(args) -> int:
     bad = res.get("invalid_jobs") or []
     print(f"invalid: {', '.join(bad) or 'none'}")
     for line in res.get("invalid", []):
-        print(line, file=sys.stderr)
+        print(printable(line), file=sys.stderr)
     return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
 
 
@@ -459,8 +457,9 @@ def cmd_history(args) -> int:
         ev.pop("job", None)
         parts = [f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"] if kind == "state" else []
         parts += [f"{k}={v}" for k, v in ev.items() if v is not None]
-        detail = " ".join(parts)
-        print(f"{at}Z  {kind:<14} {detail}".rstrip())
+        # file names and a manifest's reason are the job's text: one escaped line each
+        detail = printable(" ".join(parts))
+        print(f"{at}Z  {printable(kind):<14} {detail}".rstrip())
     return EXIT_OK
 
 
@@ -472,7 +471,7 @@ def cmd_validate(args) -> int:
         print(json.dumps([{**p, "ok": not p["errors"]} for p in per_file], indent=1))
         return EXIT_FAIL if errors else EXIT_OK
     for line in errors:
-        print(line, file=sys.stderr)
+        print(printable(line), file=sys.stderr)
     if errors:
         return EXIT_FAIL
     print(f"{len(args.files)} file(s) OK")
