@@ -347,7 +347,8 @@ class Job(RowFields):
                                             and not self.ckpts.reproof_needed()):
             self._spawn_guarded()
             return
-        self._prelaunch = self.loop.create_task(self._refresh_then_spawn(refresh=not fresh))
+        self._prelaunch = self.loop.create_task(
+            self._refresh_then_spawn(refresh=not fresh or self.ckpts.reproof_needed()))
 
     async def _refresh_then_spawn(self, refresh: bool = True) -> None:
         try:
