@@ -46,7 +46,8 @@ def signal_number(spec: str | int | None, default: int = signal.SIGUSR1) -> int:
 
 
 # -- the notice: written by the daemon before it signals --------------------------------------
-# `<state_dir>/notices/<job>/notice.json`: {"id", "kind", "deadline" (UTC epoch seconds or
+# `<heartbeat dir>/.notices/<job>/notice.json` (beside the heartbeat, where a `user:` job
+# can reach it): {"id", "kind", "deadline" (UTC epoch seconds or
 # null), "deadline_iso", "written"}. A job that reads it answers in `<notice>.ack`:
 # {"id", "kind", "state": "taken" | "saved", "exits", "pid", "at", "path"}. "exits" true
 # means the job ends by itself once that save is committed (exit 0 after a preempt), so

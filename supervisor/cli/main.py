@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from .. import __version__, contract
 from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
+from ..printable import log_to_stderr, printable
 from . import outcomes
 from .outcomes import ACTIVE_STATES, JSON_SCHEMA, Outcome
 from .render import format_checkpoints, format_status
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_daemon(args) -> int:
     from ..config.files import choose_config, load_daemon_config
     from ..config.yaml import ConfigError
+    from ..daemon.notices.trigger import TriggerRefused
     from ..daemon.state import LockHeld, StateUnusable
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
                  "socket": Path(args.socket) if args.socket else None}
     try:
@@ -194,15 +194,14 @@ def cmd_daemon(args) -> int:
         daemon = Daemon(spec)
         daemon.config_file = how
         return daemon.run()
-    except (LockHeld, SocketRefused, StateUnusable, MetricsUnavailable) as e:
+    except (LockHeld, SocketRefused, StateUnusable, MetricsUnavailable, TriggerRefused) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def cmd_run(args) -> int:
     from ..daemon.run import run_job
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     sock = getattr(args, "socket", None)
     return run_job(args.job_file, state_dir=args.state_dir, socket=Path(sock) if sock else None,
                    slurm=args.slurm)
@@ -229,7 +228,7 @@ def _ask(args) -> tuple[bool, Any]:
 
 
 def _fail(msg) -> int:
-    print(f"trainsup: {msg}", file=sys.stderr)
+    print(f"trainsup: {printable(msg)}", file=sys.stderr)
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
 
 
@@ -370,9 +369,9 @@ def _report(args, results: list[Outcome]) -> int:
     else:
         for o in results:
             if o.outcome in ("failed", "no-such-job") and o.line.startswith("trainsup: "):
-                print(o.line, file=sys.stderr)
+                print(printable(o.line), file=sys.stderr)
             else:
-                print(o.line)
+                print(printable(o.line))
             if o.warning:
                 print(o.warning, file=sys.stderr)
     return max((EXIT_UNREACHABLE if o.outcome == "no-such-job" else o.code for o in results), default=EXIT_OK)
@@ -503,7 +502,7 @@ def cmd_reload(args) -> int:
             print(f"{k}: {', '.join(res[k]) or 'none'}")
         print(f"invalid: {', '.join(bad) or 'none'}")
         for line in res.get("invalid", []):
-            print(line, file=sys.stderr)
+            print(printable(line), file=sys.stderr)
     return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
 
 
@@ -566,8 +565,9 @@ def cmd_history(args) -> int:
         ev.pop("job", None)
         parts = [f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"] if kind == "state" else []
         parts += [f"{k}={v}" for k, v in ev.items() if v is not None]
-        detail = " ".join(parts)
-        print(f"{at}Z  {kind:<14} {detail}".rstrip())
+        # file names and a manifest's reason are the job's text: one escaped line each
+        detail = printable(" ".join(parts))
+        print(f"{at}Z  {printable(kind):<14} {detail}".rstrip())
     return EXIT_OK
 
 
@@ -585,7 +585,7 @@ def cmd_validate(args) -> int:
                          indent=1))
         return EXIT_FAIL if errors else EXIT_OK
     for line in errors:
-        print(line, file=sys.stderr)
+        print(printable(line), file=sys.stderr)
     if errors:
         return EXIT_FAIL
     print(f"{len(checked)} file(s) OK" if args.files else f"daemon config OK: {checked[-1][0]}")

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from ..contract import iso_utc
 from ..control.protocol import table_rows
+from ..printable import printable
 
 
 def human_bytes(n: float | None) -> str:
@@ -50,6 +51,9 @@ def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> li
     """Left-aligned columns two spaces apart; the first row is the header. With
     `colour_column`, that column's cells are coloured by their text (after padding, so
     the escape codes never break the alignment)."""
+    # Every cell may quote a job's text (a file name with terminal escapes rewrote
+    # root's terminal): escaped here, before widths are measured.
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, r in enumerate(rows):
@@ -143,7 +147,8 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
     # Which daemon config is in force: a daemon that silently read another file is how
     # tests once fired production hooks.
     tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []
-    return "\n".join(head + table(rows, 1 if colour else None) + notes + tail)
+    return "\n".join([printable(h) for h in head] + table(rows, 1 if colour else None)
+                     + [printable(n) for n in notes] + tail)
 
 
 def _since(now: float, t: float | None) -> float | None:

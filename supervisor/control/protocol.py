@@ -1,13 +1,12 @@
 """The control socket's wire format, shared by both ends: one JSON object per line each way,
 request `{"cmd", "job", "args"}`, reply `{"ok": true, "result": ...}` or `{"ok": false,
 "error": "one-line reason"}`; the size limit of a request line; the `status` table view's
-row fields; and the check both ends make of the socket's directory. Imports nothing of
+row fields; and the check both ends make of the socket's directory (trust.py). Imports nothing of
 the daemon: the client (and so `trainsup status`) loads this and client.py only."""
 
 from __future__ import annotations
 
-import os
-import stat
+from ..trust import unsafe_dir  # noqa: F401  (both ends of the socket check its dir with it)
 
 MAX_REQUEST = 64 * 1024
 
@@ -15,20 +14,6 @@ MAX_REQUEST = 64 * 1024
 class Encoded(bytes):
     """A result already encoded as JSON (one line), sent as is: `status` joins rows each
     job keeps encoded rather than encoding 200 dicts per request."""
-
-
-def unsafe_dir(st: os.stat_result, owners: set[int], gids: set[int]) -> str | None:
-    """Why a directory holding the socket lets someone else replace it, or None."""
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    if st.st_uid not in owners:
-        return f"it is owned by uid {st.st_uid}"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH:
-        return f"it is writable by others (mode {mode:04o})"
-    if mode & stat.S_IWGRP and st.st_gid not in gids:
-        return f"it is writable by group {st.st_gid} (mode {mode:04o})"
-    return None
 
 
 # The table view (`status` without --json) sends each job as one string, its fields in

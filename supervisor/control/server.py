@@ -272,6 +272,22 @@ def prepare_socket_dir(directory: Path, gid: int | None) -> None:
                             f"or the daemon's user can write (e.g. /run/trainsup, mode 0755)")
 
 
+def socket_answers(path: Path) -> bool:
+    """Whether something listens on the Unix socket at `path` (a stale socket file left
+    by a daemon that died refuses the connection). Non-blocking: a live daemon whose
+    accept queue is full still counts as live."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        s.connect(str(path))
+        return True
+    except (BlockingIOError, InterruptedError):
+        return True             # EAGAIN/EINPROGRESS: listening, its queue full
+    except OSError:
+        return False            # ECONNREFUSED (nobody listens), ENOENT, ...
+    finally:
+        s.close()
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler, *, group: str | None,
                  job_user_of: Callable[[str], str | None] | None = None,
@@ -355,6 +371,12 @@ class ControlServer:
         if st is not None:
             if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 raise SocketRefused(f"{self.path} exists and is not a socket; refusing to replace it")
+            if stat.S_ISSOCK(st.st_mode) and socket_answers(self.path):
+                # A second daemon (another state dir, the same socket) once unlinked the
+                # live daemon's socket and bound its own: when it exited, the first one,
+                # still running its jobs, could no longer be reached.
+                raise SocketRefused(f"another daemon is listening on {self.path}; refusing to take its "
+                                    "socket (stop that daemon first, or pass another --socket)")
             self.path.unlink()
         old = os.umask(0o117)     # the socket is born 0660: no window where others can connect
         try:

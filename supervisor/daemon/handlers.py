@@ -211,7 +211,9 @@ class Commands:
         return await self._checkpoint(self.job(r.job), r.args)
 
     async def do_checkpoints(self, r: Request) -> Any:
-        return self._checkpoints(self.job(r.job))
+        job = self.job(r.job)
+        await job.ckpts.first_scan()
+        return self._checkpoints(job)
 
     async def do_pin(self, r: Request, pin: bool = True) -> Any:
         job = self.job(r.job)
@@ -220,6 +222,7 @@ class Commands:
         if not isinstance(step, int) or isinstance(step, bool):
             raise RequestError(f"{verb}: step must be an integer")
         if pin:
+            await job.ckpts.first_scan()        # not "no checkpoint" while the dir is first read
             if not any(i.step == step for i in job.checkpoints):
                 raise RequestError(f"job {r.job} has no checkpoint at step {step}")
             job.pin(step)

@@ -352,11 +352,15 @@ class Job(RowFields):
         self._set(S.STARTING)
         # Fresh (an immediate relaunch, the index refreshed after the exit): straight on,
         # unless the last attempt left a save half-written (found with backoff 0: HF's
-        # get_last_checkpoint then picked the half-written checkpoint-N/).
-        if self.spec.checkpoint is None or (fresh and not self.ckpts.has_interrupted(self.pinned)):
+        # get_last_checkpoint then picked the half-written checkpoint-N/), or the dir is one
+        # where only a re-hash proves the resume point (tmpfs: the refresh after the exit
+        # trusted fingerprints, and a damaged checkpoint was offered).
+        if self.spec.checkpoint is None or (fresh and not self.ckpts.has_interrupted(self.pinned)
+                                            and not self.ckpts.reproof_needed()):
             self._spawn_guarded()
             return
-        self._prelaunch = self.loop.create_task(self._refresh_then_spawn(refresh=not fresh))
+        self._prelaunch = self.loop.create_task(
+            self._refresh_then_spawn(refresh=not fresh or self.ckpts.reproof_needed()))
 
     async def _refresh_then_spawn(self, refresh: bool = True) -> None:
         try:
@@ -422,7 +426,8 @@ class Job(RowFields):
         }
         if spec.checkpoint is not None:
             try:
-                self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.owner())
+                # beside the heartbeat: the state dir is root's 0750, out of a `user:` job's reach
+                self._notice_path = jobnotice.prepare(self.host.heartbeat_dir, self.name, spec.owner())
                 jobnotice.clear(self._notice_path)
                 extra[contract.NOTICE_FILE] = str(self._notice_path)
             except (OSError, KeyError) as e:

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..printable import printable
 from .pipes import read_ready
 
 log = logging.getLogger("trainsup.joblog")
@@ -62,7 +63,9 @@ class JobLog:
 
     def note(self, text: str) -> None:
         """A line from trainsup itself, so the log tells the whole story of each attempt."""
-        self.write(f"[trainsup] {text}\n".encode())
+        # one line whatever it quotes (a checkpoint's name, a reason): the job's log is read
+        # by people, and a newline there forged a trainsup line
+        self.write(f"[trainsup] {printable(text)}\n".encode())
         if self._read_fd < 0 and self._fd >= 0:
             # No attempt is writing: the file is not held open between attempts (200 jobs
             # that cannot start must not hold 200 fds the control socket needs).

@@ -131,6 +131,10 @@ class Daemon:
         self.lock = StateLock(self.spec.state_dir)
         self.lock.acquire()        # raises LockHeld: the CLI turns it into exit 2
         try:
+            if self.spec.preemption.trigger_file is not None:
+                # before anything is served: a folder others can write refuses the start
+                from .notices.trigger import prepare_trigger_dir
+                prepare_trigger_dir(self.spec.preemption.trigger_file)    # TriggerRefused: exit 2
             self.db = StateDB(self.spec.state_dir)
             with self.db.conn:
                 pass
@@ -194,7 +198,7 @@ class Daemon:
                 job.event("orphan-stopped", cgroup=name)
         for job in self.jobs.values():      # deletions a crash cut off from their record
             for e in unfinished_intents(self.db.events(job.name, 500)):
-                if not os.path.lexists(e["path"]):
+                if _gone(e["path"]):
                     job.event("deleted", path=e["path"], step=e.get("step"), bytes=e.get("bytes"),
                               why=f"{e.get('why')}; completed before a crash, recorded at start")
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
@@ -394,6 +398,7 @@ class Daemon:
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               on_landed=self.rotation.landed,
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
                                create_as=spec.owner() if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
@@ -685,6 +690,18 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _gone(path: str) -> bool:
+    """Only ENOENT is "gone": os.path.lexists also says False for a name it cannot look
+    at (ENAMETOOLONG, EACCES), and an entry never deleted was recorded `deleted`."""
+    try:
+        os.lstat(path)
+        return False
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _log_failure(task: asyncio.Task, what: str) -> None:

@@ -31,6 +31,7 @@ SECTIONS = {
     "resume": "bench_resume",
     "scale": "bench_scale",
     "deletion": "bench_deletion",
+    "reprove": "bench_reprove",
     "integrations": "bench_integrations",
 }
 

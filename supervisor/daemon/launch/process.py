@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -479,12 +480,15 @@ def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
 
 
 def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
-    """At daemon exit: remove the heartbeat files of a /run dir (a state dir's are kept)."""
+    """At daemon exit: remove the heartbeat files and notice dirs of a /run dir (a state
+    dir's are kept)."""
     if d.parent != run_dir:
         return
     try:
         for e in os.scandir(d):
-            if e.is_file(follow_symlinks=False) or e.is_symlink():
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)        # fd-based: a link a job planted is never followed
+            elif e.is_file(follow_symlinks=False) or e.is_symlink():
                 os.unlink(e.path)
         os.rmdir(d)
     except OSError as e:
