@@ -112,7 +112,8 @@ async def take_over(d: Daemon, via: str) -> set[str]:
     stale: list[str] = []
     ends = []
     tree = cgroup.tree_name(state_dir)
-    for name, mine in by_job.items():
+    for name in sorted(set(by_job) | set(d.jobs)):
+        mine = by_job.get(name, [])
         job = d.jobs.get(name)
         if job is None:
             for launch in mine:
@@ -219,6 +220,14 @@ async def _end(d: Daemon, launch: Launch, why: str) -> None:
     what is left after END_TIMEOUT (its cgroup, else the shim's tree)."""
     log.warning("launch %s: %s; stopping it", launch.name, why)
     d.record_event(launch.job, "orphan-stopped", {"launch": launch.name, "why": why})
+    try:
+        await _end_processes(d, launch)
+    finally:
+        # Its end was this daemon's doing, not something to handle at the next start.
+        shim.discard_status(shim.status_path(d.spec.state_dir, launch.name))
+
+
+async def _end_processes(d: Daemon, launch: Launch) -> None:
     cg = launch.cgroup
     if cg is not None:
         cg.signal_all(signal.SIGTERM)

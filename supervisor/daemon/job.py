@@ -626,13 +626,18 @@ class Job(RowFields):
         attempt and counters, no save asked, no relaunch; its monitors start again, and a
         stop that daemon had begun is carried on."""
         was = self.persisted_state
+        data = self.persisted
+        behind = attempt > self.attempt      # the database never heard of this launch
+        unrecorded = behind or was in (None, S.STARTING.value, S.PENDING.value)
+        self.restart_reason = data.get("restart_reason") or self.restart_reason
+        reason = "first" if attempt == 1 else self.restart_reason
+        if behind and reason not in ("first", "manual"):
+            self.restarts += 1           # the launch the dead daemon made, never committed
         self.attempt = attempt
         self.child = child
         self.log.shim_writes = True
         self.supervised_since = time.time()
-        data = self.persisted
-        self.restart_reason = data.get("restart_reason") or self.restart_reason
-        self.resumed_from = data.get("resumed_from") or shim.environ_of(
+        self.resumed_from = (None if behind else data.get("resumed_from")) or shim.environ_of(
             child.pid, (contract.RESUME_FROM,)).get(contract.RESUME_FROM) or None
         if self.spec.checkpoint is not None:
             self._notice_path = jobnotice.path_of(self.settings.state_dir, self.name)
@@ -642,6 +647,10 @@ class Job(RowFields):
         self.loop.add_reader(child.pidfd, self._on_pidfd, child)
         self.monitor = AttemptMonitor(self.spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
         self.monitor.start(self.loop)
+        if unrecorded:
+            # The dead daemon launched it and died before recording the launch.
+            self.event("launch", attempt=attempt, pid=child.pid, reason=reason, resume_from=self.resumed_from,
+                       recorded="when taken over")
         self.event("adopted", attempt=attempt, pid=child.pid, shim=child.shim_pid, via=via, found="running",
                    cgroup=child.cgroup.name if child.cgroup is not None else None,
                    started=round(child.started_wall, 3), state_was=was)
