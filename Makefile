@@ -4,10 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
+# Compiled at install: the clone3 launcher and the per-job shim.
+LAUNCHER := $(addprefix supervisor/daemon/launch/,_spawn.c _shim.c build_shim.py)
 
 .PHONY: venv test lint demo bench chaos clean test-multinode
 
-$(BIN)/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(BIN)/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy
@@ -52,7 +54,7 @@ FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safet
 
 .PHONY: venv-frameworks test-frameworks
 
-$(VENV_FW)/bin/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV_FW)
 	$(VENV_FW)/bin/pip install -q --upgrade pip
 	$(VENV_FW)/bin/pip install -q $(FW_PKGS)

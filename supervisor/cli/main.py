@@ -35,7 +35,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="trainsup", description="Preemption-tolerant supervisor for long training runs.")
-    p.add_argument("--version", action="version", version=f"trainsup {__version__}")
+    p.add_argument("--version", action="store_true",
+                   help="print this trainsup's version, and the running daemon's when one answers")
     p.add_argument("--socket", help="control socket (default: $TRAINSUP_SOCKET, else the daemon's default)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
     # `trainsup daemon --socket PATH` (SPEC section 2) and `trainsup status --socket PATH`
@@ -153,6 +154,8 @@ def daemon_uids() -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        return show_version(args)
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE
@@ -170,7 +173,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
+def show_version(args) -> int:
+    """This program's version; then, asked over the socket, the daemon's (after an
+    upgrade and `trainsup reexec` the two agree; before it they may not)."""
+    print(f"trainsup {__version__}")
+    sock = socket_path(getattr(args, "socket", None))
+    try:
+        reply = request(sock, "ping", timeout=5.0, trusted=daemon_uids())
+    except Unreachable:
+        return EXIT_OK
+    res = reply.get("result") or {}
+    if reply.get("ok"):
+        print(f"daemon: trainsup {res.get('version')} (pid {res.get('pid')}) at {sock}")
+    return EXIT_OK
+
+
 # -- commands ----------------------------------------------------------------------------
+
+def _preflight() -> int:
+    """`trainsup reexec` runs the new program this way first: it imported, its config
+    read; the daemon's code imports too. Nothing is started."""
+    from ..daemon import loop  # noqa: F401
+    print(__version__)
+    return EXIT_OK
+
 
 def cmd_daemon(args) -> int:
     from ..config.files import choose_config, load_daemon_config
@@ -187,6 +213,8 @@ def cmd_daemon(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    if os.environ.get("TRAINSUP_PREFLIGHT"):
+        return _preflight()
     from ..control.server import SocketRefused
     from ..daemon.loop import Daemon
     from ..daemon.metrics_http import MetricsUnavailable
@@ -200,6 +228,8 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if os.environ.get("TRAINSUP_PREFLIGHT"):
+        return _preflight()
     from ..daemon.run import run_job
     log_to_stderr(args.log_level)
     sock = getattr(args, "socket", None)
@@ -506,6 +536,20 @@ def cmd_reload(args) -> int:
     return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
 
 
+def cmd_reexec(args) -> int:
+    try:
+        ok, res = _ask(args)
+    except Unreachable as e:
+        # The connection closed with no answer: the new program did not come up.
+        return _fail(f"{e}: the re-executed daemon did not answer (see its log; under systemd it is "
+                     f"restarted and takes the jobs over)")
+    if not ok:
+        return _fail(res)
+    print(f"daemon pid {res['pid']}: trainsup {res['was']} -> {res['version']}, "
+          f"{res['jobs_kept']} running jobs kept ({res['took_s']}s)")
+    return EXIT_OK
+
+
 def cmd_logs(args) -> int:
     if args.n < 0:
         raise UsageError("-n must be >= 0")
@@ -643,7 +687,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "daemon": cmd_daemon, "status": cmd_status, "start": cmd_start, "stop": cmd_stop,
     "restart": cmd_stop, "preempt": cmd_stop, "checkpoint": cmd_checkpoint, "pid": cmd_pid,
-    "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
+    "reload": cmd_reload, "reexec": cmd_reexec, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
     "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
     "run": cmd_run, "slurm": cmd_slurm,
 }

@@ -78,7 +78,7 @@ def _num(x: Val) -> float | None:
 
 def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val, has_ck: bool,
            step: Val, latest: str | None, age: float | None, invalid: Val, nbytes: Val,
-           quota: Val, over: bool, rss: Val, limit: Val) -> tuple[str, ...]:
+           quota: Val, over: bool, rss: Val, limit: Val, adopted: bool = False) -> tuple[str, ...]:
     if step is not None and step != "":
         ckpt = f"step {step}, {human_age(age)} ago"
     elif latest:
@@ -96,7 +96,11 @@ def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val,
         memtxt += f"/{human_bytes(limit_n)}"
     if over:
         state += " over-quota"
-    return (name, state, str(pid or "-"), human_age(uptime), str(restarts or 0), ckpt, disk, memtxt)
+    pidtxt = str(pid or "-") + (ADOPTED_MARK if adopted and pid else "")
+    return (name, state, pidtxt, human_age(uptime), str(restarts or 0), ckpt, disk, memtxt)
+
+
+ADOPTED_MARK = "*"       # PID column: the process was re-adopted, not launched, by this daemon
 
 
 def _notes(name: str, j: dict) -> list[str]:
@@ -124,10 +128,10 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
         for (name, state, pid, started, restarts, has_ck, nbytes, rss, _crashes, step, latest, mtime,
-             invalid, quota, over, limit) in table_rows(result):
+             invalid, quota, over, limit, adopted) in table_rows(result):
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
-                               nbytes, quota, bool(over), rss, limit))
+                               nbytes, quota, bool(over), rss, limit, bool(adopted)))
             notes += _notes(name, by_job.get(name) or {})
     for j in result.get("jobs") or ():     # the full shape (--json's), ages included
         ck = j.get("checkpoint") or {}
@@ -135,7 +139,7 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
         rows.append(_cells(j["name"], j["state"], j.get("pid"), j.get("uptime_s"), j.get("restarts"),
                            bool(ck), ck.get("step"), ck.get("latest"), ck.get("age_s"), ck.get("invalid"),
                            ck.get("bytes"), ck.get("quota"), bool(ck.get("over_quota")), mem.get("rss"),
-                           mem.get("limit")))
+                           mem.get("limit"), bool(j.get("adopted"))))
         notes += _notes(j["name"], j)
     daemon = result.get("daemon") or {}
     head = [f"notice in force: {n['source']} {n['kind']}"
@@ -144,6 +148,8 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
     head += [f"{s['source']}: {s['error']} since {s['since_iso']}" for s in daemon.get("sources") or []
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
+    if any(r[2].endswith(ADOPTED_MARK) for r in rows[1:]):
+        notes.append(f"{ADOPTED_MARK} taken over from an earlier daemon (a crash or `trainsup reexec`), not relaunched")
     # Which daemon config is in force: a daemon that silently read another file is how
     # tests once fired production hooks.
     tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []

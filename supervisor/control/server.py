@@ -312,7 +312,7 @@ class ControlServer:
                 self.socket_gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.slots = _Slots()
         self.fd_limit = 1024
 
@@ -358,9 +358,22 @@ class ControlServer:
         return True
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        """Raises SocketRefused (one line) when the path or its directory is unsafe."""
+    async def start(self, inherited: int | None = None) -> None:
+        """Raises SocketRefused (one line) when the path or its directory is unsafe.
+        `inherited`: the listening socket handed over by `trainsup reexec` (its clients
+        waited in its backlog meanwhile), used when it is still the one at our path."""
         self.fd_limit = raise_nofile()
+        if inherited is not None:
+            sock = socket.socket(fileno=inherited)
+            try:
+                if sock.family == socket.AF_UNIX and sock.getsockname() == str(self.path) \
+                        and stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST,
+                                                                  backlog=ACCEPT_BACKLOG)
+                    return
+            except OSError:
+                pass
+            sock.close()
         prepare_socket_dir(self.path.parent, self.socket_gid)
         try:
             st = os.lstat(self.path)
@@ -388,6 +401,11 @@ class ControlServer:
             os.umask(old)
         if self.socket_gid is not None:
             os.chown(self.path, -1, self.socket_gid)
+
+    def listening_fd(self) -> int | None:
+        """The listening socket's fd (what `trainsup reexec` hands to the new program)."""
+        socks = self.server.sockets if self.server is not None else ()
+        return socks[0].fileno() if socks else None
 
     async def close(self) -> None:
         if self.server is not None:

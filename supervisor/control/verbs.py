@@ -117,6 +117,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
                                     "help": "with --wait: give up after this long (default: the job's "
                                             "emergency_save.grace)"}), _JSON), timeout=_LONG),
     Verb("reload", "re-read job files", writes=True, targets=DAEMON, args=(_JSON,), timeout=600.0),
+    Verb("reexec", "re-execute the daemon as the version installed now, same pid, every job kept "
+         "running (the upgrade path)", writes=True, targets=DAEMON, timeout=600.0),
     Verb("logs", "a job's stdout and stderr", writes=False, targets=ONE_JOB,
          args=(JOB_ARG, Arg(("-f", "--follow"), {"action": "store_true",
                                                  "help": "keep printing new output until interrupted"}),

@@ -169,6 +169,10 @@ class Commands:
     async def do_reload(self, r: Request) -> Any:
         return await self.d.reload()
 
+    async def do_reexec(self, r: Request) -> Any:
+        from .reexec import reexec  # answered by the new program, on this connection
+        return await reexec(self.d, r.conn.writer.get_extra_info("socket").fileno())
+
     async def do_start(self, r: Request) -> Any:
         job = self.job(r.job)
         if job.alive or job.busy:

@@ -25,6 +25,7 @@ from ..checkpoint.deleter import unfinished_intents
 from ..contract import iso_utc
 from ..control.server import ControlServer
 from ..spec import DaemonSpec, InvalidJob, JobSpec, ScheduleSpec, rotates
+from . import adoption, reexec
 from .checkpoints import JobCheckpoints, RotationCoordinator
 from .handlers import Commands
 from .hooks import HookRunner
@@ -120,6 +121,7 @@ class Daemon:
         self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
         self.metrics_error: str | None = None   # metrics.required false and they could not start
         self._metrics_sampled = float("-inf")
+        self.handover: reexec.Handover | None = None   # this program was exec'd by `trainsup reexec`
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -128,8 +130,10 @@ class Daemon:
         # only keep up. A thread holding the GIL keeps it up to the switch interval once
         # the loop wants it back: 5 ms by default, 1 ms here.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self.handover = reexec.take()
         self.lock = StateLock(self.spec.state_dir)
-        self.lock.acquire()        # raises LockHeld: the CLI turns it into exit 2
+        # raises LockHeld: the CLI turns it into exit 2 (after `reexec`: the lock never left us)
+        self.lock.acquire(inherited=self.handover.lock_fd if self.handover else None)
         try:
             if self.spec.preemption.trigger_file is not None:
                 # before anything is served: a folder others can write refuses the start
@@ -173,7 +177,7 @@ class Daemon:
             self.loop.add_signal_handler(sig, handler)
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
-        await self.control.start()
+        await self.control.start(inherited=self.handover.socket_fd if self.handover else None)
         self.hooks = HookRunner(self.loop, self.spec.hooks, daemon_spec=self.spec,
                                 containment=containment if containment.kind != cgroup.PROCESS_GROUP else None)
         if self.metrics is not None:
@@ -190,27 +194,33 @@ class Daemon:
         self.loaded.set()
         # malloc_trim walks the whole heap (0.1-0.5 s once scans have run): off the loop
         self.loop.call_later(RELEASE_MEMORY_AFTER_S, self.loop.run_in_executor, None, release_freed_memory)
-        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
-        # state DB says (it may be gone), then by the pids it recorded.
-        for name in await containment.end_leftovers():
-            job = self.jobs.get(name.rpartition(".")[0])
-            if job is not None:
-                job.event("orphan-stopped", cgroup=name)
+        # Before any launch: the jobs an earlier daemon left running are taken over and the
+        # exits that happened meanwhile handled, found by their cgroups and shims, whatever
+        # the state DB says (it may be behind, or new).
+        taken = await adoption.take_over(self, "re-exec" if self.handover else "restart")
         for job in self.jobs.values():      # deletions a crash cut off from their record
             for e in unfinished_intents(self.db.events(job.name, 500)):
                 if _gone(e["path"]):
                     job.event("deleted", path=e["path"], step=e.get("step"), bytes=e.get("bytes"),
                               why=f"{e.get('why')}; completed before a crash, recorded at start")
-        await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
+        # A job an earlier daemon launched without a shim cannot be taken over: ended.
+        await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()
+                               if j.name not in taken and not j.persisted.get("shim")))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
-            self._autostart(job)
+            if job.name not in taken:
+                self._autostart(job)
         self._start_notice_sources()
         self._spawn_task(self._periodic(), "periodic rescan")
         self._spawn_task(self._watchdog_pings(), "watchdog pings")
         self.notifier.ready(self._summary())
-        log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
-                 len(self.invalid), self.spec.socket)
+        log.info("trainsup %s: %d jobs (%d invalid, %d taken over), socket %s", __version__, len(self.jobs),
+                 len(self.invalid), sum(1 for j in self.jobs.values() if j.child and j.child.adopted),
+                 self.spec.socket)
+        if self.handover is not None:
+            reexec.answer(self.handover, {"pid": os.getpid(), "version": __version__, "was": self.handover.was,
+                                          "jobs_kept": sum(1 for j in self.jobs.values() if j.child and j.child.adopted),
+                                          "took_s": round(time.time() - self.handover.asked_at, 3)})
         assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
@@ -371,7 +381,7 @@ class Daemon:
     def leader_pids(self) -> list[int]:
         # Hook processes too: their exit status is the hook runner's to collect.
         hooks = list(self.hooks.pids()) if self.hooks is not None else []
-        return [j.child.pid for j in self.jobs.values() if j.child] + hooks
+        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks
 
     async def claims_exit(self, job: Job) -> bool:
         """JobHost: whether the host decides what this exit means (`trainsup run` under
@@ -429,6 +439,10 @@ class Daemon:
                 await job.ckpts.refresh()
             except Exception:
                 log.exception("job %s: rescan failed", job.name)
+
+    def retired_jobs(self) -> set[Job]:
+        """Replaced or removed jobs whose stop is still under way."""
+        return self._retired
 
     def own_rss(self) -> int:
         return self._me.memory_info().rss

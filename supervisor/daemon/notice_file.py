@@ -58,6 +58,25 @@ def _own(d: Path, owner: tuple[int, int] | None, mode: int) -> None:
         os.close(fd)
 
 
+def path_of(state_dir: Path, job: str) -> Path:
+    """The notice file's path (what `prepare` returns), without touching anything."""
+    return Path(state_dir) / "notices" / job / NOTICE_NAME
+
+
+def last_count(path: Path, attempt: int) -> int:
+    """How many notices this attempt has had, from the id of the last one written
+    (`<attempt>.<n>`); 0 when there is none. A daemon that takes a running job over
+    numbers its notices on from there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            nid = json.loads(f.read(MAX_NOTICE_BYTES)).get("id")
+        a, _, n = str(nid).partition(".")
+        return int(n) if int(a) == attempt else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def clear(path: Path) -> None:
     """Before a launch: a new attempt must not read the last one's notice or ack."""
     for p in (path, Path(str(path) + ACK_SUFFIX)):

@@ -78,7 +78,9 @@ def test_unit_file_has_the_settings_the_spec_requires():
     # A reload through the socket: `systemctl reload` fails when the reload failed.
     assert re.match(r"^/\S+/trainsup reload$", s["ExecReload"]), s["ExecReload"]
     assert "Documentation" in UNIT_FILE.read_text()
-    assert s["KillMode"] == "mixed"
+    # `process`: a daemon that dies must not take its jobs with it; a stop still
+    # stops them (the daemon does, and waits for their cgroups).
+    assert s["KillMode"] == "process"
     assert s["Restart"] == "on-failure"
     assert seconds(s["WatchdogSec"]) > 0
     for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory",
@@ -404,3 +406,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@needs_daemon
+def test_daemon_killed_under_systemd_comes_back_and_keeps_its_jobs(user_manager: UserManager, tmp_path):
+    """The daemon SIGKILLed (only the daemon: --kill-whom=main) -> systemd restarts
+    it (Restart=on-failure) without killing the job in its cgroup (KillMode=process), and
+    the new daemon takes the job over: same process, no save asked. `systemctl stop` then
+    still saves and stops it."""
+    unit = DaemonUnit(user_manager, tmp_path)
+    unit.add_job("sdjob")
+    user_manager.systemctl("start", unit.name, timeout=60)
+    first = int(user_manager.show(unit.name, "MainPID")["MainPID"])
+    job_pid = unit.job_pid("sdjob")
+    wait_for(lambda: (j := unit.job("sdjob")) and j["state"] == "running", 10,
+             f"sdjob running\n{unit.diagnostics()}")
+
+    user_manager.systemctl("kill", "--kill-whom=main", "--signal=KILL", unit.name)
+    props = wait_for(lambda: (p := user_manager.show(unit.name, "ActiveState", "MainPID", "NRestarts"))
+                     and p["ActiveState"] == "active" and p["MainPID"] not in ("0", str(first)) and p, 30,
+                     f"systemd to restart the daemon\n{unit.diagnostics()}")
+    assert props["NRestarts"] == "1", unit.diagnostics()
+    job = wait_for(lambda: (j := unit.job("sdjob")) and j["state"] == "running" and j, 20,
+                   f"the new daemon to take sdjob over\n{unit.diagnostics()}")
+    assert (job["pid"], job["attempt"], job["adopted"]) == (job_pid, 1, True), unit.diagnostics()
+    assert psutil.pid_exists(job_pid)
+    assert not (unit.workdir / "sdjob.got-sigusr1").exists(), "the job was asked for a save"
+    assert (unit.workdir / "sdjob.pid").read_text() == str(job_pid)     # never started again
+
+    user_manager.systemctl("stop", unit.name, timeout=60)
+    assert (unit.workdir / "sdjob.got-sigusr1").exists(), (
+        f"the job never got the save signal on stop\n{unit.diagnostics()}")
+    wait_for(lambda: not psutil.pid_exists(job_pid), 3, f"job pid {job_pid} to be gone after stop")
+    after = user_manager.show(unit.name, "ActiveState", "Result", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, unit.diagnostics()

@@ -66,7 +66,10 @@ _V1_CONTAINERS = ("pids", "memory", "freezer", "cpuacct")
 # the loop thread (the checkpoint deleter) takes this lock around its fork.
 FORK_LOCK = threading.Lock()
 
-_IN_MODIFY = 0x00000002
+IN_MODIFY = 0x00000002
+IN_MOVE_SELF = 0x00000800
+IN_DELETE_SELF = 0x00000400
+_IN_MODIFY = IN_MODIFY
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 
@@ -325,8 +328,8 @@ class EventsWatcher:
         self.callbacks: dict[int, list] = {}
         loop.add_reader(fd, self._ready)
 
-    def watch(self, path: Path, callback: Callable[[], None]) -> int:
-        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+    def watch(self, path: Path, callback: Callable[[], None], mask: int = _IN_MODIFY) -> int:
+        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
         self.callbacks.setdefault(wd, []).append(callback)
