@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def _number(pattern: str, text: str) -> int:
 def test_quick_demo_survives_preemption_and_crash_within_quota(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "trainsup", "demo", "--quick"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=200)
+                       capture_output=True, text=True, timeout=scaled(200))
     out = r.stdout
     assert r.returncode == 0, f"demo failed ({r.returncode}):\n{out}\n{r.stderr}"
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 from trainsup.cli.plot import timeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +22,7 @@ import matplotlib.image  # noqa: E402  (only once importorskip found matplotlib)
 def _plot(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "trainsup", "plot", *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=scaled(120), env=env)
 
 
 def test_timeline_of_a_recorded_history():
