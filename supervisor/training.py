@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 
-from . import emergency
+from . import contract, emergency
 from .checkpoint import MANIFEST, TMP_DIR, CheckpointWriter, SaveError, read_manifest
 from .checkpoint.format import STEP_DIR_RE, ManifestError, step_dirname
 
@@ -453,12 +453,12 @@ class Checkpointer:
         self._rank_state_pending: dict | None = None
         self._snapshot = _Snapshot()
 
-        hb = heartbeat_file if heartbeat_file is not None else os.environ.get("TRAINSUP_HEARTBEAT_FILE")
+        hb = heartbeat_file if heartbeat_file is not None else os.environ.get(contract.HEARTBEAT_FILE)
         self._heartbeat = Path(hb) if hb else None
+        self._hb_fd = self._open_heartbeat()
         now = _monotonic()
         self._last_save_time = now
-        self._next_tick = now if (self._heartbeat or self.every_seconds) else math.inf
-        self._last_heartbeat = -math.inf
+        self._next_tick = now if self.every_seconds else math.inf
 
         self._dist = _dist_on()
         self._rank = dist.get_rank() if self._dist else 0
@@ -504,6 +504,9 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for an async save and put the previous signal handlers back."""
         self.wait()
+        if self._hb_fd >= 0:
+            os.close(self._hb_fd)
+            self._hb_fd = -1
         if threading.current_thread() is threading.main_thread():
             for sig, prev in self._prev_handlers.items():
                 signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
@@ -515,6 +518,8 @@ class Checkpointer:
         """Call once per optimizer step, after it. Saves when due or requested."""
         self._step = step
         self._metrics = metrics
+        if self._hb_fd >= 0:
+            self._beat(step)
         if (
             self._pending
             or (self.every_steps and step % self.every_steps == 0)
@@ -528,7 +533,7 @@ class Checkpointer:
         now = _monotonic()
         periodic = bool(self.every_steps and step % self.every_steps == 0)
         if now >= self._next_tick:
-            self._touch_heartbeat(now)
+            self._next_tick = self._last_save_time + self.every_seconds if self.every_seconds else math.inf
         timed = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
         signalled = self._sig_count != self._sig_served
         if signalled:
@@ -595,24 +600,25 @@ class Checkpointer:
         k = math.ceil(self._sync_cost / (0.01 * per_step))   # collective ~1% of step time
         return max(1, min(k, int(1.0 / per_step) or 1, 10_000))  # but at least once a second
 
-    def _touch_heartbeat(self, now: float) -> None:
-        tick = math.inf
-        if self._heartbeat is not None:
-            if now - self._last_heartbeat >= 1.0:
-                self._last_heartbeat = now
-                try:
-                    # The step, not just the mtime: the daemon reads it when the attempt
-                    # ends to count the steps an interruption lost (trainsup plot, metrics).
-                    with open(self._heartbeat, "w") as f:
-                        f.write(f"{self._step}\n")
-                except OSError as e:
-                    _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
-                    self._heartbeat = None
-            if self._heartbeat is not None:
-                tick = self._last_heartbeat + 1.0
-        if self.every_seconds:
-            tick = min(tick, self._last_save_time + self.every_seconds)
-        self._next_tick = tick
+    def _open_heartbeat(self) -> int:
+        """The heartbeat file, held open: the step is rewritten in place at every step
+        (contract.heartbeat_text), so the daemon reads the step reached even after a
+        SIGKILL. -1 without one, or when it cannot be opened (said once)."""
+        if self._heartbeat is None:
+            return -1
+        try:
+            return os.open(self._heartbeat, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it")
+            return -1
+
+    def _beat(self, step: int) -> None:
+        try:
+            os.pwrite(self._hb_fd, contract.heartbeat_text(step).encode(), 0)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
+            os.close(self._hb_fd)
+            self._hb_fd = -1
 
     def _on_sampler_iter(self) -> None:
         self._iter_base_step = self._step
@@ -824,6 +830,8 @@ class Checkpointer:
         """Save now (all ranks must call it at the same step). Waits for the commit.
         Returns the committed path, or None when the save failed (logged)."""
         self._step = step
+        if self._hb_fd >= 0:
+            self._beat(step)
         path = self._save(step, reason, metrics if metrics is not None else self._metrics, wait=True)
         return path
 
@@ -921,6 +929,7 @@ class Checkpointer:
                 return None
         if self.async_save and not wait:
             snap = self._snapshot.take(state)
+            w.held_s = _monotonic() - w.started     # the loop waits for the snapshot only
             self._start_background(step, w, snap)
             return w.final_path
         return self._write_and_commit(step, w, state)
@@ -993,7 +1002,9 @@ class Checkpointer:
             assert w is not None   # rank 0 opened the writer, or path_box would be None
             state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
-                self._start_background(step, w, self._snapshot.take(state))
+                snap = self._snapshot.take(state)
+                w.held_s = _monotonic() - w.started
+                self._start_background(step, w, snap)
                 return final
             done = self._write_and_commit(step, w, state)
             ok.fill_(1 if done is not None else 0)

@@ -95,13 +95,16 @@ class Verdict:
     reason: str | None = None          # the manifest's save reason
     created: str | None = None         # the manifest's UTC timestamp
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
+    save_s: float | None = None        # the manifest's: how long the save held training up
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, s: str) -> Verdict:
-        return cls(**json.loads(s))
+        # A verdict cached by another trainsup version may lack or add a field.
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in json.loads(s).items() if k in known})
 
 
 class _Invalid(Exception):
@@ -259,6 +262,8 @@ def check_trainsup(path: str) -> Verdict:
             reason=m.get("reason") if isinstance(m.get("reason"), str) else None,
             created=m.get("created") if isinstance(m.get("created"), str) else None,
             metrics=metrics,
+            save_s=float(m["save_s"]) if isinstance(m.get("save_s"), (int, float)) and not isinstance(
+                m.get("save_s"), bool) and 0 <= m["save_s"] < 1e7 else None,
         )
         try:
             _check_trainsup_files(dfd, m["files"])

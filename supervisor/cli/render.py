@@ -72,9 +72,16 @@ def _num(x: Val) -> float | None:
     return float(x) or None
 
 
+def _goodput(pct: Val) -> str:
+    """GOODPUT: productive training over wall time since the first launch ("-": never ran)."""
+    if pct is None or pct == "":
+        return "-"
+    return f"{float(pct):.0f}%"
+
+
 def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val, has_ck: bool,
            step: Val, latest: str | None, age: float | None, invalid: Val, nbytes: Val,
-           quota: Val, over: bool, rss: Val, limit: Val) -> tuple[str, ...]:
+           quota: Val, over: bool, rss: Val, limit: Val, goodput: Val = None) -> tuple[str, ...]:
     if step is not None and step != "":
         ckpt = f"step {step}, {human_age(age)} ago"
     elif latest:
@@ -92,7 +99,8 @@ def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val,
         memtxt += f"/{human_bytes(limit_n)}"
     if over:
         state += " over-quota"
-    return (name, state, str(pid or "-"), human_age(uptime), str(restarts or 0), ckpt, disk, memtxt)
+    return (name, state, str(pid or "-"), human_age(uptime), str(restarts or 0), _goodput(goodput), ckpt, disk,
+            memtxt)
 
 
 def _notes(name: str, j: dict) -> list[str]:
@@ -109,16 +117,17 @@ def _notes(name: str, j: dict) -> list[str]:
 
 
 def format_status(result: dict, colour: bool = False) -> str:
-    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "GOODPUT", "CHECKPOINT", "DISK/QUOTA",
+                                    "MEMORY")]
     notes: list[str] = []
     now = time.time()
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
         for (name, state, pid, started, restarts, has_ck, nbytes, rss, _crashes, step, latest, mtime,
-             invalid, quota, over, limit) in table_rows(result):
+             invalid, quota, over, limit, goodput) in table_rows(result):
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
-                               nbytes, quota, bool(over), rss, limit))
+                               nbytes, quota, bool(over), rss, limit, goodput))
             notes += _notes(name, by_job.get(name) or {})
     for j in result.get("jobs") or ():     # the full shape (--json's), ages included
         ck = j.get("checkpoint") or {}
@@ -126,7 +135,7 @@ def format_status(result: dict, colour: bool = False) -> str:
         rows.append(_cells(j["name"], j["state"], j.get("pid"), j.get("uptime_s"), j.get("restarts"),
                            bool(ck), ck.get("step"), ck.get("latest"), ck.get("age_s"), ck.get("invalid"),
                            ck.get("bytes"), ck.get("quota"), bool(ck.get("over_quota")), mem.get("rss"),
-                           mem.get("limit")))
+                           mem.get("limit"), _ratio_percent(j.get("goodput"))))
         notes += _notes(j["name"], j)
     daemon = result.get("daemon") or {}
     head = [f"notice in force: {n['source']} {n['kind']}"
@@ -136,6 +145,10 @@ def format_status(result: dict, colour: bool = False) -> str:
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
     return "\n".join(head + table(rows, 1 if colour else None) + notes)
+
+
+def _ratio_percent(g: dict | None) -> float | None:
+    return g["ratio"] * 100 if g and g.get("ratio") is not None else None
 
 
 def _since(now: float, t: float | None) -> float | None:

@@ -38,7 +38,8 @@ def unsafe_dir(st: os.stat_result, owners: set[int], gids: set[int]) -> str | No
 # space. Free text (error, warnings, the last notice) travels apart, in "notes", keyed by
 # job, for the jobs that have any. Times are wall timestamps: the reader computes ages.
 TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "has_checkpoint", "bytes", "rss",
-                "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit")
+                "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit",
+                "goodput")
 TABLE_SEP = "|"
 _ZERO_IS_EMPTY = frozenset({"restarts", "crashes_in_a_row", "invalid"})
 _DISPLAY = str.maketrans({"|": "¦", "\t": " ", "\n": " ", "\r": " "})

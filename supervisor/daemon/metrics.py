@@ -24,6 +24,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
+from .goodput import ALL as GOODPUT_PARTS
+from .goodput import Goodput
 
 if TYPE_CHECKING:
     from .job import Job
@@ -53,6 +55,7 @@ class JobSample:
     valid: int = 0
     invalid: int = 0
     has_checkpoints: bool = False
+    goodput: Goodput | None = None      # as of the sample; render advances it to the scrape
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def sample_job(job: Job) -> JobSample:
         quota=ck.quota if ck else None,
         valid=sum(1 for i in job.checkpoints if i.valid),
         invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
-        has_checkpoints=ck is not None)
+        has_checkpoints=ck is not None, goodput=job.goodput.at(time.time(), job.state.value))
 
 
 class MetricsBook:
@@ -287,7 +290,29 @@ def render(snap: Snapshot, started_wall: float, now: float | None = None) -> byt
     t.histograms("trainsup_job_save_duration_seconds", "requested save to valid checkpoint", snap.saves)
     t.histograms("trainsup_job_steps_lost", "steps redone after each interruption (jobs that report their step)",
                  snap.steps_lost)
+    _goodput_families(t, snap, now)
     return t.bytes()
+
+
+def _goodput_families(t: _Text, snap: Snapshot, now: float) -> None:
+    """Goodput (daemon/goodput.py), advanced from the sample to the scrape: the ratio, and
+    the wall time since the first launch by part (they sum to it; `productive` included)."""
+    t.family("trainsup_job_goodput_ratio", "gauge",
+             "productive training time over wall time since the job's first launch")
+    parts: list[str] = []
+    for s in snap.jobs:
+        if s.goodput is None or s.goodput.since is None:
+            continue
+        g = s.goodput.advanced(now)
+        job = f'job="{_esc(s.name)}"'
+        if g.ratio is not None:
+            t.sample("trainsup_job_goodput_ratio", job, g.ratio)
+        parts += [f'trainsup_job_goodput_seconds{{{job},part="{p}"}} {_num(g.seconds.get(p, 0.0))}\n'
+                  for p in GOODPUT_PARTS]
+    t.family("trainsup_job_goodput_seconds", "gauge",
+             "wall time since the job's first launch by part: productive, recomputed, resume, restart, "
+             "backoff, save_emergency, save_periodic, queue")
+    t.parts.extend(parts)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -95,7 +95,7 @@ def test_cli_status_exit_codes(daemon):
     r = daemon.cli("status")
     assert r.returncode == 0, r
     header = r.stdout.splitlines()[0].split()
-    assert header == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY"]
+    assert header == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "GOODPUT", "CHECKPOINT", "DISK/QUOTA", "MEMORY"]
     assert r.stdout.splitlines()[1].split()[:2] == ["fine", "running"]
     r = daemon.cli("status", "nosuch")
     assert r.returncode == 4

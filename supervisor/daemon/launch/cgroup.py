@@ -325,8 +325,8 @@ class EventsWatcher:
         self.callbacks: dict[int, list] = {}
         loop.add_reader(fd, self._ready)
 
-    def watch(self, path: Path, callback) -> int:
-        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+    def watch(self, path: Path, callback, mask: int = _IN_MODIFY) -> int:
+        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
         self.callbacks.setdefault(wd, []).append(callback)
