@@ -18,8 +18,9 @@ $(BIN)/.installed: pyproject.toml $(LAUNCHER)
 
 venv: $(BIN)/.installed
 
+# -rs: every skipped test says why (a missing tool, no root, no systemd), never silently.
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 # ruff and mypy are configured in pyproject.toml (installed with the test extras).
 lint: venv
@@ -47,12 +48,12 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # Framework test environment (HF Trainer, Lightning, Keras on TF, Paddle) for tests/frameworks/.
-# Pinned to the versions that wrote shared/fixtures/frameworks; a CPU torch wheel as above.
+# Pinned to the versions that wrote tests/fixtures/frameworks; a CPU torch wheel as above.
 VENV_FW := .venv-fw
 FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 \
 	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1
 
-.PHONY: venv-frameworks test-frameworks
+.PHONY: venv-frameworks test-frameworks fixtures
 
 $(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV_FW)
@@ -64,4 +65,8 @@ $(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 venv-frameworks: $(VENV_FW)/bin/.installed
 
 test-frameworks: venv-frameworks
-	$(VENV_FW)/bin/python -m pytest -q -p no:cacheprovider tests/frameworks
+	$(VENV_FW)/bin/python -m pytest -q -rs -p no:cacheprovider tests/frameworks
+
+# Rewrite tests/fixtures/frameworks with the real frameworks (strace kills the saves; ~2 min).
+fixtures: venv-frameworks
+	$(VENV_FW)/bin/python tests/fixtures/make_framework_fixtures.py

@@ -1,5 +1,11 @@
 """Shared fixtures: a real `trainsup daemon` subprocess in a temporary tree, and polling
-helpers (conditions with deadlines, never bare sleeps)."""
+helpers (conditions with deadlines, never bare sleeps).
+
+Every wait of the suite goes through one factor, TRAINSUP_TEST_TIMEOUT_SCALE (default 1):
+`wait_for`'s deadlines, the daemon's start, control requests, CLI calls, `scaled()` for a
+test's own subprocess timeouts, and pytest-timeout's per-test limit. The defaults pass on
+two cores with two other CPU-bound processes running; a slower machine sets the factor.
+"""
 
 from __future__ import annotations
 
@@ -17,20 +23,53 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "helpers" / "fakejob.py"
-SHARED = (REPO.parent / "shared").resolve()   # a worktree reaches it through a symlink; checkpoint dirs never are
+# Real checkpoints of six frameworks, written by tests/fixtures/make_framework_fixtures.py.
+FRAMEWORK_FIXTURES = REPO / "tests" / "fixtures" / "frameworks"
 sys.path.insert(0, str(REPO / "tests"))
 # Nothing the suite starts reads the machine's daemon config: on a host running the service,
 # /etc/trainsup/trainsup.yaml has production hooks and a metrics port (issue 24). DaemonProc
 # also says so on its command line; this covers the CLI, `trainsup run` and the demo.
 os.environ["TRAINSUP_CONFIG"] = "none"
 
+TIMEOUT_SCALE = float(os.environ.get("TRAINSUP_TEST_TIMEOUT_SCALE") or 1.0)
+# A condition wait returns as soon as its condition holds: its deadline only decides how
+# long a failing test takes to say so. Deadlines of a few seconds failed under load (two
+# cores, two CPU-bound neighbours: "timed out after 5s waiting for the save record"), so
+# none is shorter than this. A wait whose length is itself the assertion is not a
+# wait_for: it measures and asserts explicitly.
+MIN_DEADLINE = 30.0
+
+
+def scaled(seconds: float) -> float:
+    """A test's own time limit (a subprocess timeout, a join) times the suite's factor."""
+    return seconds * TIMEOUT_SCALE
+
+
+def deadline_for(timeout: float) -> float:
+    """The seconds a condition wait of `timeout` really allows (see MIN_DEADLINE)."""
+    return max(timeout, MIN_DEADLINE) * TIMEOUT_SCALE
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-timeout's per-test limit (the ini's, or a test's own marker) scaled too."""
+    if TIMEOUT_SCALE == 1.0:
+        return
+    base = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker is not None and marker.args else base
+        if limit:
+            item.add_marker(pytest.mark.timeout(limit * TIMEOUT_SCALE))
+
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02,
              proc: subprocess.Popen | None = None, detail: Callable[[], str] | None = None):
-    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`.
+    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`
+    (at least MIN_DEADLINE, times TRAINSUP_TEST_TIMEOUT_SCALE).
 
     With `proc`, fail as soon as that process has exited and `pred` still does not hold
     (no point waiting out the deadline); `detail()` is appended to the failure (a log tail)."""
+    timeout = deadline_for(timeout)
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -45,7 +84,7 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "con
         if exited:
             raise AssertionError(f"process exited ({proc.returncode}) before {what}{extra}")
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
 
 
@@ -148,7 +187,7 @@ class DaemonProc:
 
     def request(self, cmd: str, job: str | None = None, timeout: float = 60.0, **args) -> dict:
         from trainsup.control.client import request
-        return request(self.socket, cmd, job, args or None, timeout=timeout)
+        return request(self.socket, cmd, job, args or None, timeout=scaled(timeout))
 
     def status(self, job: str) -> dict:
         r = self.request("status", job)
@@ -162,7 +201,7 @@ class DaemonProc:
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         e = dict(os.environ, PYTHONPATH=str(REPO))
         return subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(self.socket), *args],
-                              capture_output=True, text=True, timeout=timeout, env=e)
+                              capture_output=True, text=True, timeout=scaled(timeout), env=e)
 
     def history(self, job: str, n: int = 500) -> list[dict]:
         r = self.request("history", job, n=n)
@@ -173,6 +212,7 @@ class DaemonProc:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
+        timeout = scaled(timeout)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, contract
+from ..contract import iso_utc
 from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
@@ -88,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("job", help="the job to draw")
     x.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write the picture; .svg writes SVG, anything else PNG")
-    x.add_argument("-n", type=int, default=10000, help="how many of the newest events to use (default 10000)")
+    x.add_argument("-n", type=int, default=0, help="only the newest N events (default: the whole history)")
     x.add_argument("--history", type=Path, metavar="FILE",
-                   help="draw from a saved `trainsup history JOB --json` file instead of asking the daemon")
+                   help="draw from a saved `trainsup history JOB --all --json` file instead of asking the daemon")
     x.add_argument("--quota", type=int, metavar="BYTES",
                    help="the quota line with --history (default: the job's quota from the daemon)")
 
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch job: checkpoints, a preemption, SIGKILL crashes, resumes, rotation under a "
                        "quota; ends by drawing the run's timeline. Needs torch (trainsup[torch]).")
     x.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
-    x.add_argument("--plot", type=Path, default=Path("trainsup-demo.png"), metavar="FILE",
-                   help="where to draw the run's timeline (default ./trainsup-demo.png; .svg for SVG)")
+    x.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="where to draw the run's timeline (default: a new trainsup-demo-*.png in the temp dir, "
+                   "never the current dir; .svg for SVG)")
     return p
 
 
@@ -608,7 +610,9 @@ def cmd_history(args) -> int:
         kind = ev.pop("kind")
         ev.pop("job", None)
         parts = [f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"] if kind == "state" else []
-        parts += [f"{k}={v}" for k, v in ev.items() if v is not None]
+        # times inside a record (when a notice came) read as times, not epoch floats
+        parts += [f"{k}={iso_utc(v) if k.endswith('_at') and isinstance(v, (int, float)) else v}"
+                  for k, v in ev.items() if v is not None]
         # file names and a manifest's reason are the job's text: one escaped line each
         detail = printable(" ".join(parts))
         print(f"{at}Z  {printable(kind):<14} {detail}".rstrip())
@@ -661,7 +665,8 @@ def cmd_plot(args) -> int:
             quota = quota if quota is not None else events.get("quota")
             events = events.get("events", [])
     else:
-        ok, res = _call(args, "history", args.job, {"n": args.n})
+        # The whole history (the picture of a run needs its first launch), not history's 50.
+        ok, res = _call(args, "history", args.job, {"n": args.n} if args.n else {"all": True})
         if not ok:
             return _fail(res)
         events = res

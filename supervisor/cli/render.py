@@ -76,9 +76,17 @@ def _num(x: Val) -> float | None:
     return float(x) or None
 
 
+def _goodput(pct: Val) -> str:
+    """GOODPUT: productive training over wall time since the first launch ("-": never ran)."""
+    if pct is None or pct == "":
+        return "-"
+    return f"{float(pct):.0f}%"
+
+
 def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val, has_ck: bool,
            step: Val, latest: str | None, age: float | None, invalid: Val, nbytes: Val,
-           quota: Val, over: bool, rss: Val, limit: Val, adopted: bool = False) -> tuple[str, ...]:
+           quota: Val, over: bool, rss: Val, limit: Val, adopted: bool = False,
+           goodput: Val = None) -> tuple[str, ...]:
     if step is not None and step != "":
         ckpt = f"step {step}, {human_age(age)} ago"
     elif latest:
@@ -97,7 +105,8 @@ def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val,
     if over:
         state += " over-quota"
     pidtxt = str(pid or "-") + (ADOPTED_MARK if adopted and pid else "")
-    return (name, state, pidtxt, human_age(uptime), str(restarts or 0), ckpt, disk, memtxt)
+    return (name, state, pidtxt, human_age(uptime), str(restarts or 0), _goodput(goodput), ckpt, disk,
+            memtxt)
 
 
 ADOPTED_MARK = "*"       # PID column: the process was re-adopted, not launched, by this daemon
@@ -122,16 +131,17 @@ def _notes(name: str, j: dict) -> list[str]:
 
 
 def format_status(result: dict, colour: bool = False, overview: bool = True) -> str:
-    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "GOODPUT", "CHECKPOINT",
+                                    "DISK/QUOTA", "MEMORY")]
     notes: list[str] = []
     now = time.time()
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
         for (name, state, pid, started, restarts, has_ck, nbytes, rss, _crashes, step, latest, mtime,
-             invalid, quota, over, limit, adopted) in table_rows(result):
+             invalid, quota, over, limit, adopted, goodput) in table_rows(result):
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
-                               nbytes, quota, bool(over), rss, limit, bool(adopted)))
+                               nbytes, quota, bool(over), rss, limit, bool(adopted), goodput))
             notes += _notes(name, by_job.get(name) or {})
     for j in result.get("jobs") or ():     # the full shape (--json's), ages included
         ck = j.get("checkpoint") or {}
@@ -139,7 +149,8 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
         rows.append(_cells(j["name"], j["state"], j.get("pid"), j.get("uptime_s"), j.get("restarts"),
                            bool(ck), ck.get("step"), ck.get("latest"), ck.get("age_s"), ck.get("invalid"),
                            ck.get("bytes"), ck.get("quota"), bool(ck.get("over_quota")), mem.get("rss"),
-                           mem.get("limit"), bool(j.get("adopted"))))
+                           mem.get("limit"), bool(j.get("adopted")),
+                           _ratio_percent(j.get("goodput"))))
         notes += _notes(j["name"], j)
     daemon = result.get("daemon") or {}
     head = [f"notice in force: {n['source']} {n['kind']}"
@@ -155,6 +166,10 @@ def format_status(result: dict, colour: bool = False, overview: bool = True) -> 
     tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []
     return "\n".join([printable(h) for h in head] + table(rows, 1 if colour else None)
                      + [printable(n) for n in notes] + tail)
+
+
+def _ratio_percent(g: dict | None) -> float | None:
+    return g["ratio"] * 100 if g and g.get("ratio") is not None else None
 
 
 def _since(now: float, t: float | None) -> float | None:

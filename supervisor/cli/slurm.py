@@ -123,7 +123,7 @@ def last_events(state_dir: Path, job: str) -> dict:
                 row = conn.execute("SELECT at, data FROM events WHERE job=? AND kind=? ORDER BY id DESC LIMIT 1",
                                    (job, kind)).fetchone()
                 if row:
-                    out[kind] = {"at": row[0], **json.loads(row[1])}
+                    out[kind] = {**json.loads(row[1]), "at": row[0]}
         finally:
             conn.close()
     except (sqlite3.Error, ValueError) as e:
@@ -166,7 +166,7 @@ def format_status(st: dict) -> str:
         lines.append(f"  newest valid checkpoint: {ck.get('error') or 'none'}")
     notice = ev.get("notice")
     if notice:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(notice["at"]))
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(notice.get("noticed_at") or notice["at"]))
         lines.append(f"  last notice: {notice.get('source')} at {at}Z"
                      + (f" -> {notice['outcome']}" if notice.get("outcome") else ""))
     return "\n".join(lines)

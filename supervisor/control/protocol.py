@@ -24,7 +24,7 @@ class Encoded(bytes):
 # job, for the jobs that have any. Times are wall timestamps: the reader computes ages.
 TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "has_checkpoint", "bytes", "rss",
                 "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit",
-                "adopted")
+                "adopted", "goodput")
 TABLE_SEP = "|"
 _ZERO_IS_EMPTY = frozenset({"restarts", "crashes_in_a_row", "invalid"})
 _DISPLAY = str.maketrans({"|": "¦", "\t": " ", "\n": " ", "\r": " "})

@@ -135,7 +135,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
          targets=ONE_JOB, args=(JOB_ARG, Arg(("step",), {"type": int, "help": "the checkpoint's step number"}))),
     Verb("history", "a job's events", writes=False, targets=ONE_JOB,
          args=(JOB_ARG, Arg(("-n",), {"type": int, "default": 50, "dest": "n", "metavar": "N",
-                             "help": "the last N events (default 50)"}), _JSON)),
+                             "help": "the last N events (default 50)"}),
+               Arg(("--all",), {"action": "store_true",
+                                "help": "every event the daemon keeps (what `plot --history` needs)"}), _JSON)),
 )}
 
 

@@ -21,6 +21,10 @@ from ..control.verbs import VERBS
 from .job import PROC_MAX_AGE, Job, State
 from .rowgen import any_change
 
+# More than the state db keeps of one job (state.py trims to 5,000 events): `history --all`
+# and `plot JOB` get all of it.
+MAX_HISTORY = 10000
+
 if TYPE_CHECKING:
     from .loop import Daemon
 
@@ -240,10 +244,12 @@ class Commands:
 
     async def do_history(self, r: Request) -> Any:
         n = r.args.get("n", 50)
+        if r.args.get("all"):
+            n = MAX_HISTORY
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise RequestError("history: n must be a positive integer")
         # a removed job's history too; read off the loop (it waits for queued writes)
-        events = await self.d.loop.run_in_executor(None, self.d.db.events, str(r.job), min(n, 10000))
+        events = await self.d.loop.run_in_executor(None, self.d.db.events, str(r.job), min(n, MAX_HISTORY))
         if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
             raise self.no_such_job(str(r.job))    # a typo, not an empty history
         return events

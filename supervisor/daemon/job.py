@@ -34,10 +34,12 @@ from ..spec import DaemonSpec, JobSpec
 from . import notice_file as jobnotice
 from .backoff import RestartTracker
 from .checkpoints import JobCheckpoints, RotationFacts
+from .goodput import GoodputBook
 from .joblog import JobLog
 from .launch import cgroup, process, shim
 from .monitor import AttemptMonitor
 from .notices.hang import is_stopped
+from .progress import FirstStep
 from .rowgen import RowFields
 
 log = logging.getLogger("trainsup.job")
@@ -200,6 +202,10 @@ class Job(RowFields):
         self._catch_seen: tuple[int, bool] | None = None   # (pid, catches the save signal) for status
         self._catch_at = float("-inf")                      # monotonic: when that was read
         self._last_step: int | None = None          # the step the last attempt reported
+        self._attempt_top: int | None = None        # its newest checkpoint's step (also a report)
+        self._attempt_wall = 0.0                    # when the current (or last) attempt started
+        self._first_step: FirstStep | None = None   # the running attempt's first-step watch
+        self.goodput = GoodputBook()                # fed every event (goodput.py)
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
         self._row: tuple[tuple, tuple[bytes, bytes]] = ((), (b"", b""))   # (what it shows, row and notes)
@@ -223,6 +229,7 @@ class Job(RowFields):
         self.tracker.restore(data.get("tracker", {}))
         self.stale_pid = data.get("pid"), data.get("pid_ctime")
         self.persisted = data           # what adoption reads: the shim, the flow, the spec's id
+        self.goodput = GoodputBook.restore(data.get("goodput"))
         if data.get("state") == S.PREEMPTED.value:
             # After a preemption the job starts again (resuming) when the daemon starts.
             self.restart_reason = "preempt"
@@ -246,9 +253,11 @@ class Job(RowFields):
             "resumed_from": self.resumed_from if c else None, "restart_reason": self.restart_reason,
             "flow": self._flow_intent if self.state in (S.SAVING, S.STOPPING) else None,
             "spec_id": self.spec_id,
+            "goodput": self.goodput.snapshot(),
         })
 
     def event(self, kind: str, **data: Any) -> None:
+        self.goodput.feed({**data, "at": time.time(), "kind": kind})
         self.host.record_event(self.name, kind, data)
 
     def _set(self, new: State, **data: Any) -> None:
@@ -453,6 +462,7 @@ class Job(RowFields):
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
         try:
             process.prepare_heartbeat(self.heartbeat_file, spec.owner())
+            self._arm_first_step(self.attempt)
         except (OSError, KeyError) as e:
             log.warning("%s: heartbeat file %s: %s", self.name, self.heartbeat_file, e)
         wfd = -1
@@ -476,6 +486,7 @@ class Job(RowFields):
                 msg = f"{spec.source}: cannot start job {spec.name}: {e}" if isinstance(e, cgroup.CgroupError) \
                     else str(e)
             self.error = msg
+            self._disarm_first_step()
             self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
             self.event("spawn-failed", error=msg, attempt=self.attempt)
             self.log.close_pipe()
@@ -489,6 +500,7 @@ class Job(RowFields):
         self.log.shim_writes = child.shim_pid is not None
         self.supervised_since = time.time()
         self.resumed_from = resume_path or None
+        self._attempt_wall = child.started_wall
         # The pid is durable before anything else happens: a daemon that dies now finds
         # this process at its next start and takes it over instead of launching another.
         self.persist()
@@ -513,11 +525,18 @@ class Job(RowFields):
         lost: dict[str, int] = {}
         if self._last_step is not None:
             # Work the interrupted attempt did past the checkpoint this one resumes from
-            # (unknown when that checkpoint has no step number).
+            # (unknown when that checkpoint has no step number). A checkpoint indexed after
+            # the exit (saved in its last moments) is a report of the step reached too.
+            reached = max(self._last_step, self._attempt_top or 0)
             back_to = 0 if resume is None else resume.step
             if back_to is not None:
-                lost["steps_lost"] = max(0, self._last_step - back_to)
+                lost["steps_lost"] = max(0, reached - back_to)
             self._last_step = None
+        self._attempt_top = None
+        if resume is not None and resume.step is not None:
+            lost["resume_step"] = resume.step
+        elif resume is None and spec.checkpoint is not None:
+            lost["from_scratch"] = True   # told to start over: the last attempt's work is redone
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
         self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
@@ -548,6 +567,25 @@ class Job(RowFields):
         name = f"{self.name}.{self.attempt}"
         return shim.Plan(shim.tree_marker(self._tree, name), shim.status_path(self.settings.state_dir, name),
                          self.log.path, self.log.max_bytes, self.log.backups)
+
+    def _arm_first_step(self, attempt: int) -> None:
+        self._disarm_first_step()
+        fs = FirstStep(self.loop, self.heartbeat_file, lambda step: self._on_first_step(attempt, step))
+        if fs.arm():
+            self._first_step = fs
+
+    def _disarm_first_step(self) -> None:
+        if self._first_step is not None:
+            self._first_step.cancel()
+            self._first_step = None
+
+    def _on_first_step(self, attempt: int, step: int | None) -> None:
+        """The attempt wrote its heartbeat for the first time: it trains again."""
+        self._first_step = None
+        c = self.child
+        if c is None or attempt != self.attempt:
+            return                     # the attempt it was armed for is over
+        self.event("first-step", attempt=attempt, step=step, after_s=round(time.monotonic() - c.started_mono, 3))
 
     def _on_monitor(self, kind: str, data: dict) -> None:
         """The attempt monitor's decisions, applied here (it never touches the job)."""
@@ -607,11 +645,16 @@ class Job(RowFields):
         self.last_exit = {**ex.as_dict(), "attempt": self.attempt}
         ran_for = (ex.at - child.started_wall) if late else self.clock() - child.started_mono
         crashed = ex.code != 0
+        self._disarm_first_step()
         if not recorded:
             self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
                           + (" (while no daemon ran)" if late else "")
                           + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
-            self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
+            # The job's own reports at the moment of exit: the step in its heartbeat (rewritten
+            # at every step by trainsup.training) and its newest checkpoint of this attempt.
+            # A job that writes no heartbeat reports no step (its loss stays unknown).
+            hb = _reported_step(self.heartbeat_file, child.started_wall)
+            self._last_step = max(hb, self._attempt_top or 0) if hb is not None else None
             self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
                        signal=ex.signal, ran_for=round(ran_for, 3),
                        **({"last_step": self._last_step} if self._last_step is not None else {}),
@@ -808,13 +851,19 @@ class Job(RowFields):
         self._valid_keys = {_ckpt_key(i) for i in infos if i.valid}
         new_valid = [i for i in infos if i.valid and _ckpt_key(i) not in before]
         for info in new_valid:
+            # Written by the current (or just ended) attempt, not found by the first scan
+            # at daemon start: a report of the step that attempt reached.
+            if info.step is not None and self._attempt_wall and info.mtime >= self._attempt_wall - 1:
+                self._attempt_top = max(self._attempt_top or 0, info.step)
             took = None
             if self._save_requested_mono is not None:
                 took = time.monotonic() - self._save_requested_mono
                 self.save_durations = (self.save_durations + [took])[-5:]
                 self._save_requested_mono = None
             self.event("checkpoint", step=info.step, path=str(info.path), bytes=info.bytes,
-                       reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
+                       reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}),
+                       **({"save_s": info.save_s} if info.save_s is not None else {}),
+                       **({"mtime": round(info.mtime, 3)} if info.mtime else {}))
         if new_valid:
             self.tracker.progress()
         for req, fut in list(self._ckpt_waiters):
@@ -970,7 +1019,8 @@ class Job(RowFields):
             # Stopped means nothing of the job survives: its cgroup is empty.
             await self._end_cgroup(cg)
         outcome["stop_s"] = round(time.monotonic() - t0, 3)
-        self.event("notice", **outcome)
+        # Recorded when the flow is over; when the notice came is a field of its own.
+        self.event("notice", **{k: v for k, v in outcome.items() if k != "at"}, noticed_at=notice_at)
         self.last_notice = outcome
         if then_restart:
             self.restart_reason = then_restart
@@ -1099,7 +1149,8 @@ class Job(RowFields):
             mtime=int(latest.mtime) if latest and latest.mtime else None, invalid=invalid, bytes=nbytes,
             quota=self.spec.checkpoint.quota if self.spec.checkpoint else None, over_quota=ck.over_quota,
             rss=self.memory_rss, mem_limit=self.spec.memory.limit,
-            adopted=int(self.supervised_since or 0) if c is not None and c.adopted else None)
+            adopted=int(self.supervised_since or 0) if c is not None and c.adopted else None,
+            goodput=self._goodput_percent())
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()
@@ -1108,6 +1159,11 @@ class Job(RowFields):
         encoded = (json.dumps(row).encode(), json.dumps(notes, separators=(",", ":")).encode() if notes else b"")
         self._row = (key, encoded)
         return encoded
+
+    def _goodput_percent(self) -> str | None:
+        """GOODPUT in the table: a percent, one decimal (re-made with the row each second)."""
+        ratio = self.goodput.at(time.time(), self.state.value).ratio
+        return None if ratio is None else f"{ratio * 100:.1f}"
 
     def status(self) -> dict:
         latest, valid, invalid, total = self._checkpoint_summary()
@@ -1151,4 +1207,6 @@ class Job(RowFields):
             # it over from an earlier daemon (a crash or re-exec) rather than launching it
             "supervised_since": self.supervised_since if c is not None else None,
             "adopted": bool(c is not None and c.adopted),
+            # productive training over wall time since the first launch, and the rest by part
+            "goodput": self.goodput.at(now, self.state.value).as_dict(),
         }

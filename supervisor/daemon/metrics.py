@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
+from .goodput import ALL as GOODPUT_PARTS
+from .goodput import Goodput
 from .metrics_http import BindError, Endpoint, MetricsUnavailable
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ class JobSample:
     invalid: int = 0
     has_checkpoints: bool = False
     config_error: bool = False
+    goodput: Goodput | None = None      # as of the sample; render advances it to the scrape
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ def sample_job(job: Job) -> JobSample:
         quota=ck.quota if ck else None, over_quota=bool(ck and job.ckpts.over_quota),
         valid=sum(1 for i in job.checkpoints if i.valid),
         invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
-        has_checkpoints=ck is not None, config_error=bool(job.config_error))
+        has_checkpoints=ck is not None, config_error=bool(job.config_error),
+        goodput=job.goodput.at(time.time(), job.state.value))
 
 
 class MetricsBook:
@@ -277,6 +281,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "trainsup_job_checkpoints": ("gauge", "checkpoints in the job's dir, by validity"),
     "trainsup_job_restarts_total": ("counter", "relaunches by reason (crash, oom, hang, preempt, manual) since the daemon started"),
     "trainsup_job_saves_total": ("counter", "saves the daemon asked for to stop a job, by outcome (saved, failed)"),
+    "trainsup_job_goodput_ratio": ("gauge", "productive training time over wall time since the job's first launch"),
+    "trainsup_job_goodput_seconds": ("gauge", "wall time since the job's first launch by part: productive, recomputed, "
+                                              "resume, restart, backoff, save_emergency, save_periodic, queue"),
 }
 
 
@@ -303,6 +310,13 @@ def _job_rows(s: JobSample, snap: Snapshot, now: float, out: dict[str, list[str]
         out["trainsup_job_last_exit_timestamp_seconds"].append(f"{job}}} {_num(s.exit_at)}")
     out["trainsup_job_restarts_total"].extend(
         f'{job},reason="{r}"}} {snap.restarts.get((s.name, r), 0)}' for r in RESTART_REASONS)
+    if s.goodput is not None and s.goodput.since is not None:
+        # advanced from the sample to the scrape; the parts sum to the wall time
+        g = s.goodput.advanced(now)
+        if g.ratio is not None:
+            out["trainsup_job_goodput_ratio"].append(f"{job}}} {_num(g.ratio)}")
+        out["trainsup_job_goodput_seconds"].extend(
+            f'{job},part="{p}"}} {_num(g.seconds.get(p, 0.0))}' for p in GOODPUT_PARTS)
     if not s.has_checkpoints:
         return
     out["trainsup_job_saves_total"].extend(

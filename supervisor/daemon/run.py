@@ -194,7 +194,7 @@ class RunDaemon(Daemon):
                   "outcome": "saved by the ranks" if latest else "no checkpoint",
                   "step": getattr(latest, "step", None)}
         job.note_notice(notice)
-        job.event("notice", **notice)
+        job.event("notice", **{k: v for k, v in notice.items() if k != "at"})
         await self._after_slurm_notice(job, why)
 
     async def _after_slurm_notice(self, job: Job, why: str | None) -> None:

@@ -372,7 +372,9 @@ class StateDB:
                 d = json.loads(data)
             except ValueError:
                 d = {}
-            out.append({"at": at, "kind": kind, **d})
+            # The record's own time wins over any "at" in its data: history is in time
+            # order (a notice's data once carried when it arrived, and printed out of order).
+            out.append({**d, "at": at, "kind": kind})
         return out
 
     # -- verdict cache (trainsup.checkpoint.validate's VerdictCache protocol) ----------

@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import wait_for
+from conftest import scaled, wait_for
 from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
 from trainsup.control.client import request
 from trainsup.daemon.checkpoints import JobCheckpoints
@@ -53,7 +53,7 @@ def test_a_many_file_entry_moved_in_costs_a_few_scans_not_one_per_file(tmp_path)
                 before = len(calls)
                 os.rename(stage, ck / "step-00000002")
                 # watchdog reports the 5,000 files inside the moved dir, one by one
-                deadline = time.monotonic() + 30
+                deadline = time.monotonic() + scaled(30)
                 while not any(i.name == "step-00000002" for i in jc.infos) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(2.0)      # let every report of the burst arrive

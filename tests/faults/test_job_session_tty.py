@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, wait_for
+from conftest import REPO, scaled, wait_for
 
 PY = "/usr/bin/python3"    # world-executable: the venv under /root is not nobody's
 
@@ -88,7 +88,7 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
     finally:
         d.terminate()
         try:
-            d.wait(30)
+            d.wait(scaled(30))
         except subprocess.TimeoutExpired:
             d.kill()
             d.wait()

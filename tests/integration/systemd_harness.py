@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import wait_for  # noqa: F401 (test_systemd imports it from here)
+from conftest import scaled, wait_for  # noqa: F401 (test_systemd imports wait_for from here)
 
 SYSTEMD = "/lib/systemd/systemd"
 START_TIMEOUT = 15.0
@@ -150,7 +150,7 @@ class UserManager:
         return self
 
     def _wait_running(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + scaled(START_TIMEOUT)
         state = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -181,7 +181,7 @@ class UserManager:
             # SIGTERM makes a user manager start exit.target: units are stopped properly.
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_TIMEOUT)
+                self.proc.wait(scaled(STOP_TIMEOUT))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -211,7 +211,7 @@ class UserManager:
         full_env = dict(self.env, **(env or {}))
         cmd = ["nsenter", "--mount", f"--target={self.pid}", "--", *argv]
         r = subprocess.run(cmd, env=full_env, capture_output=True, text=True,
-                           timeout=timeout, input=input)
+                           timeout=scaled(timeout), input=input)
         if check and r.returncode != 0:
             raise HarnessError(
                 f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")

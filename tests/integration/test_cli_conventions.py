@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, wait_for
+from conftest import REPO, scaled, wait_for
 from trainsup.cli.main import build_parser
 
 
@@ -128,7 +128,7 @@ def test_every_subcommand_option_is_described():
 
     def help_of(cmd):
         return subprocess.run([sys.executable, "-m", "trainsup", cmd, "--help"], capture_output=True,
-                              text=True, env=env, timeout=60).stdout
+                              text=True, env=env, timeout=scaled(60)).stdout
     assert "protect" not in help_of("unpin")
     assert "section 12" not in help_of("demo")
     daemon_help = help_of("daemon")
@@ -155,7 +155,7 @@ def _status_through_a_pty(daemon, env_extra: dict) -> bytes:
         if not chunk:
             break
         out += chunk
-    p.wait(30)
+    p.wait(scaled(30))
     os.close(master)
     return out
 

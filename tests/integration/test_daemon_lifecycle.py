@@ -8,7 +8,7 @@ import sys
 import time
 
 import psutil
-from conftest import REPO, wait_for
+from conftest import REPO, scaled, wait_for
 
 
 def _launches(d, job):
@@ -121,7 +121,7 @@ def test_second_daemon_on_same_state_dir_exits_2(daemon):
     daemon.start()
     d2 = subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(daemon.root / "other.sock"),
                          "daemon", "--jobs", str(daemon.jobs), "--state", str(daemon.state),
-                         "--log-dir", str(daemon.logs), "--config", "none"], capture_output=True, text=True, timeout=30,
+                         "--log-dir", str(daemon.logs), "--config", "none"], capture_output=True, text=True, timeout=scaled(30),
                         env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert d2.returncode == 2, d2
     assert f"pid {daemon.proc.pid}" in d2.stderr

@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import wait_for
+from conftest import scaled, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -65,7 +65,7 @@ class Prometheus:
     def close(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            self.proc.wait(scaled(30))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -147,3 +147,23 @@ def test_promtool_check_metrics_accepts_a_scrape(tmp_path):
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=_text(book), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def test_goodput_gauges_are_advanced_to_the_scrape_and_sum_to_the_wall_time():
+    from trainsup.daemon.goodput import ALL, goodput
+    from trainsup.daemon.metrics import JobSample, Snapshot, render
+    events = [{"at": 100.0, "kind": "state", "from": "pending", "to": "starting"},
+              {"at": 101.0, "kind": "launch", "attempt": 1, "resume_from": None},
+              {"at": 101.0, "kind": "state", "from": "starting", "to": "running"},
+              {"at": 103.0, "kind": "first-step", "attempt": 1, "step": 1}]
+    sampled = goodput(events, 110.0, "running")         # what the loop copied at its last publish
+    snap = Snapshot(jobs=(JobSample(name="g", state="running", goodput=sampled),
+                          JobSample(name="never", state="stopped")))
+    text = render(snap, started_wall=1.0, now=130.0).decode()
+    s = {(x.name, tuple(sorted(x.labels.items()))): x.value
+         for fam in text_string_to_metric_families(text) for x in fam.samples}
+    parts = {p: s[("trainsup_job_goodput_seconds", (("name", "g"), ("part", p)))] for p in ALL}
+    assert parts["productive"] == 27 and parts["resume"] == 2 and parts["restart"] == 1   # up to the scrape
+    assert sum(parts.values()) == 30                                                       # = since the first launch
+    assert s[("trainsup_job_goodput_ratio", (("name", "g"),))] == 27 / 30
+    assert not [k for k in s if k[1] and ("name", "never") in k[1] and "goodput" in k[0]]  # never launched: none

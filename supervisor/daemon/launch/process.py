@@ -627,9 +627,10 @@ def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
 
 def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
     """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
-    it (a root-owned one made hang detection restart healthy jobs). The file is opened
-    without following a symlink (O_NOFOLLOW) and changed through that fd only: a link
-    planted there by the user cannot make root chown another file. Raises OSError."""
+    it (a root-owned one made hang detection restart healthy jobs), and empty it: the step
+    an earlier attempt wrote must never read as this one's. The file is opened without
+    following a symlink (O_NOFOLLOW) and changed through that fd only: a link planted there
+    by the user cannot make root chown another file. Raises OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -648,6 +649,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
         if owner is not None and (st.st_uid, st.st_gid) != owner:
             os.fchown(fd, *owner)
         os.fchmod(fd, 0o644)
+        os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 
