@@ -26,6 +26,7 @@ or brand new (a corrupt one was moved aside); the cgroups and status files are n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -242,24 +243,15 @@ async def _end_processes(d: Daemon, launch: Launch) -> None:
         cgroup.tree_name(d.spec.state_dir), launch.name)))
     if fd is None:
         return
+    shim_pid = launch.shim_pid
+
+    def send(sig: int) -> None:
+        # TERM to the job's tree; KILL to whatever of it is left and to the shim too
+        for pid in [*process.descendants(shim_pid), *([shim_pid] if sig == signal.SIGKILL else [])]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
     try:
-        tree = [p for p in process.descendants(launch.shim_pid)]
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
-        fut = d.loop.create_future()
-        d.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
-        try:
-            await asyncio.wait_for(fut, END_TIMEOUT)
-        except asyncio.TimeoutError:
-            for pid in [*process.descendants(launch.shim_pid), launch.shim_pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        finally:
-            d.loop.remove_reader(fd)
+        await process.term_then_kill(d.loop, fd, send, END_TIMEOUT)
     finally:
         os.close(fd)

@@ -462,27 +462,12 @@ class Daemon:
                 return
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
-            fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-                os.killpg(pid, signal.SIGTERM)
-            except OSError:
-                pass
-            try:
-                await asyncio.wait_for(fut, job.spec.stop_timeout)
-            except asyncio.TimeoutError:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                except OSError:
-                    pass
-                try:
-                    await asyncio.wait_for(fut, 5.0)
-                except asyncio.TimeoutError:
-                    pass
-            finally:
-                self.loop.remove_reader(fd)
+
+            def send(sig: int) -> None:
+                signal.pidfd_send_signal(fd, sig)
+                os.killpg(pid, sig)
+
+            await process.term_then_kill(self.loop, fd, send, job.spec.stop_timeout)
         finally:
             os.close(fd)
 

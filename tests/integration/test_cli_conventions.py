@@ -43,7 +43,8 @@ def test_several_jobs_and_all(daemon):
     r = daemon.cli("checkpoint", "train", "eval", "--wait", "--timeout", "20")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [l.split(":")[0] for l in lines] == ["train", "eval"] and all(": saved at step" in l for l in lines)
+    assert [l.split(":")[0] for l in lines] == ["train", "eval"] and all(
+        re.fullmatch(r"\w+: checkpoint at step \d+ is valid: \S+", l) for l in lines), lines
     r = daemon.cli("stop", "all", "--no-save")
     assert r.returncode == 0, r.stderr
     assert sorted(l.split(":")[0] for l in r.stdout.splitlines()) == ["eval", "train"]

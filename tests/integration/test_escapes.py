@@ -101,8 +101,8 @@ def test_job_file_named_with_non_utf8_bytes_keeps_every_metrics_scrape_working(d
         with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
             assert resp.status == 200
             return resp.read().decode("utf-8")                     # strict: it is UTF-8
-    body = wait_for(lambda: 'job="fine"' in (b := scrape()) and b, 15, "the jobs in a scrape")
-    assert 'job="bad\ufffd\ufffdname"' in body, body[:3000]
+    body = wait_for(lambda: 'name="fine"' in (b := scrape()) and b, 15, "the jobs in a scrape")
+    assert 'name="bad\ufffd\ufffdname"' in body, body[:3000]
     st = daemon.request("status")["result"]
     names = [j["name"] for j in st["jobs"]]
     assert "bad\ufffd\ufffdname" in names, names

@@ -96,11 +96,11 @@ def test_plot_job_reads_the_whole_history_and_history_all_feeds_plot(daemon, tmp
     daemon.start()
     daemon.wait_ready("busy")
     wait_for(lambda: len(_events(daemon, "busy")) > 80, 60, "more than 80 events")
-    assert len(json.loads(daemon.cli("history", "busy", "--json").stdout)) == 50
+    assert len(json.loads(daemon.cli("history", "busy", "--json").stdout)["events"]) == 50
     everything = json.loads(daemon.cli("history", "busy", "--all", "--json").stdout)
-    assert everything[0]["kind"] == "state" and everything[0]["to"] == "starting"
+    assert everything["events"][0]["kind"] == "state" and everything["events"][0]["to"] == "starting"
     saved = tmp_path / "h.json"
-    saved.write_text(json.dumps(everything))
+    saved.write_text(json.dumps(everything))           # as `history --all --json > h.json` saves it
     rc = tmp_path / "matplotlibrc"
     rc.write_text("svg.fonttype: none\n")          # the title stays text in the SVG
     env = dict(os.environ, PYTHONPATH=str(REPO), MATPLOTLIBRC=str(rc))

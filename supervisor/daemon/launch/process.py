@@ -12,6 +12,7 @@ calls waitpid(-1): that would steal a leader's status and make a crash read as e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -24,7 +25,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +292,28 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
         except psutil.Error:
             pass
     return n
+
+
+async def term_then_kill(loop: asyncio.AbstractEventLoop, pidfd: int, send: Callable[[int], None],
+                         timeout: float, kill_wait: float = 5.0) -> bool:
+    """`send(SIGTERM)`, wait up to `timeout` for the process behind `pidfd` to exit, then
+    `send(SIGKILL)` and wait up to `kill_wait`. `send` picks the targets (a group, a tree)
+    and may raise OSError for one already gone. True when it exited. Waits on the pidfd:
+    no polling, and a pid reused meanwhile is never signalled through it."""
+    fut = loop.create_future()
+    loop.add_reader(pidfd, lambda: None if fut.done() else fut.set_result(None))
+    try:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, kill_wait)):
+            with contextlib.suppress(OSError):
+                send(sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), wait)
+                return True
+            except asyncio.TimeoutError:
+                continue
+        return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def children_of(pid: int) -> list[int]:
