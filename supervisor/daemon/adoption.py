@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainsup.adoption")
 
 # Persisted states in which the daemon had not yet decided what an attempt's end means.
-# (STARTING is not one: it is persisted before the launch, after the last exit was decided.)
+# (STARTING is one only for an attempt whose shim left a status: see _settle.)
 _UNDECIDED = {State.RUNNING.value, State.SAVING.value, State.STOPPING.value}
 END_TIMEOUT = 10.0        # a job no file claims any more: SIGTERM, then this long, then SIGKILL
 
@@ -180,7 +180,10 @@ def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str) -> boo
                       why="its process is gone and left no exit status (a reboot, or its shim was killed)")
         return False
     assert last.status is not None
+    # STARTING at this very attempt: the dead daemon launched it (its shim left this status)
+    # and died before the launch was followed by anything; nobody decided what its end means.
     undecided = last.attempt > job.attempt or data.get("state") in _UNDECIDED \
+        or (data.get("state") == State.STARTING.value and last.attempt == job.attempt) \
         or (data.get("state") == State.STOPPED.value and data.get("sigstopped") and data.get("pid"))
     if not undecided:
         return False           # the dead daemon saw this exit and decided; the file told its all

@@ -99,15 +99,24 @@ def _records(daemon, name: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _settled(daemon, codes: dict) -> None:
-    """Wait until the daemon has recorded every exit the jobs recorded (bounded)."""
-    def caught_up() -> bool:
+    """Wait until every job runs or ran under the last daemon and it has recorded every
+    exit the jobs recorded (bounded)."""
+    def behind() -> list[str]:
+        out = []
         for name in codes:
-            _, exits, _ = _records(daemon, name)
+            starts, exits, _ = _records(daemon, name)
+            if not starts:
+                # killed each time before it reached this job's first launch: the last daemon does
+                out.append(f"{name}: not launched yet; state {daemon.status(name)}")
+                continue
             seen = [e for e in daemon.history(name, 5000) if e["kind"] == "exit"]
             if len(seen) < len(exits):
-                return False
-        return True
-    wait_for(caught_up, 120, "the daemon to record every exit", interval=0.5)
+                recorded = {e.get("pid") for e in seen}
+                out.append(f"{name}: {len(exits)} exits, {len(seen)} recorded; missing pids "
+                           f"{[r['pid'] for r in exits if r['pid'] not in recorded]}; state {daemon.status(name)}")
+        return out
+    wait_for(lambda: not behind(), 120, "the daemon to record every exit", interval=0.5,
+             detail=lambda: "\n".join(behind()))
 
 
 def _check(daemon, codes: dict, seed: int) -> None:

@@ -117,6 +117,30 @@ def test_an_exit_while_no_daemon_runs_is_recorded_with_its_code_and_time_then_ha
     assert [(e["code"], e["while_no_daemon"]) for e in _history(daemon, "done", "exit")] == [(0, True)]
 
 
+@pytest.mark.parametrize("point", ["launched", "spawn"])
+def test_an_exit_while_no_daemon_runs_right_after_a_relaunch_is_recorded(daemon, point):
+    """Found by the crash storm: the daemon relaunched a job (attempt 2 persisted as
+    `starting`, or with its pid) and was killed at once; the attempt exited while no daemon
+    ran. The next daemon left the job `pending` for good and never recorded that exit: its
+    status file was taken for one the dead daemon had already decided."""
+    daemon.fakejob("again", "--exit 3 --after 1.0", extra="restart:\n  backoff: {initial: 0}\n")
+    once = daemon.root / "crashed-once"
+    env = {"TRAINSUP_CRASH_AT": point, "TRAINSUP_CRASH_ONCE": str(once)}
+    once.touch()                                # disarmed for the first launch
+    daemon.start(env=env)
+    daemon.wait_ready("again")
+    once.unlink()                               # armed: the relaunch after attempt 1's exit dies here
+    wait_for(lambda: daemon.proc.poll() is not None, 30, f"the daemon to die at {point} relaunching attempt 2")
+    exits = wait_for(lambda: [r for r in daemon.records("again") if r["event"] == "exit"][1:], 30,
+                     "attempt 2 to exit while no daemon runs")
+    daemon.start(env=env)
+    daemon.wait_ready("again", 3)
+    got = [(e["attempt"], e["code"]) for e in _history(daemon, "again", "exit")]
+    assert got[:2] == [(1, 3), (2, 3)], got
+    assert _history(daemon, "again", "exit")[1].get("while_no_daemon") is True
+    assert exits[0]["t"] <= _history(daemon, "again", "exit")[1]["exited_at"] <= exits[0]["t"] + 1.0
+
+
 def test_a_job_of_another_state_dir_is_never_touched(tmp_path):
     """Two daemons on two state dirs, each with a job named `same`. Both SIGKILLed; one
     starts again: it takes over its own job only; the other's process sees no signal."""
