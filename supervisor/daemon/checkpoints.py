@@ -104,7 +104,7 @@ class JobCheckpoints(RowFields):
     _watcher: Any = None
     _running: bool = False
     _dirty: bool = False
-    _done: asyncio.Future | None = None
+    _next: asyncio.Future | None = None     # the scan after the running one
     closed: bool = False
     # custody of the dir (checkpoint/custody.py): the held fd, liveness, backoff, inventory
     state_dir: Path | None = None
@@ -228,60 +228,72 @@ class JobCheckpoints(RowFields):
             return [], f"scan failed: {e!r}"
 
     async def refresh(self, for_launch: bool = False) -> None:
-        """Re-read the dir (cached verdicts cost stat calls only). Concurrent requests
-        coalesce: at most one scan runs, and one more after it if anything asked meanwhile.
+        """Re-read the dir (cached verdicts cost stat calls only). Returns once a scan that
+        began after the call has ended. Concurrent requests coalesce: at most one scan
+        runs, and one more after it if anything asked meanwhile -- in the background, so a
+        caller waits for one scan, never for a dir to stop changing (a job saving faster
+        than its dir is scanned held the daemon's start, and every other job's launch).
         for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
         if self.spec is None:
             return
         self._for_launch = self._for_launch or for_launch
         if self._running:
             self._dirty = True
-            assert self._done is not None
-            await asyncio.shield(self._done)
+            assert self._next is not None
+            await asyncio.shield(self._next)
             return
         self._running = True
-        self._done = self.loop.create_future()
+        self._dirty = False
+        nxt = self._next = self.loop.create_future()     # for those who ask while this scan runs
         try:
-            while True:
-                self._dirty = False
-                result: tuple[list, str | None] | None = None
-                prove, self._for_launch = self._for_launch, False
-                # inline only while scans are cheap: an entry of 20k files costs 20k lstat
-                # calls even when every verdict is cached (status would stall behind it)
-                if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
-                        and _small_dir(self.spec.dir)):
-                    try:
-                        t = time.perf_counter()
-                        result = self._scan_sync(_CachedOnly(self.cache))
-                        self._last_scan_s = time.perf_counter() - t
-                    except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
-                        result = None
-                if result is None:
+            result: tuple[list, str | None] | None = None
+            prove, self._for_launch = self._for_launch, False
+            # inline only while scans are cheap: an entry of 20k files costs 20k lstat
+            # calls even when every verdict is cached (status would stall behind it)
+            if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
+                    and _small_dir(self.spec.dir)):
+                try:
                     t = time.perf_counter()
-                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    result = self._scan_sync(_CachedOnly(self.cache))
                     self._last_scan_s = time.perf_counter() - t
-                infos, err = result
-                if not self.closed:
-                    names = frozenset(i.name for i in infos if i.managed)
-                    self._landed = self._landed or bool(names - self._known)
-                    self._known = names
-                    self.infos, self.error = infos, err
-                    if self.custody is not None:
-                        self.custody.observe(infos)     # liveness: the daemon's monotonic clock
-                    self.in_place.observe(infos)
-                    if not infos:       # no rotation pass runs for an empty index
-                        self.warnings = self._layout_warnings()
-                    self.on_index(infos, err)
-                if not self._dirty:
-                    break
+                except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
+                    result = None
+            if result is None:
+                t = time.perf_counter()
+                result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                self._last_scan_s = time.perf_counter() - t
+            infos, err = result
+            if not self.closed:
+                names = frozenset(i.name for i in infos if i.managed)
+                self._landed = self._landed or bool(names - self._known)
+                self._known = names
+                self.infos, self.error = infos, err
+                if self.custody is not None:
+                    self.custody.observe(infos)     # liveness: the daemon's monotonic clock
+                self.in_place.observe(infos)
+                if not infos:       # no rotation pass runs for an empty index
+                    self.warnings = self._layout_warnings()
+                self.on_index(infos, err)
         finally:
             self._running = False
-            self._done.set_result(None)
             self._first_scan.set()
+            if self._dirty and not self.closed:
+                task = self.loop.create_task(self._follow_up(nxt))
+                task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+            else:
+                nxt.set_result(None)
         self.on_scanned()
         if self._landed and self.on_landed is not None:
             self._landed = False
             self.on_landed(self)
+
+    async def _follow_up(self, asked: asyncio.Future) -> None:
+        """The scan asked for while the last one ran; resolves what those callers wait on."""
+        try:
+            await self.refresh()
+        finally:
+            if not asked.done():
+                asked.set_result(None)
 
     async def first_scan(self, timeout: float = 30.0) -> None:
         """Once the dir has been scanned at least once (a `pin` in the first second after
