@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,27 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "con
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+@contextmanager
+def alice_and_bob(prefix: str) -> Iterator[dict[str, str]]:
+    """Two real users, alice (in a new group) and bob (not), removed again with whatever
+    they still run. Names carry the test process's pid: runs side by side never collide."""
+    tag = f"{os.getpid() % 100000}"
+    group, alice, bob = f"{prefix}g{tag}", f"{prefix}alice{tag}", f"{prefix}bob{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    made = []
+    try:
+        for name in (alice, bob):
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
+            made.append(name)
+        subprocess.run(["usermod", "-a", "-G", group, alice], check=True)
+        yield {"group": group, "alice": alice, "bob": bob}
+    finally:
+        for name in made:
+            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+            subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", group], check=False)
 
 
 def read_records(path: Path) -> list[dict]:

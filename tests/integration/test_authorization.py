@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, scaled, wait_for
+from conftest import REPO, alice_and_bob, scaled, wait_for
 
 PY = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(
@@ -32,21 +32,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def people():
     """Two users, alice (in the socket group) and bob (not), and the group."""
-    tag = f"{os.getpid() % 100000}"
-    group, alice, bob = f"tsg{tag}", f"tsalice{tag}", f"tsbob{tag}"
-    subprocess.run(["groupadd", group], check=True)
-    made = []
-    try:
-        for name in (alice, bob):
-            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
-            made.append(name)
-        subprocess.run(["usermod", "-a", "-G", group, alice], check=True)
-        yield {"group": group, "alice": alice, "bob": bob}
-    finally:
-        for name in made:
-            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-            subprocess.run(["userdel", name], check=False)
-        subprocess.run(["groupdel", group], check=False)
+    with alice_and_bob("ts") as users:
+        yield users
 
 
 @pytest.fixture

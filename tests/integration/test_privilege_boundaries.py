@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, wait_for
+from conftest import REPO, alice_and_bob, wait_for
 
 PY = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(
@@ -34,21 +34,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def team():
     """alice (in group team) and bob (not), and the group."""
-    tag = f"{os.getpid() % 100000}"
-    group, alice, bob = f"tpt{tag}", f"tpalice{tag}", f"tpbob{tag}"
-    subprocess.run(["groupadd", group], check=True)
-    made = []
-    try:
-        for name in (alice, bob):
-            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
-            made.append(name)
-        subprocess.run(["usermod", "-a", "-G", group, alice], check=True)
-        yield {"group": group, "alice": alice, "bob": bob}
-    finally:
-        for name in made:
-            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-            subprocess.run(["userdel", name], check=False)
-        subprocess.run(["groupdel", group], check=False)
+    with alice_and_bob("tp") as users:
+        yield users
 
 
 @pytest.fixture

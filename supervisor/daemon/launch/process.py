@@ -35,6 +35,7 @@ from ... import contract
 from ...spec import DaemonSpec, JobSpec
 from . import clone3, shim
 from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
+from .proctree import children_of  # noqa: F401  (notices.memory reads it here)
 
 log = logging.getLogger("trainsup.process")
 
@@ -314,22 +315,6 @@ async def term_then_kill(loop: asyncio.AbstractEventLoop, pidfd: int, send: Call
         return False
     finally:
         loop.remove_reader(pidfd)
-
-
-def children_of(pid: int) -> list[int]:
-    """The direct children of every thread of `pid` (/proc/PID/task/*/children)."""
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def descendants(pid: int) -> list[int]:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .proctree import children_of
+
 SHIM = Path(__file__).with_name("trainsup-shim")
 NAME = b"trainsup-shim"
 # TRAINSUP_SHIM=off launches jobs as the daemon's own children, as before the shim
@@ -246,21 +248,6 @@ def owner_of(pid: int) -> int | None:
 def is_shim(pid: int, marker: str) -> bool:
     """The process at `pid` is the shim of this launch of this daemon's tree."""
     return cmdline(pid)[:2] == [NAME, marker.encode()] and owner_of(pid) == os.geteuid()
-
-
-def children_of(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def job_of(shim_pid: int, hint: int | None = None) -> int | None:
