@@ -119,10 +119,13 @@ def test_quota_applied_as_soon_as_a_new_entry_puts_the_dir_over_it(daemon):
         samples.append(_held(ck))
         import time
         time.sleep(0.01)
-    # Between a save landing and its pass, one entry more than the quota is on disk.
-    over = [s for s in samples if s > quota + entry]
-    assert len(over) <= len(samples) // 10, (f"{len(over)}/{len(samples)} samples held more than quota + one "
-                                              f"entry (max {max(samples)} bytes)")
+    # Between a save landing and its pass, one entry more than the quota is on disk; on a
+    # busy machine the pass may trail a save or two. A 1 s tick let ten entries pile up.
+    samples.sort()
+    assert samples[len(samples) // 2] <= quota + entry, f"median {samples[len(samples) // 2]} bytes"
+    over = [s for s in samples if s > quota + 3 * entry]
+    assert len(over) <= len(samples) // 10, (f"{len(over)}/{len(samples)} samples held more than quota + three "
+                                              f"entries (max {max(samples)} bytes)")
     wait_for(lambda: _held(ck) <= quota, 5, f"the quota after the last save (held {_held(ck)})")
     assert not (daemon.status("q")["checkpoint"] or {}).get("over_quota")
 
