@@ -178,7 +178,9 @@ class JobCheckpoints(RowFields):
 
     def close(self) -> None:
         self.closed = True
-        if self.custody is not None:
+        # A scan running on the pool holds the dir's fd: closed under it, the number could
+        # be reused by another open before the scan's next *at() call. It closes when done.
+        if self.custody is not None and not self._running:
             self.custody.close()
         if self._watcher is not None:
             self._watcher.stop()
@@ -277,6 +279,8 @@ class JobCheckpoints(RowFields):
         finally:
             self._running = False
             self._first_scan.set()
+            if self.closed and self.custody is not None:
+                self.custody.close()        # deferred by close() while this scan ran
             if self._dirty and not self.closed:
                 task = self.loop.create_task(self._follow_up(nxt))
                 task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))

@@ -117,6 +117,9 @@ class Daemon:
         self._notice_seen: dict[tuple, float] = {}
         self.source_health: dict[str, dict] = {}      # notice source -> its last health change
         self.hooks: HookRunner | None = None
+        # Children whose exit status another piece of the daemon collects (the reexec
+        # preflight, through asyncio): the SIGCHLD reaper must leave them alone.
+        self.helper_pids: set[int] = set()
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
         self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
         self.metrics_error: str | None = None   # metrics.required false and they could not start
@@ -381,7 +384,7 @@ class Daemon:
     def leader_pids(self) -> list[int]:
         # Hook processes too: their exit status is the hook runner's to collect.
         hooks = list(self.hooks.pids()) if self.hooks is not None else []
-        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks
+        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks + list(self.helper_pids)
 
     async def claims_exit(self, job: Job) -> bool:
         """JobHost: whether the host decides what this exit means (`trainsup run` under
