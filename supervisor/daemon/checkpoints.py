@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import aside, formats, layout_warnings, rotation
+from ..checkpoint import aside, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
 from ..checkpoint.custody import JobCheckpointDir
 from ..checkpoint.deleter import PassGate
@@ -372,8 +372,9 @@ class RotationCoordinator:
             if ck.spec is None or not ck.infos or ck.closed or ck.custody is None:
                 continue
             members[ck.name] = (ck, facts, record)
-            # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
-            pinned = set(facts.pinned) | formats.protected_steps(ck.infos)
+            # HF's best checkpoint stays, as pinned (a job's file: read off the loop)
+            pinned = set(facts.pinned) | await self.loop.run_in_executor(
+                self.executor, ck.custody.protected_steps, list(ck.infos))
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.

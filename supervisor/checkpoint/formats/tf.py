@@ -51,7 +51,7 @@ def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
     if listing.get(STATE_FILE) != FILE:
         return None
     try:
-        text = read_small(root_fd, join(d, STATE_FILE)).decode("utf-8", "replace")
+        text = read_small(root_fd, join(d, STATE_FILE), "tf_state").decode("utf-8", "replace")
     except Invalid:
         return []
     out = []
