@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import struct
+import subprocess
 import threading
 import time
 import zipfile
@@ -250,6 +251,16 @@ def test_deflate_ratio_past_what_deflate_can_give_is_a_bomb(tmp_path):
 
 # ---------------------------------------------------------------- walks
 
+@pytest.fixture
+def deep_dirs():
+    """Trees to remove with rm (fts: iterative) after the test: pytest's own cleanup of
+    old tmp dirs is recursive and dies of a 3000-deep chain, in every later run."""
+    made: list[Path] = []
+    yield made
+    for p in made:
+        subprocess.run(["rm", "-rf", "--", str(p)], check=False, timeout=300)
+
+
 def _deep_chain(root: Path, depth: int) -> None:
     # by dir fds: a 3000-deep path is longer than PATH_MAX
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -263,11 +274,12 @@ def _deep_chain(root: Path, depth: int) -> None:
         os.close(fd)
 
 
-def test_3000_deep_chain_in_an_hf_entry_is_that_entrys_verdict_not_an_empty_index(tmp_path):
+def test_3000_deep_chain_in_an_hf_entry_is_that_entrys_verdict_not_an_empty_index(tmp_path, deep_dirs):
     """Found: validate's recursive file walk raised RecursionError on a 3000-deep chain of
     dirs and the job's whole index came back empty."""
     ck = tmp_path / "ck"
     e = _hf_entry(ck, 4)
+    deep_dirs.append(e)
     _deep_chain(e, 3000)
     write_checkpoint(ck, 2, {"w.bin": b"w" * 100})
     infos = returns_within(lambda: scan(ck), 120)
