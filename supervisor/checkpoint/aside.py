@@ -49,6 +49,7 @@ def move_aside(h: DirHandle, entries: Iterable[CheckpointInfo]) -> list[tuple[Ch
         pass
     afd = h.open_beneath(ASIDE_DIR)
     try:
+        # held dir fd: the aside dir, opened beneath the job's held dir
         taken = set(os.listdir(afd))
         for info in entries:
             done = []
@@ -85,6 +86,7 @@ def listed(h: DirHandle) -> list[CheckpointInfo]:
         return []
     out = []
     try:
+        # held dir fd: the aside dir, opened beneath the job's held dir
         with os.scandir(afd) as it:
             for e in it:
                 try:

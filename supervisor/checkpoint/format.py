@@ -237,6 +237,7 @@ class CheckpointWriter:
         try:
             (self.ckpt_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
             if self.path.exists():
+                # not a job path: the writer's own save (in-job code)
                 shutil.rmtree(self.path)
             self.path.mkdir()
         except OSError as e:
@@ -256,6 +257,7 @@ class CheckpointWriter:
         return False
 
     def abort(self) -> None:
+        # not a job path: the writer's own save (in-job code)
         shutil.rmtree(self.path, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -278,6 +280,7 @@ class CheckpointWriter:
 
     def _manifest(self) -> dict:
         files = {}
+        # not a job path: the writer's own save (in-job code)
         for p in sorted(self.path.rglob("*")):
             if p.is_symlink():
                 raise SaveError(0, f"{p}: symlinks are not allowed in a checkpoint")
@@ -302,9 +305,11 @@ class CheckpointWriter:
     def commit(self) -> Path:
         try:
             _phase("files-written")
+            # not a job path: the writer's own save (in-job code)
             for p in self.path.rglob("*"):
                 if p.is_file() and not p.is_symlink():
                     _fsync_file(p)
+            # not a job path: the writer's own save (in-job code)
             for d in [self.path, *(p for p in self.path.rglob("*") if p.is_dir())]:
                 fsync_dir(d)
             _phase("files-synced")
@@ -335,6 +340,7 @@ class CheckpointWriter:
             self.abort()
             # If the rename happened but the dir fsync failed, the commit is not durable.
             if self.final_path.exists() and not self.path.exists():
+                # not a job path: the writer's own save (in-job code)
                 shutil.rmtree(self.final_path, ignore_errors=True)
             raise SaveError(e.errno, f"checkpoint save failed: {e.strerror or e}") from e
         self.committed = self.final_path

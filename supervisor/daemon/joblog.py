@@ -28,6 +28,7 @@ class JobLog:
     def _open(self) -> None:
         if self._fd < 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # not a job path: the daemon's job log
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._size = os.fstat(self._fd).st_size
 
@@ -120,6 +121,7 @@ class JobLog:
         need = n
         for p in (self.path, self.path.with_name(self.path.name + ".1")):
             try:
+                # not a job path: the daemon's job log
                 with open(p, "rb") as f:
                     f.seek(0, os.SEEK_END)
                     size = f.tell()

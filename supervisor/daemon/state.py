@@ -99,6 +99,7 @@ class StateLock:
         """Raises LockHeld, or StateUnusable when the state dir cannot be written."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            # not a job path: the daemon's state db
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
             raise _unusable("use the state dir", self.path.parent, e) from None

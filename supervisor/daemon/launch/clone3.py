@@ -84,6 +84,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int,
         raise OSError(errno.ENOSYS, _disabled)
     execs = _exec_candidates(argv[0], env)
     c_env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    # not a job path: /dev/null
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         pid, pidfd, stage, code = _spawn.spawn(

@@ -92,6 +92,7 @@ def catches_signal(pid: int, signum: int) -> bool:
     SIGUSR1's default action kills: DataLoader workers and launchers that do not handle
     it must never receive it."""
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"SigCgt:"):
@@ -256,11 +257,13 @@ def children_of(pid: int) -> list[int]:
     """The direct children of every thread of `pid` (/proc/PID/task/*/children)."""
     out: list[int] = []
     try:
+        # not a job path: /proc
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tasks:
         try:
+            # not a job path: /proc
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out.extend(int(p) for p in f.read().split())
         except (OSError, ValueError):
@@ -291,6 +294,7 @@ def _own_children() -> list[int]:
 
 def _is_zombie(pid: int) -> bool:
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/stat", "rb") as f:
             # The state follows the last ')' (the command name may contain one).
             return f.read().rpartition(b")")[2].split()[0] == b"Z"
@@ -324,6 +328,7 @@ def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process
         if pid in keep:
             continue
         try:
+            # not a job path: /proc
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if marker not in b"\0" + f.read():
                     continue
@@ -428,6 +433,7 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
 def _clone_into(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
                 containment: Containment, cgroup: JobCgroup) -> tuple[clone3.Leader, int]:
     drop = _privilege_drop(job)
+    # not a job path: cgroupfs
     cg_fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with containment.entered_memory(cgroup):
@@ -483,6 +489,7 @@ def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
     if d.parent != run_dir:
         return
     try:
+        # not a job path: the daemon's /run heartbeat dir
         for e in os.scandir(d):
             if e.is_file(follow_symlinks=False) or e.is_symlink():
                 os.unlink(e.path)
@@ -499,6 +506,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
+        # not a job path: the daemon's heartbeat file (O_NOFOLLOW|O_NONBLOCK, checked regular)
         fd = os.open(path, flags, 0o644)
         st = os.fstat(fd)
         if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
@@ -508,6 +516,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
         if e.errno != errno.ELOOP:
             raise
         os.unlink(path)                      # a symlink: never followed, replaced
+        # not a job path: the daemon's heartbeat file (O_EXCL)
         fd = os.open(path, flags | os.O_EXCL, 0o644)
         st = os.fstat(fd)
     try:

@@ -49,9 +49,8 @@ def check_torch_fd(fd: int, size: int) -> None:
         raise Invalid(
             f"zip: EOCD at {size - tail_len + idx} + comment {clen} does not end at file size {size}"
         )
-    f = os.fdopen(fd, "rb", closefd=False)
     try:
-        zf = zipfile.ZipFile(f)
+        zf = zipfile.ZipFile(os.fdopen(fd, "rb", closefd=False))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, struct.error) as e:
         raise Invalid(f"zip: {e}") from None
     with zf:
