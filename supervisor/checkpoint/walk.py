@@ -11,6 +11,7 @@ never an exception that ends a scan.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -59,6 +60,12 @@ def walk(root_fd: int, *, depth: int = MAX_DEPTH, names: int = MAX_ENTRY_NAMES,
             fd = open_dir(root_fd, rel)
         except FileNotFoundError:
             continue            # removed while walked
+        except OSError as e:
+            # a mount inside the entry is not walked into (nor ever deleted through:
+            # deleter.py refuses it); a dir swapped for a link or a file meanwhile: not ours
+            if rel and e.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
+                continue
+            raise
         try:
             listing, more = listdir(fd, min(per_dir, names - seen + 1))
         finally:

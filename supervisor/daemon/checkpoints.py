@@ -222,6 +222,9 @@ class JobCheckpoints(RowFields):
         for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
         if self.spec is None:
             return
+        if self._watcher is not None:
+            # the one reader thread all jobs share, started again should anything have ended it
+            self._watcher.hub.ensure_running()
         self._for_launch = self._for_launch or for_launch
         if self._running:
             self._dirty = True
