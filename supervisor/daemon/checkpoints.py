@@ -37,6 +37,7 @@ log = logging.getLogger("trainsup.checkpoint")
 # verdict is cached: a few stat calls on the relaunch path instead of a pool round trip.
 _INLINE_SCAN_MAX = 32
 _INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
+_RESCANS_IN_A_ROW = 3
 
 
 def _small_dir(path: str | os.PathLike[str]) -> bool:
@@ -233,8 +234,10 @@ class JobCheckpoints(RowFields):
             return
         self._running = True
         self._done = self.loop.create_future()
+        rounds = 0
         try:
             while True:
+                rounds += 1
                 self._dirty = False
                 result: tuple[list, str | None] | None = None
                 prove, self._for_launch = self._for_launch, False
@@ -263,10 +266,23 @@ class JobCheckpoints(RowFields):
                     self.on_index(infos, err)
                 if not self._dirty:
                     break
+                if rounds >= _RESCANS_IN_A_ROW:
+                    # A dir that changes faster than it is scanned (found: a job swapping a
+                    # file every 20 ms) must not keep a scan running for ever: whoever waits on
+                    # this refresh is answered, and the next scan comes after a pause as long
+                    # as the last scan took (the job gets at most half of a worker).
+                    self._dirty = False
+                    self.loop.call_later(min(max(self._last_scan_s, 0.05), 5.0), self.changed)
+                    break
         finally:
             self._running = False
             self._done.set_result(None)
         self.on_scanned()
+
+    def forget(self, names: set[str]) -> None:
+        """Entries rotation just deleted leave the index now (the rescan confirms)."""
+        if names and not self.closed:
+            self.infos = [i for i in self.infos if i.name not in names]
 
     # -- verdicts -----------------------------------------------------------------
     def latest_valid(self) -> ckpt_index.CheckpointInfo | None:
@@ -414,6 +430,7 @@ class RotationCoordinator:
                 continue
             assert ck.spec is not None and ck.custody is not None
             failed_bytes = 0
+            gone: set[str] = set()
             for info in todo:
                 why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
                 # Intent apart from outcome: a crash after the move into the trash still
@@ -430,10 +447,16 @@ class RotationCoordinator:
                     record(kind, why=why, **fields)
                 if not outcome.ok:
                     failed_bytes += info.bytes
+                else:
+                    gone.add(info.name)
             quota = plan.quota or self.disk_quota
             if ck.after_deletions(plan.kept_bytes, failed_bytes, quota):
                 record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
-            await ck.refresh()
+            # What went is out of the index at once (no next pass plans it again), and the
+            # rescan runs on its own: awaited here, a job whose dir never stops changing held
+            # the pass, and with it every other job's rotation (found: quota not applied).
+            ck.forget(gone)
+            ck.changed()
         self._schedule_retry(m[0] for m in members.values())
 
     def _commit_then_delete(self, custody: JobCheckpointDir, info: ckpt_index.CheckpointInfo) -> Any:

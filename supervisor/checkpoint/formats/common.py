@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..format import REASONS as SAVE_REASONS
 from ..jobfile import (  # noqa: F401  (the formats' one way to a job's files)
     LIMITS,
     Invalid,
@@ -29,7 +30,6 @@ from ..naming import counter, show_int
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
 MAX_REASON_TEXT = 1000
-SAVE_REASONS = ("periodic", "signal", "preempt", "oom", "hang", "final", "manual")
 
 
 class VerdictCache(Protocol):
