@@ -7,10 +7,10 @@ pickle) plus a small slack to the verdict's budget, and every read is counted. A
 sparse file holds no blocks, so its budget is the slack: hashing its zeros stops at once
 (found: two manifests listing one kept both pool threads hashing zeros for hours).
 
-Long loops call `tick(nbytes)` (every hashed chunk, every 256 names of a walk). Under the
-daemon's fair workers (daemon/workers.py) a tick may hand the thread's slot to another
-job's work (round-robin) and raises Cancelled once the work was cancelled (daemon stop,
-job removed). Outside the daemon (the CLI, in-job code, tests) a tick only counts.
+Long loops call `tick(nbytes)` (every streamed chunk, every 256 names of a walk): the
+points where long work can yield or be cancelled. `paced(fn)` runs a block with `fn`
+called at every tick (it may wait for a turn, or raise Cancelled); the daemon's pool does
+not install one yet, so today a tick counts bytes and nothing else.
 """
 
 from __future__ import annotations
