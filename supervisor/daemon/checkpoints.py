@@ -367,6 +367,7 @@ class RotationCoordinator:
         self._pending = False
         self._lock = asyncio.Lock()
         self._busy: set[str] = set()              # jobs whose plan or deletions are running
+        self._tasks: dict[str, asyncio.Task] = {}
         self._asked_while_busy: dict[str, bool] = {}
         self._gate = PassGate(1.0)          # no pass within 1 s of the last, whatever woke it
         self._retry: asyncio.TimerHandle | None = None
@@ -377,12 +378,17 @@ class RotationCoordinator:
             task = self.loop.create_task(self.run())
             task.add_done_callback(_log_failure("rotation pass"))
 
-    async def run(self) -> None:
+    async def run(self, wait_for: str | None = None) -> None:
+        """One pass. wait_for: also wait until that job's plan is applied and its deletions
+        are done (`pin` answers with the new verdicts)."""
         async with self._lock:
             await asyncio.sleep(self._gate.wait_s())
             self._pending = False
             self._gate.started()
             await self._pass()
+        task = self._tasks.get(wait_for) if wait_for is not None else None
+        if task is not None:
+            await asyncio.wait([task])
 
     async def _pass(self) -> None:
         """Plan every job (each on its own queue, all at once), then delete per job on tasks
@@ -411,7 +417,7 @@ class RotationCoordinator:
         else:
             for m in members.values():
                 self._busy.add(m[0].name)
-                task = self.loop.create_task(self._job_pass(m))
+                task = self._tasks[m[0].name] = self.loop.create_task(self._job_pass(m))
                 task.add_done_callback(self._job_done(m[0].name))
         self._schedule_retry(m[0] for m in members.values())
 
@@ -423,7 +429,7 @@ class RotationCoordinator:
     def _start(self, m: tuple[JobCheckpoints, RotationFacts, Callable[..., None]], plan: rotation.RotationPlan,
                extra: list, reasons: dict, all_over: bool) -> None:
         self._busy.add(m[0].name)
-        task = self.loop.create_task(self._apply(m, plan, extra, reasons, all_over))
+        task = self._tasks[m[0].name] = self.loop.create_task(self._apply(m, plan, extra, reasons, all_over))
         task.add_done_callback(self._job_done(m[0].name))
 
     def _job_done(self, name: str) -> Callable[[asyncio.Future], None]:
@@ -431,6 +437,8 @@ class RotationCoordinator:
 
         def done(task: asyncio.Future) -> None:
             self._busy.discard(name)
+            if self._tasks.get(name) is task:
+                del self._tasks[name]
             log_failure(task)
             if not task.cancelled() and self._asked_while_busy.pop(name, False):
                 self.request()      # something changed meanwhile: plan again
