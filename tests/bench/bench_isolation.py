@@ -69,11 +69,11 @@ def main() -> int:
                 got[name].setdefault(k, []).extend(v)
             print(f"block {b + 1}/{a.blocks} {name}: done", flush=True)
 
-    def med(xs: list[float]) -> float:
-        return statistics.median(xs) * 1000
+    def med(xs: list[float]) -> float:          # the probes report milliseconds
+        return statistics.median(xs)
 
     def p95(xs: list[float]) -> float:
-        return sorted(xs)[max(0, int(len(xs) * 0.95) - 1)] * 1000
+        return sorted(xs)[max(0, int(len(xs) * 0.95) - 1)]
 
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.base], capture_output=True,
                          text=True).stdout.strip()
@@ -81,6 +81,7 @@ def main() -> int:
         ("landed -> indexed valid (4 KiB ckpt)", "landed", None),
         ("crash -> relaunch over the bare Popen loop", "relaunch", "popen"),
     ]
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"\n| measure | this tree (median / p95) | baseline {rev} (median / p95) | this - baseline (median) |")
     print("|---|---|---|---|")
     for what, k, floor in rows:
