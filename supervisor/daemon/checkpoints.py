@@ -62,7 +62,17 @@ class _CachedOnly:
         self.cache = cache
 
     def get(self, key: str) -> str | None:
-        v = self.cache.get(key)
+        # On the loop: never wait for the state DB's lock (the writer thread holds it across
+        # a commit's fsync; found: status took 300 ms while another job's history was
+        # written). Busy means the pool does this scan.
+        lock = getattr(self.cache, "lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            raise _NeedsHashing(key)
+        try:
+            v = self.cache.get(key)
+        finally:
+            if lock is not None:
+                lock.release()
         if v is None:
             raise _NeedsHashing(key)
         return v
