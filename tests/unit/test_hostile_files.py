@@ -360,3 +360,30 @@ def test_paddle_states_global_step_10_pow_5000_is_that_entrys_verdict_not_an_emp
     assert pd and all(not i.valid for i in pd), pd
     assert all(i.step is None or i.step < 2**63 for i in infos)
     json.dumps([i.step for i in infos])      # what the DB, the scrape and plot get
+
+
+def test_inline_scan_on_the_loop_never_waits_for_the_state_db_lock(tmp_path):
+    """Found: status took 300 ms while another job's history was committed: the loop's
+    inline scan read the verdict cache under the lock the writer holds across an fsync."""
+    from trainsup.daemon.checkpoints import _CachedOnly, _NeedsHashing
+    from trainsup.daemon.state import StateDB
+    db = StateDB(tmp_path)
+    db.put("k", "v")
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with db.lock:
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        assert held.wait(10)
+        start = time.monotonic()
+        with pytest.raises(_NeedsHashing):
+            _CachedOnly(db).get("k")
+        assert time.monotonic() - start < 1
+    finally:
+        release.set()
+        t.join(10)
+    assert _CachedOnly(db).get("k") == "v"
