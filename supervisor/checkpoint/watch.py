@@ -334,13 +334,18 @@ class CheckpointWatcher:
         finally:
             os.close(fd)
 
-    def _arm_below(self, fd: int, rel: str, depth: int) -> None:
+    def _arm_below(self, fd: int, rel: str, depth: int, evict: bool = False) -> None:
         """Watches on the dirs below fd (at `rel`), newest first, within the budget
-        (breadth first, never into a dot-dir, never deeper than sub_depth)."""
+        (breadth first, never into a dot-dir, never deeper than sub_depth). evict: a tree
+        that just appeared takes the places of the oldest watches (at most the budget)."""
         level = [(fd, rel, depth)]
         opened: list[int] = []
+        added = 0
+
+        def room() -> bool:
+            return added < self.sub_budget if evict else len(self._subs) < self.sub_budget
         try:
-            while level and len(self._subs) < self.sub_budget:
+            while level and room():
                 nxt: list[tuple[int, str, int]] = []
                 for dfd, drel, d in level:
                     try:
@@ -351,15 +356,17 @@ class CheckpointWatcher:
                                    if st is not None and stat.S_ISDIR(st.st_mode) and not n.startswith(".")),
                                   reverse=True)
                     for _, n in dirs:
-                        if len(self._subs) >= self.sub_budget:
+                        if not room():
                             return
                         cfd = _open_dir(n, dfd)
                         if cfd is None:
                             continue
                         opened.append(cfd)
                         crel = f"{drel}/{n}" if drel else n
-                        if self._watch_sub(cfd, crel, d) and d < self.sub_depth:
-                            nxt.append((cfd, crel, d + 1))
+                        if self._watch_sub(cfd, crel, d):
+                            added += 1
+                            if d < self.sub_depth:
+                                nxt.append((cfd, crel, d + 1))
                 level = nxt
         finally:
             for o in opened:
@@ -428,7 +435,7 @@ class CheckpointWatcher:
                     return
                 try:
                     if self._watch_sub(cfd, rel, depth) and depth < self.sub_depth:
-                        self._arm_below(cfd, rel, depth + 1)
+                        self._arm_below(cfd, rel, depth + 1, evict=True)
                 finally:
                     os.close(cfd)
             finally:
