@@ -37,7 +37,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .jobfile import DIR_FLAGS, open_dir
+from .jobfile import Invalid, open_dir, open_entry_dir
 from .walk import listdir
 
 log = logging.getLogger("trainsup.checkpoint")
@@ -250,10 +250,11 @@ def shared_hub() -> InotifyHub:
 
 
 def _open_dir(path: str, dir_fd: int | None = None) -> int | None:
-    """An fd on a real directory (never through a symlink), or None."""
+    """An fd on a real directory (never through a symlink), or None: the configured path
+    (its last component not followed), or a name beneath dir_fd (jobfile's rules)."""
     try:
-        return os.open(path, DIR_FLAGS, dir_fd=dir_fd)
-    except OSError:
+        return open_entry_dir(path) if dir_fd is None else open_dir(dir_fd, path)
+    except (OSError, Invalid):
         return None
 
 
