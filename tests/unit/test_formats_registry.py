@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import FRAMEWORK_FIXTURES, REPO
 from trainsup.checkpoint import formats, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
 from trainsup.config import load_job_file
 from trainsup.spec import InvalidJob
 
-FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()
+FIXTURES = FRAMEWORK_FIXTURES
 LV = "lightning_logs/version_0/checkpoints/"
 
 # format -> (tree with a good entry, that entry), (tree killed mid-write, the entry it cut)
@@ -57,8 +57,6 @@ def test_every_format_has_a_good_fixture_and_one_killed_mid_write():
 
 
 def _copy(tree: str, tmp_path: Path) -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"framework fixtures not found at {FIXTURES}")
     dst = tmp_path / tree.replace("/", "_")
     shutil.copytree(FIXTURES / tree, dst, symlinks=True)
     return dst

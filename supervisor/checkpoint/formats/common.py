@@ -89,6 +89,7 @@ class Verdict:
     reason: str | None = None          # the manifest's save reason
     created: str | None = None         # the manifest's UTC timestamp
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
+    save_s: float | None = None        # the manifest's: how long the save held training up
 
     def __post_init__(self) -> None:
         # Bounded by construction (every format, every cache row): a counter outside
@@ -120,8 +121,10 @@ class Verdict:
 
     @classmethod
     def from_json(cls, s: str) -> Verdict:
+        # A verdict cached by another trainsup version may lack or add a field.
+        known = cls.__dataclass_fields__
         d: dict[str, Any] = json.loads(s)
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def entry_dir(path: str, fmt: str, step: int | None) -> int | Verdict:
