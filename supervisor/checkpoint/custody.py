@@ -8,6 +8,7 @@ The daemon's per-job checkpoint service keeps one JobCheckpointDir per job and d
     infos, flag = jd.scan(cache)                # off the loop; flag: dir replaced -> no deletes
     jd.observe(infos)                           # on the loop: liveness by monotonic clock
     opened = jd.open_by_job(infos, pids)        # off the loop: entries open by the job
+    pinned = jd.protected_steps(infos)          # off the loop: frameworks' bookkeeping
     plan = jd.plan(infos, pinned=..., resumed_from=..., also_live=opened)
     ... plan_disk_quota over all jobs' plans ...
     for info in plan.delete:                    # intent recorded, then:
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from .. import fdbudget
 from ..spec import CheckpointSpec
-from . import aside, inventory
+from . import aside, formats, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
 from .formats.common import Verdict, VerdictCache
@@ -192,6 +193,14 @@ class JobCheckpointDir:
         return out
 
     # ------------------------------------------------------------------ on the loop
+
+    def protected_steps(self, infos: list[CheckpointInfo]) -> set[int]:
+        """Steps the frameworks' own bookkeeping needs kept (HF's best checkpoint), read
+        through the held dir (off the loop: found, a FIFO swapped in for HF's
+        trainer_state.json blocked the event loop forever when read there)."""
+        if self.handle is None or self.flag:
+            return set()
+        return formats.protected_steps(self.handle.fd, infos)
 
     def observe(self, infos: Iterable[CheckpointInfo]) -> None:
         infos = list(infos)

@@ -83,6 +83,7 @@ def empty_trash(ckpt_dir: DirLike) -> list[str]:
         except FileNotFoundError:
             return finished
         try:
+            # held dir fd: the trash dir, opened beneath the held dir
             with os.scandir(tfd) as it:
                 names = [e.name for e in it if _TRASH_NAME_RE.fullmatch(e.name)]
             for n in names:
@@ -229,6 +230,7 @@ def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> Non
         while stack:
             dfd, rel = stack.pop()
             try:
+                # held dir fd: dirs opened beneath the trash dir's fd
                 with os.scandir(dfd) as it:
                     subdirs = [c.name for c in it if c.is_dir(follow_symlinks=False)]
                 for c in subdirs:
@@ -308,6 +310,7 @@ def _remove(h: DirHandle, parent_fd: int, name: str) -> None:
             fst = os.fstat(fd)
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                 continue  # a different directory than the one we chose
+            # held dir fd: opened beneath the held dir and checked to be the one chosen
             with os.scandir(fd) as it:
                 children = [c.name for c in it]
             for c in children:

@@ -85,6 +85,7 @@ def survey(containment: cgroup.Containment, state_dir: Path) -> list[Launch]:
             if parts is not None:
                 found[name] = Launch(name, *parts, None, True, pid)
     try:
+        # not a job path: the daemon's shim exit dir (state dir)
         entries = os.listdir(shim.exits_dir(state_dir))
     except OSError:
         entries = []

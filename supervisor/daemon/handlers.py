@@ -236,7 +236,7 @@ class Commands:
             job.pin(step)
         else:
             job.unpin(step)
-        await self.d.rotation.run()      # `checkpoints` shows the new verdicts at once
+        await self.d.rotation.run(wait_for=job.name)   # `checkpoints` shows the new verdicts at once
         return {"pinned": sorted(job.pinned)}
 
     async def do_unpin(self, r: Request) -> Any:

@@ -131,6 +131,7 @@ def _reported_step(heartbeat: Path, since_wall: float) -> int | None:
     heartbeat: a job may write its current step there), else None. Read once, at exit;
     never blocking (the job can put a FIFO there) and never past HEARTBEAT_READ bytes."""
     try:
+        # not a job path: the daemon's heartbeat file (the job writes it: O_NONBLOCK|O_NOFOLLOW, fstat, capped read)
         fd = os.open(heartbeat, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None

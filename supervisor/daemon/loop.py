@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -27,6 +26,7 @@ from ..control.server import ControlServer
 from ..spec import DaemonSpec, InvalidJob, JobSpec, ScheduleSpec, rotates
 from . import adoption, reexec
 from .checkpoints import JobCheckpoints, RotationCoordinator
+from .fairpool import FairPool
 from .handlers import Commands
 from .hooks import HookRunner
 from .job import Job, State
@@ -159,10 +159,10 @@ class Daemon:
         # Requests that arrive while the jobs dir is first read wait for it: `status` must
         # never answer "no such job" for a job whose file is still settling.
         self.loaded = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash",
-                                           initializer=lower_thread_priority)
+        # every job's checkpoint work, taken round-robin by job (fairpool.py)
+        self.executor = FairPool(workers=2, initializer=lower_thread_priority, name="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
-        self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
+        self.rotation = RotationCoordinator(self.loop, self.executor.for_job(""), self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
         self.db.start_writer()
         self.db.on_pending = lambda: None if self.loop.call_soon(self.db.wake) else None
@@ -409,7 +409,7 @@ class Daemon:
             log.error("%s", line)
 
     def _add_job(self, spec: JobSpec) -> Job:
-        ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
+        ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor.for_job(spec.name), self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request,
                                on_landed=self.rotation.landed,
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,

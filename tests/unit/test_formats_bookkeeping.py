@@ -73,8 +73,13 @@ def test_hf_best_model_checkpoint_is_protected_like_a_pin(tmp_path):
     state["best_model_checkpoint"] = str(d / "checkpoint-2")
     (d / "checkpoint-6/trainer_state.json").write_text(json.dumps(state))
     infos = scan(d)
-    assert hf_best_steps(infos) == {2}
-    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=1), pinned=hf_best_steps(infos))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        best = hf_best_steps(fd, infos)
+    finally:
+        os.close(fd)
+    assert best == {2}
+    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=1), pinned=best)
     assert [i.name for i in plan.delete] == ["checkpoint-4"]
     assert plan.kept[d / "checkpoint-2"] == "pinned"
 

@@ -14,7 +14,8 @@ Every format module has:
                 check(root_fd, group, listing) -> Verdict
 and, where they apply (hooks; absent means "nothing to do"):
   COMMIT_MARKER           the file written last (documentation, and the fixture test)
-  protected_steps(infos)  steps rotation must keep for the framework's own bookkeeping
+  protected_steps(root_fd, infos)  steps rotation must keep for the framework's own
+                          bookkeeping (read through the job's held dir, off the loop)
   before_delete(dir_fd, base)   bookkeeping to update before an entry's files go
   group scan hooks:       skips_dir(name), extra_dirs(listing_of, root), STEM_SUFFIXES,
                           AUTO_CLAIMS_ALL, auto_claims(tree, g), cache_key(g, listing),
@@ -52,13 +53,14 @@ def hook(module: ModuleType | None, name: str, default: Any) -> Any:
     return getattr(module, name, default) if module is not None else default
 
 
-def protected_steps(infos: Sequence[Any]) -> set[int]:
-    """Steps every format's bookkeeping needs kept (HF's best checkpoint...)."""
+def protected_steps(root_fd: int, infos: Sequence[Any]) -> set[int]:
+    """Steps every format's bookkeeping needs kept (HF's best checkpoint...), read below
+    the job's held dir fd. Blocking: called on the job's own work queue, never the loop."""
     out: set[int] = set()
     for m in FORMATS.values():
         fn = hook(m, "protected_steps", None)
         if fn is not None:
-            out |= fn(infos)
+            out |= fn(root_fd, infos)
     return out
 
 

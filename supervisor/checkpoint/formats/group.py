@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .common import NOFOLLOW_DIR, Invalid, open_regular
+from ..jobfile import open_dir, open_file, read_capped
+from ..walk import listdir
 
 # kinds in a listing
 FILE, DIR, LINK = "f", "d", "l"
@@ -69,36 +70,24 @@ def join(d: str, name: str) -> str:
 
 
 def list_dir(dir_fd: int) -> Listing:
+    """Kinds of a dir's names, up to walk.MAX_DIR_NAMES of them (a dir of more is looked
+    at in part: a 100,000-name dir cost every scan its whole listing)."""
     out: Listing = {}
-    with os.scandir(dir_fd) as it:
-        for e in it:
-            try:
-                if e.is_symlink():
-                    out[e.name] = LINK
-                elif e.is_dir(follow_symlinks=False):
-                    out[e.name] = DIR
-                elif e.is_file(follow_symlinks=False):
-                    out[e.name] = FILE
-            except FileNotFoundError:
-                continue
+    for name, st in listdir(dir_fd)[0]:
+        if st is None:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            out[name] = LINK
+        elif stat.S_ISDIR(st.st_mode):
+            out[name] = DIR
+        elif stat.S_ISREG(st.st_mode):
+            out[name] = FILE
     return out
 
 
 def open_dir_under(root_fd: int, rel: str) -> int:
-    """An fd on root/rel, refusing a symlink in any component."""
-    fd = root_fd
-    opened: list[int] = []
-    try:
-        for comp in [c for c in rel.split("/") if c]:
-            fd = os.open(comp, NOFOLLOW_DIR, dir_fd=fd)
-            opened.append(fd)
-    except BaseException:
-        for o in opened:
-            os.close(o)
-        raise
-    for o in opened[:-1]:
-        os.close(o)
-    return opened[-1] if opened else os.dup(root_fd)
+    """An fd on root/rel: no symlink, no mount crossing in any component."""
+    return open_dir(root_fd, "/".join(c for c in rel.split("/") if c))
 
 
 def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
@@ -109,7 +98,7 @@ def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno in (errno.ELOOP, errno.EXDEV):
             return None
         raise
     try:
@@ -145,18 +134,11 @@ def _dir_bytes(root_fd: int, rel: str) -> int:
         dfd = open_dir_under(root_fd, rel)
     except OSError:
         return 0
-    total = 0
     try:
-        with os.scandir(dfd) as it:
-            for e in it:
-                try:
-                    if e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
+        listing = listdir(dfd)[0]
     finally:
         os.close(dfd)
-    return total
+    return sum(st.st_size for _, st in listing if st is not None and stat.S_ISREG(st.st_mode))
 
 
 class Opened:
@@ -167,7 +149,7 @@ class Opened:
         self.fd = -1
 
     def __enter__(self) -> tuple[int, os.stat_result]:
-        self.fd, st = open_regular(self.root_fd, self.rel)
+        self.fd, st = open_file(self.root_fd, self.rel)
         return self.fd, st
 
     def __exit__(self, *exc) -> None:
@@ -175,12 +157,7 @@ class Opened:
             os.close(self.fd)
 
 
-def read_small(root_fd: int, rel: str, limit: int = 1 << 20) -> bytes:
-    """The bytes of a small file (JSON metadata, a state file); Invalid if larger than limit."""
-    with Opened(root_fd, rel) as (fd, st):
-        if st.st_size > limit:
-            raise Invalid(f"{rel}: {st.st_size} bytes, more than the {limit} expected")
-        data = os.pread(fd, st.st_size, 0)
-        if len(data) != st.st_size:
-            raise Invalid(f"{rel}: short read (file changed while checking?)")
-        return data
+def read_small(root_fd: int, rel: str, kind: str) -> bytes:
+    """The bytes of a small file of a job (JSON metadata, a state file): Invalid past the
+    cap of its kind (jobfile.LIMITS)."""
+    return read_capped(root_fd, rel, kind)

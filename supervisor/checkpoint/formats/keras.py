@@ -16,7 +16,8 @@ import os
 import re
 import zipfile
 
-from .common import Invalid, Verdict
+from ..naming import counter
+from .common import LIMITS, Invalid, Verdict
 from .group import FILE, Group, Listing, Looking, Opened, join, read_small
 from .readers.hdf5 import check_hdf5, check_hdf5_fd
 from .readers.zip import check_torch_fd
@@ -84,10 +85,13 @@ def _check_keras_zip(fd: int, size: int) -> None:
         for member in ("metadata.json", "config.json"):
             if member not in names:
                 raise Invalid(f"keras: missing {member} in the archive")
+            if zf.getinfo(member).file_size > LIMITS["keras_member"]:
+                raise Invalid(f"keras: {member} is {zf.getinfo(member).file_size} bytes, more than "
+                              f"{LIMITS['keras_member']}")
             try:
                 json.loads(zf.read(member))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Invalid(f"keras: {member} is not valid JSON ({e})") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise Invalid(f"keras: {member} is not valid JSON ({str(e)[:200]})") from None
         if "model.weights.h5" in names:
             info = zf.getinfo("model.weights.h5")
             if info.compress_type == zipfile.ZIP_STORED:
@@ -114,15 +118,15 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
     try:
         if meta not in g.members:
             raise Invalid("missing (commit marker: BackupAndRestore writes it after the weights)")
-        m = json.loads(read_small(root_fd, meta) or b"null")
-        if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
-            problems.append(f"{BACKUP_META}: no integer epoch")
+        m = json.loads(read_small(root_fd, meta, "keras_meta") or b"null")
+        if not isinstance(m, dict) or counter(m.get("epoch")) is None:
+            problems.append(f"{BACKUP_META}: no epoch in 0..2**63-1")
         else:
             step = epoch = m["epoch"]
     except Invalid as e:
         problems.append(f"{BACKUP_META}: {e}")
-    except (ValueError, UnicodeDecodeError) as e:
-        problems.append(f"{BACKUP_META}: not valid JSON ({e})")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        problems.append(f"{BACKUP_META}: not valid JSON ({str(e)[:200]})")
     weights = join(d, BACKUP_WEIGHTS)
     if weights not in g.members:
         problems.append(f"missing {BACKUP_WEIGHTS}")

@@ -23,7 +23,7 @@ import re
 import zipfile
 from typing import Any
 
-from .common import Invalid, Verdict
+from .common import LIMITS, Invalid, Verdict
 from .group import FILE, LINK, Group, Listing, Looking, Opened, join
 from .readers.zip import check_torch_fd
 
@@ -32,7 +32,7 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 _STEP_RE = re.compile(r"(?:^|-)step=(\d+)")
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 _NAMED_RE = re.compile(r"(^|-)(epoch|step)=\d+|^hpc_ckpt_\d+\.ckpt$")
-_MAX_DATA_PKL = 64 << 20
+_MAX_DATA_PKL = LIMITS["lightning_state"]   # data.pkl holds structure; tensors are apart
 # `key=number`, bounded by `-`, the `-vN` clash suffix or the end; a leading `-` after `=`
 # is a negative value (`val_loss=-0.12`), not a separator.
 _FIELD_RE = re.compile(r"(?:^|-)([A-Za-z_][\w.]*?)=(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=-|$)")
