@@ -18,6 +18,8 @@ from trainsup.config import load_job_file
 from trainsup.spec import InvalidJob
 
 FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()
+# fixtures written in this repository (tests/fixtures/frameworks/make_sharded.py)
+IN_REPO = REPO / "tests" / "fixtures" / "frameworks"
 LV = "lightning_logs/version_0/checkpoints/"
 
 # format -> (tree with a good entry, that entry), (tree killed mid-write, the entry it cut)
@@ -30,6 +32,7 @@ FIXTURE_OF = {
               ("keras/interrupted", "ckpt_weights/epoch03.weights.h5")),
     "lightning": (("lightning/good", LV + "epoch=2-step=12.ckpt"),
                   ("lightning/interrupted", LV + "epoch=2-step=12.ckpt")),
+    "dcp": (("dcp/good", "step_8"), ("dcp/interrupted", "step_12")),
 }
 
 
@@ -57,10 +60,11 @@ def test_every_format_has_a_good_fixture_and_one_killed_mid_write():
 
 
 def _copy(tree: str, tmp_path: Path) -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"framework fixtures not found at {FIXTURES}")
+    root = IN_REPO if (IN_REPO / tree).is_dir() else FIXTURES
+    if not (root / tree).is_dir():
+        pytest.skip(f"framework fixtures not found at {root / tree}")
     dst = tmp_path / tree.replace("/", "_")
-    shutil.copytree(FIXTURES / tree, dst, symlinks=True)
+    shutil.copytree(root / tree, dst, symlinks=True)
     return dst
 
 

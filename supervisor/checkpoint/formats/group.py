@@ -50,6 +50,9 @@ class Looking:
     explicit: bool                             # the job named this format (not `auto`)
     lightning_dir: bool                        # a Lightning `.../checkpoints` dir
     readlink: Callable[[str], str | None]      # a symlink's target, read beneath the root
+    # another dir's listing (read once per scan): formats whose checkpoint is a folder
+    # known by what is in it (DCP's `.metadata`, DeepSpeed's `mp_rank_*`) look inside
+    listing_of: Callable[[str], Listing] = lambda rel: {}
 
 
 # A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
@@ -121,7 +124,9 @@ def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
 
 
 def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, bool]:
-    """(digest, regular bytes, newest mtime, all present) from lstat calls only."""
+    """(digest, regular bytes, newest mtime, all present) from lstat calls only. A member
+    that is a dir (a DCP or DeepSpeed step folder) counts every file beneath it: a shard
+    truncated in place moves no dir mtime, and must still move the digest."""
     h = xxhash.xxh3_128()
     total, newest, present = 0, 0.0, True
     for rel in rels:
@@ -130,33 +135,43 @@ def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, b
             present = False
             h.update(f"{rel}\0-\n".encode("utf-8", "surrogateescape"))
             continue
-        h.update(f"{rel}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                 f"{st.st_ctime_ns}\0{st.st_mode}\n".encode("utf-8", "surrogateescape"))
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-        elif stat.S_ISDIR(st.st_mode):
-            total += _dir_bytes(root_fd, rel)
-        newest = max(newest, st.st_mtime)
+        inside = _tree_stats(root_fd, rel) if stat.S_ISDIR(st.st_mode) else []
+        for r, s in [(rel, st), *inside]:
+            h.update(f"{r}\0{s.st_dev}\0{s.st_ino}\0{s.st_size}\0{s.st_mtime_ns}\0"
+                     f"{s.st_ctime_ns}\0{s.st_mode}\n".encode("utf-8", "surrogateescape"))
+            if stat.S_ISREG(s.st_mode):
+                total += s.st_size
+            newest = max(newest, s.st_mtime)
     return h.hexdigest(), total, newest, present
 
 
-def _dir_bytes(root_fd: int, rel: str) -> int:
-    try:
-        dfd = open_dir_under(root_fd, rel)
-    except OSError:
-        return 0
-    total = 0
-    try:
-        with os.scandir(dfd) as it:
-            for e in it:
-                try:
-                    if e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
-    finally:
-        os.close(dfd)
-    return total
+_MAX_TREE = 100_000       # files one dir member may hold before the walk stops counting
+
+
+def _tree_stats(root_fd: int, rel: str) -> list[tuple[str, os.stat_result]]:
+    """(path, lstat) of everything beneath the dir root/rel, sorted, never through a symlink."""
+    out: list[tuple[str, os.stat_result]] = []
+    stack = [rel]
+    while stack and len(out) < _MAX_TREE:
+        d = stack.pop()
+        try:
+            dfd = open_dir_under(root_fd, d)
+        except OSError:
+            continue
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    out.append((f"{d}/{e.name}", st))
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(f"{d}/{e.name}")
+        finally:
+            os.close(dfd)
+    out.sort(key=lambda t: t[0])
+    return out
 
 
 class Opened:
