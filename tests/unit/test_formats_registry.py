@@ -33,6 +33,7 @@ FIXTURE_OF = {
     "lightning": (("lightning/good", LV + "epoch=2-step=12.ckpt"),
                   ("lightning/interrupted", LV + "epoch=2-step=12.ckpt")),
     "dcp": (("dcp/good", "step_8"), ("dcp/interrupted", "step_12")),
+    "deepspeed": (("deepspeed/good", "global_step8"), ("deepspeed/interrupted", "global_step12")),
 }
 
 

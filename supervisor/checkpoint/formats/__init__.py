@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import dcp, hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
+from . import dcp, deepspeed, hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     trainsup,
@@ -41,6 +41,7 @@ FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     lightning,
     safetensors,
     dcp,
+    deepspeed,
 )}
 NAMES = tuple(FORMATS)
 CHOICES = ("auto", *NAMES)                     # checkpoint.format's values
