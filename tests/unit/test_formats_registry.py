@@ -34,6 +34,8 @@ FIXTURE_OF = {
                   ("lightning/interrupted", LV + "epoch=2-step=12.ckpt")),
     "dcp": (("dcp/good", "step_8"), ("dcp/interrupted", "step_12")),
     "deepspeed": (("deepspeed/good", "global_step8"), ("deepspeed/interrupted", "global_step12")),
+    "accelerate": (("accelerate/good", "checkpoints/checkpoint_1"),
+                   ("accelerate/interrupted", "checkpoints/checkpoint_2")),
 }
 
 

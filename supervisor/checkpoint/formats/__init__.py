@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import dcp, deepspeed, hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
+from . import accelerate, dcp, deepspeed, hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     trainsup,
@@ -42,6 +42,7 @@ FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     safetensors,
     dcp,
     deepspeed,
+    accelerate,
 )}
 NAMES = tuple(FORMATS)
 CHOICES = ("auto", *NAMES)                     # checkpoint.format's values

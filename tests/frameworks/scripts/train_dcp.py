@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--sleep-per-step", type=float, default=0.0)
+    p.add_argument("--last-periodic", type=int, default=0, help="no periodic save after this step (0: none)")
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--kill-at-commit", type=int, default=0)
     args = p.parse_args()
@@ -74,7 +75,7 @@ def main() -> int:
         if rank == 0:
             print(f"step {step}", flush=True)
         req = agreed_request()
-        if req or step % args.every == 0:
+        if req or (step % args.every == 0 and not 0 < args.last_periodic < step):
             path = os.path.join(ckpt_dir, f"step_{step}")
             saves += 1
             if rank == 0:

@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--sleep-per-step", type=float, default=0.0)
+    p.add_argument("--last-periodic", type=int, default=0, help="no periodic save after this step (0: none)")
     p.add_argument("--kill-in-save", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -66,7 +67,7 @@ def main() -> int:
         if rank == 0:
             print(f"step {step}", flush=True)
         req = agreed_request()
-        if req or step % args.every == 0:
+        if req or (step % args.every == 0 and not 0 < args.last_periodic < step):
             saves += 1
             if rank == 0:
                 print(f"saving step {step}", flush=True)
