@@ -189,3 +189,23 @@ def test_accelerate_two_processes_killed_in_save_state_rotated_under_total_limit
 def _no_trainsup_names_in(d: Path) -> None:
     if d.is_dir():
         assert all(n.startswith("checkpoint_") for n in os.listdir(d)), sorted(os.listdir(d))
+
+
+# ------------------------------------------------------------------------ Orbax
+
+
+def _orbax_complete(d: Path) -> dict[Path, int]:
+    """{<step>/: step} Orbax committed (renamed into place, commit_success.txt inside)."""
+    return {p: int(p.name) for p in d.glob("[0-9]*") if p.name.isdigit() and (p / "commit_success.txt").is_file()}
+
+
+def test_orbax_async_save_killed_before_rename_rotated_under_max_to_keep_preempted(daemon):
+    """JAX on CPU, one process (Orbax's multi-host commit needs jax.distributed): the async
+    save killed in its finalize is moved aside, restore(step) resumes, keep_last 2 under
+    Orbax's max_to_keep 3, and the preemption save is one save and exit 0."""
+    need("orbax.checkpoint")
+    ckpt = _job(daemon, "orbax", [sys.executable, str(SCRIPTS / "train_orbax.py"), "--steps", "100000",
+                                  "--every", "4", "--last-periodic", str(LAST_PERIODIC), "--max-to-keep", "3",
+                                  "--kill-at-commit", "3", "--sleep-per-step", "0.05"])
+    _killed_rotated_preempted(daemon, "orbax", ckpt, lambda: _orbax_complete(ckpt), "12.orbax-checkpoint-tmp",
+                              "8", "4", own_pruning=True)

@@ -36,6 +36,7 @@ FIXTURE_OF = {
     "deepspeed": (("deepspeed/good", "global_step8"), ("deepspeed/interrupted", "global_step12")),
     "accelerate": (("accelerate/good", "checkpoints/checkpoint_1"),
                    ("accelerate/interrupted", "checkpoints/checkpoint_2")),
+    "orbax": (("orbax/good", "8"), ("orbax/interrupted", "12.orbax-checkpoint-tmp")),
 }
 
 
