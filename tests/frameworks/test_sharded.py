@@ -54,6 +54,13 @@ def _preempt_then_start(daemon, name: str, complete, every: int = 4) -> None:
     """preempt: one save at the step every rank reached (a periodic save already on its way
     may land too), exit 0; start: resumes from it."""
     _wait(daemon, name, lambda: last_step(daemon, name) > LAST_PERIODIC + 2, f"{name} past its periodic saves")
+    # checkpoint --wait: one save on every rank, confirmed, and the job goes on
+    before = complete()
+    r = daemon.cli("checkpoint", name, "--wait", "--timeout", "120s", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    new = {p: s for p, s in complete().items() if p not in before}
+    assert len(new) == 1 and any(str(p) in r.stdout for p in new), (r.stdout, new)
+    assert daemon.status(name)["state"] == "running"
     before = complete()
     r = daemon.cli("preempt", name, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -65,6 +72,7 @@ def _preempt_then_start(daemon, name: str, complete, every: int = 4) -> None:
     assert saves_logged(daemon, name).count(saved_step) == 1, "the ranks saved more than once"
     saved_path = new[saved_step]
     assert _events(daemon, name, "exit")[-1]["code"] == 0, _events(daemon, name, "exit")[-1]
+    assert _events(daemon, name, "notice")[-1].get("outcome") == "saved", _events(daemon, name, "notice")[-1]
     n = len(resumed_lines(daemon, name))
     assert daemon.cli("start", name).returncode == 0
     _wait(daemon, name, lambda: len(resumed_lines(daemon, name)) > n, f"{name} to resume after start")
