@@ -4,10 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
+# Compiled at install: the clone3 launcher and the per-job shim.
+LAUNCHER := $(addprefix supervisor/daemon/launch/,_spawn.c _shim.c build_shim.py)
 
 .PHONY: venv test lint demo bench chaos clean test-multinode
 
-$(BIN)/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(BIN)/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy
@@ -16,8 +18,9 @@ $(BIN)/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
 
 venv: $(BIN)/.installed
 
+# -rs: every skipped test says why (a missing tool, no root, no systemd), never silently.
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 # ruff and mypy are configured in pyproject.toml (installed with the test extras).
 lint: venv
@@ -45,7 +48,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # Framework test environment (HF Trainer, Accelerate, Lightning, Keras on TF, Paddle, DeepSpeed,
-# JAX + Orbax) for tests/frameworks/. Pinned to the versions that wrote the framework fixtures;
+# JAX + Orbax) for tests/frameworks/. Pinned to the versions that wrote tests/fixtures/frameworks;
 # a CPU torch wheel as above. DeepSpeed without its CUDA ops (DS_BUILD_OPS=0): on the CPU
 # accelerator it JIT-builds one small op (shm comm, ~40 s once, cached in ~/.cache/torch_extensions).
 VENV_FW := .venv-fw
@@ -53,9 +56,9 @@ FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safet
 	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1 \
 	deepspeed==0.19.8 jax==0.10.2 jaxlib==0.10.2 orbax-checkpoint==0.12.8
 
-.PHONY: venv-frameworks test-frameworks
+.PHONY: venv-frameworks test-frameworks fixtures
 
-$(VENV_FW)/bin/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV_FW)
 	$(VENV_FW)/bin/pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(VENV_FW)/bin/pip install -q $(FW_PKGS)
@@ -65,4 +68,10 @@ $(VENV_FW)/bin/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
 venv-frameworks: $(VENV_FW)/bin/.installed
 
 test-frameworks: venv-frameworks
-	$(VENV_FW)/bin/python -m pytest -q -p no:cacheprovider tests/frameworks
+	$(VENV_FW)/bin/python -m pytest -q -rs -p no:cacheprovider tests/frameworks
+
+# Rewrite tests/fixtures/frameworks with the real frameworks (strace kills the saves; the sharded
+# formats' saves kill themselves at their commit point; ~3 min).
+fixtures: venv-frameworks
+	$(VENV_FW)/bin/python tests/fixtures/make_framework_fixtures.py
+	$(VENV_FW)/bin/python tests/fixtures/make_sharded_fixtures.py

@@ -88,7 +88,7 @@ class ScheduleSpec:
     preempt_cron: str | None = None
 
 
-HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
+HOOK_EVENTS = ("failed", "preempted", "finished", "saved", "crash", "over-quota")
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,8 @@ class PreemptionSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    listen: str | None = None               # "HOST:PORT" for Prometheus; None = off
+    listen: str | None = None               # "HOST:PORT" or "unix:PATH" for Prometheus; None = off
+    required: bool = True                   # cannot listen: the daemon does not start (exit 2)
 
 
 @dataclass(frozen=True)

@@ -442,10 +442,10 @@ class Checkpointer:
 
         hb = heartbeat_file if heartbeat_file is not None else os.environ.get(contract.HEARTBEAT_FILE)
         self._heartbeat = Path(hb) if hb else None
+        self._hb_fd = self._open_heartbeat()
         now = _monotonic()
         self._last_save_time = now
-        self._next_tick = now if (self._heartbeat or self.every_seconds) else math.inf
-        self._last_heartbeat = -math.inf
+        self._next_tick = now if self.every_seconds else math.inf
 
         self._dist = _dist_on()
         self._rank = dist.get_rank() if self._dist else 0
@@ -488,6 +488,9 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for an async save and put the previous signal handlers back."""
         self.wait()
+        if self._hb_fd >= 0:
+            os.close(self._hb_fd)
+            self._hb_fd = -1
         if self._installed:
             emergency.uninstall()
             self._installed = False
@@ -498,6 +501,8 @@ class Checkpointer:
         """Call once per optimizer step, after it. Saves when due or requested."""
         self._step = step
         self._metrics = metrics
+        if self._hb_fd >= 0:
+            self._beat(step)
         if (
             self._flags.events != self._events_seen
             or (self.every_steps and step % self.every_steps == 0)
@@ -511,7 +516,7 @@ class Checkpointer:
         now = _monotonic()
         periodic = bool(self.every_steps and step % self.every_steps == 0)
         if now >= self._next_tick:
-            self._touch_heartbeat(now)
+            self._next_tick = self._last_save_time + self.every_seconds if self.every_seconds else math.inf
         timed = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
         signalled = self._sig_count != self._sig_served
         if signalled:
@@ -578,24 +583,25 @@ class Checkpointer:
         k = math.ceil(self._sync_cost / (0.01 * per_step))   # collective ~1% of step time
         return max(1, min(k, int(1.0 / per_step) or 1, 10_000))  # but at least once a second
 
-    def _touch_heartbeat(self, now: float) -> None:
-        tick = math.inf
-        if self._heartbeat is not None:
-            if now - self._last_heartbeat >= 1.0:
-                self._last_heartbeat = now
-                try:
-                    # The step, not just the mtime: the daemon reads it when the attempt
-                    # ends to count the steps an interruption lost (trainsup plot, metrics).
-                    with open(self._heartbeat, "w") as f:
-                        f.write(contract.heartbeat_text(self._step))
-                except OSError as e:
-                    _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
-                    self._heartbeat = None
-            if self._heartbeat is not None:
-                tick = self._last_heartbeat + 1.0
-        if self.every_seconds:
-            tick = min(tick, self._last_save_time + self.every_seconds)
-        self._next_tick = tick
+    def _open_heartbeat(self) -> int:
+        """The heartbeat file, held open: the step is rewritten in place at every step
+        (contract.heartbeat_text), so the daemon reads the step reached even after a
+        SIGKILL. -1 without one, or when it cannot be opened (said once)."""
+        if self._heartbeat is None:
+            return -1
+        try:
+            return os.open(self._heartbeat, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it")
+            return -1
+
+    def _beat(self, step: int) -> None:
+        try:
+            os.pwrite(self._hb_fd, contract.heartbeat_text(step).encode(), 0)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
+            os.close(self._hb_fd)
+            self._hb_fd = -1
 
     def _on_sampler_iter(self) -> None:
         self._iter_base_step = self._step
@@ -807,6 +813,8 @@ class Checkpointer:
         """Save now (all ranks must call it at the same step). Waits for the commit.
         Returns the committed path, or None when the save failed (logged)."""
         self._step = step
+        if self._hb_fd >= 0:
+            self._beat(step)
         path = self._save(step, reason, metrics if metrics is not None else self._metrics, wait=True)
         return path
 
@@ -904,6 +912,7 @@ class Checkpointer:
                 return None
         if self.async_save and not wait:
             snap = self._snapshot.take(state)
+            w.held_s = _monotonic() - w.started     # the loop waits for the snapshot only
             self._start_background(step, w, snap)
             return w.final_path
         return self._write_and_commit(step, w, state)
@@ -976,7 +985,9 @@ class Checkpointer:
             assert w is not None   # rank 0 opened the writer, or path_box would be None
             state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
-                self._start_background(step, w, self._snapshot.take(state))
+                snap = self._snapshot.take(state)
+                w.held_s = _monotonic() - w.started
+                self._start_background(step, w, snap)
                 return final
             done = self._write_and_commit(step, w, state)
             ok.fill_(1 if done is not None else 0)

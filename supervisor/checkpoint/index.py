@@ -60,6 +60,7 @@ class CheckpointInfo:
     reason: str | None = None    # the manifest's save reason
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
     created: str | None = None   # the manifest's UTC timestamp
+    save_s: float | None = None  # the manifest's: how long the save held training up
     mtime: float = 0.0              # newest mtime of the entry or anything in it (wall clock)
     epoch: int | None = None
     in_progress: bool = False
@@ -187,7 +188,7 @@ def _scan_entry(h: DirHandle, io: str, name: str, is_dir: bool, is_link: bool, f
     return CheckpointInfo(
         path=path, name=name, format=kind, step=step, bytes=c.bytes, valid=v.valid,
         invalid_reason=v.invalid_reason, reason=v.reason, metrics=dict(v.metrics),
-        created=v.created, mtime=c.mtime, epoch=v.epoch, cached=c.cached,
+        created=v.created, save_s=v.save_s, mtime=c.mtime, epoch=v.epoch, cached=c.cached,
         unknown=not v.valid and is_unknown_reason(v.invalid_reason), alias=is_alias(name),
         fp=c.fingerprint, ino=ino,
     )

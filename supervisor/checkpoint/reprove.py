@@ -75,10 +75,30 @@ def reprovable(info: CheckpointInfo) -> bool:
     return info.format in ENTRY and not info.members
 
 
+class _Recheck:
+    """A verdict cache view that never answers from the cache and stores what the check
+    finds: the re-proven verdict replaces the stale one under the same fingerprint. Without
+    it the next scan (a watcher event, the rescan, a second pass of the same refresh) read
+    the old "valid" back from the cache before the launch, and the damaged checkpoint was
+    offered after all (1 run of 3 on tmpfs)."""
+
+    def __init__(self, cache: VerdictCache) -> None:
+        self.cache = cache
+
+    def get(self, key: str) -> str | None:
+        return None
+
+    def put(self, key: str, verdict: str) -> None:
+        self.cache.put(key, verdict)
+
+
 def reprove(io_path: str, fmt: str, cache: VerdictCache | None, key_path: str) -> Verdict:
     """The entry's verdict now: from its fingerprint where a mapped write would have moved
-    it, else by checking the content again."""
-    use_cache = cache if stamps_mapped_writes(io_path) else None
+    it, else by checking the content again (and caching what that found)."""
+    if stamps_mapped_writes(io_path):
+        use_cache: VerdictCache | None = cache
+    else:
+        use_cache = _Recheck(cache) if cache is not None else None
     return check_entry(io_path, fmt, use_cache, key_path=key_path).verdict
 
 

@@ -52,7 +52,7 @@ from .values import (
     url,
     user_name,
 )
-from .yaml import Invalid, Node, _Reported, describe, join_key
+from .yaml import UNIX_SOCKET_PATH_MAX, Invalid, Node, _Reported, describe, join_key
 
 # ------------------------------------------------------------------------- sections
 
@@ -261,8 +261,16 @@ PREEMPTION = Section(PreemptionSpec, {
 
 def listen_address(node: Node, key: str, ctx: Context) -> str:
     """"HOST:PORT", "[V6]:PORT", or a bare port (then loopback): metrics are for a local
-    scraper unless the admin names another address."""
+    scraper unless the admin names another address. "unix:/ABS/PATH": a Unix socket that
+    only the daemon's socket group may read."""
     raw = text(node, key, ctx).strip()
+    if raw.startswith("unix:"):
+        where = raw[len("unix:"):]
+        if not os.path.isabs(where):
+            raise Invalid(f"a Unix socket needs an absolute path (unix:/run/trainsup/metrics.sock), got {raw!r}")
+        if len(os.fsencode(where)) > UNIX_SOCKET_PATH_MAX:
+            raise Invalid(f"socket path {where} is longer than {UNIX_SOCKET_PATH_MAX} bytes")
+        return "unix:" + os.path.normpath(where)
     host, sep, port = raw.rpartition(":")
     if not sep:
         host, port = "", raw
@@ -272,7 +280,7 @@ def listen_address(node: Node, key: str, ctx: Context) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
-METRICS = Section(MetricsSpec, {"listen": listen_address})
+METRICS = Section(MetricsSpec, {"listen": listen_address, "required": boolean})
 
 DAEMON = Section(DaemonSpec, {
     "jobs_dir": path,

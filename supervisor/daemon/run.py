@@ -194,7 +194,7 @@ class RunDaemon(Daemon):
                   "outcome": "saved by the ranks" if latest else "no checkpoint",
                   "step": getattr(latest, "step", None)}
         job.note_notice(notice)
-        job.event("notice", **notice)
+        job.event("notice", **{k: v for k, v in notice.items() if k != "at"})
         await self._after_slurm_notice(job, why)
 
     async def _after_slurm_notice(self, job: Job, why: str | None) -> None:
@@ -245,6 +245,7 @@ def run_job(job_file: Path, *, state_dir: Path | None = None, socket: Path | Non
             slurm: str = "auto") -> int:
     """`trainsup run`: returns the exit code (see the module doc)."""
     from ..control.server import SocketRefused
+    from .notices.trigger import TriggerRefused
     from .state import LockHeld, StateUnusable
     is_root = os.geteuid() == 0
     job = config.load_job_file(job_file, is_root=is_root)
@@ -273,6 +274,6 @@ def run_job(job_file: Path, *, state_dir: Path | None = None, socket: Path | Non
     print(f"trainsup run: job {job.name}, state {state}, socket {sock}", file=sys.stderr, flush=True)
     try:
         return RunDaemon(spec, job.source, allocation).run()
-    except (LockHeld, SocketRefused, StateUnusable) as e:
+    except (LockHeld, SocketRefused, StateUnusable, TriggerRefused) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -33,7 +33,7 @@ def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
     # `format: auto` took them as tf, each index + shard one entry whose resume path is the prefix
     r = daemon.cli("checkpoints", "tf", "--json")
     assert r.returncode == 0, r.stderr
-    rows = [c for c in json.loads(r.stdout) if c["valid"]]
+    rows = [c for c in json.loads(r.stdout)["checkpoints"] if c["valid"]]
     assert rows and all(c["format"] == "tf" for c in rows), rows
     for c in rows:
         assert c["resume_path"] == c["path"] and sorted(Path(m).name for m in c["members"]) == \

@@ -1,5 +1,5 @@
 """HF Accelerate save_state folders (formats/accelerate.py), on fixtures written by a real
-2-process run with automatic checkpoint naming (tests/fixtures/frameworks/make_sharded.py)."""
+2-process run with automatic checkpoint naming (tests/fixtures/make_sharded_fixtures.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """PyTorch Distributed Checkpoint folders (formats/dcp.py), on fixtures written by real FSDP2
-saves on 2 ranks (tests/fixtures/frameworks/make_sharded.py): what is offered for resume,
+saves on 2 ranks (tests/fixtures/make_sharded_fixtures.py): what is offered for resume,
 what is not and why, whatever a killed save or a hostile file left."""
 
 from __future__ import annotations

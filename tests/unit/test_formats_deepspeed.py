@@ -1,5 +1,5 @@
 """DeepSpeed save_checkpoint folders (formats/deepspeed.py), on fixtures written by a real
-ZeRO-2 run on 2 CPU ranks (tests/fixtures/frameworks/make_sharded.py): complete saves are
+ZeRO-2 run on 2 CPU ranks (tests/fixtures/make_sharded_fixtures.py): complete saves are
 offered, one a rank was killed in is not, and rotation keeps the save `latest` names."""
 
 from __future__ import annotations

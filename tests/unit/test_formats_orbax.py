@@ -1,5 +1,5 @@
 """Orbax CheckpointManager step folders (formats/orbax.py), on fixtures written by a real JAX
-run with async saves (tests/fixtures/frameworks/make_sharded.py)."""
+run with async saves (tests/fixtures/make_sharded_fixtures.py)."""
 
 from __future__ import annotations
 

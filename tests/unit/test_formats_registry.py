@@ -11,15 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import FRAMEWORK_FIXTURES, REPO
 from trainsup.checkpoint import formats, write_checkpoint
 from trainsup.checkpoint.index import latest_valid, scan
 from trainsup.config import load_job_file
 from trainsup.spec import InvalidJob
 
-FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()
-# fixtures written in this repository (tests/fixtures/frameworks/make_sharded.py)
-IN_REPO = REPO / "tests" / "fixtures" / "frameworks"
+FIXTURES = FRAMEWORK_FIXTURES
 LV = "lightning_logs/version_0/checkpoints/"
 
 # format -> (tree with a good entry, that entry), (tree killed mid-write, the entry it cut)
@@ -64,11 +62,8 @@ def test_every_format_has_a_good_fixture_and_one_killed_mid_write():
 
 
 def _copy(tree: str, tmp_path: Path) -> Path:
-    root = IN_REPO if (IN_REPO / tree).is_dir() else FIXTURES
-    if not (root / tree).is_dir():
-        pytest.skip(f"framework fixtures not found at {root / tree}")
     dst = tmp_path / tree.replace("/", "_")
-    shutil.copytree(root / tree, dst, symlinks=True)
+    shutil.copytree(FIXTURES / tree, dst, symlinks=True)
     return dst
 
 

@@ -45,13 +45,16 @@ class Verdict:
     reason: str | None = None          # the manifest's save reason
     created: str | None = None         # the manifest's UTC timestamp
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
+    save_s: float | None = None        # the manifest's: how long the save held training up
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, s: str) -> Verdict:
-        return cls(**json.loads(s))
+        # A verdict cached by another trainsup version may lack or add a field.
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in json.loads(s).items() if k in known})
 
 
 class Invalid(Exception):

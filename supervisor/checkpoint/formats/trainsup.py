@@ -46,6 +46,8 @@ def check_trainsup(path: str) -> Verdict:
             reason=m.get("reason") if isinstance(m.get("reason"), str) else None,
             created=m.get("created") if isinstance(m.get("created"), str) else None,
             metrics=metrics,
+            save_s=float(m["save_s"]) if isinstance(m.get("save_s"), (int, float)) and not isinstance(
+                m.get("save_s"), bool) and 0 <= m["save_s"] < 1e7 else None,
         )
         try:
             _check_trainsup_files(dfd, m["files"])
