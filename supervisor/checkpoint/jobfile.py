@@ -42,6 +42,9 @@ LIMITS: dict[str, int] = {
     "keras_member": 16 << 20,      # metadata.json / config.json inside a .keras zip
     "safetensors_header": 8 << 20,  # a safetensors file's JSON header
     "tf_index": 16 << 20,          # a TF bundle's .index (an SSTable of tensor entries)
+    "dcp_metadata": 256 << 20,     # torch DCP's .metadata: one entry per chunk of every tensor
+    "deepspeed_latest": 4096,      # DeepSpeed's `latest`: one tag
+    "orbax_json": 16 << 20,        # Orbax's _CHECKPOINT_METADATA, _METADATA, OCDBT manifests
 }
 
 

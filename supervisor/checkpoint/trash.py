@@ -72,6 +72,19 @@ def delete_entry(ckpt_dir: DirLike, name: str) -> None:
         _delete_entry(h, parts)
 
 
+def delete_nested(ckpt_dir: DirLike, parent: str, name: str) -> None:
+    """Delete ckpt_dir/parent/name through the trash of ckpt_dir itself, for frameworks that
+    list the folder their saves sit in (Accelerate's `checkpoints/`: a `.trainsup-trash`
+    appearing there broke its own `total_limit` rotation, which parses a number out of
+    every name it finds). `parent` is opened beneath the held dir like every other path."""
+    comps = parent.split("/")
+    if (not parent or any(c in ("", ".", "..") for c in comps) or "\0" in parent or comps[0] in (TRASH_DIR, TMP_DIR)
+            or not name or "/" in name or name in (".", "..") or "\0" in name):
+        raise ValueError(f"{parent!r}/{name!r} is not an entry beneath the checkpoint dir")
+    with _held(ckpt_dir) as h:
+        _delete_entry(h, [parent, name])
+
+
 def empty_trash(ckpt_dir: DirLike) -> list[str]:
     """Finish deletions a crash interrupted (only names this module made). Returns the
     original entry names it finished, where the trash name kept them (so the caller can
@@ -173,7 +186,8 @@ def _move_to_trash(parent_fd: int, base: str, tfd: int, parts: list[str], displa
     removed meanwhile); a name the trash cannot take (ENAMETOOLONG) is tried once more
     under the short name alone, and failing that is a DeleteError: a 250-byte name that
     could not be moved was recorded `deleted`."""
-    original = parts[0] if len(parts) == 1 else f"{TMP_DIR}:{parts[1]}"
+    # `.trainsup-tmp:step-N.pid`, or a framework's nested folder `checkpoints:checkpoint_3`
+    original = parts[0] if len(parts) == 1 else f"{parts[0].replace('/', ':')}:{parts[1]}"
     target = _trash_name(original, _name_max(tfd))
     for attempt in range(2):
         try:

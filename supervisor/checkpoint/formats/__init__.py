@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
+from . import accelerate, dcp, deepspeed, hf, keras, lightning, orbax, paddle, safetensors, tf, torch, trainsup
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     trainsup,
@@ -41,6 +41,10 @@ FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     keras,
     lightning,
     safetensors,
+    dcp,
+    deepspeed,
+    accelerate,
+    orbax,
 )}
 NAMES = tuple(FORMATS)
 CHOICES = ("auto", *NAMES)                     # checkpoint.format's values

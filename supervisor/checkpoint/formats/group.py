@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..jobfile import open_dir, open_file, read_capped
-from ..walk import listdir
+from ..walk import MAX_DEPTH, MAX_ENTRY_NAMES, listdir
 
 # kinds in a listing
 FILE, DIR, LINK = "f", "d", "l"
@@ -51,6 +51,9 @@ class Looking:
     explicit: bool                             # the job named this format (not `auto`)
     lightning_dir: bool                        # a Lightning `.../checkpoints` dir
     readlink: Callable[[str], str | None]      # a symlink's target, read beneath the root
+    # another dir's listing (read once per scan): formats whose checkpoint is a folder
+    # known by what is in it (DCP's `.metadata`, DeepSpeed's `mp_rank_*`) look inside
+    listing_of: Callable[[str], Listing] = lambda rel: {}
 
 
 # A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
@@ -110,7 +113,9 @@ def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
 
 
 def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, bool]:
-    """(digest, regular bytes, newest mtime, all present) from lstat calls only."""
+    """(digest, regular bytes, newest mtime, all present) from lstat calls only. A member
+    that is a dir (a DCP or DeepSpeed step folder) counts every file beneath it: a shard
+    truncated in place moves no dir mtime, and must still move the digest."""
     h = xxhash.xxh3_128()
     total, newest, present = 0, 0.0, True
     for rel in rels:
@@ -119,26 +124,39 @@ def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, b
             present = False
             h.update(f"{rel}\0-\n".encode("utf-8", "surrogateescape"))
             continue
-        h.update(f"{rel}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                 f"{st.st_ctime_ns}\0{st.st_mode}\n".encode("utf-8", "surrogateescape"))
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-        elif stat.S_ISDIR(st.st_mode):
-            total += _dir_bytes(root_fd, rel)
-        newest = max(newest, st.st_mtime)
+        inside = _tree_stats(root_fd, rel) if stat.S_ISDIR(st.st_mode) else []
+        for r, s in [(rel, st), *inside]:
+            h.update(f"{r}\0{s.st_dev}\0{s.st_ino}\0{s.st_size}\0{s.st_mtime_ns}\0"
+                     f"{s.st_ctime_ns}\0{s.st_mode}\n".encode("utf-8", "surrogateescape"))
+            if stat.S_ISREG(s.st_mode):
+                total += s.st_size
+            newest = max(newest, s.st_mtime)
     return h.hexdigest(), total, newest, present
 
 
-def _dir_bytes(root_fd: int, rel: str) -> int:
-    try:
-        dfd = open_dir_under(root_fd, rel)
-    except OSError:
-        return 0
-    try:
-        listing = listdir(dfd)[0]
-    finally:
-        os.close(dfd)
-    return sum(st.st_size for _, st in listing if st is not None and stat.S_ISREG(st.st_mode))
+def _tree_stats(root_fd: int, rel: str) -> list[tuple[str, os.stat_result]]:
+    """(path, lstat) of everything beneath the dir root/rel, sorted, never through a
+    symlink; bounded like every walk of a job's files (walk.py)."""
+    out: list[tuple[str, os.stat_result]] = []
+    stack = [(rel, 0)]
+    while stack and len(out) < MAX_ENTRY_NAMES:
+        d, depth = stack.pop()
+        try:
+            dfd = open_dir_under(root_fd, d)
+        except OSError:
+            continue
+        try:
+            listing = listdir(dfd, MAX_ENTRY_NAMES - len(out))[0]
+        finally:
+            os.close(dfd)
+        for name, st in listing:
+            if st is None:
+                continue
+            out.append((f"{d}/{name}", st))
+            if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                stack.append((f"{d}/{name}", depth + 1))
+    out.sort(key=lambda t: t[0])
+    return out
 
 
 class Opened:

@@ -130,7 +130,7 @@ def recognise(tree: Tree, fmt: str) -> list[Group]:
         listing = tree.listing(d)
         for m in _formats(fmt):
             groups += m.recognise(Looking(d, listing, explicit=fmt == m.NAME, lightning_dir=added,
-                                          readlink=tree.readlink))
+                                          readlink=tree.readlink, listing_of=tree.listing))
     if fmt == "auto":
         groups = [g for g in groups if _claimed_by_auto(tree, g)]
     return groups
