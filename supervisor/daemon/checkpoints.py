@@ -80,6 +80,8 @@ class RotationFacts:
     save_durations: tuple[float, ...] = ()
     grace: float = 120.0
     pids: tuple[int, ...] = ()                  # the job's processes: what they hold open is live
+    # valid checkpoints the mirror has yet to upload: kept while the quota allows (mirror/)
+    unuploaded: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -350,15 +352,16 @@ class RotationCoordinator:
             pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
             if ck.custody is None:
                 plans[ck.name] = rotation.plan_rotation(
-                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from)
+                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from,
+                    unuploaded=facts.unuploaded)
                 continue
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.
             opened: set[str] = set()
             for _ in range(4):
-                plan = ck.custody.plan(ck.infos, pinned=pinned,
-                                       resumed_from=facts.resumed_from, also_live=opened)
+                plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
+                                       also_live=opened, unuploaded=facts.unuploaded)
                 held = await self.loop.run_in_executor(
                     self.executor, ck.custody.open_by_job,
                     [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
@@ -367,7 +370,7 @@ class RotationCoordinator:
                 opened |= held
             else:       # the job keeps opening what we would delete: nothing this pass
                 plan = ck.custody.plan(ck.infos, pinned=pinned, resumed_from=facts.resumed_from,
-                                       also_live={i.name for i in ck.infos})
+                                       also_live={i.name for i in ck.infos}, unuploaded=facts.unuploaded)
             plans[ck.name] = plan
         extra: dict[str, list] = {}
         reasons: dict = {}
