@@ -132,6 +132,11 @@ class Store:
         self.url = url.rstrip("/")
         cls = filesystem_class(self.url)
         opts = dict(options or {})
+        s3 = protocol_of(self.url) in ("s3", "s3a")
+        if s3:
+            # A throttling or failing store answers within seconds: botocore and s3fs each
+            # retry 5 times by default (minutes in all), and the mirror has its own backoff.
+            opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"}})
         try:
             # A fresh instance: fsspec caches filesystems by arguments, and one job's broken
             # session must not be shared with another's.
@@ -140,6 +145,8 @@ class Store:
             raise StoreError("config", f"bad mirror option: {e}") from None
         except Exception as e:
             raise classify(e, "opening the store") from None
+        if s3:
+            self.fs.retries = 2
         self.root = str(cls._strip_protocol(self.url)).rstrip("/")  # type: ignore[attr-defined]
 
     def path(self, rel: str) -> str:
