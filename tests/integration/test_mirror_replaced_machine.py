@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(stores.moto_missing() is not None, reason=stores.moto_missing() or "")
 
 from test_cloud_notices import FakeMetadata, Handler  # noqa: E402
-from test_e2e_torch import SLOW, assert_same_state, events, job_log, reference_run, reaper, write_mlp_job  # noqa: E402,F401
+from test_e2e_torch import SLOW, assert_same_state, events, job_log, reaper, reference_run, write_mlp_job  # noqa: E402,F401
 
 STEPS = 300
 ARGS = ["--steps", str(STEPS), "--every", "40", "--log-every", "1", "--sleep-per-step", "0.03"]

@@ -425,13 +425,16 @@ class JobMirror(RowFields):
         task.add_done_callback(done)
 
     async def _maybe_restore(self) -> str | None:
-        for attempt in range(RESTORE_TRIES):
+        # A machine with a valid checkpoint of its own does not wait out a failing store
+        # before training; a fresh one tries a little longer (the store may hold hours of work).
+        tries = 1 if self.ckpts.latest_valid() is not None else RESTORE_TRIES
+        for attempt in range(tries):
             try:
                 await self.sync_remote()
                 break
             except StoreError as e:
                 self._failed(e, "listing the store")
-                if attempt == RESTORE_TRIES - 1:
+                if attempt == tries - 1:
                     self.record("restore-failed", url=self.url, error=str(e))
                     return None
                 await asyncio.sleep(2.0 * (attempt + 1))

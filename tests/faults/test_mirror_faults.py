@@ -1,0 +1,199 @@
+"""The mirror under the store's and the network's faults (a loopback proxy in front of moto,
+tests/helpers/stores.py), and bad settings at load. What a user checks each time: nothing
+lost (every checkpoint stays on local disk until the store has it), nothing half-restored
+offered for resume, the job trains on, and status says what is wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, DaemonProc, _kill_recorded, wait_for
+
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+import stores  # noqa: E402
+from test_mirror_s3 import events, job  # noqa: E402
+
+pytestmark = pytest.mark.skipif(stores.moto_missing() is not None, reason=stores.moto_missing() or "")
+
+
+@pytest.fixture(scope="module")
+def moto():
+    srv = stores.start_moto()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+_n = [0]
+
+
+@pytest.fixture
+def bucket(moto):
+    _n[0] += 1
+    name = f"faults-{_n[0]}-{int(time.time())}"
+    stores.make_bucket(moto.endpoint, name)
+    return name
+
+
+@pytest.fixture
+def proxy(moto):
+    p = stores.FaultProxy(moto.port)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def machine(tmp_path):
+    made = []
+
+    def make(label="a"):
+        d = DaemonProc(tmp_path / label)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        try:
+            d.terminate(timeout=60)
+        except AssertionError:
+            pass
+        _kill_recorded(d.root)
+
+
+def _saves(d, name):
+    return [r for r in d.records(name) if r["event"] == "saved"]
+
+
+@pytest.mark.parametrize("fault", ["throttle", "5xx", "full", "stall"])
+def test_store_failing_keeps_training_and_every_checkpoint_then_catches_up(machine, moto, bucket, proxy, fault):
+    """Throttling, 5xx, a full store (MinIO's 507) and a stalled server: the job trains on,
+    status warns with the store's error, rotation keeps the not-uploaded checkpoints (keep_last
+    1 would otherwise delete them), and once the store is back everything newest is uploaded."""
+    proxy.mode = fault
+    d = machine()
+    job(d, "f", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1 --every 0.3",
+        ck_extra="keep_last: 1", mirror_extra="keep_last: 3")
+    d.start(env=stores.S3_ENV)
+    # a fresh machine tries the store a few times before its first launch
+    wait_for(lambda: len(_saves(d, "f")) >= 4, 120, "four saves while the store fails")
+    st = wait_for(lambda: (s := d.status("f"))["mirror"]["error"] and s, 60, "the store error in status")
+    assert st["state"] == "running" and st["mirror"]["pending"] >= 1, st
+    assert any(w.startswith("mirror: store failing") for w in st["warnings"]), st["warnings"]
+    if fault == "full":
+        assert "store full" in st["mirror"]["error"], st["mirror"]
+    # nothing lost: the not-uploaded checkpoints stay (keep_last: 1 alone would leave one)
+    valid = [c for c in d.request("checkpoints", "f")["result"] if c["valid"]]
+    assert len(valid) >= 2 and all(c["kept"] for c in valid), valid
+    assert any(c["kept"] == "not-uploaded" for c in valid), valid
+    assert events(d, "f", "upload-failed"), "the first failure is in history"
+    proxy.mode = None                               # the store recovers
+    newest = max(r["step"] for r in _saves(d, "f"))
+    wait_for(lambda: (d.status("f")["mirror"]["uploaded_step"] or 0) >= newest, 120, "uploads to catch up")
+    assert d.status("f")["mirror"]["error"] is None
+    assert events(d, "f", "mirror-recovered")
+
+
+def test_connection_reset_mid_upload_retries_and_the_store_gets_a_whole_checkpoint(machine, moto, bucket, proxy):
+    """A 12 MiB checkpoint; the connection is reset after 4 MiB went up. The retry uploads
+    it whole (the commit object lists each file's hash; the store has those bytes)."""
+    proxy.mode, proxy.reset_after, proxy.resets = "reset", 4 << 20, 1
+    d = machine()
+    ck = d.root / "big-ckpt"
+    from trainsup.checkpoint import write_checkpoint
+    payload = os.urandom(12 << 20)
+    write_checkpoint(ck, 5, {"state.bin": payload, "state.json": b'{"step": 5}'})
+    job(d, "big", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1")
+    (d.jobs / "big.yaml").write_text((d.jobs / "big.yaml").read_text().replace(str(d.root / "big-ckpt"), str(ck)))
+    d.start(env=stores.S3_ENV)
+    up = wait_for(lambda: [e for e in events(d, "big", "upload") if e["step"] == 5], 120, "the upload after the reset")
+    assert proxy.resets == 0, "the proxy never reset a connection"
+    import s3fs
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto.endpoint})
+    got = fs.cat(f"{bucket}/big/data/{up[0]['key']}/step-00000005/state.bin")
+    assert got == payload
+
+
+def test_slow_link_1mb_s_uploads_in_the_background_and_status_shows_bytes_pending(machine, moto, bucket, proxy):
+    proxy.mode, proxy.rate = "rate", 1 << 20
+    d = machine()
+    ck = d.root / "slow-ckpt"
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(ck, 3, {"state.bin": os.urandom(3 << 20)})
+    job(d, "slow", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1")
+    d.start(env=stores.S3_ENV)
+    t0 = time.monotonic()
+    st = wait_for(lambda: (s := d.status("slow"))["mirror"]["bytes_pending"] > 0 and s, 30, "bytes pending")
+    assert st["state"] == "running"
+    wait_for(lambda: d.status("slow")["mirror"]["uploaded_step"] == 3, 60, "the upload over the slow link")
+    took = time.monotonic() - t0
+    assert took >= 1.5, f"3 MiB over a 1 MiB/s link took {took:.1f}s"
+
+
+def test_wrong_credentials_and_missing_bucket_are_one_line_at_load(tmp_path, moto, bucket, proxy):
+    proxy.mode = "denied"
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name, url, ep in (("creds", f"s3://{bucket}/{{job}}", proxy.endpoint),
+                          ("nobucket", "s3://no-such-bucket-here/{job}", moto.endpoint)):
+        (jobs / f"{name}.yaml").write_text(
+            f"name: {name}\ncommand: [sleep, '1']\ncheckpoint:\n  dir: {tmp_path / name}\n"
+            f"  mirror:\n    url: {url}\n    options: {{endpoint_url: \"{ep}\"}}\n")
+    env = {**os.environ, **stores.S3_ENV, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "trainsup", "validate", *sorted(map(str, jobs.iterdir()))],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r
+    lines = r.stderr.strip().splitlines() + r.stdout.strip().splitlines()
+    lines = [line for line in lines if ".yaml:" in line]
+    assert len(lines) == 2 and "Traceback" not in r.stderr, r.stderr
+    assert any("creds.yaml:6: checkpoint.mirror.url: " in line and "credentials refused" in line for line in lines), lines
+    assert any("nobucket.yaml:6: checkpoint.mirror.url: " in line and "bucket does not exist" in line
+               for line in lines), lines
+
+
+def test_credentials_in_the_job_file_are_refused(tmp_path):
+    f = tmp_path / "j.yaml"
+    f.write_text("name: j\ncommand: [sleep, '1']\ncheckpoint:\n  dir: ck\n  mirror:\n    url: memory://b/{job}\n"
+                 "    options: {key: AKIA, secret: s3cr3t}\n")
+    from trainsup import config
+    job = config.load_job_file(f, is_root=False)
+    assert [e.split(": ", 2)[1] for e in job.errors] == ["checkpoint.mirror.options.key",
+                                                         "checkpoint.mirror.options.secret"], job.errors
+
+
+def test_local_disk_full_during_restore_offers_nothing_half_restored(machine, moto, bucket, tmp_path):
+    """The store has a 6 MiB checkpoint; the fresh machine's checkpoint dir is a 4 MiB tmpfs.
+    The restore fails with one line, no temp dir and no partial entry stays, and the job
+    starts anyway (from nothing: there is nothing valid locally)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    a = machine("a")
+    src = a.root / "d-ckpt"
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(src, 9, {"state.bin": os.urandom(6 << 20)})
+    job(a, "d", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1")
+    a.start(env=stores.S3_ENV)
+    wait_for(lambda: a.status("d")["mirror"]["uploaded_step"] == 9, 60, "A's upload")
+    a.terminate()
+    b = machine("b")
+    small = b.root / "d-ckpt"
+    small.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        job(b, "d", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1")
+        b.start(env=stores.S3_ENV)
+        rec = wait_for(lambda: [r for r in b.records("d") if r["event"] == "start"], 60, "B's job to start")[0]
+        assert rec["resume"] == "", rec              # nothing half-restored was offered
+        (failed,) = events(b, "d", "restore-failed")
+        assert "local disk full" in failed["error"], failed
+        assert not [p for p in small.iterdir() if p.name.startswith(".trainsup-restore")]
+        assert not (small / "step-00000009").exists()
+        assert b.status("d")["state"] == "running"
+    finally:
+        b.terminate()
+        _kill_recorded(b.root)
+        subprocess.run(["umount", "-l", str(small)], check=False)
