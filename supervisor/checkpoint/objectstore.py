@@ -22,6 +22,7 @@ fsspec and its store packages are imported only here, only when a job has a mirr
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ _FULL_CODES = ("XMinioStorageFull", "StorageFull", "InsufficientStorage", "507",
 _DENIED_CODES = ("NoCredentialsError", "Unable to locate credentials", "DefaultCredentialsError",
                  "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "AuthenticationFailed",
                  "AuthorizationFailure", "ExpiredToken", "InvalidToken", "403", "401", "Forbidden")
+_EXISTS_CODES = ("PreconditionFailed", "conditionNotMet", "BlobAlreadyExists", "ConditionNotMet", "412")
 _MISSING_CODES = ("NoSuchBucket", "ContainerNotFound", "bucket does not exist", "The specified bucket")
 
 
@@ -168,12 +170,34 @@ class Store:
         """Write `rel` only if no object is there; False when one was (another writer won).
         The store decides atomically (S3 If-None-Match, GCS ifGenerationMatch=0, Azure
         overwrite=False, O_EXCL locally), so two machines can never both win."""
+        if protocol_of(self.url) == "file":
+            return self._create_local(rel, data)
         try:
-            self._call(f"creating {rel}", self.fs.pipe_file, self.path(rel), data, mode="create")
-        except StoreError as e:
-            if e.kind == "exists":
+            self.fs.pipe_file(self.path(rel), data, mode="create")
+        except Exception as e:
+            # S3 and GCS answer 412 (PreconditionFailed / conditionNotMet), Azure 409
+            # (BlobAlreadyExists); s3fs turns some into FileExistsError
+            if isinstance(e, FileExistsError) or any(c in _text(e) for c in _EXISTS_CODES):
                 return False
-            raise
+            raise classify(e, f"creating {rel}") from None
+        return True
+
+    def _create_local(self, rel: str, data: bytes) -> bool:
+        # fsspec's local pipe_file checks, then writes (two machines could both pass the
+        # check on a shared filesystem): O_EXCL is the atomic create-if-absent here
+        path = self.path(rel)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise classify(e, f"creating {rel}") from None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return True
 
     def read_bytes(self, rel: str, limit: int) -> bytes | None:

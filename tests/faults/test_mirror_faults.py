@@ -87,9 +87,12 @@ def test_store_failing_keeps_training_and_every_checkpoint_then_catches_up(machi
     if fault == "full":
         assert "store full" in st["mirror"]["error"], st["mirror"]
     # nothing lost: the not-uploaded checkpoints stay (keep_last: 1 alone would leave one)
+    saved = {r["step"] for r in _saves(d, "f")}
     valid = [c for c in d.request("checkpoints", "f")["result"] if c["valid"]]
-    assert len(valid) >= 2 and all(c["kept"] for c in valid), valid
-    assert any(c["kept"] == "not-uploaded" for c in valid), valid
+    shown = [(c["step"], c["kept"], c.get("mirrored")) for c in valid]
+    # every save is still on disk (the newest may not have met a rotation pass yet: kept None)
+    assert saved <= {c["step"] for c in valid}, (saved, shown)
+    assert any(c["kept"] == "not-uploaded" for c in valid), shown
     assert events(d, "f", "upload-failed"), "the first failure is in history"
     proxy.mode = None                               # the store recovers
     newest = max(r["step"] for r in _saves(d, "f"))
@@ -123,12 +126,13 @@ def test_slow_link_1mb_s_uploads_in_the_background_and_status_shows_bytes_pendin
     d = machine()
     ck = d.root / "slow-ckpt"
     from trainsup.checkpoint import write_checkpoint
-    write_checkpoint(ck, 3, {"state.bin": os.urandom(3 << 20)})
+    write_checkpoint(ck, 3, {"state.bin": os.urandom(3 << 20), "state.json": b'{"step": 3}'})
     job(d, "slow", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1")
     d.start(env=stores.S3_ENV)
     t0 = time.monotonic()
-    st = wait_for(lambda: (s := d.status("slow"))["mirror"]["bytes_pending"] > 0 and s, 30, "bytes pending")
-    assert st["state"] == "running"
+    # the job runs while its checkpoint is still going up
+    wait_for(lambda: (s := d.status("slow"))["state"] == "running" and s["mirror"]["bytes_pending"] > 0
+             and s["mirror"]["uploaded_step"] is None, 30, "the job running with bytes pending")
     wait_for(lambda: d.status("slow")["mirror"]["uploaded_step"] == 3, 60, "the upload over the slow link")
     took = time.monotonic() - t0
     assert took >= 1.5, f"3 MiB over a 1 MiB/s link took {took:.1f}s"
@@ -174,7 +178,7 @@ def test_local_disk_full_during_restore_offers_nothing_half_restored(machine, mo
     a = machine("a")
     src = a.root / "d-ckpt"
     from trainsup.checkpoint import write_checkpoint
-    write_checkpoint(src, 9, {"state.bin": os.urandom(6 << 20)})
+    write_checkpoint(src, 9, {"state.bin": os.urandom(6 << 20), "state.json": b'{"step": 9}'})
     job(a, "d", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1")
     a.start(env=stores.S3_ENV)
     wait_for(lambda: a.status("d")["mirror"]["uploaded_step"] == 9, 60, "A's upload")

@@ -209,14 +209,24 @@ class JobMirror(RowFields):
         t0 = time.monotonic()
 
         def may_commit() -> bool:
-            return not self.spec.lease or (self.lease_gen is not None and self.lease_gen == gen)
+            # On the mirror thread, just before the commit object: the lease is read from
+            # the store, not only from memory, so a machine whose renewals failed while
+            # another took the job over never commits over the new holder's checkpoints.
+            if not self.spec.lease:
+                return True
+            if gen is None or self.lease_gen != gen:
+                return False
+            assert self.store is not None
+            view = lease.read_newest(self.store)
+            return view is not None and view.generation == gen and view.holder == self.me
 
         def work() -> layout.RemoteEntry:
             assert self.store is not None
             return upload.upload_entry(
                 self.store, handle, name=info.name, rel=rel, members=members, key=c.key, step=info.step,
                 created=info.mtime, reason=info.reason, resume=resume, holder=self.me,
-                rate=self.spec.max_rate, progress=prog, journal_dir=self.journal_dir, may_commit=may_commit)
+                # the emergency save of a preemption goes at full speed: the machine is leaving
+                rate=None if urgent else self.spec.max_rate, progress=prog, journal_dir=self.journal_dir, may_commit=may_commit)
 
         try:
             fut = self._run(work, urgent=urgent)
@@ -227,7 +237,7 @@ class JobMirror(RowFields):
         task.add_done_callback(lambda t: self._upload_done(c, t, t0))
 
     def _upload_done(self, c: policy.Candidate, task: asyncio.Task, t0: float) -> None:
-        self.inflight.pop(c.key, None)
+        prog = self.inflight.pop(c.key, None)
         if task.cancelled() or self.closed:
             return
         e = task.exception()
@@ -247,7 +257,8 @@ class JobMirror(RowFields):
         self.last_upload_s = took
         self._ok()
         self.record("upload", step=entry.step, key=entry.key, bytes=entry.bytes, took_s=round(took, 3),
-                    url=self.url, **({"emergency": True} if c.key == self.priority else {}))
+                    url=self.url, **({"emergency": True} if c.key == self.priority else {}),
+                    **({"resumed_bytes": prog.resumed} if prog is not None and prog.resumed else {}))
         if c.key == self.priority:
             self.priority = None
         for key, fut in self._upload_waiters:
@@ -352,16 +363,13 @@ class JobMirror(RowFields):
         return restored
 
     async def _acquire_lease(self) -> None:
-        seen: tuple | None = None
-        seen_at = time.monotonic()
+        clock = policy.ExpiryClock()
         poll = max(0.5, min(5.0, self.spec.lease_ttl / 4))
         while self.lease_gen is None:
             try:
                 view = await self._run(lambda: lease.read_newest(self.store), urgent=True)  # type: ignore[arg-type]
                 ident = None if view is None else (view.generation, view.holder, view.renewals, view.released)
-                if ident != seen:
-                    seen, seen_at = ident, time.monotonic()
-                d = policy.lease_decision(self.me, view, time.monotonic() - seen_at, self.spec.lease_ttl)
+                d = policy.lease_decision(self.me, view, clock.observe(ident, time.monotonic()), self.spec.lease_ttl)
                 if d.action == "take":
                     gen, ttl = d.generation, self.spec.lease_ttl
                     if await self._run(lambda: lease.take(self.store, gen, self.me, ttl), urgent=True):  # type: ignore[arg-type]  # noqa: B023
@@ -380,7 +388,9 @@ class JobMirror(RowFields):
                     self.note(f"mirror: waiting for the lease on {self.url}: held by {d.holder}")
                 self._ok()
             except StoreError as e:
-                # Never read as "the other machine is gone": only an unchanged lease is.
+                # Never read as "the other machine is gone": only an unchanged lease is,
+                # watched for a whole ttl after the store answers again.
+                clock.store_failed()
                 self._failed(e, "reading the lease")
             await asyncio.sleep(poll)
 

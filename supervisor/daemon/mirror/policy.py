@@ -4,6 +4,7 @@
   remote_doomed    which complete remote checkpoints retention removes
   restore_choice   whether a launch restores from the store first, and what
   lease_decision   take, keep, wait for or take over the job's lease
+  ExpiryClock      how long the lease object was seen unchanged, by successful reads only
 """
 
 from __future__ import annotations
@@ -113,3 +114,25 @@ def lease_decision(me: str, view: LeaseView | None, unchanged_for: float, ttl: f
     if unchanged_for >= ttl:
         return LeaseDecision("take", view.generation + 1, view.holder)
     return LeaseDecision("wait", view.generation, view.holder)
+
+
+class ExpiryClock:
+    """How long a waiter has seen the lease object unchanged, by its own monotonic clock
+    (the machines' wall clocks are never compared). A failed read restarts the watch: a
+    store outage stops the holder's renewals as surely as it stops our reads, so an object
+    unchanged across an outage says nothing about the holder. Expiry is a full ttl of
+    successful reads that all saw the same object."""
+
+    def __init__(self) -> None:
+        self._seen: tuple | None = None
+        self._since = 0.0
+        self._watching = False
+
+    def observe(self, ident: tuple | None, now: float) -> float:
+        """A successful read saw `ident` (None: no lease object): seconds unchanged."""
+        if not self._watching or ident != self._seen:
+            self._seen, self._since, self._watching = ident, now, True
+        return now - self._since
+
+    def store_failed(self) -> None:
+        self._watching = False

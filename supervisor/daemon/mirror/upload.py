@@ -47,6 +47,7 @@ class Progress:
     """Bytes sent so far, read by the loop for status (int assignment only: no lock)."""
     total: int = 0
     done: int = 0
+    resumed: int = 0            # bytes already in the store from before a daemon crash
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -145,6 +146,7 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
         done = journal.get(rel)
         if done and done.get("id") == ident and store.size(layout.data_rel(key, rel)) == st.st_size:
             progress.done += st.st_size            # in the store from before a crash
+            progress.resumed += st.st_size
             return layout.RemoteFile(rel, st.st_size, done["xxh3_128"])
         h = xxhash.xxh3_128()
         remote = layout.data_rel(key, rel)
@@ -170,13 +172,18 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
                         callback=_Count())
             progress.done = base + off
         else:
-            f = store.open_write(remote, BLOCK)
+            # Chunks of a quarter second at the rate: the bucket's bursts stay small, so a
+            # 1 MB/s limit never sends 8 MB at full speed.
+            chunk = max(64 << 10, min(CHUNK, rate // 4))
+            # and parts of a few seconds (S3's minimum part is 5 MiB): the writer sends a part
+            # once its buffer fills, so the part size bounds the burst on the wire
+            f = store.open_write(remote, max(5 << 20, min(BLOCK, rate * 4)))
             try:
                 off = 0
                 while True:
                     if progress.cancelled.is_set():
                         raise StoreError("transient", "upload cancelled")
-                    b = os.pread(fd, CHUNK, off)
+                    b = os.pread(fd, chunk, off)
                     if not b:
                         break
                     h.update(b)
