@@ -138,7 +138,10 @@ class Store:
         if s3:
             # A throttling or failing store answers within seconds: botocore and s3fs each
             # retry 5 times by default (minutes in all), and the mirror has its own backoff.
-            opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"}})
+            # A stalled server (no answer, no error) is an error after read_timeout, not a
+            # thread held for botocore's default minute per attempt.
+            opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"},
+                                              "connect_timeout": 10, "read_timeout": 30})
         try:
             # A fresh instance: fsspec caches filesystems by arguments, and one job's broken
             # session must not be shared with another's.
@@ -272,6 +275,7 @@ class Store:
 _PROBED: dict[tuple, tuple[float, str | None]] = {}
 _PROBE_LOCK = threading.Lock()
 PROBE_CACHE_S = 30.0
+PROBE_WAIT_S = 5.0
 
 
 def probe(url: str, options: Mapping[str, Any] | None = None) -> str | None:
@@ -286,13 +290,26 @@ def probe(url: str, options: Mapping[str, Any] | None = None) -> str | None:
         hit = _PROBED.get(key)
         if hit is not None and now - hit[0] < PROBE_CACHE_S:
             return hit[1]
-    verdict: str | None = None
-    try:
-        store = Store(url, options)
-        store.listdir("")
-    except StoreError as e:
-        if e.kind in ("config", "denied", "missing"):
-            verdict = str(e)
+    answer: list[str | None] = []
+
+    def ask() -> None:
+        verdict: str | None = None
+        try:
+            store = Store(url, options)
+            store.listdir("")
+        except StoreError as e:
+            if e.kind in ("config", "denied", "missing"):
+                verdict = str(e)
+        answer.append(verdict)
+
+    # Its own thread, waited for PROBE_WAIT_S: a stalled store (accepts, never answers)
+    # must not hold a daemon's start or a reload for the client's timeouts.
+    asker = threading.Thread(target=ask, daemon=True, name="trainsup-mirror-probe")
+    asker.start()
+    asker.join(PROBE_WAIT_S)
+    if not answer:
+        return None             # no answer yet is not a config error; not cached
+    verdict = answer[0]
     with _PROBE_LOCK:
         _PROBED[key] = (now, verdict)
     return verdict

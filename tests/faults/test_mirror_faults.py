@@ -182,6 +182,8 @@ def test_local_disk_full_during_restore_offers_nothing_half_restored(machine, mo
     job(a, "d", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1")
     a.start(env=stores.S3_ENV)
     wait_for(lambda: a.status("d")["mirror"]["uploaded_step"] == 9, 60, "A's upload")
+    a.request("stop", "d", no_save=True)     # step 9 (6 MiB) stays the store's newest
+    a.wait_state("d", "stopped", timeout=30)
     a.terminate()
     b = machine("b")
     small = b.root / "d-ckpt"
@@ -201,3 +203,109 @@ def test_local_disk_full_during_restore_offers_nothing_half_restored(machine, mo
         b.terminate()
         _kill_recorded(b.root)
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _with_grace(d, name: str, grace: str) -> None:
+    path = d.jobs / f"{name}.yaml"
+    path.write_text(path.read_text().replace("checkpoint:\n", f"emergency_save: {{grace: {grace}}}\ncheckpoint:\n", 1))
+
+
+def _s3fs(endpoint: str):
+    import s3fs
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
+                             skip_instance_cache=True)
+
+
+def test_max_rate_limits_the_upload_and_the_job_trains_meanwhile(machine, moto, bucket):
+    """mirror.max_rate: 1MiB: a 4 MiB checkpoint takes about 4 s to go up (not the
+    fraction of a second loopback takes), the job runs and status shows the bytes pending."""
+    d = machine()
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(d.root / "rate-ckpt", 3, {"state.bin": os.urandom(4 << 20), "state.json": b'{"step": 3}'})
+    job(d, "rate", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1", mirror_extra="max_rate: 1MiB")
+    d.start(env=stores.S3_ENV)
+    st = wait_for(lambda: (s := d.status("rate"))["state"] == "running" and s["mirror"]["bytes_pending"] > 0
+                  and s["mirror"]["uploaded_step"] is None and s, 30, "the job running while its upload goes")
+    assert 0 < st["mirror"]["bytes_pending"] <= (4 << 20) + 4096, st["mirror"]
+    (up,) = wait_for(lambda: events(d, "rate", "upload"), 60, "the rate-limited upload")
+    assert up["step"] == 3 and up["took_s"] >= 3.0, up       # 4 MiB at 1 MiB/s, one chunk of burst
+
+
+def test_emergency_save_goes_to_the_store_ahead_of_a_slow_upload(machine, moto, bucket):
+    """A 6 MiB checkpoint is going up at 1 MiB/s when a preemption with a 20 s deadline
+    comes: the emergency save is uploaded first (ahead of the queue, at full speed) and the
+    preemption's outcome says it reached the store, and how long after the notice."""
+    d = machine()
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(d.root / "e-ckpt", 3, {"state.bin": os.urandom(6 << 20), "state.json": b'{"step": 3}'})
+    job(d, "e", f"s3://{bucket}/{{job}}", moto.endpoint, flags="--catch-usr1", mirror_extra="max_rate: 1MiB")
+    d.start(env=stores.S3_ENV)
+    d.wait_ready("e")
+    wait_for(lambda: (s := d.status("e"))["mirror"]["bytes_pending"] > 0 and s["mirror"]["uploaded_step"] is None,
+             30, "the slow upload under way")
+    out = d.request("preempt", "e", grace=20)["result"]
+    assert out["outcome"] == "saved" and out["store"]["uploaded"] is True, out
+    assert out["store"]["upload_s"] < 4.0, out          # the 6 MiB one alone needs 6 s
+    ups = events(d, "e", "upload")
+    assert ups[0]["step"] == out["step"] and ups[0].get("emergency"), ups
+    assert d.status("e")["state"] == "preempted"
+
+
+def test_emergency_upload_that_misses_the_deadline_stops_on_time_and_keeps_the_local_copy(
+        machine, moto, bucket, proxy):
+    """The store stalls (accepts, never answers). A preemption with a 4 s deadline: the job
+    saves and stops on time; the outcome says the save is not in the store, and the local
+    copy is there, valid, for a resume on this machine."""
+    proxy.mode = "stall"
+    d = machine()
+    from trainsup.checkpoint import write_checkpoint
+    write_checkpoint(d.root / "s-ckpt", 3, {"state.json": b'{"step": 3}'})
+    job(d, "s", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1")
+    d.start(env=stores.S3_ENV)
+    d.wait_ready("s", timeout=60)           # a machine with a valid checkpoint waits <= 10 s for the store
+    t0 = time.monotonic()
+    out = d.request("preempt", "s", grace=4)["result"]
+    took = time.monotonic() - t0
+    assert out["outcome"] == "saved" and out["store"]["uploaded"] is False, out
+    assert "deadline" in out["store"]["why"] and "local copy stays" in out["store"]["why"], out
+    assert took < 4 + 3, f"the preemption took {took:.1f}s with a 4 s deadline"
+    saved = [c for c in d.request("checkpoints", "s")["result"] if c["step"] == out["step"]]
+    assert saved and saved[0]["valid"] and saved[0]["mirrored"] != "yes", saved
+
+
+def test_daemon_killed_mid_upload_resumes_without_sending_the_finished_files_again(machine, moto, bucket, proxy):
+    """Four 1 MiB files go up over a 1 MiB/s link; the daemon is SIGKILLed once two are in
+    the store. The restarted daemon sends only the rest (resumed_bytes in the upload's
+    history), and the store's copy is whole: every file as on disk, the commit object last."""
+    proxy.mode, proxy.rate = "rate", 1 << 20
+    d = machine()
+    from trainsup.checkpoint import write_checkpoint
+    files = {f"part{i}.bin": os.urandom(1 << 20) for i in range(4)}
+    write_checkpoint(d.root / "k-ckpt", 3, {**files, "state.json": b'{"step": 3}'})
+    job(d, "k", f"s3://{bucket}/{{job}}", proxy.endpoint, flags="--catch-usr1")
+    d.start(env=stores.S3_ENV)
+    key = "000000000003-step-00000003"
+    journal = d.state / "mirror" / "k" / f"{key}.json"
+
+    def sent() -> dict:
+        try:
+            import json
+            return json.loads(journal.read_text())
+        except (OSError, ValueError):
+            return {}
+    wait_for(lambda: sum(1 for r in sent() if r.endswith(".bin")) >= 2, 60, "two large files in the store")
+    d.proc.kill()
+    d.proc.wait()
+    fs = _s3fs(moto.endpoint)
+    before = sent()
+    assert len(before) < 6, "the upload finished before the kill: nothing tested"
+    assert not fs.exists(f"{bucket}/k/commits/{key}.json"), "committed before all its files were up"
+    proxy.mode = None
+    d.start(env=stores.S3_ENV)
+    (up,) = wait_for(lambda: events(d, "k", "upload"), 60, "the resumed upload")
+    # the files the journal listed at the kill (each file's identity holds its size) are not sent again
+    assert up["resumed_bytes"] >= sum(e["id"][2] for e in before.values()) >= 2 << 20, (up, before)
+    for name, data in files.items():
+        assert fs.cat(f"{bucket}/k/data/{key}/step-00000003/{name}") == data, name
+    assert fs.exists(f"{bucket}/k/commits/{key}.json")
+    assert not journal.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from trainsup.daemon.mirror import layout, policy
 from trainsup.daemon.mirror.policy import Candidate, LeaseView, LocalNewest
 

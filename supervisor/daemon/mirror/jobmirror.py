@@ -36,6 +36,10 @@ log = logging.getLogger("trainsup.mirror")
 
 BACKOFF_MAX_S = 60.0
 RESTORE_TRIES = 3
+# How long a launch waits for the store's listing: a machine with its own valid checkpoint
+# trains from it rather than wait; a fresh one waits longer (the store may hold hours of work).
+LIST_WAIT_LOCAL_S = 10.0
+LIST_WAIT_FRESH_S = 30.0
 
 
 def holder_id(state_dir: Path) -> str:
@@ -329,9 +333,16 @@ class JobMirror(RowFields):
             return {"uploaded": False, "why": "no checkpoint to upload"}
         if newest in self.remote:
             return {"uploaded": True, "key": newest, "upload_s": round(self._uploaded_wall(newest) - t0, 3)}
+        self._replan()
+        if newest not in self.pending_keys and newest not in self.inflight:
+            # The store holds something newer (this run restarted from less): never uploaded,
+            # so nothing to wait for.
+            best = self.remote.get(max(self.remote, default=""))
+            return {"uploaded": False, "key": newest,
+                    "why": f"the store holds a newer checkpoint (step {best.step if best else '?'}); "
+                           "the local copy stays"}
         fut = self.loop.create_future()
         self._upload_waiters.append((newest, fut))
-        self._replan()
         try:
             await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline_wall - time.time()))
         except asyncio.TimeoutError:
@@ -437,10 +448,16 @@ class JobMirror(RowFields):
     async def _maybe_restore(self) -> str | None:
         # A machine with a valid checkpoint of its own does not wait out a failing store
         # before training; a fresh one tries a little longer (the store may hold hours of work).
-        tries = 1 if self.ckpts.latest_valid() is not None else RESTORE_TRIES
+        has_local = self.ckpts.latest_valid() is not None
+        tries = 1 if has_local else RESTORE_TRIES
         for attempt in range(tries):
             try:
-                await self.sync_remote()
+                # bounded: a stalled store (no answer, no error) never holds the launch
+                try:
+                    await asyncio.wait_for(self.sync_remote(), LIST_WAIT_LOCAL_S if has_local else LIST_WAIT_FRESH_S)
+                except asyncio.TimeoutError:
+                    raise StoreError("transient", "listing the store: no answer within "
+                                     f"{LIST_WAIT_LOCAL_S if has_local else LIST_WAIT_FRESH_S:g}s") from None
                 break
             except StoreError as e:
                 self._failed(e, "listing the store")
