@@ -53,6 +53,7 @@ class JobSample:
     valid: int = 0
     invalid: int = 0
     has_checkpoints: bool = False
+    mirror: tuple[int | None, int, bool] | None = None   # checkpoint.mirror: uploaded step, bytes pending, failing
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Snapshot:
     notices: Mapping[tuple[str, str, str], int] = field(default_factory=dict)      # (job, source, outcome)
     saves: Mapping[str, Histogram] = field(default_factory=dict)
     steps_lost: Mapping[str, Histogram] = field(default_factory=dict)
+    mirror_events: Mapping[tuple[str, str], int] = field(default_factory=dict)   # (job, event kind)
     lag_s: float = 0.0
     published_at: float = 0.0
 
@@ -122,7 +124,15 @@ def sample_job(job: Job) -> JobSample:
         quota=ck.quota if ck else None,
         valid=sum(1 for i in job.checkpoints if i.valid),
         invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
-        has_checkpoints=ck is not None)
+        has_checkpoints=ck is not None, mirror=_mirror_sample(job))
+
+
+def _mirror_sample(job: Job) -> tuple[int | None, int, bool] | None:
+    m = getattr(job, "mirror", None)
+    if m is None:
+        return None
+    st = m.status()
+    return st["uploaded_step"], int(st["bytes_pending"]), st["error"] is not None
 
 
 class MetricsBook:
@@ -135,6 +145,7 @@ class MetricsBook:
         self._notices: dict[tuple[str, str, str], int] = {}
         self._saves: dict[str, Histogram] = {}
         self._steps_lost: dict[str, Histogram] = {}
+        self._mirror: dict[tuple[str, str], int] = {}
         self._dirty: set[str] = set()
         self._everything_dirty = True
         self._lag = 0.0
@@ -155,6 +166,9 @@ class MetricsBook:
         elif kind == "notice" and job == "-" and data.get("kind") == "warning":
             seen = ("-", str(data.get("source")), "checkpoint requested")
             self._notices[seen] = self._notices.get(seen, 0) + 1
+        elif kind in ("upload", "restore", "upload-failed", "restore-failed"):
+            # the mirror: what reached the store, what came back, how often the store failed
+            self._mirror[(job, kind)] = self._mirror.get((job, kind), 0) + 1
         elif kind == "checkpoint" and isinstance(data.get("took_s"), (int, float)):
             self._saves[job] = self._saves.get(job, Histogram(SAVE_BUCKETS)).observe(float(data["took_s"]))
         self._dirty.add(job)
@@ -188,6 +202,7 @@ class MetricsBook:
             notices=MappingProxyType(dict(self._notices)),
             saves=MappingProxyType(dict(self._saves)),
             steps_lost=MappingProxyType(dict(self._steps_lost)),
+            mirror_events=MappingProxyType(dict(self._mirror)),
             lag_s=self._lag, published_at=time.time())
         return self.snapshot
 
@@ -250,6 +265,9 @@ def render(snap: Snapshot, started_wall: float, now: float | None = None) -> byt
         "bytes": ("trainsup_job_checkpoint_bytes", "bytes in the job's checkpoint dir"),
         "quota": ("trainsup_job_checkpoint_quota_bytes", "the job's checkpoint quota"),
         "count": ("trainsup_job_checkpoints", "checkpoints by validity"),
+        "m_step": ("trainsup_job_mirror_uploaded_step", "step of the newest checkpoint in the object store"),
+        "m_pending": ("trainsup_job_mirror_pending_bytes", "bytes of valid checkpoints not yet in the object store"),
+        "m_failing": ("trainsup_job_mirror_failing", "1 while uploads to the object store fail"),
     }
     rows: dict[str, list[str]] = {k: [] for k in families}
     for s in snap.jobs:
@@ -273,6 +291,11 @@ def render(snap: Snapshot, started_wall: float, now: float | None = None) -> byt
             rows["quota"].append(f"{job}}} {s.quota}")
         rows["count"].append(f'{job},valid="true"}} {s.valid}')
         rows["count"].append(f'{job},valid="false"}} {s.invalid}')
+        if s.mirror is not None:
+            if s.mirror[0] is not None:
+                rows["m_step"].append(f"{job}}} {s.mirror[0]}")
+            rows["m_pending"].append(f"{job}}} {s.mirror[1]}")
+            rows["m_failing"].append(f"{job}}} {int(s.mirror[2])}")
     for key, (name, doc) in families.items():
         t.family(name, "gauge", doc)
         t.parts.extend(f"{name}{{{row}\n" for row in rows[key])
@@ -284,6 +307,11 @@ def render(snap: Snapshot, started_wall: float, now: float | None = None) -> byt
     t.family("trainsup_notices_total", "counter", "notices handled, by source and outcome")
     for (job, source, outcome), n in sorted(snap.notices.items()):
         t.sample("trainsup_notices_total", f'job="{_esc(job)}",source="{_esc(source)}",outcome="{_esc(outcome)}"', n)
+    t.family("trainsup_job_mirror_events_total", "counter",
+             "object store transfers: upload, restore, restore-failed; upload-failed counts the "
+             "starts of a run of failures")
+    for (job, kind), n in sorted(snap.mirror_events.items()):
+        t.sample("trainsup_job_mirror_events_total", f'job="{_esc(job)}",event="{_esc(kind)}"', n)
     t.histograms("trainsup_job_save_duration_seconds", "requested save to valid checkpoint", snap.saves)
     t.histograms("trainsup_job_steps_lost", "steps redone after each interruption (jobs that report their step)",
                  snap.steps_lost)

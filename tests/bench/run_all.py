@@ -32,6 +32,7 @@ SECTIONS = {
     "scale": "bench_scale",
     "deletion": "bench_deletion",
     "integrations": "bench_integrations",
+    "mirror": "bench_mirror",
 }
 
 

@@ -85,7 +85,8 @@ def test_uploads_each_valid_checkpoint_with_a_commit_object_and_shows_it(machine
     d = machines("a")
     url = f"s3://{bucket}/runs/{{job}}"
     job(d, "m1", url, moto.endpoint, mirror_extra="keep_last: 2")
-    d.start(env=stores.S3_ENV)
+    (d.root / "trainsup.yaml").write_text("metrics:\n  listen: 127.0.0.1:0\n")
+    d.start("--config", str(d.root / "trainsup.yaml"), env=stores.S3_ENV)
     up = wait_for(lambda: len(u := events(d, "m1", "upload")) >= 4 and u, 60, "four uploads")
     fs = s3(moto.endpoint)
     commits = fs.ls(f"{bucket}/runs/m1/commits")
@@ -104,6 +105,19 @@ def test_uploads_each_valid_checkpoint_with_a_commit_object_and_shows_it(machine
     assert any(c.get("mirrored") == "yes" for c in cks), cks
     out = d.cli("checkpoints", "m1")
     assert "MIRROR" in out.stdout and "yes" in out.stdout, out.stdout
+    # metrics export them
+    import urllib.request
+    listen = d.request("status")["result"]["daemon"]["metrics"]
+
+    def scraped() -> str:
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as r:
+            return r.read().decode()
+    body = wait_for(lambda: (b := scraped()) if 'trainsup_job_mirror_uploaded_step{job="m1"}' in b else None,
+                    30, "the mirror's metrics")
+    assert 'trainsup_job_mirror_failing{job="m1"} 0' in body, body
+    ups = [line for line in body.splitlines()
+           if line.startswith('trainsup_job_mirror_events_total{job="m1",event="upload"}')]
+    assert ups and float(ups[0].split()[-1]) >= 4, ups
 
 
 def test_fresh_machine_restores_the_newest_complete_checkpoint_before_launch(machines, moto, bucket):
