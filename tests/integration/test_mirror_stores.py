@@ -16,7 +16,6 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "helpers"))
 import stores  # noqa: E402
-
 from trainsup.checkpoint import write_checkpoint  # noqa: E402
 
 
