@@ -23,6 +23,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ...checkpoint.objectstore import Store, StoreError
 from . import layout
 
 CHUNK = 8 << 20
+FILE_PARALLEL = 4                  # files of one entry uploaded at once (no max_rate)
 BLOCK = 64 << 20                   # multipart part size for the store's writer
 MAX_DEPTH = 64
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -44,11 +46,19 @@ class EntryChanged(Exception):
 
 @dataclass
 class Progress:
-    """Bytes sent so far, read by the loop for status (int assignment only: no lock)."""
+    """Bytes sent so far, read by the loop for status (a plain int read); the files of one
+    entry go up on several threads, which add under the lock."""
     total: int = 0
     done: int = 0
     resumed: int = 0            # bytes already in the store from before a daemon crash
     cancelled: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int, resumed: bool = False) -> None:
+        with self.lock:
+            self.done += n
+            if resumed:
+                self.resumed += n
 
 
 def entry_files(handle: DirHandle, rel: str, members: tuple[str, ...]) -> list[str]:
@@ -136,7 +146,7 @@ def _identity(st: os.stat_result) -> list:
 
 
 def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | None,
-               progress: Progress, throttle: Throttle, journal: dict) -> layout.RemoteFile:
+               progress: Progress, throttle: Throttle, journal: dict) -> tuple[layout.RemoteFile, list]:
     fd = handle.open_beneath(rel, _READ_FLAGS)
     try:
         st = os.fstat(fd)
@@ -145,9 +155,8 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
         ident = _identity(st)
         done = journal.get(rel)
         if done and done.get("id") == ident and store.size(layout.data_rel(key, rel)) == st.st_size:
-            progress.done += st.st_size            # in the store from before a crash
-            progress.resumed += st.st_size
-            return layout.RemoteFile(rel, st.st_size, done["xxh3_128"])
+            progress.add(st.st_size, resumed=True)       # in the store from before a crash
+            return layout.RemoteFile(rel, st.st_size, done["xxh3_128"]), ident
         h = xxhash.xxh3_128()
         remote = layout.data_rel(key, rel)
         if rate is None:
@@ -161,16 +170,18 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
                     break
                 h.update(b)
                 off += len(b)
-            base = progress.done
+            counted = [0]
 
             from fsspec.callbacks import Callback
 
             class _Count(Callback):
-                def call(self, *a, **k):          # the IO thread: an int assignment, no more
-                    progress.done = base + int(self.value)
+                def call(self, *a, **k):          # the IO thread: a few additions, no more
+                    v = int(self.value)
+                    progress.add(v - counted[0])
+                    counted[0] = v
             store._call(f"writing {remote}", store.fs.put_file, f"/proc/self/fd/{fd}", store.path(remote),
                         callback=_Count())
-            progress.done = base + off
+            progress.add(off - counted[0])
         else:
             # Chunks of a quarter second at the rate: the bucket's bursts stay small, so a
             # 1 MB/s limit never sends 8 MB at full speed.
@@ -189,7 +200,7 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
                     h.update(b)
                     store._call(f"writing {remote}", f.write, b)
                     off += len(b)
-                    progress.done += len(b)
+                    progress.add(len(b))
                     throttle.take(len(b), progress.cancelled)
                 store._call(f"writing {remote}", f.close)
             except BaseException:
@@ -200,9 +211,7 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
                 raise
         if off != st.st_size or _identity(os.fstat(fd)) != ident:
             raise EntryChanged(f"{rel} changed while it was uploaded")
-        digest = h.hexdigest()
-        journal[rel] = {"id": ident, "xxh3_128": digest}
-        return layout.RemoteFile(rel, st.st_size, digest)
+        return layout.RemoteFile(rel, st.st_size, h.hexdigest()), ident
     finally:
         os.close(fd)
 
@@ -226,10 +235,22 @@ def upload_entry(store: Store, handle: DirHandle, *, name: str, rel: str, member
     jpath = _journal_path(journal_dir, key)
     journal = _load_journal(jpath)
     throttle = Throttle(rate)
-    sent = []
-    for r in files:
-        sent.append(_send_file(store, handle, r, key, rate, progress, throttle, journal))
-        _save_journal(jpath, journal)
+    jlock = threading.Lock()
+
+    def send(r: str) -> layout.RemoteFile:
+        f, ident = _send_file(store, handle, r, key, rate, progress, throttle, journal)
+        with jlock:
+            journal[r] = {"id": ident, "xxh3_128": f.xxh3_128}
+            _save_journal(jpath, journal)
+        return f
+    if rate is not None or len(files) == 1:
+        sent = [send(r) for r in files]        # one bucket of bandwidth: in order
+    else:
+        # Several files at once, as the store library's own multi-file put does: one
+        # connection per file does not fill a fast link.
+        with ThreadPoolExecutor(max_workers=min(FILE_PARALLEL, len(files)),
+                                thread_name_prefix="trainsup-upload") as ex:
+            sent = list(ex.map(send, files))
     entry = layout.RemoteEntry(key=key, name=name, step=step, files=tuple(sent), resume=resume,
                                created=created, uploaded=time.time(), reason=reason, holder=holder)
     if not may_commit():
