@@ -143,7 +143,7 @@ def run(quick: bool = False) -> Section:
     if missing:
         sec.notes.append(f"skipped: {missing}")
         return sec
-    size = 256 * MiB if quick else 2 * GiB
+    size = 256 * MiB if quick else 1 * GiB
     big = 512 * MiB if quick else 10 * GiB
     reps = 1 if quick else 3
     em_mb = 64 if quick else 512
