@@ -4,10 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU wheel: an unpinned torch pulls gigabytes of CUDA packages.
 TORCH := torch==2.13.0
+# Compiled at install: the clone3 launcher and the per-job shim.
+LAUNCHER := $(addprefix supervisor/daemon/launch/,_spawn.c _shim.c build_shim.py)
 
 .PHONY: venv test lint demo bench chaos clean test-multinode
 
-$(BIN)/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(BIN)/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy
@@ -24,8 +26,9 @@ azurite:
 	@test -x $(AZURITE) || { command -v npm >/dev/null && npm install --silent --no-audit --no-fund \
 	  --prefix $(VENV)/npm azurite@3 >/dev/null; } || echo "azurite not installed (no npm?): the Azure mirror tests will skip" >&2
 
+# -rs: every skipped test says why (a missing tool, no root, no systemd), never silently.
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 # ruff and mypy are configured in pyproject.toml (installed with the test extras).
 lint: venv
@@ -53,14 +56,14 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # Framework test environment (HF Trainer, Lightning, Keras on TF, Paddle) for tests/frameworks/.
-# Pinned to the versions that wrote shared/fixtures/frameworks; a CPU torch wheel as above.
+# Pinned to the versions that wrote tests/fixtures/frameworks; a CPU torch wheel as above.
 VENV_FW := .venv-fw
 FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 \
 	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1
 
-.PHONY: venv-frameworks test-frameworks
+.PHONY: venv-frameworks test-frameworks fixtures
 
-$(VENV_FW)/bin/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
+$(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV_FW)
 	$(VENV_FW)/bin/pip install -q --upgrade pip
 	$(VENV_FW)/bin/pip install -q $(FW_PKGS)
@@ -70,4 +73,8 @@ $(VENV_FW)/bin/.installed: pyproject.toml supervisor/daemon/launch/_spawn.c
 venv-frameworks: $(VENV_FW)/bin/.installed
 
 test-frameworks: venv-frameworks
-	$(VENV_FW)/bin/python -m pytest -q -p no:cacheprovider tests/frameworks
+	$(VENV_FW)/bin/python -m pytest -q -rs -p no:cacheprovider tests/frameworks
+
+# Rewrite tests/fixtures/frameworks with the real frameworks (strace kills the saves; ~2 min).
+fixtures: venv-frameworks
+	$(VENV_FW)/bin/python tests/fixtures/make_framework_fixtures.py

@@ -46,7 +46,8 @@ def signal_number(spec: str | int | None, default: int = signal.SIGUSR1) -> int:
 
 
 # -- the notice: written by the daemon before it signals --------------------------------------
-# `<state_dir>/notices/<job>/notice.json`: {"id", "kind", "deadline" (UTC epoch seconds or
+# `<heartbeat dir>/.notices/<job>/notice.json` (beside the heartbeat, where a `user:` job
+# can reach it): {"id", "kind", "deadline" (UTC epoch seconds or
 # null), "deadline_iso", "written"}. A job that reads it answers in `<notice>.ack`:
 # {"id", "kind", "state": "taken" | "saved", "exits", "pid", "at", "path"}. "exits" true
 # means the job ends by itself once that save is committed (exit 0 after a preempt), so
@@ -99,11 +100,17 @@ def parse_ack(raw: bytes, notice_id: str) -> dict[str, Any] | None:
 
 
 # -- the heartbeat: its mtime is progress; its text, the step reached ------------------------
+# The training helper rewrites it in place at every step (one pwrite at offset 0, about half a
+# microsecond), so what the daemon reads when an attempt ends, even a SIGKILLed one, is the
+# step it had reached: written once a second, the step read at exit trailed by up to a
+# second of steps ("last_step=136" right after a save at step 187). Fixed width, padded with
+# spaces: a shorter number never leaves digits of a longer one behind.
 HEARTBEAT_READ = 64                           # bytes the daemon reads of it
+HEARTBEAT_WIDTH = 24
 
 
 def heartbeat_text(step: int) -> str:
-    return f"{step}\n"
+    return f"{step}\n".ljust(HEARTBEAT_WIDTH)
 
 
 def parse_heartbeat(raw: bytes) -> int | None:

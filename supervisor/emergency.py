@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Union
 
-__all__ = ["Request", "save_requested", "take", "served", "current", "should_stop", "install",
+from . import contract
+
+__all__ = ["Request", "save_requested", "take", "served", "current", "should_stop", "install", "flags",
            "atomic_save", "atomic_write", "read_notice", "NOTICE_ENV", "fsync_dir", "fsync_files"]
 
-NOTICE_ENV = "TRAINSUP_NOTICE_FILE"
-ACK_SUFFIX = ".ack"
+NOTICE_ENV = contract.NOTICE_FILE
+ACK_SUFFIX = contract.ACK_SUFFIX
 TERM_EXIT = 128 + signal.SIGTERM
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -79,16 +81,14 @@ def read_notice(path: PathLike | None = None) -> Request | None:
         return None
     try:
         with open(p, "rb") as f:
-            raw = f.read(65536)
-        d = json.loads(raw)
-        kind = d.get("kind")
-        if kind not in ("checkpoint", "preempt"):
-            return None
-        dl = d.get("deadline")
-        return Request(kind, float(dl) if isinstance(dl, (int, float)) else None,
-                       str(d["id"]) if d.get("id") is not None else None)
-    except (OSError, ValueError, AttributeError):
+            raw = f.read(contract.MAX_NOTICE_BYTES)
+    except OSError:
         return None
+    parsed = contract.parse_notice(raw)
+    if parsed is None:
+        return None
+    notice_id, kind, deadline = parsed
+    return Request(kind, deadline, notice_id)
 
 
 def _ack(req: Request, path: Path | None = None, state: str = "saved") -> None:
@@ -98,8 +98,8 @@ def _ack(req: Request, path: Path | None = None, state: str = "saved") -> None:
     notice = os.environ.get(NOTICE_ENV)
     if not notice or req.id is None:
         return
-    body = {"id": req.id, "kind": req.kind, "state": state, "pid": os.getpid(), "at": time.time(),
-            "path": str(Path(path).absolute()) if path is not None else None, "exits": req.stops}
+    body = contract.ack_body(req.id, req.kind, state, req.stops, os.getpid(),
+                             str(Path(path).absolute()) if path is not None else None)
     try:
         _write_bytes_atomic(Path(notice + ACK_SUFFIX), json.dumps(body).encode(), sync=False)
     except OSError as e:
@@ -113,6 +113,7 @@ def _ack(req: Request, path: Path | None = None, state: str = "saved") -> None:
 
 class _Flags:
     def __init__(self) -> None:
+        self.events = 0             # save signals and SIGTERMs received: one read tells "anything new"
         self.save_count = 0         # save signals received
         self.save_seen = 0          # save signals turned into requests
         self.term = False           # SIGTERM received
@@ -138,6 +139,7 @@ def _chain(sig: int, frame: Any) -> None:
 def _on_save_signal(sig: int, frame: Any) -> None:
     global _pending
     _f.save_count += 1
+    _f.events += 1
     _pending = True
     _chain(sig, frame)
 
@@ -145,19 +147,20 @@ def _on_save_signal(sig: int, frame: Any) -> None:
 def _on_sigterm(sig: int, frame: Any) -> None:
     global _pending
     _f.term = True
+    _f.events += 1
     _pending = True
     _chain(sig, frame)
 
 
 def save_signal_number() -> int:
-    spec = os.environ.get("TRAINSUP_SAVE_SIGNAL") or "SIGUSR1"
-    if spec.isdigit():
-        return int(spec)
-    name = spec.upper() if spec.upper().startswith("SIG") else "SIG" + spec.upper()
-    try:
-        return int(getattr(signal, name))
-    except AttributeError:
-        raise ValueError(f"TRAINSUP_SAVE_SIGNAL={spec!r} is not a signal name") from None
+    return contract.signal_number(os.environ.get(contract.SAVE_SIGNAL))
+
+
+def flags() -> _Flags:
+    """The process's signal counts (read them, never write them): `training.Checkpointer`
+    keeps its own served/seen marks against these instead of installing handlers of its
+    own, so the process has one owner of its save signal whichever API a script uses."""
+    return _f
 
 
 def install(*, sigterm: bool = True, save_signal: bool = True) -> bool:

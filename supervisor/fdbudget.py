@@ -15,6 +15,9 @@ import resource
 
 RESERVED = 96          # the control socket's connections, the state DB, logs, hashing, a spare
 PER_LAUNCH = 8         # what one launch takes (pipe, pidfd, log file, cgroup fds), rounded up
+# Open scrapes of the metrics endpoint at once (metrics_http.py); the control socket's
+# connection budget leaves room for them.
+METRICS_CONNECTIONS = 16
 
 
 class Exhausted(OSError):

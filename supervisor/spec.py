@@ -1,4 +1,4 @@
-"""Typed, validated job and daemon specs: what config.py produces from YAML.
+"""Typed, validated job and daemon specs: what config/ produces from YAML.
 
 Field names are the YAML keys. Durations are float seconds, sizes int bytes, paths
 absolute. These objects are immutable values: the daemon compares them to decide
@@ -106,7 +106,7 @@ class ScheduleSpec:
     preempt_cron: str | None = None
 
 
-HOOK_EVENTS = ("failed", "preempted", "saved", "crash", "over-quota")
+HOOK_EVENTS = ("failed", "preempted", "finished", "saved", "crash", "over-quota")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ class PreemptionSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    listen: str | None = None               # "HOST:PORT" for Prometheus; None = off
+    listen: str | None = None               # "HOST:PORT" or "unix:PATH" for Prometheus; None = off
+    required: bool = True                   # cannot listen: the daemon does not start (exit 2)
 
 
 @dataclass(frozen=True)

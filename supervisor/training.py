@@ -28,7 +28,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -41,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 
-from . import emergency
+from . import contract, emergency
 from .checkpoint import MANIFEST, TMP_DIR, CheckpointWriter, SaveError, read_manifest
 from .checkpoint.format import STEP_DIR_RE, ManifestError, step_dirname
 
@@ -128,20 +127,6 @@ def map_legacy_state(obj: Any) -> dict | None:
     if "model" not in out or not isinstance(out["model"], Mapping):
         return None
     return out
-
-
-def _signal_number(spec: str | int | None, default: int) -> int:
-    if spec is None or spec == "":
-        return default
-    if isinstance(spec, int) or str(spec).isdigit():
-        return int(spec)
-    name = str(spec).upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return int(getattr(signal, name))
-    except AttributeError:
-        raise ValueError(f"TRAINSUP_SAVE_SIGNAL={spec!r} is not a signal name") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -411,7 +396,7 @@ class Checkpointer:
     ) -> None:
         if sharded and model is None:
             raise ValueError("Checkpointer(sharded=True) needs model=: DCP shards the model state")
-        d = dir if dir is not None else os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+        d = dir if dir is not None else os.environ.get(contract.CHECKPOINT_DIR)
         if not d:
             raise ValueError("Checkpointer: no checkpoint dir (pass dir= or set TRAINSUP_CHECKPOINT_DIR)")
         self.dir = Path(d).absolute()
@@ -422,7 +407,7 @@ class Checkpointer:
         self.every_seconds = float(every_seconds) if every_seconds else None
         self.resume_from = resume_from
         # Outside the daemon nobody hands a checkpoint over: resume from the dir's newest.
-        self.resume_latest = (not os.environ.get("TRAINSUP_JOB")) if resume_latest is None else resume_latest
+        self.resume_latest = (not os.environ.get(contract.JOB)) if resume_latest is None else resume_latest
         self.legacy = legacy
         self.legacy_state: dict | None = None  # what a pre-trainsup checkpoint held (after mapping)
         self.notice: emergency.Request | None = None  # the daemon's notice of the last save signal
@@ -440,11 +425,13 @@ class Checkpointer:
 
         self._step = 0
         self._metrics: Mapping | None = None
-        self._sig_count = 0                   # save signals received
-        self._sig_read = 0                    # _sig_count when a notice was last read
-        self._sig_served = 0                  # signals covered by a committed save
-        self._preempt = False
-        self._pending = False                 # any flag set by a handler (the fast-path check)
+        # The handlers are emergency's (one owner of the process's save signal); this
+        # object keeps its own marks against the counts they keep.
+        self._flags = emergency.flags()
+        self._sig_read = self._flags.save_count     # save_count when a notice was last read
+        self._sig_served = self._flags.save_count   # signals covered by a committed save
+        self._events_seen = self._flags.events      # the fast path: nothing new since
+        self._preempt_notice = False                # a `preempt` notice came with a signal
         self._saving = False
         self._inflight: threading.Thread | None = None
         self._inflight_error: BaseException | None = None
@@ -453,12 +440,12 @@ class Checkpointer:
         self._rank_state_pending: dict | None = None
         self._snapshot = _Snapshot()
 
-        hb = heartbeat_file if heartbeat_file is not None else os.environ.get("TRAINSUP_HEARTBEAT_FILE")
+        hb = heartbeat_file if heartbeat_file is not None else os.environ.get(contract.HEARTBEAT_FILE)
         self._heartbeat = Path(hb) if hb else None
+        self._hb_fd = self._open_heartbeat()
         now = _monotonic()
         self._last_save_time = now
-        self._next_tick = now if (self._heartbeat or self.every_seconds) else math.inf
-        self._last_heartbeat = -math.inf
+        self._next_tick = now if self.every_seconds else math.inf
 
         self._dist = _dist_on()
         self._rank = dist.get_rank() if self._dist else 0
@@ -472,42 +459,41 @@ class Checkpointer:
         if sampler is not None:
             sampler._on_iter = self._on_sampler_iter
 
-        self.save_signal = _signal_number(os.environ.get("TRAINSUP_SAVE_SIGNAL"), signal.SIGUSR1)
-        self._prev_handlers: dict[int, Any] = {}
+        self.save_signal = emergency.save_signal_number()
+        self._installed = False
         if install_signals:
             self._install_signals()
 
-    # -- signals: handlers only set flags (saving inside a handler deadlocks, #21406) --
+    # -- signals: emergency's handlers only count (saving inside a handler deadlocks) --
+
+    _on_save_signal = staticmethod(emergency._on_save_signal)   # the handler this object relies on
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             _log("Checkpointer created off the main thread: no signal handlers, saves are periodic only")
             return
-        for sig, fn in ((self.save_signal, self._on_save_signal), (signal.SIGTERM, self._on_sigterm)):
-            self._prev_handlers[sig] = signal.signal(sig, fn)
+        # Put back on close() only what this object put in: handlers a script installed
+        # first (trainsup.save_requested()) stay.
+        self._installed = not self._flags.installed and emergency.install()
 
-    def _chain(self, sig: int, frame: Any) -> None:
-        prev = self._prev_handlers.get(sig)
-        if callable(prev) and prev not in (signal.default_int_handler,):
-            prev(sig, frame)
+    @property
+    def _sig_count(self) -> int:
+        return self._flags.save_count
 
-    def _on_save_signal(self, sig: int, frame: Any) -> None:
-        self._sig_count += 1
-        self._pending = True
-        self._chain(sig, frame)
-
-    def _on_sigterm(self, sig: int, frame: Any) -> None:
-        self._preempt = True
-        self._pending = True
-        self._chain(sig, frame)
+    @property
+    def _preempt(self) -> bool:
+        """A preemption this process was told of: a `preempt` notice or SIGTERM."""
+        return self._preempt_notice or self._flags.term
 
     def close(self) -> None:
         """Wait for an async save and put the previous signal handlers back."""
         self.wait()
-        if threading.current_thread() is threading.main_thread():
-            for sig, prev in self._prev_handlers.items():
-                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-        self._prev_handlers.clear()
+        if self._hb_fd >= 0:
+            os.close(self._hb_fd)
+            self._hb_fd = -1
+        if self._installed:
+            emergency.uninstall()
+            self._installed = False
 
     # -- the hot path --
 
@@ -515,8 +501,10 @@ class Checkpointer:
         """Call once per optimizer step, after it. Saves when due or requested."""
         self._step = step
         self._metrics = metrics
+        if self._hb_fd >= 0:
+            self._beat(step)
         if (
-            self._pending
+            self._flags.events != self._events_seen
             or (self.every_steps and step % self.every_steps == 0)
             or step >= self._next_sync
             or _monotonic() >= self._next_tick
@@ -528,7 +516,7 @@ class Checkpointer:
         now = _monotonic()
         periodic = bool(self.every_steps and step % self.every_steps == 0)
         if now >= self._next_tick:
-            self._touch_heartbeat(now)
+            self._next_tick = self._last_save_time + self.every_seconds if self.every_seconds else math.inf
         timed = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
         signalled = self._sig_count != self._sig_served
         if signalled:
@@ -537,7 +525,7 @@ class Checkpointer:
             self._sig_read = self._sig_count
             self.notice = emergency.read_notice() or emergency.Request("checkpoint")
             if self.notice.kind == "preempt":
-                self._preempt = True
+                self._preempt_notice = True
             if self._rank == 0:
                 emergency._ack(self.notice, state="taken")
         preempt = self._preempt
@@ -595,24 +583,25 @@ class Checkpointer:
         k = math.ceil(self._sync_cost / (0.01 * per_step))   # collective ~1% of step time
         return max(1, min(k, int(1.0 / per_step) or 1, 10_000))  # but at least once a second
 
-    def _touch_heartbeat(self, now: float) -> None:
-        tick = math.inf
-        if self._heartbeat is not None:
-            if now - self._last_heartbeat >= 1.0:
-                self._last_heartbeat = now
-                try:
-                    # The step, not just the mtime: the daemon reads it when the attempt
-                    # ends to count the steps an interruption lost (trainsup plot, metrics).
-                    with open(self._heartbeat, "w") as f:
-                        f.write(f"{self._step}\n")
-                except OSError as e:
-                    _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
-                    self._heartbeat = None
-            if self._heartbeat is not None:
-                tick = self._last_heartbeat + 1.0
-        if self.every_seconds:
-            tick = min(tick, self._last_save_time + self.every_seconds)
-        self._next_tick = tick
+    def _open_heartbeat(self) -> int:
+        """The heartbeat file, held open: the step is rewritten in place at every step
+        (contract.heartbeat_text), so the daemon reads the step reached even after a
+        SIGKILL. -1 without one, or when it cannot be opened (said once)."""
+        if self._heartbeat is None:
+            return -1
+        try:
+            return os.open(self._heartbeat, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it")
+            return -1
+
+    def _beat(self, step: int) -> None:
+        try:
+            os.pwrite(self._hb_fd, contract.heartbeat_text(step).encode(), 0)
+        except OSError as e:
+            _log(f"heartbeat file {self._heartbeat}: {e.strerror}; not touching it any more")
+            os.close(self._hb_fd)
+            self._hb_fd = -1
 
     def _on_sampler_iter(self) -> None:
         self._iter_base_step = self._step
@@ -725,7 +714,7 @@ class Checkpointer:
         model_state_dict/optimizer_state_dict/..., or a bare model state dict), or through
         `legacy=fn` (fn(obj) -> {"model", "optimizer", "scheduler", "scaler", "step"});
         anything else raises RuntimeError with one line that says what to do."""
-        src = resume_from or self.resume_from or os.environ.get("TRAINSUP_RESUME_FROM") or None
+        src = resume_from or self.resume_from or os.environ.get(contract.RESUME_FROM) or None
         if not resume_from and not self.resume_from and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             # torchrun restarted its workers in place (--max-restarts): the daemon's
             # TRAINSUP_RESUME_FROM is from the agent's launch, older than what the ranks
@@ -824,6 +813,8 @@ class Checkpointer:
         """Save now (all ranks must call it at the same step). Waits for the commit.
         Returns the committed path, or None when the save failed (logged)."""
         self._step = step
+        if self._hb_fd >= 0:
+            self._beat(step)
         path = self._save(step, reason, metrics if metrics is not None else self._metrics, wait=True)
         return path
 
@@ -860,7 +851,7 @@ class Checkpointer:
         # Signals that arrived while saving are covered by this save: one save, not two.
         self._sig_served = max(self._sig_served, sig_seen if path is None else self._sig_count)
         if not self._pending_flags():
-            self._pending = False
+            self._events_seen = self._flags.events
         self._last_save_time = _monotonic()
         if self.every_seconds:
             self._next_tick = min(self._next_tick, self._last_save_time + self.every_seconds)
@@ -921,6 +912,7 @@ class Checkpointer:
                 return None
         if self.async_save and not wait:
             snap = self._snapshot.take(state)
+            w.held_s = _monotonic() - w.started     # the loop waits for the snapshot only
             self._start_background(step, w, snap)
             return w.final_path
         return self._write_and_commit(step, w, state)
@@ -993,7 +985,9 @@ class Checkpointer:
             assert w is not None   # rank 0 opened the writer, or path_box would be None
             state = self._shared_state(step, in_dcp)
             if self.async_save and not wait:
-                self._start_background(step, w, self._snapshot.take(state))
+                snap = self._snapshot.take(state)
+                w.held_s = _monotonic() - w.started
+                self._start_background(step, w, snap)
                 return final
             done = self._write_and_commit(step, w, state)
             ok.fill_(1 if done is not None else 0)

@@ -1,5 +1,11 @@
 """Shared fixtures: a real `trainsup daemon` subprocess in a temporary tree, and polling
-helpers (conditions with deadlines, never bare sleeps)."""
+helpers (conditions with deadlines, never bare sleeps).
+
+Every wait of the suite goes through one factor, TRAINSUP_TEST_TIMEOUT_SCALE (default 1):
+`wait_for`'s deadlines, the daemon's start, control requests, CLI calls, `scaled()` for a
+test's own subprocess timeouts, and pytest-timeout's per-test limit. The defaults pass on
+two cores with two other CPU-bound processes running; a slower machine sets the factor.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +16,61 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "helpers" / "fakejob.py"
-SHARED = (REPO.parent / "shared").resolve()   # a worktree reaches it through a symlink; checkpoint dirs never are
+# Real checkpoints of six frameworks, written by tests/fixtures/make_framework_fixtures.py.
+FRAMEWORK_FIXTURES = REPO / "tests" / "fixtures" / "frameworks"
 sys.path.insert(0, str(REPO / "tests"))
+# Nothing the suite starts reads the machine's daemon config: on a host running the service,
+# /etc/trainsup/trainsup.yaml has production hooks and a metrics port (issue 24). DaemonProc
+# also says so on its command line; this covers the CLI, `trainsup run` and the demo.
+os.environ["TRAINSUP_CONFIG"] = "none"
+
+TIMEOUT_SCALE = float(os.environ.get("TRAINSUP_TEST_TIMEOUT_SCALE") or 1.0)
+# A condition wait returns as soon as its condition holds: its deadline only decides how
+# long a failing test takes to say so. Deadlines of a few seconds failed under load (two
+# cores, two CPU-bound neighbours: "timed out after 5s waiting for the save record"), so
+# none is shorter than this. A wait whose length is itself the assertion is not a
+# wait_for: it measures and asserts explicitly.
+MIN_DEADLINE = 30.0
+
+
+def scaled(seconds: float) -> float:
+    """A test's own time limit (a subprocess timeout, a join) times the suite's factor."""
+    return seconds * TIMEOUT_SCALE
+
+
+def deadline_for(timeout: float) -> float:
+    """The seconds a condition wait of `timeout` really allows (see MIN_DEADLINE)."""
+    return max(timeout, MIN_DEADLINE) * TIMEOUT_SCALE
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-timeout's per-test limit (the ini's, or a test's own marker) scaled too."""
+    if TIMEOUT_SCALE == 1.0:
+        return
+    base = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker is not None and marker.args else base
+        if limit:
+            item.add_marker(pytest.mark.timeout(limit * TIMEOUT_SCALE))
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02,
              proc: subprocess.Popen | None = None, detail: Callable[[], str] | None = None):
-    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`.
+    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`
+    (at least MIN_DEADLINE, times TRAINSUP_TEST_TIMEOUT_SCALE).
 
     With `proc`, fail as soon as that process has exited and `pred` still does not hold
     (no point waiting out the deadline); `detail()` is appended to the failure (a log tail)."""
+    timeout = deadline_for(timeout)
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -41,8 +85,29 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "con
         if exited:
             raise AssertionError(f"process exited ({proc.returncode}) before {what}{extra}")
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+@contextmanager
+def alice_and_bob(prefix: str) -> Iterator[dict[str, str]]:
+    """Two real users, alice (in a new group) and bob (not), removed again with whatever
+    they still run. Names carry the test process's pid: runs side by side never collide."""
+    tag = f"{os.getpid() % 100000}"
+    group, alice, bob = f"{prefix}g{tag}", f"{prefix}alice{tag}", f"{prefix}bob{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    made = []
+    try:
+        for name in (alice, bob):
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
+            made.append(name)
+        subprocess.run(["usermod", "-a", "-G", group, alice], check=True)
+        yield {"group": group, "alice": alice, "bob": bob}
+    finally:
+        for name in made:
+            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+            subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", group], check=False)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -114,8 +179,10 @@ class DaemonProc:
 
     def start(self, *extra: str, wait: bool = True, env: dict | None = None,
               prefix: list[str] | None = None) -> DaemonProc:
+        # Every test daemon names its config: its own file, or none at all.
+        config = () if "--config" in extra else ("--config", "none")
         cmd = [*(prefix or []), sys.executable, "-m", "trainsup", "--socket", str(self.socket), "daemon",
-               "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *extra]
+               "--jobs", str(self.jobs), "--state", str(self.state), "--log-dir", str(self.logs), *config, *extra]
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
         e["PYTHONPATH"] = str(REPO)
@@ -142,7 +209,7 @@ class DaemonProc:
 
     def request(self, cmd: str, job: str | None = None, timeout: float = 60.0, **args) -> dict:
         from trainsup.control.client import request
-        return request(self.socket, cmd, job, args or None, timeout=timeout)
+        return request(self.socket, cmd, job, args or None, timeout=scaled(timeout))
 
     def status(self, job: str) -> dict:
         r = self.request("status", job)
@@ -156,7 +223,7 @@ class DaemonProc:
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         e = dict(os.environ, PYTHONPATH=str(REPO))
         return subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(self.socket), *args],
-                              capture_output=True, text=True, timeout=timeout, env=e)
+                              capture_output=True, text=True, timeout=scaled(timeout), env=e)
 
     def history(self, job: str, n: int = 500) -> list[dict]:
         r = self.request("history", job, n=n)
@@ -167,6 +234,7 @@ class DaemonProc:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
+        timeout = scaled(timeout)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

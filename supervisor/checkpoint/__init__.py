@@ -7,7 +7,7 @@ Usable from any Python program (no torch, no daemon):
         (w.path / "state.bin").write_bytes(data)
     # committed as ckpt/step-00000420/ on a clean exit of the block
 
-Daemon side (service.py drives it, one custody.JobCheckpointDir per job): the dir is
+Formats are a table (formats/: one module per format). Daemon side (daemon/checkpoints.py drives it, one custody.JobCheckpointDir per job): the dir is
 resolved once and held as an fd (dirhandle) -> index.scan through that fd (ordered view,
 cached verdicts, unmanaged names listed) -> liveness (monotonic observation, writer pids,
 files the job holds open) -> rotation.plan_rotation (pure policy; the deletion design is
@@ -30,7 +30,8 @@ _EXPORTS = {
     "rotation": ("DiskQuotaPlan", "RotationPlan", "plan_disk_quota", "plan_rotation"),
     "dirhandle": ("DirHandle",),
     "trash": ("TRASH_DIR", "DeleteError", "delete_entry", "empty_trash"),
-    "validate": ("MemoryVerdictCache", "Verdict", "VerdictCache", "check_entry"),
+    "formats.common": ("MemoryVerdictCache", "Verdict", "VerdictCache"),
+    "validate": ("check_entry",),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + ["DirHandleError"]

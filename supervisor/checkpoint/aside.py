@@ -1,4 +1,4 @@
-"""Interrupted saves moved aside before a relaunch (issue 12).
+"""Interrupted saves moved aside before a relaunch.
 
 A framework picks its own "latest" (HF's get_last_checkpoint, Paddle's `latest` prefix,
 Keras' backup): an entry a killed save left half-written, newer than every valid one, would
@@ -11,15 +11,24 @@ a save still in progress, never an alias the framework rewrites.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import replace
 
+from ..printable import printable
 from .dirhandle import DirHandle
 from .index import CheckpointInfo
-from .trash import ASIDE_DIR
+from .trash import ASIDE_DIR, open_own_dir
 
+log = logging.getLogger("trainsup.checkpoint")
 MOVED_REASON = "interrupted save, moved aside before a relaunch"
+
+
+class AsideUnavailable(OSError):
+    """The aside dir cannot be used (a planted symlink): a warning, never a failed launch."""
 
 
 def interrupted(infos: list[CheckpointInfo], pinned: Iterable[int] = ()) -> list[CheckpointInfo]:
@@ -44,28 +53,36 @@ def move_aside(h: DirHandle, entries: Iterable[CheckpointInfo]) -> list[tuple[Ch
     dir. Returns (entry, its name there) for each moved; entries that vanished are skipped."""
     moved: list[tuple[CheckpointInfo, str]] = []
     try:
-        os.mkdir(ASIDE_DIR, 0o700, dir_fd=h.fd)
-    except FileExistsError:
-        pass
-    afd = h.open_beneath(ASIDE_DIR)
+        afd = open_own_dir(h, ASIDE_DIR)       # the job's user can read, recover, delete
+    except OSError as e:
+        # A symlink (or file) planted under the name: never followed, never replaced.
+        what = "a symlink, never followed" if e.errno == errno.ELOOP else f"unusable ({e.strerror})"
+        raise AsideUnavailable(e.errno, f"{ASIDE_DIR} in the checkpoint dir is {what}: interrupted "
+                                        "saves are not moved aside (remove it)") from None
     try:
         taken = set(os.listdir(afd))
         for info in entries:
             done = []
             for rel in _units(info):
                 parent, _, base = rel.rpartition("/")
-                target = rel.replace("/", "__")
-                n = 1
+                flat = _flat_name(rel)
+                target, n = flat, 1
                 while target in taken:
                     n += 1
-                    target = f"{rel.replace('/', '__')}.{n}"
-                pfd = h.open_beneath(parent) if parent else os.dup(h.fd)
+                    target = f"{flat}.{n}"
                 try:
-                    os.rename(base, target, src_dir_fd=pfd, dst_dir_fd=afd)
+                    pfd = h.open_beneath(parent) if parent else os.dup(h.fd)
+                    try:
+                        os.rename(base, target, src_dir_fd=pfd, dst_dir_fd=afd)
+                    finally:
+                        os.close(pfd)
                 except FileNotFoundError:
                     continue
-                finally:
-                    os.close(pfd)
+                except OSError as e:
+                    # one entry that cannot move (a link on its way, EXDEV...) stays where
+                    # it is; it never stops the launch or the other entries
+                    log.warning("cannot move %s aside: %s", printable(rel), e.strerror or e)
+                    continue
                 taken.add(target)
                 done.append(target)
             if done:
@@ -75,6 +92,16 @@ def move_aside(h: DirHandle, entries: Iterable[CheckpointInfo]) -> list[tuple[Ch
     finally:
         os.close(afd)
     return moved
+
+
+def _flat_name(rel: str) -> str:
+    """`a/b` -> `a__b`, short enough to take a `.N` suffix within NAME_MAX (a nested
+    250-byte name would not)."""
+    flat = rel.replace("/", "__")
+    raw = os.fsencode(flat)
+    if len(raw) <= 240:
+        return flat
+    return os.fsdecode(raw[:200]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def listed(h: DirHandle) -> list[CheckpointInfo]:

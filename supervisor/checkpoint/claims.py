@@ -3,14 +3,14 @@
 Rotation deletes inside the checkpoint dir, so the dir itself must be one that holds only
 this job's checkpoints. Refused, each with one `FILE:LINE: checkpoint.dir: ...` line:
   - `/`, any account's home dir ($HOME included), or a dir containing the state dir or the
-    jobs dir, or inside the state dir (issue 11 case 3: `$HOME` was accepted and the
-    user's downloaded weights were rotated away);
+    jobs dir, or inside the state dir (`$HOME` was once accepted and the user's
+    downloaded weights were rotated away);
   - a path with a symlink in any existing component: refused, not pinned (dirhandle.py
     says why) — the message names the link and its target so the real path can be used;
   - the same dir as another job's, or a parent of another job's (case 4: job A's rotation
     deleted job B's newest checkpoint). The later file (by name) is the refused one; the
     message points at the first.
-Pure functions of paths plus lstat/pwd lookups; config.py calls them.
+Pure functions of paths plus lstat/pwd lookups; config/ calls them.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ facts; the on-the-loop calls own the per-job memory (liveness, backoff).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +34,15 @@ from ..spec import CheckpointSpec
 from . import aside, inventory
 from .deleter import DeletionBackoff, Outcome, delete_one
 from .dirhandle import CheckpointDirError, DirHandle
+from .formats.common import Verdict, VerdictCache
 from .index import CheckpointInfo, is_unknown_reason, scan
 from .liveness import LivenessTracker, entry_inodes, open_inodes
 from .naming import compile_pattern
-from .reprove import latest_for_launch, reprovable, reprove
+from .reprove import latest_for_launch, reprovable, reprove, stamps_mapped_writes
 from .rotation import RotationPlan, plan_rotation
-from .trash import empty_trash
-from .validate import Verdict, VerdictCache
+from .trash import ASIDE_DIR, TRASH_DIR, empty_trash
+
+log = logging.getLogger("trainsup.checkpoint")
 
 # A save is "quiet" after the job's emergency_save.grace plus this long without a change
 # the daemon saw: a few rotation passes (>= 1 s apart), so that grace 0 still means "seen
@@ -59,6 +63,8 @@ class JobCheckpointDir:
         self.liveness = LivenessTracker(quiet=grace + QUIET_MARGIN_S)
         self.backoff = DeletionBackoff()
         self.inventory = inventory.load(state_dir, job) if state_dir is not None else None
+        self.planted: list[str] = []          # the daemon's own dir names, planted as links
+        self._stamps: tuple[int, bool] | None = None    # (held fd, fingerprints_prove)
 
     # ------------------------------------------------------------------ blocking
 
@@ -113,6 +119,7 @@ class JobCheckpointDir:
             if self.handle is None:
                 return [], self.flag
         infos = scan(self.handle, self.spec.format, cache=cache, pattern=self.pattern)
+        self.planted = planted_names(self.handle)
         return aside.listed(self.handle) + infos, self.flag
 
     def move_aside_interrupted(self, infos: list[CheckpointInfo],
@@ -124,7 +131,12 @@ class JobCheckpointDir:
         # What was there before the job's first launch is never the job's to move either.
         before = inventory.preexisting(infos, self.inventory, self.pattern)
         todo = [i for i in aside.interrupted(infos, pinned) if i.name not in before]
-        return aside.move_aside(self.handle, todo) if todo else []
+        try:
+            return aside.move_aside(self.handle, todo) if todo else []
+        except aside.AsideUnavailable as e:
+            # a planted symlink: a warning (status shows `planted`), and the launch goes on
+            log.warning("job %s: %s", self.job, e.strerror)
+            return []
 
     def open_by_job(self, infos: Iterable[CheckpointInfo], pids: Iterable[int]) -> set[str]:
         pids = list(pids)
@@ -140,6 +152,15 @@ class JobCheckpointDir:
         if self.handle is None or self.flag:
             return Outcome(info, False, error=self.flag or "checkpoint dir not held", errno=errno.ESTALE)
         return delete_one(self.handle, info)
+
+    def fingerprints_prove(self) -> bool:
+        """Whether an unchanged fingerprint proves unchanged content in this dir (mapped
+        writes move ctime: reprove.py); False on tmpfs, where only a re-hash does."""
+        if self.handle is None:
+            return True
+        if self._stamps is None or self._stamps[0] != self.handle.fd:
+            self._stamps = (self.handle.fd, stamps_mapped_writes(self.handle.io_root))
+        return self._stamps[1]
 
     def latest_for_launch(self, infos: Iterable[CheckpointInfo], cache: VerdictCache | None
                           ) -> CheckpointInfo | None:
@@ -206,6 +227,23 @@ class JobCheckpointDir:
         if self.flag:
             w.insert(0, f"rotation paused: {self.flag}; nothing is deleted until it is re-resolved (edit the job file or restart the daemon)")
         return w
+
+
+def planted_names(h: DirHandle) -> list[str]:
+    """Warnings for the daemon's own dir names (trash, aside) found as something else than
+    a directory: a symlink planted there is never followed (trash.open_own_dir), and what
+    depends on the dir waits until it is removed."""
+    out = []
+    for name, what in ((TRASH_DIR, "deletions"), (ASIDE_DIR, "moving interrupted saves aside")):
+        try:
+            st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            out.append(f"{name} in the checkpoint dir is {kind} (never followed): {what} paused "
+                       "until it is removed")
+    return out
 
 
 __all__ = ["JobCheckpointDir", "CheckpointDirError"]

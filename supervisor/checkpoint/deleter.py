@@ -1,6 +1,6 @@
 """Carrying out a rotation plan truthfully, and backing off when deletion keeps failing.
 
-Issue 11 case 7: a `deleted` event was written before the deletion (and stayed after it
+Found once: a `deleted` event was written before the deletion (and stayed after it
 failed), and a persistent failure (read-only mount, `chattr +i`, EBUSY, a name the trash
 could not take) re-planned and re-failed with no delay: 88% CPU, ~530 events/s. Here:
   - `delete_one` returns an Outcome only after trash.delete_entry returned (the name is
@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from . import formats
 from .dirhandle import DirHandle
 from .format import TMP_DIR
 from .index import CheckpointInfo
@@ -40,19 +44,44 @@ def rel_name(info: CheckpointInfo) -> str:
     return f"{TMP_DIR}/{info.name}" if info.in_progress else info.name
 
 
+def deletion_units(info: Any, ckpt_dir: Path) -> list[str]:
+    """Paths relative to the checkpoint dir to delete, in order, for one entry: a
+    multi-file entry member by member, commit marker first (the format lists it first), so
+    a deletion cut short leaves an entry that reads as invalid, never one that looks
+    complete with files missing."""
+    members = getattr(info, "members", ())
+    if members:
+        return list(members)
+    p = Path(info.path)
+    return [p.relative_to(ckpt_dir).as_posix() if p.is_relative_to(ckpt_dir) else info.name]
+
+
+def delete_unit(ckpt_dir: Path, rel: str) -> None:
+    """Delete one member through the trash, by path. A member in a framework's nested layout
+    (lightning_logs/version_N/checkpoints/, best_model/, a Keras subdir) is deleted with its
+    own dir as the root, reached without a symlink in any component."""
+    parent, _, base = rel.rpartition("/")
+    d = Path(ckpt_dir)
+    for comp in parent.split("/") if parent else ():
+        d = d / comp
+        if not stat.S_ISDIR(os.lstat(d).st_mode):
+            raise DeleteError(errno.ELOOP, f"{d}: not a real directory (never followed)")
+    delete_entry(d, base)
+
+
 def _delete_members(h: DirHandle, info: CheckpointInfo) -> None:
     """A framework entry of several files (Paddle prefix group, TF index + shards, nested
-    Lightning/Keras layouts): the framework's bookkeeping first (TF's state file must never
+    Lightning/Keras layouts): the format's bookkeeping first (TF's state file must never
     list a deleted checkpoint), then every member, commit marker first — each through a
     dir fd opened beneath the held dir (no symlink, no mount crossing on the way)."""
-    from .frameworks import bookkeeping  # framework layouts only; keeps the import light
-    units = bookkeeping.deletion_units(info, h.path)
+    units = deletion_units(info, h.path)
     parents = {rel.rpartition("/")[0] for rel in units}
-    if info.format == "tf":
+    hook = getattr(formats.FORMATS.get(info.format), "before_delete", None)
+    if hook is not None:
         parent = info.name.rpartition("/")[0]
         dfd = h.open_beneath(parent) if parent else os.dup(h.fd)
         try:
-            bookkeeping.forget_in_tf_state(dfd, [info.name.rpartition("/")[2]])
+            hook(dfd, info.name.rpartition("/")[2])
         finally:
             os.close(dfd)
     subs: dict[str, DirHandle] = {}

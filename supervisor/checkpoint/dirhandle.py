@@ -1,8 +1,8 @@
 """A job's checkpoint dir, resolved once and then held as a directory fd for the job's life.
 
 Why: every path lookup is a fresh chance for a user to swap a component for a symlink
-(issue 11 case 1: `run` -> another account's run dir made root index and delete that
-account's checkpoints). So the dir is resolved once, when the config loads, with symlinks
+(a `run` symlink pointed at another account's run dir once made root index and delete
+that account's checkpoints). So the dir is resolved once, when the config loads, with symlinks
 anywhere in the path *refused* (not pinned: a pinned symlink would still let its owner
 redirect the job's own saves, and the error tells the admin the real path to configure).
 It is then opened once, and every later open, stat, scan, rename and unlink is relative to

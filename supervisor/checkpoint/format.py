@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -164,8 +165,8 @@ def parse_manifest(raw: bytes) -> dict:
 
 class _HashingFile:
     """Write-only file that hashes what passes through it, for the manifest: a 1 GiB
-    state otherwise costs a second pass over its bytes after the save (issue 13: the
-    helper's preempt -> exit at 1 GiB was 1.31x torch.save + fsync)."""
+    state otherwise costs a second pass over its bytes after the save (the helper's
+    preempt -> exit at 1 GiB was 1.31x torch.save + fsync with that pass)."""
 
     def __init__(self, f: Any, algo: str) -> None:
         self.f = f
@@ -214,6 +215,11 @@ class CheckpointWriter:
         self.final_path = self.ckpt_dir / step_dirname(self.step)
         self.path = self.ckpt_dir / TMP_DIR / f"{step_dirname(self.step)}.{os.getpid()}"
         self.committed: Path | None = None
+        # How long this save held the training loop up (the manifest's "save_s", which the
+        # daemon counts as save overhead in goodput): from here to the manifest, unless the
+        # caller knows better (an async save holds the loop only for its snapshot).
+        self.started = time.monotonic()
+        self.held_s: float | None = None
 
     def __enter__(self) -> CheckpointWriter:
         try:
@@ -277,6 +283,7 @@ class CheckpointWriter:
             "reason": self.reason,
             "metrics": self.metrics,
             "files": files,
+            "save_s": round(self.held_s if self.held_s is not None else time.monotonic() - self.started, 4),
         }
         m.update(self.extra)
         return m

@@ -29,13 +29,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import frameworks
+from . import formats
 from .dirhandle import CheckpointDirError as _HandleError
 from .dirhandle import DirHandle
 from .format import TMP_DIR
+from .formats import groups
+from .formats.common import VerdictCache
 from .naming import is_alias
 from .trash import ASIDE_DIR, TRASH_DIR
-from .validate import FORMATS, VerdictCache, check_entry, detect_format, fingerprint, name_format, step_from_name
+from .validate import check_entry, detect_format, fingerprint, name_format, step_from_name
 
 TMP_ENTRY_RE = re.compile(r"step-(\d{8,})\.(\d+)")     # fullmatch only
 # Verdicts that say "could not look", not "looked and it is broken".
@@ -58,6 +60,7 @@ class CheckpointInfo:
     reason: str | None = None    # the manifest's save reason
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
     created: str | None = None   # the manifest's UTC timestamp
+    save_s: float | None = None  # the manifest's: how long the save held training up
     mtime: float = 0.0              # newest mtime of the entry or anything in it (wall clock)
     epoch: int | None = None
     in_progress: bool = False
@@ -68,7 +71,7 @@ class CheckpointInfo:
     alias: bool = False             # an unnumbered "newest" name (last.ckpt, latest.pth)
     fp: str = field(default="", compare=False)
     ino: int = 0
-    # Framework entries (frameworks/): the files that make up the entry, relative to the
+    # Group-format entries (formats/groups.py): the files that make up the entry, relative to the
     # checkpoint dir, deleted as one unit, commit marker first (empty: `path` is the entry);
     # alias_kind: latest | best | last | link | backup for a name the framework rewrites, and
     # alias_of: the numbered entry whose step it shares; resume: what the framework's resume
@@ -97,8 +100,8 @@ def scan(
 ) -> list[CheckpointInfo]:
     """Every entry of the checkpoint dir, oldest first (managed ones ordered; unmanaged
     ones listed first, by name)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt not in formats.CHOICES:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(formats.CHOICES)}")
     if isinstance(ckpt_dir, DirHandle):
         return _scan_held(ckpt_dir, fmt, cache, pattern)
     root = Path(os.path.abspath(ckpt_dir))
@@ -121,9 +124,9 @@ def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
             entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
     except OSError as e:
         raise CheckpointDirError(e.errno, f"{h.path}: cannot list the checkpoint dir: {e.strerror}") from None
-    # Framework layouts (Paddle prefix groups, TF index + shards, Keras, Lightning,
+    # Group formats (Paddle prefix groups, TF index + shards, Keras, Lightning,
     # safetensors) first: the names they claim are one entry each, not loose files.
-    fw_infos, claimed = frameworks.scan(h.path, fmt, cache, CheckpointInfo, root_fd=h.fd)
+    fw_infos, claimed = groups.scan(h.path, fmt, cache, CheckpointInfo, root_fd=h.fd)
     infos: list[CheckpointInfo] = list(fw_infos)
     for name, is_dir, is_link in entries:
         if name in claimed:
@@ -185,7 +188,7 @@ def _scan_entry(h: DirHandle, io: str, name: str, is_dir: bool, is_link: bool, f
     return CheckpointInfo(
         path=path, name=name, format=kind, step=step, bytes=c.bytes, valid=v.valid,
         invalid_reason=v.invalid_reason, reason=v.reason, metrics=dict(v.metrics),
-        created=v.created, mtime=c.mtime, epoch=v.epoch, cached=c.cached,
+        created=v.created, save_s=v.save_s, mtime=c.mtime, epoch=v.epoch, cached=c.cached,
         unknown=not v.valid and is_unknown_reason(v.invalid_reason), alias=is_alias(name),
         fp=c.fingerprint, ino=ino,
     )

@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from . import formats
+
 
 def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) -> str | None:
     # Entries listed only as `unmanaged` (names the format does not claim) count as nothing.
@@ -26,7 +28,7 @@ def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) ->
         return None      # missing or unreadable: the scan error says so
     if fmt == "auto":
         return (f"no checkpoints recognised in {ckpt_dir}: set checkpoint.format "
-                f"(trainsup, torch, hf, paddle, tf, keras, lightning, safetensors)")
+                f"({', '.join(formats.NAMES)})")
     return f"no {fmt} checkpoints recognised in {ckpt_dir}: check checkpoint.format and checkpoint.dir"
 
 

@@ -1,6 +1,6 @@
 """Which checkpoint entries a writer may still be writing (never deleted while so).
 
-An entry is live while any of these holds (issue 11 case 5):
+An entry is live while any of these holds:
   - it is a trainsup tmp dir `.trainsup-tmp/step-N.<pid>` and that pid is alive with a
     start time no later than when the daemon first saw the dir (a reused pid started
     after it, so it is not the writer);

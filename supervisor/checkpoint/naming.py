@@ -8,9 +8,9 @@ A name is *managed* when the job's format names it as a checkpoint:
     off by a separator (`model-100.pt`; not `resnet50.pt`), or a known alias of the
     newest save (`last.ckpt`, `last-v1.ckpt`, `latest.pt`, `last.pth`...);
   - anything the job's `checkpoint.pattern` (a regex over the whole name) matches.
-Everything else is *unmanaged*: listed, never deleted (issue 11 case 3: `auto` claimed every
-`*.pt`, numbered `resnet50.pt` as step 50 and rotated it away). Every match is a fullmatch
-(case 9: `step-00000300\\n` is not a checkpoint; `$` would have let the newline through).
+Everything else is *unmanaged*: listed, never deleted (when `auto` claimed every `*.pt`,
+it numbered a user's `resnet50.pt` as step 50 and rotated it away). Every match is a
+fullmatch (`step-00000300\\n` is not a checkpoint; `$` would have let the newline through).
 """
 
 from __future__ import annotations
@@ -45,25 +45,6 @@ def compile_pattern(text: str) -> re.Pattern:
     if rx.fullmatch(""):
         raise PatternError("matches the empty name: it would claim everything")
     return rx
-
-
-def managed_format(name: str, is_dir: bool, fmt: str = "auto",
-                   pattern: re.Pattern | None = None) -> str | None:
-    """The format a managed entry is checked with, or None when the name is unmanaged."""
-    if name.startswith(".") or "\0" in name:
-        return None
-    if fmt in ("auto", "trainsup") and is_dir and TRAINSUP_DIR.fullmatch(name):
-        return "trainsup"
-    if fmt in ("auto", "hf") and is_dir and HF_DIR.fullmatch(name):
-        return "hf"
-    if fmt in ("auto", "torch") and not is_dir and (
-            TORCH_NUMBERED.fullmatch(name) or TORCH_SEPARATED.fullmatch(name) or TORCH_ALIAS.fullmatch(name)):
-        return "torch"
-    if pattern is not None and pattern.fullmatch(name):
-        if is_dir:
-            return "hf" if fmt == "hf" or (fmt == "auto" and HF_DIR.fullmatch(name)) else "trainsup"
-        return "torch"
-    return None
 
 
 def is_alias(name: str) -> bool:

@@ -1,6 +1,6 @@
 """Re-proving a checkpoint's verdict right before it is handed to a launch.
 
-Issue 11 case 8: a file modified in place through a shared mmap keeps its ctime — always
+A file modified in place through a shared mmap keeps its ctime — always
 on tmpfs (no writeback, no page_mkwrite timestamp update), and on ext4 for writes to a
 page that is already dirty (the timestamp moves only on the first write fault to a clean
 page). A stat-only cached verdict then still says valid.
@@ -23,9 +23,10 @@ import ctypes
 import os
 from collections.abc import Iterable
 
+from .formats.common import Verdict, VerdictCache
 from .index import CheckpointInfo
 from .settle import settle  # noqa: F401  (re-exported: part of the re-proof design)
-from .validate import Verdict, VerdictCache, check_entry
+from .validate import check_entry
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
@@ -70,14 +71,34 @@ def reprovable(info: CheckpointInfo) -> bool:
     """Single-path entries of the trainsup/torch/hf checkers. Framework entries (Paddle
     prefix groups, TF index + shards, Keras, Lightning: several member files) are re-checked
     by the pre-launch scan through their members' fingerprints instead."""
-    from .validate import _CHECKERS
-    return info.format in _CHECKERS and not info.members
+    from .formats import ENTRY
+    return info.format in ENTRY and not info.members
+
+
+class _Recheck:
+    """A verdict cache view that never answers from the cache and stores what the check
+    finds: the re-proven verdict replaces the stale one under the same fingerprint. Without
+    it the next scan (a watcher event, the rescan, a second pass of the same refresh) read
+    the old "valid" back from the cache before the launch, and the damaged checkpoint was
+    offered after all (1 run of 3 on tmpfs)."""
+
+    def __init__(self, cache: VerdictCache) -> None:
+        self.cache = cache
+
+    def get(self, key: str) -> str | None:
+        return None
+
+    def put(self, key: str, verdict: str) -> None:
+        self.cache.put(key, verdict)
 
 
 def reprove(io_path: str, fmt: str, cache: VerdictCache | None, key_path: str) -> Verdict:
     """The entry's verdict now: from its fingerprint where a mapped write would have moved
-    it, else by checking the content again."""
-    use_cache = cache if stamps_mapped_writes(io_path) else None
+    it, else by checking the content again (and caching what that found)."""
+    if stamps_mapped_writes(io_path):
+        use_cache: VerdictCache | None = cache
+    else:
+        use_cache = _Recheck(cache) if cache is not None else None
     return check_entry(io_path, fmt, use_cache, key_path=key_path).verdict
 
 

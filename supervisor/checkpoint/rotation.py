@@ -1,6 +1,6 @@
 """Which checkpoints to delete (SPEC section 6). Pure policy: facts in, a plan out, no I/O.
 
-The deletion design (issue 11), safe by construction. An entry may be deleted only if ALL
+The deletion design, safe by construction. An entry may be deleted only if ALL
 of these hold, each proven by a fact the plan is given, never by a guess:
 
   owned      it is an entry of this job's own checkpoint dir, resolved once and held as

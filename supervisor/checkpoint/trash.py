@@ -16,8 +16,8 @@ makes sure the deletion cannot reach anything else):
    checkpoint) makes the entry undeletable (DeleteError EXDEV, reported) and nothing of it
    is touched. A mount appearing after that walk still cannot be entered during removal.
 4. Never as anyone but the daemon: removal runs in the daemon's own worker thread. There is
-   no forked deleter that drops to the dir owner's uid (issue 10: the job's user could
-   SIGSTOP it and freeze every job's rotation). Root cannot be tricked into deleting
+   no forked deleter that drops to the dir owner's uid (the job's user could SIGSTOP
+   it and freeze every job's rotation). Root cannot be tricked into deleting
    elsewhere because of 2 and 3, not because of a uid.
 5. Atomic from the index's point of view: the entry is first renamed (one rename, same
    directory tree, so same filesystem) into `<dir>/.trainsup-trash/` under a short name of
@@ -147,13 +147,7 @@ def _delete_entry(h: DirHandle, parts: list[str]) -> None:
             _refuse_mounts(h, parent_fd, base, display)
         tfd = _open_trash(h)
         try:
-            target = _trash_name(parts[0] if len(parts) == 1 else f"{TMP_DIR}:{parts[1]}")
-            try:
-                os.rename(base, target, src_dir_fd=parent_fd, dst_dir_fd=tfd)
-            except FileNotFoundError:
-                raise FileNotFoundError(errno.ENOENT, f"{display}: already gone") from None
-            except OSError as e:
-                raise _translate(e, display) from None
+            target = _move_to_trash(parent_fd, base, tfd, parts, display)
             crash_point("trash-rename")
             try:
                 os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
@@ -172,12 +166,56 @@ def _delete_entry(h: DirHandle, parts: list[str]) -> None:
             os.close(sub_fd)
 
 
-def _trash_name(original: str) -> str:
-    """Short and ours; carries the original name after `~` when it fits NAME_MAX (a
-    250-byte name could not take a suffix: issue 11 case 7)."""
+def _move_to_trash(parent_fd: int, base: str, tfd: int, parts: list[str], display: str) -> str:
+    """Rename the entry into the trash; its name there. "Already gone" only when the
+    entry's own name is gone (ENOENT from a rename also means the trash dir itself was
+    removed meanwhile); a name the trash cannot take (ENAMETOOLONG) is tried once more
+    under the short name alone, and failing that is a DeleteError: a 250-byte name that
+    could not be moved was recorded `deleted`."""
+    original = parts[0] if len(parts) == 1 else f"{TMP_DIR}:{parts[1]}"
+    target = _trash_name(original, _name_max(tfd))
+    for attempt in range(2):
+        try:
+            os.rename(base, target, src_dir_fd=parent_fd, dst_dir_fd=tfd)
+            return target
+        except FileNotFoundError:
+            if _gone(base, parent_fd):
+                raise FileNotFoundError(errno.ENOENT, f"{display}: already gone") from None
+            raise DeleteError(errno.ENOENT, f"{display}: could not be moved into {TRASH_DIR} "
+                                            "(it was removed meanwhile); not deleted") from None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG and attempt == 0 and "~" in target:
+                target = target.partition("~")[0]
+                continue
+            raise _translate(e, display) from None
+    raise AssertionError("unreachable")
+
+
+def _gone(name: str, dir_fd: int) -> bool:
+    """The name no longer exists (ENOENT); any other answer (EACCES, ENAMETOOLONG...)
+    proves nothing and is not "gone"."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _name_max(fd: int) -> int:
+    try:
+        return min(255, os.fpathconf(fd, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def _trash_name(original: str, name_max: int = 255) -> str:
+    """Short and ours; carries the original name after `~` when it fits the filesystem's
+    NAME_MAX (a 250-byte name could not take a suffix)."""
     base = f"d.{time.time_ns()}.{os.getpid()}.{next(_counter)}"
     full = f"{base}~{original}"
-    return full if len(os.fsencode(full)) <= 255 else base
+    return full if len(os.fsencode(full)) <= name_max else base
 
 
 def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> None:
@@ -207,18 +245,42 @@ def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> Non
             os.close(dfd)
 
 
-def _open_trash(h: DirHandle) -> int:
+def open_own_dir(h: DirHandle, name: str) -> int:
+    """Make (if missing) and open one of the daemon's dirs beneath the held checkpoint dir
+    (the trash, the aside dir): mode 0700, owned by the checkpoint dir's owner. A root
+    daemon that kept them root's left a `user:` job's own files where its user could no
+    longer read, recover or delete them. A symlink or file planted under the name is never
+    followed or replaced: OSError (ELOOP, ENOTDIR)."""
     try:
-        os.mkdir(TRASH_DIR, 0o700, dir_fd=h.fd)
+        os.mkdir(name, 0o700, dir_fd=h.fd)
     except FileExistsError:
         pass
-    except OSError as e:
-        raise _translate(e, TRASH_DIR) from None
+    fd = h.open_beneath(name)
     try:
-        return h.open_beneath(TRASH_DIR)
-    except OSError as e:
+        st, top = os.fstat(fd), os.fstat(h.fd)
+        # only what the daemon made (or an older daemon made root's) changes hands
+        if st.st_uid == os.geteuid() and (st.st_uid, st.st_gid) != (top.st_uid, top.st_gid):
+            try:
+                os.fchown(fd, top.st_uid, top.st_gid)
+            except PermissionError:
+                pass             # not root: the dir stays ours, as the checkpoint dir is
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_trash(h: DirHandle) -> int:
+    try:
+        return open_own_dir(h, TRASH_DIR)
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise DeleteError(e.errno, f"{TRASH_DIR} is not a real directory of the checkpoint dir "
                                    f"({e.strerror}); nothing deleted") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DeleteError(e.errno, f"{TRASH_DIR} is a symlink, never followed; nothing deleted "
+                                       "(remove it)") from None
+        raise _translate(e, TRASH_DIR) from None
 
 
 def _remove(h: DirHandle, parent_fd: int, name: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import yaml
 
+from .. import contract
 from ..control.client import Unreachable, request
 from .render import format_checkpoints, format_status
 
@@ -65,10 +66,7 @@ class Row:
     last_step: int
     resumed: int
     resume_s: float
-
-    @property
-    def lost(self) -> int:
-        return self.last_step - self.resumed
+    lost: int
 
 
 @dataclass
@@ -77,6 +75,7 @@ class Story:
     kept_bytes: int = 0
     deleted: int = 0
     weights: str = ""
+    goodput: dict | None = None           # status --json's, once the job finished
 
 
 def _die_with_parent() -> None:
@@ -146,7 +145,8 @@ class DemoDaemon:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("NOTIFY_SOCKET", None)        # the demo's daemon is nobody's systemd service
         cmd = [sys.executable, "-m", "trainsup", "daemon", "--jobs", str(self.jobs),
-               "--state", str(self.state), "--socket", str(self.socket), "--log-dir", str(self.logs)]
+               "--state", str(self.state), "--socket", str(self.socket), "--log-dir", str(self.logs),
+               "--config", "none"]     # never the machine's own config (its hooks, its metrics port)
         with open(self.output, "ab") as out:
             # Own session: a Ctrl-C reaches the demo only, which then stops the daemon in order.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -179,7 +179,7 @@ class DemoDaemon:
         return self.call("status", JOB)["jobs"][0]
 
     def history(self) -> list[dict]:
-        return self.call("history", JOB, n=2000)
+        return self.call("history", JOB, all=True)
 
     def event(self, kind: str, **match) -> dict | None:
         for ev in reversed(self.history()):
@@ -341,6 +341,18 @@ class Demo:
         self.say(f"job preempted at step {last}; newest checkpoint step {last} (reason {reason}), "
                  f"{time.monotonic() - t:.2f}s after the notice")
 
+    def recorded(self, attempt: int) -> Row:
+        """The interruption of `attempt` as the daemon recorded it (what `history`, the
+        metrics and the picture show): the exit's last_step, the next launch's resume point
+        and steps_lost. The summary prints these, so it and the picture agree."""
+        exit_ev = wait_for("the exit event", lambda: self.d.event("exit", attempt=attempt))
+        launch = wait_for("the launch event", lambda: self.d.event("launch", attempt=attempt + 1))
+        for what, ev, key in (("exit", exit_ev, "last_step"), ("launch", launch, "steps_lost"),
+                              ("launch", launch, "resume_step")):
+            if not isinstance(ev.get(key), int):
+                raise DemoFailed(f"the {what} event of attempt {ev.get('attempt')} has no {key}: {ev}")
+        return Row("", exit_ev["last_step"], launch["resume_step"], 0.0, launch["steps_lost"])
+
     def restart(self) -> None:
         t = time.monotonic()
         self.d.call("start", JOB)
@@ -352,9 +364,11 @@ class Demo:
         if launch.get("resume_from") != self.preempt_ckpt or resumed != self.preempt_last:
             raise DemoFailed(f"start: resumed from {launch.get('resume_from')} (step {resumed}), expected "
                              f"{self.preempt_ckpt} (step {self.preempt_last})")
-        self.story.rows.append(Row("preempt", self.preempt_last, resumed, took))
+        row = self.recorded(1)
+        row.event, row.resume_s = "preempt", took
+        self.story.rows.append(row)
         self.say(f"start: resumed from step {resumed} ({Path(self.preempt_ckpt).name}), the checkpoint "
-                 f"the preemption saved; {self.preempt_last - resumed} steps lost; training again "
+                 f"the preemption saved; {row.lost} steps lost; training again "
                  f"{took:.1f}s after the request")
 
     def crash(self) -> None:
@@ -371,7 +385,7 @@ class Demo:
         pid, before = j["pid"], j["checkpoint"]["step"]
         try:
             # Never signal a bare number: check it is this job's process.
-            if psutil.Process(pid).environ().get("TRAINSUP_JOB") != JOB:
+            if psutil.Process(pid).environ().get(contract.JOB) != JOB:
                 raise DemoFailed(f"pid {pid} is not the {JOB} job's process")
         except psutil.Error as e:
             raise DemoFailed(f"cannot inspect pid {pid}: {e}") from None
@@ -393,11 +407,18 @@ class Demo:
         if not (before <= resumed <= last and last - resumed <= E):
             raise DemoFailed(f"resumed from step {resumed}; expected the latest valid checkpoint "
                              f"(>= {before}, within {E} steps of the last step {last})")
-        self.story.rows.append(Row("SIGKILL", last, resumed, took))
+        row = self.recorded(a)
+        # The job prints "step N" before its helper records step N: the daemon's last
+        # step is the job's last printed step or the one before it, never more.
+        if not (last - 1 <= row.last_step <= last and row.resumed == resumed):
+            raise DemoFailed(f"the daemon recorded last step {row.last_step} and a resume from {row.resumed}; "
+                             f"the job's log says {last} and {resumed}")
+        row.event, row.resume_s = "SIGKILL", took
+        self.story.rows.append(row)
         delay = f", backoff {backoff['delay']:g}s" if backoff and backoff.get("delay") is not None else ""
         self.say(f"daemon recorded exit '{exit_ev['reason']}' and restarted the job (reason crash{delay}): "
                  f"resumed from step {resumed}, the latest valid checkpoint ({Path(launch['resume_from']).name}); "
-                 f"{last - resumed} steps lost (last step {last}); training again {took:.1f}s after the kill")
+                 f"{row.lost} steps lost (last step {row.last_step}); training again {took:.1f}s after the kill")
 
     def finish(self) -> None:
         def finished() -> bool:
@@ -411,6 +432,7 @@ class Demo:
         if not m:
             raise DemoFailed(f"job {JOB} finished without its 'finished step N weights H' line")
         self.story.weights = m.group(2)
+        self.story.goodput = self.d.job().get("goodput")
         self.say(f"job finished step {m.group(1)} (weights {m.group(2)}); `trainsup status`:")
         self.show_status()
 
@@ -439,11 +461,17 @@ class Demo:
 
     def picture(self) -> None:
         """The run's timeline, as `trainsup plot` draws it (what users want to look at)."""
-        if self.picture_path is None:
+        from .plot import INSTALL_HINT, PlotUnavailable, draw, timeline
+        history = self.d.history()
+        drawn = timeline(history).steps_lost
+        told = sum(r.lost for r in self.story.rows)
+        if drawn != told:
+            raise DemoFailed(f"the picture would show {drawn} steps lost, the summary {told}")
+        if importlib.util.find_spec("matplotlib") is None:
+            self.say(f"no picture of the run: {INSTALL_HINT}")
             return
-        from .plot import PlotUnavailable, draw
         try:
-            out = draw(self.d.history(), self.picture_path, job=JOB, quota=QUOTA)
+            out = draw(history, self.picture_path or default_picture(), job=JOB, quota=QUOTA)
         except PlotUnavailable as e:
             self.say(f"no picture of the run: {e}")
             return
@@ -488,6 +516,8 @@ class Demo:
               f"steps lost per interruption (save interval {E} steps)")
         print(f"  checkpoints: {s.kept_bytes} bytes kept, quota {QUOTA} bytes (respected); "
               f"{s.deleted} deleted by rotation")
+        if s.goodput and s.goodput.get("ratio") is not None:
+            print("  " + goodput_line(s.goodput))
         print(f"  final weights identical to an uninterrupted run: {s.weights}", flush=True)
 
     def run(self) -> None:
@@ -506,6 +536,25 @@ class Demo:
         self.stop_daemon()
         self.reference()
         self.summary()
+
+
+_PART_WORDS = {"recomputed": "recomputed", "resume": "resuming", "restart": "restarting", "backoff": "backoff",
+               "save_emergency": "emergency saves", "save_periodic": "periodic saves", "queue": "waiting to run"}
+
+
+def goodput_line(g: dict) -> str:
+    """One line for the summary: the ratio, then where the rest of the wall time went."""
+    rest = ", ".join(f"{_PART_WORDS.get(p, p)} {s:.1f}s" for p, s in (g.get("lost_s") or {}).items() if s >= 0.05)
+    return (f"goodput {g['ratio'] * 100:.0f}%: {g['productive_s']:.1f}s of {g['wall_s']:.1f}s since the first "
+            f"launch went into training that was kept" + (f"; the rest: {rest}" if rest else ""))
+
+
+def default_picture() -> Path:
+    """Where the picture goes unless --plot says: a new file in the temp dir, never the
+    current dir (`make demo` runs in the checkout and must leave nothing there)."""
+    fd, name = tempfile.mkstemp(prefix="trainsup-demo-", suffix=".png")
+    os.close(fd)
+    return Path(name)
 
 
 def run_demo(quick: bool = False, picture: Path | None = None) -> int:

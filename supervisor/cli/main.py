@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, contract
+from ..contract import iso_utc
 from ..control import verbs
 from ..control.client import Unreachable, connect, replies, request, send
 from ..control.protocol import TABLE_FIELDS, table_rows
-from ..control.server import SocketRefused
+from ..printable import log_to_stderr, printable
+from . import outcomes
+from .outcomes import ACTIVE_STATES, JSON_SCHEMA, Outcome
 from .render import format_checkpoints, format_status
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STATUS_BAD, EXIT_UNREACHABLE = (
+    outcomes.EXIT_OK, outcomes.EXIT_FAIL, outcomes.EXIT_USAGE, outcomes.EXIT_NOT_ACTIVE, outcomes.EXIT_UNKNOWN)
 
 
 class UsageError(Exception):
@@ -33,7 +36,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="trainsup", description="Preemption-tolerant supervisor for long training runs.")
-    p.add_argument("--version", action="version", version=f"trainsup {__version__}")
+    p.add_argument("--version", action="store_true",
+                   help="print this trainsup's version, and the running daemon's when one answers")
     p.add_argument("--socket", help="control socket (default: $TRAINSUP_SOCKET, else the daemon's default)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
     # `trainsup daemon --socket PATH` (SPEC section 2) and `trainsup status --socket PATH`
@@ -48,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run the supervisor daemon in the foreground",
                        description="Run the daemon in the foreground (systemd runs it as a service). "
                        "Flags beat the config file, which beats the defaults.")
-    d.add_argument("--config", type=Path, metavar="FILE",
-                   help="daemon config (default: /etc/trainsup/trainsup.yaml as root, else "
-                        "$XDG_CONFIG_HOME/trainsup/trainsup.yaml, when present)")
+    d.add_argument("--config", metavar="FILE|none",
+                   help="daemon config; `none` reads no file (default: $TRAINSUP_CONFIG, else "
+                        "/etc/trainsup/trainsup.yaml as root or $XDG_CONFIG_HOME/trainsup/trainsup.yaml, "
+                        "when present); the log and `status` name the file in use")
     d.add_argument("--jobs", type=Path, dest="jobs_dir", metavar="DIR", help="the job YAML files' dir")
     d.add_argument("--state", type=Path, dest="state_dir", metavar="DIR",
                    help="state database and lock (one daemon per state dir)")
@@ -84,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("job", help="the job to draw")
     x.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write the picture; .svg writes SVG, anything else PNG")
-    x.add_argument("-n", type=int, default=10000, help="how many of the newest events to use (default 10000)")
+    x.add_argument("-n", type=int, default=0, help="only the newest N events (default: the whole history)")
     x.add_argument("--history", type=Path, metavar="FILE",
-                   help="draw from a saved `trainsup history JOB --json` file instead of asking the daemon")
+                   help="draw from a saved `trainsup history JOB --all --json` file instead of asking the daemon")
     x.add_argument("--quota", type=int, metavar="BYTES",
                    help="the quota line with --history (default: the job's quota from the daemon)")
 
@@ -94,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the pid of each job named (`all`: NAME PID lines), or the "
                        "daemon's pid when no job is given. Exit 1 when a job is not running.")
     x.add_argument("job", nargs="*", metavar="JOB", help="job names, or `all`")
+    x.add_argument("--json", action="store_true", help="print {schema, daemon, jobs: [{job, pid, state}]} as JSON")
 
-    x = sub.add_parser("validate", help="check job YAML files without a daemon",
-                       description="Check job YAML files as the daemon would; exit 1 on any error.")
-    x.add_argument("files", nargs="+", type=Path, metavar="FILE", help="job YAML files")
+    x = sub.add_parser("validate", help="check job YAML files (or the daemon config) without a daemon",
+                       description="Check job YAML files as the daemon would, and with --daemon-config the "
+                       "daemon's own config; exit 1 on any error.")
+    x.add_argument("files", nargs="*", type=Path, metavar="FILE", help="job YAML files")
+    x.add_argument("--daemon-config", nargs="?", const="", default=None, metavar="CONFIG",
+                   help="check a daemon config file; without CONFIG, the one `trainsup daemon` would read "
+                        "($TRAINSUP_CONFIG, else the default place); `systemctl start` runs this first")
     x.add_argument("--json", action="store_true",
                    help="print [{file, ok, errors}] as JSON instead of error lines")
 
@@ -106,21 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch job: checkpoints, a preemption, SIGKILL crashes, resumes, rotation under a "
                        "quota; ends by drawing the run's timeline. Needs torch (trainsup[torch]).")
     x.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
-    x.add_argument("--plot", type=Path, default=Path("trainsup-demo.png"), metavar="FILE",
-                   help="where to draw the run's timeline (default ./trainsup-demo.png; .svg for SVG)")
+    x.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="where to draw the run's timeline (default: a new trainsup-demo-*.png in the temp dir, "
+                   "never the current dir; .svg for SVG)")
     return p
 
 
 def socket_path(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    if os.environ.get("TRAINSUP_SOCKET"):
-        return Path(os.environ["TRAINSUP_SOCKET"])
+    if os.environ.get(contract.SOCKET):
+        return Path(os.environ[contract.SOCKET])
     from ..config.files import discover_config, load_daemon_config
     from ..config.yaml import ConfigError
     is_root = os.geteuid() == 0
     try:
-        # The socket a config file names (the conventional one: the CLI has no --config).
+        # The socket a config file names ($TRAINSUP_CONFIG, else the conventional one).
         return load_daemon_config(discover_config(None, is_root=is_root), {}, is_root=is_root).socket
     except ConfigError:
         return load_daemon_config(None, {}, is_root=is_root).socket
@@ -129,12 +140,12 @@ def socket_path(arg: str | None) -> Path:
 def daemon_uids() -> tuple[int, ...]:
     """The uid of the daemon user named by the default daemon config (`user:`), if any:
     a socket owned by it is trusted like one owned by root or by the caller."""
-    from ..config.files import default_config_path, load_daemon_config
+    from ..config.files import discover_config, load_daemon_config
     from ..config.yaml import ConfigError
     is_root = os.geteuid() == 0
-    path = default_config_path(is_root=is_root)
     try:
-        if not path.is_file():
+        path = discover_config(None, is_root=is_root)
+        if path is None:
             return ()
         spec = load_daemon_config(path, {}, is_root=is_root)
     except (ConfigError, OSError):
@@ -145,6 +156,8 @@ def daemon_uids() -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        return show_version(args)
     if not args.cmd:
         parser.print_help()
         return EXIT_USAGE
@@ -162,34 +175,65 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
+def show_version(args) -> int:
+    """This program's version; then, asked over the socket, the daemon's (after an
+    upgrade and `trainsup reexec` the two agree; before it they may not)."""
+    print(f"trainsup {__version__}")
+    sock = socket_path(getattr(args, "socket", None))
+    try:
+        reply = request(sock, "ping", timeout=5.0, trusted=daemon_uids())
+    except Unreachable:
+        return EXIT_OK
+    res = reply.get("result") or {}
+    if reply.get("ok"):
+        print(f"daemon: trainsup {res.get('version')} (pid {res.get('pid')}) at {sock}")
+    return EXIT_OK
+
+
 # -- commands ----------------------------------------------------------------------------
 
+def _preflight() -> int:
+    """`trainsup reexec` runs the new program this way first: it imported, its config
+    read; the daemon's code imports too. Nothing is started."""
+    from ..daemon import loop  # noqa: F401
+    print(__version__)
+    return EXIT_OK
+
+
 def cmd_daemon(args) -> int:
-    from ..config.files import discover_config, load_daemon_config
+    from ..config.files import choose_config, load_daemon_config
     from ..config.yaml import ConfigError
+    from ..daemon.notices.trigger import TriggerRefused
     from ..daemon.state import LockHeld, StateUnusable
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     overrides = {"jobs_dir": args.jobs_dir, "state_dir": args.state_dir, "log_dir": args.log_dir,
                  "socket": Path(args.socket) if args.socket else None}
     try:
         is_root = os.geteuid() == 0
-        spec = load_daemon_config(discover_config(args.config, is_root=is_root), overrides, is_root=is_root)
+        path, how = choose_config(args.config, is_root=is_root)
+        spec = load_daemon_config(path, overrides, is_root=is_root)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    if os.environ.get("TRAINSUP_PREFLIGHT"):
+        return _preflight()
+    from ..control.server import SocketRefused
     from ..daemon.loop import Daemon
+    from ..daemon.metrics_http import MetricsUnavailable
     try:
-        return Daemon(spec).run()
-    except (LockHeld, SocketRefused, StateUnusable) as e:
+        daemon = Daemon(spec)
+        daemon.config_file = how
+        return daemon.run()
+    except (LockHeld, SocketRefused, StateUnusable, MetricsUnavailable, TriggerRefused) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def cmd_run(args) -> int:
+    if os.environ.get("TRAINSUP_PREFLIGHT"):
+        return _preflight()
     from ..daemon.run import run_job
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     sock = getattr(args, "socket", None)
     return run_job(args.job_file, state_dir=args.state_dir, socket=Path(sock) if sock else None,
                    slurm=args.slurm)
@@ -216,8 +260,12 @@ def _ask(args) -> tuple[bool, Any]:
 
 
 def _fail(msg) -> int:
-    print(f"trainsup: {msg}", file=sys.stderr)
+    print(f"trainsup: {printable(msg)}", file=sys.stderr)
     return EXIT_UNREACHABLE if str(msg).startswith("no such job") else EXIT_FAIL
+
+
+def _print_json(obj: dict) -> None:
+    print(json.dumps({"schema": JSON_SCHEMA, **obj}, indent=1))
 
 
 def use_colour(stream) -> bool:
@@ -231,32 +279,80 @@ def use_colour(stream) -> bool:
         return False
 
 
-def _bad(state: str, over_quota: bool, crashes_in_a_row: int) -> bool:
+def _bad(state: str, over_quota: bool, crashes_in_a_row: int, config_error: bool = False) -> bool:
     """What `status` exits 3 for: a job that needs a person (a crash loop included)."""
     looping = state == "backoff" and crashes_in_a_row >= 2
-    return state in ("failed", "invalid") or over_quota or looping
+    return state in ("failed", "invalid") or over_quota or looping or config_error
 
 
-def _any_bad(res: dict) -> bool:
+def _any_bad(res: dict, names: list[str] | None = None) -> bool:
+    """Exit 3: some job needs a person; with NAMEs, also a named job that is not active
+    (systemctl status UNIT: 3 when the unit is not active)."""
     fields = {f: i for i, f in enumerate(TABLE_FIELDS)}
     st, over, crashes = fields["state"], fields["over_quota"], fields["crashes_in_a_row"]
-    return (any(_bad(r[st], bool(r[over]), int(r[crashes] or 0)) for r in table_rows(res))
-            or any(_bad(j["state"], bool((j.get("checkpoint") or {}).get("over_quota")),
-                        j.get("crashes_in_a_row") or 0) for j in res.get("jobs") or ()))
+    notes = res.get("notes") or {}
+    rows = [(r[0], r[st], bool(r[over]), int(r[crashes] or 0), bool((notes.get(r[0]) or {}).get("config_error")))
+            for r in table_rows(res)]
+    rows += [(j["name"], j["state"], bool((j.get("checkpoint") or {}).get("over_quota")),
+              j.get("crashes_in_a_row") or 0, bool(j.get("config_error"))) for j in res.get("jobs") or ()]
+    if any(_bad(state, over, crashes, cfg) for _, state, over, crashes, cfg in rows):
+        return True
+    return bool(names) and any(state not in ACTIVE_STATES for _, state, *_ in rows)
+
+
+def _only(res: dict, names: list[str]) -> dict:
+    """The status reply cut to the named jobs, in the order named."""
+    out = dict(res)
+    if "rows" in res:
+        by = {r.split("|", 1)[0]: r for r in res.get("rows") or ()}
+        out["rows"] = [by[n] for n in names if n in by]
+        out["notes"] = {n: v for n, v in (res.get("notes") or {}).items() if n in names}
+    if "jobs" in res:
+        by_job = {j["name"]: j for j in res.get("jobs") or ()}
+        out["jobs"] = [by_job[n] for n in names if n in by_job]
+    return out
 
 
 def cmd_status(args) -> int:
+    names = list(dict.fromkeys(args.job or []))
     args.table = not args.json           # the table needs its rows only (SPEC 8: --json is full)
     try:
-        ok, res = _ask(args)
+        verb = verbs.VERBS["status"]
+        _, cargs = verbs.request_of(verb, argparse.Namespace(**{**vars(args), "job": None}))
+        ok, res = _call(args, "status", names[0] if len(names) == 1 else None, cargs, timeout=verb.timeout)
+        if ok and len(names) > 1:
+            known = {j["name"] for j in res.get("jobs") or ()} | {r.split("|", 1)[0] for r in res.get("rows") or ()}
+            for n in names:
+                if n not in known:     # the daemon's "no such job (did you mean ...)"
+                    ok, res = _call(args, "status", n, cargs, timeout=verb.timeout)
+                    if not ok:
+                        break
+            else:
+                res = _only(res, names)
     except Unreachable as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if not ok:
         print(f"trainsup: {res}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(json.dumps(res, indent=1) if args.json else format_status(res, colour=use_colour(sys.stdout)))
-    return EXIT_STATUS_BAD if _any_bad(res) else EXIT_OK
+    if args.json:
+        _print_json({"daemon": res.get("daemon") or {}, "jobs": [stable_job(j) for j in res.get("jobs") or ()]})
+    else:
+        print(format_status(res, colour=use_colour(sys.stdout), overview=not names))
+    return EXIT_STATUS_BAD if _any_bad(res, names) else EXIT_OK
+
+
+# Every job object of `status --json` has these keys, whatever its state (an invalid job's
+# fields that do not apply are null): a script never meets a missing key.
+JOB_KEYS = ("name", "state", "sigstopped", "pid", "uptime_s", "since", "attempt", "restarts", "crashes_in_a_row",
+            "last_exit", "restart_reason", "resumed_from", "checkpoint", "memory", "last_notice", "warnings",
+            "error", "config_error", "source", "user", "containment")
+
+
+def stable_job(j: dict) -> dict:
+    out = {k: j.get(k) for k in JOB_KEYS}
+    out["warnings"] = out["warnings"] or []
+    return {**out, **{k: v for k, v in j.items() if k not in out}}
 
 
 def _job_names(args) -> list[str]:
@@ -276,7 +372,7 @@ def _job_names(args) -> list[str]:
 
 def _for_each_job(args, show) -> int:
     """One request per job, all at once (a stop waits for each job's save); one line per job
-    in the order given; the exit status is the worst of them."""
+    in the order given (or one JSON object); the exit status is the worst of them."""
     from concurrent.futures import ThreadPoolExecutor
     names = _job_names(args)
     verb = verbs.VERBS[args.cmd]
@@ -288,54 +384,80 @@ def _for_each_job(args, show) -> int:
         return _call(args, verb.name, job, cargs, timeout=verb.timeout)
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as pool:
         replies = list(pool.map(one, names))
-    worst = EXIT_OK
-    for name, (ok, res) in zip(names, replies):
-        code = show(args, name, res) if ok else _fail(res)
-        worst = max(worst, code)
-    return worst
+    return _report(args, [show(args, name, res) if ok else _failed(name, res) for name, (ok, res) in zip(names, replies)])
 
 
-def _show_start(args, name: str, res: dict) -> int:
+def _failed(name: str, error: Any) -> Outcome:
+    o = outcomes.failed(name, str(error))
+    if str(error).startswith("no such job"):
+        o.outcome = "no-such-job"
+    return o
+
+
+def _report(args, results: list[Outcome]) -> int:
+    """Print each job's outcome (text lines, or one JSON object) and return the worst code."""
+    if getattr(args, "json", False):
+        _print_json({"verb": args.cmd, "results": [o.as_json() for o in results]})
+    else:
+        for o in results:
+            if o.outcome in ("failed", "no-such-job") and o.line.startswith("trainsup: "):
+                print(printable(o.line), file=sys.stderr)
+            else:
+                print(printable(o.line))
+            if o.warning:
+                print(o.warning, file=sys.stderr)
+    return max((EXIT_UNREACHABLE if o.outcome == "no-such-job" else o.code for o in results), default=EXIT_OK)
+
+
+def _show_start(args, name: str, res: dict) -> Outcome:
     if res.get("already"):
-        print(f"{name}: already {res['state']}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
-        return EXIT_OK
+        return outcomes.start_outcome(name, res)
     # `start` answers once the launch is under way; say where it got to, as systemctl does.
-    deadline = time.monotonic() + 10.0
+    st = _settle(args, name, res)
+    return outcomes.start_outcome(name, st)
+
+
+def _settle(args, name: str, res: dict, wait: float = 10.0) -> dict:
+    """The job's status once it has left pending/starting (or `wait` s have passed)."""
+    deadline = time.monotonic() + wait
     st = res
-    while st.get("state") in ("pending", "starting") and time.monotonic() < deadline:
+    while st.get("state") in ("pending", "starting", "stopping", "saving", None) and time.monotonic() < deadline:
         time.sleep(0.05)
-        ok, full = _call(args, "status", name)
+        try:
+            ok, full = _call(args, "status", name)
+        except (Unreachable, OSError):
+            break
         if not ok:
             break
         st = full["jobs"][0]
-    print(f"{name}: {st['state']}" + (f" (pid {st['pid']})" if st.get("pid") else "")
-          + (f": {st['error']}" if st.get("error") and st["state"] not in ("running",) else ""))
-    return EXIT_OK if st["state"] in ("running", "starting", "finished") else EXIT_FAIL
+    return st
 
 
-def _show_stop(args, name: str, res: dict) -> int:
-    if res.get("already"):
-        print(f"{name}: already {res['state']}")
-    elif "outcome" in res:
-        extra = f" at step {res['step']} in {res.get('save_s')}s" if res.get("step") is not None else ""
-        print(f"{name}: {res['outcome']}{extra}; stopped in {res.get('stop_s')}s")
-        if res.get("lost"):
-            # A stop that asked for a save and could not get one: say what it cost.
-            print(f"{name}: {res['lost']} (see README 'Integrations'; --no-save to stop without asking)",
-                  file=sys.stderr)
-            return EXIT_FAIL
-    else:
-        print(f"{name}: {res.get('state')}" + (f" (pid {res['pid']})" if res.get("pid") else ""))
-    return EXIT_OK
+def _show_stop(args, name: str, res: dict) -> Outcome:
+    # Asked only when the reply does not say (no save was attempted): `trainsup run` exits
+    # with its job, so there may be no daemon left to ask.
+    has_ck = True if "outcome" in res or getattr(args, "no_save", False) else _has_checkpoint(args, name)
+    o = outcomes.stop_outcome(name, res, verb=args.cmd, no_save=bool(getattr(args, "no_save", False)),
+                              has_checkpoint=has_ck)
+    if args.cmd == "restart" and o.outcome == "restarted":
+        st = _settle(args, name, {"state": None})
+        o.state, o.pid = st.get("state"), st.get("pid")
+        o.line = o.line.replace("restarted", "restarted" + (f" (pid {o.pid})" if o.pid else ""), 1)
+    elif o.outcome in ("stopped", "preempted"):
+        o.state = o.outcome
+    return o
 
 
-def _show_checkpoint(args, name: str, res: dict) -> int:
-    if args.wait:
-        what = f"at step {res['step']}" if res.get("step") is not None else Path(res["path"]).name
-        print(f"{name}: checkpoint {what} is valid: {res['path']}")
-    else:
-        print(f"{name}: save signal sent to pid {', '.join(map(str, res['signalled']))}")
-    return EXIT_OK
+def _has_checkpoint(args, name: str) -> bool:
+    try:
+        ok, st = _call(args, "status", name)
+    except (Unreachable, OSError):
+        return False
+    return bool(ok and st["jobs"] and st["jobs"][0].get("checkpoint") is not None)
+
+
+def _show_checkpoint(args, name: str, res: dict) -> Outcome:
+    return outcomes.checkpoint_outcome(name, res, wait=bool(args.wait))
 
 
 def cmd_start(args) -> int:
@@ -349,11 +471,11 @@ def cmd_stop(args) -> int:
         job, cargs = verbs.request_of(verbs.VERBS["preempt"], ns)
         ok, res = _call(args, "preempt", job, cargs, timeout=verbs.VERBS["preempt"].timeout)
         if not ok:
-            return _fail(res)
-        for o in res.get("outcomes", []):
-            _show_stop(args, o.get("job", "?"), o)
-        print(f"preempted {res.get('jobs', 0)} jobs")
-        return EXIT_OK
+            return _report(args, [_failed("all", res)])
+        results = [_show_stop(args, o.get("job", "?"), o) for o in res.get("outcomes", [])]
+        if not results and not args.json:
+            print("preempt: no job was running")
+        return _report(args, results)
     return _for_each_job(args, _show_stop)
 
 
@@ -366,23 +488,36 @@ def cmd_pid(args) -> int:
     if not ok:
         return _fail(res)
     if not args.job:
-        print(res["daemon"]["pid"])
+        if args.json:
+            _print_json({"daemon": res["daemon"]["pid"], "jobs": []})
+        else:
+            print(res["daemon"]["pid"])
         return EXIT_OK
     jobs = {j["name"]: j for j in res["jobs"]}
     everyone = args.job == ["all"]
     worst = EXIT_OK
+    found: list[dict] = []
     for name in (sorted(jobs) if everyone else args.job):
         j = jobs.get(name)
         if j is None:
             ok, err = _call(args, "status", name)     # the daemon's "no such job (did you mean)"
             worst = max(worst, _fail(err if not ok else f"no such job: {name}"))
-        elif everyone:
+            continue
+        found.append({"job": name, "pid": j.get("pid"), "state": j["state"]})
+        if not j.get("pid"):
+            # A job that is down is a failure for `pid`, named or in `all` (systemctl show
+            # MainPID=0 is no answer a script can use).
+            worst = max(worst, EXIT_FAIL)
+            if not everyone and not args.json:
+                print(f"trainsup: {name} is not running (state {j['state']})", file=sys.stderr)
+        if args.json:
+            continue
+        if everyone:
             print(f"{name} {j.get('pid') or '-'}")
         elif j.get("pid"):
             print(j["pid"])
-        else:
-            print(f"trainsup: {name} is not running (state {j['state']})", file=sys.stderr)
-            worst = max(worst, EXIT_FAIL)
+    if args.json:
+        _print_json({"daemon": res["daemon"]["pid"], "jobs": found})
     return worst
 
 
@@ -390,13 +525,31 @@ def cmd_reload(args) -> int:
     ok, res = _ask(args)
     if not ok:
         return _fail(res)
-    for k in ("added", "removed", "changed"):
-        print(f"{k}: {', '.join(res[k]) or 'none'}")
     bad = res.get("invalid_jobs") or []
-    print(f"invalid: {', '.join(bad) or 'none'}")
-    for line in res.get("invalid", []):
-        print(line, file=sys.stderr)
+    if args.json:
+        _print_json({"added": res["added"], "removed": res["removed"], "changed": res["changed"],
+                     "invalid": bad, "errors": res.get("invalid", [])})
+    else:
+        for k in ("added", "removed", "changed"):
+            print(f"{k}: {', '.join(res[k]) or 'none'}")
+        print(f"invalid: {', '.join(bad) or 'none'}")
+        for line in res.get("invalid", []):
+            print(printable(line), file=sys.stderr)
     return EXIT_FAIL if bad or res.get("invalid") else EXIT_OK
+
+
+def cmd_reexec(args) -> int:
+    try:
+        ok, res = _ask(args)
+    except Unreachable as e:
+        # The connection closed with no answer: the new program did not come up.
+        return _fail(f"{e}: the re-executed daemon did not answer (see its log; under systemd it is "
+                     f"restarted and takes the jobs over)")
+    if not ok:
+        return _fail(res)
+    print(f"daemon pid {res['pid']}: trainsup {res['was']} -> {res['version']}, "
+          f"{res['jobs_kept']} running jobs kept ({res['took_s']}s)")
+    return EXIT_OK
 
 
 def cmd_logs(args) -> int:
@@ -407,7 +560,7 @@ def cmd_logs(args) -> int:
         if not ok:
             return _fail(res)
         if args.json:
-            print(json.dumps(res["text"].splitlines(), indent=1))
+            _print_json({"job": args.job, "lines": res["text"].splitlines()})
         else:
             sys.stdout.write(res["text"])
         return EXIT_OK
@@ -431,7 +584,7 @@ def cmd_checkpoints(args) -> int:
     if args.json:
         keys = ("path", "step", "bytes", "valid", "invalid_reason", "kept", "reason",
                 "format", "alias", "alias_of", "members", "resume_path")
-        print(json.dumps([{k: c.get(k) for k in keys} for c in res], indent=1))
+        _print_json({"job": args.job, "checkpoints": [{k: c.get(k) for k in keys} for c in res]})
         return EXIT_OK
     print(format_checkpoints(res))
     return EXIT_OK
@@ -450,32 +603,54 @@ def cmd_history(args) -> int:
     if not ok:
         return _fail(res)
     if args.json:
-        print(json.dumps(res, indent=1))
+        _print_json({"job": args.job, "events": res})
         return EXIT_OK
     for ev in res:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ev.pop("at")))
         kind = ev.pop("kind")
         ev.pop("job", None)
         parts = [f"{ev.pop('from', '?')} -> {ev.pop('to', '?')}"] if kind == "state" else []
-        parts += [f"{k}={v}" for k, v in ev.items() if v is not None]
-        detail = " ".join(parts)
-        print(f"{at}Z  {kind:<14} {detail}".rstrip())
+        # times inside a record (when a notice came) read as times, not epoch floats
+        parts += [f"{k}={iso_utc(v) if k.endswith('_at') and isinstance(v, (int, float)) else v}"
+                  for k, v in ev.items() if v is not None]
+        # file names and a manifest's reason are the job's text: one escaped line each
+        detail = printable(" ".join(parts))
+        print(f"{at}Z  {printable(kind):<14} {detail}".rstrip())
     return EXIT_OK
 
 
 def cmd_validate(args) -> int:
     from ..config.files import validate_files
-    errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True)
+    if not args.files and args.daemon_config is None:
+        raise UsageError("validate: give job files, or --daemon-config [CONFIG]")
+    errors = validate_files(args.files, is_root=os.geteuid() == 0, runnable=True) if args.files else []
+    checked: list[tuple[str, list[str]]] = [(str(f), [e for e in errors if e.startswith(f"{f}:")]) for f in args.files]
+    if args.daemon_config is not None:
+        checked.append(_validate_daemon_config(args.daemon_config or None))
+        errors = errors + checked[-1][1]
     if args.json:
-        per_file = [{"file": str(f), "errors": [e for e in errors if e.startswith(f"{f}:")]} for f in args.files]
-        print(json.dumps([{**p, "ok": not p["errors"]} for p in per_file], indent=1))
+        print(json.dumps({"schema": JSON_SCHEMA, "files": [{"file": f, "ok": not e, "errors": e} for f, e in checked]},
+                         indent=1))
         return EXIT_FAIL if errors else EXIT_OK
     for line in errors:
-        print(line, file=sys.stderr)
+        print(printable(line), file=sys.stderr)
     if errors:
         return EXIT_FAIL
-    print(f"{len(args.files)} file(s) OK")
+    print(f"{len(checked)} file(s) OK" if args.files else f"daemon config OK: {checked[-1][0]}")
     return EXIT_OK
+
+
+def _validate_daemon_config(given: str | None) -> tuple[str, list[str]]:
+    """(what was checked, its error lines): the file as `trainsup daemon` reads it."""
+    from ..config.files import choose_config, load_daemon_config
+    from ..config.yaml import ConfigError
+    is_root = os.geteuid() == 0
+    path, how = choose_config(given, is_root=is_root)
+    try:
+        load_daemon_config(path, {}, is_root=is_root)
+    except ConfigError as e:
+        return (str(path) if path else how), list(e.errors)
+    return how, []
 
 
 def cmd_plot(args) -> int:
@@ -490,7 +665,8 @@ def cmd_plot(args) -> int:
             quota = quota if quota is not None else events.get("quota")
             events = events.get("events", [])
     else:
-        ok, res = _call(args, "history", args.job, {"n": args.n})
+        # The whole history (the picture of a run needs its first launch), not history's 50.
+        ok, res = _call(args, "history", args.job, {"n": args.n} if args.n else {"all": True})
         if not ok:
             return _fail(res)
         events = res
@@ -516,7 +692,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "daemon": cmd_daemon, "status": cmd_status, "start": cmd_start, "stop": cmd_stop,
     "restart": cmd_stop, "preempt": cmd_stop, "checkpoint": cmd_checkpoint, "pid": cmd_pid,
-    "reload": cmd_reload, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
+    "reload": cmd_reload, "reexec": cmd_reexec, "logs": cmd_logs, "checkpoints": cmd_checkpoints, "pin": cmd_pin,
     "unpin": cmd_pin, "history": cmd_history, "validate": cmd_validate, "demo": cmd_demo, "plot": cmd_plot,
     "run": cmd_run, "slurm": cmd_slurm,
 }

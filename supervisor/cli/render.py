@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from ..contract import iso_utc
 from ..control.protocol import table_rows
+from ..printable import printable
 
 
 def human_bytes(n: float | None) -> str:
@@ -50,6 +51,9 @@ def table(rows: Sequence[Sequence[str]], colour_column: int | None = None) -> li
     """Left-aligned columns two spaces apart; the first row is the header. With
     `colour_column`, that column's cells are coloured by their text (after padding, so
     the escape codes never break the alignment)."""
+    # Every cell may quote a job's text (a file name with terminal escapes rewrote
+    # root's terminal): escaped here, before widths are measured.
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, r in enumerate(rows):
@@ -72,9 +76,17 @@ def _num(x: Val) -> float | None:
     return float(x) or None
 
 
+def _goodput(pct: Val) -> str:
+    """GOODPUT: productive training over wall time since the first launch ("-": never ran)."""
+    if pct is None or pct == "":
+        return "-"
+    return f"{float(pct):.0f}%"
+
+
 def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val, has_ck: bool,
            step: Val, latest: str | None, age: float | None, invalid: Val, nbytes: Val,
-           quota: Val, over: bool, rss: Val, limit: Val) -> tuple[str, ...]:
+           quota: Val, over: bool, rss: Val, limit: Val, adopted: bool = False,
+           goodput: Val = None) -> tuple[str, ...]:
     if step is not None and step != "":
         ckpt = f"step {step}, {human_age(age)} ago"
     elif latest:
@@ -92,13 +104,23 @@ def _cells(name: str, state: str, pid: Val, uptime: float | None, restarts: Val,
         memtxt += f"/{human_bytes(limit_n)}"
     if over:
         state += " over-quota"
-    return (name, state, str(pid or "-"), human_age(uptime), str(restarts or 0), ckpt, disk, memtxt)
+    pidtxt = str(pid or "-") + (ADOPTED_MARK if adopted and pid else "")
+    return (name, state, pidtxt, human_age(uptime), str(restarts or 0), _goodput(goodput), ckpt, disk,
+            memtxt)
+
+
+ADOPTED_MARK = "*"       # PID column: the process was re-adopted, not launched, by this daemon
 
 
 def _notes(name: str, j: dict) -> list[str]:
     notes = []
     if j.get("error"):
-        notes.append(f"  {name}: {j['error']}")
+        more = j.get("more_errors") or 0
+        notes.append(f"  {name}: {j['error']}" + (f" (and {more} more: trainsup validate {j['source']})"
+                                                   if more and j.get("source") else ""))
+    if j.get("config_error"):
+        # The job's file broke on a reload: it runs as it was loaded until the file is fixed.
+        notes.append(f"  {name}: job file broken, running as last loaded: {j['config_error']}")
     for w in j.get("warnings") or []:
         notes.append(f"  {name}: warning: {w}")
     ln = j.get("last_notice")
@@ -108,17 +130,18 @@ def _notes(name: str, j: dict) -> list[str]:
     return notes
 
 
-def format_status(result: dict, colour: bool = False) -> str:
-    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY")]
+def format_status(result: dict, colour: bool = False, overview: bool = True) -> str:
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "GOODPUT", "CHECKPOINT",
+                                    "DISK/QUOTA", "MEMORY")]
     notes: list[str] = []
     now = time.time()
     if "rows" in result:          # the table view
         by_job = result.get("notes") or {}
         for (name, state, pid, started, restarts, has_ck, nbytes, rss, _crashes, step, latest, mtime,
-             invalid, quota, over, limit) in table_rows(result):
+             invalid, quota, over, limit, adopted, goodput) in table_rows(result):
             rows.append(_cells(name, state, pid, _since(now, float(started)) if started else None, restarts,
                                bool(has_ck), step, latest, _since(now, float(mtime)) if mtime else None, invalid,
-                               nbytes, quota, bool(over), rss, limit))
+                               nbytes, quota, bool(over), rss, limit, bool(adopted), goodput))
             notes += _notes(name, by_job.get(name) or {})
     for j in result.get("jobs") or ():     # the full shape (--json's), ages included
         ck = j.get("checkpoint") or {}
@@ -126,7 +149,8 @@ def format_status(result: dict, colour: bool = False) -> str:
         rows.append(_cells(j["name"], j["state"], j.get("pid"), j.get("uptime_s"), j.get("restarts"),
                            bool(ck), ck.get("step"), ck.get("latest"), ck.get("age_s"), ck.get("invalid"),
                            ck.get("bytes"), ck.get("quota"), bool(ck.get("over_quota")), mem.get("rss"),
-                           mem.get("limit")))
+                           mem.get("limit"), bool(j.get("adopted")),
+                           _ratio_percent(j.get("goodput"))))
         notes += _notes(j["name"], j)
     daemon = result.get("daemon") or {}
     head = [f"notice in force: {n['source']} {n['kind']}"
@@ -135,7 +159,17 @@ def format_status(result: dict, colour: bool = False) -> str:
     head += [f"{s['source']}: {s['error']} since {s['since_iso']}" for s in daemon.get("sources") or []
              if not s.get("ok")]
     head += [f"warning: {w}" for w in daemon.get("warnings") or []]
-    return "\n".join(head + table(rows, 1 if colour else None) + notes)
+    if any(r[2].endswith(ADOPTED_MARK) for r in rows[1:]):
+        notes.append(f"{ADOPTED_MARK} taken over from an earlier daemon (a crash or `trainsup reexec`), not relaunched")
+    # Which daemon config is in force: a daemon that silently read another file is how
+    # tests once fired production hooks.
+    tail = [f"  daemon config: {daemon['config']}"] if overview and daemon.get("config") else []
+    return "\n".join([printable(h) for h in head] + table(rows, 1 if colour else None)
+                     + [printable(n) for n in notes] + tail)
+
+
+def _ratio_percent(g: dict | None) -> float | None:
+    return g["ratio"] * 100 if g and g.get("ratio") is not None else None
 
 
 def _since(now: float, t: float | None) -> float | None:

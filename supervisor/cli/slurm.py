@@ -25,36 +25,66 @@ def sbatch_time(seconds: float) -> str:
     return str(max(1, math.ceil(seconds / 60)))
 
 
+class BatchScriptError(ValueError):
+    """A value cannot be written into the batch script safely: one line, exit 2."""
+
+
+def _one_line(what: str, value: object) -> str:
+    """`value` as text, refused when it holds a line break or another control character:
+    a newline in a workdir ended the `#SBATCH` line and put a shell command of the user's
+    choosing into the batch script."""
+    text = str(value)
+    bad = next((c for c in text if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise BatchScriptError(f"{what} {text!r} holds a control character ({bad!r}); it cannot "
+                               "go into a Slurm batch script")
+    return text
+
+
+def sbatch_value(what: str, value: object) -> str:
+    """One `#SBATCH` option value, double-quoted the way sbatch reads these lines: quotes
+    group words (a space in a path split `--chdir`), a backslash escapes the next
+    character, an unquoted `#` starts a comment."""
+    text = _one_line(what, value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def batch_script(job: JobSpec, state_dir: Path, python: str = sys.executable) -> str:
+    """The batch script; raises BatchScriptError for a value it cannot hold safely."""
     spec = job.slurm or SlurmSpec()
     warn = int(math.ceil(job.emergency_save.grace + spec.signal_margin))
+    # `%` is sbatch's filename pattern character: the state dir's own are literal.
+    output = str(state_dir).replace("%", "%%") + "/slurm-%j.out"
     lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={job.name}",
+             f"#SBATCH --job-name={sbatch_value('job name', job.name)}",
              f"#SBATCH --nodes={spec.nodes}",
              f"#SBATCH --ntasks-per-node={spec.ntasks_per_node}",
              "#SBATCH --requeue",
              f"#SBATCH --signal=B:USR1@{warn}",
              "#SBATCH --open-mode=append",
-             f"#SBATCH --output={state_dir}/slurm-%j.out",
-             f"#SBATCH --chdir={job.workdir}"]
+             f"#SBATCH --output={sbatch_value('state dir', output)}",
+             f"#SBATCH --chdir={sbatch_value('workdir', job.workdir)}"]
     if spec.time is not None:
         lines.append(f"#SBATCH --time={sbatch_time(spec.time)}")
     if spec.partition:
-        lines.append(f"#SBATCH --partition={spec.partition}")
-    lines += [f"#SBATCH {a}" for a in spec.sbatch_args]
+        lines.append(f"#SBATCH --partition={sbatch_value('slurm.partition', spec.partition)}")
+    # Each is an #SBATCH line of the user's own words ("--gres=gpu:8"): as written, on one line.
+    lines += [f"#SBATCH {_one_line('slurm.sbatch_args entry', a)}" for a in spec.sbatch_args]
     lines += ["# Ignored until trainsup's first line catches them (Slurm may send the time-limit",
               "# USR1 up to 60 s early: even now); exec: no shell is left to die of a signal.",
               "trap '' USR1 TERM",
-              f"exec {shlex.quote(python)} -m trainsup run --slurm on --state {shlex.quote(str(state_dir))} "
-              f"{shlex.quote(str(job.source))}", ""]
+              f"exec {shlex.quote(_one_line('python', python))} -m trainsup run --slurm on --state "
+              f"{shlex.quote(_one_line('state dir', state_dir))} {shlex.quote(_one_line('job file', job.source))}",
+              ""]
     return "\n".join(lines)
 
 
 def submit(job: JobSpec, state_dir: Path, extra: Sequence[str] = ()) -> str:
     """Write the batch script into the state dir, sbatch it; returns the job id."""
+    text = batch_script(job, state_dir)      # refused before anything is written
     state_dir.mkdir(parents=True, exist_ok=True)
     script = state_dir / "slurm-batch.sh"
-    script.write_text(batch_script(job, state_dir))
+    script.write_text(text)
     script.chmod(0o755)
     out = run_slurm_command(["sbatch", "--parsable", *extra, str(script)]).strip()
     job_id = out.split(";")[0]
@@ -93,7 +123,7 @@ def last_events(state_dir: Path, job: str) -> dict:
                 row = conn.execute("SELECT at, data FROM events WHERE job=? AND kind=? ORDER BY id DESC LIMIT 1",
                                    (job, kind)).fetchone()
                 if row:
-                    out[kind] = {"at": row[0], **json.loads(row[1])}
+                    out[kind] = {**json.loads(row[1]), "at": row[0]}
         finally:
             conn.close()
     except (sqlite3.Error, ValueError) as e:
@@ -136,7 +166,7 @@ def format_status(st: dict) -> str:
         lines.append(f"  newest valid checkpoint: {ck.get('error') or 'none'}")
     notice = ev.get("notice")
     if notice:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(notice["at"]))
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(notice.get("noticed_at") or notice["at"]))
         lines.append(f"  last notice: {notice.get('source')} at {at}Z"
                      + (f" -> {notice['outcome']}" if notice.get("outcome") else ""))
     return "\n".join(lines)
@@ -181,6 +211,9 @@ def main(args) -> int:
             print(f"{job.name}: submitted Slurm job {job_id} (output {state_dir}/slurm-{job_id}.out)")
             return 0
         st = status(job, state_dir)
+    except BatchScriptError as e:
+        print(f"trainsup: {e}", file=sys.stderr)
+        return 2
     except (SlurmError, OSError) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return 1

@@ -16,23 +16,97 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.claims import cross_job_conflicts
+from ..printable import printable
 from ..spec import DaemonSpec, InvalidJob, JobSpec
+from ..trust import daemon_groups, daemon_owners, unsafe_dir, unsafe_file, user_label
 from .schema import _PATH_KEYS, DAEMON, JOB, Section
 from .values import Context, _home, job_name
-from .yaml import UNIX_SOCKET_PATH_MAX, ConfigError, Invalid, Node, Unsettled, _Reported, read_text, read_yaml
+from .yaml import (
+    UNIX_SOCKET_PATH_MAX,
+    ConfigError,
+    Invalid,
+    Node,
+    Unsettled,
+    _Reported,
+    read_text,
+    read_text_and_stat,
+    read_yaml,
+)
 
 # ------------------------------------------------------------------------- job files
 
-def _read_job(path: Path, is_root: bool, *, settle: bool = False,
-              runnable: bool = False) -> tuple[JobSpec | InvalidJob, int]:
+
+@dataclasses.dataclass(frozen=True)
+class JobsDirTrust:
+    """Who could have written the daemon's jobs dir (trust.py), found once per scan: a job
+    file whose owner is not root or the daemon's user, or that sits in a dir others can
+    write, runs only as its owner (a team's group-writable drop box: a member's file
+    without `user:` ran as root)."""
+    path: Path
+    dir_problem: str | None
+    owners: frozenset[int]
+    gids: frozenset[int]
+
+    @classmethod
+    def of(cls, jobs_dir: Path) -> JobsDirTrust:
+        owners, gids = daemon_owners(), daemon_groups()
+        try:
+            problem = unsafe_dir(os.stat(jobs_dir), owners, gids)
+        except OSError as e:
+            problem = f"cannot be inspected ({e.strerror})"
+        return cls(jobs_dir, problem, frozenset(owners), frozenset(gids))
+
+    def refuses(self, st: os.stat_result, spec: JobSpec) -> str | None:
+        """Why this job file may not run as the job says, or None. A file owned by the
+        user the job runs as (its `user:`) runs, wherever it is: its owner could run that
+        command anyway. Any other file must be root's or the daemon's user's, writable by
+        no one else, in a dir no one else can write."""
+        runs_as = spec.uid if spec.uid is not None else os.geteuid()
+        owner = st.st_uid
+        if owner == runs_as and runs_as not in self.owners:
+            why = unsafe_file(st, {runs_as}, set(self.gids))
+            return None if why is None else (f"the job file {_is(why)}: others than its owner could "
+                                             "change what it runs; chmod go-w it")
+        why = unsafe_file(st, set(self.owners), set(self.gids))
+        if why is None and self.dir_problem is None:
+            return None
+        if owner not in self.owners:
+            if spec.user is None:
+                return (f"the job file is owned by {user_label(owner)}, not root or the daemon's user, "
+                        f"and has no `user:`, so it would run as {user_label(runs_as)}; add "
+                        f"`user: {_name_of(owner)}` (a job file may run as its owner) or have root own it")
+            return (f"the job file is owned by {user_label(owner)} but says `user: {spec.user}`; a job "
+                    "file not owned by root or the daemon's user runs only as its owner")
+        if why is not None:
+            return f"the job file {_is(why)}: anyone could change what it runs; chmod go-w it"
+        return (f"the jobs dir {printable(self.path)} {_is(self.dir_problem or '')}, so others could have "
+                f"put this file there; a job file in such a dir must be owned by the user it runs as "
+                f"(`user:`), not by {user_label(owner)}")
+
+
+def _is(why: str) -> str:
+    return why.removeprefix("it ")
+
+
+def _name_of(uid: int) -> str:
+    label = user_label(uid)
+    return label[label.index("(") + 1:-1] if "(" in label else str(uid)
+
+
+def _read_job(path: Path, is_root: bool, *, settle: bool = False, runnable: bool = False,
+              trust: JobsDirTrust | None = None) -> tuple[JobSpec | InvalidJob, int]:
     """The job, or InvalidJob; plus the line of `name:` (0 if none) for duplicate errors.
     `settle`: raise Unsettled for a file still being written. `runnable`: also check that
-    the workdir exists and the command resolves (`trainsup validate`)."""
+    the workdir exists and the command resolves (`trainsup validate`). `trust`: the jobs
+    dir's (the daemon's scans): a file others could have written is invalid."""
     path = Path(path)
     base = Path(os.path.abspath(path)).parent
-    ctx = Context(str(path), base, is_root)
-    name, name_line = path.stem, 0
-    text_ = read_text(path, ctx.report, settle=settle)
+    # The file's name is the first job-controlled text here: what is not UTF-8 or is a
+    # control character is replaced now, so no status row, log line or metrics label
+    # downstream ever holds it (a non-UTF-8 name made every metrics scrape fail).
+    ctx = Context(printable(path), base, is_root)
+    name, name_line = printable(path.stem), 0
+    text_, st = read_text_and_stat(path, ctx.report, settle=settle)
     root = read_yaml(text_, ctx.report) if text_ is not None else None
     if root is not None:
         entry = root.value.get("name")
@@ -53,6 +127,9 @@ def _read_job(path: Path, is_root: bool, *, settle: bool = False,
             spec = JobSpec(source=Path(os.path.abspath(path)), **values)
             if runnable:
                 _check_runnable(spec, root, ctx)
+            refused = trust.refuses(st, spec) if trust is not None and st is not None else None
+            if refused:
+                ctx.report(1, "(file)", refused)
             if not ctx.errors:
                 return spec, name_line
     return InvalidJob(name=name, source=Path(os.path.abspath(path)),
@@ -111,8 +188,8 @@ def _mark_duplicates(loaded: list[tuple[Path, JobSpec | InvalidJob, int]]) -> li
     for path, job, line in loaded:
         if line and job.name in first:
             other, other_line = first[job.name]
-            error = (f"{path}:{line}: name: job name {job.name!r} is already used by "
-                     f"{other}:{other_line}")
+            error = (f"{printable(path)}:{line}: name: job name {job.name!r} is already used by "
+                     f"{printable(other)}:{other_line}")
             previous = job.errors if isinstance(job, InvalidJob) else ()
             job = InvalidJob(name=job.name, source=job.source,
                              errors=tuple(sorted((*previous, error), key=_line_of)))
@@ -166,12 +243,13 @@ def scan_jobs_dir(jobs_dir: Path | str, *, is_root: bool, settle: bool = True,
     except FileNotFoundError:
         return JobsDirScan([], [], [])
     except OSError as exc:
-        error = f"{jobs_dir}:1: (file): cannot list the jobs dir: {exc.strerror}"
-        return JobsDirScan([], [InvalidJob(name=jobs_dir.name, source=jobs_dir, errors=(error,))], [])
+        error = f"{printable(jobs_dir)}:1: (file): cannot list the jobs dir: {exc.strerror}"
+        return JobsDirScan([], [InvalidJob(name=printable(jobs_dir.name), source=jobs_dir, errors=(error,))], [])
     loaded, unsettled = [], []
+    trust = JobsDirTrust.of(jobs_dir)
     for p in files:
         try:
-            loaded.append((p, *_read_job(p, is_root, settle=settle)))
+            loaded.append((p, *_read_job(p, is_root, settle=settle, trust=trust)))
         except Unsettled:
             unsettled.append(p)
     jobs = _refuse_checkpoint_claims(_mark_duplicates(loaded), jobs_dir, state_dir)
@@ -220,18 +298,39 @@ def default_config_path(*, is_root: bool, env: Mapping[str, str] = os.environ) -
     return _xdg(env, "XDG_CONFIG_HOME", _home(env) / ".config") / "trainsup" / "trainsup.yaml"
 
 
-def discover_config(explicit: Path | str | None, *, is_root: bool,
-                    env: Mapping[str, str] = os.environ) -> Path | None:
-    """The daemon config to read: --config when given (it must exist), else the
-    conventional file (/etc/trainsup/trainsup.yaml for root, else
-    $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists, else none."""
-    if explicit is not None:
-        return Path(explicit)
+# `--config none` / TRAINSUP_CONFIG=none: read no config file at all (a test daemon on a
+# machine whose /etc/trainsup/trainsup.yaml has production hooks and a metrics port).
+NO_CONFIG = "none"
+
+
+def choose_config(explicit: Path | str | None, *, is_root: bool,
+                  env: Mapping[str, str] = os.environ) -> tuple[Path | None, str]:
+    """(the daemon config to read, or None; how it was chosen, for the log and `status`).
+
+    --config FILE beats TRAINSUP_CONFIG, which beats the conventional file
+    ($CONFIGURATION_DIRECTORY/trainsup.yaml under systemd, /etc/trainsup/trainsup.yaml as
+    root, else $XDG_CONFIG_HOME/trainsup/trainsup.yaml) when it exists. `none` in either
+    of the first two means no file. An explicit file must exist (load_daemon_config says so)."""
+    for value, how in ((explicit, "--config"), (env.get("TRAINSUP_CONFIG") or None, "TRAINSUP_CONFIG")):
+        if value is None:
+            continue
+        if str(value) == NO_CONFIG:
+            return None, f"no config file ({how} none)"
+        return Path(value), f"{os.path.abspath(value)} ({how})"
     candidates = [default_config_path(is_root=is_root, env=env)]
     systemd = _systemd_dir(env, "CONFIGURATION_DIRECTORY")
     if systemd is not None:              # a unit's ConfigurationDirectory=trainsup
         candidates.insert(0, systemd / "trainsup.yaml")
-    return next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        return found, f"{found} (found at its default place)"
+    return None, f"no config file (none at {candidates[0]})"
+
+
+def discover_config(explicit: Path | str | None, *, is_root: bool,
+                    env: Mapping[str, str] = os.environ) -> Path | None:
+    """The daemon config to read (choose_config without the why)."""
+    return choose_config(explicit, is_root=is_root, env=env)[0]
 
 
 def _systemd_dir(env: Mapping[str, str], name: str) -> Path | None:

@@ -35,6 +35,7 @@ from .values import (
     cron,
     daemon_user,
     duration,
+    each_item,
     env_map,
     existing_group,
     expand_home,
@@ -54,7 +55,7 @@ from .values import (
     url,
     user_name,
 )
-from .yaml import Invalid, Node, _Reported, describe, join_key
+from .yaml import UNIX_SOCKET_PATH_MAX, Invalid, Node, _Reported, describe, join_key
 
 # ------------------------------------------------------------------------- sections
 
@@ -171,9 +172,15 @@ MIRROR = Section(MirrorSpec, {
     "parallel": integer(1, 64),
 }, required=("url",), check=_check_mirror)
 
+def _format_names() -> tuple[str, ...]:
+    """checkpoint.format's values: the format table's names (imported with the first job)."""
+    from ..checkpoint import formats
+    return formats.CHOICES
+
+
 CHECKPOINT = Section(CheckpointSpec, {
     "dir": _CheckpointDir(),
-    "format": choice("auto", "trainsup", "torch", "hf", "paddle", "tf", "keras", "lightning", "safetensors"),
+    "format": choice(among=_format_names),
     "keep_last": integer(1),
     "keep_best": integer(0),
     "metric": string,
@@ -242,18 +249,7 @@ def hook_list(node: Node, key: str, ctx: Context) -> tuple[HookSpec, ...]:
     if node.kind != "seq":
         raise Invalid(f"must be a list of hooks ({{command: [...], on: [...], timeout: 10s}}), "
                       f"got {describe(node)}")
-    hooks, bad = [], False
-    for index, item in enumerate(node.value):
-        try:
-            hooks.append(HOOK(item, f"{key}[{index}]", ctx))
-        except Invalid as exc:
-            ctx.report(item.line, f"{key}[{index}]", str(exc))
-            bad = True
-        except _Reported:
-            bad = True
-    if bad:
-        raise _Reported
-    return tuple(hooks)
+    return tuple(each_item(node, key, ctx, HOOK))
 
 
 SLURM = Section(SlurmSpec, {
@@ -295,8 +291,16 @@ PREEMPTION = Section(PreemptionSpec, {
 
 def listen_address(node: Node, key: str, ctx: Context) -> str:
     """"HOST:PORT", "[V6]:PORT", or a bare port (then loopback): metrics are for a local
-    scraper unless the admin names another address."""
+    scraper unless the admin names another address. "unix:/ABS/PATH": a Unix socket that
+    only the daemon's socket group may read."""
     raw = text(node, key, ctx).strip()
+    if raw.startswith("unix:"):
+        where = raw[len("unix:"):]
+        if not os.path.isabs(where):
+            raise Invalid(f"a Unix socket needs an absolute path (unix:/run/trainsup/metrics.sock), got {raw!r}")
+        if len(os.fsencode(where)) > UNIX_SOCKET_PATH_MAX:
+            raise Invalid(f"socket path {where} is longer than {UNIX_SOCKET_PATH_MAX} bytes")
+        return "unix:" + os.path.normpath(where)
     host, sep, port = raw.rpartition(":")
     if not sep:
         host, port = "", raw
@@ -306,7 +310,7 @@ def listen_address(node: Node, key: str, ctx: Context) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
-METRICS = Section(MetricsSpec, {"listen": listen_address})
+METRICS = Section(MetricsSpec, {"listen": listen_address, "required": boolean})
 
 DAEMON = Section(DaemonSpec, {
     "jobs_dir": path,

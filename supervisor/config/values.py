@@ -13,7 +13,7 @@ import signal
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .yaml import (
@@ -218,10 +218,13 @@ def boolean(node: Node, key: str, ctx: Context) -> bool:
     return node.value
 
 
-def choice(*options: str) -> Callable:
+def choice(*options: str, among: Callable[[], tuple[str, ...]] | None = None) -> Callable:
+    """One of `options`, or of what `among()` names (looked up at the first value: a table
+    the CLI need not import to read the daemon config)."""
     def parse(node: Node, key: str, ctx: Context) -> str:
-        if node.kind != "scalar" or node.value not in options:
-            raise Invalid(f"must be one of {', '.join(options)}, got {describe(node)}")
+        allowed = options or (among() if among is not None else ())
+        if node.kind != "scalar" or node.value not in allowed:
+            raise Invalid(f"must be one of {', '.join(allowed)}, got {describe(node)}")
         return node.value
     return parse
 
@@ -246,19 +249,31 @@ def text(node: Node, key: str, ctx: Context) -> str:
     return word
 
 
-def text_list(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
-    if node.kind != "seq":
-        raise Invalid(f"must be a list of strings, got {describe(node)}")
-    words, bad = [], False
+T = TypeVar("T")
+
+
+def each_item(node: Node, key: str, ctx: Context, parse: Callable[[Node, str, Context], T]) -> list[T]:
+    """`parse` applied to every item of a list node; each bad item is reported at its own
+    line (all of them, not the first), then _Reported."""
+    out: list[T] = []
+    bad = False
     for index, item in enumerate(node.value):
         try:
-            words.append(text(item, f"{key}[{index}]", ctx))
+            out.append(parse(item, f"{key}[{index}]", ctx))
         except Invalid as exc:
             ctx.report(item.line, f"{key}[{index}]", str(exc))
             bad = True
+        except _Reported:
+            bad = True
     if bad:
         raise _Reported
-    return tuple(words)
+    return out
+
+
+def text_list(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
+    if node.kind != "seq":
+        raise Invalid(f"must be a list of strings, got {describe(node)}")
+    return tuple(each_item(node, key, ctx, text))
 
 
 def command(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
@@ -320,16 +335,7 @@ def env_map(node: Node, key: str, ctx: Context) -> tuple[tuple[str, str], ...]:
 def name_list(node: Node, key: str, ctx: Context) -> tuple[str, ...]:
     if node.kind != "seq":
         raise Invalid(f"must be a list of variable names, got {describe(node)}")
-    names, bad = [], False
-    for index, item in enumerate(node.value):
-        try:
-            names.append(env_name(item, f"{key}[{index}]", ctx))
-        except Invalid as exc:
-            ctx.report(item.line, f"{key}[{index}]", str(exc))
-            bad = True
-    if bad:
-        raise _Reported
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(each_item(node, key, ctx, env_name)))
 
 
 def expand_home(raw: str, ctx: Context) -> str:
@@ -367,7 +373,7 @@ _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")   # crontab order
 
 def _crontab_weekdays(field: str) -> str:
     """A crontab day-of-week field as APScheduler 3 day names. APScheduler 3 numbers
-    weekdays from 0 = Monday (its issue 286), so "0 2 * * 1" would fire on Tuesdays."""
+    weekdays from 0 = Monday (unlike crontab(5)), so "0 2 * * 1" would fire on Tuesdays."""
     if field == "*":
         return field
     days: set[int] = set()
@@ -398,7 +404,7 @@ def _crontab_weekdays(field: str) -> str:
     return ",".join(_CRON_DAYS[d] for d in sorted(days))
 
 
-def crontab_trigger(expression: str, timezone: Any = "UTC"):
+def crontab_trigger(expression: str, timezone: Any = "UTC") -> Any:
     """A CronTrigger that reads `expression` the way crontab(5) does (0 or 7 = Sunday)."""
     from apscheduler.triggers.cron import CronTrigger  # deferred: heavy import
     fields = expression.split()

@@ -222,16 +222,24 @@ def read_text(path: Path, report: Callable[[int, str, str], None], *,
     With `settle`, raises Unsettled for a file that may still be being written (its
     size or mtime changed around the read, or it was modified < SETTLE_SECONDS ago): a
     half-written file with a valid prefix once restarted a job from scratch."""
+    return read_text_and_stat(path, report, settle=settle)[0]
+
+
+def read_text_and_stat(path: Path, report: Callable[[int, str, str], None], *,
+                       settle: bool = False) -> tuple[str | None, os.stat_result | None]:
+    """read_text, plus the fstat of the very file that was read (its owner and mode say
+    who could have written it: trust.py), or None when it could not be opened."""
+    before: os.stat_result | None = None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         report(1, "(file)", f"cannot open: {exc.strerror}")
-        return None
+        return None, None
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             report(1, "(file)", "not a regular file")
-            return None
+            return None, before
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
         if settle:
@@ -242,20 +250,20 @@ def read_text(path: Path, report: Callable[[int, str, str], None], *,
                 raise Unsettled(str(path))
     except OSError as exc:
         report(1, "(file)", f"cannot read: {exc.strerror}")
-        return None
+        return None, before
     finally:
         os.close(fd)
     if len(data) > MAX_FILE_BYTES:
         report(1, "(file)", f"file is larger than {MAX_FILE_BYTES} bytes (1 MiB)")
-        return None
+        return None, before
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data[bom:].decode("utf-8")
+        return data[bom:].decode("utf-8"), before
     except UnicodeDecodeError as exc:
         offset = bom + exc.start
         report(data.count(b"\n", 0, offset) + 1, "(file)",
                f"not valid UTF-8 (byte 0x{data[offset]:02x} at offset {offset})")
-        return None
+        return None, before
 
 
 def describe(node: Node) -> str:

@@ -10,8 +10,9 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .protocol import unsafe_dir
 
@@ -104,7 +105,7 @@ def send(s: socket.socket, cmd: str, job: str | None, args: dict | None) -> None
     s.sendall(json.dumps(req).encode() + b"\n")
 
 
-def replies(s: socket.socket):
+def replies(s: socket.socket) -> Iterator[Any]:
     buf = b""
     while True:
         while b"\n" not in buf:

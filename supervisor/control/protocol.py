@@ -1,13 +1,12 @@
 """The control socket's wire format, shared by both ends: one JSON object per line each way,
 request `{"cmd", "job", "args"}`, reply `{"ok": true, "result": ...}` or `{"ok": false,
 "error": "one-line reason"}`; the size limit of a request line; the `status` table view's
-row fields; and the check both ends make of the socket's directory. Imports nothing of
+row fields; and the check both ends make of the socket's directory (trust.py). Imports nothing of
 the daemon: the client (and so `trainsup status`) loads this and client.py only."""
 
 from __future__ import annotations
 
-import os
-import stat
+from ..trust import unsafe_dir  # noqa: F401  (both ends of the socket check its dir with it)
 
 MAX_REQUEST = 64 * 1024
 
@@ -17,20 +16,6 @@ class Encoded(bytes):
     job keeps encoded rather than encoding 200 dicts per request."""
 
 
-def unsafe_dir(st: os.stat_result, owners: set[int], gids: set[int]) -> str | None:
-    """Why a directory holding the socket lets someone else replace it, or None."""
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    if st.st_uid not in owners:
-        return f"it is owned by uid {st.st_uid}"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH:
-        return f"it is writable by others (mode {mode:04o})"
-    if mode & stat.S_IWGRP and st.st_gid not in gids:
-        return f"it is writable by group {st.st_gid} (mode {mode:04o})"
-    return None
-
-
 # The table view (`status` without --json) sends each job as one string, its fields in
 # TABLE_FIELDS order joined by "|": 200 such strings decode and split in a quarter of the
 # time 200 nested objects take (a tab would be escaped in JSON, and escapes are the slow
@@ -38,7 +23,8 @@ def unsafe_dir(st: os.stat_result, owners: set[int], gids: set[int]) -> str | No
 # space. Free text (error, warnings, the last notice) travels apart, in "notes", keyed by
 # job, for the jobs that have any. Times are wall timestamps: the reader computes ages.
 TABLE_FIELDS = ("name", "state", "pid", "started", "restarts", "has_checkpoint", "bytes", "rss",
-                "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit")
+                "crashes_in_a_row", "step", "latest", "mtime", "invalid", "quota", "over_quota", "mem_limit",
+                "adopted", "goodput")
 TABLE_SEP = "|"
 _ZERO_IS_EMPTY = frozenset({"restarts", "crashes_in_a_row", "invalid"})
 _DISPLAY = str.maketrans({"|": "¦", "\t": " ", "\n": " ", "\r": " "})

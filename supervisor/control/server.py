@@ -1,6 +1,6 @@
 """The control socket: newline-delimited JSON over a Unix socket, one request per line.
 
-Defences (SPEC section 8, issue 10): a size cap per request line, a deadline per idle
+Defences (SPEC section 8): a size cap per request line, a deadline per idle
 connection, the verb registry (trainsup.verbs) as the allow-list, SO_PEERCRED
 authorisation of every job a request will act on (after its arguments are resolved),
 connections bounded per peer uid and in total (fds stay free for launches and the state
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fdbudget import METRICS_CONNECTIONS
 from .protocol import MAX_REQUEST, Encoded, unsafe_dir
 from .verbs import VERBS, RequestError, Verb, resolve_targets
 
@@ -271,6 +272,22 @@ def prepare_socket_dir(directory: Path, gid: int | None) -> None:
                             f"or the daemon's user can write (e.g. /run/trainsup, mode 0755)")
 
 
+def socket_answers(path: Path) -> bool:
+    """Whether something listens on the Unix socket at `path` (a stale socket file left
+    by a daemon that died refuses the connection). Non-blocking: a live daemon whose
+    accept queue is full still counts as live."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        s.connect(str(path))
+        return True
+    except (BlockingIOError, InterruptedError):
+        return True             # EAGAIN/EINPROGRESS: listening, its queue full
+    except OSError:
+        return False            # ECONNREFUSED (nobody listens), ENOENT, ...
+    finally:
+        s.close()
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler, *, group: str | None,
                  job_user_of: Callable[[str], str | None] | None = None,
@@ -295,7 +312,7 @@ class ControlServer:
                 self.socket_gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 log.warning("socket_group %r does not exist; only root and the daemon's user may connect", group)
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.slots = _Slots()
         self.fd_limit = 1024
 
@@ -312,7 +329,8 @@ class ControlServer:
             jobs = sum(1 for _ in self.job_names())
         except Exception:
             jobs = 0
-        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG))
+        return max(16, min(MAX_TOTAL, self.fd_limit - FDS_RESERVED - FDS_PER_JOB * jobs - 2 * ACCEPT_BACKLOG
+                           - METRICS_CONNECTIONS))
 
     def _evict_idle(self, uid: int | None) -> bool:
         """Close the longest-idle connection (of `uid`, else of the uid holding the most);
@@ -340,9 +358,22 @@ class ControlServer:
         return True
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        """Raises SocketRefused (one line) when the path or its directory is unsafe."""
+    async def start(self, inherited: int | None = None) -> None:
+        """Raises SocketRefused (one line) when the path or its directory is unsafe.
+        `inherited`: the listening socket handed over by `trainsup reexec` (its clients
+        waited in its backlog meanwhile), used when it is still the one at our path."""
         self.fd_limit = raise_nofile()
+        if inherited is not None:
+            sock = socket.socket(fileno=inherited)
+            try:
+                if sock.family == socket.AF_UNIX and sock.getsockname() == str(self.path) \
+                        and stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST,
+                                                                  backlog=ACCEPT_BACKLOG)
+                    return
+            except OSError:
+                pass
+            sock.close()
         prepare_socket_dir(self.path.parent, self.socket_gid)
         try:
             st = os.lstat(self.path)
@@ -353,6 +384,12 @@ class ControlServer:
         if st is not None:
             if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 raise SocketRefused(f"{self.path} exists and is not a socket; refusing to replace it")
+            if stat.S_ISSOCK(st.st_mode) and socket_answers(self.path):
+                # A second daemon (another state dir, the same socket) once unlinked the
+                # live daemon's socket and bound its own: when it exited, the first one,
+                # still running its jobs, could no longer be reached.
+                raise SocketRefused(f"another daemon is listening on {self.path}; refusing to take its "
+                                    "socket (stop that daemon first, or pass another --socket)")
             self.path.unlink()
         old = os.umask(0o117)     # the socket is born 0660: no window where others can connect
         try:
@@ -364,6 +401,11 @@ class ControlServer:
             os.umask(old)
         if self.socket_gid is not None:
             os.chown(self.path, -1, self.socket_gid)
+
+    def listening_fd(self) -> int | None:
+        """The listening socket's fd (what `trainsup reexec` hands to the new program)."""
+        socks = self.server.sockets if self.server is not None else ()
+        return socks[0].fileno() if socks else None
 
     async def close(self) -> None:
         if self.server is not None:

@@ -1,10 +1,10 @@
 """Every control verb, defined once: its name, whether it writes, which jobs it acts on,
 its handler and its command-line arguments.
 
-The control socket's allow-list and authorisation (control.py), the dispatcher
-(commands.py) and the CLI parser (cli.py) all derive from VERBS, so they cannot drift
-apart. To add a verb: add a Verb here, a `do_<name>` handler in commands.py and a printer
-in cli.py; a unit test checks that all three exist.
+The control socket's allow-list and authorisation (control/server.py), the dispatcher
+(daemon/handlers.py) and the CLI parser (cli/main.py) all derive from VERBS, so they cannot drift
+apart. To add a verb: add a Verb here, a `do_<name>` handler in daemon/handlers.py and a printer
+in cli/main.py; a unit test checks that all three exist.
 
 Targets are resolved here, before authorisation, and the handler is given exactly the
 resolved list: a request cannot act on a job it was not authorised for by changing its
@@ -75,7 +75,7 @@ class Verb:
 
     @property
     def handler(self) -> str:
-        """The name of the method in commands.py that serves this verb."""
+        """The name of the method in daemon/handlers.py that serves this verb."""
         return f"do_{self.name}"
 
     def streams(self, args: Mapping[str, Any]) -> bool:
@@ -93,30 +93,32 @@ _LONG = 24 * 3600.0              # the daemon bounds a stop flow by grace + stop
 VERBS: dict[str, Verb] = {v.name: v for v in (
     Verb("ping", "is the daemon there", writes=False, targets=NO_JOB),
     Verb("status", "what every job is doing", writes=False, targets=OPTIONAL_JOB,
-         args=(Arg(("job",), {"nargs": "?", "help": "show this job only"}), _JSON,
+         args=(Arg(("job",), {"nargs": "*", "metavar": "JOB", "help": "show these jobs only"}), _JSON,
                # The table's rows only, times as timestamps (Job.status_row); the CLI sets it
                # for its table, scripts get the full shape (`status --json`).
                Arg(("--table",), {"action": "store_true",
                                   "help": "ask for the table's fields only (the default without --json)"}))),
     Verb("start", "start jobs (already running: says so, exit 0)", writes=True, targets=ONE_JOB,
-         args=(JOBS_ARG, Arg(("--force",), {"action": "store_true",
+         args=(JOBS_ARG, _JSON, Arg(("--force",), {"action": "store_true",
                                             "help": "start even while a preemption notice is in force"}))),
     Verb("stop", "save, then stop jobs (already stopped: says so, exit 0)", writes=True, targets=ONE_JOB,
-         args=(JOBS_ARG, _NO_SAVE, _GRACE), timeout=_LONG),
+         args=(JOBS_ARG, _NO_SAVE, _GRACE, _JSON), timeout=_LONG),
     Verb("restart", "save, stop and start jobs again", writes=True, targets=ONE_JOB,
-         args=(JOBS_ARG, _NO_SAVE), timeout=_LONG),
+         args=(JOBS_ARG, _NO_SAVE, _JSON), timeout=_LONG),
     Verb("preempt", "save, then stop jobs (state preempted: they resume at the daemon's next start)",
          writes=True, targets=JOB_OR_ALL,
          args=(Arg(("job",), {"nargs": "*", "metavar": "JOB", "help": "one or more job names, or `all`"}),
                Arg(("--all",), {"action": "store_true", "help": "every job (same as `all`)"}),
-               _GRACE), timeout=_LONG),
+               _GRACE, _JSON), timeout=_LONG),
     Verb("checkpoint", "ask jobs for a checkpoint now", writes=True, targets=ONE_JOB,
          args=(JOBS_ARG, Arg(("--wait",), {"action": "store_true",
                                            "help": "return when the new checkpoint is valid"}),
                Arg(("--timeout",), {"type": duration, "metavar": "DURATION",
                                     "help": "with --wait: give up after this long (default: the job's "
-                                            "emergency_save.grace)"})), timeout=_LONG),
-    Verb("reload", "re-read job files", writes=True, targets=DAEMON, timeout=600.0),
+                                            "emergency_save.grace)"}), _JSON), timeout=_LONG),
+    Verb("reload", "re-read job files", writes=True, targets=DAEMON, args=(_JSON,), timeout=600.0),
+    Verb("reexec", "re-execute the daemon as the version installed now, same pid, every job kept "
+         "running (the upgrade path)", writes=True, targets=DAEMON, timeout=600.0),
     Verb("logs", "a job's stdout and stderr", writes=False, targets=ONE_JOB,
          args=(JOB_ARG, Arg(("-f", "--follow"), {"action": "store_true",
                                                  "help": "keep printing new output until interrupted"}),
@@ -133,7 +135,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
          targets=ONE_JOB, args=(JOB_ARG, Arg(("step",), {"type": int, "help": "the checkpoint's step number"}))),
     Verb("history", "a job's events", writes=False, targets=ONE_JOB,
          args=(JOB_ARG, Arg(("-n",), {"type": int, "default": 50, "dest": "n", "metavar": "N",
-                             "help": "the last N events (default 50)"}), _JSON)),
+                             "help": "the last N events (default 50)"}),
+               Arg(("--all",), {"action": "store_true",
+                                "help": "every event the daemon keeps (what `plot --history` needs)"}), _JSON)),
 )}
 
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import aside, layout_warnings, rotation
+from ..checkpoint import aside, formats, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
 from ..checkpoint.custody import JobCheckpointDir
 from ..checkpoint.deleter import PassGate
-from ..checkpoint.frameworks import bookkeeping
 from ..checkpoint.validate import TooManyFiles
 from ..checkpoint.watch import CheckpointWatcher
 from ..crashpoints import crash_point
@@ -40,7 +39,7 @@ _INLINE_SCAN_MAX = 32
 _INLINE_SCAN_S = 0.002      # ... and only while the last scan of it took less than this
 
 
-def _small_dir(path) -> bool:
+def _small_dir(path: str | os.PathLike[str]) -> bool:
     # A directory's size grows with its entries (ext4 blocks, tmpfs entries): a dir
     # flooded with files is listed on the pool, never on the loop.
     try:
@@ -96,6 +95,8 @@ class JobCheckpoints(RowFields):
     cache: Any
     on_index: Callable[[list, str | None], None]     # the job's reaction to a new index
     on_scanned: Callable[[], None]                      # asks for a rotation pass
+    # new entries landed: the coordinator rotates at once when they put a quota over
+    on_landed: Callable[[JobCheckpoints], None] | None = None
     infos: list = field(default_factory=list)
     error: str | None = None
     kept: dict[str, str] = field(default_factory=dict)
@@ -105,7 +106,7 @@ class JobCheckpoints(RowFields):
     _watcher: Any = None
     _running: bool = False
     _dirty: bool = False
-    _done: asyncio.Future | None = None
+    _next: asyncio.Future | None = None     # the scan after the running one
     closed: bool = False
     # custody of the dir (checkpoint/custody.py): the held fd, liveness, backoff, inventory
     state_dir: Path | None = None
@@ -116,6 +117,9 @@ class JobCheckpoints(RowFields):
     _posted: bool = False        # a change is posted to the loop and not yet taken
     _scan_asked: bool = False    # changed() made a scan task that has not begun
     _last_scan_s: float = 0.0
+    _known: frozenset[str] = frozenset()   # managed entry names of the last scan
+    _landed: bool = False
+    _first_scan: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- watching -----------------------------------------------------------------
     def watch(self) -> None:
@@ -158,6 +162,12 @@ class JobCheckpoints(RowFields):
         if moved:
             await self.refresh()
         return moved
+
+    def reproof_needed(self) -> bool:
+        """A launch must re-check content, not fingerprints, before it is handed a resume
+        point: the dir is on tmpfs (a write through a shared mmap never moves ctime there).
+        One statfs per held dir, remembered."""
+        return self.custody is not None and not self.custody.fingerprints_prove()
 
     def ensure_dir(self) -> str | None:
         """Before a launch: the checkpoint dir exists (made for the job's user if it went
@@ -220,56 +230,90 @@ class JobCheckpoints(RowFields):
             return [], f"scan failed: {e!r}"
 
     async def refresh(self, for_launch: bool = False) -> None:
-        """Re-read the dir (cached verdicts cost stat calls only). Concurrent requests
-        coalesce: at most one scan runs, and one more after it if anything asked meanwhile.
+        """Re-read the dir (cached verdicts cost stat calls only). Returns once a scan that
+        began after the call has ended. Concurrent requests coalesce: at most one scan
+        runs, and one more after it if anything asked meanwhile -- in the background, so a
+        caller waits for one scan, never for a dir to stop changing (a job saving faster
+        than its dir is scanned held the daemon's start, and every other job's launch).
         for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
         if self.spec is None:
             return
         self._for_launch = self._for_launch or for_launch
         if self._running:
             self._dirty = True
-            assert self._done is not None
-            await asyncio.shield(self._done)
+            assert self._next is not None
+            await asyncio.shield(self._next)
             return
         self._running = True
-        self._done = self.loop.create_future()
+        self._dirty = False
+        nxt = self._next = self.loop.create_future()     # for those who ask while this scan runs
         try:
-            while True:
-                self._dirty = False
-                result: tuple[list, str | None] | None = None
-                prove, self._for_launch = self._for_launch, False
-                # inline only while scans are cheap: an entry of 20k files costs 20k lstat
-                # calls even when every verdict is cached (status would stall behind it)
-                if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
-                        and _small_dir(self.spec.dir)):
-                    try:
-                        t = time.perf_counter()
-                        result = self._scan_sync(_CachedOnly(self.cache))
-                        self._last_scan_s = time.perf_counter() - t
-                    except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
-                        result = None
-                if result is None:
+            result: tuple[list, str | None] | None = None
+            prove, self._for_launch = self._for_launch, False
+            # inline only while scans are cheap: an entry of 20k files costs 20k lstat
+            # calls even when every verdict is cached (status would stall behind it)
+            if (not prove and len(self.infos) <= _INLINE_SCAN_MAX and self._last_scan_s < _INLINE_SCAN_S
+                    and _small_dir(self.spec.dir)):
+                try:
                     t = time.perf_counter()
-                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                    result = self._scan_sync(_CachedOnly(self.cache))
                     self._last_scan_s = time.perf_counter() - t
-                infos, err = result
-                if not self.closed:
-                    self.infos, self.error = infos, err
-                    if self.custody is not None:
-                        self.custody.observe(infos)     # liveness: the daemon's monotonic clock
-                    self.in_place.observe(infos)
-                    if not infos:       # no rotation pass runs for an empty index
-                        self.warnings = self._layout_warnings()
-                    self.on_index(infos, err)
-                if not self._dirty:
-                    break
+                except (_NeedsHashing, TooManyFiles):   # not cheap after all: the pool
+                    result = None
+            if result is None:
+                t = time.perf_counter()
+                result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                self._last_scan_s = time.perf_counter() - t
+            infos, err = result
+            if not self.closed:
+                names = frozenset(i.name for i in infos if i.managed)
+                self._landed = self._landed or bool(names - self._known)
+                self._known = names
+                self.infos, self.error = infos, err
+                if self.custody is not None:
+                    self.custody.observe(infos)     # liveness: the daemon's monotonic clock
+                self.in_place.observe(infos)
+                if not infos:       # no rotation pass runs for an empty index
+                    self.warnings = self._layout_warnings()
+                self.on_index(infos, err)
         finally:
             self._running = False
-            self._done.set_result(None)
+            self._first_scan.set()
+            if self._dirty and not self.closed:
+                task = self.loop.create_task(self._follow_up(nxt))
+                task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
+            else:
+                nxt.set_result(None)
         self.on_scanned()
+        if self._landed and self.on_landed is not None:
+            self._landed = False
+            self.on_landed(self)
+
+    async def _follow_up(self, asked: asyncio.Future) -> None:
+        """The scan asked for while the last one ran; resolves what those callers wait on."""
+        try:
+            await self.refresh()
+        finally:
+            if not asked.done():
+                asked.set_result(None)
+
+    async def first_scan(self, timeout: float = 30.0) -> None:
+        """Once the dir has been scanned at least once (a `pin` in the first second after
+        start answered "no checkpoint at step N" while the first scan ran). Bounded: a dir
+        whose first scan takes longer is answered from what is known by then."""
+        if self.spec is None or self._first_scan.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._first_scan.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def managed_bytes(self) -> int:
+        """What the job's own entries take (what its quota counts)."""
+        return sum(i.bytes for i in self.infos if i.managed)
 
     # -- verdicts -----------------------------------------------------------------
-    def latest_valid(self):
+    def latest_valid(self) -> ckpt_index.CheckpointInfo | None:
         if self.custody is not None and self.custody.flag:
             return None     # the configured path now names another dir: offer nothing from it
         return ckpt_index.latest_valid(self.infos) if self.infos else None
@@ -302,12 +346,38 @@ class JobCheckpoints(RowFields):
         self.warnings = w + self._layout_warnings()
         return plan.over_quota and not was_over
 
+    def over_disk_quota(self, disk_quota: int | None) -> bool:
+        """Every job together keeps more than the daemon-wide quota: this one is over too.
+        True when it just went over."""
+        if self.over_quota:
+            return False
+        self.over_quota = True
+        self.warnings.append(f"over-quota: all jobs keep more than disk_quota {disk_quota} bytes")
+        return True
+
+    def after_deletions(self, kept_bytes: int, failed_bytes: int, quota: int | None) -> bool:
+        """A pass's deletions are over: their failures show in status at once (reported
+        once, retried on backoff). True when what could not be deleted puts the job over
+        its quota after all (it still takes the space)."""
+        assert self.custody is not None
+        self.warnings = [w for w in self.warnings if not w.startswith(("delete-failed", "rotation paused"))]
+        self.warnings += self.custody.warnings()
+        went_over = False
+        if failed_bytes and quota is not None and kept_bytes + failed_bytes > quota and not self.over_quota:
+            self.over_quota = True
+            self.warnings.append(f"over-quota: {kept_bytes + failed_bytes} bytes kept > quota {quota} "
+                                 f"({failed_bytes} bytes could not be deleted)")
+            went_over = True
+        self.touch()
+        return went_over
+
     def _layout_warnings(self) -> list[str]:
         if self.spec is None or self.error is not None:
             return []
         found = (layout_warnings.unrecognised(self.spec.dir, self.spec.format, self.infos),
                  self.in_place.warning())
-        return [w for w in found if w]
+        planted = self.custody.planted if self.custody is not None else []
+        return [w for w in found if w] + planted
 
 
 class RotationCoordinator:
@@ -325,7 +395,11 @@ class RotationCoordinator:
         self.flush = flush
         self._pending = False
         self._lock = asyncio.Lock()
-        self._gate = PassGate(1.0)          # no pass within 1 s of the last, whatever woke it
+        # No pass within 1 s of the last, whatever woke it (an event flood costs one pass a
+        # second) -- unless new entries put a dir over its quota: then at once.
+        self._gate = PassGate(1.0)
+        self._urgent = False
+        self._gate_wait: asyncio.Future | None = None
         self._retry: asyncio.TimerHandle | None = None
 
     def request(self) -> None:
@@ -334,9 +408,32 @@ class RotationCoordinator:
             task = self.loop.create_task(self.run())
             task.add_done_callback(_log_failure("rotation pass"))
 
+    def landed(self, ck: JobCheckpoints) -> None:
+        """New entries in `ck`'s dir: a pass now, not at the gate's next tick, when they put
+        it over its quota (or every job over disk_quota). On a 1 s tick a job saving ten
+        1 MiB checkpoints a second held 8.5 MB under a 4 MiB quota."""
+        over = ck.spec is not None and ck.spec.quota is not None and ck.managed_bytes() > ck.spec.quota
+        if not over and self.disk_quota:
+            over = sum(m[0].managed_bytes() for m in self.jobs()) > self.disk_quota
+        if not over:
+            return                      # on_scanned already asked for a gated pass
+        self._urgent = True
+        if self._gate_wait is not None and not self._gate_wait.done():
+            self._gate_wait.set_result(None)
+        self.request()
+
     async def run(self) -> None:
         async with self._lock:
-            await asyncio.sleep(self._gate.wait_s())
+            wait = self._gate.wait_s()
+            if wait > 0 and not self._urgent:
+                self._gate_wait = self.loop.create_future()
+                try:
+                    await asyncio.wait_for(self._gate_wait, wait)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    self._gate_wait = None
+            self._urgent = False
             self._pending = False
             self._gate.started()
             await self._pass()
@@ -345,16 +442,13 @@ class RotationCoordinator:
         plans: dict[str, rotation.RotationPlan] = {}
         members: dict[str, tuple[JobCheckpoints, RotationFacts, Callable[..., None]]] = {}
         for ck, facts, record in self.jobs():
-            if ck.spec is None or not ck.infos or ck.closed:
+            # Without custody of the dir (the held fd, liveness, inventory) nothing is
+            # planned: every deletion-safety fact comes from it.
+            if ck.spec is None or not ck.infos or ck.closed or ck.custody is None:
                 continue
             members[ck.name] = (ck, facts, record)
             # HF's best checkpoint stays, as pinned (one small trainer_state.json read)
-            pinned = set(facts.pinned) | bookkeeping.hf_best_steps(ck.infos)
-            if ck.custody is None:
-                plans[ck.name] = rotation.plan_rotation(
-                    ck.infos, ck.spec, pinned=pinned, resumed_from=facts.resumed_from,
-                    unuploaded=facts.unuploaded)
-                continue
+            pinned = set(facts.pinned) | formats.protected_steps(ck.infos)
             # Files the job holds open are being written: checked only for what the plan
             # would delete (a walk of every entry would cost each pass), re-planned until
             # nothing planned is open.
@@ -381,9 +475,7 @@ class RotationCoordinator:
         for name, plan in plans.items():
             ck, facts, record = members[name]
             went_over = ck.apply_plan(plan, facts)
-            if all_over and not ck.over_quota:
-                ck.over_quota = True
-                ck.warnings.append(f"over-quota: all jobs keep more than disk_quota {self.disk_quota} bytes")
+            if all_over and ck.over_disk_quota(self.disk_quota):
                 went_over = True
             if went_over:
                 record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
@@ -409,17 +501,9 @@ class RotationCoordinator:
                     record(kind, why=why, **fields)
                 if not outcome.ok:
                     failed_bytes += info.bytes
-            # a failure shows in status at once (reported once, retried on backoff)
-            ck.warnings = [w for w in ck.warnings if not w.startswith(("delete-failed", "rotation paused"))]
-            ck.warnings += ck.custody.warnings()
             quota = plan.quota or self.disk_quota
-            if failed_bytes and quota is not None and plan.kept_bytes + failed_bytes > quota and not ck.over_quota:
-                # what could not be deleted still takes the space: over quota after all
-                ck.over_quota = True
-                ck.warnings.append(f"over-quota: {plan.kept_bytes + failed_bytes} bytes kept > quota {quota} "
-                                   f"({failed_bytes} bytes could not be deleted)")
+            if ck.after_deletions(plan.kept_bytes, failed_bytes, quota):
                 record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
-            ck.touch()
             await ck.refresh()
         self._schedule_retry(m[0] for m in members.values())
 

@@ -21,6 +21,10 @@ from ..control.verbs import VERBS
 from .job import PROC_MAX_AGE, Job, State
 from .rowgen import any_change
 
+# More than the state db keeps of one job (state.py trims to 5,000 events): `history --all`
+# and `plot JOB` get all of it.
+MAX_HISTORY = 10000
+
 if TYPE_CHECKING:
     from .loop import Daemon
 
@@ -77,7 +81,9 @@ class Commands:
         else:
             rows = [(n, j.status_row()) for n, j in d.jobs.items() if name is None or n == name]
             rows += [(inv.name, (json.dumps(table_row(name=inv.name, state="invalid")).encode(),
-                                 json.dumps({"error": "; ".join(inv.errors), "source": str(inv.source)}).encode()))
+                                 json.dumps({"error": inv.errors[0] if inv.errors else "invalid",
+                                             "more_errors": max(0, len(inv.errors) - 1),
+                                             "source": str(inv.source)}).encode()))
                      for inv in self.d.invalid.values() if name is None or inv.name == name]
             if name is not None and not rows:
                 raise self.no_such_job(name)
@@ -90,7 +96,7 @@ class Commands:
     def _invalid_rows(self, name: str | None) -> list[dict]:
         return [{"name": inv.name, "state": "invalid", "pid": None, "attempt": 0, "restarts": 0,
                  "last_exit": None, "checkpoint": None, "memory": None,
-                 "error": "; ".join(inv.errors), "source": str(inv.source)}
+                 "error": "; ".join(inv.errors), "errors": list(inv.errors), "source": str(inv.source)}
                 for inv in self.d.invalid.values() if name is None or inv.name == name]
 
     def _daemon_status(self) -> dict:
@@ -99,13 +105,16 @@ class Commands:
         if not d.spec.jobs_dir.is_dir():
             warnings.append(f"jobs dir {d.spec.jobs_dir} does not exist: no job files are read "
                             "(create it, or pass --jobs)")
+        if d.metrics_error:
+            warnings.append(f"{d.metrics_error}: running without metrics (metrics.required: false)")
         notices = [{"source": n.source, "kind": n.kind, "detail": n.detail, "deadline": n.deadline,
                     "deadline_iso": iso_utc(n.deadline) if n.deadline else None}
                    for n in d.notices_in_force()]
         return {"pid": os.getpid(), "version": __version__,
                 "uptime_s": round(time.monotonic() - d.started_mono, 1),
-                "rss": d.own_rss(), "socket": str(d.spec.socket),
-                "metrics": d.metrics_address(), "warnings": warnings, "notices": notices,
+                "rss": d.own_rss(), "socket": str(d.spec.socket), "config": d.config_file,
+                "metrics": d.metrics_address(), "metrics_error": d.metrics_error,
+                "warnings": warnings, "notices": notices,
                 "sources": list(d.source_health.values())}
 
     async def handle(self, req: dict, peer: Peer, conn: Connection) -> Any:
@@ -164,6 +173,10 @@ class Commands:
     async def do_reload(self, r: Request) -> Any:
         return await self.d.reload()
 
+    async def do_reexec(self, r: Request) -> Any:
+        from .reexec import reexec  # answered by the new program, on this connection
+        return await reexec(self.d, r.conn.writer.get_extra_info("socket").fileno())
+
     async def do_start(self, r: Request) -> Any:
         job = self.job(r.job)
         if job.alive or job.busy:
@@ -206,7 +219,9 @@ class Commands:
         return await self._checkpoint(self.job(r.job), r.args)
 
     async def do_checkpoints(self, r: Request) -> Any:
-        return self._checkpoints(self.job(r.job))
+        job = self.job(r.job)
+        await job.ckpts.first_scan()
+        return self._checkpoints(job)
 
     async def do_pin(self, r: Request, pin: bool = True) -> Any:
         job = self.job(r.job)
@@ -215,6 +230,7 @@ class Commands:
         if not isinstance(step, int) or isinstance(step, bool):
             raise RequestError(f"{verb}: step must be an integer")
         if pin:
+            await job.ckpts.first_scan()        # not "no checkpoint" while the dir is first read
             if not any(i.step == step for i in job.checkpoints):
                 raise RequestError(f"job {r.job} has no checkpoint at step {step}")
             job.pin(step)
@@ -228,10 +244,12 @@ class Commands:
 
     async def do_history(self, r: Request) -> Any:
         n = r.args.get("n", 50)
+        if r.args.get("all"):
+            n = MAX_HISTORY
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise RequestError("history: n must be a positive integer")
         # a removed job's history too; read off the loop (it waits for queued writes)
-        events = await self.d.loop.run_in_executor(None, self.d.db.events, str(r.job), min(n, 10000))
+        events = await self.d.loop.run_in_executor(None, self.d.db.events, str(r.job), min(n, MAX_HISTORY))
         if not events and r.job not in self.d.jobs and r.job not in self.d.invalid:
             raise self.no_such_job(str(r.job))    # a typo, not an empty history
         return events

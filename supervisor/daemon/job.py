@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import fdbudget
+from .. import contract, fdbudget
 from ..checkpoint import confirm
 from ..checkpoint.index import CheckpointInfo
 from ..control.protocol import table_row
@@ -33,10 +34,12 @@ from ..spec import DaemonSpec, JobSpec
 from . import notice_file as jobnotice
 from .backoff import RestartTracker
 from .checkpoints import JobCheckpoints, RotationFacts
+from .goodput import GoodputBook
 from .joblog import JobLog
-from .launch import cgroup, process
+from .launch import cgroup, process, shim
 from .monitor import AttemptMonitor
 from .notices.hang import is_stopped
+from .progress import FirstStep
 from .rowgen import RowFields
 
 log = logging.getLogger("trainsup.job")
@@ -62,7 +65,8 @@ _ALIVE = {S.RUNNING, S.SAVING, S.STOPPING}
 # Allowed predecessor states of each state (supervisord's change_state() idea).
 _ALLOWED: dict[State, set[State]] = {
     S.STARTING: _IDLE | {S.BACKOFF, S.STOPPING},
-    S.RUNNING: {S.STARTING, S.SAVING},
+    # From PENDING only when a restarted daemon takes over a job still running (adopt).
+    S.RUNNING: {S.STARTING, S.SAVING, S.PENDING},
     S.SAVING: {S.RUNNING},
     S.STOPPING: {S.RUNNING, S.SAVING, S.STARTING},
     S.BACKOFF: {S.STARTING, S.RUNNING, S.SAVING},
@@ -123,26 +127,33 @@ def _ago(seconds: float) -> str:
 
 
 def _reported_step(heartbeat: Path, since_wall: float) -> int | None:
-    """The step a job wrote into its heartbeat file during this attempt (SPEC section 4:
-    a job may write its current step there), else None. Read once, at exit."""
+    """The step a job wrote into its heartbeat file during this attempt (the contract's
+    heartbeat: a job may write its current step there), else None. Read once, at exit;
+    never blocking (the job can put a FIFO there) and never past HEARTBEAT_READ bytes."""
     try:
-        with open(heartbeat, "rb") as f:
-            if os.fstat(f.fileno()).st_mtime < since_wall - 1.0:
-                return None            # written by an earlier attempt
-            text = f.read(64).strip()
+        fd = os.open(heartbeat, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime < since_wall - 1.0:
+            return None            # not a file, or written by an earlier attempt
+        return contract.parse_heartbeat(os.read(fd, contract.HEARTBEAT_READ))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
-def _ckpt_key(info) -> tuple:
+def _ckpt_key(info: CheckpointInfo) -> tuple:
     return (str(info.path), info.step, info.mtime, info.bytes)
 
 
 class Job(RowFields):
     # What status_row shows (see rowgen.py): assigning any of these re-encodes the row.
     ROW_FIELDS = frozenset({"spec", "state", "child", "restarts", "error", "last_notice", "memory_rss",
-                            "sigstopped", "_catch_seen"})
+                            "sigstopped", "_catch_seen", "config_error",
+                            "supervised_since"})
 
     def __init__(self, spec: JobSpec, host: JobHost, settings: DaemonSpec, ckpts: JobCheckpoints,
                  persisted: dict, *, spawn: Callable[..., process.Child] = process.spawn,
@@ -191,10 +202,18 @@ class Job(RowFields):
         self._catch_seen: tuple[int, bool] | None = None   # (pid, catches the save signal) for status
         self._catch_at = float("-inf")                      # monotonic: when that was read
         self._last_step: int | None = None          # the step the last attempt reported
+        self._attempt_top: int | None = None        # its newest checkpoint's step (also a report)
+        self._attempt_wall = 0.0                    # when the current (or last) attempt started
+        self._first_step: FirstStep | None = None   # the running attempt's first-step watch
+        self.goodput = GoodputBook()                # fed every event (goodput.py)
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
         self._row: tuple[tuple, tuple[bytes, bytes]] = ((), (b"", b""))   # (what it shows, row and notes)
         self.mirror: Any = None       # mirror.JobMirror with checkpoint.mirror (the host attaches it)
+        self._spec_id: str | None = None
+        self._tree: str | None = None        # cgroup.tree_name of the state dir, for the shim's marker
+        self.supervised_since: float | None = None  # when this daemon took charge of the running attempt
+        self._flow_intent: dict | None = None      # the stop flow under way, persisted (adoption resumes it)
         self._load_persisted(persisted)
 
     @property
@@ -210,6 +229,8 @@ class Job(RowFields):
         self.pinned = {int(s) for s in data.get("pinned", [])}
         self.tracker.restore(data.get("tracker", {}))
         self.stale_pid = data.get("pid"), data.get("pid_ctime")
+        self.persisted = data           # what adoption reads: the shim, the flow, the spec's id
+        self.goodput = GoodputBook.restore(data.get("goodput"))
         if data.get("state") == S.PREEMPTED.value:
             # After a preemption the job starts again (resuming) when the daemon starts.
             self.restart_reason = "preempt"
@@ -228,12 +249,19 @@ class Job(RowFields):
             "state": "stopped" if self.sigstopped and c else self.state.value,
             "sigstopped": self.sigstopped,
             "pid": c.pid if c else None, "pid_ctime": c.create_time if c else None,
+            # What the next daemon needs to take this attempt over (trainsup.daemon.adoption).
+            "shim": c.shim_pid if c else None, "started": c.started_wall if c else None,
+            "resumed_from": self.resumed_from if c else None, "restart_reason": self.restart_reason,
+            "flow": self._flow_intent if self.state in (S.SAVING, S.STOPPING) else None,
+            "spec_id": self.spec_id,
+            "goodput": self.goodput.snapshot(),
         })
 
     def event(self, kind: str, **data: Any) -> None:
+        self.goodput.feed({**data, "at": time.time(), "kind": kind})
         self.host.record_event(self.name, kind, data)
 
-    def _set(self, new: State, **data) -> None:
+    def _set(self, new: State, **data: Any) -> None:
         old = self.state
         if old == new:
             return
@@ -300,6 +328,11 @@ class Job(RowFields):
     def set_config_error(self, error: str | None) -> None:
         self.config_error = error
 
+    def note_notice(self, notice: dict) -> None:
+        """A notice the host acted on for this job (a machine-wide warning, a Slurm end
+        of step): `status` shows it as the job's last notice."""
+        self.last_notice = notice
+
     def pin(self, step: int) -> None:
         self.pinned.add(step)
         self.persist()
@@ -351,12 +384,17 @@ class Job(RowFields):
         self._set(S.STARTING)
         # Fresh (an immediate relaunch, the index refreshed after the exit): straight on,
         # unless the last attempt left a save half-written (found with backoff 0: HF's
-        # get_last_checkpoint then picked the half-written checkpoint-N/).
+        # get_last_checkpoint then picked the half-written checkpoint-N/), or the dir is one
+        # where only a re-hash proves the resume point (tmpfs: the refresh after the exit
+        # trusted fingerprints, and a damaged checkpoint was offered), or the mirror has a
+        # lease to take or a restore to consider first.
         if self.spec.checkpoint is None or (fresh and not self.ckpts.has_interrupted(self.pinned)
+                                            and not self.ckpts.reproof_needed()
                                             and not (self.mirror is not None and self.mirror.needs_prelaunch())):
             self._spawn_guarded()
             return
-        self._prelaunch = self.loop.create_task(self._refresh_then_spawn(refresh=not fresh))
+        self._prelaunch = self.loop.create_task(
+            self._refresh_then_spawn(refresh=not fresh or self.ckpts.reproof_needed()))
 
     async def _refresh_then_spawn(self, refresh: bool = True) -> None:
         try:
@@ -415,19 +453,20 @@ class Job(RowFields):
         if reason not in ("first", "manual"):
             self.restarts += 1          # what the supervisor did on its own; a user's start is not one
         extra = {
-            "TRAINSUP_JOB": spec.name,
-            "TRAINSUP_CHECKPOINT_DIR": str(spec.checkpoint.dir) if spec.checkpoint else "",
-            "TRAINSUP_RESUME_FROM": resume_path,
-            "TRAINSUP_ATTEMPT": str(self.attempt),
-            "TRAINSUP_RESTART_REASON": reason,
-            "TRAINSUP_SAVE_SIGNAL": spec.emergency_save.signal,
-            "TRAINSUP_HEARTBEAT_FILE": str(self.heartbeat_file),
+            contract.JOB: spec.name,
+            contract.CHECKPOINT_DIR: str(spec.checkpoint.dir) if spec.checkpoint else "",
+            contract.RESUME_FROM: resume_path,
+            contract.ATTEMPT: str(self.attempt),
+            contract.RESTART_REASON: reason,
+            contract.SAVE_SIGNAL: spec.emergency_save.signal,
+            contract.HEARTBEAT_FILE: str(self.heartbeat_file),
         }
         if spec.checkpoint is not None:
             try:
-                self._notice_path = jobnotice.prepare(self.settings.state_dir, self.name, spec.owner())
+                # beside the heartbeat: the state dir is root's 0750, out of a `user:` job's reach
+                self._notice_path = jobnotice.prepare(self.host.heartbeat_dir, self.name, spec.owner())
                 jobnotice.clear(self._notice_path)
-                extra["TRAINSUP_NOTICE_FILE"] = str(self._notice_path)
+                extra[contract.NOTICE_FILE] = str(self._notice_path)
             except (OSError, KeyError) as e:
                 self._notice_path = None     # the old flow: signal, then SIGTERM
                 log.warning("%s: notice dir: %s", self.name, e)
@@ -439,6 +478,7 @@ class Job(RowFields):
                 log.warning("%s: checkpoint dir %s: %s", self.name, spec.checkpoint.dir, problem)
         try:
             process.prepare_heartbeat(self.heartbeat_file, spec.owner())
+            self._arm_first_step(self.attempt)
         except (OSError, KeyError) as e:
             log.warning("%s: heartbeat file %s: %s", self.name, self.heartbeat_file, e)
         wfd = -1
@@ -446,9 +486,11 @@ class Job(RowFields):
         containment = self.host.containment
         try:
             fdbudget.check()      # never the fds `status` needs: one line instead (fdbudget.py)
-            wfd = self.log.new_pipe(self.loop)
+            plan = self._shim_plan()
+            if plan is None:
+                wfd = self.log.new_pipe(self.loop)
             cg = containment.create(spec.name, self.attempt) if containment is not None else None
-            child = self._spawn_process(spec, argv, env, wfd, containment, cg)
+            child = self._spawn_process(spec, argv, env, wfd, containment, cg, plan=plan)
             spawned_at = self.clock()
         except (process.SpawnError, OSError, cgroup.CgroupError) as e:
             if cg is not None:
@@ -460,6 +502,7 @@ class Job(RowFields):
                 msg = f"{spec.source}: cannot start job {spec.name}: {e}" if isinstance(e, cgroup.CgroupError) \
                     else str(e)
             self.error = msg
+            self._disarm_first_step()
             self.log.note(f"attempt {self.attempt}: cannot start: {msg}")
             self.event("spawn-failed", error=msg, attempt=self.attempt)
             self.log.close_pipe()
@@ -470,11 +513,19 @@ class Job(RowFields):
                 os.close(wfd)
         crash_point("launched")       # the pid is not durable yet: only the cgroup finds it
         self.child = child
+        self.log.shim_writes = child.shim_pid is not None
+        self.supervised_since = time.time()
+        self.resumed_from = resume_path or None
+        self._attempt_wall = child.started_wall
         # The pid is durable before anything else happens: a daemon that dies now finds
-        # this process at its next start and stops it instead of launching a second one.
+        # this process at its next start and takes it over instead of launching another.
         self.persist()
         self.host.flush()
         crash_point("spawn")
+        if self.attempt > 1:
+            # Its exit is in the database now (committed with this launch): the previous
+            # attempt's status file has told all it had to.
+            shim.discard_status(shim.status_path(self.settings.state_dir, f"{self.name}.{self.attempt - 1}"))
         self.error = None
         self.resumed_from = resume_path or None
         self._exit_fut = self.loop.create_future()
@@ -490,11 +541,18 @@ class Job(RowFields):
         lost: dict[str, int] = {}
         if self._last_step is not None:
             # Work the interrupted attempt did past the checkpoint this one resumes from
-            # (unknown when that checkpoint has no step number).
+            # (unknown when that checkpoint has no step number). A checkpoint indexed after
+            # the exit (saved in its last moments) is a report of the step reached too.
+            reached = max(self._last_step, self._attempt_top or 0)
             back_to = 0 if resume is None else resume.step
             if back_to is not None:
-                lost["steps_lost"] = max(0, self._last_step - back_to)
+                lost["steps_lost"] = max(0, reached - back_to)
             self._last_step = None
+        self._attempt_top = None
+        if resume is not None and resume.step is not None:
+            lost["resume_step"] = resume.step
+        elif resume is None and spec.checkpoint is not None:
+            lost["from_scratch"] = True   # told to start over: the last attempt's work is redone
         self.event("launch", attempt=self.attempt, pid=child.pid, reason=reason, resume_from=resume_path or None,
                    **({"since_exit_ms": since_exit} if since_exit is not None else {}), **lost)
         self.monitor = AttemptMonitor(spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
@@ -505,6 +563,45 @@ class Job(RowFields):
     @property
     def heartbeat_file(self) -> Path:
         return self.host.heartbeat_dir / self.name
+
+    @property
+    def spec_id(self) -> str:
+        """Names this spec: a job file changed while no daemon ran is seen as changed."""
+        if self._spec_id is None:
+            import hashlib
+            self._spec_id = hashlib.sha256(repr(self.spec).encode()).hexdigest()[:16]
+        return self._spec_id
+
+    def _shim_plan(self) -> shim.Plan | None:
+        """What the shim of this launch needs, or None without one (shim.why_unavailable)."""
+        if not shim.enabled():
+            return None
+        if self._tree is None:
+            self._tree = cgroup.tree_name(self.settings.state_dir)
+            for d in (shim.exits_dir(self.settings.state_dir), self.log.path.parent):
+                d.mkdir(parents=True, exist_ok=True)
+        name = f"{self.name}.{self.attempt}"
+        return shim.Plan(shim.tree_marker(self._tree, name), shim.status_path(self.settings.state_dir, name),
+                         self.log.path, self.log.max_bytes, self.log.backups)
+
+    def _arm_first_step(self, attempt: int) -> None:
+        self._disarm_first_step()
+        fs = FirstStep(self.loop, self.heartbeat_file, lambda step: self._on_first_step(attempt, step))
+        if fs.arm():
+            self._first_step = fs
+
+    def _disarm_first_step(self) -> None:
+        if self._first_step is not None:
+            self._first_step.cancel()
+            self._first_step = None
+
+    def _on_first_step(self, attempt: int, step: int | None) -> None:
+        """The attempt wrote its heartbeat for the first time: it trains again."""
+        self._first_step = None
+        c = self.child
+        if c is None or attempt != self.attempt:
+            return                     # the attempt it was armed for is over
+        self.event("first-step", attempt=attempt, step=step, after_s=round(time.monotonic() - c.started_mono, 3))
 
     def _on_monitor(self, kind: str, data: dict) -> None:
         """The attempt monitor's decisions, applied here (it never touches the job)."""
@@ -531,10 +628,17 @@ class Job(RowFields):
     def _on_pidfd(self, child: process.Child) -> None:
         self._exit_noticed = self.clock()
         self.loop.remove_reader(child.pidfd)
-        rc = child.popen.wait()       # waitpid(pid) for this leader only
+        ex = process.reap(child)      # waitpid(pid) for this leader only; under a shim, its status file
         child.close()
         self.log.drain()
         self.log.close_pipe()
+        self._ended(child, ex)
+
+    def _ended(self, child: process.Child, ex: process.ExitRecord, late: bool = False,
+               recorded: bool = False) -> None:
+        """The attempt of `child` ended as `ex`: seen now, or `late`, while no daemon ran
+        (then `recorded` says whether a daemon killed since put it in the history)."""
+        self.log.shim_writes = False
         self.child = None
         self.memory_rss = None        # status must not show the dead attempt's RSS
         # The leader is gone; descendants it left behind are ended so nothing outlives it.
@@ -545,29 +649,123 @@ class Job(RowFields):
             # Leftovers got cgroup.kill above; waiting for empty and rmdir come after the
             # relaunch decision's first step (call_soon: queued behind it), off its path.
             self.loop.call_soon(self._start_end_cgroup, child.cgroup)
-        ex = process.classify_exit(rc)
         mon, self.monitor = self.monitor, None
         if mon is not None:
             mon.stop()
             if mon.oom_killed(ex.signal):
                 ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
+        elif late and ex.signal == "SIGKILL" and child.cgroup is not None and child.cgroup.memory()[1]:
+            # No monitor saw it: the launch's own cgroup counted an OOM kill (it had none at launch).
+            ex = process.ExitRecord("oom-killed", None, ex.signal, ex.at)
         self.sigstopped = False
-        self.last_exit = ex.as_dict()
-        ran_for = self.clock() - child.started_mono
-        self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
-                      + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
-        self._last_step = _reported_step(self.heartbeat_file, child.started_wall)
-        self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
-                   signal=ex.signal, ran_for=round(ran_for, 3),
-                   **({"last_step": self._last_step} if self._last_step is not None else {}))
+        self.last_exit = {**ex.as_dict(), "attempt": self.attempt}
+        ran_for = (ex.at - child.started_wall) if late else self.clock() - child.started_mono
+        crashed = ex.code != 0
+        self._disarm_first_step()
+        if not recorded:
+            self.log.note(f"attempt {self.attempt}: {ex.reason} after {ran_for:.1f}s"
+                          + (" (while no daemon ran)" if late else "")
+                          + (f" ({leftovers} leftover processes killed)" if leftovers else ""))
+            # The job's own reports at the moment of exit: the step in its heartbeat (rewritten
+            # at every step by trainsup.training) and its newest checkpoint of this attempt.
+            # A job that writes no heartbeat reports no step (its loss stays unknown).
+            hb = _reported_step(self.heartbeat_file, child.started_wall)
+            self._last_step = max(hb, self._attempt_top or 0) if hb is not None else None
+            self.event("exit", attempt=self.attempt, pid=child.pid, reason=ex.reason, code=ex.code,
+                       signal=ex.signal, ran_for=round(ran_for, 3),
+                       **({"last_step": self._last_step} if self._last_step is not None else {}),
+                       **({"exited_at": ex.at, "while_no_daemon": True} if late else {}))
+            # With the event, in the same commit: a daemon killed before deciding what
+            # follows finds the exit recorded and does not record it twice.
+            self.persist()
         if self._exit_fut is not None and not self._exit_fut.done():
             self._exit_fut.set_result(ex)
         if self._flow is not None:
             return                     # the stop flow decides what comes next
+        if self._flow_intent is not None and late:
+            self._finish_flow_late()   # a stop the dead daemon had begun: its outcome
+            return
         if self.spec.checkpoint is None:
-            self._after_exit(crashed=(rc != 0), ran_for=ran_for)
+            self._after_exit(crashed=crashed, ran_for=ran_for)
         else:
-            self._prelaunch = self.loop.create_task(self._refresh_then_decide(rc != 0, ran_for, child.started_wall))
+            self._prelaunch = self.loop.create_task(self._refresh_then_decide(crashed, ran_for, child.started_wall))
+
+    # -- taking over after a daemon restart (trainsup.daemon.adoption finds and verifies) ---
+    def adopt(self, child: process.Child, attempt: int, via: str) -> None:
+        """Supervise an attempt an earlier daemon launched, still running: the same
+        attempt and counters, no save asked, no relaunch; its monitors start again, and a
+        stop that daemon had begun is carried on."""
+        was = self.persisted_state
+        data = self.persisted
+        behind = attempt > self.attempt      # the database never heard of this launch
+        unrecorded = behind or was in (None, S.STARTING.value, S.PENDING.value)
+        self.restart_reason = data.get("restart_reason") or self.restart_reason
+        reason = "first" if attempt == 1 else self.restart_reason
+        if behind and reason not in ("first", "manual"):
+            self.restarts += 1           # the launch the dead daemon made, never committed
+        self.attempt = attempt
+        self.child = child
+        self.log.shim_writes = True
+        self.supervised_since = time.time()
+        self.resumed_from = (None if behind else data.get("resumed_from")) or shim.environ_of(
+            child.pid, (contract.RESUME_FROM,)).get(contract.RESUME_FROM) or None
+        if self.spec.checkpoint is not None:
+            self._notice_path = jobnotice.path_of(self.settings.state_dir, self.name)
+            # Notice ids go on from the last one written: an old ack must not match a new notice.
+            self._notices = jobnotice.last_count(self._notice_path, attempt)
+        self._exit_fut = self.loop.create_future()
+        self.loop.add_reader(child.pidfd, self._on_pidfd, child)
+        self.monitor = AttemptMonitor(self.spec, child.pid, self.heartbeat_file, self._on_monitor, child.cgroup)
+        self.monitor.start(self.loop)
+        if unrecorded:
+            # The dead daemon launched it and died before recording the launch.
+            self.event("launch", attempt=attempt, pid=child.pid, reason=reason, resume_from=self.resumed_from,
+                       recorded="when taken over")
+        self.event("adopted", attempt=attempt, pid=child.pid, shim=child.shim_pid, via=via, found="running",
+                   cgroup=child.cgroup.name if child.cgroup is not None else None,
+                   started=round(child.started_wall, 3), state_was=was)
+        self.log.note(f"attempt {attempt}: pid {child.pid} taken over by trainsup daemon pid {os.getpid()} "
+                      f"(after a daemon {via})")
+        self._set(S.RUNNING, pid=child.pid, adopted=True)
+        if self.mirror is not None:
+            self.mirror.adopted()         # the lease again (its own), then the uploads go on
+        flow = data.get("flow") if was in (S.SAVING.value, S.STOPPING.value) else None
+        if isinstance(flow, dict) and flow.get("final") in {s.value for s in State}:
+            # The dead daemon was stopping this job: finish what it began.
+            self.stop(save=was == S.SAVING.value, final=S(flow["final"]),
+                      then_restart=flow.get("then_restart"), source=str(flow.get("source") or "daemon-stop"))
+        elif data.get("spec_id") not in (None, self.spec_id):
+            # Its file changed while no daemon ran: what a reload would have done then.
+            self.event("changed-while-down", attempt=attempt)
+            self.stop(save=True, then_restart="manual", source="reload")
+
+    def exited_unseen(self, child: process.Child, status: shim.ExitStatus, attempt: int, via: str,
+                      recorded: bool) -> None:
+        """An attempt that ended while no daemon ran, as its shim recorded it: handled as
+        if it had been seen (a crash restarts from the latest valid checkpoint, exit 0
+        finishes), its exit recorded once."""
+        self.attempt = attempt
+        self.supervised_since = time.time()
+        ex = process.classify_exit(status.returncode)
+        ex.at = status.at
+        self.event("adopted", attempt=attempt, pid=child.pid, via=via, found="exited", code=ex.code,
+                   signal=ex.signal, exited_at=status.at, state_was=self.persisted_state)
+        self.state = S.RUNNING            # what it was when that daemon died (not a new transition)
+        flow = self.persisted.get("flow")
+        if isinstance(flow, dict) and self.persisted_state in (S.SAVING.value, S.STOPPING.value):
+            self._flow_intent = flow
+        self._ended(child, ex, late=True, recorded=recorded)
+
+    def _finish_flow_late(self) -> None:
+        intent, self._flow_intent = self._flow_intent or {}, None
+        if intent.get("then_restart"):
+            self.restart_reason = intent["then_restart"]
+            self._launch()
+        else:
+            try:
+                self._set(S(intent.get("final") or S.STOPPED.value))
+            except (ValueError, TransitionError):
+                self._set(S.STOPPED)
 
     def _start_end_cgroup(self, cg: cgroup.JobCgroup) -> None:
         task = self.loop.create_task(self._end_cgroup(cg))
@@ -671,13 +869,19 @@ class Job(RowFields):
         self._valid_keys = {_ckpt_key(i) for i in infos if i.valid}
         new_valid = [i for i in infos if i.valid and _ckpt_key(i) not in before]
         for info in new_valid:
+            # Written by the current (or just ended) attempt, not found by the first scan
+            # at daemon start: a report of the step that attempt reached.
+            if info.step is not None and self._attempt_wall and info.mtime >= self._attempt_wall - 1:
+                self._attempt_top = max(self._attempt_top or 0, info.step)
             took = None
             if self._save_requested_mono is not None:
                 took = time.monotonic() - self._save_requested_mono
                 self.save_durations = (self.save_durations + [took])[-5:]
                 self._save_requested_mono = None
             self.event("checkpoint", step=info.step, path=str(info.path), bytes=info.bytes,
-                       reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}))
+                       reason=info.reason, **({"took_s": round(took, 3)} if took is not None else {}),
+                       **({"save_s": info.save_s} if info.save_s is not None else {}),
+                       **({"mtime": round(info.mtime, 3)} if info.mtime else {}))
         if new_valid:
             self.tracker.progress()
         if self.mirror is not None:
@@ -734,6 +938,7 @@ class Job(RowFields):
             self._backoff.cancel()
             self._backoff = None
         self._flow_kind = source
+        self._flow_intent = {"final": final.value, "then_restart": then_restart, "source": source}
         self._flow = self.loop.create_task(
             self._stop_flow(save, final, grace, deadline_wall, then_restart, source))
         self._flow.add_done_callback(self._flow_done)
@@ -742,6 +947,7 @@ class Job(RowFields):
     def _flow_done(self, task: asyncio.Task) -> None:
         self._flow = None
         self._flow_kind = None
+        self._flow_intent = None
         if not task.cancelled() and task.exception() is not None:
             log.error("job %s: stop flow failed: %r", self.name, task.exception())
 
@@ -754,7 +960,8 @@ class Job(RowFields):
         except asyncio.TimeoutError:
             return False
 
-    async def _stop_flow(self, save, final, grace, deadline_wall, then_restart, source) -> dict:
+    async def _stop_flow(self, save: bool, final: State, grace: float | None, deadline_wall: float | None,
+                         then_restart: str | None, source: str) -> dict:
         spec = self.spec
         notice_at = time.time()
         outcome: dict[str, Any] = {"source": source, "at": notice_at}
@@ -837,7 +1044,8 @@ class Job(RowFields):
         if self.mirror is not None and save and not then_restart and outcome.get("outcome") == "saved":
             # Stopped on time; the flow ends once the save is in the store or the deadline passed.
             outcome["store"] = await self.mirror.wait_uploaded(notice_at + grace)
-        self.event("notice", **outcome)
+        # Recorded when the flow is over; when the notice came is a field of its own.
+        self.event("notice", **{k: v for k, v in outcome.items() if k != "at"}, noticed_at=notice_at)
         self.last_notice = outcome
         if then_restart:
             self.restart_reason = then_restart
@@ -966,16 +1174,24 @@ class Job(RowFields):
             step=latest.step if latest else None, latest=str(latest.path) if latest else None,
             mtime=int(latest.mtime) if latest and latest.mtime else None, invalid=invalid, bytes=nbytes,
             quota=self.spec.checkpoint.quota if self.spec.checkpoint else None, over_quota=ck.over_quota,
-            rss=self.memory_rss, mem_limit=self.spec.memory.limit)
+            rss=self.memory_rss, mem_limit=self.spec.memory.limit,
+            adopted=int(self.supervised_since or 0) if c is not None and c.adopted else None,
+            goodput=self._goodput_percent())
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()
         if self.mirror is not None:
             warnings += self.mirror.warnings()
-        notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown)) if v}
+        notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown),
+                                   ("config_error", self.config_error)) if v}
         encoded = (json.dumps(row).encode(), json.dumps(notes, separators=(",", ":")).encode() if notes else b"")
         self._row = (key, encoded)
         return encoded
+
+    def _goodput_percent(self) -> str | None:
+        """GOODPUT in the table: a percent, one decimal (re-made with the row each second)."""
+        ratio = self.goodput.at(time.time(), self.state.value).ratio
+        return None if ratio is None else f"{ratio * 100:.1f}"
 
     def status(self) -> dict:
         latest, valid, invalid, total = self._checkpoint_summary()
@@ -1017,4 +1233,10 @@ class Job(RowFields):
             "user": self.spec.user,
             "containment": c.containment if c is not None else
             (self.host.containment.kind if self.host.containment is not None else cgroup.PROCESS_GROUP),
+            # since when this daemon supervises the running attempt, and whether it took
+            # it over from an earlier daemon (a crash or re-exec) rather than launching it
+            "supervised_since": self.supervised_since if c is not None else None,
+            "adopted": bool(c is not None and c.adopted),
+            # productive training over wall time since the first launch, and the rest by part
+            "goodput": self.goodput.at(now, self.state.value).as_dict(),
         }

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,11 +25,13 @@ from ..checkpoint.deleter import unfinished_intents
 from ..contract import iso_utc
 from ..control.server import ControlServer
 from ..spec import DaemonSpec, InvalidJob, JobSpec, ScheduleSpec, rotates
+from . import adoption, reexec
 from .checkpoints import JobCheckpoints, RotationCoordinator
 from .handlers import Commands
 from .hooks import HookRunner
 from .job import Job, State
 from .launch import cgroup, clone3, process
+from .notices import Notice
 from .notices.schedule import JobSchedule
 from .notices.schedule import preload as schedule_preload
 from .sdnotify import Notifier
@@ -81,6 +84,7 @@ def release_freed_memory() -> None:
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
 NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
+METRICS_SAMPLE_S = 5.0          # jobs' RSS in the metrics is at most this old
 
 
 
@@ -115,6 +119,10 @@ class Daemon:
         self.hooks: HookRunner | None = None
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
         self.transfers: Any = None              # mirror.transfer.Transfers, at the first mirrored job
+        self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
+        self.metrics_error: str | None = None   # metrics.required false and they could not start
+        self._metrics_sampled = float("-inf")
+        self.handover: reexec.Handover | None = None   # this program was exec'd by `trainsup reexec`
 
     # -- entry point -------------------------------------------------------------------
     def run(self) -> int:
@@ -123,9 +131,15 @@ class Daemon:
         # only keep up. A thread holding the GIL keeps it up to the switch interval once
         # the loop wants it back: 5 ms by default, 1 ms here.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self.handover = reexec.take()
         self.lock = StateLock(self.spec.state_dir)
-        self.lock.acquire()        # raises LockHeld: the CLI turns it into exit 2
+        # raises LockHeld: the CLI turns it into exit 2 (after `reexec`: the lock never left us)
+        self.lock.acquire(inherited=self.handover.lock_fd if self.handover else None)
         try:
+            if self.spec.preemption.trigger_file is not None:
+                # before anything is served: a folder others can write refuses the start
+                from .notices.trigger import prepare_trigger_dir
+                prepare_trigger_dir(self.spec.preemption.trigger_file)    # TriggerRefused: exit 2
             self.db = StateDB(self.spec.state_dir)
             with self.db.conn:
                 pass
@@ -136,6 +150,10 @@ class Daemon:
     async def _main(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        log.info("config: %s", self.config_file)
+        # First: a port another daemon holds fails the start (exit 2) before anything else
+        # is set up, unless metrics.required is false.
+        self._start_metrics()
         # Requests that arrive while the jobs dir is first read wait for it: `status` must
         # never answer "no such job" for a job whose file is still settling.
         self.loaded = asyncio.Event()
@@ -160,9 +178,11 @@ class Daemon:
             self.loop.add_signal_handler(sig, handler)
         self.control = ControlServer(self.spec.socket, self.commands.handle, group=self.spec.socket_group,
                                      job_owner=self._job_uid, job_names=lambda: list(self.jobs))
-        await self.control.start()
-        self.hooks = HookRunner(self.loop, self.spec.hooks)
-        self._start_metrics()
+        await self.control.start(inherited=self.handover.socket_fd if self.handover else None)
+        self.hooks = HookRunner(self.loop, self.spec.hooks, daemon_spec=self.spec,
+                                containment=containment if containment.kind != cgroup.PROCESS_GROUP else None)
+        if self.metrics is not None:
+            self._spawn_task(self.metrics.probe_lag(self._publish_metrics), "metrics lag probe")
         self.heartbeat_dir = process.heartbeat_dir(self.spec.state_dir)
         # YAML and user lookups off the loop; a file still being written is read again
         # by a reload in a moment instead of being taken half-written.
@@ -175,27 +195,33 @@ class Daemon:
         self.loaded.set()
         # malloc_trim walks the whole heap (0.1-0.5 s once scans have run): off the loop
         self.loop.call_later(RELEASE_MEMORY_AFTER_S, self.loop.run_in_executor, None, release_freed_memory)
-        # Before any launch: a dead daemon's jobs are found by their cgroups, whatever the
-        # state DB says (it may be gone), then by the pids it recorded.
-        for name in await containment.end_leftovers():
-            job = self.jobs.get(name.rpartition(".")[0])
-            if job is not None:
-                job.event("orphan-stopped", cgroup=name)
+        # Before any launch: the jobs an earlier daemon left running are taken over and the
+        # exits that happened meanwhile handled, found by their cgroups and shims, whatever
+        # the state DB says (it may be behind, or new).
+        taken = await adoption.take_over(self, "re-exec" if self.handover else "restart")
         for job in self.jobs.values():      # deletions a crash cut off from their record
             for e in unfinished_intents(self.db.events(job.name, 500)):
-                if not os.path.lexists(e["path"]):
+                if _gone(e["path"]):
                     job.event("deleted", path=e["path"], step=e.get("step"), bytes=e.get("bytes"),
                               why=f"{e.get('why')}; completed before a crash, recorded at start")
-        await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()))
+        # A job an earlier daemon launched without a shim cannot be taken over: ended.
+        await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()
+                               if j.name not in taken and not j.persisted.get("shim")))
         await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
         for job in self.jobs.values():
-            self._autostart(job)
+            if job.name not in taken:
+                self._autostart(job)
         self._start_notice_sources()
         self._spawn_task(self._periodic(), "periodic rescan")
         self._spawn_task(self._watchdog_pings(), "watchdog pings")
         self.notifier.ready(self._summary())
-        log.info("trainsup %s: %d jobs (%d invalid), socket %s", __version__, len(self.jobs),
-                 len(self.invalid), self.spec.socket)
+        log.info("trainsup %s: %d jobs (%d invalid, %d taken over), socket %s", __version__, len(self.jobs),
+                 len(self.invalid), sum(1 for j in self.jobs.values() if j.child and j.child.adopted),
+                 self.spec.socket)
+        if self.handover is not None:
+            reexec.answer(self.handover, {"pid": os.getpid(), "version": __version__, "was": self.handover.was,
+                                          "jobs_kept": sum(1 for j in self.jobs.values() if j.child and j.child.adopted),
+                                          "took_s": round(time.time() - self.handover.asked_at, 3)})
         assert self._stop is not None
         await self._stop.wait()
         await self._shutdown()
@@ -244,8 +270,8 @@ class Daemon:
         self.db.close()
 
     # -- notice sources: threads that only post to the loop --------------------------
-    def _threadsafe(self, fn):
-        def post(*args) -> None:
+    def _threadsafe(self, fn: Callable[..., None]) -> Callable[..., None]:
+        def post(*args: Any) -> None:
             try:
                 self.loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:
@@ -290,7 +316,7 @@ class Daemon:
         elif not job.busy:
             job.request_save()
 
-    def on_notice(self, notice) -> None:
+    def on_notice(self, notice: Notice) -> None:
         """A machine-wide notice (trigger file, cloud metadata): every job saves, and for a
         preemption or maintenance, stops before the deadline."""
         key = notice.identity()
@@ -305,8 +331,8 @@ class Daemon:
         running = [j for j in self.jobs.values() if j.alive]
         if notice.kind == "warning":
             for j in running:
-                j.last_notice = {"source": notice.source, "kind": notice.kind, "at": time.time(),
-                                 "detail": notice.detail, "outcome": "checkpoint requested"}
+                j.note_notice({"source": notice.source, "kind": notice.kind, "at": time.time(),
+                               "detail": notice.detail, "outcome": "checkpoint requested"})
                 if not j.busy:
                     j.request_save()
             return
@@ -337,7 +363,7 @@ class Daemon:
         """The machine-wide preemption notice in force (a start now would be preempted again)."""
         return next((n for n in self.notices_in_force() if n.kind != "warning"), None)
 
-    async def _acknowledge(self, flows, notice) -> None:
+    async def _acknowledge(self, flows: list[asyncio.Task], notice: Notice) -> None:
         # Azure: tell the platform it may go ahead once every job has saved and stopped.
         await asyncio.gather(*flows, return_exceptions=True)
         try:
@@ -361,7 +387,7 @@ class Daemon:
     def leader_pids(self) -> list[int]:
         # Hook processes too: their exit status is the hook runner's to collect.
         hooks = list(self.hooks.pids()) if self.hooks is not None else []
-        return [j.child.pid for j in self.jobs.values() if j.child] + hooks
+        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks
 
     async def claims_exit(self, job: Job) -> bool:
         """JobHost: whether the host decides what this exit means (`trainsup run` under
@@ -388,6 +414,7 @@ class Daemon:
     def _add_job(self, spec: JobSpec) -> Job:
         ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request,
+                               on_landed=self.rotation.landed,
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
                                create_as=spec.owner() if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
@@ -426,6 +453,10 @@ class Daemon:
             except Exception:
                 log.exception("job %s: rescan failed", job.name)
 
+    def retired_jobs(self) -> set[Job]:
+        """Replaced or removed jobs whose stop is still under way."""
+        return self._retired
+
     def own_rss(self) -> int:
         return self._me.memory_info().rss
 
@@ -444,27 +475,12 @@ class Daemon:
                 return
             log.warning("job %s: pid %d from a previous daemon is still running; stopping it", job.name, pid)
             job.event("orphan-stopped", pid=pid)
-            fut = self.loop.create_future()
-            self.loop.add_reader(fd, lambda: None if fut.done() else fut.set_result(None))
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-                os.killpg(pid, signal.SIGTERM)
-            except OSError:
-                pass
-            try:
-                await asyncio.wait_for(fut, job.spec.stop_timeout)
-            except asyncio.TimeoutError:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                except OSError:
-                    pass
-                try:
-                    await asyncio.wait_for(fut, 5.0)
-                except asyncio.TimeoutError:
-                    pass
-            finally:
-                self.loop.remove_reader(fd)
+
+            def send(sig: int) -> None:
+                signal.pidfd_send_signal(fd, sig)
+                os.killpg(pid, sig)
+
+            await process.term_then_kill(self.loop, fd, send, job.spec.stop_timeout)
         finally:
             os.close(fd)
 
@@ -491,12 +507,14 @@ class Daemon:
         added, removed, changed = [], [], []
         self.invalid = {}
         kept_broken: set[str] = set()
+        kept_errors: list[str] = []
         for inv in invalid:
             old = by_source.get(inv.source)
             if old is not None and old.name not in new:
                 # The job's own file broke (or is half-written): the job keeps running as
                 # it was, and status shows the error next to it.
                 kept_broken.add(old.name)
+                kept_errors.extend(inv.errors)
                 old.set_config_error("; ".join(inv.errors))
                 for line in inv.errors:
                     log.error("%s", line)
@@ -528,7 +546,7 @@ class Daemon:
         return {"added": added, "removed": removed, "changed": changed,
                 "invalid_jobs": sorted({inv.name for inv in self.invalid.values()} | kept_broken),
                 "invalid": [l for inv in self.invalid.values() for l in inv.errors]
-                + [f"{self.jobs[n].spec.source}: {self.jobs[n].config_error}" for n in sorted(kept_broken)]}
+                + kept_errors}         # each "FILE:LINE: KEY: ..." once, as for an invalid new file
 
     async def _scan_jobs_dir(self, tries: int = 10) -> config.JobsDirScan:
         """The jobs dir, read off the loop, once its files have settled: a file written
@@ -600,34 +618,52 @@ class Daemon:
             self.metrics.schedule_publish(self.loop, self._publish_metrics)
         if self.hooks is not None:
             j = self.jobs.get(job)
-            self.hooks.on_event(job, kind, data, j.spec.hooks if j is not None else ())
+            self.hooks.on_event(job, kind, data, job_spec=j.spec if j is not None else None)
 
     # -- metrics: the loop publishes snapshots; the HTTP thread only reads them ----------
     def _start_metrics(self) -> None:
         if not self.spec.metrics.listen:
             return
-        from .metrics import MetricsBook, MetricsServer
-        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall)
+        from .metrics import MetricsBook, MetricsServer, MetricsUnavailable
+        gid = None
+        if self.spec.socket_group:
+            import grp
+            try:
+                gid = grp.getgrnam(self.spec.socket_group).gr_gid
+            except KeyError:
+                gid = None
+        server = MetricsServer(self.spec.metrics.listen, MetricsBook(), self.started_wall, gid=gid)
         try:
             server.start()
-        except OSError as e:
-            # Supervising the jobs matters more than exporting numbers about them.
-            log.error("metrics: cannot listen on %s: %s; running without metrics",
-                      self.spec.metrics.listen, e.strerror or e)
+        except MetricsUnavailable as e:
+            if self.spec.metrics.required:
+                # Never run on silently without them: another daemon's numbers would be
+                # scraped from this address (and status would not say).
+                raise MetricsUnavailable(f"{e} (set metrics.required: false to run without metrics)") from None
+            log.error("%s; running without metrics (metrics.required is false)", e)
+            self.metrics_error = str(e)
             return
         self.metrics = server
-        log.info("metrics on http://%s/metrics", self.metrics_address())
-        self._spawn_task(server.probe_lag(self._publish_metrics), "metrics lag probe")
+        log.info("metrics at %s", self.metrics_address())
 
     def metrics_address(self) -> str | None:
         if self.metrics is None:
             return None
-        host = self.metrics.listen.rpartition(":")[0]
-        return f"{host}:{self.metrics.port}"
+        return self.metrics.address
 
     def _publish_metrics(self) -> None:
         if self.metrics is not None:
             self.metrics.book.publish(self.jobs, [inv.name for inv in self.invalid.values()])
+            # memory of running jobs: /proc and cgroup reads, off the loop (Commands)
+            now = time.monotonic()
+            if now - self._metrics_sampled >= METRICS_SAMPLE_S:
+                self._metrics_sampled = now
+                self._spawn_task(self._sample_for_metrics(), "sampling jobs for metrics")
+
+    async def _sample_for_metrics(self) -> None:
+        await self.commands.fresh_proc_samples()
+        if self.metrics is not None:
+            self.metrics.book.mark()
 
     def save_job(self, job: str, data: dict) -> None:
         self.db.save_job(job, data)
@@ -668,6 +704,18 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _gone(path: str) -> bool:
+    """Only ENOENT is "gone": os.path.lexists also says False for a name it cannot look
+    at (ENAMETOOLONG, EACCES), and an entry never deleted was recorded `deleted`."""
+    try:
+        os.lstat(path)
+        return False
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _log_failure(task: asyncio.Task, what: str) -> None:

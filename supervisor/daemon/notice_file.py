@@ -1,48 +1,80 @@
 """Daemon side of the notice file: what a save request wants, written before the signal.
 
-The job finds the file through TRAINSUP_NOTICE_FILE: `<state_dir>/notices/<job>/notice.json`,
-in a per-job dir owned by the job's user (so a `user:` job can write its acknowledgement
-next to it), never in the checkpoint dir (where it would be listed as an entry). The
-daemon creates its temp file there with O_EXCL|O_NOFOLLOW: a link the user plants cannot
-make root write elsewhere. JSON: {"id", "kind": "checkpoint"|"preempt", "deadline"
-(UTC epoch seconds or null), "deadline_iso", "written"}. A job that understands it writes
-`<file>.ack` = {"id", "kind", "state": "taken"|"saved", "exits"}: "exits" true means it
-ends by itself once that save is committed (exit 0 after a preempt), so the stop flow
-waits for the exit instead of sending SIGTERM. Jobs that never ack keep the old flow.
-The job side is trainsup.emergency.
+The job finds the file through TRAINSUP_NOTICE_FILE: `<heartbeat dir>/.notices/<job>/notice.json`,
+beside the job's heartbeat (/run/trainsup/<tree>/ for a root daemon: every level reachable by
+name, none listable), in a per-job dir owned by the job's user, mode 0700. It once sat in
+the state dir (0750 root), where a `user:` job could not even reach it: one save per
+preemption and `time_left()` silently did not exist for such jobs. A job's user writes its
+acknowledgement next to the notice; no other user can read or write either. Never in the
+checkpoint dir (it would be listed as an entry). The daemon creates its temp file there with
+O_EXCL|O_NOFOLLOW: a link the user plants cannot make root write elsewhere. JSON: {"id",
+"kind": "checkpoint"|"preempt", "deadline" (UTC epoch seconds or null), "deadline_iso",
+"written"}. A job that understands it writes `<file>.ack` = {"id", "kind", "state":
+"taken"|"saved", "exits"}: "exits" true means it ends by itself once that save is committed
+(exit 0 after a preempt), so the stop flow waits for the exit instead of sending SIGTERM.
+Jobs that never ack keep the old flow. The job side is trainsup.emergency.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import stat
 from pathlib import Path
 
-NOTICE_NAME = "notice.json"
-ACK_SUFFIX = ".ack"
+from ..contract import ACK_SUFFIX, MAX_NOTICE_BYTES, NOTICE_NAME, notice_body, parse_ack
+
+NOTICES_DIR = ".notices"     # no job name starts with a dot: never a job's heartbeat file
 
 
-def prepare(state_dir: Path, job: str, owner: tuple[int, int] | None) -> Path:
-    """The job's notice dir (created, owned by the job's user) and the notice file's path.
-    Raises OSError."""
-    d = Path(state_dir) / "notices" / job
-    d.parent.mkdir(parents=True, exist_ok=True)
+def prepare(heartbeat_dir: Path, job: str, owner: tuple[int, int] | None) -> Path:
+    """The job's notice dir (created beside the heartbeats, owned by the job's user, 0700)
+    and the notice file's path. Raises OSError."""
+    top = Path(heartbeat_dir) / NOTICES_DIR
     try:
-        d.mkdir(mode=0o755)
+        os.mkdir(top, 0o711)
     except FileExistsError:
         pass
+    _own(top, None, 0o711)           # the daemon's: reachable by name, not listable
+    d = top / job
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    _own(d, owner, 0o700)
+    return d / NOTICE_NAME
+
+
+def _own(d: Path, owner: tuple[int, int] | None, mode: int) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)   # a planted link is refused
     try:
         st = os.fstat(fd)
-        if owner is not None and (st.st_uid, st.st_gid) != owner:
-            os.fchown(fd, *owner)
-        if stat.S_IMODE(st.st_mode) != 0o755:
-            os.fchmod(fd, 0o755)
+        want = owner if owner is not None else (os.geteuid(), os.getegid())
+        if (st.st_uid, st.st_gid) != want:
+            os.fchown(fd, *want)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
-    return d / NOTICE_NAME
+
+
+def path_of(state_dir: Path, job: str) -> Path:
+    """The notice file's path (what `prepare` returns), without touching anything."""
+    return Path(state_dir) / "notices" / job / NOTICE_NAME
+
+
+def last_count(path: Path, attempt: int) -> int:
+    """How many notices this attempt has had, from the id of the last one written
+    (`<attempt>.<n>`); 0 when there is none. A daemon that takes a running job over
+    numbers its notices on from there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            nid = json.loads(f.read(MAX_NOTICE_BYTES)).get("id")
+        a, _, n = str(nid).partition(".")
+        return int(n) if int(a) == attempt else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def clear(path: Path) -> None:
@@ -59,10 +91,7 @@ def clear(path: Path) -> None:
 def write(path: Path, notice_id: str, kind: str, deadline: float | None) -> bool:
     """Write the notice atomically (tmp + rename: the job never reads half of one). A few
     hundred bytes into the page cache, no fsync: only a live process reads it."""
-    body = {"id": notice_id, "kind": kind, "deadline": deadline,
-            "deadline_iso": (_dt.datetime.fromtimestamp(deadline, _dt.timezone.utc).isoformat()
-                             if deadline is not None else None),
-            "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    body = notice_body(notice_id, kind, deadline)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         try:
@@ -87,7 +116,7 @@ def read_ack(path: Path, notice_id: str) -> dict | None:
     try:
         fd = os.open(str(path) + ACK_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
-            ack = json.loads(f.read(4096))
-    except (OSError, ValueError):
+            raw = f.read(MAX_NOTICE_BYTES)
+    except OSError:
         return None
-    return ack if isinstance(ack, dict) and ack.get("id") == notice_id else None
+    return parse_ack(raw, notice_id)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import config
+from .. import config, contract
 from ..spec import DaemonSpec, InvalidJob, JobSpec
 from .job import Job, State
 from .loop import Daemon
@@ -193,8 +193,8 @@ class RunDaemon(Daemon):
         notice = {"source": f"slurm-{why}", "at": time.time(),
                   "outcome": "saved by the ranks" if latest else "no checkpoint",
                   "step": getattr(latest, "step", None)}
-        job.last_notice = notice
-        job.event("notice", **notice)
+        job.note_notice(notice)
+        job.event("notice", **{k: v for k, v in notice.items() if k != "at"})
         await self._after_slurm_notice(job, why)
 
     async def _after_slurm_notice(self, job: Job, why: str | None) -> None:
@@ -245,6 +245,7 @@ def run_job(job_file: Path, *, state_dir: Path | None = None, socket: Path | Non
             slurm: str = "auto") -> int:
     """`trainsup run`: returns the exit code (see the module doc)."""
     from ..control.server import SocketRefused
+    from .notices.trigger import TriggerRefused
     from .state import LockHeld, StateUnusable
     is_root = os.geteuid() == 0
     job = config.load_job_file(job_file, is_root=is_root)
@@ -267,12 +268,12 @@ def run_job(job_file: Path, *, state_dir: Path | None = None, socket: Path | Non
             return EXIT_USAGE
     # Everything the job would have seen when run by hand reaches it (a container's or a
     # batch step's environment: SLURM_*, CUDA_*, ...), plus the socket for `trainsup status`.
-    os.environ["TRAINSUP_SOCKET"] = str(sock)
+    os.environ[contract.SOCKET] = str(sock)
     spec = DaemonSpec(jobs_dir=job.source.parent, state_dir=state, socket=sock, log_dir=state / "logs",
                       pass_env=tuple(os.environ))
     print(f"trainsup run: job {job.name}, state {state}, socket {sock}", file=sys.stderr, flush=True)
     try:
         return RunDaemon(spec, job.source, allocation).run()
-    except (LockHeld, SocketRefused, StateUnusable) as e:
+    except (LockHeld, SocketRefused, StateUnusable, TriggerRefused) as e:
         print(f"trainsup: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -158,5 +158,5 @@ class Notifier:
     def __enter__(self) -> Notifier:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -95,8 +95,22 @@ class StateLock:
         self.path = Path(state_dir) / "lock"
         self.fd = -1
 
-    def acquire(self) -> None:
-        """Raises LockHeld, or StateUnusable when the state dir cannot be written."""
+    def acquire(self, inherited: int | None = None) -> None:
+        """Raises LockHeld, or StateUnusable when the state dir cannot be written.
+        `inherited`: the fd of this lock, already held, handed over by `trainsup reexec`."""
+        if inherited is not None:
+            try:
+                held, here = os.fstat(inherited), os.stat(self.path)
+                if (held.st_dev, held.st_ino) == (here.st_dev, here.st_ino):
+                    fcntl.flock(inherited, fcntl.LOCK_EX | fcntl.LOCK_NB)   # ours already: no wait
+                    self.fd = inherited
+                    return
+            except OSError:
+                pass
+            try:
+                os.close(inherited)
+            except OSError:
+                pass
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -358,7 +372,9 @@ class StateDB:
                 d = json.loads(data)
             except ValueError:
                 d = {}
-            out.append({"at": at, "kind": kind, **d})
+            # The record's own time wins over any "at" in its data: history is in time
+            # order (a notice's data once carried when it arrived, and printed out of order).
+            out.append({**d, "at": at, "kind": kind})
         return out
 
     # -- verdict cache (trainsup.checkpoint.validate's VerdictCache protocol) ----------

@@ -6,16 +6,16 @@ import os
 import re
 from pathlib import Path
 
-from .. import emergency
+from .. import contract, emergency
 
 
 def under_daemon() -> bool:
-    return bool(os.environ.get("TRAINSUP_JOB"))
+    return bool(os.environ.get(contract.JOB))
 
 
 def resume_env() -> str | None:
     """TRAINSUP_RESUME_FROM when set and non-empty (the daemon checked it is valid)."""
-    return os.environ.get("TRAINSUP_RESUME_FROM") or None
+    return os.environ.get(contract.RESUME_FROM) or None
 
 
 def newest_numbered(dir: Path, rx: re.Pattern, valid) -> Path | None:

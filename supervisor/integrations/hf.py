@@ -1,7 +1,7 @@
 """Hugging Face transformers Trainer: emergency saves and resume.
 
     from trainsup.integrations.hf import TrainsupCallback, resume_checkpoint
-    trainer = Trainer(..., args=TrainingArguments(output_dir=os.environ["TRAINSUP_CHECKPOINT_DIR"], ...),
+    trainer = Trainer(..., args=TrainingArguments(output_dir=os.environ[contract.CHECKPOINT_DIR], ...),
                       callbacks=[TrainsupCallback()])
     trainer.train(resume_from_checkpoint=resume_checkpoint())
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .. import emergency
+from .. import contract, emergency
 from ._common import log, newest_numbered, resume_env, under_daemon
 
 __all__ = ["TrainsupCallback", "resume_checkpoint"]
@@ -56,7 +56,7 @@ def resume_checkpoint(output_dir: str | None = None) -> str | None:
     env = resume_env()
     if env or under_daemon():
         return env
-    d = output_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+    d = output_dir or os.environ.get(contract.CHECKPOINT_DIR)
     if not d:
         return None
     p = newest_numbered(Path(d), _CKPT_RE, _complete)

@@ -26,7 +26,7 @@ from typing import Any
 
 import keras
 
-from .. import emergency
+from .. import contract, emergency
 from ._common import log
 
 __all__ = ["TrainsupBackup"]
@@ -35,7 +35,7 @@ __all__ = ["TrainsupBackup"]
 class TrainsupBackup(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir: str | None = None, save_freq: Any = "epoch",
                  delete_checkpoint: bool = False) -> None:
-        d = backup_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+        d = backup_dir or os.environ.get(contract.CHECKPOINT_DIR)
         if not d:
             raise ValueError("TrainsupBackup: no backup_dir (pass one or set TRAINSUP_CHECKPOINT_DIR)")
         super().__init__(d, save_freq=save_freq, double_checkpoint=False, delete_checkpoint=delete_checkpoint)

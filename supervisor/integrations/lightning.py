@@ -35,7 +35,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .. import emergency
+from .. import contract, emergency
 from ._common import log, resume_env, under_daemon
 
 __all__ = ["TrainsupCallback", "ckpt_path"]
@@ -59,7 +59,7 @@ def ckpt_path(dir: str | None = None) -> str | None:
     env = resume_env()
     if env or under_daemon():
         return env
-    d = dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+    d = dir or os.environ.get(contract.CHECKPOINT_DIR)
     if not d or not Path(d).is_dir():
         return None
     cands = []
@@ -106,7 +106,7 @@ class TrainsupCallback(Callback):
         cb = trainer.checkpoint_callback
         if cb is not None and getattr(cb, "dirpath", None):
             return Path(cb.dirpath)
-        return Path(os.environ.get("TRAINSUP_CHECKPOINT_DIR") or trainer.default_root_dir)
+        return Path(os.environ.get(contract.CHECKPOINT_DIR) or trainer.default_root_dir)
 
     def _save(self, trainer: pl.Trainer) -> Path:
         d = self._target_dir(trainer)

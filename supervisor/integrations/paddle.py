@@ -29,7 +29,7 @@ from typing import Any
 
 import paddle
 
-from .. import emergency
+from .. import contract, emergency
 from ._common import log, resume_env, under_daemon
 
 __all__ = ["TrainsupCallback", "save_model", "load_model", "resume_prefix"]
@@ -72,7 +72,7 @@ def resume_prefix(save_dir: str | None = None) -> str | None:
     env = resume_env()
     if env or under_daemon():
         return env
-    d = Path(save_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR") or "")
+    d = Path(save_dir or os.environ.get(contract.CHECKPOINT_DIR) or "")
     if not str(d) or not d.is_dir():
         return None
     cands = [d / "latest"] + [d / n[: -len(".states")] for n in os.listdir(d) if _ITER_RE.match(n)]
@@ -163,7 +163,7 @@ class TrainsupCallback(paddle.callbacks.Callback):
 
     def __init__(self, save_dir: str | None = None, prefix: str = "latest") -> None:
         super().__init__()
-        d = save_dir or os.environ.get("TRAINSUP_CHECKPOINT_DIR")
+        d = save_dir or os.environ.get(contract.CHECKPOINT_DIR)
         if not d:
             raise ValueError("TrainsupCallback: no save_dir (pass one or set TRAINSUP_CHECKPOINT_DIR)")
         self.save_dir = Path(d)

@@ -114,7 +114,7 @@ class Allocation:
         requeue completes, which is after this batch step has exited, and only if its
         BeginTime is not already in the future. So StartTime is set `lead` seconds ahead
         right after the requeue: late enough to be in the future when the requeue
-        completes, so Slurm keeps it. Not yet solved (issue 14): when Slurm's own
+        completes, so Slurm keeps it. Not yet solved: when Slurm's own
         preemption requeue is already under way, the update is accepted and ignored (no
         "setting begin" in slurmctld's log), the read-back still shows a StartTime near
         now, and the job waits the ~121 s BeginTime. An exact read-back does not work

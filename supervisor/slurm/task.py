@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import contract
+
 
 def env_for_rank(env: dict[str, str]) -> dict[str, str]:
     out = dict(env)
@@ -22,7 +24,7 @@ def env_for_rank(env: dict[str, str]) -> dict[str, str]:
             out[name] = env[slurm]
     if "MASTER_PORT" not in out:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
-        attempt = int(env.get("TRAINSUP_ATTEMPT", "1") or 1)
+        attempt = int(env.get(contract.ATTEMPT, "1") or 1)
         out["MASTER_PORT"] = str(20000 + (job * 97 + attempt) % 20000)
     return out
 

@@ -17,9 +17,10 @@ import xxhash
 from measure import WORK_DIR, Section, Stat, job_yaml, poll, running_daemon, workdir
 from trainsup.checkpoint import format as ckfmt
 from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
 from trainsup.checkpoint.index import CheckpointInfo
 from trainsup.checkpoint.rotation import plan_rotation
-from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
+from trainsup.checkpoint.validate import check_entry
 from trainsup.spec import CheckpointSpec
 
 

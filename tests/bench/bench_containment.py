@@ -33,7 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import wait_for  # noqa: E402
 from trainsup.daemon.launch import cgroup, process  # noqa: E402 (the repository, not an installed copy)
 
 TRUE = ["/bin/true"]
@@ -120,11 +122,7 @@ def _spawn_many(n: int, tree, cg, work: Path) -> process.Child:
     job = JobSpec("bench", tuple(many(n)), work, work / "bench.yaml")
     child = process.spawn(job, list(job.command), {"PATH": os.environ["PATH"]}, os.open(os.devnull, os.O_WRONLY),
                           tree, cg)
-    deadline = time.monotonic() + 60
-    while len(process.descendants(child.pid)) < n:
-        if time.monotonic() > deadline:
-            raise SystemExit("the job never reached its process count")
-        time.sleep(0.01)
+    wait_for(lambda: len(process.descendants(child.pid)) >= n, 60, "the job's process count", 0.01)
     return child
 
 

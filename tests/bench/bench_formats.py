@@ -28,9 +28,9 @@ import zipfile
 from pathlib import Path
 
 import crc32c
-from trainsup.checkpoint.frameworks.hdf5 import SIGNATURE
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
+from trainsup.checkpoint.formats.readers.hdf5 import SIGNATURE
 from trainsup.checkpoint.index import scan
-from trainsup.checkpoint.validate import MemoryVerdictCache
 
 TENSOR = 16 << 20
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "multinode"))
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import wait_for  # noqa: E402
 from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
 
 TRAIN = REPO / "jobs" / "train_mlp.py"
@@ -74,14 +76,7 @@ def save_took(env: dict, state: Path, name: str, n: int) -> list[float]:
 
 
 def wait(pred, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: timed out waiting for {what}")
-        time.sleep(interval)
+    return wait_for(pred, timeout, what, interval)
 
 
 def resume_floor(d: Path, ckpt: Path, n: int = 3, procs: int = 1) -> list[float]:

@@ -30,7 +30,9 @@ SECTIONS = {
     "notice": "bench_notice",
     "resume": "bench_resume",
     "scale": "bench_scale",
+    "adopt": "bench_adopt",
     "deletion": "bench_deletion",
+    "reprove": "bench_reprove",
     "integrations": "bench_integrations",
     "mirror": "bench_mirror",
 }

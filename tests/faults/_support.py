@@ -25,7 +25,8 @@ def job_processes(name: str, root: Path) -> list[psutil.Process]:
                 continue
             if not any(e.startswith(b"TRAINSUP_CHECKPOINT_DIR=" + str(root).encode()) for e in env):
                 continue
-            if p.status() != psutil.STATUS_ZOMBIE:
+            # the job's shim (its small parent, holding its exit status) is not a copy of the job
+            if p.status() != psutil.STATUS_ZOMBIE and p.name() != "trainsup-shim":
                 out.append(p)
         except (OSError, psutil.Error):
             pass

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 FLOOD = 1500          # more than the daemon's 1024 fds
 
@@ -32,7 +33,7 @@ def _status_time(daemon) -> float:
 def _flood(path, n: int, within: float = 20.0) -> list[socket.socket]:
     """n connections the daemon has accepted (or closed), each kept open and silent."""
     socks: list[socket.socket] = []
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + scaled(within)
     while len(socks) < n and time.monotonic() < deadline:
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(1.0)

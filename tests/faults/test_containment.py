@@ -124,7 +124,10 @@ def test_state_db_deleted_then_daemon_sigkilled_runs_one_copy(daemon):
     daemon.start()
     daemon.wait_state("one", "running")
     _one_copy_over(m)
-    assert argv_pids("sleep", m) != first, "the dead daemon's copy was left running"
+    # Found again by its cgroup and shim although the state DB is gone: taken over, not
+    # relaunched (one copy, the same process).
+    assert argv_pids("sleep", m) == first, "the dead daemon's copy was replaced instead of taken over"
+    assert daemon.status("one")["adopted"] is True
 
 
 def test_daemon_sigkilled_right_after_spawn_runs_one_copy(daemon):

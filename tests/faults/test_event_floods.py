@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import wait_for
+from conftest import scaled, wait_for
 from trainsup.checkpoint import MemoryVerdictCache, write_checkpoint
 from trainsup.control.client import request
 from trainsup.daemon.checkpoints import JobCheckpoints
@@ -53,7 +53,7 @@ def test_a_many_file_entry_moved_in_costs_a_few_scans_not_one_per_file(tmp_path)
                 before = len(calls)
                 os.rename(stage, ck / "step-00000002")
                 # watchdog reports the 5,000 files inside the moved dir, one by one
-                deadline = time.monotonic() + 30
+                deadline = time.monotonic() + scaled(30)
                 while not any(i.name == "step-00000002" for i in jc.infos) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(2.0)      # let every report of the burst arrive
@@ -185,3 +185,46 @@ def test_the_pool_threads_run_at_a_lower_cpu_priority_than_the_loop(daemon):
     main = [v for n, v in seen.items() if n.endswith(f"/{daemon.proc.pid}")]
     assert main == [base], seen              # the loop keeps the daemon's priority
     assert sum(1 for v in seen.values() if v == want) <= 2, seen     # the pool only (2 workers)
+
+
+def test_a_dir_that_changes_during_every_scan_never_holds_a_refresh(tmp_path):
+    """Found by the daemon crash storm: at start the daemon awaits one refresh of every
+    job's dir before it launches anything. A job taken over (still running) saved into its
+    dir faster than the loaded daemon scanned it, each scan ended with "changed meanwhile,
+    once more", the refresh never returned, and jobs that were not running were never
+    launched. Here every scan sees a real new save land while it runs (the watcher's event
+    delivered as it would be): a caller waits for one scan, the rest follows in the
+    background until the dir is quiet."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    saves = []
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(2) as pool:
+            jc: JobCheckpoints
+
+            def on_index(infos, err) -> None:
+                if len(saves) < 40:              # the job saves again while each scan runs
+                    saves.append(write_checkpoint(ck, len(saves) + 1, {"w": b"x"}))
+                    jc.changed()
+
+            jc = JobCheckpoints("busy", CheckpointSpec(dir=ck), loop, pool, MemoryVerdictCache(),
+                                on_index=on_index, on_scanned=lambda: None)
+            try:
+                await asyncio.wait_for(jc.refresh(), scaled(10))
+                returned_after = len(saves)
+                # the background scans catch up with every save once the job stops saving
+                await asyncio.wait_for(_until(lambda: len(saves) == 40 and len(jc.infos) == 40), scaled(30))
+                return returned_after, len(jc.infos)
+            finally:
+                jc.close()
+
+    returned_after, indexed = asyncio.run(main())
+    assert returned_after < 40, "refresh() waited for the dir to stop changing"
+    assert indexed == 40
+
+
+async def _until(pred) -> None:
+    while not pred():
+        await asyncio.sleep(0.01)

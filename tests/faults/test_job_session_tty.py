@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, wait_for
+from conftest import REPO, scaled, wait_for
 
 PY = "/usr/bin/python3"    # world-executable: the venv under /root is not nobody's
 
@@ -61,7 +61,7 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
     # The daemon is a session leader whose controlling terminal is the pty, like a root shell
     # (preexec_fn: TIOCSCTTY must run in the child; the test process forks nothing else).
     d = subprocess.Popen([sys.executable, "-m", "trainsup", "--socket", str(sock), "daemon", "--jobs", str(jobs),
-                          "--state", str(tmp_path / "state"), "--log-dir", str(tmp_path / "logs")],
+                          "--state", str(tmp_path / "state"), "--log-dir", str(tmp_path / "logs"), "--config", "none"],
                          stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
                          preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
     os.close(slave)
@@ -88,7 +88,7 @@ def test_user_nobody_job_cannot_tiocsti_into_the_daemons_terminal(tmp_path):
     finally:
         d.terminate()
         try:
-            d.wait(30)
+            d.wait(scaled(30))
         except subprocess.TimeoutExpired:
             d.kill()
             d.wait()

@@ -156,3 +156,78 @@ def test_trailing_newline_name_is_not_a_checkpoint(daemon):
     listing = _ckpts(daemon, "nl")
     assert listing["step-00000300\n"]["format"] == "unmanaged"
     assert (ck / "step-00000300\n" / "state.json").read_bytes() == b'{"step": 300}'
+
+
+def _deep_dir(base: Path, total: int) -> Path:
+    """A real directory whose path is about `total` bytes long, made one component at a
+    time through dir fds (no syscall here ever takes the whole path)."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    path = base
+    try:
+        while len(os.fsencode(str(path))) < total - 201:
+            os.mkdir("d" * 200, dir_fd=fd)
+            nfd = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, path = nfd, path / ("d" * 200)
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_250_byte_name_that_cannot_be_looked_up_by_path_is_not_recorded_deleted(daemon):
+    """7, again: a 250-byte entry whose full path is past PATH_MAX answers ENAMETOOLONG to
+    any path lookup, and a `delete-intent` a killed daemon left for it was "completed" at
+    the next start (os.path.lexists says False for a name it cannot look at): recorded
+    `deleted` while the entry was still there. Only ENOENT is gone."""
+    from trainsup.daemon.state import StateDB
+    ck = _deep_dir(daemon.root, 3900)
+    write_checkpoint(ck, 1, {"w": b"x" * 100})
+    long_name = "step-" + "0" * 245
+    entry = write_checkpoint(daemon.root / "stage", 0, {"w": b"y" * 100})
+    dst = os.open(ck, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(entry, long_name, dst_dir_fd=dst)
+    finally:
+        os.close(dst)
+    long_path = f"{ck}/{long_name}"
+    assert len(os.fsencode(long_path)) > 4096
+    with pytest.raises(OSError) as e:
+        os.lstat(long_path)
+    assert e.value.errno == 36                                 # ENAMETOOLONG: not "gone"
+    # What a daemon killed between a deletion's intent and its outcome leaves behind.
+    db = StateDB(daemon.state)
+    db.add_event("long", "delete-intent", {"path": long_path, "step": 0, "bytes": 100, "why": "rotation"})
+    db.close()
+    daemon.write_job("long", f"name: long\ncommand: [sleep, '3600']\nworkdir: /\n"
+                             f"checkpoint: {{dir: {ck}, keep_last: 5}}\n")
+    daemon.start()
+    daemon.wait_state("long", "running")
+    wait_for(lambda: any(c["path"] == long_path for c in daemon.request("checkpoints", "long")["result"]), 15,
+             "the long entry indexed")
+    lies = [e for e in daemon.history("long") if e["kind"] == "deleted"]
+    assert not lies, lies
+    dst = os.open(ck, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert long_name in os.listdir(dst)
+    finally:
+        os.close(dst)
+
+
+def test_entry_that_cannot_be_moved_into_the_trash_is_never_already_gone(tmp_path):
+    """The trash dir removed between its open and the rename (the job's user owns the
+    checkpoint dir): the rename answers ENOENT, which once read as "already gone" and was
+    recorded `deleted` while the entry stayed. Real dirs, real rename."""
+    from trainsup.checkpoint import trash
+    from trainsup.checkpoint.dirhandle import DirHandle
+    long_name = "step-" + "0" * 245
+    write_checkpoint(tmp_path, 0, {"w": b"x"})
+    os.rename(tmp_path / "step-00000000", tmp_path / long_name)
+    with DirHandle.open(tmp_path) as h:
+        tfd = trash._open_trash(h)
+        try:
+            os.rmdir(tmp_path / trash.TRASH_DIR)                # by someone else, meanwhile
+            with pytest.raises(trash.DeleteError, match="could not be moved"):
+                trash._move_to_trash(h.fd, long_name, tfd, [long_name], long_name)
+        finally:
+            os.close(tfd)
+    assert (tmp_path / long_name / "w").read_bytes() == b"x"

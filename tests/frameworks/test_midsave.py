@@ -202,7 +202,7 @@ def _relaunched(daemon, name: str, n_resumes: int) -> tuple[list[dict], list[dic
     wait_for(lambda: len(resumed_lines(daemon, name)) > n_resumes, 120, f"{name} to resume after the kill",
              detail=lambda: f"status: {daemon.status(name)}\nhistory: {daemon.history(name)[-6:]}\n"
                             f"log tail: {job_log(daemon, name)[-1500:]}")
-    return json.loads(daemon.cli("checkpoints", name, "--json").stdout), daemon.history(name)
+    return json.loads(daemon.cli("checkpoints", name, "--json").stdout)["checkpoints"], daemon.history(name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -33,7 +33,7 @@ def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
     # `format: auto` took them as tf, each index + shard one entry whose resume path is the prefix
     r = daemon.cli("checkpoints", "tf", "--json")
     assert r.returncode == 0, r.stderr
-    rows = [c for c in json.loads(r.stdout) if c["valid"]]
+    rows = [c for c in json.loads(r.stdout)["checkpoints"] if c["valid"]]
     assert rows and all(c["format"] == "tf" for c in rows), rows
     for c in rows:
         assert c["resume_path"] == c["path"] and sorted(Path(m).name for m in c["members"]) == \
@@ -45,7 +45,7 @@ def test_tf_checkpoint_wait_sigkill_preempt_start(daemon):
 _RACE = textwrap.dedent("""
     import json, os, sys
     import tensorflow as tf
-    from trainsup.checkpoint.frameworks import bookkeeping
+    from trainsup.checkpoint.formats import tf_state as bookkeeping
     real_fsync, real_exchange = os.fsync, getattr(bookkeeping, "_exchange", None)
     for d, swap in zip(sys.argv[1::2], sys.argv[2::2]):
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(tf.zeros(4))), d, max_to_keep=None)

@@ -56,8 +56,25 @@ def main():
     p.add_argument("--save-every-steps", type=int, default=0,
                    help="periodic checkpoint every N steps (deterministic loss bound for soaks)")
     p.add_argument("--progress", default=None,
-                   help="overwrite this file with the last completed step after every step")
+                   help="overwrite this file with the last completed step after every step ({pid} in "
+                        "the name becomes this process's pid)")
+    p.add_argument("--step-time", type=float, default=0.01, help="seconds a step takes")
+    p.add_argument("--print-every", type=float, default=0.0,
+                   help="print `step N` to stdout (flushed) every N seconds")
+    p.add_argument("--lock", default=None,
+                   help="hold an exclusive flock on this file while running; one already held (a second "
+                        "copy of the job running) is recorded as event `twice` and exits 99")
     args = p.parse_args()
+    if args.lock:
+        import fcntl
+        lock_fd = os.open(args.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if args.record:
+                with open(args.record, "a") as f:
+                    f.write(json.dumps({"pid": os.getpid(), "t": time.time(), "event": "twice"}) + "\n")
+            sys.exit(99)
 
     state = {"step": 0, "save": False, "term": False}
     usr1_at = []
@@ -128,11 +145,14 @@ def main():
            env={k: v for k, v in os.environ.items()})
     start = time.monotonic()
     last_save = start
+    last_print = 0.0
     hog = []
     hb = os.environ.get("TRAINSUP_HEARTBEAT_FILE")
     last_beat = 0.0
     if args.progress == "heartbeat":      # report the step where the daemon reads it
         args.progress = os.environ["TRAINSUP_HEARTBEAT_FILE"]
+    if args.progress:
+        args.progress = args.progress.replace("{pid}", str(os.getpid()))
     progress_fd = os.open(args.progress, os.O_WRONLY | os.O_CREAT, 0o644) if args.progress else None
     while True:
         state["step"] += 1
@@ -167,10 +187,13 @@ def main():
             save("preempt")
             record(event="term-exit")
             sys.exit(0)
+        if args.print_every and now - last_print >= args.print_every:
+            last_print = now
+            print(f"step {state['step']}", flush=True)
         if args.every and time.monotonic() - last_save >= args.every:
             last_save = time.monotonic()
             save("periodic")
-        time.sleep(0.01)
+        time.sleep(args.step_time)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import wait_for  # noqa: F401 (test_systemd imports it from here)
+from conftest import scaled, wait_for  # noqa: F401 (test_systemd imports wait_for from here)
 
 SYSTEMD = "/lib/systemd/systemd"
 START_TIMEOUT = 15.0
@@ -127,6 +127,12 @@ class UserManager:
             "cat <>\"$HARNESS_FIFO\" >>\"$HARNESS_LOG\" & "
             "mount --bind \"$HARNESS_FIFO\" /dev/kmsg; "
             "mkdir -p /run/systemd/system \"$XDG_RUNTIME_DIR\"; "
+            # PID 1 makes these at boot; the unit's ProtectKernelLogs=, ProtectProc= etc.
+            # mount them over what they hide. This /run is fresh, so make them here.
+            "mkdir -p /run/systemd/inaccessible && cd /run/systemd/inaccessible && "
+            "touch reg && mkdir dir && mknod chr c 0 0 && mknod blk b 0 0 && mkfifo fifo && "
+            "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('sock')\" && "
+            "chmod 0000 reg dir chr blk fifo sock && cd /; "
             "chmod 700 \"$XDG_RUNTIME_DIR\"; "
             f"exec {SYSTEMD} --user --log-target=kmsg --log-level=info"
         )
@@ -144,7 +150,7 @@ class UserManager:
         return self
 
     def _wait_running(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + scaled(START_TIMEOUT)
         state = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -175,7 +181,7 @@ class UserManager:
             # SIGTERM makes a user manager start exit.target: units are stopped properly.
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_TIMEOUT)
+                self.proc.wait(scaled(STOP_TIMEOUT))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -205,7 +211,7 @@ class UserManager:
         full_env = dict(self.env, **(env or {}))
         cmd = ["nsenter", "--mount", f"--target={self.pid}", "--", *argv]
         r = subprocess.run(cmd, env=full_env, capture_output=True, text=True,
-                           timeout=timeout, input=input)
+                           timeout=scaled(timeout), input=input)
         if check and r.returncode != 0:
             raise HarnessError(
                 f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")

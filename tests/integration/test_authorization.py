@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, wait_for
+from conftest import REPO, alice_and_bob, scaled, wait_for
 
 PY = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(
@@ -32,21 +32,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def people():
     """Two users, alice (in the socket group) and bob (not), and the group."""
-    tag = f"{os.getpid() % 100000}"
-    group, alice, bob = f"tsg{tag}", f"tsalice{tag}", f"tsbob{tag}"
-    subprocess.run(["groupadd", group], check=True)
-    made = []
-    try:
-        for name in (alice, bob):
-            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
-            made.append(name)
-        subprocess.run(["usermod", "-a", "-G", group, alice], check=True)
-        yield {"group": group, "alice": alice, "bob": bob}
-    finally:
-        for name in made:
-            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-            subprocess.run(["userdel", name], check=False)
-        subprocess.run(["groupdel", group], check=False)
+    with alice_and_bob("ts") as users:
+        yield users
 
 
 @pytest.fixture
@@ -72,7 +59,7 @@ def raw_as(user: str, sock: Path, request: dict) -> dict:
     client = ("import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
               "s.sendall(sys.argv[2].encode()+b'\\n'); print(s.makefile().readline())")
     r = subprocess.run(["runuser", "-u", user, "--", PY, "-c", client, str(sock), json.dumps(request)],
-                       capture_output=True, text=True, timeout=30, cwd="/")
+                       capture_output=True, text=True, timeout=scaled(30), cwd="/")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -126,7 +113,7 @@ def test_socket_group_member_preempt_all_is_refused(people, daemon, public_dir):
 
 def _start_refused(daemon) -> str:
     daemon.start(wait=False)
-    assert daemon.proc.wait(30) == 2, daemon.log_text()
+    assert daemon.proc.wait(scaled(30)) == 2, daemon.log_text()
     text = daemon.log_text()
     assert "Traceback" not in text, text
     lines = [line for line in text.splitlines() if line.startswith("trainsup:")]
@@ -208,7 +195,7 @@ def test_socket_replaced_by_another_users_listener_is_refused_by_root_cli(people
     try:
         for args in (("status",), ("stop", "x")):
             r = subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(sock), *args],
-                               capture_output=True, text=True, timeout=30,
+                               capture_output=True, text=True, timeout=scaled(30),
                                env=dict(os.environ, PYTHONPATH=str(REPO)))
             assert r.returncode == 4, (r.stdout, r.stderr)
             assert "refusing to talk" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -219,7 +206,7 @@ def test_socket_replaced_by_another_users_listener_is_refused_by_root_cli(people
         os.chown(sock, 0, 0)
         os.chmod(sockdir, 0o755)
         r = subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(sock), "status"],
-                           capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                           capture_output=True, text=True, timeout=scaled(30), env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert r.returncode == 4 and "runs as uid" in r.stderr, r.stderr
     finally:
         imp.kill()

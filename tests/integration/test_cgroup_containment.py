@@ -163,3 +163,40 @@ def test_job_memory_comes_from_its_own_cgroup(tmp_path, tree):
     child.send(signal.SIGKILL)
     child.popen.wait()
     child.close()
+
+
+def _proc_cgroups(pid: int) -> dict[str, str]:
+    return cgroup.read_own_cgroups(f"/proc/{pid}/cgroup")
+
+
+def _cgroup_dirs(pid: int) -> list[Path]:
+    """The job's own cgroup dirs (v2 containment, v1 memory on a hybrid host)."""
+    mounts, own = cgroup.read_mounts(), _proc_cgroups(pid)
+    out = []
+    if mounts.v2 is not None and "" in own:
+        out.append(cgroup.join_mount(*mounts.v2, own[""]))
+    if "memory" in mounts.v1 and "memory" in own:
+        out.append(cgroup.join_mount(*mounts.v1["memory"], own["memory"]))
+    return [d for d in out if d.parent.name.startswith("trainsup-")]
+
+
+def test_daemon_makes_its_cgroup_tree_again_when_something_removed_it(daemon):
+    """Found: once something else removed the daemon's empty cgroup tree, every later
+    launch failed until the job was `failed`."""
+    daemon.fakejob("cg", ckpt=False, extra="restart: {policy: never}\n")
+    daemon.start()
+    pid = daemon.wait_state("cg", "running")["pid"]
+    dirs = _cgroup_dirs(pid)
+    if not dirs:
+        pytest.skip("jobs are not contained by cgroup here")
+    trees = [d.parent for d in dirs]
+    assert daemon.request("stop", "cg", no_save=True)["ok"]
+    daemon.wait_state("cg", "stopped")
+    wait_for(lambda: all(not d.exists() for d in dirs), 10, "the launch's cgroups removed")
+    for t in trees:                       # what a cleanup script does to an empty cgroup
+        os.rmdir(t)
+    assert daemon.request("start", "cg")["ok"]
+    st = daemon.wait_state("cg", "running", "failed", "backoff")
+    assert st["state"] == "running", (st, [e for e in daemon.history("cg") if e["kind"] == "spawn-failed"])
+    again = _cgroup_dirs(st["pid"])
+    assert [d.parent for d in again] == trees and all(d.is_dir() for d in again), again

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import deadline_for
 from conftest import wait_for as _wait_for
 from trainsup.daemon.notices import cloud
 from trainsup.daemon.notices.cloud import AwsImds, AzureScheduledEvents, CloudPoller, GcpMetadata, MetadataError
@@ -228,6 +229,7 @@ class Recorder:
 
     def wait(self, n, timeout=5.0):
         with self.cond:
+            timeout = deadline_for(timeout)
             ok = self.cond.wait_for(lambda: len(self.notices) >= n, timeout)
         assert ok, f"expected {n} notices within {timeout}s, got {self.notices}"
         return self.notices[n - 1]

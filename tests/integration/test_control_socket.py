@@ -11,11 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 
 def _raw(sock_path, payload: bytes, read=True, timeout=5.0) -> bytes:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s.settimeout(scaled(timeout))
     s.connect(str(sock_path))
     try:
         s.sendall(payload)
@@ -56,7 +57,7 @@ def test_other_uid_is_refused_even_with_chmod_666(daemon, tmp_path):
     client = ("import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
               "s.sendall(json.dumps({'cmd':'stop','job':'victim'}).encode()+b'\\n'); print(s.recv(4096).decode())")
     r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", client, str(daemon.socket)],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=scaled(30))
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)
     assert reply["ok"] is False
@@ -94,7 +95,7 @@ def test_cli_status_exit_codes(daemon):
     r = daemon.cli("status")
     assert r.returncode == 0, r
     header = r.stdout.splitlines()[0].split()
-    assert header == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CHECKPOINT", "DISK/QUOTA", "MEMORY"]
+    assert header == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "GOODPUT", "CHECKPOINT", "DISK/QUOTA", "MEMORY"]
     assert r.stdout.splitlines()[1].split()[:2] == ["fine", "running"]
     r = daemon.cli("status", "nosuch")
     assert r.returncode == 4

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def _number(pattern: str, text: str) -> int:
 def test_quick_demo_survives_preemption_and_crash_within_quota(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "trainsup", "demo", "--quick"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=200)
+                       capture_output=True, text=True, timeout=scaled(200))
     out = r.stdout
     assert r.returncode == 0, f"demo failed ({r.returncode}):\n{out}\n{r.stderr}"
 
@@ -53,11 +54,19 @@ def test_quick_demo_survives_preemption_and_crash_within_quota(tmp_path):
     assert 0 < kept <= quota
     assert _number(r"(\d+) deleted by rotation", out) >= 1
     assert "final weights identical to an uninterrupted run" in out
-    # It ends by drawing the run (issue 15): a PNG in the current dir.
+    # Goodput, from the daemon's status: the parts it names add up to the wall time.
+    m = re.search(r"^  goodput (\d+)%: ([\d.]+)s of ([\d.]+)s since the first launch", out, re.MULTILINE)
+    assert m and 0 < int(m.group(1)) < 100 and float(m.group(2)) < float(m.group(3)), out
+    # It ends by drawing the run, outside the current dir (`make demo` runs in the checkout).
     if importlib.util.find_spec("matplotlib") is not None:
-        picture = tmp_path / "trainsup-demo.png"
-        assert f"the run's timeline (`trainsup plot mlp-demo -o trainsup-demo.png`): {picture}" in out, out
-        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        drawn = re.search(r"the run's timeline \(`trainsup plot mlp-demo -o (\S+)`\): (\S+)$", out, re.MULTILINE)
+        assert drawn, out
+        picture = Path(drawn.group(2))
+        try:
+            assert picture.parent != tmp_path and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            picture.unlink(missing_ok=True)
+    assert list(tmp_path.iterdir()) == [], "the demo left files in its current dir"
 
     # Nothing left behind: the demo's dir is gone and no process still uses it.
     root = re.search(r"^  in (\S+) \(removed at the end\)$", out, re.MULTILINE).group(1)

@@ -74,7 +74,7 @@ def wait_steps(daemon, job: str, n: int, attempt: int = 1) -> int:
 def checkpoints_json(daemon, job: str) -> list[dict]:
     r = daemon.cli("checkpoints", job, "--json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return json.loads(r.stdout)["checkpoints"]
 
 
 def final_hash(text: str) -> str:

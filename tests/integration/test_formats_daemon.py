@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SHARED, wait_for
+from conftest import FRAMEWORK_FIXTURES, REPO, wait_for
 
 HF_LIKE = REPO / "tests" / "helpers" / "hf_like_job.py"
 
@@ -101,7 +101,7 @@ def test_status_warns_about_checkpoints_written_in_place(daemon):
 
 # ---------------------------------------------------------------- resume wiring per format
 
-FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
+FIXTURES = FRAMEWORK_FIXTURES
 LV = "lightning_logs/version_0/checkpoints/"
 
 # The first attempt leaves a framework's tree (as the real framework left it when killed)
@@ -122,7 +122,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
 @pytest.mark.parametrize("tree,resume", [
     ("paddle/interrupted", {"best_accuracy"}),             # PaddleOCR's own `latest` is broken here
     ("paddle/good", {"iter_epoch_3"}),
@@ -161,7 +160,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
 def test_tf_rotation_rewrites_the_state_file_and_deletes_each_checkpoint_whole(daemon):
     script = daemon.root / "copy_job.py"
     script.write_text(COPY_JOB)
@@ -198,7 +196,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
 def test_interrupted_newest_save_is_moved_aside_before_the_relaunch(daemon):
     """Issue 12, Deliver 3: a first attempt killed inside HF's save of checkpoint-6 left it
     half-written; HF's own get_last_checkpoint would pick it and crash-loop. Before the

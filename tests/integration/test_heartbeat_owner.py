@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 from trainsup.daemon.launch import process
 
 _pw = pwd.getpwnam("nobody")
@@ -30,7 +31,7 @@ TOUCH = "import os, sys; os.utime(sys.argv[1]); open(sys.argv[1], 'a').write('be
 def _as_nobody(path) -> subprocess.CompletedProcess:
     nobody = pwd.getpwnam("nobody")
     return subprocess.run([PY, "-c", TOUCH, str(path)], check=False, user=nobody.pw_uid,
-                          group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=30)
+                          group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=scaled(30))
 
 
 @pytest.fixture

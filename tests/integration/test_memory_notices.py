@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import scaled, wait_for
 from trainsup.daemon.notices.memory import (
     MemoryEpisode,
     TreeSampler,
@@ -45,16 +45,16 @@ def test_growing_child_is_noticed_before_it_reaches_the_limit():
                              text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        sampler, state, actions = TreeSampler(child.pid), MemoryEpisode(), []
-        deadline = time.monotonic() + 30
-        while not actions:
-            assert time.monotonic() < deadline, "crossing never noticed"
-            assert child.poll() is None, f"child reached its limit first (exit {child.returncode})"
+        sampler, episode, actions = TreeSampler(child.pid), [MemoryEpisode()], []
+
+        def crossed() -> bool:
             rss = sampler.sample()
-            action, state = memory_decision(state, rss, read_mem_available(), spec)
+            action, episode[0] = memory_decision(episode[0], rss, read_mem_available(), spec)
             if action:
                 actions.append((action, rss))
-            time.sleep(0.02)
+            return bool(actions)
+        # proc=child: a child that reached its limit first fails the wait at once
+        wait_for(crossed, 30, "the crossing to be noticed", proc=child)
         action, rss = actions[0]
         assert action == "save" and 0.8 * limit <= rss < limit
         assert child.poll() is None, "noticed, but only after the child hit the limit"
@@ -101,18 +101,14 @@ def _make_memory_cgroup(limit: int):
 
 
 def _remove_cgroup(cg: Path):
-    deadline = time.monotonic() + 10
-    while True:
+    def removed() -> bool:
         try:
             cg.rmdir()
-            return
         except FileNotFoundError:
-            return
-        except OSError:
-            # EBUSY until the killed process has fully left the cgroup.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+            pass
+        # EBUSY until the killed process has fully left the cgroup: wait_for tries again
+        return True
+    wait_for(removed, 10, f"{cg} to be removable")
 
 
 def test_kernel_oom_kill_inside_a_memory_cgroup_is_classified():
@@ -127,7 +123,7 @@ def test_kernel_oom_kill_inside_a_memory_cgroup_is_classified():
         assert limit_seen == limit and before is not None
         hog.stdin.write("go\n")
         hog.stdin.flush()
-        hog.wait(timeout=60)
+        hog.wait(timeout=scaled(60))
         after = read_memory_cgroup(cg, version)[1]
         assert hog.returncode == -signal.SIGKILL, f"hog ended with {hog.returncode}"
         assert after > before, "the kernel's oom_kill count did not rise"
@@ -146,7 +142,7 @@ def test_daemon_classifies_a_kernel_oom_kill_of_its_job(tmp_path):
     cgroup and the kernel kills it: the exit is recorded `oom-killed`, the restart `oom`."""
     import json as _json
 
-    from conftest import DaemonProc, _kill_recorded, wait_for
+    from conftest import DaemonProc, _kill_recorded
     cg, version = _make_memory_cgroup(400 * MiB)
     d = DaemonProc(tmp_path)
     try:

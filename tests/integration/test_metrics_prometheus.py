@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import wait_for
+from conftest import scaled, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -36,8 +36,7 @@ class Prometheus:
         cfg.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
                        "scrape_configs:\n"
                        "  - job_name: trainsup\n"
-                       # The metrics' `job` label is the trainsup job (the README's scrape config).
-                       "    honor_labels: true\n"
+                       # No honor_labels: the trainsup job is `name`, so `job` stays the target's.
                        f"    static_configs: [{{targets: ['{target}']}}]\n")
         self.log = open(root / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
@@ -66,7 +65,7 @@ class Prometheus:
     def close(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            self.proc.wait(scaled(30))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -106,17 +105,25 @@ def test_prometheus_counts_two_crashes_of_a_job_among_three(daemon, prometheus_f
 
     prom = prometheus_for(listen)
     wait_for(lambda: prom.value('up{job="trainsup"}') == 1, 30, "prometheus to scrape the daemon")
-    wait_for(lambda: prom.value('trainsup_job_restarts_total{job="killed",reason="crash"}') == 2, 30,
+    wait_for(lambda: prom.value('trainsup_job_restarts_total{name="killed",reason="crash"}') == 2, 30,
              "trainsup_job_restarts_total of job killed to read 2 "
              f"(prometheus has {prom.query('trainsup_job_restarts_total')})")
-    assert prom.value('sum by (job) (trainsup_job_restarts_total{job="killed"})') == 2
-    assert prom.value('trainsup_job_restarts_total{job="failing",reason="crash"}') == 1
-    assert prom.value('trainsup_job_restarts_total{job="steady"}') is None      # never restarted
+    assert prom.value('sum by (name) (trainsup_job_restarts_total{name="killed"})') == 2
+    assert prom.value('trainsup_job_restarts_total{name="failing",reason="crash"}') == 1
+    # Every counter of every job exists from the first scrape, at 0: increase() sees the first crash.
+    assert prom.value('sum(trainsup_job_restarts_total{name="steady"})') == 0
+    assert len(prom.query('trainsup_job_restarts_total{name="steady"}')) == 5
     failed = prom.query('trainsup_job_state{state="failed"} == 1')
-    assert [r["metric"]["job"] for r in failed] == ["failing"]
+    assert [(r["metric"]["name"], r["metric"]["job"]) for r in failed] == [("failing", "trainsup")]
     assert prom.value('count(trainsup_job_state{state="running"} == 1)') == 2
-    assert prom.value('trainsup_job_last_exit_code{job="failing"}') == 3
-    wait_for(lambda: (prom.value('trainsup_job_checkpoint_step{job="steady"}') or 0) > 0, 30,
+    assert prom.value('count(trainsup_job_state{name="steady"})') == 11          # every state, 0 or 1
+    assert prom.value('trainsup_job_last_exit_code{name="failing"}') == 3
+    assert prom.value('trainsup_job_last_exit_reason{name="failing",reason="exit"}') == 1
+    wait_for(lambda: (prom.value('trainsup_job_checkpoint_step{name="steady"}') or 0) > 0, 30,
              "the steady job's checkpoint step")
+    wait_for(lambda: (prom.value('trainsup_job_memory_rss_bytes{name="steady"}') or 0) > 0, 30,
+             "the steady job's memory")
+    assert prom.value('trainsup_job_uptime_seconds{name="steady"}') > 0
     assert prom.value('trainsup_build_info') == 1
     assert prom.value('trainsup_event_loop_lag_seconds') < 0.5
+    assert prom.value('process_resident_memory_bytes{job="trainsup"}') > 0

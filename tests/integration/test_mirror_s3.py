@@ -112,11 +112,11 @@ def test_uploads_each_valid_checkpoint_with_a_commit_object_and_shows_it(machine
     def scraped() -> str:
         with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as r:
             return r.read().decode()
-    body = wait_for(lambda: 'trainsup_job_mirror_uploaded_step{job="m1"}' in (b := scraped()) and b,
+    body = wait_for(lambda: 'trainsup_job_mirror_uploaded_step{name="m1"}' in (b := scraped()) and b,
                     30, "the mirror's metrics")
-    assert 'trainsup_job_mirror_failing{job="m1"} 0' in body, body
+    assert 'trainsup_job_mirror_failing{name="m1"} 0' in body, body
     ups = [line for line in body.splitlines()
-           if line.startswith('trainsup_job_mirror_events_total{job="m1",event="upload"}')]
+           if line.startswith('trainsup_job_mirror_events_total{name="m1",event="upload"}')]
     assert ups and float(ups[0].split()[-1]) >= 4, ups
 
 

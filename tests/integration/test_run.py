@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKEJOB, REPO, committed, read_records, wait_for
+from tests.conftest import FAKEJOB, REPO, committed, read_records, scaled, wait_for
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -46,7 +46,7 @@ class Run:
     def wait(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(scaled(timeout))
         finally:
             self.out.close()
 
@@ -77,7 +77,7 @@ class Run:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(scaled(10))
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_run_invalid_job_file_is_one_line_and_exit_2(runs, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ncommand: [true]\nrestart:\n  max_restarts: -1\n")
     p = subprocess.run([sys.executable, "-m", "trainsup", "run", str(bad)], capture_output=True, text=True,
-                       timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       timeout=scaled(60), env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert p.returncode == EXIT_USAGE
     assert f"{bad}:4: restart.max_restarts:" in p.stderr
     assert not (tmp_path / ".trainsup").exists()
@@ -176,7 +176,7 @@ def test_run_same_job_twice_is_refused_with_exit_2(runs):
     r = runs(flags="--catch-usr1").start()
     r.started()
     second = subprocess.run([sys.executable, "-m", "trainsup", "run", str(r.file)], capture_output=True,
-                            text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            text=True, timeout=scaled(60), env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert second.returncode == EXIT_USAGE and "in use" in second.stderr, second.stderr
     r.proc.send_signal(signal.SIGTERM)
     assert r.wait() == EXIT_PREEMPTED

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, wait_for
+from conftest import FRAMEWORK_FIXTURES, wait_for
 
 
 def _row(out: str, name: str) -> list[str]:
@@ -75,9 +75,8 @@ while True:
 
 
 def _torch_fixture() -> Path:
-    pts = sorted((SHARED / "fixtures" / "frameworks").rglob("*.pt"))
-    if not pts:
-        pytest.skip("no torch checkpoint fixture in shared/fixtures/frameworks")
+    pts = sorted(FRAMEWORK_FIXTURES.rglob("*.pt"))
+    assert pts, f"no torch checkpoint fixture in {FRAMEWORK_FIXTURES}"
     return pts[0]
 
 

@@ -27,7 +27,7 @@ from systemd_harness import UserManager, user_manager, wait_for  # noqa: E402,F4
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "systemd" / "trainsup.service"
 # The daemon is reached through the CLI (`trainsup daemon`), so both must have landed.
-DAEMON_PRESENT = all((REPO / "supervisor" / f).exists() for f in ("daemon.py", "cli.py"))
+DAEMON_PRESENT = all((REPO / "supervisor" / f).exists() for f in ("daemon/loop.py", "cli/main.py"))
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(120)]
 
@@ -46,6 +46,11 @@ def service_settings(text: str) -> dict[str, str]:
             key, _, value = line.partition("=")
             settings[key.strip()] = value.strip()
     return settings
+
+
+def _all(text: str, key: str) -> list[str]:
+    """Every value of a [Service] setting, in order (ExecStartPre= may repeat)."""
+    return [line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith(f"{key}=")]
 
 
 def seconds(value: str) -> float:
@@ -70,8 +75,12 @@ def test_unit_file_has_the_settings_the_spec_requires():
     assert s["Type"] == "notify"
     assert s["NotifyAccess"] == "main"
     assert re.match(r"^/\S+/trainsup daemon( |$)", s["ExecStart"]), s["ExecStart"]
-    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert s["KillMode"] == "mixed"
+    # A reload through the socket: `systemctl reload` fails when the reload failed.
+    assert re.match(r"^/\S+/trainsup reload$", s["ExecReload"]), s["ExecReload"]
+    assert "Documentation" in UNIT_FILE.read_text()
+    # `process`: a daemon that dies must not take its jobs with it; a stop still
+    # stops them (the daemon does, and waits for their cgroups).
+    assert s["KillMode"] == "process"
     assert s["Restart"] == "on-failure"
     assert seconds(s["WatchdogSec"]) > 0
     for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory",
@@ -95,9 +104,8 @@ def test_systemd_analyze_verify_passes(tmp_path):
         pytest.skip("systemd-analyze is not installed")
     # verify checks that ExecStart's binary exists; point it at this venv's trainsup.
     text = UNIT_FILE.read_text()
-    text, n = re.subn(r"(?m)^ExecStart=\S+/trainsup ", f"ExecStart={trainsup_executable()} ",
-                      text)
-    assert n == 1, "ExecStart= line not found in the unit"
+    text, n = re.subn(r"(?m)^(Exec\w+=)/usr/local/bin/trainsup ", rf"\g<1>{trainsup_executable()} ", text)
+    assert n == 3, "ExecStartPre=, ExecStart= and ExecReload= lines not found in the unit"
     unit = tmp_path / "trainsup.service"
     unit.write_text(text)
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
@@ -210,11 +218,13 @@ class DaemonUnit:
         self.jobs_dir.mkdir(parents=True)
         self.socket = f"{um.runtime_dir}/trainsup/trainsup.sock"
         unit_text = UNIT_FILE.read_text()
-        exec_start = service_settings(unit_text)["ExecStart"]
-        exec_start = re.sub(r"^\S+", trainsup_executable(), exec_start)
+        exe = trainsup_executable()
+        # The README's virtualenv drop-in: every line naming /usr/local/bin/trainsup replaced.
+        exec_lines = "".join(f"{key}=\n" + "".join(f"{key}={re.sub(r'^/usr/local/bin/trainsup', exe, v)}\n"
+                                                   for v in _all(unit_text, key))
+                             for key in ("ExecStartPre", "ExecStart", "ExecReload"))
         um.install_unit(self.name, unit_text, dropins={"50-test.conf": (
-            "[Service]\nExecStart=\n"
-            f"ExecStart={exec_start}\n"
+            "[Service]\n" + exec_lines +
             f"Environment=PYTHONPATH={REPO}\n{extra_service}")})
 
     def add_job(self, name: str) -> None:
@@ -310,3 +320,123 @@ def test_daemon_pings_the_watchdog(user_manager: UserManager, tmp_path):
     assert props == {"ActiveState": "active", "MainPID": main_pid, "NRestarts": "0"}, (
         unit.diagnostics())
     user_manager.systemctl("stop", unit.name, timeout=60)
+
+
+def test_unit_security_exposure_is_at_most_5():
+    """Issue 24: the unit scored 9.4 UNSAFE in `systemd-analyze security`."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT_FILE)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 5.0, r.stdout
+
+
+TOUR_JOB = textwrap.dedent("""\
+    name: mine
+    command: [/bin/sh, -c, 'id -u > uid; exec sleep 600']
+    workdir: {work}
+    user: nobody
+    """)
+
+
+@needs_daemon
+def test_every_documented_feature_works_under_the_hardened_unit(user_manager: UserManager, tmp_path):
+    """The hardening applies to the jobs too: under exactly the shipped unit, a root job and
+    a `user:` job run in their cgroups, a requested save is confirmed and rotated, a hook
+    runs (in its own cgroup), metrics are scraped, `systemctl reload` fails for a broken
+    job file, and a broken daemon config stops `systemctl start` before the daemon runs."""
+    import tempfile
+    import urllib.request
+    um = user_manager
+    port = _free_port()
+    hooked = tmp_path / "hooked"
+    config_dir = um.config_home / "trainsup"
+    config_dir.mkdir(parents=True)
+    (config_dir / "trainsup.yaml").write_text(
+        f"metrics:\n  listen: 127.0.0.1:{port}\n"
+        f"hooks:\n  - command: [/bin/sh, -c, 'cat /proc/self/cgroup > {hooked}']\n    on: [saved]\n")
+    unit = DaemonUnit(um, tmp_path)
+    (unit.jobs_dir / "sdjob.yaml").write_text(
+        job_yaml("sdjob", unit.workdir).replace("checkpoint:\n", "checkpoint:\n  keep_last: 1\n"))
+    work = Path(tempfile.mkdtemp(prefix="trainsup-sd-", dir="/tmp"))    # reachable by nobody
+    os.chmod(work, 0o777)
+    try:
+        (unit.jobs_dir / "mine.yaml").write_text(TOUR_JOB.format(work=work))
+        um.systemctl("start", unit.name, timeout=60)
+        unit.job_pid("sdjob")
+        wait_for(lambda: (work / "uid").exists() and (work / "uid").read_text().strip() == "65534", 15,
+                 f"the user: job to run as nobody\n{unit.diagnostics()}")
+        st = {j["name"]: j for j in unit.status()["jobs"]}
+        assert st["sdjob"]["containment"].startswith("cgroup"), st["sdjob"]
+        assert st["mine"]["state"] == "running" and st["mine"]["containment"].startswith("cgroup")
+        cli = [trainsup_executable(), "checkpoint", "sdjob", "--wait", "--timeout", "20"]
+        env = {"PYTHONPATH": str(REPO), "TRAINSUP_SOCKET": unit.socket}
+        for _ in range(2):
+            r = um.run(cli, timeout=60, env=env)
+            assert r.returncode == 0, r.stdout + r.stderr + unit.diagnostics()
+        ckpts = unit.workdir / "ckpt-sdjob"
+        wait_for(lambda: len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) == 1, 15,
+                 f"rotation to keep the last checkpoint only\n{unit.diagnostics()}")
+        wait_for(lambda: hooked.exists() and "/.hook." in hooked.read_text(), 15,
+                 f"the saved hook, in its own cgroup\n{unit.diagnostics()}")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'trainsup_job_state{name="mine",state="running"} 1' in body
+        # A broken job file: the reload fails, and says why; the job runs on.
+        (unit.jobs_dir / "bad.yaml").write_text("name: bad\ncommand: [\n")
+        r = um.systemctl("reload", unit.name, check=False)
+        assert r.returncode != 0
+        assert "bad.yaml:" in unit.um.unit_log(unit.name) + r.stderr, unit.diagnostics()
+        (unit.jobs_dir / "bad.yaml").unlink()
+        um.systemctl("reload", unit.name)
+        um.systemctl("stop", unit.name, timeout=60)
+        # A broken daemon config fails the start before the daemon runs, with its line.
+        (config_dir / "trainsup.yaml").write_text("metrics:\n  listen: nowhere\n")
+        r = um.systemctl("start", unit.name, check=False, timeout=60)
+        assert r.returncode != 0
+        assert "trainsup.yaml:2: metrics.listen" in um.unit_log(unit.name), unit.diagnostics()
+        assert um.show(unit.name, "ExecMainPID")["ExecMainPID"] == "0", "the daemon ran despite its config"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_daemon
+def test_daemon_killed_under_systemd_comes_back_and_keeps_its_jobs(user_manager: UserManager, tmp_path):
+    """The daemon SIGKILLed (only the daemon: --kill-whom=main) -> systemd restarts
+    it (Restart=on-failure) without killing the job in its cgroup (KillMode=process), and
+    the new daemon takes the job over: same process, no save asked. `systemctl stop` then
+    still saves and stops it."""
+    unit = DaemonUnit(user_manager, tmp_path)
+    unit.add_job("sdjob")
+    user_manager.systemctl("start", unit.name, timeout=60)
+    first = int(user_manager.show(unit.name, "MainPID")["MainPID"])
+    job_pid = unit.job_pid("sdjob")
+    wait_for(lambda: (j := unit.job("sdjob")) and j["state"] == "running", 10,
+             f"sdjob running\n{unit.diagnostics()}")
+
+    user_manager.systemctl("kill", "--kill-whom=main", "--signal=KILL", unit.name)
+    props = wait_for(lambda: (p := user_manager.show(unit.name, "ActiveState", "MainPID", "NRestarts"))
+                     and p["ActiveState"] == "active" and p["MainPID"] not in ("0", str(first)) and p, 30,
+                     f"systemd to restart the daemon\n{unit.diagnostics()}")
+    assert props["NRestarts"] == "1", unit.diagnostics()
+    job = wait_for(lambda: (j := unit.job("sdjob")) and j["state"] == "running" and j, 20,
+                   f"the new daemon to take sdjob over\n{unit.diagnostics()}")
+    assert (job["pid"], job["attempt"], job["adopted"]) == (job_pid, 1, True), unit.diagnostics()
+    assert psutil.pid_exists(job_pid)
+    assert not (unit.workdir / "sdjob.got-sigusr1").exists(), "the job was asked for a save"
+    assert (unit.workdir / "sdjob.pid").read_text() == str(job_pid)     # never started again
+
+    user_manager.systemctl("stop", unit.name, timeout=60)
+    assert (unit.workdir / "sdjob.got-sigusr1").exists(), (
+        f"the job never got the save signal on stop\n{unit.diagnostics()}")
+    wait_for(lambda: not psutil.pid_exists(job_pid), 3, f"job pid {job_pid} to be gone after stop")
+    after = user_manager.show(unit.name, "ActiveState", "Result", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, unit.diagnostics()

@@ -14,8 +14,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: the suite's one wait_for
+from conftest import wait_for  # noqa: E402
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 GRACE_TIME = 20          # the `low` partition's GraceTime (seconds)
@@ -111,14 +114,10 @@ PartitionName=high Nodes=n1,n2 PriorityTier=10 PreemptMode=OFF
         p = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self.env)
         if p.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(argv)} failed: {p.stderr.strip()[-500:]}")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                self.pids[name] = int(pidfile.read_text().strip())
-                return
-            except (OSError, ValueError):
-                time.sleep(0.05)
-        raise ClusterUnavailable(f"{name} wrote no pid file {pidfile}")
+        try:
+            self.pids[name] = int(wait_for(lambda: pidfile.read_text().strip(), 15, f"{name}'s pid file", 0.05))
+        except (AssertionError, ValueError):
+            raise ClusterUnavailable(f"{name} wrote no pid file {pidfile}") from None
 
     def start(self) -> SlurmCluster:
         ensure_installed()
@@ -150,14 +149,7 @@ PartitionName=high Nodes=n1,n2 PriorityTier=10 PreemptMode=OFF
 
     @staticmethod
     def wait(pred, timeout: float, what: str, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while True:
-            v = pred()
-            if v:
-                return v
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(interval)
+        return wait_for(pred, timeout, what, interval)
 
     def log(self, name: str = "slurmctld") -> str:
         path = self.root / (f"{name}.log" if name == "slurmctld" else f"slurmd-{name}.log")
@@ -182,17 +174,19 @@ def _end(pid: int, timeout: float = 15.0) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.05)
+            return True
+        return False
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        wait_for(gone, timeout, f"pid {pid} to exit on SIGTERM", 0.05)
+    except AssertionError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def start_cluster(root: Path) -> SlurmCluster | None:

@@ -261,3 +261,23 @@ def test_slurm_restarts_exhausted_exit_nonzero_no_requeue(cluster, tmp_path):
     assert done["JobState"] == "FAILED" and done["ExitCode"] == "1:0", done
     assert done["Restarts"] == "0"
     assert len(job.events("launch")) == 2
+
+
+def test_slurm_submit_paths_with_a_space_stay_one_sbatch_value(cluster, tmp_path):
+    """Found: `#SBATCH --chdir=<workdir>` unquoted: sbatch split a workdir with a space at
+    it (and so the output path of a state dir with one). Submitted for real: the batch step
+    runs in that very dir and its output lands in the state dir."""
+    d = tmp_path / "my run"
+    d.mkdir()
+    f = d / "spaced.yaml"
+    f.write_text(f"name: spaced\ncommand: [{json.dumps(sys.executable)}, -c, \"open('ran', 'w').write('yes')\"]\n"
+                 f"workdir: {json.dumps(str(d))}\nrestart: {{policy: never}}\n"
+                 "slurm:\n  nodes: 1\n  ntasks_per_node: 1\n")
+    job = Submitted(cluster, f)
+    shown = cluster.run("scontrol", "show", "job", "-o", job.id)
+    assert f"WorkDir={d} " in shown and f"StdOut={job.state}/slurm-{job.id}.out" in shown, shown
+    job.wait_state("COMPLETED", timeout=120)
+    assert (d / "ran").read_text() == "yes"
+    assert (job.state / f"slurm-{job.id}.out").exists(), list(job.state.iterdir())
+    script = (job.state / "slurm-batch.sh").read_text()
+    assert f'#SBATCH --chdir="{d}"' in script, script

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from trainsup import config
 from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.formats import managed_format
 from trainsup.checkpoint.index import scan
-from trainsup.checkpoint.naming import managed_format, step_of
+from trainsup.checkpoint.naming import step_of
 
 
 def _job(d: Path, name: str, ckdir: str) -> Path:

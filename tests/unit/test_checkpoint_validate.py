@@ -7,14 +7,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from trainsup.checkpoint import validate, write_checkpoint
+from conftest import FRAMEWORK_FIXTURES
+from trainsup.checkpoint import write_checkpoint
+from trainsup.checkpoint.formats import FORMATS
+from trainsup.checkpoint.formats import trainsup as trainsup_format
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
 from trainsup.checkpoint.index import latest_valid, scan
-from trainsup.checkpoint.validate import MemoryVerdictCache, check_entry
+from trainsup.checkpoint.validate import check_entry
 
-FIXTURES = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "frameworks").resolve()
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES} (CI provides ../shared)"
-)
+FIXTURES = FRAMEWORK_FIXTURES
 
 
 def _verdicts(d: Path) -> dict:
@@ -32,7 +33,6 @@ GOOD = {
 }
 
 
-@needs_fixtures
 @pytest.mark.parametrize("tree", sorted(GOOD))
 def test_good_fixtures_are_valid(tree):
     v = _verdicts(FIXTURES / tree)
@@ -53,7 +53,6 @@ BAD = [
 ]
 
 
-@needs_fixtures
 @pytest.mark.parametrize("tree,entry,why,fallback", BAD, ids=[b[0] for b in BAD])
 def test_interrupted_fixtures_are_invalid_with_reason(tree, entry, why, fallback):
     infos = scan(FIXTURES / tree)
@@ -69,7 +68,6 @@ def test_interrupted_fixtures_are_invalid_with_reason(tree, entry, why, fallback
 # Paddle, TensorFlow, Keras, Lightning layouts and safetensors: tests/unit/test_formats_fixtures.py
 
 
-@needs_fixtures
 def test_hf_metrics_come_from_log_history():
     infos = scan(FIXTURES / "hf_trainer/good")
     assert [i.step for i in infos] == [2, 4, 6]
@@ -229,9 +227,9 @@ def test_verdict_cache_hit_reads_nothing(tmp_path, monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a cached verdict must not read file contents")
-    for name in ("check_trainsup", "check_torch", "check_hf", "hash_fd"):
-        monkeypatch.setattr(validate, name, refuse)
-    monkeypatch.setitem(validate._CHECKERS, "trainsup", refuse)
+    for fmt in FORMATS.values():
+        monkeypatch.setattr(fmt, "check", refuse)
+    monkeypatch.setattr(trainsup_format, "hash_fd", refuse)
     again = scan(tmp_path, cache=cache)
     assert again == first and all(i.cached for i in again)
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from conftest import deadline_for
 from trainsup.checkpoint import write_checkpoint
 from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.watch import CheckpointWatcher, ObserverHub
@@ -22,6 +23,7 @@ class Recorder:
             self.cond.notify_all()
 
     def wait_for(self, pred, timeout=5.0):
+        timeout = deadline_for(timeout)       # an event wait, under the suite's one factor
         deadline = time.monotonic() + timeout
         with self.cond:
             while not pred(self.reasons):

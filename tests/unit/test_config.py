@@ -669,3 +669,41 @@ def test_metrics_and_hooks_keys(tmp_path):
         load_daemon_config(bad, {}, is_root=True, env={})
     assert [line.split(": ")[0].split(":", 1)[1] + ":" + line.split(": ")[1] for line in e.value.errors] == [
         "1:metrics.listen", "2:hooks[0].command", "2:hooks[0].on"], e.value.errors
+
+
+def test_config_none_and_trainsup_config_choose_no_file_or_another(tmp_path):
+    """Issue 24: there was no way to say "no config" (`--config /dev/null` and an empty file
+    were refused), so every test daemon read the machine's /etc/trainsup/trainsup.yaml."""
+    from trainsup.config.files import choose_config
+    home = tmp_path / "home"
+    conventional = home / ".config" / "trainsup" / "trainsup.yaml"
+    conventional.parent.mkdir(parents=True)
+    conventional.write_text("hooks: []\n")
+    env = {"HOME": str(home)}
+    assert choose_config(None, is_root=False, env=env) == (conventional, f"{conventional} (found at its default place)")
+    assert choose_config("none", is_root=False, env=env) == (None, "no config file (--config none)")
+    assert choose_config(None, is_root=False, env={**env, "TRAINSUP_CONFIG": "none"})[0] is None
+    other = tmp_path / "other.yaml"
+    assert choose_config(None, is_root=False, env={**env, "TRAINSUP_CONFIG": str(other)})[0] == other
+    assert choose_config(str(conventional), is_root=False, env={**env, "TRAINSUP_CONFIG": "none"})[0] == conventional
+
+
+def test_validate_daemon_config_checks_the_daemon_file_not_as_a_job(tmp_path):
+    """Issue 24: `validate` on the daemon config reported 13 job-file errors."""
+    import subprocess
+    import sys
+    good = tmp_path / "trainsup.yaml"
+    good.write_text("metrics: {listen: 127.0.0.1:9184, required: false}\nhooks: []\ndisk_quota: 10GiB\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metrics:\n  listen: nowhere\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "trainsup", "validate", *args], capture_output=True,
+                              text=True, timeout=60)
+    r = run("--daemon-config", str(good))
+    assert r.returncode == 0 and "daemon config OK" in r.stdout, r.stderr
+    r = run("--daemon-config", str(bad))
+    assert r.returncode == 1 and r.stderr.strip() == \
+        f'{bad}:2: metrics.listen: must be HOST:PORT such as 127.0.0.1:9184, got "nowhere"', r.stderr
+    r = run("--daemon-config")              # TRAINSUP_CONFIG=none (conftest): nothing to check
+    assert r.returncode == 0 and "no config file" in r.stdout

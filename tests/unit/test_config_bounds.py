@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, scaled
 from trainsup.config.files import load_job_file, scan_jobs_dir, validate_files
 from trainsup.config.yaml import MAX_SIZE
 from trainsup.spec import InvalidJob, JobSpec
@@ -119,7 +119,7 @@ def test_validate_on_missing_workdir_and_command(tmp_path):
     assert validate_files([c], is_root=os.geteuid() == 0, runnable=True) == []
     # The CLI: one line each, exit 1.
     r = subprocess.run([sys.executable, "-m", "trainsup", "validate", str(a), str(b)], capture_output=True,
-                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       text=True, timeout=scaled(60), env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 2, r.stderr
 
 

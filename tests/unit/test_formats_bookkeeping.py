@@ -9,20 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
-from trainsup.checkpoint.frameworks.bookkeeping import (
-    delete_unit,
-    deletion_units,
-    forget_in_tf_state,
-    hf_best_steps,
-    tf_state_without,
-)
+from conftest import FRAMEWORK_FIXTURES
+from trainsup.checkpoint.deleter import delete_unit, deletion_units
+from trainsup.checkpoint.formats.hf import protected_steps as hf_best_steps
+from trainsup.checkpoint.formats.tf_state import forget_in_tf_state, tf_state_without
 from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.rotation import plan_rotation
 from trainsup.spec import CheckpointSpec
 
-FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"framework fixtures not found at {FIXTURES}")
+FIXTURES = FRAMEWORK_FIXTURES
 
 STATE = """model_checkpoint_path: "ckpt-3"
 all_model_checkpoint_paths: "ckpt-1"
@@ -72,7 +67,6 @@ def _copy(tree: str, dst: Path) -> Path:
     return dst
 
 
-@needs_fixtures
 def test_hf_best_model_checkpoint_is_protected_like_a_pin(tmp_path):
     d = _copy("hf_trainer/good", tmp_path / "out")
     state = json.loads((d / "checkpoint-6/trainer_state.json").read_text())
@@ -85,7 +79,6 @@ def test_hf_best_model_checkpoint_is_protected_like_a_pin(tmp_path):
     assert plan.kept[d / "checkpoint-2"] == "pinned"
 
 
-@needs_fixtures
 def test_multi_file_entries_delete_member_by_member_commit_marker_first(tmp_path):
     d = _copy("paddle/good", tmp_path / "out")
     info = {i.name: i for i in scan(d)}["iter_epoch_1"]
@@ -96,7 +89,6 @@ def test_multi_file_entries_delete_member_by_member_commit_marker_first(tmp_path
     assert not list(d.glob("iter_epoch_1.*"))
 
 
-@needs_fixtures
 def test_nested_members_are_deleted_without_following_a_symlinked_dir(tmp_path):
     d = _copy("lightning/good", tmp_path / "out")
     rel = "lightning_logs/version_0/checkpoints/epoch=1-step=8.ckpt"
@@ -114,7 +106,6 @@ def test_nested_members_are_deleted_without_following_a_symlinked_dir(tmp_path):
 LV = "lightning_logs/version_0/checkpoints/"
 
 
-@needs_fixtures
 @pytest.mark.parametrize("tree,keep_last,kept,deleted", [
     # numbered checkpoints only count; latest / best_accuracy / best_model / last / backup stay
     ("paddle/good", 2, {"iter_epoch_2", "iter_epoch_3", "latest", "best_accuracy", "best_model/model"},

@@ -10,10 +10,10 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from trainsup.checkpoint.frameworks.hdf5 import SIGNATURE, check_hdf5_fd, lookup3
-from trainsup.checkpoint.frameworks.pickle_stream import check_pickle_fd
+from trainsup.checkpoint.formats.common import Invalid as _Invalid
+from trainsup.checkpoint.formats.readers.hdf5 import SIGNATURE, check_hdf5_fd, lookup3
+from trainsup.checkpoint.formats.readers.pickle_stream import check_pickle_fd
 from trainsup.checkpoint.index import scan
-from trainsup.checkpoint.validate import _Invalid
 
 
 def _check_pickle(p: Path) -> None:

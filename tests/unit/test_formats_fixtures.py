@@ -1,4 +1,4 @@
-"""Every framework fixture (../shared/fixtures/frameworks, written by the real frameworks and
+"""Every framework fixture (tests/fixtures/frameworks, written by the real frameworks and
 killed mid-save by a real SIGKILL): good entries valid with the right step, interrupted ones
 invalid with the precise reason, multi-file checkpoints one entry, aliases named.
 
@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import FRAMEWORK_FIXTURES
+from trainsup.checkpoint.formats.common import MemoryVerdictCache
 from trainsup.checkpoint.index import latest_valid
 from trainsup.checkpoint.index import scan as scan_all
-from trainsup.checkpoint.validate import MemoryVerdictCache
 
 
 def scan(*args, **kwargs):
@@ -23,10 +23,7 @@ def scan(*args, **kwargs):
     other name as `unmanaged`, never deleted: that is the deletion tests' business)."""
     return [i for i in scan_all(*args, **kwargs) if i.managed]
 
-FIXTURES = (SHARED / "fixtures" / "frameworks").resolve()   # never through a symlink (worktrees link ../shared)
-pytestmark = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"framework fixtures not found at {FIXTURES} (the checkout's ../shared; CI provides it)")
+FIXTURES = FRAMEWORK_FIXTURES
 
 LV = "lightning_logs/version_0/checkpoints/"
 

@@ -55,6 +55,8 @@ class FakeChild:
         self.create_time = 0.0
         self.known: dict[int, float] = {}
         self.cgroup = None
+        self.shim_pid = None         # launched without a shim (process.Child.shim_pid)
+        self.adopted = False
         self.containment = process.PROCESS_GROUP
         self.signals: list[int] = []
         self.obeys = obeys          # signals that make it exit

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainsup.checkpoint.frameworks.lightning import metrics_from_name
+from trainsup.checkpoint.formats.lightning import metrics_from_name
 from trainsup.checkpoint.index import scan
 from trainsup.checkpoint.rotation import plan_rotation
 from trainsup.spec import CheckpointSpec

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
+from conftest import wait_for
 from trainsup.daemon.notices.hang import ProgressClock, hang_decision, is_stopped, progress_mtime
 
 
@@ -56,15 +56,9 @@ def test_is_stopped_sees_a_sigstopped_process():
     try:
         assert not is_stopped(p.pid)
         os.kill(p.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while not is_stopped(p.pid):
-            assert time.monotonic() < deadline, "SIGSTOPped process never showed as stopped"
-            time.sleep(0.01)
+        wait_for(lambda: is_stopped(p.pid), 5, "the SIGSTOPped process to show as stopped", 0.01)
         os.kill(p.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 5
-        while is_stopped(p.pid):
-            assert time.monotonic() < deadline, "SIGCONTed process still stopped"
-            time.sleep(0.01)
+        wait_for(lambda: not is_stopped(p.pid), 5, "the SIGCONTed process to run again", 0.01)
     finally:
         p.kill()
         p.wait()

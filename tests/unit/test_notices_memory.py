@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_for
 from trainsup.daemon.notices.memory import (
     MemoryEpisode,
     TreeSampler,
@@ -140,20 +141,14 @@ def test_tree_sampler_counts_children_and_survives_their_exit():
     try:
         assert _read_words(parent.stdout, 3, 30) == ["ready", "ready", "started"]
         sampler = TreeSampler(parent.pid)
-        deadline = time.monotonic() + 10
-        while sampler.sample() < 60 << 20:          # both 30 MiB children counted
-            assert time.monotonic() < deadline, "children's RSS never counted"
-            time.sleep(0.02)
+        wait_for(lambda: sampler.sample() >= 60 << 20, 10, "both 30 MiB children's RSS counted")
         kids = [p for p in psutil.Process(parent.pid).children()
                 if p.status() != psutil.STATUS_ZOMBIE]
         assert set(sampler.pids()) >= {p.pid for p in kids}
         big = max(kids, key=lambda p: p.memory_info().rss)
         before = sampler.sample()
         big.kill()
-        deadline = time.monotonic() + 10
-        while sampler.sample() > before - (20 << 20):   # a vanished child drops out
-            assert time.monotonic() < deadline, "killed child still counted"
-            time.sleep(0.02)
+        wait_for(lambda: sampler.sample() <= before - (20 << 20), 10, "the killed child to drop out")
         # The Process objects of survivors are the same ones: no rediscovery.
         procs = dict(sampler._procs)
         sampler.sample()

@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+from conftest import deadline_for
 from trainsup.daemon.notices.schedule import JobSchedule, parse_cron, triggers_for
 from trainsup.spec import ScheduleSpec
 
@@ -23,7 +24,7 @@ class Fires:
 
     def wait(self, n, timeout=5.0):
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.calls) >= n, timeout), self.calls
+            assert self.cond.wait_for(lambda: len(self.calls) >= n, deadline_for(timeout)), self.calls
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import deadline_for, wait_for
 from trainsup.daemon.notices.trigger import TriggerFile
 
 
@@ -24,7 +24,7 @@ class Calls:
 
     def wait(self, n, timeout=5.0):
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.notices) >= n, timeout), \
+            assert self.cond.wait_for(lambda: len(self.notices) >= n, deadline_for(timeout)), \
                 f"expected {n} notices, got {len(self.notices)}"
             return self.notices[n - 1]
 

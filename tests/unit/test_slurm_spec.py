@@ -3,10 +3,12 @@ submit` writes, and the env:// variables each srun task gets."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from trainsup.cli.slurm import batch_script, sbatch_time
+import pytest
+from trainsup.cli.slurm import BatchScriptError, batch_script, sbatch_time
 from trainsup.config.files import load_job_file
 from trainsup.slurm.allocation import Allocation, parse_fields
 from trainsup.slurm.task import env_for_rank
@@ -42,7 +44,7 @@ def test_batch_script_requeues_signals_before_the_limit_and_execs_trainsup(tmp_p
     lines = script.splitlines()
     for want in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@30", "#SBATCH --open-mode=append",
                  "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=2",
-                 "#SBATCH --partition=low", "#SBATCH --exclusive", "trap '' USR1 TERM"):
+                 "#SBATCH --partition=\"low\"", "#SBATCH --exclusive", "trap '' USR1 TERM"):
         assert want in lines, script
     assert lines[-1].startswith(f"exec {sys.executable} -m trainsup run --slurm on")
     assert sbatch_time(60) == "1" and sbatch_time(61) == "2"
@@ -83,3 +85,38 @@ def test_checkpoint_rescan_and_rotate_keys(tmp_path):
     assert rotates(job)
     f, job = _job(tmp_path, "checkpoint: {dir: ck, rescan: 0s}\n")
     assert isinstance(job, InvalidJob) and job.errors[0].startswith(f"{f}:3: checkpoint.rescan: ")
+
+
+def test_batch_script_quotes_sbatch_values_a_space_in_a_path_stays_one_value(tmp_path):
+    """Found: `#SBATCH --chdir=/data/my run` — sbatch splits an unquoted line at spaces."""
+    work = tmp_path / "my run #2"
+    _, job = _job(tmp_path, f"workdir: '{work}'\nslurm: {{partition: 'low prio'}}\n")
+    lines = batch_script(job, tmp_path / "state 1").splitlines()
+    assert f'#SBATCH --chdir="{work}"' in lines, lines
+    assert f'#SBATCH --output="{tmp_path}/state 1/slurm-%j.out"' in lines, lines
+    assert '#SBATCH --partition="low prio"' in lines, lines
+    _, job = _job(tmp_path, 'workdir: \'/x/a"b\\c\'\n')
+    assert '#SBATCH --chdir="/x/a\\"b\\\\c"' in batch_script(job, tmp_path).splitlines()
+
+
+def test_slurm_submit_newline_in_workdir_is_refused_before_anything_is_written(tmp_path):
+    """Found: a newline in a workdir ended the `#SBATCH --chdir` line and put a shell command
+    of the user's choosing into the batch script (run by the batch shell). `trainsup slurm
+    submit` through the real CLI: one line, exit 2, no script, no sbatch."""
+    import os
+    import subprocess
+    pwned = tmp_path / "pwned"
+    job = tmp_path / "j.yaml"
+    job.write_text(f'name: j\ncommand: [python, train.py]\nworkdir: "{tmp_path}/w\\ntouch {pwned}"\n')
+    state = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), PATH="/nonexistent")
+    r = subprocess.run([sys.executable, "-m", "trainsup", "slurm", "submit", str(job), "--state", str(state)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainsup: workdir ") and "control character" in lines[0], r.stderr
+    assert not (state / "slurm-batch.sh").exists() and not pwned.exists()
+    for bad in ("--gres=gpu:1\nrm -rf ~", "x\r"):
+        _, spec = _job(tmp_path, f"slurm: {{sbatch_args: [{json.dumps(bad)}]}}\n")
+        with pytest.raises(BatchScriptError, match="control character"):
+            batch_script(spec, tmp_path)

@@ -4,6 +4,7 @@ import os
 import sqlite3
 
 import pytest
+from conftest import wait_for
 from trainsup.daemon.state import LockHeld, StateDB, StateLock, StateUnusable
 
 
@@ -107,7 +108,6 @@ def test_records_held_by_another_process_wait_in_order_and_stay_bounded(tmp_path
     thread keeps the records and retries; held long, the oldest history records go first
     (job rows stay) so the daemon's memory is bounded. A real second connection holds it."""
     import sqlite3
-    import time
 
     db = StateDB(tmp_path)
     db.max_held = 50
@@ -120,17 +120,16 @@ def test_records_held_by_another_process_wait_in_order_and_stay_bounded(tmp_path
             db.add_event("j", "tick", {"i": i})
         db.save_job("j", {"attempt": 3})
         # the writer meets the lock (after SQLite's 2 s busy timeout) and trims what waits
-        deadline = time.monotonic() + 15
-        while not any("oldest history records dropped" in r.message for r in caplog.records):
-            assert time.monotonic() < deadline, "the writer never found the database held"
-            time.sleep(0.05)
+        wait_for(lambda: any("oldest history records dropped" in r.message for r in caplog.records), 15,
+                 "the writer to find the database held", 0.05)
     finally:
         holder.execute("COMMIT")
         holder.close()
-    deadline = time.monotonic() + 10
-    while db._pending and time.monotonic() < deadline:
+
+    def drained() -> bool:
         db.wake()
-        time.sleep(0.05)
+        return not db._pending
+    wait_for(drained, 10, "what waited to be written", 0.05)
     events = db.events("j", 1000)
     assert [e["i"] for e in events] == list(range(200 - len(events), 200)), "the newest, in order"
     assert 40 <= len(events) <= 60, len(events)

@@ -44,7 +44,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,10 @@ _V1_CONTAINERS = ("pids", "memory", "freezer", "cpuacct")
 # the loop thread (the checkpoint deleter) takes this lock around its fork.
 FORK_LOCK = threading.Lock()
 
-_IN_MODIFY = 0x00000002
+IN_MODIFY = 0x00000002
+IN_MOVE_SELF = 0x00000800
+IN_DELETE_SELF = 0x00000400
+_IN_MODIFY = IN_MODIFY
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 
@@ -325,14 +328,14 @@ class EventsWatcher:
         self.callbacks: dict[int, list] = {}
         loop.add_reader(fd, self._ready)
 
-    def watch(self, path: Path, callback) -> int:
-        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY)
+    def watch(self, path: Path, callback: Callable[[], None], mask: int = _IN_MODIFY) -> int:
+        wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             raise CgroupError(f"inotify on {path}: {os.strerror(ctypes.get_errno())}")
         self.callbacks.setdefault(wd, []).append(callback)
         return wd
 
-    def unwatch(self, wd: int, callback) -> None:
+    def unwatch(self, wd: int, callback: Callable[[], None]) -> None:
         cbs = self.callbacks.get(wd, [])
         if callback in cbs:
             cbs.remove(callback)
@@ -397,16 +400,42 @@ class Containment:
             return None
         name = f"{job}.{attempt}"
         path = self.root / name
-        _mkdir_fresh(path)
+        try:
+            _mkdir_fresh(path)
+        except FileNotFoundError:
+            self._recreate_tree()
+            _mkdir_fresh(path)
         mem = None
         if self.mem_root is not None:
             try:
                 mem = self.mem_root / name
-                _mkdir_fresh(mem)
-            except CgroupError as e:
+                try:
+                    _mkdir_fresh(mem)
+                except FileNotFoundError:
+                    self._recreate_tree()
+                    _mkdir_fresh(mem)
+            except (CgroupError, FileNotFoundError) as e:
                 log.warning("%s; memory of job %s comes from its process tree", e, job)
                 mem = None
         return JobCgroup(path, self.version, mem)
+
+    def _recreate_tree(self) -> None:
+        """Something else removed this daemon's tree while it was empty (a cleanup script,
+        another cgroup manager): every later launch failed until the job was `failed`.
+        Made again, as setup made it. Raises CgroupError."""
+        for root in (self.root, self.mem_root):
+            if root is None or root.is_dir():
+                continue
+            try:
+                os.mkdir(root, 0o755)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise CgroupError(f"cgroup {root}: removed by something else and cannot be made "
+                                  f"again: {e.strerror}") from None
+            if root == self.root and self.kind == CGROUP_V2:
+                _enable_controllers(root)
+            log.warning("cgroup %s was removed by something else; made it again", root)
 
     @contextmanager
     def entered(self, cg: JobCgroup | None) -> Iterator[None]:
@@ -531,10 +560,14 @@ def _go_home(moved: list[tuple[Path, str]]) -> None:
 
 
 def _mkdir_fresh(path: Path) -> None:
+    """Raises FileNotFoundError when the tree above is gone (Containment makes it again),
+    CgroupError for anything else."""
     try:
         os.mkdir(path, 0o755)
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise
     except OSError as e:
         raise CgroupError(f"cgroup {path}: cannot create: {e.strerror}") from None
 

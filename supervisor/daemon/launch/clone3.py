@@ -66,36 +66,41 @@ class Leader:
         return self.returncode
 
 
-def _exec_candidates(file: str, env: Mapping[str, str]) -> list[bytes]:
+def exec_candidates(file: str, env: Mapping[str, str]) -> list[bytes]:
+    """The paths execvp would try for `file`, under the job's PATH."""
     if os.sep in file:
         return [os.fsencode(file)]
     return [os.fsencode(os.path.join(d or ".", file)) for d in os.get_exec_path(dict(env))]
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout_fd: int, cgroup_fd: int, *,
+def spawn(argv: Sequence[str] | Sequence[bytes], env: Mapping[str, str], cwd: str, stdout_fd: int, cgroup_fd: int, *,
           uid: int | None = None, gid: int | None = None,
-          groups: Sequence[int] = ()) -> tuple[Leader, int]:
-    """Start argv in its own session, stdin /dev/null, stdout and stderr to stdout_fd,
+          groups: Sequence[int] = (), stdin_fd: int | None = None,
+          execs: Sequence[bytes] | None = None) -> tuple[Leader, int]:
+    """Start argv in its own session, stdin /dev/null (or stdin_fd), stdout and stderr to stdout_fd,
     born in the cgroup of the open directory cgroup_fd, every signal at its default and
     the caller's signal mask. Returns (leader, pidfd). Raises OSError (FileNotFoundError
     when the command is not found) like Popen."""
     global _disabled
     if _spawn is None or _disabled is not None:
         raise OSError(errno.ENOSYS, _disabled)
-    execs = _exec_candidates(argv[0], env)
+    if execs is None:
+        execs = exec_candidates(os.fsdecode(argv[0]), env)
     c_env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin_fd is None else -1
     try:
         pid, pidfd, stage, code = _spawn.spawn(
-            execs, [os.fsencode(a) for a in argv], c_env, os.fsencode(cwd), devnull, stdout_fd, cgroup_fd,
+            list(execs), [os.fsencode(a) for a in argv], c_env, os.fsencode(cwd),
+            devnull if stdin_fd is None else stdin_fd, stdout_fd, cgroup_fd,
             -1 if uid is None or gid is None else uid, -1 if uid is None or gid is None else gid, list(groups), SHARE_MEMORY)
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):
             _disabled = f"clone3: {e.strerror}"
         raise OSError(e.errno, f"clone3: {e.strerror}") from None
     finally:
-        os.close(devnull)
+        if devnull >= 0:
+            os.close(devnull)
     if stage:
-        what = argv[0] if stage == 5 else cwd if stage == 2 else _STAGES.get(stage, "start")
+        what = os.fsdecode(argv[0]) if stage == 5 else cwd if stage == 2 else _STAGES.get(stage, "start")
         raise OSError(code, os.strerror(code), what)
     return Leader(pid), pidfd

@@ -12,6 +12,7 @@ calls waitpid(-1): that would steal a leader's status and make a crash read as e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -19,19 +20,22 @@ import functools
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from ... import contract
 from ...spec import DaemonSpec, JobSpec
-from . import clone3
+from . import clone3, shim
 from .cgroup import PROCESS_GROUP, CgroupError, Containment, JobCgroup, tree_name
+from .proctree import children_of  # noqa: F401  (notices.memory reads it here)
 
 log = logging.getLogger("trainsup.process")
 
@@ -83,7 +87,7 @@ def build_env(job: JobSpec, daemon: DaemonSpec, extra: Mapping[str, str],
 
 
 def signal_number(name: str) -> int:
-    return int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
+    return contract.signal_number(name)
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -128,27 +132,48 @@ class SpawnError(Exception):
 
 @dataclass
 class Child:
-    """A running job leader: its Popen handle, its pidfd, and what we know of its tree."""
-    popen: subprocess.Popen | clone3.Leader        # the leader; .wait() reaps it
-    pidfd: int
+    """A running job: the process the daemon watches and reaps (`popen`: the job itself,
+    or the shim it runs under), its pidfd, and what we know of the job's tree. `pid` is
+    always the job's own process, the one users see and signals go to."""
+    popen: subprocess.Popen | clone3.Leader | shim.ShimLeader   # .wait() reaps it
+    pidfd: int                  # readable when `popen` has exited
     started_mono: float
     started_wall: float
-    create_time: float
+    create_time: float          # the job process's
     known: dict[int, float] = field(default_factory=dict)   # descendant pid -> create_time
     cgroup: JobCgroup | None = None                       # None: process-group containment
+    job_pid: int | None = None  # under a shim: the job (its child)
+    job_pidfd: int = -1
+    adopted: bool = False       # launched by an earlier daemon and taken over by this one
 
     @property
     def pid(self) -> int:
+        return self.job_pid if self.job_pid is not None else self.popen.pid
+
+    @property
+    def leader_pid(self) -> int:
+        """The process whose exit ends the attempt (the shim, when there is one)."""
         return self.popen.pid
+
+    @property
+    def shim_pid(self) -> int | None:
+        return self.popen.pid if isinstance(self.popen, shim.ShimLeader) else None
+
+    @property
+    def shim_alive(self) -> bool:
+        return isinstance(self.popen, shim.ShimLeader) and not self.popen.reaped
 
     @property
     def containment(self) -> str:
         return self.cgroup.kind if self.cgroup is not None else PROCESS_GROUP
 
     def send(self, signum: int) -> bool:
-        """Signal the leader through its pidfd: a recycled pid can never be hit."""
+        """Signal the job through its pidfd: a recycled pid can never be hit."""
+        fd = self.job_pidfd if self.job_pidfd >= 0 else self.pidfd if self.job_pid is None else -1
+        if fd < 0:
+            return False
         try:
-            signal.pidfd_send_signal(self.pidfd, signum)
+            signal.pidfd_send_signal(fd, signum)
             return True
         except ProcessLookupError:
             return False
@@ -165,11 +190,18 @@ class Child:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def tree(self) -> list[int]:
+        """The job's processes below its leader: under a shim, everything the shim
+        parents (the orphans of the job's tree come to it) but the leader."""
+        if self.job_pid is None:
+            return descendants(self.pid)
+        return [p for p in descendants(self.leader_pid) if p != self.job_pid]
+
     def refresh_tree(self) -> list[psutil.Process]:
         """Remember every descendant (with its start time) so that ones that leave the
         process group (setsid) are still ended at stop."""
         procs = []
-        for pid in descendants(self.pid):
+        for pid in self.tree():
             try:
                 procs.append(psutil.Process(pid))
             except psutil.Error:
@@ -196,9 +228,10 @@ class Child:
         return out
 
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.job_pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.job_pidfd = -1
 
 
 def deliver_save_signal(child: Child, signum: int) -> list[int]:
@@ -211,6 +244,8 @@ def deliver_save_signal(child: Child, signum: int) -> list[int]:
     else:
         procs = [child.pid] + [p.pid for p in child.refresh_tree()]
     for pid in procs:
+        if pid == child.shim_pid:
+            continue                 # the shim is not the job: it ignores the signal anyway
         if catches_signal(pid, signum):
             try:
                 if pid == child.pid:
@@ -235,10 +270,19 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
     the tree), else the descendants that escaped the process group (setsid)."""
     if child.cgroup is not None:
         try:
-            n = len([p for p in child.cgroup.pids() if p != child.pid])
-            if n or child.cgroup.populated():
+            others = [p for p in child.cgroup.pids() if p not in (child.pid, child.shim_pid)]
+            if child.shim_alive:
+                # The stop flow's last resort: the shim still has the job's exit status to
+                # write, so everything but it (what is left gets cgroup.kill after the exit).
+                for pid in (child.pid, *others):
+                    try:
+                        os.kill(pid, signum)
+                    except OSError:
+                        pass
+                return len(others)
+            if others or child.cgroup.populated():
                 child.cgroup.kill()
-            return n
+            return len(others)
         except CgroupError as e:
             log.warning("%s; ending the process tree instead", e)
     n = 0
@@ -251,19 +295,26 @@ def kill_leftovers(child: Child, signum: int = signal.SIGKILL) -> int:
     return n
 
 
-def _children_of(pid: int) -> list[int]:
-    out: list[int] = []
+async def term_then_kill(loop: asyncio.AbstractEventLoop, pidfd: int, send: Callable[[int], None],
+                         timeout: float, kill_wait: float = 5.0) -> bool:
+    """`send(SIGTERM)`, wait up to `timeout` for the process behind `pidfd` to exit, then
+    `send(SIGKILL)` and wait up to `kill_wait`. `send` picks the targets (a group, a tree)
+    and may raise OSError for one already gone. True when it exited. Waits on the pidfd:
+    no polling, and a pid reused meanwhile is never signalled through it."""
+    fut = loop.create_future()
+    loop.add_reader(pidfd, lambda: None if fut.done() else fut.set_result(None))
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return out
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, kill_wait)):
+            with contextlib.suppress(OSError):
+                send(sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), wait)
+                return True
+            except asyncio.TimeoutError:
+                continue
+        return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def descendants(pid: int) -> list[int]:
@@ -274,7 +325,7 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     seen = {pid}
     while todo:
-        for child in _children_of(todo.pop()):
+        for child in children_of(todo.pop()):
             if child not in seen:
                 seen.add(child)
                 out.append(child)
@@ -284,7 +335,7 @@ def descendants(pid: int) -> list[int]:
 
 def _own_children() -> list[int]:
     """Our direct children: a few small reads, not a scan of /proc."""
-    return _children_of(os.getpid())
+    return children_of(os.getpid())
 
 
 def _is_zombie(pid: int) -> bool:
@@ -314,9 +365,9 @@ def reap_orphans(leaders: Iterable[int]) -> list[int]:
 
 def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process]:
     """Live processes reparented to the daemon (it is a subreaper) that were launched for
-    `job_name` (TRAINSUP_JOB in their environment), with their descendants."""
+    `job_name` (contract.JOB in their environment), with their descendants."""
     keep = set(leaders)
-    marker = b"\0TRAINSUP_JOB=" + job_name.encode() + b"\0"
+    marker = b"\0" + contract.JOB.encode() + b"=" + job_name.encode() + b"\0"
     out: list[psutil.Process] = []
     for pid in _own_children():
         if pid in keep:
@@ -373,16 +424,32 @@ def _own_session() -> dict:
 
 
 def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
-          containment: Containment | None = None, cgroup: JobCgroup | None = None) -> Child:
+          containment: Containment | None = None, cgroup: JobCgroup | None = None,
+          plan: shim.Plan | None = None) -> Child:
     """Start the job leader in its own session, born inside `cgroup` when one is given:
     clone3(CLONE_INTO_CGROUP) for a v2 cgroup, else Popen from inside it (see
-    trainsup.clone3 and trainsup.cgroup for why and what each costs)."""
+    trainsup.clone3 and trainsup.cgroup for why and what each costs).
+
+    With a shim `plan` the process born there is trainsup-shim, which starts the job
+    (user, workdir, session, exec) and writes its output to the log itself: `stdout_fd`
+    is then unused. The call returns once the job is exec'd, as without a shim."""
     leader: subprocess.Popen | clone3.Leader | None = None
     pidfd = -1
+    report = (-1, -1)
+    job_pid: int | None = None
     try:
+        run_argv: list[str] | list[bytes] = argv
+        execs = None
+        if plan is not None:
+            drop = _privilege_drop(job)
+            report = os.pipe2(os.O_CLOEXEC)
+            stdout_fd = report[1]      # the shim's fd 1 is its start report to us
+            run_argv = plan.argv(clone3.exec_candidates(argv[0], env), argv, str(job.workdir),
+                                 drop.get("user"), drop.get("group"), drop.get("extra_groups", ()))
+            execs = [os.fsencode(shim.SHIM)]
         if containment is not None and cgroup is not None and cgroup.version == 2 and clone3.available():
             try:
-                leader, pidfd = _clone_into(job, argv, env, stdout_fd, containment, cgroup)
+                leader, pidfd = _clone_into(job, run_argv, env, stdout_fd, containment, cgroup, execs)
             except OSError as e:
                 if clone3.available():
                     raise
@@ -390,25 +457,40 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
         if leader is None:
             with (containment.entered(cgroup) if containment is not None else _nothing()):
                 leader = subprocess.Popen(
-                    argv,
-                    cwd=str(job.workdir),
+                    run_argv,
+                    executable=execs[0] if execs else None,
+                    cwd="/" if plan is not None else str(job.workdir),
                     env=dict(env),
                     stdin=subprocess.DEVNULL,
                     stdout=stdout_fd,
                     stderr=subprocess.STDOUT,
                     close_fds=True,
                     **_own_session(),
-                    **_privilege_drop(job),
+                    **({} if plan is not None else _privilege_drop(job)),
                 )
+        if plan is not None:
+            os.close(report[1])
+            report = (report[0], -1)
+            try:
+                job_pid = shim.read_start(report[0])
+            except OSError:
+                _reap_failed(leader)
+                raise
     except FileNotFoundError as e:
-        what = "workdir" if e.filename == str(job.workdir) else "command"
+        what = "workdir" if e.filename in (str(job.workdir), "workdir") else "command"
         raise SpawnError(f"{job.source}: {what}: {e.filename or argv[0]!r} not found (workdir {job.workdir})") from None
     except PermissionError as e:
         raise SpawnError(f"{job.source}: command: {argv[0]!r}: {e.strerror}") from None
     except CgroupError as e:
         raise SpawnError(f"{job.source}: cannot start job {job.name}: {e}") from None
+    except shim.ShimFailed as e:
+        raise SpawnError(_shim_failure(job, argv, e)) from None
     except (OSError, KeyError, subprocess.SubprocessError) as e:
         raise SpawnError(f"{job.source}: cannot start {argv[0]!r}: {e}") from None
+    finally:
+        for fd in report:
+            if fd >= 0:
+                os.close(fd)
     if pidfd < 0:
         try:
             pidfd = os.pidfd_open(leader.pid)
@@ -416,28 +498,87 @@ def spawn(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
             os.kill(leader.pid, signal.SIGKILL)
             leader.wait()
             raise
+    if job_pid is None:
+        return Child(leader, pidfd, time.monotonic(), time.time(), _create_time(leader.pid), cgroup=cgroup)
+    assert plan is not None
+    # The job is the shim's child: its pidfd, taken now, is checked to be that child.
+    shim_pid = leader.pid
+    job_fd = shim.open_verified(job_pid, lambda p: shim.parent_of(p) == shim_pid)
+    return Child(shim.ShimLeader(shim_pid, plan.status, ours=True), pidfd, time.monotonic(), time.time(),
+                 _create_time(job_pid), cgroup=cgroup, job_pid=job_pid, job_pidfd=-1 if job_fd is None else job_fd)
+
+
+def _create_time(pid: int) -> float:
     try:
-        ctime = psutil.Process(leader.pid).create_time()
+        return psutil.Process(pid).create_time()
     except psutil.Error:
-        ctime = 0.0
-    return Child(leader, pidfd, time.monotonic(), time.time(), ctime, cgroup=cgroup)
+        return 0.0
 
 
-def _clone_into(job: JobSpec, argv: list[str], env: Mapping[str, str], stdout_fd: int,
-                containment: Containment, cgroup: JobCgroup) -> tuple[clone3.Leader, int]:
-    drop = _privilege_drop(job)
+def _reap_failed(leader: subprocess.Popen | clone3.Leader) -> None:
+    """A shim that could not start its job has exited (or is stuck): gone either way."""
+    try:
+        os.kill(leader.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    leader.wait()
+
+
+def _shim_failure(job: JobSpec, argv: list[str], e: shim.ShimFailed) -> str:
+    stage = e.filename
+    if stage == "exec":
+        if e.errno == errno.ENOENT:
+            return f"{job.source}: command: {argv[0]!r} not found (workdir {job.workdir})"
+        return f"{job.source}: command: {argv[0]!r}: {e.strerror}"
+    if stage == "workdir":
+        return f"{job.source}: workdir: {str(job.workdir)!r}: {e.strerror}"
+    return f"{job.source}: cannot start {argv[0]!r}: {stage}: {e.strerror}"
+
+
+def adopt(shim_pid: int, shim_fd: int, job_pid: int, job_fd: int, status: Path, cgroup: JobCgroup | None,
+          ours: bool) -> Child:
+    """A Child for a job a previous daemon (or this daemon's previous image, before a
+    re-exec) launched, found and verified by trainsup.daemon.adoption. Its start is the
+    job process's own; `started_mono` is that instant on this boot's monotonic clock."""
+    ctime = _create_time(job_pid)
+    started_wall = ctime or time.time()
+    started_mono = time.monotonic() - max(0.0, time.time() - started_wall)
+    return Child(shim.ShimLeader(shim_pid, status, ours=ours), shim_fd, started_mono, started_wall, ctime,
+                 cgroup=cgroup, job_pid=job_pid, job_pidfd=job_fd, adopted=True)
+
+
+def reap(child: Child) -> ExitRecord:
+    """Reap the attempt's leader; how the job ended. Under a shim the status (and its
+    time) is the one the shim wrote; a shim that left none was killed before its job
+    ended: that exit is unknown ("lost") and treated as a crash."""
+    rc = child.popen.wait()
+    if isinstance(child.popen, shim.ShimLeader):
+        st = child.popen.exit
+        if st is None:
+            return ExitRecord("lost (its shim ended without an exit status)", None, None, time.time())
+        ex = classify_exit(st.returncode)
+        ex.at = st.at
+        return ex
+    assert rc is not None
+    return classify_exit(rc)
+
+
+def _clone_into(job: JobSpec, argv: list[str] | list[bytes], env: Mapping[str, str], stdout_fd: int,
+                containment: Containment, cgroup: JobCgroup,
+                execs: list[bytes] | None = None) -> tuple[clone3.Leader, int]:
+    drop = _privilege_drop(job) if execs is None else {}
     cg_fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with containment.entered_memory(cgroup):
-            return clone3.spawn(argv, env, str(job.workdir), stdout_fd, cg_fd,
+            return clone3.spawn(argv, env, "/" if execs is not None else str(job.workdir), stdout_fd, cg_fd,
                                 uid=drop.get("user"), gid=drop.get("group"),
-                                groups=drop.get("extra_groups", ()))
+                                groups=drop.get("extra_groups", ()), execs=execs)
     finally:
         os.close(cg_fd)
 
 
 @contextlib.contextmanager
-def _nothing():
+def _nothing() -> Iterator[None]:
     yield
 
 
@@ -477,12 +618,15 @@ def heartbeat_dir(state_dir: Path, run_dir: Path = RUN_DIR) -> Path:
 
 
 def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
-    """At daemon exit: remove the heartbeat files of a /run dir (a state dir's are kept)."""
+    """At daemon exit: remove the heartbeat files and notice dirs of a /run dir (a state
+    dir's are kept)."""
     if d.parent != run_dir:
         return
     try:
         for e in os.scandir(d):
-            if e.is_file(follow_symlinks=False) or e.is_symlink():
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)        # fd-based: a link a job planted is never followed
+            elif e.is_file(follow_symlinks=False) or e.is_symlink():
                 os.unlink(e.path)
         os.rmdir(d)
     except OSError as e:
@@ -491,9 +635,10 @@ def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
 
 def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
     """Create the job's heartbeat file owned by the job's user, so a `user:` job can touch
-    it (a root-owned one made hang detection restart healthy jobs). The file is opened
-    without following a symlink (O_NOFOLLOW) and changed through that fd only: a link
-    planted there by the user cannot make root chown another file. Raises OSError."""
+    it (a root-owned one made hang detection restart healthy jobs), and empty it: the step
+    an earlier attempt wrote must never read as this one's. The file is opened without
+    following a symlink (O_NOFOLLOW) and changed through that fd only: a link planted there
+    by the user cannot make root chown another file. Raises OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -512,6 +657,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
         if owner is not None and (st.st_uid, st.st_gid) != owner:
             os.fchown(fd, *owner)
         os.fchmod(fd, 0o644)
+        os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

@@ -94,6 +94,7 @@ class JobMirror(RowFields):
         self._release_task: asyncio.Task | None = None
         self.restoring: upload.Progress | None = None
         self.restore_checked = False
+        self._adopt_task: asyncio.Task | None = None
         self.closed = False
 
     # -- the store, off the loop ------------------------------------------------------------
@@ -372,6 +373,15 @@ class JobMirror(RowFields):
         self.restore_checked = True
         self._kick()
         return restored
+
+    def adopted(self) -> None:
+        """A restarted daemon took over the still-running job: it trains from what it has
+        (no restore); the lease, held under this machine's holder id, is taken again before
+        anything is committed."""
+        self.restore_checked = True
+        if self._adopt_task is None or self._adopt_task.done():
+            self._adopt_task = self.loop.create_task(self.before_launch())
+            self._adopt_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _acquire_lease(self) -> None:
         clock = policy.ExpiryClock()

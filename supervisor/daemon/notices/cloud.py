@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import Any
 
 from . import Notice
 
@@ -76,7 +77,7 @@ def _status_error(method: str, url: str, status: int) -> MetadataError:
     return MetadataError(f"HTTP {status}", f"{method} {url}: HTTP {status}")
 
 
-def _json(url: str, body: bytes):
+def _json(url: str, body: bytes) -> Any:
     try:
         return json.loads(body)
     except ValueError as e:
@@ -102,7 +103,7 @@ def parse_rfc1123(text: str) -> float:
 
 # --- AWS -------------------------------------------------------------------------------
 
-def aws_instance_action_notice(doc, now: float) -> Notice:
+def aws_instance_action_notice(doc: Any, now: float) -> Notice:
     """instance-action JSON -> preempt notice. terminate, stop and hibernate all take the
     machine away from the job, so they are one kind."""
     if not isinstance(doc, dict) or "action" not in doc:
@@ -117,7 +118,7 @@ def aws_instance_action_notice(doc, now: float) -> Notice:
                   detail=f"spot instance-action {action} at {when}")
 
 
-def aws_rebalance_notice(doc) -> Notice:
+def aws_rebalance_notice(doc: Any) -> Notice:
     when = doc.get("noticeTime") if isinstance(doc, dict) else None
     return Notice(source="aws", kind="warning", deadline=None,
                   detail=f"rebalance recommendation at {when}")
@@ -247,7 +248,7 @@ AZURE_KINDS = {"Preempt": "preempt", "Terminate": "preempt",
                "Reboot": "maintenance", "Redeploy": "maintenance", "Freeze": "warning"}
 
 
-def azure_notices(doc, vm_name: str | None, now: float) -> list[Notice]:
+def azure_notices(doc: Any, vm_name: str | None, now: float) -> list[Notice]:
     """Scheduled Events document -> notices for this VM.
 
     The document lists events of every VM in the availability set; `Resources` names the
@@ -287,7 +288,7 @@ class AzureScheduledEvents:
     _UNKNOWN = object()
 
     def __init__(self, base: str | None = None, timeout: float = 2.0,
-                 clock: Callable[[], float] = time.time, vm_name=_UNKNOWN):
+                 clock: Callable[[], float] = time.time, vm_name: Any = _UNKNOWN) -> None:
         self.base = (base or self.DEFAULT_BASE).rstrip("/")
         self.timeout = timeout
         self._clock = clock
@@ -325,7 +326,7 @@ class AzureScheduledEvents:
             raise _status_error("POST", url, status)
 
 
-def make_provider(name: str, metadata_url: str | None = None, timeout: float = 2.0):
+def make_provider(name: str, metadata_url: str | None = None, timeout: float = 2.0) -> Any:
     classes = {"aws": AwsImds, "gcp": GcpMetadata, "azure": AzureScheduledEvents}
     if name not in classes:
         raise ValueError(f"preemption.provider: unknown provider {name!r} "
@@ -386,7 +387,7 @@ class CloudPoller:
     happens; a server that answers at once falls back to plain polls every `poll`.
     """
 
-    def __init__(self, provider, on_notice: Callable[[Notice], None], *, poll: float = 5.0,
+    def __init__(self, provider: str | Any, on_notice: Callable[[Notice], None], *, poll: float = 5.0,
                  metadata_url: str | None = None, timeout: float = 2.0,
                  long_poll: int = 60):
         self.provider = make_provider(provider, metadata_url, timeout) \

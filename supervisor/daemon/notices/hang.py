@@ -17,14 +17,15 @@ def hang_decision(now_mono: float, last_progress_mono: float, timeout: float | N
     return now_mono - last_progress_mono >= timeout
 
 
-def _mtime(path) -> float | None:
+def _mtime(path: str | os.PathLike[str]) -> float | None:
     try:
         return os.lstat(path).st_mtime
     except OSError:
         return None
 
 
-def progress_mtime(heartbeat_file, ckpt_dir) -> float | None:
+def progress_mtime(heartbeat_file: str | os.PathLike[str] | None,
+                   ckpt_dir: str | os.PathLike[str] | None) -> float | None:
     """Newest of the heartbeat file's mtime and the checkpoint dir's entries' mtimes.
 
     Entries count, the folder itself does not: rotation deleting an old checkpoint

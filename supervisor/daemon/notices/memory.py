@@ -20,6 +20,7 @@ import psutil
 
 from ...spec import MemorySpec
 from ..launch.cgroup import JobCgroup, _keyed, _read, join_mount, read_mounts  # one reader of cgroup files
+from ..launch.process import children_of
 
 # Re-arm only after falling this far back past a threshold, so RSS wobbling around the
 # line does not send a save signal on every sample.
@@ -50,18 +51,7 @@ class TreeSampler:
         self._children_files = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def _child_pids(self, pid: int) -> list[int]:
-        out: list[int] = []
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            return out
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out.extend(int(x) for x in f.read().split())
-            except (OSError, ValueError):
-                continue     # the thread ended between listdir and open
-        return out
+        return children_of(pid)
 
     def _refresh(self) -> None:
         root = self._procs.get(self.pid)

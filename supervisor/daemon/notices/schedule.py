@@ -26,7 +26,7 @@ WHAT = {"checkpoint_every": "checkpoint", "checkpoint_cron": "checkpoint",
 def parse_cron(expr: str) -> CronTrigger:
     """A standard 5-field crontab line, in UTC; ValueError with one line if it is bad."""
     try:
-        # APScheduler's from_crontab counts weekday 0 as Monday (its #286); crontab(5)
+        # APScheduler's from_crontab counts weekday 0 as Monday; crontab(5)
         # counts 0 and 7 as Sunday. Users write crontab lines.
         from ...config.values import crontab_trigger
         return crontab_trigger(expr, timezone=timezone.utc)
