@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -175,7 +176,7 @@ def _send_file(store: Store, handle: DirHandle, rel: str, key: str, rate: int | 
             from fsspec.callbacks import Callback
 
             class _Count(Callback):
-                def call(self, *a, **k):          # the IO thread: a few additions, no more
+                def call(self, *a: Any, **k: Any) -> None:      # the IO thread: a few additions, no more
                     v = int(self.value)
                     progress.add(v - counted[0])
                     counted[0] = v
