@@ -81,9 +81,11 @@ def upload_and_status(root: Path, endpoint: str, bucket: str, size: int, i: int,
     step_dir = write_big(ck, 7, size)
     nbytes = sum(f.stat().st_size for f in step_dir.iterdir())
     # both read the files from the page cache (the write just put them there)
-    t0 = time.monotonic()
-    fs.put(str(step_dir), f"{bucket}/plain{i}/", recursive=True)
-    plain = time.monotonic() - t0
+    plain = 0.0
+    if not sample_status:
+        t0 = time.monotonic()
+        fs.put(str(step_dir), f"{bucket}/plain{i}/", recursive=True)
+        plain = time.monotonic() - t0
     status_ms: list[float] = []
     ping_ms: list[float] = []
     with running_daemon(root / f"up{i}") as d:
@@ -101,6 +103,10 @@ def upload_and_status(root: Path, endpoint: str, bucket: str, size: int, i: int,
                 time.sleep(0.05)
         (up,) = poll(lambda: history(d, "up", "upload"), 3600, "the daemon's upload")
         assert up["bytes"] == nbytes, (up, nbytes)
+    # moto keeps what it stores on this machine's disk and memory: room for the next run
+    for prefix in (f"plain{i}", f"ours{i}"):
+        if fs.exists(f"{bucket}/{prefix}"):
+            fs.rm(f"{bucket}/{prefix}", recursive=True)
     return float(up["took_s"]), plain, status_ms, ping_ms
 
 
@@ -144,7 +150,9 @@ def run(quick: bool = False) -> Section:
         sec.notes.append(f"skipped: {missing}")
         return sec
     size = 256 * MiB if quick else 1 * GiB
-    big = 512 * MiB if quick else 10 * GiB
+    # 10 GiB (the figure) took moto down here (it holds parts and objects on this
+    # machine's disk and memory next to the bench's own copy): 4 GiB
+    big = 512 * MiB if quick else 4 * GiB
     reps = 1 if quick else 3
     em_mb = 64 if quick else 512
     srv = stores.start_moto()

@@ -94,8 +94,10 @@ def test_replaced_machine_resumes_from_the_store_with_no_step_lost(tmp_path, imd
         assert restored["step"] == saved, (restored, saved)
         assert launch["resume_from"] == str(b.root / "mlp-ckpt" / f"step-{saved:08d}"), launch
         wait_for(lambda: f"resumed from step {saved} " in job_log(b, "mlp"), SLOW, "B's resume line")
-        first = [int(line.split()[1]) for line in job_log(b, "mlp").splitlines()
-                 if line.startswith("step ")][0]
+
+        def steps() -> list[int]:
+            return [int(line.split()[1]) for line in job_log(b, "mlp").splitlines() if line.startswith("step ")]
+        first = wait_for(steps, SLOW, "B's first training step")[0]
         assert first == saved + 1, f"B's first step {first}, saved {saved}: steps lost or redone"
 
         c = machine(tmp_path / "C", "mlp", url, srv.endpoint)
