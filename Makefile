@@ -14,9 +14,17 @@ $(BIN)/.installed: pyproject.toml $(LAUNCHER)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy
 	$(BIN)/pip install -q -e ".[test]"
+	$(MAKE) --no-print-directory azurite
 	touch $@
 
 venv: $(BIN)/.installed
+
+# Azure's storage emulator for the mirror's tests (npm); they skip, saying why, without it.
+AZURITE := $(VENV)/npm/node_modules/.bin/azurite-blob
+.PHONY: azurite
+azurite:
+	@test -x $(AZURITE) || { command -v npm >/dev/null && npm install --silent --no-audit --no-fund \
+	  --prefix $(VENV)/npm azurite@3 >/dev/null; } || echo "azurite not installed (no npm?): the Azure mirror tests will skip" >&2
 
 # -rs: every skipped test says why (a missing tool, no root, no systemd), never silently.
 test: venv

@@ -208,7 +208,7 @@ class JobCheckpointDir:
         self.backoff.forget_absent({i.name for i in infos})
 
     def plan(self, infos: list[CheckpointInfo], *, pinned=frozenset(), resumed_from=None,
-             also_live: Iterable[str] = ()) -> RotationPlan:
+             also_live: Iterable[str] = (), unuploaded: Iterable[str] = ()) -> RotationPlan:
         live = self.liveness.live(infos) | set(also_live)
         undeletable = dict(self.backoff.undeletable())
         if self.flag or self.handle is None:
@@ -217,7 +217,7 @@ class JobCheckpointDir:
         return plan_rotation(
             infos, self.spec, pinned=pinned, resumed_from=resumed_from, live=live,
             preexisting=inventory.preexisting(infos, self.inventory, self.pattern),
-            undeletable=undeletable)
+            undeletable=undeletable, unuploaded=frozenset(unuploaded))
 
     def record(self, outcome: Outcome) -> tuple[str, dict]:
         """(event kind, fields) for history; a repeat failure of a streak is "" (not reported)."""

@@ -204,10 +204,11 @@ def read_capped_fd(fd: int, size: int, rel: str, kind: str) -> bytes:
     return pread_exact(fd, size, 0)
 
 
-def create_exclusive(dir_fd: int, name: str, mode: int = 0o644) -> int:
+def create_exclusive(dir_fd: int, name: str, mode: int = 0o644, read_back: bool = False) -> int:
     """A new file of the daemon's own next to a job's files (a temp file): created, never
-    opened if anything already has the name (a planted FIFO would block a write)."""
+    opened if anything already has the name (a planted FIFO would block a write).
+    read_back: opened for reading too (a download hashed before it is renamed in)."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"{name!r} is not a plain name")
-    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK
+    return os.open(name, (os.O_RDWR if read_back else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK
                    | os.O_CLOEXEC | os.O_NOCTTY, mode, dir_fd=dir_fd)

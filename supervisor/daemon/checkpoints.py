@@ -89,6 +89,8 @@ class RotationFacts:
     save_durations: tuple[float, ...] = ()
     grace: float = 120.0
     pids: tuple[int, ...] = ()                  # the job's processes: what they hold open is live
+    # valid checkpoints the mirror has yet to upload: kept while the quota allows (mirror/)
+    unuploaded: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -537,7 +539,8 @@ class RotationCoordinator:
         # nothing planned is open.
         opened: set[str] = set()
         for _ in range(4):
-            plan = ck.custody.plan(infos, pinned=pinned, resumed_from=facts.resumed_from, also_live=opened)
+            plan = ck.custody.plan(infos, pinned=pinned, resumed_from=facts.resumed_from, also_live=opened,
+                                   unuploaded=facts.unuploaded)
             held = await self.loop.run_in_executor(
                 ck.executor, ck.custody.open_by_job,
                 [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)

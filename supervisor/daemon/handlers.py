@@ -304,6 +304,8 @@ class Commands:
                         # the files of a multi-file checkpoint, what a resume is handed
                         "name": i.name, "alias": i.alias_kind, "alias_of": i.alias_of,
                         "members": list(i.members), "resume_path": str(i.resume_path)})
+            if job.mirror is not None:        # yes (in the store), uploading, pending, or null
+                out[-1]["mirrored"] = job.mirror.mirrored(i)
         return out
 
 

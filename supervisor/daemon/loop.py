@@ -121,6 +121,7 @@ class Daemon:
         # preflight, through asyncio): the SIGCHLD reaper must leave them alone.
         self.helper_pids: set[int] = set()
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
+        self.transfers: Any = None              # mirror.transfer.Transfers, at the first mirrored job
         self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
         self.metrics_error: str | None = None   # metrics.required false and they could not start
         self._metrics_sampled = float("-inf")
@@ -255,6 +256,11 @@ class Daemon:
                 src.stop()
             except Exception:
                 log.exception("stopping %r", src)
+        mirrors = [j.mirror.close() for j in list(self.jobs.values()) + list(self._retired) if j.mirror is not None]
+        if mirrors:         # leases handed back (bounded) before the daemon goes
+            await asyncio.gather(*mirrors, return_exceptions=True)
+        if self.transfers is not None:
+            self.transfers.close()
         for j in self.jobs.values():
             j.ckpts.close()
         if self.hooks is not None:
@@ -419,6 +425,13 @@ class Daemon:
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
                                create_as=spec.owner() if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
+        if spec.checkpoint is not None and spec.checkpoint.mirror is not None:
+            from .mirror.jobmirror import JobMirror
+            from .mirror.transfer import Transfers
+            if self.transfers is None:
+                self.transfers = Transfers(self.loop)
+            job.mirror = JobMirror(spec.name, spec.checkpoint, self.transfers, ckpts, job.event, job.log.note,
+                                   self.spec.state_dir, job.lease_lost)
         old = self.jobs.get(spec.name)
         if old is not None:
             # `logs -f` follows a job by name: a reload that replaces the job moves its
@@ -580,6 +593,8 @@ class Daemon:
             self.schedule.remove_job(job.name)
         try:
             await job.stop(save=True, final=State.STOPPED, source="reload")
+            if job.mirror is not None:
+                await job.mirror.close()
         finally:
             job.ckpts.close()
             if not job.active:
