@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, wait_for
-from test_hostile_files import Swapper
+from test_hostile_files_in_the_daemon import Swapper
 
 PY = "/usr/bin/python3"
 SAVER = REPO / "tests" / "helpers" / "plain_saver.py"
