@@ -250,7 +250,7 @@ def test_emergency_save_goes_to_the_store_ahead_of_a_slow_upload(machine, moto, 
     wait_for(lambda: (s := d.status("e"))["mirror"]["bytes_pending"] > 0 and s["mirror"]["uploaded_step"] is None,
              30, "the slow upload under way")
     out = d.request("preempt", "e", grace=20)["result"]
-    assert out["outcome"] == "saved" and out["store"]["uploaded"] is True, out
+    assert out["outcome"] == "saved" and out["store"]["uploaded"] is True, (out.get("store"), out, d.history("e")[-12:])
     assert out["store"]["upload_s"] < 4.0, out          # the 6 MiB one alone needs 6 s
     ups = events(d, "e", "upload")
     assert ups[0]["step"] == out["step"] and ups[0].get("emergency"), ups

@@ -167,8 +167,8 @@ class JobMirror(RowFields):
         self._kick()
 
     def _kick(self) -> None:
-        if self.closed or self._retry is not None:
-            return
+        if self.closed or (self._retry is not None and self.priority is None):
+            return              # backing off; a preemption's save does not wait for the retry
         if self.spec.lease and self.lease_gen is None:
             return              # only the lease holder writes to the store
         if not self.remote_listed:
@@ -181,6 +181,8 @@ class JobMirror(RowFields):
             if c.key in self.inflight:
                 continue
             urgent = c.key == self.priority
+            if self._retry is not None and not urgent:
+                break
             # one ordinary upload at a time per job (in order); the emergency one beside it
             if not urgent and any(k != self.priority for k in self.inflight):
                 break
