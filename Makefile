@@ -14,9 +14,17 @@ $(BIN)/.installed: pyproject.toml $(LAUNCHER)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy
 	$(BIN)/pip install -q -e ".[test]"
+	$(MAKE) --no-print-directory azurite
 	touch $@
 
 venv: $(BIN)/.installed
+
+# Azure's storage emulator for the mirror's tests (npm); they skip, saying why, without it.
+AZURITE := $(VENV)/npm/node_modules/.bin/azurite-blob
+.PHONY: azurite
+azurite:
+	@test -x $(AZURITE) || { command -v npm >/dev/null && npm install --silent --no-audit --no-fund \
+	  --prefix $(VENV)/npm azurite@3 >/dev/null; } || echo "azurite not installed (no npm?): the Azure mirror tests will skip" >&2
 
 # -rs: every skipped test says why (a missing tool, no root, no systemd), never silently.
 test: venv
@@ -47,18 +55,21 @@ test-multinode: venv
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Framework test environment (HF Trainer, Lightning, Keras on TF, Paddle) for tests/frameworks/.
-# Pinned to the versions that wrote tests/fixtures/frameworks; a CPU torch wheel as above.
+# Framework test environment (HF Trainer, Accelerate, Lightning, Keras on TF, Paddle, DeepSpeed,
+# JAX + Orbax) for tests/frameworks/. Pinned to the versions that wrote tests/fixtures/frameworks;
+# a CPU torch wheel as above. DeepSpeed without its CUDA ops (DS_BUILD_OPS=0): on the CPU
+# accelerator it JIT-builds one small op (shm comm, ~40 s once, cached in ~/.cache/torch_extensions).
 VENV_FW := .venv-fw
 FW_PKGS := "$(TORCH)" numpy==2.4.6 transformers==5.23.0 accelerate==1.15.0 safetensors==0.8.0 \
-	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1
+	lightning==2.6.6 tensorflow-cpu==2.21.0 keras==3.15.1 h5py==3.14.0 paddlepaddle==3.3.1 \
+	deepspeed==0.19.8 jax==0.10.2 jaxlib==0.10.2 orbax-checkpoint==0.12.8
 
 .PHONY: venv-frameworks test-frameworks fixtures
 
 $(VENV_FW)/bin/.installed: pyproject.toml $(LAUNCHER)
 	$(PY) -m venv $(VENV_FW)
 	$(VENV_FW)/bin/pip install -q --upgrade pip
-	$(VENV_FW)/bin/pip install -q $(FW_PKGS)
+	DS_BUILD_OPS=0 $(VENV_FW)/bin/pip install -q $(FW_PKGS)
 	$(VENV_FW)/bin/pip install -q -e ".[test]"
 	touch $@
 
@@ -67,6 +78,8 @@ venv-frameworks: $(VENV_FW)/bin/.installed
 test-frameworks: venv-frameworks
 	$(VENV_FW)/bin/python -m pytest -q -rs -p no:cacheprovider tests/frameworks
 
-# Rewrite tests/fixtures/frameworks with the real frameworks (strace kills the saves; ~2 min).
+# Rewrite tests/fixtures/frameworks with the real frameworks (strace kills the saves; the sharded
+# formats' saves kill themselves at their commit point; ~3 min).
 fixtures: venv-frameworks
 	$(VENV_FW)/bin/python tests/fixtures/make_framework_fixtures.py
+	$(VENV_FW)/bin/python tests/fixtures/make_sharded_fixtures.py

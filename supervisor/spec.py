@@ -13,6 +13,23 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class MirrorSpec:
+    """`checkpoint.mirror:`: checkpoints copied to object storage (daemon/mirror/), restored
+    on a fresh machine, one machine training the job at a time (the lease)."""
+    url: str                                   # any fsspec URL; `{job}` is the job's name
+    keep_last: int | None = None               # remote retention; None: the job's keep_last
+    options: tuple[tuple[str, object], ...] = ()   # passed to the filesystem (no credentials)
+    restore: str = "auto"                      # auto | never
+    lease: bool = False                        # one machine trains this job at a time
+    lease_ttl: float = 60.0                    # unrenewed this long (as seen by the waiter): expired
+    max_rate: int | None = None                # bytes/s for uploads; None: unlimited
+    parallel: int = 4                          # concurrent ranges of one large download
+
+    def location(self, job: str) -> str:
+        return self.url.replace("{job}", job).rstrip("/")
+
+
+@dataclass(frozen=True)
 class CheckpointSpec:
     dir: Path                                  # absolute
     format: str = "auto"                       # auto | trainsup | torch | hf | paddle | tf | keras | lightning | safetensors
@@ -29,6 +46,7 @@ class CheckpointSpec:
     # A dir shared by the nodes of one job is rotated by one of them. None: yes, unless the
     # job's env sets NODE_RANK to something other than 0.
     rotate: bool | None = None
+    mirror: MirrorSpec | None = None        # copies in object storage (daemon/mirror/)
 
 
 def rotates(job: JobSpec) -> bool:

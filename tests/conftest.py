@@ -273,5 +273,32 @@ def daemon(tmp_path):
         pass
     finally:
         _kill_recorded(tmp_path)
+        _kill_launched_under(tmp_path)
         if getattr(d, "out_f", None):
             d.out_f.close()
+
+
+def _kill_launched_under(root: Path) -> None:
+    """Jobs outlive a killed daemon by design (their shims keep them): whatever still runs
+    with this test's dir on its command line (shims, jobs, a daemon) is ended, so a test
+    that fails mid-way leaves no job training on the machine for good."""
+    needle = str(root).encode()
+    me = os.getpid()
+    for _ in range(3):
+        found = []
+        for pid_s in os.listdir("/proc"):
+            if not pid_s.isdigit() or int(pid_s) == me:
+                continue
+            try:
+                with open(f"/proc/{pid_s}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(pid_s))
+            except OSError:
+                continue
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not found:
+            return

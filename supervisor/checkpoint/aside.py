@@ -69,6 +69,7 @@ def move_aside(h: DirHandle, entries: Iterable[CheckpointInfo]) -> list[tuple[Ch
         raise AsideUnavailable(e.errno, f"{ASIDE_DIR} in the checkpoint dir is {what}: interrupted "
                                         "saves are not moved aside (remove it)") from None
     try:
+        # held dir fd: the aside dir, opened beneath the job's held dir
         taken = set(os.listdir(afd))
         for info in entries:
             done = []
@@ -121,6 +122,7 @@ def listed(h: DirHandle) -> list[CheckpointInfo]:
         return []
     out = []
     try:
+        # held dir fd: the aside dir, opened beneath the job's held dir
         with os.scandir(afd) as it:
             for e in it:
                 try:

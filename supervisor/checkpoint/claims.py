@@ -70,6 +70,7 @@ def refuse_dir(d: Path, *, state_dir: Path | None = None, jobs_dir: Path | None 
 def dir_line(source: Path) -> int:
     """The line of `checkpoint.dir` (else `checkpoint:`) in a job file; 1 if not found."""
     try:
+        # not a job path: the job file (YAML) the daemon was configured with
         root = yaml.compose(Path(source).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return 1

@@ -8,7 +8,10 @@ The daemon's per-job checkpoint service keeps one JobCheckpointDir per job and d
     infos, flag = jd.scan(cache)                # off the loop; flag: dir replaced -> no deletes
     jd.observe(infos)                           # on the loop: liveness by monotonic clock
     opened = jd.open_by_job(infos, pids)        # off the loop: entries open by the job
-    plan = jd.plan(infos, pinned=..., resumed_from=..., also_live=opened)
+    dropped = jd.tidy(infos)                    # off the loop: bookkeeping a framework broke
+    pins, kept = jd.bookkeeping(infos)          # off the loop: frameworks' bookkeeping
+    plan = jd.plan(infos, pinned=pins, framework_kept=kept, resumed_from=..., also_live=opened,
+                   unuploaded=...)
     ... plan_disk_quota over all jobs' plans ...
     for info in plan.delete:                    # intent recorded, then:
         outcome = jd.delete(info)               # off the loop; returns once gone or failed
@@ -28,6 +31,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .. import fdbudget
 from ..spec import CheckpointSpec
@@ -213,13 +217,22 @@ class JobCheckpointDir:
 
     # ------------------------------------------------------------------ on the loop
 
+    def bookkeeping(self, infos: list[CheckpointInfo]) -> tuple[set[Any], set[Any]]:
+        """(pins, kept above keep_last) for the frameworks' own bookkeeping (HF's best
+        checkpoint; Lightning's best_model_path, last_model_path and best k), read through
+        the held dir (off the loop: found, a FIFO swapped in for HF's trainer_state.json
+        blocked the event loop forever when read there)."""
+        if self.handle is None or self.flag:
+            return set(), set()
+        return formats.bookkeeping(self.handle.fd, infos)
+
     def observe(self, infos: Iterable[CheckpointInfo]) -> None:
         infos = list(infos)
         self.liveness.observe(infos)
         self.backoff.forget_absent({i.name for i in infos})
 
     def plan(self, infos: list[CheckpointInfo], *, pinned=frozenset(), framework_kept=frozenset(),
-             resumed_from=None, also_live: Iterable[str] = ()) -> RotationPlan:
+             resumed_from=None, also_live: Iterable[str] = (), unuploaded: Iterable[str] = ()) -> RotationPlan:
         live = self.liveness.live(infos) | set(also_live)
         undeletable = dict(self.backoff.undeletable())
         if self.flag or self.handle is None:
@@ -228,7 +241,7 @@ class JobCheckpointDir:
         return plan_rotation(
             infos, self.spec, pinned=pinned, framework_kept=framework_kept, resumed_from=resumed_from, live=live,
             preexisting=inventory.preexisting(infos, self.inventory, self.pattern),
-            undeletable=undeletable)
+            undeletable=undeletable, unuploaded=frozenset(unuploaded))
 
     def record(self, outcome: Outcome) -> tuple[str, dict]:
         """(event kind, fields) for history; a repeat failure of a streak is "" (not reported)."""

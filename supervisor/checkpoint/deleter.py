@@ -28,7 +28,7 @@ from . import formats
 from .dirhandle import DirHandle
 from .format import TMP_DIR
 from .index import CheckpointInfo
-from .trash import DeleteError, delete_entry
+from .trash import DeleteError, delete_entry, delete_nested
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,19 @@ def _delete_members(h: DirHandle, info: CheckpointInfo) -> None:
         finally:
             os.close(dfd)
     subs: dict[str, DirHandle] = {}
+    # a framework that lists the folder its saves sit in must never see our trash there
+    root_trash = bool(getattr(formats.FORMATS.get(info.format), "TRASH_AT_ROOT", False))
     try:
         for parent in parents:
-            if parent:
+            if parent and not root_trash:
                 subs[parent] = DirHandle(h.path / parent, h.open_beneath(parent))
         for rel in units:
             parent, _, base = rel.rpartition("/")
             try:
-                delete_entry(subs[parent] if parent else h, base)
+                if parent and root_trash:
+                    delete_nested(h, parent, base)
+                else:
+                    delete_entry(subs[parent] if parent else h, base)
             except FileNotFoundError:
                 continue       # one member already gone: the others still go
     finally:

@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 import xxhash
 
+from . import budget
+from .jobfile import LIMITS
+from .naming import counter
 from .range_reader import ShortRead, Stream
 
 FORMAT_ID = "trainsup-checkpoint/1"
@@ -83,24 +86,25 @@ def hash_fd(fd: int, algo: str = "xxh3_128") -> str:
     pos = 0
     if size > _STREAM_MIN:
         try:
-            with Stream(fd, 0, size, _STREAM_CHUNK) as st:
+            with Stream(fd, 0, size, _STREAM_CHUNK) as st:     # the stream counts and yields
                 st.checksum(size, lambda b, c: (h.update(b), c)[1])
             pos = size
         except ShortRead:      # it shrank while read: start again on what is there now
             h, pos = _new_hasher(algo), 0
-    buf = bytearray(_CHUNK)
+    buf = bytearray(min(_CHUNK, max(size - pos, 0) + 65536))
     view = memoryview(buf)
     while True:                # a small file, or what was added past the size first seen
         n = os.preadv(fd, [view], pos)
         if not n:
             break
+        budget.tick(n)         # a verdict reads no more than its files hold (budget.py)
         h.update(view[:n])
         pos += n
     return h.hexdigest()
 
 
 def hash_file(path: str | os.PathLike, algo: str = "xxh3_128") -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)       # not a job path: the writer's own file
     try:
         return hash_fd(fd, algo)
     finally:
@@ -108,7 +112,7 @@ def hash_file(path: str | os.PathLike, algo: str = "xxh3_128") -> str:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)     # not a job path: the writer's own dir
     try:
         os.fsync(fd)
     finally:
@@ -116,7 +120,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)                      # not a job path: the writer's own file
     try:
         os.fsync(fd)
     finally:
@@ -131,7 +135,7 @@ def read_manifest(ckpt_path: str | os.PathLike) -> dict:
     """Parse and shape-check a checkpoint's MANIFEST.json (no file hashing here)."""
     p = Path(ckpt_path) / MANIFEST
     try:
-        raw = p.read_bytes()
+        raw = p.read_bytes()        # not a job path: in-job code reading its own save
     except FileNotFoundError:
         raise ManifestError("no MANIFEST.json (not committed)") from None
     except OSError as e:
@@ -139,27 +143,41 @@ def read_manifest(ckpt_path: str | os.PathLike) -> dict:
     return parse_manifest(raw)
 
 
+# Files one manifest may list (a walk of the entry stops there too: walk.py).
+MAX_FILES = 50_000
+
+
 def parse_manifest(raw: bytes) -> dict:
-    """Shape-check MANIFEST.json's bytes; raises ManifestError naming what is wrong."""
+    """Shape-check MANIFEST.json's bytes; raises ManifestError naming what is wrong.
+    Every field the daemon keeps is bounded: the step and epoch are counts in
+    0..2**63-1, `reason` one of REASONS, the files table at most MAX_FILES entries."""
+    if len(raw) > LIMITS["manifest"]:
+        raise ManifestError(f"MANIFEST.json is {len(raw)} bytes, more than {LIMITS['manifest']}")
     try:
         m = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"MANIFEST.json is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ManifestError(f"MANIFEST.json is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_ID:
         raise ManifestError(f"MANIFEST.json format is not {FORMAT_ID!r}")
-    if not isinstance(m.get("step"), int) or m["step"] < 0:
-        raise ManifestError("MANIFEST.json step is not a non-negative integer")
+    if counter(m.get("step")) is None:
+        raise ManifestError("MANIFEST.json step is not an integer in 0..2**63-1")
+    if m.get("epoch") is not None and counter(m.get("epoch")) is None:
+        raise ManifestError("MANIFEST.json epoch is not an integer in 0..2**63-1")
+    if m.get("reason") is not None and m.get("reason") not in REASONS:
+        raise ManifestError(f"MANIFEST.json reason is not one of {', '.join(REASONS)}")
     files = m.get("files")
     if not isinstance(files, dict):
         raise ManifestError("MANIFEST.json has no files table")
+    if len(files) > MAX_FILES:
+        raise ManifestError(f"MANIFEST.json lists {len(files)} files, more than {MAX_FILES}")
     for name, entry in files.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
-            raise ManifestError(f"MANIFEST.json entry {name!r} has no size")
-        if not any(isinstance(entry.get(a), str) for a in HASHES):
-            raise ManifestError(f"MANIFEST.json entry {name!r} has no hash")
+        if not isinstance(entry, dict) or counter(entry.get("size")) is None:
+            raise ManifestError(f"MANIFEST.json entry {name[:200]!r} has no size")
+        if not any(isinstance(entry.get(a), str) and len(entry[a]) <= 128 for a in HASHES):
+            raise ManifestError(f"MANIFEST.json entry {name[:200]!r} has no hash")
         parts = Path(name).parts
         if Path(name).is_absolute() or ".." in parts or not parts:
-            raise ManifestError(f"MANIFEST.json entry {name!r} points outside the checkpoint")
+            raise ManifestError(f"MANIFEST.json entry {name[:200]!r} points outside the checkpoint")
     return m
 
 
@@ -225,6 +243,7 @@ class CheckpointWriter:
         try:
             (self.ckpt_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
             if self.path.exists():
+                # not a job path: the writer's own save (in-job code)
                 shutil.rmtree(self.path)
             self.path.mkdir()
         except OSError as e:
@@ -244,6 +263,7 @@ class CheckpointWriter:
         return False
 
     def abort(self) -> None:
+        # not a job path: the writer's own save (in-job code)
         shutil.rmtree(self.path, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -251,7 +271,7 @@ class CheckpointWriter:
         """A file of the checkpoint opened for writing (sequential writes only) whose
         digest is taken as it is written: commit() does not read it back."""
         p = self.path / rel
-        with open(p, "wb") as f:
+        with open(p, "wb") as f:                          # not a job path: the writer's own
             hf = _HashingFile(f, self.hash)
             yield hf
         st = os.stat(p)
@@ -266,6 +286,7 @@ class CheckpointWriter:
 
     def _manifest(self) -> dict:
         files = {}
+        # not a job path: the writer's own save (in-job code)
         for p in sorted(self.path.rglob("*")):
             if p.is_symlink():
                 raise SaveError(0, f"{p}: symlinks are not allowed in a checkpoint")
@@ -291,16 +312,24 @@ class CheckpointWriter:
     def commit(self) -> Path:
         try:
             _phase("files-written")
+            # not a job path: the writer's own save (in-job code)
             for p in self.path.rglob("*"):
                 if p.is_file() and not p.is_symlink():
                     _fsync_file(p)
+            # not a job path: the writer's own save (in-job code)
             for d in [self.path, *(p for p in self.path.rglob("*") if p.is_dir())]:
                 fsync_dir(d)
             _phase("files-synced")
             manifest = self._manifest()
             mpath = self.path / MANIFEST
-            with open(mpath, "wb") as f:
-                f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+            raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            if len(raw) > LIMITS["manifest"] or len(manifest["files"]) > MAX_FILES:
+                # the daemon reads no larger manifest (jobfile.LIMITS): refused here, not later
+                raise SaveError(0, f"the manifest would be {len(raw)} bytes for {len(manifest['files'])} files; "
+                                   f"a checkpoint holds at most {MAX_FILES} files and "
+                                   f"{LIMITS['manifest']} bytes of manifest")
+            with open(mpath, "wb") as f:                  # not a job path: the writer's own
+                f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(self.path)
@@ -318,6 +347,7 @@ class CheckpointWriter:
             self.abort()
             # If the rename happened but the dir fsync failed, the commit is not durable.
             if self.final_path.exists() and not self.path.exists():
+                # not a job path: the writer's own save (in-job code)
                 shutil.rmtree(self.final_path, ignore_errors=True)
             raise SaveError(e.errno, f"checkpoint save failed: {e.strerror or e}") from e
         self.committed = self.final_path
@@ -341,6 +371,6 @@ def write_checkpoint(
             if callable(src):
                 src(target)
             else:
-                with open(target, "wb") as f:
+                with open(target, "wb") as f:             # not a job path: the writer's own
                     f.write(src)
     return w.final_path

@@ -120,6 +120,7 @@ def scan(
 def _scan_held(h: DirHandle, fmt: str, cache, pattern) -> list[CheckpointInfo]:
     io = h.io_root
     try:
+        # held dir fd: the checkpoint dir's top level (names and lstat only)
         with os.scandir(h.fd) as it:
             entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
     except OSError as e:
@@ -201,6 +202,7 @@ def _scan_tmp(h: DirHandle) -> list[CheckpointInfo]:
     except OSError:
         return out      # missing, a symlink, a mount: nothing of ours in progress there
     try:
+        # held dir fd: .trainsup-tmp, opened beneath the held dir
         with os.scandir(tfd) as it:
             names = [e.name for e in it]
     finally:

@@ -30,6 +30,7 @@ def _file(state_dir: Path, job: str) -> Path:
 
 def load(state_dir: Path, job: str) -> dict | None:
     try:
+        # not a job path: the daemon's state dir
         data = json.loads(_file(state_dir, job).read_text())
     except (OSError, ValueError):
         return None
@@ -52,6 +53,7 @@ def record_first_launch(state_dir: Path, job: str, h: DirHandle | None, where: P
     if have is not None and have.get("dev") is None:
         return _write(state_dir, job, {**have, "dev": st.st_dev, "ino": st.st_ino})
     entries = {}
+    # held dir fd: the checkpoint dir's top level (names only)
     with os.scandir(h.fd) as it:
         for e in it:
             if e.name in (TMP_DIR, ".trainsup-trash"):
@@ -67,11 +69,13 @@ def _write(state_dir: Path, job: str, data: dict) -> dict:
     path = _file(state_dir, job)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    # not a job path: the daemon's state dir
     with open(tmp, "w") as f:
         json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # not a job path: the daemon's state dir
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

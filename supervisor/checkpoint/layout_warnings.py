@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import formats
+from .jobfile import open_entry_dir
+from .walk import listdir
 
 
 def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) -> str | None:
@@ -21,11 +23,21 @@ def unrecognised(ckpt_dir: str | os.PathLike, fmt: str, infos: Sequence[Any]) ->
     if any(getattr(i, "managed", True) for i in infos):
         return None
     try:
-        with os.scandir(os.fspath(ckpt_dir)) as it:
-            if not any(not e.name.startswith(".") for e in it):
-                return None
+        fd = open_entry_dir(os.fspath(ckpt_dir))     # never through a symlink
     except OSError:
         return None      # missing or unreadable: the scan error says so
+    try:
+        # names only, and few of them: this runs on the loop (a dir of 100,000 dot-names
+        # is "not empty" after 1024, never a listing of all of it)
+        names = [n for n, _ in listdir(fd, 1024)[0]]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if names and all(n.startswith(".") for n in names) and len(names) < 1024:
+        return None
+    if not names:
+        return None
     if fmt == "auto":
         return (f"no checkpoints recognised in {ckpt_dir}: set checkpoint.format "
                 f"({', '.join(formats.NAMES)})")

@@ -24,6 +24,7 @@ Tmp dirs of a dead writer that stopped changing are stale: rotation may collect 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from .dirhandle import DirHandle
 from .format import TMP_DIR
 from .index import CheckpointInfo
+from .jobfile import Invalid, open_entry_dir
+from .walk import walk
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -43,6 +46,7 @@ def boottime() -> float:
 def process_start(pid: int) -> float | None:
     """A process's start, in boottime seconds; None if it does not exist."""
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except (FileNotFoundError, ProcessLookupError):
@@ -59,6 +63,7 @@ def open_inodes(pids: Iterable[int]) -> set[tuple[int, int]]:
     out: set[tuple[int, int]] = set()
     for pid in pids:
         try:
+            # not a job path: /proc
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
@@ -80,19 +85,19 @@ def entry_inodes(h: DirHandle, rel: str) -> set[tuple[int, int]]:
     except OSError:
         return out
     out.add((st.st_dev, st.st_ino))
-    stack = [base]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for e in it:
-                    est = e.stat(follow_symlinks=False)
-                    out.add((est.st_dev, est.st_ino))
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-        except (NotADirectoryError, FileNotFoundError):
-            pass
-        except OSError:
-            pass
+    if not stat.S_ISDIR(st.st_mode):
+        return out
+    try:
+        fd = open_entry_dir(base)
+    except OSError:
+        return out
+    try:
+        for _, est in walk(fd):         # iterative, bounded (an entry past the bounds is
+            out.add((est.st_dev, est.st_ino))   # unsupported: never deleted anyway)
+    except (Invalid, OSError):
+        pass
+    finally:
+        os.close(fd)
     return out
 
 

@@ -15,6 +15,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
+from . import budget
+
 _CHUNK = 8 << 20
 _DEPTH = 3
 
@@ -82,6 +84,9 @@ class Stream:
                 self._cur = None
                 raise item
             cur = self._cur = item
+            # every chunk counts against the verdict's read budget (a sparse file's zeros
+            # stop here), and is where long work yields and is cancelled (budget.py)
+            budget.tick(cur[2])
             if self.pos < cur[0] + cur[2]:
                 return cur
 

@@ -51,10 +51,12 @@ from .index import CheckpointInfo, metric_value
 
 # Relaxation stages for the quota pass; a checkpoint's stage is that of its strongest
 # relaxable reason.
-STAGE_EVERY, STAGE_BEST, STAGE_FRAMEWORK, STAGE_LAST = 1, 2, 3, 4
-_STAGE_OF = {"every": STAGE_EVERY, "best": STAGE_BEST, "framework": STAGE_FRAMEWORK, "last": STAGE_LAST}
+STAGE_EVERY, STAGE_BEST, STAGE_FRAMEWORK, STAGE_LAST, STAGE_UNMIRRORED = 1, 2, 3, 4, 5
+_STAGE_OF = {"every": STAGE_EVERY, "best": STAGE_BEST, "framework": STAGE_FRAMEWORK, "last": STAGE_LAST,
+             "not-uploaded": STAGE_UNMIRRORED}
 _RELAXED = {STAGE_EVERY: "keep_every", STAGE_BEST: "keep_best",
-            STAGE_FRAMEWORK: "the framework's own best k", STAGE_LAST: "keep_last"}
+            STAGE_FRAMEWORK: "the framework's own best k", STAGE_LAST: "keep_last",
+            STAGE_UNMIRRORED: "the wait for its upload"}
 _UNSET = object()
 # Never deleted, not even to meet a quota.
 PROTECTED = frozenset({"newest", "resumed-from", "in-progress", "pinned", "unmanaged", "unknown",
@@ -89,6 +91,7 @@ def plan_rotation(
     quota: object = _UNSET,
     now: float | None = None,
     tmp_grace: float | None = None,
+    unuploaded: Collection[str] = frozenset(),
 ) -> RotationPlan:
     """Plan one job's rotation. `infos` oldest first (index.scan's order).
 
@@ -100,6 +103,10 @@ def plan_rotation(
     first launch that `pattern` does not claim (inventory.py). undeletable: name -> why
     (a failed deletion backing off, a mount inside). quota: bytes, None for none;
     defaults to spec.quota.
+
+    unuploaded: names of valid checkpoints the mirror still has to upload: the only copy
+    is kept ("not-uploaded") while the quota allows, and given up last under quota pressure
+    (after keep_last: a checkpoint already in the store is the cheaper loss).
 
     live=None means "not observed": every in-progress or invalid entry is then treated as
     live (no proof that its writer is gone, so it stays). now/tmp_grace are accepted from
@@ -163,6 +170,9 @@ def plan_rotation(
     for i in infos:
         if getattr(i, "alias_kind", None):
             keep(i, "alias")    # latest / last.ckpt / backup: the framework rewrites it in place
+    for i in valid:
+        if i.name in unuploaded:
+            keep(i, "not-uploaded")     # before keep_last: the stronger reason under quota
     if spec.keep_last > 0:
         # aliases duplicate a numbered save: they are not a state of their own for keep_last
         for i in [v for v in valid if not getattr(v, "alias_kind", None)][-spec.keep_last:]:

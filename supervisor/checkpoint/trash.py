@@ -72,6 +72,19 @@ def delete_entry(ckpt_dir: DirLike, name: str) -> None:
         _delete_entry(h, parts)
 
 
+def delete_nested(ckpt_dir: DirLike, parent: str, name: str) -> None:
+    """Delete ckpt_dir/parent/name through the trash of ckpt_dir itself, for frameworks that
+    list the folder their saves sit in (Accelerate's `checkpoints/`: a `.trainsup-trash`
+    appearing there broke its own `total_limit` rotation, which parses a number out of
+    every name it finds). `parent` is opened beneath the held dir like every other path."""
+    comps = parent.split("/")
+    if (not parent or any(c in ("", ".", "..") for c in comps) or "\0" in parent or comps[0] in (TRASH_DIR, TMP_DIR)
+            or not name or "/" in name or name in (".", "..") or "\0" in name):
+        raise ValueError(f"{parent!r}/{name!r} is not an entry beneath the checkpoint dir")
+    with _held(ckpt_dir) as h:
+        _delete_entry(h, [parent, name])
+
+
 def empty_trash(ckpt_dir: DirLike) -> list[str]:
     """Finish deletions a crash interrupted (only names this module made). Returns the
     original entry names it finished, where the trash name kept them (so the caller can
@@ -83,6 +96,7 @@ def empty_trash(ckpt_dir: DirLike) -> list[str]:
         except FileNotFoundError:
             return finished
         try:
+            # held dir fd: the trash dir, opened beneath the held dir
             with os.scandir(tfd) as it:
                 names = [e.name for e in it if _TRASH_NAME_RE.fullmatch(e.name)]
             for n in names:
@@ -172,7 +186,8 @@ def _move_to_trash(parent_fd: int, base: str, tfd: int, parts: list[str], displa
     removed meanwhile); a name the trash cannot take (ENAMETOOLONG) is tried once more
     under the short name alone, and failing that is a DeleteError: a 250-byte name that
     could not be moved was recorded `deleted`."""
-    original = parts[0] if len(parts) == 1 else f"{TMP_DIR}:{parts[1]}"
+    # `.trainsup-tmp:step-N.pid`, or a framework's nested folder `checkpoints:checkpoint_3`
+    original = parts[0] if len(parts) == 1 else f"{parts[0].replace('/', ':')}:{parts[1]}"
     target = _trash_name(original, _name_max(tfd))
     for attempt in range(2):
         try:
@@ -229,6 +244,7 @@ def _refuse_mounts(h: DirHandle, parent_fd: int, name: str, display: str) -> Non
         while stack:
             dfd, rel = stack.pop()
             try:
+                # held dir fd: dirs opened beneath the trash dir's fd
                 with os.scandir(dfd) as it:
                     subdirs = [c.name for c in it if c.is_dir(follow_symlinks=False)]
                 for c in subdirs:
@@ -308,6 +324,7 @@ def _remove(h: DirHandle, parent_fd: int, name: str) -> None:
             fst = os.fstat(fd)
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                 continue  # a different directory than the one we chose
+            # held dir fd: opened beneath the held dir and checked to be the one chosen
             with os.scandir(fd) as it:
                 children = [c.name for c in it]
             for c in children:

@@ -24,9 +24,12 @@ import xxhash
 
 from . import formats, naming
 from .formats.common import Verdict, VerdictCache
+from .formats.groups import checked
+from .jobfile import Invalid, open_entry_dir
 from .settle import settle
+from .walk import TooLarge, walk
 
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"
 
 
 # ---------------------------------------------------------------- recognising entries
@@ -56,13 +59,13 @@ class TooManyFiles(Exception):
 
 
 def fingerprint(path: str, limit: int | None = None) -> tuple[str, int, float]:
-    """(digest, total bytes, newest mtime) of an entry from lstat calls only. With
-    `limit`, raises TooManyFiles past that many files (the daemon's loop scans inline
+    """(digest, total bytes, newest mtime) of an entry from lstat calls only, walked
+    through dir fds within walk.py's bounds (TooLarge past them). With `limit`, raises
+    TooManyFiles past that many names or any walk bound (the daemon's loop scans inline
     only what stays cheap: an entry of 20,000 files cost it 330 ms)."""
     h = xxhash.xxh3_128()
     total = 0
     newest = 0.0
-    seen = 0
 
     def add(rel: str, st: os.stat_result) -> None:
         nonlocal total, newest
@@ -77,26 +80,24 @@ def fingerprint(path: str, limit: int | None = None) -> tuple[str, int, float]:
     st = os.lstat(path)
     add("", st)
     if stat.S_ISDIR(st.st_mode):
-        stack = [("", path)]
-        while stack:
-            rel, p = stack.pop()
-            with os.scandir(p) as it:
-                if limit is None:
-                    entries = list(it)
-                else:
-                    entries = []
-                    for e in it:          # stop listing as soon as the limit is passed
-                        entries.append(e)
-                        if seen + len(entries) > limit:
-                            raise TooManyFiles(f"{path}: more than {limit} files")
-            entries.sort(key=lambda e: e.name)
-            seen += len(entries)
-            for e in entries:
-                est = e.stat(follow_symlinks=False)
-                erel = f"{rel}/{e.name}" if rel else e.name
-                add(erel, est)
-                if stat.S_ISDIR(est.st_mode):
-                    stack.append((erel, e.path))
+        try:
+            fd = open_entry_dir(path)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):     # swapped for a link or a file
+                raise FileNotFoundError(errno.ENOENT, f"{path}: replaced while looked at") from None
+            raise
+        try:
+            if limit is None:
+                for rel, est in walk(fd):
+                    add(rel, est)
+            else:
+                try:
+                    for rel, est in walk(fd, names=limit, per_dir=limit):
+                        add(rel, est)
+                except TooLarge:
+                    raise TooManyFiles(f"{path}: more than {limit} files") from None
+        finally:
+            os.close(fd)
     return h.hexdigest(), total, newest
 
 
@@ -120,40 +121,47 @@ def check_entry(path: str, fmt: str, cache: VerdictCache | None = None,
     it could be looked at.
     """
     path = os.fspath(path)
+    step = step_from_name(os.path.basename(path))
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        return EntryCheck(Verdict(fmt, False, "symlink", step_from_name(os.path.basename(path))),
-                          0, st.st_mtime, False)
-    # a cache view may bound the walk (daemon/checkpoints.py _CachedOnly: the loop's inline scans)
-    fp, total, newest = fingerprint(path, getattr(cache, "fingerprint_limit", None))
-    key = f"{_CACHE_VERSION}|{fmt}|{key_path or os.path.abspath(path)}|{fp}"
+        return EntryCheck(Verdict(fmt, False, "symlink", step), 0, st.st_mtime, False)
+    try:
+        # a cache view may bound the walk (daemon/checkpoints.py _CachedOnly: the loop's inline scans)
+        fp, total, newest = fingerprint(path, getattr(cache, "fingerprint_limit", None))
+    except Invalid as e:
+        # past a walk bound: that entry's verdict (unsupported: never deleted, never
+        # offered), fingerprinted by its top alone
+        top = f"big:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return EntryCheck(Verdict(fmt, False, str(e), step), 0, st.st_mtime, False, top)
+    # One cache row per entry (its fingerprint inside): an entry changed a thousand
+    # times is one row, not a thousand.
+    key = f"{_CACHE_VERSION}|{fmt}|{key_path or os.path.abspath(path)}"
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
-            try:
-                return EntryCheck(Verdict.from_json(hit), total, newest, True, fp)
-            except (ValueError, TypeError):
-                pass  # a cache row from another version: recompute
+            have_fp, _, verdict_json = hit.partition("\n")
+            if have_fp == fp:
+                try:
+                    return EntryCheck(Verdict.from_json(verdict_json), total, newest, True, fp)
+                except (ValueError, TypeError):
+                    pass  # a cache row from another version: recompute
     try:
         # No dirty page may outlive the verdict: a later write through a shared mapping
         # must fault and move ctime, so the fingerprint sees it (reprove.py).
         settle(path)
-        verdict = formats.FORMATS[fmt].check(path)
+        verdict = checked(fmt, path, lambda: formats.FORMATS[fmt].check(path), step)
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise
         # EIO, EACCES, EMFILE...: report, and do not cache a verdict that may be transient.
-        return EntryCheck(Verdict(fmt, False, f"unreadable: {e.strerror or e}",
-                                  step_from_name(os.path.basename(path))), total, newest, False, fp)
-    except (ValueError, TypeError, KeyError, RecursionError) as e:
-        # Whatever a hostile entry makes a checker trip on is that entry's verdict,
-        # never the end of the whole scan.
-        verdict = Verdict(fmt, False, f"malformed: {e}"[:300], step_from_name(os.path.basename(path)))
+        return EntryCheck(Verdict(fmt, False, f"unreadable: {e.strerror or e}", step), total, newest, False, fp)
+    if verdict is None:
+        return EntryCheck(Verdict(fmt, False, "unreadable: internal error (logged)", step), total, newest, False, fp)
     if cache is not None:
         # Only cache what was checked against a tree that did not move underneath us.
         try:
             if fingerprint(path)[0] == fp:
-                cache.put(key, verdict.to_json())
-        except OSError:
+                cache.put(key, f"{fp}\n{verdict.to_json()}")
+        except (OSError, Invalid):
             pass
     return EntryCheck(verdict, total, newest, False, fp)

@@ -177,11 +177,14 @@ def _since(now: float, t: float | None) -> float | None:
 
 
 def format_checkpoints(entries: Iterable[dict]) -> str:
-    rows = [("STEP", "SIZE", "VALID", "KEPT", "REASON", "PATH")]
+    entries = list(entries)
+    mirrored = any("mirrored" in c for c in entries)      # a job with checkpoint.mirror
+    rows = [("STEP", "SIZE", "VALID", "KEPT", *(("MIRROR",) if mirrored else ()), "REASON", "PATH")]
     for c in entries:
         valid = "yes" if c["valid"] else f"no: {c['invalid_reason']}"
         rows.append((str(c["step"]) if c["step"] is not None else "-", human_bytes(c["bytes"]), valid,
-                     c["kept"] or "-", c["reason"] or "-", c["path"] + _alias_note(c)))
+                     c["kept"] or "-", *((c.get("mirrored") or "-",) if mirrored else ()),
+                     c["reason"] or "-", c["path"] + _alias_note(c)))
     return "\n".join(table(rows))
 
 

@@ -21,6 +21,7 @@ from ..spec import (
     JobSpec,
     MemorySpec,
     MetricsSpec,
+    MirrorSpec,
     PreemptionSpec,
     RestartSpec,
     ScheduleSpec,
@@ -46,6 +47,8 @@ from .values import (
     path,
     save_signal,
     size,
+    store_options,
+    store_url,
     string,
     text,
     text_list,
@@ -143,6 +146,32 @@ def _workdir(node: Node, key: str, ctx: Context) -> Path:
     return resolved
 
 
+def plain_options(options: tuple) -> dict:
+    """MirrorSpec.options (hashable pairs) as the keyword arguments a filesystem takes."""
+    return {k: plain_options(v) if isinstance(v, tuple) else v for k, v in options}
+
+
+def _check_mirror(values: dict, lines: dict, key: str, ctx: Context) -> None:
+    """A missing package, refused credentials or a missing bucket: one line now (validate,
+    reload, start), not a traceback on the first upload."""
+    from ..checkpoint import objectstore
+    url = values["url"].replace("{job}", ctx.job_name or "job")
+    why = objectstore.probe(url, plain_options(values.get("options", ())))
+    if why:
+        ctx.report(lines.get("url", 1), join_key(key, "url"), why)
+
+
+MIRROR = Section(MirrorSpec, {
+    "url": store_url,
+    "keep_last": integer(1),
+    "options": store_options,
+    "restore": choice("auto", "never"),
+    "lease": boolean,
+    "lease_ttl": duration(minimum=2.0),
+    "max_rate": size(1024),
+    "parallel": integer(1, 64),
+}, required=("url",), check=_check_mirror)
+
 def _format_names() -> tuple[str, ...]:
     """checkpoint.format's values: the format table's names (imported with the first job)."""
     from ..checkpoint import formats
@@ -162,6 +191,7 @@ CHECKPOINT = Section(CheckpointSpec, {
     "pattern": checkpoint_pattern,
     "rescan": duration(minimum=0.1),
     "rotate": boolean,
+    "mirror": MIRROR,
 }, required=("dir",))
 
 BACKOFF = Section(BackoffSpec, {

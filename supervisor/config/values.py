@@ -130,6 +130,7 @@ class Context:
         self.workdir = base_dir           # checkpoint.dir resolves against this
         self.account: pwd.struct_passwd | None = None   # the job's `user:`, looked up once
         self.group_id: int | None = None                # the job's `group:`, looked up once
+        self.job_name: str | None = None                # `{job}` in checkpoint.mirror.url
         self.errors: list[tuple[int, str]] = []
 
     def report(self, line: int, key: str, message: str) -> None:
@@ -297,6 +298,7 @@ def job_name(node: Node, key: str, ctx: Context) -> str:
     if not JOB_NAME_RE.fullmatch(name):
         raise Invalid("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter "
                       f"or digit, got {describe(node)}")
+    ctx.job_name = name
     return name
 
 
@@ -429,6 +431,58 @@ def url(node: Node, key: str, ctx: Context) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise Invalid(f"must be an http:// or https:// URL, got {describe(node)}")
     return value.rstrip("/")
+
+
+_STORE_URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
+# Credentials come from each store library's own chain (AWS env/profile/instance role, GCP
+# ADC, Azure env), never from a job file that other users may read.
+_SECRET_OPTIONS = re.compile(r"(?i)(secret|password|passwd|token|credential|account_key|sas|"
+                             r"connection_string|^key$|access_key|private)")
+_TOKEN_METHODS = ("anon", "google_default", "cloud", "browser")     # gcsfs: how, not a secret
+
+
+def store_url(node: Node, key: str, ctx: Context) -> str:
+    """checkpoint.mirror.url: an fsspec URL (s3://bucket/prefix/{job}, gs://, az://,
+    file:///abs/path, memory://...)."""
+    value = string(node, key, ctx).strip()
+    if not _STORE_URL_RE.fullmatch(value):
+        raise Invalid(f"must be a storage URL such as s3://bucket/prefix/{{job}}, got {describe(node)}")
+    if value.startswith("file://") and not value[len("file://"):].startswith("/"):
+        raise Invalid(f"a file:// URL needs an absolute path (file:///srv/ckpt), got {describe(node)}")
+    if "{" in value.replace("{job}", ""):
+        raise Invalid(f"the only placeholder is {{job}}, got {describe(node)}")
+    return value
+
+
+def store_options(node: Node, key: str, ctx: Context) -> tuple[tuple[str, object], ...]:
+    """checkpoint.mirror.options: NAME: scalar pairs passed to the filesystem; nested maps
+    (s3fs's client_kwargs) allowed one level down. No credentials."""
+    if node.kind != "map":
+        raise Invalid(f"must be a mapping of option: value, got {describe(node)}")
+
+    def value_of(n: Node, path: str, depth: int) -> object:
+        if n.kind == "map" and depth == 0:
+            return tuple((k, value_of(v, join_key(path, k), 1)) for k, (_, v) in n.value.items())
+        if n.kind != "scalar" or isinstance(n.value, (list, dict)):
+            raise Invalid(f"{path}: must be a string, number or boolean, got {describe(n)}")
+        return n.value
+
+    pairs = []
+    for name, (line, value) in node.value.items():
+        path = join_key(key, name)
+        if _SECRET_OPTIONS.search(str(name)) and not (name == "token" and value.kind == "scalar"
+                                                       and value.value in _TOKEN_METHODS):
+            ctx.report(line, path, "credentials are never read from job files: use the store's own "
+                                   "chain (AWS_* / a profile / an instance role, GOOGLE_APPLICATION_CREDENTIALS, "
+                                   "AZURE_STORAGE_* in the daemon's environment)")
+            continue
+        try:
+            pairs.append((str(name), value_of(value, path, 0)))
+        except Invalid as exc:
+            ctx.report(value.line, path, str(exc))
+    if len(pairs) != len(node.value):
+        raise _Reported
+    return tuple(pairs)
 
 
 def _current_user() -> str | None:

@@ -85,6 +85,7 @@ def survey(containment: cgroup.Containment, state_dir: Path) -> list[Launch]:
             if parts is not None:
                 found[name] = Launch(name, *parts, None, True, pid)
     try:
+        # not a job path: the daemon's shim exit dir (state dir)
         entries = os.listdir(shim.exits_dir(state_dir))
     except OSError:
         entries = []
@@ -170,6 +171,12 @@ def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str) -> boo
         if child is not None:
             job.adopt(child, current.attempt, via)
             return True
+        st = shim.read_status(shim.status_path(d.spec.state_dir, current.name))
+        if st is not None:
+            # The job and its shim ended between the survey and the check: the status it
+            # just wrote tells how (ending the launch would have thrown that exit away).
+            current.status, current.shim_pid = st, None
+            return _settle(d, job, mine, tree, via)
         log.warning("job %s: launch %s could not be verified; it is ended, not taken over", job.name, current.name)
         return False
     last = max(ended, key=lambda launch: launch.attempt) if ended else None

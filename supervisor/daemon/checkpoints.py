@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import aside, formats, layout_warnings, rotation
+from ..checkpoint import aside, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
 from ..checkpoint.custody import JobCheckpointDir, tidy_dirs
 from ..checkpoint.deleter import PassGate
@@ -61,7 +61,17 @@ class _CachedOnly:
         self.cache = cache
 
     def get(self, key: str) -> str | None:
-        v = self.cache.get(key)
+        # On the loop: never wait for the state DB's lock (the writer thread holds it across
+        # a commit's fsync; found: status took 300 ms while another job's history was
+        # written). Busy means the pool does this scan.
+        lock = getattr(self.cache, "lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            raise _NeedsHashing(key)
+        try:
+            v = self.cache.get(key)
+        finally:
+            if lock is not None:
+                lock.release()
         if v is None:
             raise _NeedsHashing(key)
         return v
@@ -79,6 +89,8 @@ class RotationFacts:
     save_durations: tuple[float, ...] = ()
     grace: float = 120.0
     pids: tuple[int, ...] = ()                  # the job's processes: what they hold open is live
+    # valid checkpoints the mirror has yet to upload: kept while the quota allows (mirror/)
+    unuploaded: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -178,7 +190,9 @@ class JobCheckpoints(RowFields):
 
     def close(self) -> None:
         self.closed = True
-        if self.custody is not None:
+        # A scan running on the pool holds the dir's fd: closed under it, the number could
+        # be reused by another open before the scan's next *at() call. It closes when done.
+        if self.custody is not None and not self._running:
             self.custody.close()
         if self._watcher is not None:
             self._watcher.stop()
@@ -236,6 +250,9 @@ class JobCheckpoints(RowFields):
         for_launch: also re-prove the newest valid checkpoint's content (on the pool)."""
         if self.spec is None:
             return
+        if self._watcher is not None:
+            # the one reader thread all jobs share, started again should anything have ended it
+            self._watcher.hub.ensure_running()
         self._for_launch = self._for_launch or for_launch
         if self._running:
             self._dirty = True
@@ -277,6 +294,8 @@ class JobCheckpoints(RowFields):
         finally:
             self._running = False
             self._first_scan.set()
+            if self.closed and self.custody is not None:
+                self.custody.close()        # deferred by close() while this scan ran
             if self._dirty and not self.closed:
                 task = self.loop.create_task(self._follow_up(nxt))
                 task.add_done_callback(_log_failure(f"job {self.name}: checkpoint scan"))
@@ -288,8 +307,12 @@ class JobCheckpoints(RowFields):
             self.on_landed(self)
 
     async def _follow_up(self, asked: asyncio.Future) -> None:
-        """The scan asked for while the last one ran; resolves what those callers wait on."""
+        """The scan asked for while the last one ran; resolves what those callers wait on.
+        After a slow scan it waits as long as that scan took: a dir that never stops changing
+        (found: a file swapped every 20 ms) gets at most half of a worker."""
         try:
+            if self._last_scan_s > 0.05:
+                await asyncio.sleep(min(self._last_scan_s, 5.0))
             await self.refresh()
         finally:
             if not asked.done():
@@ -309,6 +332,11 @@ class JobCheckpoints(RowFields):
     def managed_bytes(self) -> int:
         """What the job's own entries take (what its quota counts)."""
         return sum(i.bytes for i in self.infos if i.managed)
+
+    def forget(self, names: set[str]) -> None:
+        """Entries rotation just deleted leave the index now (the rescan confirms)."""
+        if names and not self.closed:
+            self.infos = [i for i in self.infos if i.name not in names]
 
     # -- verdicts -----------------------------------------------------------------
     def latest_valid(self) -> ckpt_index.CheckpointInfo | None:
@@ -393,6 +421,9 @@ class RotationCoordinator:
         self.flush = flush
         self._pending = False
         self._lock = asyncio.Lock()
+        self._busy: set[str] = set()              # jobs whose plan or deletions are running
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._asked_while_busy: dict[str, bool] = {}
         # No pass within 1 s of the last, whatever woke it (an event flood costs one pass a
         # second) -- unless new entries put a dir over its quota: then at once.
         self._gate = PassGate(1.0)
@@ -420,7 +451,9 @@ class RotationCoordinator:
             self._gate_wait.set_result(None)
         self.request()
 
-    async def run(self) -> None:
+    async def run(self, wait_for: str | None = None) -> None:
+        """One pass. wait_for: also wait until that job's plan is applied and its deletions
+        are done (`pin` answers with the new verdicts)."""
         async with self._lock:
             wait = self._gate.wait_s()
             if wait > 0 and not self._urgent:
@@ -435,85 +468,145 @@ class RotationCoordinator:
             self._pending = False
             self._gate.started()
             await self._pass()
+        task = self._tasks.get(wait_for) if wait_for is not None else None
+        if task is not None:
+            await asyncio.wait([task])
 
     async def _pass(self) -> None:
-        plans: dict[str, rotation.RotationPlan] = {}
+        """Plan every job (each on its own queue, all at once), then delete per job on tasks
+        of their own: one job's slow planning or deletion (a 100,000-file entry, a dir that
+        never stops changing) never holds another job's rotation. A job whose deletions
+        are still running is left out until they end (then a pass is asked for)."""
         members: dict[str, tuple[JobCheckpoints, RotationFacts, Callable[..., None]]] = {}
         for ck, facts, record in self.jobs():
             # Without custody of the dir (the held fd, liveness, inventory) nothing is
             # planned: every deletion-safety fact comes from it.
             if ck.spec is None or not ck.infos or ck.closed or ck.custody is None:
                 continue
-            members[ck.name] = (ck, facts, record)
-            if tidy_dirs(ck.infos):
-                # bookkeeping a framework broke again since the last pass (TF's state file
-                # listing deleted saves): repaired before anything is planned
-                dropped = await self.loop.run_in_executor(self.executor, ck.custody.tidy, list(ck.infos))
-                if dropped:
-                    log.info("job %s: dropped from the framework's bookkeeping (files gone): %s",
-                             ck.name, ", ".join(dropped))
-            # The frameworks' bookkeeping stays: HF's best checkpoint (a small
-            # trainer_state.json read) and Lightning's best/last as pins, the rest of its
-            # best k above keep_last (data.pkl of the newest .ckpt), read on the pool
-            fw_pins, fw_kept = await self.loop.run_in_executor(self.executor, formats.bookkeeping, list(ck.infos))
-            pinned = set(facts.pinned) | fw_pins
-            # Files the job holds open are being written: checked only for what the plan
-            # would delete (a walk of every entry would cost each pass), re-planned until
-            # nothing planned is open.
-            opened: set[str] = set()
-            for _ in range(4):
-                plan = ck.custody.plan(ck.infos, pinned=pinned, framework_kept=fw_kept,
-                                       resumed_from=facts.resumed_from, also_live=opened)
-                held = await self.loop.run_in_executor(
-                    self.executor, ck.custody.open_by_job,
-                    [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
-                if not held:
-                    break
-                opened |= held
-            else:       # the job keeps opening what we would delete: nothing this pass
-                plan = ck.custody.plan(ck.infos, pinned=pinned, framework_kept=fw_kept,
-                                       resumed_from=facts.resumed_from, also_live={i.name for i in ck.infos})
-            plans[ck.name] = plan
-        extra: dict[str, list] = {}
-        reasons: dict = {}
-        all_over = False
-        if self.disk_quota and plans:
-            dq = rotation.plan_disk_quota(plans, self.disk_quota)
-            extra, reasons, all_over = dq.delete, dq.reasons, dq.over_quota
-        for name, plan in plans.items():
-            ck, facts, record = members[name]
-            went_over = ck.apply_plan(plan, facts)
-            if all_over and ck.over_disk_quota(self.disk_quota):
-                went_over = True
-            if went_over:
-                record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
-            ck.touch()      # its warnings may have changed in place: status re-reads them
-            todo = list(plan.delete) + [i for i in extra.get(name, []) if i not in plan.delete]
-            if not todo:
+            if ck.name in self._busy:
+                self._asked_while_busy[ck.name] = True
                 continue
-            assert ck.spec is not None and ck.custody is not None
-            failed_bytes = 0
-            for info in todo:
-                why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
-                # Intent apart from outcome: a crash after the move into the trash still
-                # leaves a record of what the daemon set out to remove and why; `deleted`
-                # is written only once the entry is gone (deleter.py).
-                if not ck.custody.backoff.failing(info.name):
-                    record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
-                # the intent is committed before the delete starts, both off the loop
-                outcome = await self.loop.run_in_executor(self.executor, self._commit_then_delete, ck.custody, info)
-                if outcome.ok:
-                    crash_point("delete")
-                kind, fields = ck.custody.record(outcome)
-                if kind:
-                    record(kind, why=why, **fields)
-                if not outcome.ok:
-                    failed_bytes += info.bytes
-            quota = plan.quota or self.disk_quota
-            if ck.after_deletions(plan.kept_bytes, failed_bytes, quota):
-                record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
-            await ck.refresh()
+            members[ck.name] = (ck, facts, record)
+        if not members:
+            return
+        if self.disk_quota:
+            # the daemon-wide quota needs every plan at once
+            got = await asyncio.gather(*(self._plan(ck, facts) for ck, facts, _ in members.values()))
+            plans = dict(zip(members, got))
+            dq = rotation.plan_disk_quota(plans, self.disk_quota)
+            for name, plan in plans.items():
+                self._start(members[name], plan, dq.delete.get(name, []), dq.reasons, dq.over_quota)
+        else:
+            for m in members.values():
+                self._busy.add(m[0].name)
+                task = self._tasks[m[0].name] = self.loop.create_task(self._job_pass(m))
+                task.add_done_callback(self._job_done(m[0]))
         self._schedule_retry(m[0] for m in members.values())
+
+    async def _job_pass(self, m: tuple[JobCheckpoints, RotationFacts, Callable[..., None]]) -> None:
+        ck, facts, _ = m
+        plan = await self._plan(ck, facts)
+        await self._apply(m, plan, [], {}, False)
+
+    def _start(self, m: tuple[JobCheckpoints, RotationFacts, Callable[..., None]], plan: rotation.RotationPlan,
+               extra: list, reasons: dict, all_over: bool) -> None:
+        self._busy.add(m[0].name)
+        task = self._tasks[m[0].name] = self.loop.create_task(self._apply(m, plan, extra, reasons, all_over))
+        task.add_done_callback(self._job_done(m[0]))
+
+    def _job_done(self, ck: JobCheckpoints) -> Callable[[asyncio.Future], None]:
+        name = ck.name
+        log_failure = _log_failure(f"job {name}: rotation")
+
+        def done(task: asyncio.Future) -> None:
+            self._busy.discard(name)
+            if self._tasks.get(name) is task:
+                del self._tasks[name]
+            log_failure(task)
+            if not task.cancelled() and self._asked_while_busy.pop(name, False):
+                self.request()      # something changed meanwhile: plan again
+                self.landed(ck)     # ... at once when it is over its quota
+        return done
+
+    async def _plan(self, ck: JobCheckpoints, facts: RotationFacts) -> rotation.RotationPlan:
+        assert ck.custody is not None
+        infos = list(ck.infos)
+        custody = ck.custody
+        if tidy_dirs(infos):
+            # bookkeeping a framework broke again since the last pass (TF's state file
+            # listing deleted saves): repaired before anything is planned
+            dropped = await self.loop.run_in_executor(ck.executor, custody.tidy, infos)
+            if dropped:
+                log.info("job %s: dropped from the framework's bookkeeping (files gone): %s",
+                         ck.name, ", ".join(dropped))
+        # The frameworks' bookkeeping stays (a job's files: read off the loop, on the job's
+        # own queue): HF's best checkpoint and Lightning's best/last as pins, the rest of
+        # Lightning's best k above keep_last
+        fw_pins, fw_kept = await self.loop.run_in_executor(ck.executor, custody.bookkeeping, infos)
+        pinned = set(facts.pinned) | fw_pins
+        # Files the job holds open are being written: checked only for what the plan
+        # would delete (a walk of every entry would cost each pass), re-planned until
+        # nothing planned is open.
+        opened: set[str] = set()
+        for _ in range(4):
+            plan = custody.plan(infos, pinned=pinned, framework_kept=fw_kept, resumed_from=facts.resumed_from,
+                                also_live=opened, unuploaded=facts.unuploaded)
+            held = await self.loop.run_in_executor(
+                ck.executor, ck.custody.open_by_job,
+                [i for i in plan.delete + [i for _, i in plan.ladder] if i.name not in opened], facts.pids)
+            if not held:
+                return plan
+            opened |= held
+        # the job keeps opening what we would delete: nothing this pass
+        return custody.plan(infos, pinned=pinned, framework_kept=fw_kept, resumed_from=facts.resumed_from,
+                            also_live={i.name for i in infos})
+
+    async def _apply(self, m: tuple[JobCheckpoints, RotationFacts, Callable[..., None]], plan: rotation.RotationPlan,
+                     extra: list, reasons: dict, all_over: bool) -> None:
+        ck, facts, record = m
+        if ck.closed:
+            return
+        went_over = ck.apply_plan(plan, facts)
+        if all_over and ck.over_disk_quota(self.disk_quota):
+            went_over = True
+        if went_over:
+            record("over-quota", bytes=plan.kept_bytes, quota=plan.quota or self.disk_quota)
+        ck.touch()      # its warnings may have changed in place: status re-reads them
+        todo = list(plan.delete) + [i for i in extra if i not in plan.delete]
+        if not todo:
+            return
+        assert ck.spec is not None and ck.custody is not None
+        failed_bytes = 0
+        gone: set[str] = set()
+        for info in todo:
+            if ck.closed:
+                return
+            why = plan.reasons.get(info.path) or reasons.get(info.path, "rotation")
+            # Intent apart from outcome: a crash after the move into the trash still
+            # leaves a record of what the daemon set out to remove and why; `deleted`
+            # is written only once the entry is gone (deleter.py).
+            if not ck.custody.backoff.failing(info.name):
+                record("delete-intent", path=str(info.path), step=info.step, bytes=info.bytes, why=why)
+            # the intent is committed before the delete starts, both off the loop, on the
+            # job's own queue: its slow deletions never hold another job's work
+            outcome = await self.loop.run_in_executor(ck.executor, self._commit_then_delete, ck.custody, info)
+            if outcome.ok:
+                crash_point("delete")
+            kind, fields = ck.custody.record(outcome)
+            if kind:
+                record(kind, why=why, **fields)
+            if not outcome.ok:
+                failed_bytes += info.bytes
+            else:
+                gone.add(info.name)
+        quota = plan.quota or self.disk_quota
+        if ck.after_deletions(plan.kept_bytes, failed_bytes, quota):
+            record("over-quota", bytes=plan.kept_bytes + failed_bytes, quota=quota)
+        # What went is out of the index at once (no next pass plans it again), and the
+        # rescan runs on its own: awaited here, a job whose dir never stops changing held
+        # the pass, and with it every other job's rotation (found: quota not applied).
+        ck.forget(gone)
+        ck.changed()
 
     def _commit_then_delete(self, custody: JobCheckpointDir, info: ckpt_index.CheckpointInfo) -> Any:
         self.flush()

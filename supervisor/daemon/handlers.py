@@ -236,7 +236,7 @@ class Commands:
             job.pin(step)
         else:
             job.unpin(step)
-        await self.d.rotation.run()      # `checkpoints` shows the new verdicts at once
+        await self.d.rotation.run(wait_for=job.name)   # `checkpoints` shows the new verdicts at once
         return {"pinned": sorted(job.pinned)}
 
     async def do_unpin(self, r: Request) -> Any:
@@ -304,6 +304,8 @@ class Commands:
                         # the files of a multi-file checkpoint, what a resume is handed
                         "name": i.name, "alias": i.alias_kind, "alias_of": i.alias_of,
                         "members": list(i.members), "resume_path": str(i.resume_path)})
+            if job.mirror is not None:        # yes (in the store), uploading, pending, or null
+                out[-1]["mirrored"] = job.mirror.mirrored(i)
         return out
 
 

@@ -199,6 +199,7 @@ class HookRunner:
         """Start the hook in its own session, born in `cg` (clone3 where it can; else a Popen
         from inside it), as uid/gid when given. Returns (leader, pidfd)."""
         if cg is not None and cg.version == 2 and clone3.available():
+            # not a job path: cgroupfs
             cg_fd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 return clone3.spawn(list(argv), env, "/", stdout_fd, cg_fd, uid=uid, gid=gid, groups=groups,
@@ -257,6 +258,7 @@ class HookRunner:
             if pid == run.pid:
                 continue
             try:
+                # not a job path: /proc
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     if marker not in f.read().split(b"\0"):
                         continue
@@ -319,6 +321,7 @@ class HookRunner:
 
 def _own_children() -> list[int]:
     try:
+        # not a job path: /proc
         with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
             return [int(p) for p in f.read().split()]
     except OSError:

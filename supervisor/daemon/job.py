@@ -131,6 +131,7 @@ def _reported_step(heartbeat: Path, since_wall: float) -> int | None:
     heartbeat: a job may write its current step there), else None. Read once, at exit;
     never blocking (the job can put a FIFO there) and never past HEARTBEAT_READ bytes."""
     try:
+        # not a job path: the daemon's heartbeat file (the job writes it: O_NONBLOCK|O_NOFOLLOW, fstat, capped read)
         fd = os.open(heartbeat, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
@@ -209,6 +210,7 @@ class Job(RowFields):
         self._proc_seen: tuple[int, float] = (0, float("-inf"))   # (pid, when) of the last /proc read
         self._ck_summary: tuple[Any, tuple] = (None, ())         # (infos list, its summary)
         self._row: tuple[tuple, tuple[bytes, bytes]] = ((), (b"", b""))   # (what it shows, row and notes)
+        self.mirror: Any = None       # mirror.JobMirror with checkpoint.mirror (the host attaches it)
         self._spec_id: str | None = None
         self._tree: str | None = None        # cgroup.tree_name of the state dir, for the shim's marker
         self.supervised_since: float | None = None  # when this daemon took charge of the running attempt
@@ -271,6 +273,15 @@ class Job(RowFields):
         self.event("state", **{"from": old.value, "to": new.value}, **data)
         self.persist()
         self.host.state_changed(self)
+        if self.mirror is not None and new in _IDLE:
+            self.mirror.job_idle()        # last uploads, then the lease goes back
+
+    def lease_lost(self, why: str) -> None:
+        """Another machine took this job's lease over (fencing): stop training here."""
+        self.error = why
+        self.log.note(f"mirror: {why}; stopping")
+        if self.active:
+            self.stop(save=True, final=S.STOPPED, source="lease-lost")
 
     # -- launching ---------------------------------------------------------------------
     @property
@@ -339,7 +350,8 @@ class Job(RowFields):
                              tmp_grace=self.spec.emergency_save.grace + 60,
                              save_durations=tuple(self.save_durations),
                              grace=self.spec.emergency_save.grace,
-                             pids=self._job_pids())
+                             pids=self._job_pids(),
+                             unuploaded=self.mirror.unuploaded if self.mirror is not None else frozenset())
 
     def _job_pids(self) -> tuple[int, ...]:
         """The job's processes, whose open files rotation must treat as being written."""
@@ -375,9 +387,11 @@ class Job(RowFields):
         # unless the last attempt left a save half-written (found with backoff 0: HF's
         # get_last_checkpoint then picked the half-written checkpoint-N/), or the dir is one
         # where only a re-hash proves the resume point (tmpfs: the refresh after the exit
-        # trusted fingerprints, and a damaged checkpoint was offered).
+        # trusted fingerprints, and a damaged checkpoint was offered), or the mirror has a
+        # lease to take or a restore to consider first.
         if self.spec.checkpoint is None or (fresh and not self.ckpts.has_interrupted(self.pinned)
-                                            and not self.ckpts.reproof_needed()):
+                                            and not self.ckpts.reproof_needed()
+                                            and not (self.mirror is not None and self.mirror.needs_prelaunch())):
             self._spawn_guarded()
             return
         self._prelaunch = self.loop.create_task(
@@ -385,6 +399,9 @@ class Job(RowFields):
 
     async def _refresh_then_spawn(self, refresh: bool = True) -> None:
         try:
+            if self.mirror is not None:
+                # the lease, then a restore from the store: before the resume point is chosen
+                await self.mirror.before_launch()
             if refresh:
                 await self.ckpts.refresh(for_launch=True)    # re-proves what resume will be handed
             if self.child is None:
@@ -711,6 +728,8 @@ class Job(RowFields):
         self.log.note(f"attempt {attempt}: pid {child.pid} taken over by trainsup daemon pid {os.getpid()} "
                       f"(after a daemon {via})")
         self._set(S.RUNNING, pid=child.pid, adopted=True)
+        if self.mirror is not None:
+            self.mirror.adopted()         # the lease again (its own), then the uploads go on
         flow = data.get("flow") if was in (S.SAVING.value, S.STOPPING.value) else None
         if isinstance(flow, dict) and flow.get("final") in {s.value for s in State}:
             # The dead daemon was stopping this job: finish what it began.
@@ -866,6 +885,8 @@ class Job(RowFields):
                        **({"mtime": round(info.mtime, 3)} if info.mtime else {}))
         if new_valid:
             self.tracker.progress()
+        if self.mirror is not None:
+            self.mirror.on_index(infos)
         for req, fut in list(self._ckpt_waiters):
             # a new save confirms, never an old checkpoint found late (confirm.py)
             info = confirm.confirmation(infos, req) if not fut.done() else None
@@ -960,6 +981,8 @@ class Job(RowFields):
         if deadline_wall is not None:
             grace = max(0.0, min(grace, deadline_wall - notice_at))
         t0 = time.monotonic()
+        if self.mirror is not None and save and not then_restart:
+            self.mirror.emergency(notice_at)      # its save goes to the store ahead of anything
         # Without a checkpoint dir no save can be confirmed: SIGTERM ("save if you can
         # and exit") is the whole request.
         if save and spec.checkpoint is not None:
@@ -1019,6 +1042,9 @@ class Job(RowFields):
             # Stopped means nothing of the job survives: its cgroup is empty.
             await self._end_cgroup(cg)
         outcome["stop_s"] = round(time.monotonic() - t0, 3)
+        if self.mirror is not None and save and not then_restart and outcome.get("outcome") == "saved":
+            # Stopped on time; the flow ends once the save is in the store or the deadline passed.
+            outcome["store"] = await self.mirror.wait_uploaded(notice_at + grace)
         # Recorded when the flow is over; when the notice came is a field of its own.
         self.event("notice", **{k: v for k, v in outcome.items() if k != "at"}, noticed_at=notice_at)
         self.last_notice = outcome
@@ -1135,7 +1161,8 @@ class Job(RowFields):
         ck = self.ckpts
         # Time alone changes two things shown (a notice ages out, the save-signal check's
         # grace ends): the row is also re-made once a PROC_MAX_AGE.
-        key = (self.row_gen, ck.row_gen, self.tracker.row_gen, int(time.monotonic() / PROC_MAX_AGE))
+        key = (self.row_gen, ck.row_gen, self.tracker.row_gen, int(time.monotonic() / PROC_MAX_AGE),
+               self.mirror.row_gen if self.mirror is not None else 0)
         if key == self._row[0]:
             return self._row[1]
         latest, invalid, nbytes = None, None, None
@@ -1154,6 +1181,8 @@ class Job(RowFields):
         ln = self.last_notice
         shown = ln if ln and time.time() - float(ln.get("at") or 0) < NOTICE_SHOWN_FOR else None
         warnings = list(ck.warnings) + self._save_signal_warnings()
+        if self.mirror is not None:
+            warnings += self.mirror.warnings()
         notes = {k: v for k, v in (("error", self.error), ("warnings", warnings), ("last_notice", shown),
                                    ("config_error", self.config_error)) if v}
         encoded = (json.dumps(row).encode(), json.dumps(notes, separators=(",", ":")).encode() if notes else b"")
@@ -1196,7 +1225,9 @@ class Job(RowFields):
             # A notice's outcome is news for a while, then history (`trainsup history`).
             "last_notice": self.last_notice if self.last_notice and
             now - float(self.last_notice.get("at") or 0) < NOTICE_SHOWN_FOR else None,
-            "warnings": list(self.ckpts.warnings) + self._save_signal_warnings(),
+            "warnings": list(self.ckpts.warnings) + self._save_signal_warnings()
+            + (self.mirror.warnings() if self.mirror is not None else []),
+            "mirror": self.mirror.status() if self.mirror is not None else None,
             "error": self.error,
             "config_error": self.config_error,
             "source": str(self.spec.source),

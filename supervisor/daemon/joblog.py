@@ -71,6 +71,7 @@ class _Tail:
 
     def _open(self, at_end: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # not a job path: the daemon's job log
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self.offset = os.fstat(self.fd).st_size if at_end else 0
         try:
@@ -167,6 +168,7 @@ class JobLog:
     def _open(self) -> None:
         if self._fd < 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # not a job path: the daemon's job log
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._size = os.fstat(self._fd).st_size
 
@@ -263,6 +265,7 @@ class JobLog:
         need = n
         for p in (self.path, self.path.with_name(self.path.name + ".1")):
             try:
+                # not a job path: the daemon's job log
                 with open(p, "rb") as f:
                     f.seek(0, os.SEEK_END)
                     size = f.tell()

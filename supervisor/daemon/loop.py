@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -27,6 +26,7 @@ from ..control.server import ControlServer
 from ..spec import DaemonSpec, InvalidJob, JobSpec, ScheduleSpec, rotates
 from . import adoption, reexec
 from .checkpoints import JobCheckpoints, RotationCoordinator
+from .fairpool import FairPool
 from .handlers import Commands
 from .hooks import HookRunner
 from .job import Job, State
@@ -117,7 +117,11 @@ class Daemon:
         self._notice_seen: dict[tuple, float] = {}
         self.source_health: dict[str, dict] = {}      # notice source -> its last health change
         self.hooks: HookRunner | None = None
+        # Children whose exit status another piece of the daemon collects (the reexec
+        # preflight, through asyncio): the SIGCHLD reaper must leave them alone.
+        self.helper_pids: set[int] = set()
         self.metrics: Any = None                # trainsup.metrics.MetricsServer when enabled
+        self.transfers: Any = None              # mirror.transfer.Transfers, at the first mirrored job
         self.config_file = "no config file"     # which daemon config was read, and why (the CLI sets it)
         self.metrics_error: str | None = None   # metrics.required false and they could not start
         self._metrics_sampled = float("-inf")
@@ -156,10 +160,10 @@ class Daemon:
         # Requests that arrive while the jobs dir is first read wait for it: `status` must
         # never answer "no such job" for a job whose file is still settling.
         self.loaded = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainsup-hash",
-                                           initializer=lower_thread_priority)
+        # every job's checkpoint work, taken round-robin by job (fairpool.py)
+        self.executor = FairPool(workers=2, initializer=lower_thread_priority, name="trainsup-hash")
         self.cache = self.db          # the verdict cache; StateDB locks it for the hashing threads
-        self.rotation = RotationCoordinator(self.loop, self.executor, self.spec.disk_quota,
+        self.rotation = RotationCoordinator(self.loop, self.executor.for_job(""), self.spec.disk_quota,
                                             self._rotation_members, self.db.flush)
         self.db.start_writer()
         self.db.on_pending = lambda: None if self.loop.call_soon(self.db.wake) else None
@@ -248,6 +252,11 @@ class Daemon:
                 src.stop()
             except Exception:
                 log.exception("stopping %r", src)
+        mirrors = [j.mirror.close() for j in list(self.jobs.values()) + list(self._retired) if j.mirror is not None]
+        if mirrors:         # leases handed back (bounded) before the daemon goes
+            await asyncio.gather(*mirrors, return_exceptions=True)
+        if self.transfers is not None:
+            self.transfers.close()
         for j in self.jobs.values():
             j.ckpts.close()
         if self.hooks is not None:
@@ -381,7 +390,7 @@ class Daemon:
     def leader_pids(self) -> list[int]:
         # Hook processes too: their exit status is the hook runner's to collect.
         hooks = list(self.hooks.pids()) if self.hooks is not None else []
-        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks
+        return [j.child.leader_pid for j in self.jobs.values() if j.child] + hooks + list(self.helper_pids)
 
     async def claims_exit(self, job: Job) -> bool:
         """JobHost: whether the host decides what this exit means (`trainsup run` under
@@ -406,12 +415,19 @@ class Daemon:
             log.error("%s", line)
 
     def _add_job(self, spec: JobSpec) -> Job:
-        ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor, self.cache,
+        ckpts = JobCheckpoints(spec.name, spec.checkpoint, self.loop, self.executor.for_job(spec.name), self.cache,
                                on_index=lambda infos, err: None, on_scanned=self.rotation.request,
                                on_landed=self.rotation.landed,
                                state_dir=self.spec.state_dir, grace=spec.emergency_save.grace,
                                create_as=spec.owner() if self.is_root else None)
         job = Job(spec, self, self.spec, ckpts, self.db.load_job(spec.name))
+        if spec.checkpoint is not None and spec.checkpoint.mirror is not None:
+            from .mirror.jobmirror import JobMirror
+            from .mirror.transfer import Transfers
+            if self.transfers is None:
+                self.transfers = Transfers(self.loop)
+            job.mirror = JobMirror(spec.name, spec.checkpoint, self.transfers, ckpts, job.event, job.log.note,
+                                   self.spec.state_dir, job.lease_lost)
         old = self.jobs.get(spec.name)
         if old is not None:
             # `logs -f` follows a job by name: a reload that replaces the job moves its
@@ -573,6 +589,8 @@ class Daemon:
             self.schedule.remove_job(job.name)
         try:
             await job.stop(save=True, final=State.STOPPED, source="reload")
+            if job.mirror is not None:
+                await job.mirror.close()
         finally:
             job.ckpts.close()
             if not job.active:

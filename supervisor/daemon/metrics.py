@@ -90,6 +90,7 @@ class JobSample:
     has_checkpoints: bool = False
     config_error: bool = False
     goodput: Goodput | None = None      # as of the sample; render advances it to the scrape
+    mirror: tuple[int | None, int, bool] | None = None   # checkpoint.mirror: uploaded step, bytes pending, failing
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Snapshot:
     notices: Mapping[str, int] = field(default_factory=dict)                       # machine-wide, by source
     save_seconds: Mapping[str, Histogram] = field(default_factory=dict)
     steps_lost: Mapping[str, Histogram] = field(default_factory=dict)
+    mirror_events: Mapping[tuple[str, str], int] = field(default_factory=dict)   # (job, event kind)
     lag_s: float = 0.0
     published_at: float = 0.0
 
@@ -164,7 +166,15 @@ def sample_job(job: Job) -> JobSample:
         valid=sum(1 for i in job.checkpoints if i.valid),
         invalid=sum(1 for i in job.checkpoints if not i.valid and not i.in_progress),
         has_checkpoints=ck is not None, config_error=bool(job.config_error),
-        goodput=job.goodput.at(time.time(), job.state.value))
+        goodput=job.goodput.at(time.time(), job.state.value), mirror=_mirror_sample(job))
+
+
+def _mirror_sample(job: Job) -> tuple[int | None, int, bool] | None:
+    m = getattr(job, "mirror", None)
+    if m is None:
+        return None
+    st = m.status()
+    return st["uploaded_step"], int(st["bytes_pending"]), st["error"] is not None
 
 
 class MetricsBook:
@@ -178,6 +188,7 @@ class MetricsBook:
         self._notices: dict[str, int] = {}
         self._save_seconds: dict[str, Histogram] = {}
         self._steps_lost: dict[str, Histogram] = {}
+        self._mirror: dict[tuple[str, str], int] = {}
         self._dirty: set[str] = set()
         self._everything_dirty = True
         self._lag = 0.0
@@ -198,6 +209,9 @@ class MetricsBook:
         elif kind == "notice" and "stop_s" in data and (outcome := save_outcome(data.get("outcome"))):
             # A stop flow's record (stop, preempt, restart, a notice): did the save it asked for land?
             self._saves[(job, outcome)] = self._saves.get((job, outcome), 0) + 1
+        elif kind in MIRROR_EVENTS:
+            # the mirror: what reached the store, what came back, how often the store failed
+            self._mirror[(job, kind)] = self._mirror.get((job, kind), 0) + 1
         elif kind == "checkpoint" and isinstance(data.get("took_s"), (int, float)):
             self._save_seconds[job] = self._save_seconds.get(job, Histogram(SAVE_BUCKETS)).observe(
                 float(data["took_s"]))
@@ -236,6 +250,7 @@ class MetricsBook:
             notices=MappingProxyType(dict(self._notices)),
             save_seconds=MappingProxyType(dict(self._save_seconds)),
             steps_lost=MappingProxyType(dict(self._steps_lost)),
+            mirror_events=MappingProxyType(dict(self._mirror)),
             lag_s=self._lag, published_at=time.time())
         return self.snapshot
 
@@ -284,7 +299,13 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "trainsup_job_goodput_ratio": ("gauge", "productive training time over wall time since the job's first launch"),
     "trainsup_job_goodput_seconds": ("gauge", "wall time since the job's first launch by part: productive, recomputed, "
                                               "resume, restart, backoff, save_emergency, save_periodic, queue"),
+    "trainsup_job_mirror_uploaded_step": ("gauge", "step of the newest checkpoint in the object store (checkpoint.mirror)"),
+    "trainsup_job_mirror_pending_bytes": ("gauge", "bytes of valid checkpoints not yet in the object store"),
+    "trainsup_job_mirror_failing": ("gauge", "1 while transfers to the object store fail"),
+    "trainsup_job_mirror_events_total": ("counter", "object store transfers by event: upload, restore, restore-failed; "
+                                                    "upload-failed counts the starts of a run of failures"),
 }
+MIRROR_EVENTS = ("upload", "restore", "upload-failed", "restore-failed")
 
 
 def _job_rows(s: JobSample, snap: Snapshot, now: float, out: dict[str, list[str]]) -> None:
@@ -334,6 +355,13 @@ def _job_rows(s: JobSample, snap: Snapshot, now: float, out: dict[str, list[str]
     out["trainsup_job_over_quota"].append(f"{job}}} {int(s.over_quota)}")
     out["trainsup_job_checkpoints"].append(f'{job},valid="true"}} {s.valid}')
     out["trainsup_job_checkpoints"].append(f'{job},valid="false"}} {s.invalid}')
+    if s.mirror is not None:
+        if s.mirror[0] is not None:
+            out["trainsup_job_mirror_uploaded_step"].append(f"{job}}} {s.mirror[0]}")
+        out["trainsup_job_mirror_pending_bytes"].append(f"{job}}} {s.mirror[1]}")
+        out["trainsup_job_mirror_failing"].append(f"{job}}} {int(s.mirror[2])}")
+        out["trainsup_job_mirror_events_total"].extend(
+            f'{job},event="{e}"}} {snap.mirror_events.get((s.name, e), 0)}' for e in MIRROR_EVENTS)
 
 
 def _histograms(parts: list[str], name: str, doc: str, per_job: Mapping[str, Histogram],

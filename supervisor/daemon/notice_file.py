@@ -46,6 +46,7 @@ def prepare(heartbeat_dir: Path, job: str, owner: tuple[int, int] | None) -> Pat
 
 
 def _own(d: Path, owner: tuple[int, int] | None, mode: int) -> None:
+    # not a job path: the daemon's notice dir
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)   # a planted link is refused
     try:
         st = os.fstat(fd)
@@ -68,6 +69,7 @@ def last_count(path: Path, attempt: int) -> int:
     (`<attempt>.<n>`); 0 when there is none. A daemon that takes a running job over
     numbers its notices on from there."""
     try:
+        # not a job path: the daemon's notice file (O_NOFOLLOW|O_NONBLOCK)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             nid = json.loads(f.read(MAX_NOTICE_BYTES)).get("id")
@@ -98,6 +100,7 @@ def write(path: Path, notice_id: str, kind: str, deadline: float | None) -> bool
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        # not a job path: the daemon's notice file (O_EXCL)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump(body, f)
@@ -114,6 +117,7 @@ def write(path: Path, notice_id: str, kind: str, deadline: float | None) -> bool
 def read_ack(path: Path, notice_id: str) -> dict | None:
     """The job's acknowledgement of notice `notice_id`, or None."""
     try:
+        # not a job path: the ack beside the notice file (O_NONBLOCK|O_NOFOLLOW, checked regular)
         fd = os.open(str(path) + ACK_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_NOTICE_BYTES)

@@ -60,6 +60,7 @@ class FirstStep:
         self.cancel()
         try:
             # O_NOFOLLOW|O_NONBLOCK: the job owns the file; never a link, never a fifo wait.
+            # not a job path: the job's heartbeat file (O_NOFOLLOW|O_NONBLOCK, never a wait)
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 step = parse_heartbeat(os.read(fd, HEARTBEAT_READ))

@@ -75,11 +75,14 @@ def command() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
-async def preflight() -> str:
-    """The new version's number, or RequestError saying why it cannot start."""
+async def preflight(helper_pids: set[int]) -> str:
+    """The new version's number, or RequestError saying why it cannot start. Its pid is in
+    `helper_pids` while it runs: the daemon's SIGCHLD reaper took its exit status once,
+    and asyncio reported 255 ("cannot start") for a version that started fine."""
     proc = await asyncio.create_subprocess_exec(
         *command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, PREFLIGHT_ENV: "1"})
+    helper_pids.add(proc.pid)      # before the next await: python's start-up outlasts this
     try:
         out, err = await asyncio.wait_for(proc.communicate(), PREFLIGHT_TIMEOUT)
     except asyncio.TimeoutError:
@@ -87,6 +90,8 @@ async def preflight() -> str:
         await proc.wait()
         raise RequestError(f"reexec: the installed version did not start within {PREFLIGHT_TIMEOUT:g}s; "
                            f"still serving trainsup {__version__}") from None
+    finally:
+        helper_pids.discard(proc.pid)
     lines = out.decode(errors="replace").split()
     if proc.returncode != 0 or not lines:
         why = (err.decode(errors="replace").strip().splitlines() or [f"exit {proc.returncode}"])[-1]
@@ -106,7 +111,7 @@ async def reexec(d: Daemon, reply_fd: int) -> Any:
     if bare:
         raise RequestError(f"reexec: {', '.join(bare)} run{'s' if len(bare) == 1 else ''} without a shim "
                            f"(its output would be cut); stop {'it' if len(bare) == 1 else 'them'} first")
-    new = await preflight()
+    new = await preflight(d.helper_pids)
     sock_fd = d.control.listening_fd()
     if sock_fd is None:
         raise RequestError(f"reexec: the control socket is not open; still serving trainsup {__version__}")

@@ -113,6 +113,7 @@ class StateLock:
                 pass
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            # not a job path: the daemon's state db
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
             raise _unusable("use the state dir", self.path.parent, e) from None

@@ -34,6 +34,7 @@ SECTIONS = {
     "deletion": "bench_deletion",
     "reprove": "bench_reprove",
     "integrations": "bench_integrations",
+    "mirror": "bench_mirror",
 }
 
 

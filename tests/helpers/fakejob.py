@@ -42,6 +42,7 @@ def main():
     p.add_argument("--ignore-term", action="store_true")
     p.add_argument("--save-on-term", action="store_true", help="save then exit 0 on SIGTERM")
     p.add_argument("--save-delay", type=float, default=0.0, help="seconds a save takes")
+    p.add_argument("--save-mb", type=float, default=0.0, help="each save also writes this many MiB of weights")
     p.add_argument("--spawn-child", action="store_true", help="a multiprocessing child (spawn)")
     p.add_argument("--setsid-grandchild", action="store_true")
     p.add_argument("--record", default=None, help="append JSON lines about this run to this file")
@@ -100,8 +101,10 @@ def main():
         if not ckpt_dir:
             return
         time.sleep(args.save_delay)  # simulates the time a real save takes
-        p = write_checkpoint(ckpt_dir, state["step"], {"state.json": json.dumps({"step": state["step"]}).encode()},
-                             reason=reason)
+        files = {"state.json": json.dumps({"step": state["step"]}).encode()}
+        if args.save_mb:
+            files["weights.bin"] = os.urandom(int(args.save_mb * (1 << 20)))
+        p = write_checkpoint(ckpt_dir, state["step"], files, reason=reason)
         record(event="saved", step=state["step"], reason=reason, path=str(p))
         state["save"] = False   # requests that arrived during this save are served by it
 

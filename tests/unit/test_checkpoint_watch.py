@@ -1,7 +1,9 @@
 """The watcher wakes the daemon on landings and on the dir itself changing."""
 
+import ctypes
 import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -121,3 +123,147 @@ def test_ten_thousand_files_at_once(tmp_path, hub):
         assert [i.step for i in infos] == steps and all(i.valid for i in infos)
     finally:
         w.stop()
+
+
+# ---------------------------------------------------------------- a job's dir shape is its own
+
+def _chain(root, depth):
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def rm_after():
+    made = []
+    yield made
+    for p in made:       # rm (fts) copes with a 3000-deep chain; pytest's own cleanup does not
+        subprocess.run(["rm", "-rf", "--", str(p)], check=False, timeout=300)
+
+
+def test_3000_deep_chain_in_one_jobs_dir_keeps_every_job_watched(tmp_path, hub, rm_after):
+    """Found: watchdog's recursive walk of a 3000-deep chain raised RecursionError in the one
+    reader thread all jobs share; from then on no dir was watched, for the daemon's life."""
+    a, b = tmp_path / "a" / "ck", tmp_path / "b" / "ck"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    rm_after.append(tmp_path / "a")
+    _chain(a, 3000)
+    ra, rb = Recorder(), Recorder()
+    wa, wb = CheckpointWatcher(a, ra, hub=hub), CheckpointWatcher(b, rb, hub=hub)
+    wa.start()
+    wb.start()
+    try:
+        assert wa.watch_count() <= 2 + wa.sub_budget
+        (a / "d" / "d" / "x").write_bytes(b"1")          # inside A's watched levels
+        ra.wait_for(lambda r: "changed" in r)
+        write_checkpoint(b, 1, {"x": b"1"})                  # the other job: still told
+        rb.wait_for(lambda r: "changed" in r)
+        assert hub.thread is not None and hub.thread.is_alive()
+    finally:
+        wa.stop()
+        wb.stop()
+
+
+def test_3000_empty_dirs_under_a_dot_dir_take_no_watches(tmp_path, hub):
+    """Found: 3000 empty dirs under a dot-dir added 3001 inotify watches charged to root's
+    host-wide max_user_watches."""
+    ck = tmp_path / "ck"
+    (ck / ".hidden").mkdir(parents=True)
+    for i in range(3000):
+        (ck / ".hidden" / f"d{i}").mkdir()
+    for i in range(200):                  # and many plain dirs: the budget holds
+        (ck / f"e{i}").mkdir()
+    w = CheckpointWatcher(ck, Recorder(), hub=hub)
+    w.start()
+    try:
+        assert w.watch_count() <= 2 + w.sub_budget
+        assert hub.watches() <= 2 + w.sub_budget
+    finally:
+        w.stop()
+    assert hub.watches() == 0
+
+
+def test_newest_entry_dirs_are_watched_within_the_budget(tmp_path, hub):
+    """HF completes a checkpoint inside its entry dir: a new entry is watched (the oldest
+    watch gives way past the budget), and so is Lightning's nested save dir."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    rec = Recorder()
+    w = CheckpointWatcher(ck, rec, hub=hub, sub_watches=4)
+    w.start()
+    try:
+        for k in range(8):
+            (ck / f"checkpoint-{k}").mkdir()
+            rec.wait_for(lambda r: len(r) > 0)
+            rec.clear()
+        assert w.watch_count() <= 2 + 4
+        (ck / "checkpoint-7" / "trainer_state.json").write_text("{}")     # the newest: watched
+        rec.wait_for(lambda r: "changed" in r)
+        rec.clear()
+        (ck / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
+        rec.wait_for(lambda r: len(r) > 0)
+        deadline = time.monotonic() + 5
+        while True:               # the nested dirs are watched as they appear (or at once when moved in)
+            rec.clear()
+            (ck / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=1.ckpt").write_bytes(b"x")
+            try:
+                rec.wait_for(lambda r: "changed" in r, 0.5)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "a save in lightning_logs/version_0/checkpoints/ never seen"
+    finally:
+        w.stop()
+
+
+def test_reader_thread_killed_is_started_again_and_every_job_told(tmp_path, hub):
+    """The reader thread all jobs share: killed (an exception raised inside it), it starts
+    again, every watcher is told to rescan, and later events are delivered."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    rec = Recorder()
+    w = CheckpointWatcher(ck, rec, hub=hub)
+    w.start()
+    try:
+        t = hub.thread
+        assert t is not None and t.ident is not None
+        before = hub.restarts
+        n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
+        assert n == 1
+        deadline = time.monotonic() + 10
+        while hub.restarts == before:
+            assert time.monotonic() < deadline, "the reader thread was not started again"
+            time.sleep(0.05)
+        rec.wait_for(lambda r: "changed" in r)            # told to rescan
+        rec.clear()
+        write_checkpoint(ck, 1, {"x": b"1"})
+        rec.wait_for(lambda r: "changed" in r)
+    finally:
+        w.stop()
+
+
+def test_a_failing_callback_is_confined_to_its_job(tmp_path, hub):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    def boom(_reason):
+        raise RuntimeError("a job's callback failing")
+    rb = Recorder()
+    wa, wb = CheckpointWatcher(a, boom, hub=hub), CheckpointWatcher(b, rb, hub=hub)
+    wa.start()
+    wb.start()
+    try:
+        (a / "x").write_bytes(b"1")
+        write_checkpoint(b, 1, {"x": b"1"})
+        rb.wait_for(lambda r: "changed" in r)
+        assert hub.thread is not None and hub.thread.is_alive()
+    finally:
+        wa.stop()
+        wb.stop()

@@ -73,8 +73,13 @@ def test_hf_best_model_checkpoint_is_protected_like_a_pin(tmp_path):
     state["best_model_checkpoint"] = str(d / "checkpoint-2")
     (d / "checkpoint-6/trainer_state.json").write_text(json.dumps(state))
     infos = scan(d)
-    assert hf_best_steps(infos) == {2}
-    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=1), pinned=hf_best_steps(infos))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        best = hf_best_steps(fd, infos)
+    finally:
+        os.close(fd)
+    assert best == {2}
+    plan = plan_rotation(infos, CheckpointSpec(dir=d, keep_last=1), pinned=best)
     assert [i.name for i in plan.delete] == ["checkpoint-4"]
     assert plan.kept[d / "checkpoint-2"] == "pinned"
 
@@ -164,7 +169,11 @@ def test_lightning_model_checkpoint_state_is_protected_by_path(tmp_path):
     for n, s in zip(names, (3, 6, 9, 12, 15)):
         _lightning_ckpt(tmp_path / n, s, {"ModelCheckpoint{'monitor': 'step', 'mode': 'min'}": state})
     infos = scan(tmp_path)
-    pins, kept = bookkeeping(infos)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pins, kept = bookkeeping(fd, infos)
+    finally:
+        os.close(fd)
     assert pins == {tmp_path / names[0]}, pins                     # best_model_path: a pin
     assert kept == {tmp_path / n for n in names[1:3]}, kept        # the rest of the best k
     spec = CheckpointSpec(dir=str(tmp_path), keep_last=2)

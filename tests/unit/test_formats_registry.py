@@ -30,6 +30,11 @@ FIXTURE_OF = {
               ("keras/interrupted", "ckpt_weights/epoch03.weights.h5")),
     "lightning": (("lightning/good", LV + "epoch=2-step=12.ckpt"),
                   ("lightning/interrupted", LV + "epoch=2-step=12.ckpt")),
+    "dcp": (("dcp/good", "step_8"), ("dcp/interrupted", "step_12")),
+    "deepspeed": (("deepspeed/good", "global_step8"), ("deepspeed/interrupted", "global_step12")),
+    "accelerate": (("accelerate/good", "checkpoints/checkpoint_1"),
+                   ("accelerate/interrupted", "checkpoints/checkpoint_2")),
+    "orbax": (("orbax/good", "8"), ("orbax/interrupted", "12.orbax-checkpoint-tmp")),
 }
 
 

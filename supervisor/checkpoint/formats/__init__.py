@@ -14,12 +14,13 @@ Every format module has:
                 check(root_fd, group, listing) -> Verdict
 and, where they apply (hooks; absent means "nothing to do"):
   COMMIT_MARKER           the file written last (documentation, and the fixture test)
-  protected_steps(infos)  what rotation must keep for the framework's own bookkeeping,
-                          whatever the quota: steps (int), or entries by absolute path
-                          (Path) where the framework names files (Lightning's
-                          best_model_path); blocking reads of small files: off the loop
-  kept_by_framework(infos)  entries (Path) the framework's own retention counts on
-                          (Lightning's best k): kept above keep_last, below a quota
+  protected_steps(root_fd, infos)  what rotation must keep for the framework's own
+                          bookkeeping, whatever the quota: steps (int), or entries by
+                          absolute path (Path) where the framework names files
+                          (Lightning's best_model_path); read through the job's held
+                          dir, off the loop
+  kept_by_framework(root_fd, infos)  entries (Path) the framework's own retention counts
+                          on (Lightning's best k): kept above keep_last, below a quota
   before_delete(dir_fd, base)   bookkeeping to update before an entry's files go
   tidy(dir_fd) -> [names] bookkeeping to repair at every rotation pass, in each dir that
                           holds entries of the format (TF's state file re-listing what
@@ -37,7 +38,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from . import hf, keras, lightning, paddle, safetensors, tf, torch, trainsup
+from . import accelerate, dcp, deepspeed, hf, keras, lightning, orbax, paddle, safetensors, tf, torch, trainsup
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     trainsup,
@@ -48,6 +49,10 @@ FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (
     keras,
     lightning,
     safetensors,
+    dcp,
+    deepspeed,
+    accelerate,
+    orbax,
 )}
 NAMES = tuple(FORMATS)
 CHOICES = ("auto", *NAMES)                     # checkpoint.format's values
@@ -60,29 +65,30 @@ def hook(module: ModuleType | None, name: str, default: Any) -> Any:
     return getattr(module, name, default) if module is not None else default
 
 
-def protected_steps(infos: Sequence[Any]) -> set[Any]:
+def protected_steps(root_fd: int, infos: Sequence[Any]) -> set[Any]:
     """Steps and entry paths every format's bookkeeping needs kept whatever the quota (HF's
-    best checkpoint, Lightning's best_model_path...). Reads files: never on the daemon's loop."""
-    return _union(infos, "protected_steps")
+    best checkpoint, Lightning's best_model_path...), read below the job's held dir fd.
+    Blocking: called on the job's own work queue, never the loop."""
+    return _union(root_fd, infos, "protected_steps")
 
 
-def kept_by_framework(infos: Sequence[Any]) -> set[Any]:
+def kept_by_framework(root_fd: int, infos: Sequence[Any]) -> set[Any]:
     """Entry paths a framework's own retention still counts on (Lightning's best k): kept
-    by rotation, given up under quota before keep_last. Reads files: never on the loop."""
-    return _union(infos, "kept_by_framework")
+    by rotation, given up under quota before keep_last. Blocking, like protected_steps."""
+    return _union(root_fd, infos, "kept_by_framework")
 
 
-def bookkeeping(infos: Sequence[Any]) -> tuple[set[Any], set[Any]]:
-    """(protected_steps, kept_by_framework): one call on the daemon's pool per pass."""
-    return protected_steps(infos), kept_by_framework(infos)
+def bookkeeping(root_fd: int, infos: Sequence[Any]) -> tuple[set[Any], set[Any]]:
+    """(protected_steps, kept_by_framework): one call on the job's queue per pass."""
+    return protected_steps(root_fd, infos), kept_by_framework(root_fd, infos)
 
 
-def _union(infos: Sequence[Any], name: str) -> set[Any]:
+def _union(root_fd: int, infos: Sequence[Any], name: str) -> set[Any]:
     out: set[Any] = set()
     for m in FORMATS.values():
         fn = hook(m, name, None)
         if fn is not None:
-            out |= fn(infos)
+            out |= fn(root_fd, infos)
     return out
 
 

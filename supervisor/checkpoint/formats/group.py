@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .common import NOFOLLOW_DIR, Invalid, open_regular
+from ..jobfile import open_dir, open_file, read_capped
+from ..walk import MAX_DEPTH, MAX_ENTRY_NAMES, listdir
 
 # kinds in a listing
 FILE, DIR, LINK = "f", "d", "l"
@@ -50,6 +51,9 @@ class Looking:
     explicit: bool                             # the job named this format (not `auto`)
     lightning_dir: bool                        # a Lightning `.../checkpoints` dir
     readlink: Callable[[str], str | None]      # a symlink's target, read beneath the root
+    # another dir's listing (read once per scan): formats whose checkpoint is a folder
+    # known by what is in it (DCP's `.metadata`, DeepSpeed's `mp_rank_*`) look inside
+    listing_of: Callable[[str], Listing] = lambda rel: {}
 
 
 # A step or epoch number set off by a step word or a separator (`iter_epoch_3`, `epoch03`,
@@ -69,36 +73,24 @@ def join(d: str, name: str) -> str:
 
 
 def list_dir(dir_fd: int) -> Listing:
+    """Kinds of a dir's names, up to walk.MAX_DIR_NAMES of them (a dir of more is looked
+    at in part: a 100,000-name dir cost every scan its whole listing)."""
     out: Listing = {}
-    with os.scandir(dir_fd) as it:
-        for e in it:
-            try:
-                if e.is_symlink():
-                    out[e.name] = LINK
-                elif e.is_dir(follow_symlinks=False):
-                    out[e.name] = DIR
-                elif e.is_file(follow_symlinks=False):
-                    out[e.name] = FILE
-            except FileNotFoundError:
-                continue
+    for name, st in listdir(dir_fd)[0]:
+        if st is None:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            out[name] = LINK
+        elif stat.S_ISDIR(st.st_mode):
+            out[name] = DIR
+        elif stat.S_ISREG(st.st_mode):
+            out[name] = FILE
     return out
 
 
 def open_dir_under(root_fd: int, rel: str) -> int:
-    """An fd on root/rel, refusing a symlink in any component."""
-    fd = root_fd
-    opened: list[int] = []
-    try:
-        for comp in [c for c in rel.split("/") if c]:
-            fd = os.open(comp, NOFOLLOW_DIR, dir_fd=fd)
-            opened.append(fd)
-    except BaseException:
-        for o in opened:
-            os.close(o)
-        raise
-    for o in opened[:-1]:
-        os.close(o)
-    return opened[-1] if opened else os.dup(root_fd)
+    """An fd on root/rel: no symlink, no mount crossing in any component."""
+    return open_dir(root_fd, "/".join(c for c in rel.split("/") if c))
 
 
 def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
@@ -109,7 +101,7 @@ def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno in (errno.ELOOP, errno.EXDEV):
             return None
         raise
     try:
@@ -121,7 +113,9 @@ def lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
 
 
 def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, bool]:
-    """(digest, regular bytes, newest mtime, all present) from lstat calls only."""
+    """(digest, regular bytes, newest mtime, all present) from lstat calls only. A member
+    that is a dir (a DCP or DeepSpeed step folder) counts every file beneath it: a shard
+    truncated in place moves no dir mtime, and must still move the digest."""
     h = xxhash.xxh3_128()
     total, newest, present = 0, 0.0, True
     for rel in rels:
@@ -130,33 +124,39 @@ def fingerprint(root_fd: int, rels: tuple[str, ...]) -> tuple[str, int, float, b
             present = False
             h.update(f"{rel}\0-\n".encode("utf-8", "surrogateescape"))
             continue
-        h.update(f"{rel}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                 f"{st.st_ctime_ns}\0{st.st_mode}\n".encode("utf-8", "surrogateescape"))
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-        elif stat.S_ISDIR(st.st_mode):
-            total += _dir_bytes(root_fd, rel)
-        newest = max(newest, st.st_mtime)
+        inside = _tree_stats(root_fd, rel) if stat.S_ISDIR(st.st_mode) else []
+        for r, s in [(rel, st), *inside]:
+            h.update(f"{r}\0{s.st_dev}\0{s.st_ino}\0{s.st_size}\0{s.st_mtime_ns}\0"
+                     f"{s.st_ctime_ns}\0{s.st_mode}\n".encode("utf-8", "surrogateescape"))
+            if stat.S_ISREG(s.st_mode):
+                total += s.st_size
+            newest = max(newest, s.st_mtime)
     return h.hexdigest(), total, newest, present
 
 
-def _dir_bytes(root_fd: int, rel: str) -> int:
-    try:
-        dfd = open_dir_under(root_fd, rel)
-    except OSError:
-        return 0
-    total = 0
-    try:
-        with os.scandir(dfd) as it:
-            for e in it:
-                try:
-                    if e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
-    finally:
-        os.close(dfd)
-    return total
+def _tree_stats(root_fd: int, rel: str) -> list[tuple[str, os.stat_result]]:
+    """(path, lstat) of everything beneath the dir root/rel, sorted, never through a
+    symlink; bounded like every walk of a job's files (walk.py)."""
+    out: list[tuple[str, os.stat_result]] = []
+    stack = [(rel, 0)]
+    while stack and len(out) < MAX_ENTRY_NAMES:
+        d, depth = stack.pop()
+        try:
+            dfd = open_dir_under(root_fd, d)
+        except OSError:
+            continue
+        try:
+            listing = listdir(dfd, MAX_ENTRY_NAMES - len(out))[0]
+        finally:
+            os.close(dfd)
+        for name, st in listing:
+            if st is None:
+                continue
+            out.append((f"{d}/{name}", st))
+            if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                stack.append((f"{d}/{name}", depth + 1))
+    out.sort(key=lambda t: t[0])
+    return out
 
 
 class Opened:
@@ -167,7 +167,7 @@ class Opened:
         self.fd = -1
 
     def __enter__(self) -> tuple[int, os.stat_result]:
-        self.fd, st = open_regular(self.root_fd, self.rel)
+        self.fd, st = open_file(self.root_fd, self.rel)
         return self.fd, st
 
     def __exit__(self, *exc) -> None:
@@ -175,12 +175,7 @@ class Opened:
             os.close(self.fd)
 
 
-def read_small(root_fd: int, rel: str, limit: int = 1 << 20) -> bytes:
-    """The bytes of a small file (JSON metadata, a state file); Invalid if larger than limit."""
-    with Opened(root_fd, rel) as (fd, st):
-        if st.st_size > limit:
-            raise Invalid(f"{rel}: {st.st_size} bytes, more than the {limit} expected")
-        data = os.pread(fd, st.st_size, 0)
-        if len(data) != st.st_size:
-            raise Invalid(f"{rel}: short read (file changed while checking?)")
-        return data
+def read_small(root_fd: int, rel: str, kind: str) -> bytes:
+    """The bytes of a small file of a job (JSON metadata, a state file): Invalid past the
+    cap of its kind (jobfile.LIMITS)."""
+    return read_capped(root_fd, rel, kind)

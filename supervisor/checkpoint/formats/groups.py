@@ -17,20 +17,25 @@ bundles as SSTables, HDF5 by its superblock.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from struct import error as struct_error
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .. import budget
+from ..jobfile import open_entry_dir
 from . import FORMATS, GROUP, hook
-from .common import NOFOLLOW_DIR, Verdict, VerdictCache
+from .common import Invalid, Verdict, VerdictCache
 from .group import DIR, Group, Listing, Looking, fingerprint, list_dir, numbered, open_dir_under
 
 if TYPE_CHECKING:
     from ..index import CheckpointInfo
 
-_CACHE_VERSION = "fw2"
+_CACHE_VERSION = "fw3"
+log = logging.getLogger("trainsup.checkpoint")
 
 
 class Tree:
@@ -46,8 +51,11 @@ class Tree:
         if rel not in self.cache:
             try:
                 fd = open_dir_under(self.root_fd, rel)
+            except Invalid:
+                self.cache[rel] = {}
+                return self.cache[rel]
             except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
                     self.cache[rel] = {}
                     return self.cache[rel]
                 raise
@@ -122,7 +130,7 @@ def recognise(tree: Tree, fmt: str) -> list[Group]:
         listing = tree.listing(d)
         for m in _formats(fmt):
             groups += m.recognise(Looking(d, listing, explicit=fmt == m.NAME, lightning_dir=added,
-                                          readlink=tree.readlink))
+                                          readlink=tree.readlink, listing_of=tree.listing))
     if fmt == "auto":
         groups = [g for g in groups if _claimed_by_auto(tree, g)]
     return groups
@@ -159,14 +167,37 @@ def check_group(tree: Tree, root: Path, g: Group, fmt: str,
             except (ValueError, TypeError):
                 pass
     try:
-        verdict = m.check(tree.root_fd, g, listing)
+        verdict = checked(g.format, g.name, lambda: m.check(tree.root_fd, g, listing))
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise
         return Verdict(g.format, False, f"unreadable: {e.strerror or e}"), total, newest, False
+    if verdict is None:
+        return Verdict(g.format, False, "unreadable: internal error (logged)"), total, newest, False
     if cache is not None and fingerprint(tree.root_fd, deps)[0] == fp:
         cache.put(key, verdict.to_json())
     return verdict, total, newest, False
+
+
+def checked(fmt: str, name: str, check: Callable[[], Verdict], step: int | None = None) -> Verdict | None:
+    """A format's check under its own read budget (budget.py), whatever it trips on kept
+    to that entry's verdict. None: an internal error (logged; not cached, never deleted
+    on its account). OSError and Cancelled pass through."""
+    try:
+        with budget.verdict_budget():
+            return check()
+    except budget.OverBudget as e:
+        return Verdict(fmt, False, str(e), step)
+    except Invalid as e:
+        return Verdict(fmt, False, str(e), step)
+    except (OSError, budget.Cancelled):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, struct_error) as e:
+        # whatever a hostile entry makes a checker trip on is that entry's verdict
+        return Verdict(fmt, False, f"malformed: {type(e).__name__}: {str(e)[:300]}", step)
+    except Exception:
+        log.exception("checking %s (%s)", name, fmt)
+        return None
 
 
 def _resolve_aliases(groups: list[Group], verdicts: dict[str, Verdict]) -> dict[str, str]:
@@ -199,7 +230,7 @@ def scan(root: Path, fmt: str, cache: VerdictCache | None,
     if fmt != "auto" and fmt not in GROUP:
         return [], set()
     try:
-        root_fd = os.dup(root_fd) if root_fd is not None else os.open(root, NOFOLLOW_DIR)
+        root_fd = os.dup(root_fd) if root_fd is not None else open_entry_dir(str(root))
     except OSError:
         return [], set()  # the index reports a missing or symlinked dir itself
     try:

@@ -10,13 +10,15 @@ deleting it makes the Trainer silently return the last model."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from ..naming import HF_DIR, step_of
-from .common import NOFOLLOW_DIR, NOFOLLOW_FILE, Invalid, Verdict, open_entry_dir, open_regular, pread_exact
+from ..naming import HF_DIR, counter, show_int, step_of
+from ..walk import walk
+from .common import Invalid, Verdict, bounded_metrics, entry_dir, open_file, read_capped, read_capped_fd
 from .readers.safetensors import check_safetensors_fd
 from .readers.zip import check_torch_fd
 
@@ -25,17 +27,28 @@ KIND = "entry"
 COMMIT_MARKER = "trainer_state.json"
 DIR_RE = HF_DIR
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_MAX_STATE = 16 << 20
+_MAX_PROBLEMS = 5          # listed in a verdict; the rest are counted
 
 
 def claims(name: str, is_dir: bool) -> bool:
     return is_dir and DIR_RE.fullmatch(name) is not None
 
 
+def _parse_state(raw: bytes) -> dict:
+    try:
+        state = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # a 5000-digit number is a ValueError too (Python's int digit limit)
+        raise ValueError(f"not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError("not valid JSON (not a JSON object)")
+    return state
+
+
 def check_hf(path: str) -> Verdict:
     name = os.path.basename(path)
     step = step_of(name)
-    dfd = open_entry_dir(path, "hf", step)
+    dfd = entry_dir(path, "hf", step)
     if isinstance(dfd, Verdict):
         return dfd
     problems: list[str] = []
@@ -43,33 +56,42 @@ def check_hf(path: str) -> Verdict:
     metrics: dict = {}
     try:
         try:
-            fd, st = open_regular(dfd, "trainer_state.json")
+            fd, st = open_file(dfd, COMMIT_MARKER)
         except Invalid as e:
             problems.append("missing trainer_state.json (commit marker: Trainer writes it last)"
                             if str(e).startswith("missing") else str(e))
         else:
             try:
-                state = json.loads(pread_exact(fd, st.st_size, 0) if st.st_size else b"")
-                if not isinstance(state, dict):
-                    raise ValueError("not a JSON object")
+                state = _parse_state(read_capped_fd(fd, st.st_size, COMMIT_MARKER, "trainer_state"))
                 gs = state.get("global_step")
-                if isinstance(gs, int) and step is not None and gs != step:
-                    problems.append(f"trainer_state.json global_step {gs} != {step} in the dir name")
-                if isinstance(state.get("epoch"), (int, float)):
-                    epoch = int(state["epoch"])
+                if isinstance(gs, int) and not isinstance(gs, bool):
+                    if counter(gs) is None:
+                        problems.append(f"trainer_state.json global_step {show_int(gs)} is not a count "
+                                        f"in 0..2**63-1")
+                    elif step is not None and gs != step:
+                        problems.append(f"trainer_state.json global_step {gs} != {step} in the dir name")
+                ep = state.get("epoch")
+                if isinstance(ep, (int, float)) and not isinstance(ep, bool) and math.isfinite(ep):
+                    epoch = counter(int(ep))
                 metrics = _hf_metrics(state)
-            except (ValueError, UnicodeDecodeError) as e:
-                problems.append(f"trainer_state.json: not valid JSON ({e})")
+            except Invalid as e:
+                problems.append(str(e))
+            except ValueError as e:
+                problems.append(f"trainer_state.json: {e}")
             finally:
                 os.close(fd)
-        for rel in _walk_files(dfd):
+        for rel, lst in walk(dfd):
             base = rel.rsplit("/", 1)[-1]
+            if stat.S_ISDIR(lst.st_mode):
+                continue
+            if stat.S_ISLNK(lst.st_mode):
+                raise Invalid(f"{rel}: a symlink (never followed)")
             if base.startswith(".tmp") or base.startswith("tmp"):
                 problems.append(f"stray temp file {rel} (a save was killed before its rename)")
                 continue
             if not base.endswith(WEIGHT_SUFFIXES):
                 continue
-            fd, st = open_regular(dfd, rel)
+            fd, st = open_file(dfd, rel)
             try:
                 if base.endswith(".safetensors"):
                     check_safetensors_fd(fd, st.st_size)
@@ -84,7 +106,10 @@ def check_hf(path: str) -> Verdict:
     finally:
         os.close(dfd)
     if problems:
-        return Verdict("hf", False, "; ".join(problems), step, epoch, metrics=metrics)
+        why = "; ".join(problems[:_MAX_PROBLEMS])
+        if len(problems) > _MAX_PROBLEMS:
+            why += f"; and {len(problems) - _MAX_PROBLEMS} more"
+        return Verdict("hf", False, why, step, epoch, metrics=metrics)
     return Verdict("hf", True, None, step, epoch, metrics=metrics)
 
 
@@ -98,46 +123,23 @@ def _hf_metrics(state: dict) -> dict:
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
     if isinstance(state.get("best_metric"), (int, float)):
         out.setdefault("best_metric", state["best_metric"])
-    return out
-
-
-def _walk_files(dfd: int, prefix: str = "") -> list[str]:
-    out = []
-    with os.scandir(dfd) as it:
-        entries = list(it)
-    for e in entries:
-        rel = f"{prefix}{e.name}"
-        if e.is_symlink():
-            raise Invalid(f"{rel}: a symlink (never followed)")
-        if e.is_dir(follow_symlinks=False):
-            sub = os.open(e.name, NOFOLLOW_DIR, dir_fd=dfd)
-            try:
-                out.extend(_walk_files(sub, rel + "/"))
-            finally:
-                os.close(sub)
-        else:
-            out.append(rel)
-    return out
+    return bounded_metrics(out)
 
 
 check = check_hf
 
 
-def protected_steps(infos: Sequence[Any]) -> set[int]:
-    """Steps of the checkpoint HF's newest trainer_state.json names as best (read-only)."""
+def protected_steps(root_fd: int, infos: Sequence[Any]) -> set[int]:
+    """Steps of the checkpoint HF's newest trainer_state.json names as best (read-only,
+    through the job's held dir: a FIFO there is a refusal, never a wait)."""
     newest = next((i for i in reversed(infos) if i.format == NAME and i.valid), None)
     if newest is None:
         return set()
     try:
-        fd = os.open(Path(newest.path) / COMMIT_MARKER, NOFOLLOW_FILE)
-    except OSError:
+        state = _parse_state(read_capped(root_fd, f"{newest.name}/{COMMIT_MARKER}", "trainer_state"))
+    except (Invalid, OSError, ValueError):
         return set()
-    try:
-        state = json.loads(os.read(fd, _MAX_STATE))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return set()
-    finally:
-        os.close(fd)
-    best = state.get("best_model_checkpoint") if isinstance(state, dict) else None
-    m = DIR_RE.fullmatch(os.path.basename(str(best).rstrip("/"))) if isinstance(best, str) else None
-    return {int(m.group(1))} if m else set()
+    best = state.get("best_model_checkpoint")
+    m = DIR_RE.fullmatch(os.path.basename(best.rstrip("/"))) if isinstance(best, str) else None
+    s = counter(m.group(1)) if m else None
+    return {s} if s is not None else set()

@@ -29,7 +29,8 @@ import zipfile
 from dataclasses import replace
 from typing import Any
 
-from .common import Invalid, Verdict
+from ..naming import counter
+from .common import LIMITS, Invalid, Verdict
 from .group import FILE, Group, Listing, Looking, Opened, join, read_small
 from .readers.hdf5 import check_hdf5, check_hdf5_fd
 from .readers.zip import check_torch_fd
@@ -104,10 +105,13 @@ def _check_keras_zip(fd: int, size: int) -> None:
         for member in ("metadata.json", "config.json"):
             if member not in names:
                 raise Invalid(f"keras: missing {member} in the archive")
+            if zf.getinfo(member).file_size > LIMITS["keras_member"]:
+                raise Invalid(f"keras: {member} is {zf.getinfo(member).file_size} bytes, more than "
+                              f"{LIMITS['keras_member']}")
             try:
                 json.loads(zf.read(member))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Invalid(f"keras: {member} is not valid JSON ({e})") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise Invalid(f"keras: {member} is not valid JSON ({str(e)[:200]})") from None
         if "model.weights.h5" in names:
             info = zf.getinfo("model.weights.h5")
             if info.compress_type == zipfile.ZIP_STORED:
@@ -134,17 +138,17 @@ def _check_backup(root_fd: int, g: Group) -> Verdict:
     try:
         if meta not in g.members:
             raise Invalid("missing (commit marker: BackupAndRestore writes it after the weights)")
-        m = json.loads(read_small(root_fd, meta) or b"null")
-        if not isinstance(m, dict) or not isinstance(m.get("epoch"), int):
-            problems.append(f"{BACKUP_META}: no integer epoch")
+        m = json.loads(read_small(root_fd, meta, "keras_meta") or b"null")
+        if not isinstance(m, dict) or counter(m.get("epoch")) is None:
+            problems.append(f"{BACKUP_META}: no epoch in 0..2**63-1")
         else:
             step = epoch = m["epoch"]
             if isinstance(m.get("step"), int) and not isinstance(m["step"], bool) and m["step"] >= 0:
                 step = m["step"]
     except Invalid as e:
         problems.append(f"{BACKUP_META}: {e}")
-    except (ValueError, UnicodeDecodeError) as e:
-        problems.append(f"{BACKUP_META}: not valid JSON ({e})")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        problems.append(f"{BACKUP_META}: not valid JSON ({str(e)[:200]})")
     weights = join(d, BACKUP_WEIGHTS)
     if weights not in g.members:
         problems.append(f"missing {BACKUP_WEIGHTS}")
@@ -179,7 +183,7 @@ def _steps_per_epoch(tree: Any, g: Group, v: Verdict) -> int | None:
     if not v.valid or not v.epoch or v.step is None or v.step == v.epoch:
         return None
     try:
-        m = json.loads(read_small(tree.root_fd, join(g.dir, BACKUP_META)))
+        m = json.loads(read_small(tree.root_fd, join(g.dir, BACKUP_META), "keras_meta"))
     except (Invalid, OSError, ValueError, UnicodeDecodeError):
         return None
     batch = m.get("batch", 0) if isinstance(m, dict) else None

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import NOFOLLOW_DIR, Invalid, Verdict
+from .common import LIMITS, Invalid, Verdict
 from .group import FILE, LINK, Group, Listing, Looking, Opened, join
 from .readers.pickle_values import NotPlain, plain_values
 from .readers.zip import check_torch_fd
@@ -44,8 +44,7 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 _STEP_RE = re.compile(r"(?:^|-)step=(\d+)")
 _LAST_RE = re.compile(r"^last(-v\d+)?\.ckpt$")
 _NAMED_RE = re.compile(r"(^|-)(epoch|step)=\d+|^hpc_ckpt_\d+\.ckpt$")
-_MAX_DATA_PKL = 64 << 20
-_MAX_STATE_PKL = 16 << 20      # data.pkl walked for ModelCheckpoint's state (tensors live elsewhere)
+_MAX_DATA_PKL = LIMITS["lightning_state"]   # data.pkl holds structure; tensors are apart
 _PINNED = ("best_model_path", "last_model_path")
 # `key=number`, bounded by `-`, the `-vN` clash suffix or the end; a leading `-` after `=`
 # is a negative value (`val_loss=-0.12`), not a separator.
@@ -189,27 +188,27 @@ _CACHE_MAX = 64
 _NOTHING: _Tracked = (frozenset(), frozenset())
 
 
-def protected_steps(infos: Sequence[Any]) -> set[Any]:
+def protected_steps(root_fd: int, infos: Sequence[Any]) -> set[Any]:
     """The entries (absolute paths) the newest valid `.ckpt`'s ModelCheckpoint state names
     as `best_model_path` or `last_model_path`: never deleted, not even for a quota
     (`trainer.validate(ckpt_path="best")` and a resume from "last" load them)."""
-    return _entries(infos, _tracked(infos)[0])
+    return _entries(infos, _tracked(root_fd, infos)[0])
 
 
-def kept_by_framework(infos: Sequence[Any]) -> set[Any]:
+def kept_by_framework(root_fd: int, infos: Sequence[Any]) -> set[Any]:
     """The rest of ModelCheckpoint's best k (`best_k_models`): kept by rotation however
     tight keep_last is, given up under quota pressure before keep_last (Lightning's own
     rotation tolerates a file of its best k that is gone)."""
-    pins, best_k = _tracked(infos)
+    pins, best_k = _tracked(root_fd, infos)
     return _entries(infos, best_k - pins)
 
 
-def _tracked(infos: Sequence[Any]) -> _Tracked:
+def _tracked(root_fd: int, infos: Sequence[Any]) -> _Tracked:
     mine = [i for i in infos if i.format == NAME and i.valid and not getattr(i, "in_progress", False)
             and getattr(i, "alias_kind", None) != "link" and getattr(i, "link_to", None) is None]
     if not mine:
         return _NOTHING
-    return _tracked_paths(max(mine, key=lambda i: (i.step if i.step is not None else -1, i.mtime)))
+    return _tracked_paths(root_fd, max(mine, key=lambda i: (i.step if i.step is not None else -1, i.mtime)))
 
 
 def _entries(infos: Sequence[Any], tracked: frozenset[str]) -> set[Any]:
@@ -221,27 +220,20 @@ def _entries(infos: Sequence[Any], tracked: frozenset[str]) -> set[Any]:
             if i.format == NAME and (str(i.path) in tracked or any(t.endswith("/" + i.name) for t in tracked))}
 
 
-def _tracked_paths(info: Any) -> _Tracked:
+def _tracked_paths(root_fd: int, info: Any) -> _Tracked:
     name = str(info.name)
     path = str(info.path)
-    if not path.endswith(name):
-        return _NOTHING
     try:
-        root_fd = os.open(path[: len(path) - len(name)] or "/", NOFOLLOW_DIR)
-    except OSError:
-        return _NOTHING
-    try:
+        # through the job's held dir (jobfile: never a FIFO, never out of the dir)
         with Opened(root_fd, name) as (fd, st):
             key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             hit = _tracked_cache.get(key)
             if hit is not None:
                 return hit
-            data = _data_pkl(fd, _MAX_STATE_PKL)
+            data = _data_pkl(fd, _MAX_DATA_PKL)
         found = model_checkpoint_paths(plain_values(data)) if data is not None else _NOTHING
     except (Invalid, OSError, NotPlain, zipfile.BadZipFile, ValueError, EOFError):
         return _NOTHING
-    finally:
-        os.close(root_fd)
     if len(_tracked_cache) >= _CACHE_MAX:
         _tracked_cache.pop(next(iter(_tracked_cache)))
     _tracked_cache[key] = found

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..range_reader import ShortRead, checksum_ranges
-from .common import Invalid, Verdict
+from .common import LIMITS, Invalid, Verdict
 from .group import DIR, FILE, Group, Listing, Looking, Opened, join, read_small
 from .tf_state import STATE_FILE, forget_in_tf_state, forget_missing
 
@@ -35,7 +35,7 @@ _FOOTER = 48
 _MASK_DELTA = 0xA282EAD8
 _CHUNK = 8 << 20
 _DT_STRING, _DT_VARIANT = 7, 21
-_MAX_INDEX = 256 << 20
+_MAX_INDEX = LIMITS["tf_index"]      # read whole: the daemon's memory, bounded
 
 
 # ---------------------------------------------------------------- recognising
@@ -51,7 +51,7 @@ def state_paths(root_fd: int, d: str, listing: Listing) -> list[str] | None:
     if listing.get(STATE_FILE) != FILE:
         return None
     try:
-        text = read_small(root_fd, join(d, STATE_FILE)).decode("utf-8", "replace")
+        text = read_small(root_fd, join(d, STATE_FILE), "tf_state").decode("utf-8", "replace")
     except Invalid:
         return []
     out = []

@@ -12,12 +12,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import stat
 from collections.abc import Iterable
 from typing import Any
 
+from ..jobfile import Invalid, create_exclusive, read_capped
+
 STATE_FILE = "checkpoint"        # TF's state file: which prefixes are committed, newest last
-_MAX_STATE = 16 << 20
 _RENAME_EXCHANGE = 2
 _MAX_ROUNDS = 20      # TF saving faster than a rewrite every round: its next save lists what it has
 
@@ -63,22 +63,27 @@ def tf_state_without(text: str, removed: Iterable[str]) -> str | None:
     return "\n".join(out) + "\n"
 
 
+class NotAStateFile(Exception):
+    """The state file is not a regular file of a sane size (a planted FIFO): left alone."""
+
+
 def _read_state(dir_fd: int, name: str) -> str | None:
+    # Never a wait: found, a FIFO named `checkpoint` blocked the rotation pass here.
     try:
-        # O_NONBLOCK: a FIFO planted under the name must not hold a daemon worker forever
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None                 # not TF's file: nothing to keep true in it
-        return os.read(fd, _MAX_STATE).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
+        return read_capped(dir_fd, name, "tf_state").decode("utf-8", "replace")
+    except Invalid as e:
+        if str(e).startswith("missing "):
+            return None
+        raise NotAStateFile(str(e)) from None
 
 
 def _write_synced(dir_fd: int, name: str, text: str) -> None:
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    # Created, never opened: a FIFO planted under the temp name would block a write.
+    try:
+        fd = create_exclusive(dir_fd, name)
+    except FileExistsError:
+        os.unlink(name, dir_fd=dir_fd)      # ours from a killed run, or planted: either way not read
+        fd = create_exclusive(dir_fd, name)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -118,6 +123,15 @@ def forget_in_tf_state(dir_fd: int, removed: Iterable[str]) -> bool:
     meanwhile: that text is rewritten in its turn. Without RENAME_EXCHANGE the file is read
     again just before the rename (a window of microseconds instead of an fsync)."""
     gone = list(removed)
+    try:
+        return _forget(dir_fd, gone)
+    except NotAStateFile:
+        # A FIFO, a socket, a 2 GB file named `checkpoint`: not TF's state file, so nothing
+        # to keep true; never a wait, never a reason to keep the entry.
+        return False
+
+
+def _forget(dir_fd: int, gone: list[str]) -> bool:
     base = _read_state(dir_fd, STATE_FILE)
     if base is None:
         return False
@@ -171,7 +185,10 @@ def forget_missing(dir_fd: int) -> list[str]:
     then listed again by CheckpointManager's next save). Only names relative to the dir
     (what CheckpointManager writes): an absolute path may name a checkpoint elsewhere.
     Returns the names dropped."""
-    text = _read_state(dir_fd, STATE_FILE)
+    try:
+        text = _read_state(dir_fd, STATE_FILE)
+    except NotAStateFile:
+        return []       # a FIFO or a huge file under the name: not TF's, nothing to repair
     if text is None:
         return []
     gone = []

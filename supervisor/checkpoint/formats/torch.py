@@ -6,12 +6,11 @@ storages, and torch has written zips since 2020."""
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 
+from ..jobfile import open_entry_file
 from ..naming import TORCH_ALIAS, TORCH_NUMBERED, TORCH_SEPARATED, step_of
-from .common import NOFOLLOW_FILE, Invalid, Verdict
+from .common import Invalid, Verdict
 from .readers.zip import check_torch_fd
 
 NAME = "torch"
@@ -25,15 +24,10 @@ def claims(name: str, is_dir: bool) -> bool:
 def check_torch(path: str) -> Verdict:
     step = step_of(os.path.basename(path))
     try:
-        fd = os.open(path, NOFOLLOW_FILE | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return Verdict("torch", False, "symlink", step)
-        raise
+        fd, st = open_entry_file(path)
+    except Invalid as e:
+        return Verdict("torch", False, str(e), step)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return Verdict("torch", False, "not a regular file", step)
         check_torch_fd(fd, st.st_size)
     except Invalid as e:
         return Verdict("torch", False, str(e), step)

@@ -9,7 +9,7 @@ import os
 
 from ..format import MANIFEST, ManifestError, hash_fd, parse_manifest
 from ..naming import TRAINSUP_DIR, step_of
-from .common import Invalid, Verdict, open_entry_dir, open_regular, pread_exact
+from .common import Invalid, Verdict, entry_dir, open_file, read_capped
 
 NAME = "trainsup"
 KIND = "entry"                       # one directory entry of the checkpoint dir
@@ -24,16 +24,12 @@ def claims(name: str, is_dir: bool) -> bool:
 def check_trainsup(path: str) -> Verdict:
     name = os.path.basename(path)
     step = step_of(name)
-    dfd = open_entry_dir(path, "trainsup", step)
+    dfd = entry_dir(path, "trainsup", step)
     if isinstance(dfd, Verdict):
         return dfd
     try:
         try:
-            mfd, mst = open_regular(dfd, MANIFEST)
-            try:
-                m = parse_manifest(pread_exact(mfd, mst.st_size, 0))
-            finally:
-                os.close(mfd)
+            m = parse_manifest(read_capped(dfd, MANIFEST, "manifest"))
         except Invalid as e:
             msg = "no MANIFEST.json (not committed)" if str(e) == f"missing {MANIFEST}" else str(e)
             return Verdict("trainsup", False, msg, step)
@@ -59,25 +55,30 @@ def check_trainsup(path: str) -> Verdict:
 
 
 def _check_trainsup_files(dfd: int, files: dict) -> None:
-    # Sizes first: a truncated file is caught without hashing gigabytes.
-    opened: list[tuple[str, int, dict]] = []
-    try:
-        for rel in sorted(files):
-            entry = files[rel]
-            if "\0" in rel or rel.startswith("/") or ".." in rel.split("/"):
-                # A hostile manifest: never a path outside the entry, never an exception.
-                what = "a NUL byte in the name" if "\0" in rel else "not a file name inside the checkpoint"
-                raise Invalid(f"{rel!r}: {what}")
-            fd, st = open_regular(dfd, rel)
-            opened.append((rel, fd, entry))
-            if st.st_size != entry["size"]:
-                raise Invalid(f"{rel}: size {st.st_size} != manifest {entry['size']} (truncated or rewritten)")
-        for rel, fd, entry in opened:
+    # Sizes first: a truncated file is caught without hashing gigabytes. One file open at
+    # a time (a manifest may list 50,000): each is opened again to be hashed, and must
+    # still be the file whose size was checked.
+    seen: list[tuple[str, tuple[int, int], dict]] = []
+    for rel in sorted(files):
+        entry = files[rel]
+        if "\0" in rel or rel.startswith("/") or ".." in rel.split("/"):
+            # A hostile manifest: never a path outside the entry, never an exception.
+            what = "a NUL byte in the name" if "\0" in rel else "not a file name inside the checkpoint"
+            raise Invalid(f"{rel!r}: {what}")
+        fd, st = open_file(dfd, rel)
+        os.close(fd)
+        if st.st_size != entry["size"]:
+            raise Invalid(f"{rel}: size {st.st_size} != manifest {entry['size']} (truncated or rewritten)")
+        seen.append((rel, (st.st_ino, st.st_size), entry))
+    for rel, ident, entry in seen:
+        fd, st = open_file(dfd, rel)
+        try:
+            if (st.st_ino, st.st_size) != ident:
+                raise Invalid(f"{rel}: replaced while checking")
             algo = "xxh3_128" if isinstance(entry.get("xxh3_128"), str) else "sha256"
             if hash_fd(fd, algo) != entry[algo].lower():
                 raise Invalid(f"{rel}: {algo} mismatch (content corrupt or changed after commit)")
-    finally:
-        for _, fd, _ in opened:
+        finally:
             os.close(fd)
 
 

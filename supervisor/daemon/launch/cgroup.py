@@ -96,6 +96,7 @@ class Mounts:
 def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> Mounts:
     v2: tuple[str, str] | None = None
     v1: dict[str, tuple[str, str]] = {}
+    # not a job path: /proc
     with open(mountinfo) as f:
         for line in f:
             left, _, right = line.partition(" - ")
@@ -115,6 +116,7 @@ def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> Mounts:
 def read_own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
     """controller -> path; the v2 path under the key "" ."""
     out: dict[str, str] = {}
+    # not a job path: /proc
     with open(proc_cgroup) as f:
         for line in f.read().splitlines():
             parts = line.split(":", 2)
@@ -138,6 +140,7 @@ def join_mount(root: str, mount_point: str, cg_path: str) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
+    # not a job path: cgroupfs
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, text.encode())
@@ -147,6 +150,7 @@ def _write(path: Path, text: str) -> None:
 
 def _read(path: Path) -> str | None:
     try:
+        # not a job path: cgroupfs
         with open(path) as f:
             return f.read()
     except OSError:
@@ -492,6 +496,7 @@ class Containment:
             return []
         out = []
         try:
+            # not a job path: cgroupfs
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError:
             return []
@@ -546,6 +551,7 @@ class Containment:
 
 def _subdirs(path: Path) -> list[Path]:
     try:
+        # not a job path: cgroupfs
         return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return []

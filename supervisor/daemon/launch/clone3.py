@@ -87,6 +87,7 @@ def spawn(argv: Sequence[str] | Sequence[bytes], env: Mapping[str, str], cwd: st
     if execs is None:
         execs = exec_candidates(os.fsdecode(argv[0]), env)
     c_env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    # not a job path: /dev/null
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if stdin_fd is None else -1
     try:
         pid, pidfd, stage, code = _spawn.spawn(

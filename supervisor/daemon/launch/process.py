@@ -95,6 +95,7 @@ def catches_signal(pid: int, signum: int) -> bool:
     SIGUSR1's default action kills: DataLoader workers and launchers that do not handle
     it must never receive it."""
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"SigCgt:"):
@@ -340,6 +341,7 @@ def _own_children() -> list[int]:
 
 def _is_zombie(pid: int) -> bool:
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/stat", "rb") as f:
             # The state follows the last ')' (the command name may contain one).
             return f.read().rpartition(b")")[2].split()[0] == b"Z"
@@ -373,6 +375,7 @@ def orphans_of_job(job_name: str, leaders: Iterable[int]) -> list[psutil.Process
         if pid in keep:
             continue
         try:
+            # not a job path: /proc
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if marker not in b"\0" + f.read():
                     continue
@@ -567,6 +570,7 @@ def _clone_into(job: JobSpec, argv: list[str] | list[bytes], env: Mapping[str, s
                 containment: Containment, cgroup: JobCgroup,
                 execs: list[bytes] | None = None) -> tuple[clone3.Leader, int]:
     drop = _privilege_drop(job) if execs is None else {}
+    # not a job path: cgroupfs
     cg_fd = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with containment.entered_memory(cgroup):
@@ -623,8 +627,10 @@ def discard_heartbeat_dir(d: Path, run_dir: Path = RUN_DIR) -> None:
     if d.parent != run_dir:
         return
     try:
+        # not a job path: the daemon's /run heartbeat dir
         for e in os.scandir(d):
             if e.is_dir(follow_symlinks=False):
+                # not a job path: the daemon's /run heartbeat dir (rmtree is fd-based)
                 shutil.rmtree(e.path)        # fd-based: a link a job planted is never followed
             elif e.is_file(follow_symlinks=False) or e.is_symlink():
                 os.unlink(e.path)
@@ -642,6 +648,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
+        # not a job path: the daemon's heartbeat file (O_NOFOLLOW|O_NONBLOCK, checked regular)
         fd = os.open(path, flags, 0o644)
         st = os.fstat(fd)
         if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
@@ -651,6 +658,7 @@ def prepare_heartbeat(path: Path, owner: tuple[int, int] | None) -> None:
         if e.errno != errno.ELOOP:
             raise
         os.unlink(path)                      # a symlink: never followed, replaced
+        # not a job path: the daemon's heartbeat file (O_EXCL)
         fd = os.open(path, flags | os.O_EXCL, 0o644)
         st = os.fstat(fd)
     try:

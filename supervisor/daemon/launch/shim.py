@@ -134,6 +134,7 @@ class ExitStatus:
 def read_status(path: Path) -> ExitStatus | None:
     """The exit status a shim left at `path`, or None (none yet, or not one of ours)."""
     try:
+        # not a job path: the shim's exit status file (state dir; O_NOFOLLOW|O_NONBLOCK)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
@@ -197,6 +198,7 @@ class ShimLeader:
 
 def cmdline(pid: int) -> list[bytes]:
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read(4096).split(b"\0")
     except OSError:
@@ -206,6 +208,7 @@ def cmdline(pid: int) -> list[bytes]:
 def stat_fields(pid: int) -> list[bytes]:
     """/proc/PID/stat after the command name (field 3 first), [] when gone."""
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rpartition(b")")[2].split()
     except OSError:
@@ -230,6 +233,7 @@ _BOOT: list[float] = []
 
 def _boot_time() -> float:
     if not _BOOT:
+        # not a job path: /proc
         with open("/proc/stat", "rb") as f:
             for line in f:
                 if line.startswith(b"btime "):
@@ -279,6 +283,7 @@ def scan_shims(tree: str) -> dict[str, int]:
     prefix = (tree + "/").encode()
     me = os.geteuid()
     out: dict[str, int] = {}
+    # not a job path: /proc
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -314,6 +319,7 @@ def environ_of(pid: int, keys: Iterable[str]) -> Mapping[str, str]:
     want = {k.encode() for k in keys}
     out: dict[str, str] = {}
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/environ", "rb") as f:
             for item in f.read(1 << 20).split(b"\0"):
                 k, _, v = item.partition(b"=")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 
+from ...checkpoint.jobfile import open_entry_dir
+from ...checkpoint.walk import listdir
+
+_MAX_NAMES = 4096
 
 def hang_decision(now_mono: float, last_progress_mono: float, timeout: float | None) -> bool:
     """True when no progress was seen for `timeout` seconds (None: hang detection off)."""
@@ -37,14 +41,18 @@ def progress_mtime(heartbeat_file: str | os.PathLike[str] | None,
         times.append(_mtime(heartbeat_file))
     if ckpt_dir is not None:
         try:
-            with os.scandir(ckpt_dir) as it:
-                for entry in it:
-                    try:
-                        times.append(entry.stat(follow_symlinks=False).st_mtime)
-                    except OSError:
-                        continue     # deleted by rotation between scandir and stat
+            fd = open_entry_dir(os.fspath(ckpt_dir))      # never through a symlink
         except OSError:
-            pass
+            fd = -1
+        if fd >= 0:
+            try:
+                # lstat of at most _MAX_NAMES names: a job's dir of 100,000 names cannot make
+                # each progress check list all of them
+                times += [st.st_mtime for _, st in listdir(fd, _MAX_NAMES)[0] if st is not None]
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
     known = [t for t in times if t is not None]
     return max(known) if known else None
 
@@ -71,6 +79,7 @@ def is_stopped(pid: int) -> bool:
     say so rather than restart it as a hang.
     """
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:

@@ -123,6 +123,7 @@ class CgroupSampler:
 
 def read_mem_available(path: str = "/proc/meminfo") -> int:
     """System MemAvailable in bytes."""
+    # not a job path: /proc/meminfo
     with open(path) as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -144,6 +145,7 @@ _join = join_mount
 def memory_cgroup_dir(pid: int) -> tuple[Path | None, int | None]:
     """(cgroup folder that accounts pid's memory, cgroup version 1|2), or (None, None)."""
     try:
+        # not a job path: /proc
         with open(f"/proc/{pid}/cgroup") as f:
             lines = f.read().splitlines()
         v1, v2 = _cgroup_mounts()

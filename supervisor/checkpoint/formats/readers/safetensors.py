@@ -8,14 +8,14 @@ import json
 import math
 import struct
 
-from ..common import Invalid, pread_exact
+from ..common import LIMITS, Invalid, pread_exact
 
 _ST_DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
     "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64,
 }
-_ST_MAX_HEADER = 100 << 20
+_ST_MAX_HEADER = LIMITS["safetensors_header"]   # read whole: the daemon's memory, bounded
 
 
 def check_safetensors_fd(fd: int, size: int) -> None:

@@ -9,6 +9,7 @@ import struct
 import zipfile
 import zlib
 
+from ... import budget
 from ...range_reader import ShortRead, Stream
 from ..common import Invalid, pread_exact
 
@@ -18,6 +19,8 @@ except ImportError:
     _crc32 = zlib.crc32
 
 _CHUNK = 8 << 20
+# Deflate cannot expand past about 1032:1; a member claiming more is a bomb, refused unread.
+_MAX_RATIO = 1100
 
 
 _EOCD = b"PK\x05\x06"
@@ -46,13 +49,13 @@ def check_torch_fd(fd: int, size: int) -> None:
         raise Invalid(
             f"zip: EOCD at {size - tail_len + idx} + comment {clen} does not end at file size {size}"
         )
-    f = os.fdopen(fd, "rb", closefd=False)
     try:
-        zf = zipfile.ZipFile(f)
+        zf = zipfile.ZipFile(os.fdopen(fd, "rb", closefd=False))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, struct.error) as e:
         raise Invalid(f"zip: {e}") from None
     with zf:
         infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+        refuse_overlaps(infos, zf.start_dir)
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:
                 _check_compressed(fd, zf, info)
@@ -92,14 +95,37 @@ def _member_start(info: zipfile.ZipInfo, hdr: bytes, raw_name: bytes) -> int:
     return info.header_offset + 30 + nlen + xlen
 
 
+def refuse_overlaps(infos: list[zipfile.ZipInfo], start_dir: int) -> None:
+    """Members sorted by offset must each end before the next begins, and names be
+    unique: found, a 226 KB zip of 2000 central entries all pointing at one 100 MiB member
+    of zeros kept a worker inflating for minutes. Refused before a byte is inflated."""
+    names: set[str] = set()
+    for k, info in enumerate(infos):
+        if info.filename in names:
+            raise Invalid(f"zip: member {info.filename} appears twice")
+        names.add(info.filename)
+        end = info.header_offset + 30 + len(info.orig_filename.encode("utf-8", "surrogateescape")) \
+            + info.compress_size
+        nxt = infos[k + 1].header_offset if k + 1 < len(infos) else start_dir
+        if end > nxt:
+            raise Invalid(f"zip: member {info.filename} overlaps the one after it")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_RATIO * info.compress_size + 65536:
+            raise Invalid(f"zip: member {info.filename} claims {info.file_size} bytes from "
+                          f"{info.compress_size} compressed (a bomb)")
+
+
 def _check_compressed(fd: int, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
     hdr = os.pread(fd, 30, info.header_offset)
     nlen = struct.unpack_from("<H", hdr, 26)[0] if len(hdr) == 30 else 0
     _member_start(info, hdr, os.pread(fd, nlen, info.header_offset + 30))
-    # torch stores everything; anything compressed goes through zipfile's own CRC check.
+    # torch stores everything; anything compressed goes through zipfile's own CRC check,
+    # which reads no more than the member's declared size (refuse_overlaps bounds it).
     try:
         with zf.open(info) as m:
-            while m.read(_CHUNK):
-                pass
+            while True:
+                chunk = m.read(_CHUNK)
+                if not chunk:
+                    break
+                budget.tick()       # yields and cancels; the compressed bytes are what was read
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise Invalid(f"zip: member {info.filename}: {e}") from None

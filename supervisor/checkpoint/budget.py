@@ -1,0 +1,105 @@
+"""What one verdict may cost, and where long work yields its worker and can be cancelled.
+
+Every job's checks share the daemon's few worker threads. A verdict's reads are bounded
+by the bytes its files really hold: each file a check opens (jobfile.open_file) adds twice
+its *allocated* bytes (a reader may pass over a file twice: a zip's CRCs, then its
+pickle) plus a small slack to the verdict's budget, and every read is counted. A 4 TiB
+sparse file holds no blocks, so its budget is the slack: hashing its zeros stops at once
+(found: two manifests listing one kept both pool threads hashing zeros for hours).
+
+Long loops call `tick(nbytes)` (every streamed chunk, every 256 names of a walk): the
+points where long work can yield or be cancelled. `paced(fn)` runs a block with `fn`
+called at every tick (it may wait for a turn, or raise Cancelled); the daemon's pool does
+not install one yet, so today a tick counts bytes and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+# Bytes a verdict may read past twice the allocated bytes of the files it opened: headers
+# read again, and the tail of a hole (a sparse file's zeros) before the budget stops it.
+SLACK = 16 << 20
+
+
+class Cancelled(Exception):
+    """The work was cancelled (the daemon stops, or the job went away): no verdict."""
+
+
+class OverBudget(Exception):
+    """A verdict read more than its files hold (a sparse file's holes, a bomb)."""
+
+
+class Budget:
+    """One verdict's read budget, grown as the check opens files."""
+
+    def __init__(self) -> None:
+        self.limit = SLACK
+        self.used = 0
+        self.files: set[tuple[int, int]] = set()
+        self.holes: list[tuple[str, int, int]] = []     # (name, size, allocated) of sparse files
+
+    def allow(self, key: tuple[int, int], allocated: int, name: str = "", size: int = 0) -> None:
+        if key in self.files:
+            return
+        self.files.add(key)
+        self.limit += 2 * allocated
+        if size > allocated + SLACK:
+            self.holes.append((name, size, allocated))
+
+    def spend(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            if self.holes:
+                name, size, allocated = self.holes[0]
+                raise OverBudget(f"{name}: a sparse file ({size} bytes, {allocated} allocated): "
+                                 f"its holes are not read (unsupported)")
+            raise OverBudget(f"read {self.used} bytes, more than its files hold "
+                             f"({self.limit} allowed; unsupported)")
+
+
+class _Local(threading.local):
+    budget: Budget | None = None
+    pace: Callable[[], None] | None = None      # set by the worker running this thread's task
+
+
+_local = _Local()
+
+
+@contextmanager
+def verdict_budget() -> Iterator[Budget]:
+    """The budget of one verdict (nested verdicts each get their own)."""
+    outer = _local.budget
+    b = _local.budget = Budget()
+    try:
+        yield b
+    finally:
+        _local.budget = outer
+
+
+def current() -> Budget | None:
+    return _local.budget
+
+
+def tick(nbytes: int = 0) -> None:
+    """Count `nbytes` read for the current verdict; maybe yield the worker; raise Cancelled
+    when the work was cancelled."""
+    b = _local.budget
+    if b is not None and nbytes:
+        b.spend(nbytes)
+    pace = _local.pace
+    if pace is not None:
+        pace()
+
+
+@contextmanager
+def paced(pace: Callable[[], None]) -> Iterator[None]:
+    """Run the block with `pace` called at every tick (the fair worker's yield point)."""
+    outer = _local.pace
+    _local.pace = pace
+    try:
+        yield
+    finally:
+        _local.pace = outer
