@@ -133,7 +133,7 @@ class JobCheckpointDir:
         if self.handle is None or self.flag:
             return []
         # What was there before the job's first launch is never the job's to move either.
-        before = inventory.preexisting(infos, self.inventory, self.pattern)
+        before = self._preexisting(infos)
         todo = [i for i in aside.interrupted(infos, pinned) if i.name not in before]
         try:
             return aside.move_aside(self.handle, todo) if todo else []
@@ -240,8 +240,17 @@ class JobCheckpointDir:
             undeletable.update({i.name: why for i in infos})
         return plan_rotation(
             infos, self.spec, pinned=pinned, framework_kept=framework_kept, resumed_from=resumed_from, live=live,
-            preexisting=inventory.preexisting(infos, self.inventory, self.pattern),
+            preexisting=self._preexisting(infos),
             undeletable=undeletable, unuploaded=frozenset(unuploaded))
+
+    def _preexisting(self, infos: list[CheckpointInfo]) -> set[str]:
+        if self.inventory is None and self.state_dir is not None:
+            # Never launched (its inventory is written by the first launch): everything
+            # here predates the job. Found: a rotation pass that ran before the first
+            # launch deleted what the job found in its dir.
+            return {i.name for i in infos if not i.in_progress
+                    and not (self.pattern is not None and self.pattern.fullmatch(i.name))}
+        return inventory.preexisting(infos, self.inventory, self.pattern)
 
     def record(self, outcome: Outcome) -> tuple[str, dict]:
         """(event kind, fields) for history; a repeat failure of a streak is "" (not reported)."""

@@ -210,7 +210,11 @@ class Daemon:
         # A job an earlier daemon launched without a shim cannot be taken over: ended.
         await asyncio.gather(*(self._stale_orphans(j) for j in self.jobs.values()
                                if j.name not in taken and not j.persisted.get("shim")))
-        await asyncio.gather(*(j.ckpts.refresh() for j in self.jobs.values()))
+        # Every dir's first scan runs in the background: a launch waits for its own job's
+        # dir only (after a crash storm the daemon scanned thousands of checkpoints saved
+        # meanwhile, for minutes, before it launched any job at all).
+        for j in self.jobs.values():
+            self._spawn_task(j.ckpts.refresh(), f"first scan of job {j.name}'s checkpoints")
         for job in self.jobs.values():
             if job.name not in taken:
                 self._autostart(job)

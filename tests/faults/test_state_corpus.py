@@ -50,6 +50,10 @@ def test_damaged_state_db_starts_fresh_and_deletes_only_by_policy(daemon, kind):
     root = daemon.root
     ck = root / "corpus-ckpt"
     canaries = plant_canaries(ck, root / "outside")
+    # The job's first launch, long ago, found its dir empty: the inventory says so (a file
+    # apart from the state DB, so it outlives the DB's damage). The canaries came later.
+    from trainsup.checkpoint import inventory
+    inventory.record_first_launch(daemon.state, "corpus", None, ck)
     for step in (10, 20, 30, 40):
         write_checkpoint(ck, step, {"state.json": b'{"step": %d}' % step})
     # Newer than every valid one but broken: never resumed from, and not the newest valid.

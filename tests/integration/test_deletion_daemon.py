@@ -132,3 +132,30 @@ def test_checkpoint_named_files_there_before_first_launch_are_never_deleted(daem
     kept = {Path(c["path"]).name: c["kept"] for c in _ckpts(daemon, "pre")}
     assert kept["model_epoch_3.pt"] == "preexisting" and kept["step-00000001"] == "preexisting"
     assert (daemon.state / "checkpoint-inventory" / "pre.json").exists()
+
+
+def test_a_pass_before_the_first_launch_deletes_nothing_the_job_found(daemon):
+    """Found: with a fresh state dir, the rotation pass that follows the daemon's first scan
+    ran before the first launch had recorded the dir's inventory, and rotated away three of
+    four checkpoints the job had never written. A job that is not started (autostart: false)
+    makes that pass the only one: everything in its dir is `preexisting`, then and after
+    the first launch."""
+    from trainsup.checkpoint import write_checkpoint
+    ck = daemon.root / "found-ckpt"
+    for step in (10, 20, 30, 40):
+        write_checkpoint(ck, step, {"state.json": b'{"step": %d}' % step})
+    daemon.fakejob("found", "--catch-usr1", ckpt=False,
+                   extra=f"autostart: false\ncheckpoint:\n  dir: {ck}\n  keep_last: 1\n  keep_best: 0\n")
+    daemon.start()
+    kept = wait_for(lambda: (k := {Path(c["path"]).name: c["kept"] for c in _ckpts(daemon, "found")})
+                    and all(k.values()) and k, 20, "the first rotation pass's verdicts")
+    assert kept == {"step-00000010": "preexisting", "step-00000020": "preexisting",
+                    "step-00000030": "preexisting", "step-00000040": "newest"}, kept
+    daemon.request("start", "found")
+    daemon.wait_ready("found")
+    daemon.request("checkpoints", "found")      # a rescan and a pass with the inventory on file
+    kept = {Path(c["path"]).name: c["kept"] for c in _ckpts(daemon, "found")}
+    assert kept["step-00000010"] == "preexisting", kept
+    assert not [e for e in daemon.history("found") if e["kind"] in ("delete-intent", "deleted")]
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step-")) == [
+        "step-00000010", "step-00000020", "step-00000030", "step-00000040"]
