@@ -168,3 +168,37 @@ def test_a_second_machine_waits_for_the_lease_and_names_the_holder(machines, mot
     wait_for(lambda: c.status("l1")["state"] == "running", 40, "C to take the lease and run")
     taken = [e for e in events(c, "l1", "lease") if e["action"] == "taken"]
     assert taken and taken[-1]["generation"] >= 2
+
+
+def test_a_job_taken_over_after_a_crash_stops_when_another_machine_took_its_lease(machines, moto, bucket):
+    """Found: a daemon restarted after a crash took over its still-running job and let it
+    train on while another machine had taken the job's lease meanwhile (the lease expired
+    while no daemon renewed it): two trainers of one job. The job taken over stops, saying
+    who holds the lease; the other machine trains on."""
+    url = f"s3://{bucket}/{{job}}"
+    a, c = machines("a"), machines("c")
+    for d in (a, c):
+        job(d, "l2", url, moto.endpoint, mirror_extra="lease: true\nlease_ttl: 3s")
+    a.start(env=stores.S3_ENV)
+    pid = a.wait_state("l2", "running", timeout=30)["pid"]
+    a.kill()                    # the daemon dies; its job trains on under its shim
+    c.start(env=stores.S3_ENV)
+    wait_for(lambda: c.status("l2")["state"] == "running", 60, "C to take the expired lease and run")
+    assert any(e["action"] == "taken" and e.get("expired_holder") for e in events(c, "l2", "lease"))
+    a.start(env=stores.S3_ENV)  # A's daemon comes back and takes its running job over
+    lost = wait_for(lambda: [e for e in events(a, "l2", "lease") if e["action"] == "lost"], 30,
+                    "A to find its lease taken")
+    assert str(c.state) in lost[0]["holder"], lost
+    wait_for(lambda: a.status("l2")["state"] == "stopped", 60, "A's job stopped")
+    wait_for(lambda: not _alive(pid), 30, "A's job process gone")
+    assert any(e["kind"] == "adopted" for e in a.history("l2")), "A did not take its job over first"
+    st = c.status("l2")
+    assert st["state"] == "running" and st["mirror"]["lease"]["held"], st
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

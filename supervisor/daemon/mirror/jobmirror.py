@@ -362,14 +362,16 @@ class JobMirror(RowFields):
     def needs_prelaunch(self) -> bool:
         return (self.spec.lease and self.lease_gen is None) or not self.restore_checked
 
-    async def before_launch(self) -> str | None:
+    async def before_launch(self, adopting: bool = False) -> str | None:
         """Awaited before the job's index refresh and spawn. Returns the path restored into
         the checkpoint dir, or None. Cancelled with the launch (a stop meanwhile)."""
         if self._release_task is not None:
             self._release_task.cancel()
             self._release_task = None
         if self.spec.lease:
-            await self._acquire_lease()
+            await self._acquire_lease(adopting)
+            if self.lease_gen is None:
+                return None         # taken over while no daemon ran here: the job stops
         restored = None
         if not self.restore_checked and self.spec.restore == "auto":
             restored = await self._maybe_restore()
@@ -383,10 +385,13 @@ class JobMirror(RowFields):
         anything is committed."""
         self.restore_checked = True
         if self._adopt_task is None or self._adopt_task.done():
-            self._adopt_task = self.loop.create_task(self.before_launch())
+            self._adopt_task = self.loop.create_task(self.before_launch(adopting=True))
             self._adopt_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _acquire_lease(self) -> None:
+    async def _acquire_lease(self, adopting: bool = False) -> None:
+        """Until this machine holds the lease. adopting: the job is already running here (a
+        restarted daemon took it over): another machine's lease means that machine took the
+        job over while no daemon ran here, so it is lost, never waited for (two trainers)."""
         clock = policy.ExpiryClock()
         poll = max(0.5, min(5.0, self.spec.lease_ttl / 4))
         while self.lease_gen is None:
@@ -406,6 +411,11 @@ class JobMirror(RowFields):
                         self._schedule_renew()
                         return
                     continue        # another machine created it first: read again
+                if adopting:
+                    self.record("lease", action="lost", generation=d.generation, holder=d.holder, url=self.url)
+                    self.on_lease_lost(f"the lease on {self.url} is held by {d.holder}, "
+                                       "who took the job over while no daemon ran here")
+                    return
                 if d.holder != self.waiting_for:
                     self.waiting_for = d.holder
                     self.record("lease", action="waiting", holder=d.holder, generation=d.generation, url=self.url)
