@@ -142,6 +142,10 @@ class Store:
             # thread held for botocore's default minute per attempt.
             opts.setdefault("config_kwargs", {"retries": {"max_attempts": 2, "mode": "standard"},
                                               "connect_timeout": 10, "read_timeout": 30})
+        if protocol_of(self.url) == "file":
+            # Object stores have no directories; a local one must make them (found: every
+            # upload to file:// failed, "not found", for want of the object's parent dir).
+            opts.setdefault("auto_mkdir", True)
         try:
             # A fresh instance: fsspec caches filesystems by arguments, and one job's broken
             # session must not be shared with another's.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,3 +256,33 @@ def test_run_sigkilled_torchrun_agent_leaves_no_worker_and_the_job_restarts(runs
     assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE, "no worker outlives its job"
     launches = [e for e in r.history() if e["kind"] == "launch"]
     assert [e["reason"] for e in launches] == ["first", "crash"]
+
+
+def test_run_requeued_on_a_node_without_the_old_disk_resumes_from_the_store(runs, tmp_path):
+    """README: `trainsup run` uses the same mirror as the daemon. A Slurm job preempted on
+    one node uploads its emergency save before it exits 3; requeued onto a node without
+    that node's disk (checkpoint and state dirs gone), it restores that save from the store
+    before its first launch and resumes at its step. The store is file:// (fsspec's local
+    filesystem, the same code path as s3:// past the URL)."""
+    store = tmp_path / "store"
+    r = runs(flags="--catch-usr1 --every 0.3",
+             extra=f"  mirror:\n    url: file://{store}/{{job}}\n")
+    r.start()
+    r.started()
+    wait_for(lambda: any(e["kind"] == "upload" for e in r.history()), 30, "a first upload")
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.wait() == EXIT_PREEMPTED, r.output()
+    notice = [e for e in r.history() if e["kind"] == "notice" and e.get("outcome")][-1]
+    assert notice["outcome"] == "saved" and notice["store"]["uploaded"] is True, notice
+    saved_step = notice["step"]
+    # the requeue lands on another node: nothing of the old one's disk is there
+    shutil.rmtree(r.ckpt)
+    shutil.rmtree(r.state)
+    r.start()
+    second = r.started(2)
+    assert second["resume"] and second["resumed_step"] == saved_step and second["resume_ok"], second
+    assert second["resume"].startswith(str(r.ckpt)), second
+    (restored,) = [e for e in r.history() if e["kind"] == "restore"]
+    assert restored["step"] == saved_step, restored
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.wait() == EXIT_PREEMPTED, r.output()

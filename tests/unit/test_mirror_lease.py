@@ -144,3 +144,16 @@ def test_an_outage_is_never_read_as_expiry_and_an_expired_holder_is_fenced(tmp_p
             transfers.close()
 
     asyncio.run(scenario())
+
+
+def test_a_file_store_makes_the_dirs_an_object_store_does_not_have(tmp_path):
+    """Found through `trainsup run` with `url: file://...`: every upload failed, "not
+    found", because a local filesystem needs the object's parent dirs and an object store
+    has none. Small objects, streamed ones and the listing all work below a fresh root."""
+    store = Store(f"file://{tmp_path}/store/job")
+    store.write_bytes("commits/000001.json", b"{}")
+    with store.open_write("data/000001/step-1/part.bin", 1 << 20) as f:
+        f.write(b"x" * 10)
+    assert store.read_bytes("commits/000001.json", 10) == b"{}"
+    assert (tmp_path / "store/job/data/000001/step-1/part.bin").read_bytes() == b"x" * 10
+    assert [e.name for e in store.listdir("commits")] == ["000001.json"]
