@@ -221,3 +221,23 @@ def test_tf_state_tidy_ignores_a_fifo_planted_as_the_state_file(tmp_path):
         assert forget_missing(fd) == []
     finally:
         os.close(fd)
+
+
+def test_tf_state_file_written_after_a_restore_only_where_there_is_none(tmp_path):
+    """A TF dir restored on a fresh machine gets a state file naming the restored prefix
+    (what tf.train.latest_checkpoint reads: checked by hand with tensorflow 2.21, which
+    returned <dir>/ckpt-3); TF's own file, or anything under its name, is left alone."""
+    from trainsup.checkpoint.formats.tf_state import write_state_if_absent
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert write_state_if_absent(fd, "ckpt-3")
+        assert (tmp_path / "checkpoint").read_text() == (
+            'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+        (tmp_path / "checkpoint").write_text(STATE)
+        assert not write_state_if_absent(fd, "ckpt-9")
+        assert (tmp_path / "checkpoint").read_text() == STATE
+        assert not write_state_if_absent(fd, "../x")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]      # no temp file left

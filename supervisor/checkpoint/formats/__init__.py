@@ -22,6 +22,9 @@ and, where they apply (hooks; absent means "nothing to do"):
   kept_by_framework(root_fd, infos)  entries (Path) the framework's own retention counts
                           on (Lightning's best k): kept above keep_last, below a quota
   before_delete(dir_fd, base)   bookkeeping to update before an entry's files go
+  after_restore(dir_fd, base)   bookkeeping the framework's own resume reads, written once
+                          an entry restored from the object store is in place (TF's state
+                          file, when the dir has none)
   tidy(dir_fd) -> [names] bookkeeping to repair at every rotation pass, in each dir that
                           holds entries of the format (TF's state file re-listing what
                           was deleted); off the loop

@@ -25,7 +25,7 @@ from typing import Any
 from ..range_reader import ShortRead, checksum_ranges
 from .common import LIMITS, Invalid, Verdict
 from .group import DIR, FILE, Group, Listing, Looking, Opened, join, read_small
-from .tf_state import STATE_FILE, forget_in_tf_state, forget_missing
+from .tf_state import STATE_FILE, forget_in_tf_state, forget_missing, write_state_if_absent
 
 _DATA_RE = re.compile(r"^(.+)\.data-(\d{5})-of-(\d{5})$")
 _TEMP_RE = re.compile(r"^(.+)_temp$")
@@ -97,6 +97,13 @@ def finish(tree: Any, groups: list[Group], verdicts: dict[str, Verdict]) -> None
 def before_delete(dir_fd: int, base: str) -> None:
     """The state file must never list a deleted checkpoint: rewritten first."""
     forget_in_tf_state(dir_fd, [base])
+
+
+def after_restore(dir_fd: int, base: str) -> None:
+    """A dir restored on a fresh machine has no state file: CheckpointManager's
+    latest_checkpoint (and tf.train.latest_checkpoint) would start from nothing. One naming
+    the restored prefix is written; an existing one is left as it is."""
+    write_state_if_absent(dir_fd, base)
 
 
 def tidy(dir_fd: int) -> list[str]:

@@ -202,3 +202,25 @@ def forget_missing(dir_fd: int) -> list[str]:
     if gone and forget_in_tf_state(dir_fd, gone):
         return gone
     return []
+
+
+def write_state_if_absent(dir_fd: int, base: str) -> bool:
+    """A state file naming `base` as the newest (and only) checkpoint, written the way TF
+    writes it (temp, fsync, rename), only where none exists. True when written."""
+    if "/" in base or "\0" in base or base in ("", ".", ".."):
+        return False
+    try:
+        os.stat(STATE_FILE, dir_fd=dir_fd, follow_symlinks=False)
+        return False                # TF's own (or anything under the name): left alone
+    except FileNotFoundError:
+        pass
+    tmp = f"{STATE_FILE}.tmp{os.getpid()}"
+    _write_synced(dir_fd, tmp, f'model_checkpoint_path: "{base}"\nall_model_checkpoint_paths: "{base}"\n')
+    try:
+        os.link(tmp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)   # never over one made meanwhile
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    return True

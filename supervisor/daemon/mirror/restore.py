@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
+from ...checkpoint import formats, jobfile
 from ...checkpoint import index as ckpt_index
-from ...checkpoint import jobfile
 from ...checkpoint.dirhandle import DirHandle
 from ...checkpoint.objectstore import Store, StoreError
 from ...checkpoint.walk import listdir
@@ -139,6 +139,7 @@ def restore_entry(store: Store, handle: DirHandle, entry: layout.RemoteEntry, fm
                 raise ValueError(f"restored copy of {entry.name} is not valid: {why}")
             for top in reversed(entry.tops):
                 _move_into_place(handle, tfd, top)
+            _after_restore(handle, info.format, entry.name)
             os.fsync(handle.fd)
         finally:
             os.close(tfd)
@@ -153,6 +154,20 @@ def restore_entry(store: Store, handle: DirHandle, entry: layout.RemoteEntry, fm
         except OSError:
             pass
     return entry.resume
+
+
+def _after_restore(handle: DirHandle, fmt: str, name: str) -> None:
+    """The framework's own bookkeeping for what was restored (TF's state file), so its own
+    resume finds it on a machine that never saw the save."""
+    hook = formats.hook(formats.FORMATS.get(fmt), "after_restore", None)
+    if hook is None:
+        return
+    parent, _, base = name.rpartition("/")
+    dfd = handle.open_beneath(parent) if parent else os.dup(handle.fd)
+    try:
+        hook(dfd, base)
+    finally:
+        os.close(dfd)
 
 
 def _move_into_place(handle: DirHandle, tfd: int, rel: str) -> None:
