@@ -471,6 +471,10 @@ class JobMirror(RowFields):
     async def _maybe_restore(self) -> str | None:
         # A machine with a valid checkpoint of its own does not wait out a failing store
         # before training; a fresh one tries a little longer (the store may hold hours of work).
+        # What this machine has decides how long the store is waited for: known once its
+        # dir was scanned (found: with the first scans in the background, a machine with a
+        # valid checkpoint took itself for a fresh one and waited 90 s for a stalled store)
+        await self.ckpts.first_scan()
         has_local = self.ckpts.latest_valid() is not None
         tries = 1 if has_local else RESTORE_TRIES
         for attempt in range(tries):
