@@ -37,7 +37,9 @@ def agreed_request() -> emergency.Request | None:
     rank = dist.get_rank() if ready else 0
     if rank != 0:
         emergency.install(save_signal=False)      # SIGTERM only: the save signal is rank 0's
-    req = emergency.take()
+    # saved() ends every rank after a stopping request's save: the ack promises that exit
+    # (without it the daemon sent SIGTERM once it saw the save, torchrun took it and exited 1)
+    req = emergency.take(exits=True)
     code = _KINDS.index(req.kind) if req is not None and req.kind in _KINDS else 0
     if not ready:
         return req
