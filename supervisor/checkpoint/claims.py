@@ -41,16 +41,19 @@ def home_dirs(env: Mapping[str, str] = os.environ) -> set[Path]:
 
 
 def _within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
+    # on the strings of normalised absolute paths: Path.parents costs a list of Paths
+    c, p = str(child), str(parent)
+    return c == p or c.startswith(p if p.endswith("/") else p + "/")
 
 
 def refuse_dir(d: Path, *, state_dir: Path | None = None, jobs_dir: Path | None = None,
-               env: Mapping[str, str] = os.environ) -> str | None:
-    """Why `d` (absolute, normalised) cannot be a checkpoint dir, or None."""
+               env: Mapping[str, str] = os.environ, homes: set[Path] | None = None) -> str | None:
+    """Why `d` (absolute, normalised) cannot be a checkpoint dir, or None. homes: the
+    home dirs, when the caller looked them up once for many dirs."""
     d = Path(os.path.normpath(d))
     if d == Path("/"):
         return "`/` cannot be a checkpoint dir; use a dir of its own, e.g. <workdir>/checkpoints"
-    if d in home_dirs(env):
+    if d in (home_dirs(env) if homes is None else homes):
         return f"{d} is a home dir; use a dir of its own inside it, e.g. {d}/checkpoints/<job>"
     for what, special in (("state dir", state_dir), ("jobs dir", jobs_dir)):
         if special is None:
@@ -89,32 +92,41 @@ def dir_line(source: Path) -> int:
 def cross_job_conflicts(jobs: Sequence, *, state_dir: Path | None = None,
                         jobs_dir: Path | None = None,
                         env: Mapping[str, str] = os.environ) -> dict[str, list[str]]:
-    """job name -> `FILE:LINE: checkpoint.dir: ...` lines, for JobSpecs (in load order)."""
+    """job name -> `FILE:LINE: checkpoint.dir: ...` lines, for JobSpecs (in load order).
+
+    Linear in the jobs (times the depth of their dirs): a daemon with 200 jobs spent a
+    second of its start comparing every dir with every other."""
     out: dict[str, list[str]] = {}
-    claimed: list[tuple[Path, Any]] = []
+    homes = home_dirs(env)
+    # claimed dir -> (order, dir, job); every ancestor of a claimed dir -> its first claimant
+    claimed: dict[str, tuple[int, Path, Any]] = {}
+    under: dict[str, tuple[int, Path, Any]] = {}
     for job in jobs:
         ck = getattr(job, "checkpoint", None)
         if ck is None:
             continue
         d = Path(os.path.normpath(ck.dir))
-        line = dir_line(job.source)
-        where = f"{job.source}:{line}: checkpoint.dir"
-        why = refuse_dir(d, state_dir=state_dir, jobs_dir=jobs_dir, env=env)
+        why = refuse_dir(d, state_dir=state_dir, jobs_dir=jobs_dir, env=env, homes=homes)
         if why is None:
-            for other_dir, other in claimed:
-                if d == other_dir:
-                    why = (f"{d} is also job {other.name!r}'s checkpoint dir "
-                           f"({other.source}:{dir_line(other.source)}); each job needs its own")
-                elif _within(other_dir, d):
-                    why = (f"{d} contains job {other.name!r}'s checkpoint dir {other_dir} "
-                           f"({other.source}:{dir_line(other.source)}); each job needs its own")
-                elif _within(d, other_dir):
-                    why = (f"{d} is inside job {other.name!r}'s checkpoint dir {other_dir} "
-                           f"({other.source}:{dir_line(other.source)}); each job needs its own")
-                if why:
-                    break
+            # the first claimant (in load order) this dir conflicts with, as a pairwise scan finds it
+            hits = []
+            if str(d) in claimed:
+                hits.append(("same", claimed[str(d)]))
+            if str(d) in under:
+                hits.append(("contains", under[str(d)]))
+            hits += [("inside", claimed[str(a)]) for a in d.parents if str(a) in claimed]
+            if hits:
+                kind, (_, other_dir, other) = min(hits, key=lambda h: h[1][0])
+                at = f"({other.source}:{dir_line(other.source)}); each job needs its own"
+                why = {"same": f"{d} is also job {other.name!r}'s checkpoint dir {at}",
+                       "contains": f"{d} contains job {other.name!r}'s checkpoint dir {other_dir} {at}",
+                       "inside": f"{d} is inside job {other.name!r}'s checkpoint dir {other_dir} {at}"}[kind]
         if why:
-            out.setdefault(job.name, []).append(f"{where}: {why}")
+            # the line is looked up only for a refusal (a second parse of the file)
+            out.setdefault(job.name, []).append(f"{job.source}:{dir_line(job.source)}: checkpoint.dir: {why}")
         else:
-            claimed.append((d, job))
+            entry = (len(claimed), d, job)
+            claimed[str(d)] = entry
+            for a in d.parents:
+                under.setdefault(str(a), entry)
     return out

@@ -83,6 +83,7 @@ def release_freed_memory() -> None:
 # The rescan is the source of truth behind inotify (which can overflow and drop events).
 # TRAINSUP_RESCAN_INTERVAL shortens it for tests.
 RESCAN_INTERVAL = float(os.environ.get("TRAINSUP_RESCAN_INTERVAL", "60"))
+STATUS_EVERY_S = 0.1        # systemd STATUS= updates, coalesced
 NOTICE_ACTIVE_FOR = 600.0       # a notice without a deadline: how long it blocks `start`
 METRICS_SAMPLE_S = 5.0          # jobs' RSS in the metrics is at most this old
 
@@ -97,6 +98,7 @@ class Daemon:
         self.started_mono = time.monotonic()
         self.is_root = os.geteuid() == 0
         self.loop: asyncio.AbstractEventLoop
+        self._status_posted = False
         self.db: StateDB
         self.containment: cgroup.Containment | None = None   # set up at start (JobHost)
         self.heartbeat_dir = self.spec.state_dir / "heartbeat"   # JobHost; /run/... at start
@@ -679,6 +681,15 @@ class Daemon:
         self.db.flush()
 
     def state_changed(self, job: Job) -> None:
+        # At most one STATUS= per 0.1 s, however many jobs changed meanwhile (200 jobs
+        # loading cost 200 summaries of 200 jobs each): systemctl status shows it, nothing
+        # waits on it
+        if not self._status_posted:
+            self._status_posted = True
+            self.loop.call_later(STATUS_EVERY_S, self._post_status)
+
+    def _post_status(self) -> None:
+        self._status_posted = False
         self.notifier.status(self._summary())
 
     def emergency_save_started(self, grace: float) -> None:

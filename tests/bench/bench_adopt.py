@@ -109,8 +109,12 @@ def one_run(root: Path, n: int, shim: bool) -> dict:
                 poll(lambda: _step(root, name, pids[name]) > s0, 30, f"{name} still stepping", 0.05)
                 lost.append(0)
             else:
-                starts = [r for r in read_records(root / f"{name}.rec") if r["event"] == "start"]
-                resumed = next(r["resumed_step"] for r in starts if r["pid"] == after[name]["pid"])
+                # `running` comes before the relaunched process has written its start record
+                new_pid = after[name]["pid"]
+                (start,) = poll(lambda: [r for r in read_records(root / f"{name}.rec")  # noqa: B023
+                                         if r["event"] == "start" and r["pid"] == new_pid], 60,  # noqa: B023
+                                f"{name}'s relaunch to start", 0.05)
+                resumed = start["resumed_step"]
                 lost.append(max(0, _step(root, name, pids[name]) - resumed))
         return {"serving": serving, "took": took, "lost": lost, "mem": mem}
 
