@@ -224,10 +224,21 @@ def _rss_mb(pid: int) -> float:
 
 
 def _dir_bytes(ck: Path) -> int:
+    """What B's saves hold now. Rotation deletes while this adds up: an entry (or a file
+    of it) gone between the listing and its stat holds nothing (found: FileNotFoundError
+    in CI, a save rotated away mid-count)."""
     total = 0
     for e in os.scandir(ck):
         if e.name.startswith("step-") and e.is_dir(follow_symlinks=False):
-            total += sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(e.path))
+            try:
+                with os.scandir(e.path) as files:
+                    for f in files:
+                        try:
+                            total += f.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            pass
+            except FileNotFoundError:
+                pass
     return total
 
 
