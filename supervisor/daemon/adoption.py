@@ -114,14 +114,6 @@ async def take_over(d: Daemon, via: str) -> set[str]:
     stale: list[str] = []
     ends = []
     tree = cgroup.tree_name(state_dir)
-    # Each job's latest live launch is verified off the loop, all in one go (/proc reads and
-    # pidfds for shim and job: a third of a second of loop time at 200 jobs); what the
-    # pidfds hold stays true however long the rest takes.
-    current = {name: max(live, key=lambda launch: launch.attempt) for name, job in d.jobs.items()
-               if (live := [launch for launch in by_job.get(name, []) if launch.shim_pid is not None])}
-    hints = {name: d.jobs[name].persisted.get("pid") for name in current}
-    verified = await d.loop.run_in_executor(
-        None, lambda: {name: _verified(launch, tree, state_dir, hints[name]) for name, launch in current.items()})
     for name in sorted(set(by_job) | set(d.jobs)):
         mine = by_job.get(name, [])
         job = d.jobs.get(name)
@@ -132,7 +124,7 @@ async def take_over(d: Daemon, via: str) -> set[str]:
                 else:
                     shim.discard_status(shim.status_path(state_dir, launch.name))
             continue
-        if _settle(d, job, mine, tree, via, verified):
+        if _settle(d, job, mine, tree, via):
             taken.add(name)
         stale.extend(launch.name for launch in mine if launch.status is not None and launch.attempt < job.attempt)
         for launch in mine:
@@ -145,9 +137,6 @@ async def take_over(d: Daemon, via: str) -> set[str]:
                 # Not taken over (no shim, or one that failed verification): it must not
                 # run beside the attempt this daemon will launch.
                 ends.append(_end(d, launch, "it could not be taken over (no verified shim)"))
-    for child in verified.values():
-        if child is not None:
-            child.close()       # its job went away meanwhile (a reload): nothing holds its pidfds
     # What was recorded here is committed before the status files it came from go.
     d.flush()
     for name in stale:
@@ -158,11 +147,9 @@ async def take_over(d: Daemon, via: str) -> set[str]:
     return taken
 
 
-def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str,
-            verified: dict[str, process.Child | None] | None = None) -> bool:
+def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str) -> bool:
     """Take this job's latest attempt over, or settle how it ended. True when the job
-    is taken care of (running again under this daemon, or its end being handled).
-    verified: the Child of its latest live launch, checked beforehand (take_over)."""
+    is taken care of (running again under this daemon, or its end being handled)."""
     data = job.persisted
     recorded = (job.last_exit or {}).get("attempt")
     live = [launch for launch in mine if launch.shim_pid is not None]
@@ -180,10 +167,7 @@ def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str,
             job.event("exit", attempt=launch.attempt, pid=st.pid, reason=ex.reason, code=ex.code,
                       signal=ex.signal, exited_at=st.at, while_no_daemon=True)
     if current is not None:
-        if verified is not None and job.name in verified:
-            child = verified.pop(job.name)
-        else:
-            child = _verified(current, tree, d.spec.state_dir, data.get("pid"))
+        child = _verified(current, tree, d.spec.state_dir, data.get("pid"))
         if child is not None:
             job.adopt(child, current.attempt, via)
             return True
@@ -192,7 +176,7 @@ def _settle(d: Daemon, job: Job, mine: list[Launch], tree: str, via: str,
             # The job and its shim ended between the survey and the check: the status it
             # just wrote tells how (ending the launch would have thrown that exit away).
             current.status, current.shim_pid = st, None
-            return _settle(d, job, mine, tree, via, verified)
+            return _settle(d, job, mine, tree, via)
         log.warning("job %s: launch %s could not be verified; it is ended, not taken over", job.name, current.name)
         return False
     last = max(ended, key=lambda launch: launch.attempt) if ended else None
