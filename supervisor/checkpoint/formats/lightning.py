@@ -216,8 +216,15 @@ def _entries(infos: Sequence[Any], tracked: frozenset[str]) -> set[Any]:
     the checkpoint dir (the dir seen under another path: a bind mount, a moved tree)."""
     if not tracked:
         return set()
-    return {Path(i.path) for i in infos
-            if i.format == NAME and (str(i.path) in tracked or any(t.endswith("/" + i.name) for t in tracked))}
+    # tracked paths by file name: an entry is compared with the paths of its own name only
+    # (a state naming 100,000 files against 10,000 entries was 10^9 comparisons), in memory
+    # linear in the state
+    by_name: dict[str, list[str]] = {}
+    for t in tracked:
+        by_name.setdefault(t.rpartition("/")[2], []).append(t)
+    return {Path(i.path) for i in infos if i.format == NAME and (
+        str(i.path) in tracked
+        or any(t.endswith("/" + i.name) for t in by_name.get(i.name.rpartition("/")[2], ())))}
 
 
 def _tracked_paths(root_fd: int, info: Any) -> _Tracked:
