@@ -75,3 +75,17 @@ def test_ranges_are_few_and_bounded():
     assert len(restore.ranges_of(512 * MiB, 4)) == 4                   # one request per thread
     assert max(b - a for a, b in restore.ranges_of(64 << 30, 4)) == restore.RANGE_MAX
     assert restore.ranges_of(0, 4) == []
+
+
+def test_the_mirror_takes_the_store_the_loads_probe_opened_once_and_never_shares_it(tmp_path):
+    from trainsup.checkpoint import objectstore
+    url = f"file://{tmp_path / 'probed'}/job"
+    objectstore._PROBED.clear()
+    assert objectstore.probe(url + "/", {}) is None
+    probed = objectstore._OPENED[objectstore._key(url, {})][1]
+    first = objectstore.open_store(url, {})
+    second = objectstore.open_store(url, {})
+    assert objectstore._OPENED.get(objectstore._key(url, {})) is None
+    assert first is probed                      # its session and credentials, already made
+    assert second is not first                  # one job's session is never another's
+    assert first.url == second.url == url

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ...checkpoint import objectstore
 from ...checkpoint.objectstore import Store, StoreError
 from ...config.schema import plain_options
 from ...spec import CheckpointSpec, MirrorSpec
@@ -101,7 +102,8 @@ class JobMirror(RowFields):
     async def _run(self, fn: Callable[[], Any], urgent: bool = False) -> Any:
         def call() -> Any:
             if self.store is None:
-                self.store = Store(self.url, plain_options(self.spec.options))  # imports fsspec: here
+                # imports fsspec: here; the session the load's probe opened when there is one
+                self.store = objectstore.open_store(self.url, plain_options(self.spec.options))
             return fn()
         return await self.transfers.run(self.job, call, urgent=urgent)
 
