@@ -35,6 +35,7 @@ from .transfer import QueueFull, Transfers
 
 log = logging.getLogger("trainsup.mirror")
 
+BACKOFF_FIRST_S = 1.0       # after the first store error; doubles with each one after
 BACKOFF_MAX_S = 60.0
 RESTORE_TRIES = 3
 # How long a launch waits for the store's listing: a machine with its own valid checkpoint
@@ -294,7 +295,7 @@ class JobMirror(RowFields):
             self.record("upload-failed", url=self.url, error=self.error)
             self.note(f"mirror: {self.error}; training goes on, checkpoints stay local until the store works")
         self._fails += 1
-        delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(self._fails, 8))
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._fails - 1, 8))
         if self._retry is None:
             def again() -> None:
                 self._retry = None
