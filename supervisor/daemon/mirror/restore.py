@@ -193,7 +193,7 @@ def restore_entry(store: Store, handle: DirHandle, entry: layout.RemoteEntry, fm
                 parent, _, leaf = f.rel.rpartition("/")
                 dfd = _mkdirs_beneath(handle, tfd, parent)
                 try:
-                    out = jobfile.create_exclusive(dfd, leaf, 0o644, read_back=True)
+                    out = jobfile.create_exclusive(dfd, leaf, 0o644)
                 finally:
                     os.close(dfd)
                 try:
