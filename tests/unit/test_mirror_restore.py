@@ -72,9 +72,17 @@ def test_a_store_object_whose_bytes_differ_from_the_commit_is_refused_and_nothin
 
 def test_ranges_are_few_and_bounded():
     assert restore.ranges_of(10, 4) == [(0, 10)]
-    assert len(restore.ranges_of(512 * MiB, 4)) == 4                   # one request per thread
-    assert max(b - a for a, b in restore.ranges_of(64 << 30, 4)) == restore.RANGE_MAX
+    assert len(restore.ranges_of(64 * MiB, 2)) == 2                    # one request per thread
     assert restore.ranges_of(0, 4) == []
+    for size in (100 * MiB, 512 * MiB, 64 << 30):
+        for parallel in (1, 2, 4, 16, 64):
+            ranges = restore.ranges_of(size, parallel)
+            assert ranges[0][0] == 0 and ranges[-1][1] == size
+            assert all(a < b for a, b in ranges) and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
+            biggest = max(b - a for a, b in ranges)
+            assert restore.RANGE_MIN <= biggest <= restore.RANGE_MAX or len(ranges) == 1
+            # what the daemon holds at once for one restore, whatever `parallel` asks
+            assert restore.workers_for(ranges, parallel) * biggest <= restore.IN_FLIGHT_MAX
 
 
 def test_the_mirror_takes_the_store_the_loads_probe_opened_once_and_never_shares_it(tmp_path):

@@ -33,12 +33,15 @@ from . import layout
 from .upload import Progress
 
 # A file is split into about `parallel` ranges, each one request, of RANGE_MIN to RANGE_MAX
-# bytes: a file up to RANGE_MIN is one request, and at most parallel * RANGE_MAX bytes are in
-# memory at once. Fewer, larger requests: each request has a fixed cost at the store (on
-# moto each ranged GET of a 512 MiB object cost a copy of the whole object: 32 MiB ranges
-# took 4.3 s where four 128 MiB ones took 1.5 s).
+# bytes: a file up to RANGE_MIN is one request. Fewer, larger requests: each request has a
+# fixed cost at the store (on moto each ranged GET of a 512 MiB object cost a copy of the
+# whole object: 32 MiB ranges took 4.3 s where four 128 MiB ones took 1.5 s). A range is
+# held in the daemon's memory until it is written and hashed, so the ranges in flight never
+# hold more than IN_FLIGHT_MAX together, whatever `parallel` says (it may be 64): the daemon
+# every job shares does not grow by gigabytes for one job's restore.
 RANGE_MIN = 32 << 20
 RANGE_MAX = 128 << 20
+IN_FLIGHT_MAX = 256 << 20
 TMP_PREFIX = ".trainsup-restore."
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SYNC_FILE_RANGE_WRITE = 2
@@ -60,8 +63,18 @@ _start_writeback = _writeback_starter()
 
 
 def ranges_of(size: int, parallel: int) -> list[tuple[int, int]]:
-    step = min(RANGE_MAX, max(RANGE_MIN, -(-size // max(1, parallel))))
+    parallel = max(1, parallel)
+    step = min(RANGE_MAX, max(RANGE_MIN, -(-size // parallel)))
+    if step * parallel > IN_FLIGHT_MAX:
+        step = max(RANGE_MIN, IN_FLIGHT_MAX // parallel)
     return [(o, min(o + step, size)) for o in range(0, size, step)]
+
+
+def workers_for(ranges: list[tuple[int, int]], parallel: int) -> int:
+    """Threads fetching ranges at once: `parallel`, fewer when their ranges together
+    would hold more than IN_FLIGHT_MAX in memory."""
+    biggest = max((b - a for a, b in ranges), default=1)
+    return max(1, min(parallel, len(ranges), IN_FLIGHT_MAX // biggest))
 
 
 class _HashInOrder:
@@ -156,7 +169,7 @@ def _download(store: Store, key: str, f: layout.RemoteFile, out_fd: int, paralle
         for r in ranges:
             fetch(r)
     else:
-        with ThreadPoolExecutor(max_workers=min(parallel, len(ranges)), thread_name_prefix="trainsup-range") as ex:
+        with ThreadPoolExecutor(max_workers=workers_for(ranges, parallel), thread_name_prefix="trainsup-range") as ex:
             for fut in [ex.submit(fetch, r) for r in ranges]:
                 fut.result()
     return hashed.hexdigest(f.size)
