@@ -10,15 +10,20 @@ handed. pread and both CRC libraries release the GIL. The thread is private to o
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from . import budget
 
 _CHUNK = 8 << 20
 _DEPTH = 3
+# How often a long read looks whether its file is still linked: a checkpoint deleted while
+# it is validated (rotation by the job, the user) is not read on to its end for nothing.
+_LINKED_EVERY_S = 0.5
 
 Update = Callable[[memoryview, int], int]
 
@@ -32,6 +37,8 @@ class Stream:
 
     def __init__(self, fd: int, start: int, end: int, chunk: int = _CHUNK) -> None:
         self.pos = start
+        self._fd = fd
+        self._linked_at = time.monotonic()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -87,6 +94,12 @@ class Stream:
             # every chunk counts against the verdict's read budget (a sparse file's zeros
             # stop here), and is where long work yields and is cancelled (budget.py)
             budget.tick(cur[2])
+            if time.monotonic() - self._linked_at > _LINKED_EVERY_S:
+                self._linked_at = time.monotonic()
+                if os.fstat(self._fd).st_nlink == 0:
+                    # as if it had vanished before the check began: no verdict, that entry
+                    # leaves the index (the scan drops what is gone)
+                    raise FileNotFoundError(errno.ENOENT, "removed while being checked")
             if self.pos < cur[0] + cur[2]:
                 return cur
 

@@ -56,6 +56,7 @@ def limit_malloc_arenas(n: int = 2) -> None:
 SWITCH_INTERVAL_S = float(os.environ.get("TRAINSUP_SWITCH_INTERVAL", "0.001"))
 
 
+POOL_JOIN_S = 5.0        # how long the stop waits for the checkpoint workers to end
 POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "10"))
 
 
@@ -264,13 +265,19 @@ class Daemon:
         if self.transfers is not None:
             self.transfers.close()
         for j in self.jobs.values():
-            j.ckpts.close()
+            j.ckpts.close("the daemon stops")
         if self.hooks is not None:
             self.hooks.stop()
         if self.metrics is not None:
             self.metrics.stop()
         await self.control.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        # Started work stops at its next tick (a 100 GiB validation kept the daemon alive 40 s
+        # after SIGTERM); the threads are joined, bounded, before the state DB they use closes.
+        busy = await self.loop.run_in_executor(
+            None, lambda: self.executor.shutdown(wait=True, cancel_futures=True, timeout=POOL_JOIN_S))
+        if busy:
+            log.warning("stopping: %d checkpoint worker threads still busy after %.0fs: %s",
+                        len(busy), POOL_JOIN_S, ", ".join(busy))
         for j in self.jobs.values():
             j.log.close()
         if self.containment is not None:
