@@ -196,6 +196,20 @@ class FairPool:
             return head
         return None
 
+    def _grant_parked(self) -> None:
+        """Slots freed: the parked continuations whose turn it is take them (their threads
+        only wait; no idle worker is needed to run them)."""
+        while self._free > 0:
+            got = self._next()
+            if got is None or not isinstance(got[1], _Parked):
+                return
+            key, head = got
+            self._queues[key].popleft()
+            self._queues.move_to_end(key)
+            self._free -= 1
+            head.run.granted = True
+            self._cond.notify_all()
+
     def _others_wait(self, key: str) -> bool:
         """Whether another job has work that would run if this task handed its slot back."""
         got = self._next(exclude=key)
@@ -230,6 +244,7 @@ class FairPool:
             run.granted = False
             self._free += 1
             self.parks += 1
+            self._grant_parked()
             self._cond.notify_all()
             while not run.granted and not (run.cancelled and (run.stopping or not removing)):
                 self._cond.wait()
@@ -286,6 +301,7 @@ class FairPool:
                     self._live.discard(run)
                     if run.holds_slot:
                         self._free += 1
+                    self._grant_parked()
                     self._cond.notify_all()
 
 

@@ -545,7 +545,10 @@ class Daemon:
             if old is None:
                 added.append(name)
                 job = self._add_job(spec)
-                await job.ckpts.refresh()
+                # its first scan in the background, as at start: a reload adding a job with a
+                # 100 GiB checkpoint went unanswered (and held every later reload) while it
+                # was validated; `checkpoints` and `pin` wait for the first scan themselves
+                self._spawn_task(job.ckpts.refresh(), f"first scan of job {name}'s checkpoints")
                 self._autostart(job)
             else:
                 old.set_config_error(None)
@@ -620,7 +623,7 @@ class Daemon:
         await self._retire(old)
         job = self._add_job(spec)
         job.forget_crashes()         # the crash streak was the old spec's
-        await job.ckpts.refresh()
+        self._spawn_task(job.ckpts.refresh(), f"first scan of job {job.name}'s checkpoints")
         if was_running or spec.autostart:
             job.start(reason="manual")
 

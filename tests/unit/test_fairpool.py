@@ -217,3 +217,31 @@ def test_threads_stay_bounded_however_many_jobs_wait():
     finally:
         stop.set()
         pool.shutdown(wait=True, timeout=30)
+
+
+def test_every_job_with_long_work_gets_its_turns():
+    """Three jobs' long work on two workers: each advances (found in the daemon: all three
+    parked at once, two slots free and no thread left to hand them out)."""
+    from trainsup.checkpoint import budget
+    pool = FairPool(workers=2, slice_s=0.01)
+    stop = threading.Event()
+    ticks = {k: 0 for k in ("a", "b", "c")}
+
+    def counting(k: str) -> None:
+        while not stop.is_set():
+            budget.tick()
+            ticks[k] += 1
+            time.sleep(0.001)
+
+    try:
+        futs = [pool.submit(k, counting, k) for k in ticks]
+        from conftest import wait_for
+        wait_for(lambda: all(n > 50 for n in ticks.values()), 30, f"every job's work advancing: {ticks}")
+        before = dict(ticks)
+        wait_for(lambda: all(ticks[k] > before[k] + 50 for k in ticks), 30, f"and going on advancing: {ticks}")
+        assert pool.parks > 0
+        stop.set()
+        assert all(f.exception(timeout=30) is None for f in futs)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, timeout=30)
