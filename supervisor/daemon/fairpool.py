@@ -201,9 +201,11 @@ class FairPool:
         only wait; no idle worker is needed to run them)."""
         while self._free > 0:
             got = self._next()
-            if got is None or not isinstance(got[1], _Parked):
+            if got is None:
                 return
             key, head = got
+            if not isinstance(head, _Parked):
+                return
             self._queues[key].popleft()
             self._queues.move_to_end(key)
             self._free -= 1
