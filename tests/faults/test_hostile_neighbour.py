@@ -345,6 +345,9 @@ def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon):
         floor_s.sort()
         p99 = status_s[int(len(status_s) * 0.99) - 1]
         floor99 = floor_s[int(len(floor_s) * 0.99) - 1]
+        print(f"status p50/p99/max {status_s[len(status_s) // 2] * 1000:.1f}/{p99 * 1000:.1f}/"
+              f"{status_s[-1] * 1000:.1f} ms, floor p50/p99 {floor_s[len(floor_s) // 2] * 1000:.1f}/"
+              f"{floor99 * 1000:.1f} ms (n={len(status_s)}), RSS max {max(rss):.0f} MB, load {os.getloadavg()[0]:.1f}")
         assert p99 <= 0.050 + floor99, (
             f"status p99 {p99 * 1000:.1f} ms (max {status_s[-1] * 1000:.1f} ms), the machine's floor p99 "
             f"{floor99 * 1000:.1f} ms; over 50 ms (s into the run, status ms, floor ms): {slow}")
