@@ -57,13 +57,19 @@ SWITCH_INTERVAL_S = float(os.environ.get("TRAINSUP_SWITCH_INTERVAL", "0.001"))
 
 
 POOL_JOIN_S = 5.0        # how long the stop waits for the checkpoint workers to end
-POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "10"))
+# The pool's threads run at the daemon's own priority by default. At nice 10 (so that a
+# woken loop would preempt them) a worker holding the GIL waited behind every other
+# process for the CPU on a loaded machine while the loop waited for the GIL: `status` p99
+# 340 ms under two CPU hogs, 11-14 ms at nice 0 (floor 5-7 ms). TRAINSUP_POOL_NICE=N
+# lowers them still, for a machine where the daemon's CPU matters more than its latency.
+POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "0"))
 
 
 def lower_thread_priority() -> None:
-    """The pool's threads (scans, hashing, deletion) yield the CPU to the loop: on a busy
-    machine the loop, woken by a request, preempts them instead of waiting for its turn.
-    Linux nice is per thread; lowering it needs no privilege."""
+    """The pool's threads at nice TRAINSUP_POOL_NICE (Linux nice is per thread; lowering
+    it needs no privilege); 0, the default, leaves them at the daemon's priority."""
+    if POOL_NICE <= 0:
+        return
     try:
         tid = threading.get_native_id()
         # never above the daemon's own priority (a daemon started at nice 15 stays there)
