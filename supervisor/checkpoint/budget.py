@@ -35,6 +35,13 @@ SLACK = 16 << 20
 _SLOW_READ_BPS = float(os.environ.get("TRAINSUP_TEST_SLOW_READ_BPS", "0") or 0)
 
 
+def slow_read(nbytes: int) -> None:
+    """Where a job's file was just read: with TRAINSUP_TEST_SLOW_READ_BPS, wait as long as
+    that read would take on such a disk (the readers call it right after their pread)."""
+    if _SLOW_READ_BPS and nbytes > 0:
+        time.sleep(nbytes / _SLOW_READ_BPS)
+
+
 class Cancelled(Exception):
     """The work was cancelled (the daemon stops, or the job went away): no verdict."""
 
@@ -100,8 +107,6 @@ def tick(nbytes: int = 0, removing: bool = False) -> None:
     b = _local.budget
     if b is not None and nbytes:
         b.spend(nbytes)
-        if _SLOW_READ_BPS:
-            time.sleep(nbytes / _SLOW_READ_BPS)
     pace = _local.pace
     if pace is not None:
         pace(removing)

@@ -24,6 +24,7 @@ _DEPTH = 3
 # How often a long read looks whether its file is still linked: a checkpoint deleted while
 # it is validated (rotation by the job, the user) is not read on to its end for nothing.
 _LINKED_EVERY_S = 0.5
+_WAIT_TICK_S = 0.02         # a tick while waiting for the next chunk
 
 Update = Callable[[memoryview, int], int]
 
@@ -49,6 +50,7 @@ class Stream:
             buf = memoryview(bytearray(max(0, end - start)))
             try:
                 n = os.preadv(fd, [buf], start)
+                budget.slow_read(n)
             except OSError as e:
                 self._full.put(e)
                 return
@@ -70,6 +72,7 @@ class Stream:
                 if self._stop.is_set():
                     return
                 n = os.preadv(fd, [buf[: min(chunk, end - off)]], off)
+                budget.slow_read(n)
                 if n <= 0:
                     self._full.put(ShortRead(0, f"file ends at byte {off}, expected {end}"))
                     return
@@ -86,7 +89,15 @@ class Stream:
         while True:
             if cur is not None:
                 self._free.put(cur[1])
-            item = self._full.get()
+            while True:
+                # a slow disk (a network file system) is waited for in turns too: while the
+                # reader thread reads ahead, this task ticks, and may let another job's
+                # work go first, or be cancelled, instead of holding its slot through the read
+                try:
+                    item = self._full.get(timeout=_WAIT_TICK_S)
+                    break
+                except queue.Empty:
+                    budget.tick()
             if isinstance(item, BaseException):
                 self._cur = None
                 raise item
