@@ -278,9 +278,27 @@ class Store:
 # -- the check at load ------------------------------------------------------------------
 
 _PROBED: dict[tuple, tuple[float, str | None]] = {}
+# The store each probe opened, for the job's mirror to take over (once): its session is made
+# and its credentials resolved, which a fresh machine's restore would otherwise pay again
+# before its first request.
+_OPENED: dict[tuple, tuple[float, Store]] = {}
 _PROBE_LOCK = threading.Lock()
 PROBE_CACHE_S = 30.0
 PROBE_WAIT_S = 5.0
+
+
+def _key(url: str, options: Mapping[str, Any] | None) -> tuple:
+    return (url.rstrip("/"), tuple(sorted((k, repr(v)) for k, v in dict(options or {}).items())))
+
+
+def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
+    """A Store for `url`: the one the load's probe opened moments ago when there is one
+    (taken, never shared: one job's broken session is not another's), else a new one."""
+    with _PROBE_LOCK:
+        hit = _OPENED.pop(_key(url, options), None)
+    if hit is not None and time.monotonic() - hit[0] < PROBE_CACHE_S:
+        return hit[1]
+    return Store(url, options)
 
 
 def probe(url: str, options: Mapping[str, Any] | None = None) -> str | None:
@@ -289,7 +307,7 @@ def probe(url: str, options: Mapping[str, Any] | None = None) -> str | None:
     A store that is merely unreachable now is not a config error (training goes on and
     status says so), so it passes here. Results are kept PROBE_CACHE_S: a reload of 200
     jobs asks the store once per location."""
-    key = (url, tuple(sorted((k, repr(v)) for k, v in dict(options or {}).items())))
+    key = _key(url, options)
     now = time.monotonic()
     with _PROBE_LOCK:
         hit = _PROBED.get(key)
@@ -302,6 +320,12 @@ def probe(url: str, options: Mapping[str, Any] | None = None) -> str | None:
         try:
             store = Store(url, options)
             store.listdir("")
+            with _PROBE_LOCK:
+                # at most one per location, none older than PROBE_CACHE_S: a reload of jobs
+                # whose mirrors never take theirs does not keep sessions open
+                for k in [k for k, (t, _) in _OPENED.items() if time.monotonic() - t >= PROBE_CACHE_S]:
+                    del _OPENED[k]
+                _OPENED[key] = (time.monotonic(), store)
         except StoreError as e:
             if e.kind in ("config", "denied", "missing"):
                 verdict = str(e)

@@ -58,8 +58,8 @@ def test_a_requeued_run_restores_the_newest_checkpoint_of_each_format(tmp_path, 
     shutil.copytree(src, r.ckpt)
     try:
         r.start()
-        uploads = wait_for(lambda: [e for e in r.history() if e["kind"] == "upload"], 60,
-                           f"A's uploads (output: {r.output()[-1500:]})")
+        uploads = wait_for(lambda: [e for e in r.history() if e["kind"] == "upload"], 60, "A's uploads",
+                           proc=r.proc, detail=lambda: r.output()[-1500:])
         wait_for(lambda: Path(str(r.ckpt / newest)).name in json.dumps(
             [e for e in r.history() if e["kind"] == "upload"]), 60, f"{newest} uploaded")
         wait_for(lambda: seen.exists() and seen.read_text().endswith("\n"), 30, "A's job running")
@@ -70,8 +70,8 @@ def test_a_requeued_run_restores_the_newest_checkpoint_of_each_format(tmp_path, 
         shutil.rmtree(r.ckpt)
         shutil.rmtree(r.state)
         r.start()
-        wait_for(lambda: seen.exists() and len(seen.read_text().splitlines()) >= 2, 60,
-                 f"B's launch (output: {r.output()[-1500:]})")
+        wait_for(lambda: seen.exists() and len(seen.read_text().splitlines()) >= 2, 60, "B's launch",
+                 proc=r.proc, detail=lambda: r.output()[-1500:])
         handed = seen.read_text().splitlines()[-1]
         assert handed == str(r.ckpt / newest), (handed, r.output()[-2000:])
         (restored,) = [e for e in r.history() if e["kind"] == "restore"]

@@ -59,7 +59,8 @@ class Run:
 
     def started(self, n: int = 1, timeout: float = 20.0) -> dict:
         return wait_for(lambda: len(self.records("start")) >= n and self.records("start")[n - 1],
-                        timeout, f"start #{n} of {self.name} (output: {self.output()[-1500:]})")
+                        timeout, f"start #{n} of {self.name}", proc=self.proc,
+                        detail=lambda: self.output()[-1500:])
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "trainsup", "--socket", str(self.socket), *args],
@@ -68,7 +69,9 @@ class Run:
 
     def history(self) -> list[dict]:
         import sqlite3
-        conn = sqlite3.connect(self.state / "state.db")
+        # read-only: a read-write connect creates an empty state.db when the run has not yet
+        # made its own, which the run then takes for a truncated database and moves aside
+        conn = sqlite3.connect(f"file:{self.state / 'state.db'}?mode=ro", uri=True, timeout=5)
         try:
             return [{"kind": k, **json.loads(d)} for k, d in
                     conn.execute("SELECT kind, data FROM events WHERE job=? ORDER BY id", (self.name,))]
@@ -205,7 +208,7 @@ def test_shared_checkpoint_dir_is_not_rotated_by_a_non_zero_node(runs, setting):
     r = runs(flags="--every 0.2 --catch-usr1", extra=extra,
              env={"NODE_RANK": "1"} if setting == "node_rank" else None)
     r.start()
-    wait_for(lambda: len(_committed_steps(r)) >= 4, 30, f"4 checkpoints (output: {r.output()[-1500:]})")
+    wait_for(lambda: len(_committed_steps(r)) >= 4, 30, "4 checkpoints", detail=lambda: r.output()[-1500:])
     r.proc.send_signal(signal.SIGTERM)
     assert r.wait() == EXIT_PREEMPTED
     assert len(_committed_steps(r)) >= 4
@@ -216,7 +219,7 @@ def test_checkpoint_dir_is_rotated_by_node_zero(runs):
     r = runs(flags="--every 0.2 --catch-usr1", extra="  keep_last: 1\n")
     r.start()
     wait_for(lambda: [e for e in r.history() if e["kind"] == "deleted"], 30,
-             f"a rotation (output: {r.output()[-1500:]})")
+             "a rotation", detail=lambda: r.output()[-1500:])
     r.proc.send_signal(signal.SIGTERM)
     assert r.wait() == EXIT_PREEMPTED
 
@@ -244,7 +247,7 @@ def test_run_sigkilled_torchrun_agent_leaves_no_worker_and_the_job_restarts(runs
                 continue
         return None
 
-    w = wait_for(worker, 120, f"torchrun's worker (output: {r.output()[-1500:]})")
+    w = wait_for(worker, 120, "torchrun's worker", detail=lambda: r.output()[-1500:])
     agent = psutil.Process(w.ppid())
     assert "torch.distributed.run" in " ".join(agent.cmdline())
     agent.kill()

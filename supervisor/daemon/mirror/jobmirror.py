@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ...checkpoint import objectstore
 from ...checkpoint.objectstore import Store, StoreError
 from ...config.schema import plain_options
 from ...spec import CheckpointSpec, MirrorSpec
@@ -34,6 +35,7 @@ from .transfer import QueueFull, Transfers
 
 log = logging.getLogger("trainsup.mirror")
 
+BACKOFF_FIRST_S = 1.0       # after the first store error; doubles with each one after
 BACKOFF_MAX_S = 60.0
 RESTORE_TRIES = 3
 # How long a launch waits for the store's listing: a machine with its own valid checkpoint
@@ -101,7 +103,8 @@ class JobMirror(RowFields):
     async def _run(self, fn: Callable[[], Any], urgent: bool = False) -> Any:
         def call() -> Any:
             if self.store is None:
-                self.store = Store(self.url, plain_options(self.spec.options))  # imports fsspec: here
+                # imports fsspec: here; the session the load's probe opened when there is one
+                self.store = objectstore.open_store(self.url, plain_options(self.spec.options))
             return fn()
         return await self.transfers.run(self.job, call, urgent=urgent)
 
@@ -292,7 +295,7 @@ class JobMirror(RowFields):
             self.record("upload-failed", url=self.url, error=self.error)
             self.note(f"mirror: {self.error}; training goes on, checkpoints stay local until the store works")
         self._fails += 1
-        delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(self._fails, 8))
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._fails - 1, 8))
         if self._retry is None:
             def again() -> None:
                 self._retry = None

@@ -66,7 +66,7 @@ def main() -> int:
         params = jax.tree.map(lambda a, b: a - 0.05 * b, params, g)
         step += 1
         print(f"step {step}", flush=True)
-        req = emergency.take()
+        req = emergency.take(exits=True)      # the README's pattern: served(exit=True) below ends us
         if req or (step % args.every == 0 and not 0 < args.last_periodic < step):
             saves += 1
             print(f"saving step {step}", flush=True)
