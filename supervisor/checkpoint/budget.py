@@ -7,21 +7,39 @@ pickle) plus a small slack to the verdict's budget, and every read is counted. A
 sparse file holds no blocks, so its budget is the slack: hashing its zeros stops at once
 (found: two manifests listing one kept both pool threads hashing zeros for hours).
 
-Long loops call `tick(nbytes)` (every streamed chunk, every 256 names of a walk): the
-points where long work can yield or be cancelled. `paced(fn)` runs a block with `fn`
-called at every tick (it may wait for a turn, or raise Cancelled); the daemon's pool does
-not install one yet, so today a tick counts bytes and nothing else.
+Long loops call `tick(nbytes)` (every streamed chunk, every 256 names of a walk, every
+name a deletion removes): the points where long work yields its worker to other jobs'
+work and can be cancelled. `paced(fn)` runs a block with `fn` called at every tick; the
+daemon's pool (daemon/fairpool.py) installs one that waits for the job's next turn once
+the task's time slice is spent, and raises Cancelled once the work is no longer wanted.
+A deletion under way ticks with `removing=True`: it yields, but only the daemon's stop
+cancels it (a removed job's entry half emptied would stay in the trash for good).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # Bytes a verdict may read past twice the allocated bytes of the files it opened: headers
 # read again, and the tail of a hole (a sparse file's zeros) before the budget stops it.
 SLACK = 16 << 20
+
+
+# Fault injection for tests and benches: every byte a verdict reads takes as long as on a
+# disk of this many bytes per second (a 100 GiB checkpoint on a slow disk, at a scale that
+# fits a test machine: the read is real, the wait models the disk).
+_SLOW_READ_BPS = float(os.environ.get("TRAINSUP_TEST_SLOW_READ_BPS", "0") or 0)
+
+
+def slow_read(nbytes: int) -> None:
+    """Where a job's file was just read: with TRAINSUP_TEST_SLOW_READ_BPS, wait as long as
+    that read would take on such a disk (the readers call it right after their pread)."""
+    if _SLOW_READ_BPS and nbytes > 0:
+        time.sleep(nbytes / _SLOW_READ_BPS)
 
 
 class Cancelled(Exception):
@@ -62,7 +80,7 @@ class Budget:
 
 class _Local(threading.local):
     budget: Budget | None = None
-    pace: Callable[[], None] | None = None      # set by the worker running this thread's task
+    pace: Callable[[bool], None] | None = None      # set by the worker running this thread's task
 
 
 _local = _Local()
@@ -83,7 +101,7 @@ def current() -> Budget | None:
     return _local.budget
 
 
-def tick(nbytes: int = 0) -> None:
+def tick(nbytes: int = 0, removing: bool = False) -> None:
     """Count `nbytes` read for the current verdict; maybe yield the worker; raise Cancelled
     when the work was cancelled."""
     b = _local.budget
@@ -91,11 +109,11 @@ def tick(nbytes: int = 0) -> None:
         b.spend(nbytes)
     pace = _local.pace
     if pace is not None:
-        pace()
+        pace(removing)
 
 
 @contextmanager
-def paced(pace: Callable[[], None]) -> Iterator[None]:
+def paced(pace: Callable[[bool], None]) -> Iterator[None]:
     """Run the block with `pace` called at every tick (the fair worker's yield point)."""
     outer = _local.pace
     _local.pace = pace

@@ -173,6 +173,7 @@ def open_entry_file(path: str) -> tuple[int, os.stat_result]:
 
 def pread_exact(fd: int, n: int, off: int) -> bytes:
     b = os.pread(fd, n, off)
+    budget.slow_read(len(b))
     budget.tick(len(b))
     if len(b) != n:
         raise Invalid(f"short read at {off} (file changed while checking?)")
@@ -188,6 +189,7 @@ def read_capped(dir_fd: int, rel: str, kind: str) -> bytes:
             raise Invalid(f"{rel}: {st.st_size} bytes, more than the {limit} a {kind.replace('_', ' ')} "
                           f"may have")
         data = os.pread(fd, st.st_size, 0)
+        budget.slow_read(len(data))
         budget.tick(len(data))
         if len(data) != st.st_size:
             raise Invalid(f"{rel}: short read (file changed while checking?)")

@@ -10,15 +10,21 @@ handed. pread and both CRC libraries release the GIL. The thread is private to o
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from . import budget
 
 _CHUNK = 8 << 20
 _DEPTH = 3
+# How often a long read looks whether its file is still linked: a checkpoint deleted while
+# it is validated (rotation by the job, the user) is not read on to its end for nothing.
+_LINKED_EVERY_S = 0.5
+_WAIT_TICK_S = 0.02         # a tick while waiting for the next chunk
 
 Update = Callable[[memoryview, int], int]
 
@@ -32,6 +38,8 @@ class Stream:
 
     def __init__(self, fd: int, start: int, end: int, chunk: int = _CHUNK) -> None:
         self.pos = start
+        self._fd = fd
+        self._linked_at = time.monotonic()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -42,6 +50,7 @@ class Stream:
             buf = memoryview(bytearray(max(0, end - start)))
             try:
                 n = os.preadv(fd, [buf], start)
+                budget.slow_read(n)
             except OSError as e:
                 self._full.put(e)
                 return
@@ -63,6 +72,7 @@ class Stream:
                 if self._stop.is_set():
                     return
                 n = os.preadv(fd, [buf[: min(chunk, end - off)]], off)
+                budget.slow_read(n)
                 if n <= 0:
                     self._full.put(ShortRead(0, f"file ends at byte {off}, expected {end}"))
                     return
@@ -79,7 +89,15 @@ class Stream:
         while True:
             if cur is not None:
                 self._free.put(cur[1])
-            item = self._full.get()
+            while True:
+                # a slow disk (a network file system) is waited for in turns too: while the
+                # reader thread reads ahead, this task ticks, and may let another job's
+                # work go first, or be cancelled, instead of holding its slot through the read
+                try:
+                    item = self._full.get(timeout=_WAIT_TICK_S)
+                    break
+                except queue.Empty:
+                    budget.tick()
             if isinstance(item, BaseException):
                 self._cur = None
                 raise item
@@ -87,6 +105,12 @@ class Stream:
             # every chunk counts against the verdict's read budget (a sparse file's zeros
             # stop here), and is where long work yields and is cancelled (budget.py)
             budget.tick(cur[2])
+            if time.monotonic() - self._linked_at > _LINKED_EVERY_S:
+                self._linked_at = time.monotonic()
+                if os.fstat(self._fd).st_nlink == 0:
+                    # as if it had vanished before the check began: no verdict, that entry
+                    # leaves the index (the scan drops what is gone)
+                    raise FileNotFoundError(errno.ENOENT, "removed while being checked")
             if self.pos < cur[0] + cur[2]:
                 return cur
 

@@ -37,6 +37,7 @@ import stat
 import time
 
 from ..crashpoints import crash_point
+from . import budget
 from .dirhandle import CheckpointDirError, DirHandle
 from .format import TMP_DIR
 
@@ -301,6 +302,8 @@ def _open_trash(h: DirHandle) -> int:
 
 def _remove(h: DirHandle, parent_fd: int, name: str) -> None:
     """Remove parent_fd/name and everything under it; never through a link or a mount."""
+    # each name removed: a 100,000-file entry's deletion takes turns with other jobs' work
+    budget.tick(removing=True)
     for _ in range(_RETRIES):
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from . import budget
@@ -26,6 +28,32 @@ MAX_ENTRY_NAMES = 50_000     # names in one checkpoint, all its dirs together
 
 class TooLarge(Invalid):
     """An entry past a walk bound: `unsupported` (never deleted on a guess, never offered)."""
+
+
+# Dirs found past a names bound, by (dev, ino) -> (mtime_ns, ctime_ns, bound): while the
+# dir's mtime and ctime stand still its names are the same, and it is past the bound
+# again without a listing. Found: a job's 100,000-name dir listed to the bound at every
+# scan of its dir (every 20 ms change of that dir asked for one) kept a worker thread
+# taking and releasing the GIL twice per name; on a loaded machine the loop waited for
+# the GIL behind it and `status` p99 went from 8 to 340 ms.
+_PAST_BOUND: OrderedDict[tuple[int, int], tuple[int, int, int]] = OrderedDict()
+_PAST_BOUND_MAX = 4096
+_past_bound_lock = threading.Lock()
+
+
+def _known_past_bound(st: os.stat_result, bound: int) -> bool:
+    with _past_bound_lock:
+        seen = _PAST_BOUND.get((st.st_dev, st.st_ino))
+    # it had more names than a bound at least as large as this one
+    return seen is not None and seen[:2] == (st.st_mtime_ns, st.st_ctime_ns) and seen[2] >= bound
+
+
+def _remember_past_bound(st: os.stat_result, bound: int) -> None:
+    with _past_bound_lock:
+        _PAST_BOUND[(st.st_dev, st.st_ino)] = (st.st_mtime_ns, st.st_ctime_ns, bound)
+        _PAST_BOUND.move_to_end((st.st_dev, st.st_ino))
+        while len(_PAST_BOUND) > _PAST_BOUND_MAX:
+            _PAST_BOUND.popitem(last=False)
 
 
 def listdir(dir_fd: int, limit: int = MAX_DIR_NAMES) -> tuple[list[tuple[str, os.stat_result | None]], bool]:
@@ -66,13 +94,20 @@ def walk(root_fd: int, *, depth: int = MAX_DEPTH, names: int = MAX_ENTRY_NAMES,
             if rel and e.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
                 continue
             raise
+        what = f"{rel}/" if rel else "the entry"
+        limit = min(per_dir, names - seen + 1)
         try:
-            listing, more = listdir(fd, min(per_dir, names - seen + 1))
+            dst = os.fstat(fd)
+            if _known_past_bound(dst, limit):
+                raise TooLarge(f"{what}: more than {min(per_dir, names)} names "
+                               f"(a walk stops there: unsupported)")
+            listing, more = listdir(fd, limit)
         finally:
             os.close(fd)
         seen += len(listing)
+        if more:
+            _remember_past_bound(dst, limit)         # it holds more than `limit` names
         if more or seen > names:
-            what = f"{rel}/" if rel else "the entry"
             raise TooLarge(f"{what}: more than {min(per_dir, names)} names "
                            f"(a walk stops there: unsupported)")
         budget.tick()

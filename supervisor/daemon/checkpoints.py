@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import aside, layout_warnings, rotation
+from ..checkpoint import aside, budget, layout_warnings, rotation
 from ..checkpoint import index as ckpt_index
 from ..checkpoint.custody import JobCheckpointDir, tidy_dirs
 from ..checkpoint.deleter import PassGate
@@ -188,8 +188,13 @@ class JobCheckpoints(RowFields):
             self.custody = JobCheckpointDir(self.name, self.spec, self.grace, self.state_dir, self.create_as)
         return self.custody.ensure_dir()
 
-    def close(self) -> None:
+    def close(self, why: str = "the job was removed or replaced") -> None:
         self.closed = True
+        # its verdicts are no longer wanted: what the pool still does for it stops at its
+        # next tick (a 100 GiB validation of a removed job held a worker to its end)
+        cancel = getattr(self.executor, "cancel", None)
+        if cancel is not None:
+            cancel(why)
         # A scan running on the pool holds the dir's fd: closed under it, the number could
         # be reused by another open before the scan's next *at() call. It closes when done.
         if self.custody is not None and not self._running:
@@ -234,7 +239,7 @@ class JobCheckpoints(RowFields):
             return [], None
         except (OSError, ckpt_index.CheckpointDirError) as e:
             return [], str(e)
-        except (_NeedsHashing, TooManyFiles):
+        except (_NeedsHashing, TooManyFiles, budget.Cancelled):
             raise
         except Exception as e:
             # A hostile entry must never kill the scan task for good: one line, keep going.
@@ -277,7 +282,12 @@ class JobCheckpoints(RowFields):
                     result = None
             if result is None:
                 t = time.perf_counter()
-                result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                try:
+                    result = await self.loop.run_in_executor(self.executor, self._scan_sync, None, prove)
+                except (budget.Cancelled, asyncio.CancelledError):
+                    if not self.closed:
+                        raise
+                    result = ([], None)     # closed meanwhile: nothing of it is taken below
                 self._last_scan_s = time.perf_counter() - t
             infos, err = result
             if not self.closed:
@@ -629,6 +639,8 @@ class RotationCoordinator:
 
 def _log_failure(what: str) -> Callable[[asyncio.Future], None]:
     def done(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and isinstance(task.exception(), budget.Cancelled):
+            log.info("%s cancelled: %s", what, task.exception())
+        elif not task.cancelled() and task.exception() is not None:
             log.error("%s failed: %r", what, task.exception(), exc_info=task.exception())
     return done

@@ -56,13 +56,20 @@ def limit_malloc_arenas(n: int = 2) -> None:
 SWITCH_INTERVAL_S = float(os.environ.get("TRAINSUP_SWITCH_INTERVAL", "0.001"))
 
 
-POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "10"))
+POOL_JOIN_S = 5.0        # how long the stop waits for the checkpoint workers to end
+# The pool's threads run at the daemon's own priority by default. At nice 10 (so that a
+# woken loop would preempt them) a worker holding the GIL waited behind every other
+# process for the CPU on a loaded machine while the loop waited for the GIL: `status` p99
+# 340 ms under two CPU hogs, 11-14 ms at nice 0 (floor 5-7 ms). TRAINSUP_POOL_NICE=N
+# lowers them still, for a machine where the daemon's CPU matters more than its latency.
+POOL_NICE = int(os.environ.get("TRAINSUP_POOL_NICE", "0"))
 
 
 def lower_thread_priority() -> None:
-    """The pool's threads (scans, hashing, deletion) yield the CPU to the loop: on a busy
-    machine the loop, woken by a request, preempts them instead of waiting for its turn.
-    Linux nice is per thread; lowering it needs no privilege."""
+    """The pool's threads at nice TRAINSUP_POOL_NICE (Linux nice is per thread; lowering
+    it needs no privilege); 0, the default, leaves them at the daemon's priority."""
+    if POOL_NICE <= 0:
+        return
     try:
         tid = threading.get_native_id()
         # never above the daemon's own priority (a daemon started at nice 15 stays there)
@@ -264,13 +271,19 @@ class Daemon:
         if self.transfers is not None:
             self.transfers.close()
         for j in self.jobs.values():
-            j.ckpts.close()
+            j.ckpts.close("the daemon stops")
         if self.hooks is not None:
             self.hooks.stop()
         if self.metrics is not None:
             self.metrics.stop()
         await self.control.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        # Started work stops at its next tick (a 100 GiB validation kept the daemon alive 40 s
+        # after SIGTERM); the threads are joined, bounded, before the state DB they use closes.
+        busy = await self.loop.run_in_executor(
+            None, lambda: self.executor.shutdown(wait=True, cancel_futures=True, timeout=POOL_JOIN_S))
+        if busy:
+            log.warning("stopping: %d checkpoint worker threads still busy after %.0fs: %s",
+                        len(busy), POOL_JOIN_S, ", ".join(busy))
         for j in self.jobs.values():
             j.log.close()
         if self.containment is not None:
@@ -538,7 +551,10 @@ class Daemon:
             if old is None:
                 added.append(name)
                 job = self._add_job(spec)
-                await job.ckpts.refresh()
+                # its first scan in the background, as at start: a reload adding a job with a
+                # 100 GiB checkpoint went unanswered (and held every later reload) while it
+                # was validated; `checkpoints` and `pin` wait for the first scan themselves
+                self._spawn_task(job.ckpts.refresh(), f"first scan of job {name}'s checkpoints")
                 self._autostart(job)
             else:
                 old.set_config_error(None)
@@ -613,7 +629,7 @@ class Daemon:
         await self._retire(old)
         job = self._add_job(spec)
         job.forget_crashes()         # the crash streak was the old spec's
-        await job.ckpts.refresh()
+        self._spawn_task(job.ckpts.refresh(), f"first scan of job {job.name}'s checkpoints")
         if was_running or spec.autostart:
             job.start(reason="manual")
 

@@ -35,6 +35,7 @@ SECTIONS = {
     "reprove": "bench_reprove",
     "integrations": "bench_integrations",
     "mirror": "bench_mirror",
+    "longwork": "bench_long_work",
 }
 
 

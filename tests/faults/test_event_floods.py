@@ -156,10 +156,13 @@ def test_a_scan_on_the_loop_never_walks_a_many_file_entry(tmp_path, monkeypatch)
     assert any(w[0].startswith("pool") for w in walked), walked
 
 
-def test_the_pool_threads_run_at_a_lower_cpu_priority_than_the_loop(daemon):
-    """Scans, hashing and deletion share 2 cores with the loop that answers `status`: the
-    pool's threads run at nice 10, so a woken loop preempts them (status p95 during a
-    10 GiB deletion: 5.6 -> 2.5 ms with this and the 1 ms switch interval)."""
+def test_the_pool_threads_keep_the_daemons_priority(daemon):
+    """Found: the pool's threads ran at nice 10 so that a woken loop would preempt them. On
+    a loaded machine (two CPU hogs beside the hostile-neighbour test) a worker holding the
+    GIL waited behind every other process for the CPU while the loop waited for the GIL:
+    `status` p99 340 ms against a floor of 6 ms; at the daemon's own priority, with the
+    100,000-name dir no longer listed at every scan, 11-14 ms. Every thread of the daemon
+    runs at its priority (tests/faults/test_hostile_neighbour.py measures the p99)."""
     daemon.fakejob("nice", flags="--every 1")
     daemon.start()
     daemon.wait_ready("nice")
@@ -176,15 +179,11 @@ def test_the_pool_threads_run_at_a_lower_cpu_priority_than_the_loop(daemon):
             name = stat[stat.index("(") + 1:stat.rindex(")")]
             out[f"{name}/{tid}"] = int(stat[stat.rindex(")") + 2:].split()[16])    # field 19: nice
         return out
-    # the job's checkpoints are scanned on the pool: its threads exist by its first one
-    # (Python 3.11 does not name OS threads: the pool's are the ones at nice 10)
+    # the job's checkpoints are scanned on the pool: its two threads exist by its first
+    # scan (with the loop, the state writer and the inotify reader: 5 threads at least)
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    want = max(10, base)
-    seen = wait_for(lambda: (t := threads()) and any(v == want for v in t.values()) and t, 20,
-                    "a pool thread at nice 10")
-    main = [v for n, v in seen.items() if n.endswith(f"/{daemon.proc.pid}")]
-    assert main == [base], seen              # the loop keeps the daemon's priority
-    assert sum(1 for v in seen.values() if v == want) <= 2, seen     # the pool only (2 workers)
+    seen = wait_for(lambda: (t := threads()) and len(t) >= 5 and t, 20, "the daemon's threads")
+    assert set(seen.values()) == {base}, seen
 
 
 def test_a_dir_that_changes_during_every_scan_never_holds_a_refresh(tmp_path):

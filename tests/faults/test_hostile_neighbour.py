@@ -15,7 +15,8 @@ The machine's own latency is measured beside `status`, request by request: the r
 to a bare asyncio echo server in another process (it shares nothing with the daemon, so a
 stalled daemon loop cannot hide in it). On a machine shared with other test runs (a load
 average of 10 on 2 cores gave that floor a p99 of 200 ms) `status` is held to 50 ms over
-the floor's p99; on a quiet machine the floor is about a millisecond.
+the floor's p99; on a quiet machine the floor is about a millisecond. It runs once as it
+is and once beside two processes spinning on the CPU.
 """
 
 from __future__ import annotations
@@ -242,10 +243,15 @@ def _dir_bytes(ck: Path) -> int:
     return total
 
 
-def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon):
+@pytest.mark.parametrize("cpu_hogs", [0, 2])
+def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon, cpu_hogs):
+    """cpu_hogs: processes spinning on the CPU all along (found: on a CI machine at load
+    15-20 `status` p99 was 200-350 ms against a floor p99 of 8-10 ms: a pool thread at
+    nice 10 held the GIL while it waited for the CPU, and the loop waited for the GIL)."""
     ua, ub = _users()
     top = Path(tempfile.mkdtemp(prefix="trainsup-hostile-"))
     socks: list[socket.socket] = []
+    hogs: list[subprocess.Popen] = []
     try:
         os.chmod(top, 0o755)
         wa, wb = top / "a", top / "b"
@@ -281,6 +287,7 @@ def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon):
                 except OSError:
                     pass        # still there from the first batch
 
+        hogs += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpu_hogs)]
         daemon.start()
         daemon.wait_state("a", "running", timeout=30)
         daemon.wait_state("b", "running", timeout=30)
@@ -345,6 +352,9 @@ def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon):
         floor_s.sort()
         p99 = status_s[int(len(status_s) * 0.99) - 1]
         floor99 = floor_s[int(len(floor_s) * 0.99) - 1]
+        print(f"status p50/p99/max {status_s[len(status_s) // 2] * 1000:.1f}/{p99 * 1000:.1f}/"
+              f"{status_s[-1] * 1000:.1f} ms, floor p50/p99 {floor_s[len(floor_s) // 2] * 1000:.1f}/"
+              f"{floor99 * 1000:.1f} ms (n={len(status_s)}), RSS max {max(rss):.0f} MB, load {os.getloadavg()[0]:.1f}")
         assert p99 <= 0.050 + floor99, (
             f"status p99 {p99 * 1000:.1f} ms (max {status_s[-1] * 1000:.1f} ms), the machine's floor p99 "
             f"{floor99 * 1000:.1f} ms; over 50 ms (s into the run, status ms, floor ms): {slow}")
@@ -355,6 +365,9 @@ def test_hostile_neighbour_cannot_freeze_starve_or_blind_the_daemon(daemon):
         took = time.monotonic() - t
         assert took <= STOP_TIMEOUT_S + 5, f"the daemon took {took:.1f}s to end on SIGTERM"
     finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
         for s in socks:
             s.close()
         daemon.terminate(timeout=60)

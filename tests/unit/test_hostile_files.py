@@ -306,6 +306,45 @@ def test_100000_name_dir_in_an_entry_is_that_entrys_verdict(tmp_path):
     assert not by["checkpoint-4"].valid and "more than" in (by["checkpoint-4"].invalid_reason or "")
 
 
+def test_a_dir_past_the_names_bound_is_not_listed_again_while_unchanged(tmp_path, monkeypatch):
+    """Found: a job's 100,000-name dir was listed to the bound at every scan (its dir
+    changed every 20 ms); the worker thread took and released the GIL twice per name and,
+    on a loaded machine, `status` waited for the GIL behind it (p99 8 -> 340 ms). While
+    the dir's mtime and ctime stand still it is past the bound without a listing; once a
+    name goes (they move), it is listed again and can come under the bound."""
+    from trainsup.checkpoint import walk as walk_mod
+    d = tmp_path / "e"
+    (d / "many").mkdir(parents=True)
+    for i in range(150):
+        (d / "many" / f"f{i}").touch()
+    many_ino = (d / "many").stat().st_ino
+    listed: list[int] = []            # listings of `many`
+    real = walk_mod.listdir
+
+    def counting(fd: int, limit: int = walk_mod.MAX_DIR_NAMES):
+        if os.fstat(fd).st_ino == many_ino:
+            listed.append(limit)
+        return real(fd, limit)
+
+    monkeypatch.setattr(walk_mod, "listdir", counting)       # a spy: the real listing runs
+
+    def walk_all() -> list[str]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return [rel for rel, _ in walk_mod.walk(fd, per_dir=100)]
+        finally:
+            os.close(fd)
+
+    for _ in range(3):
+        with pytest.raises(walk_mod.TooLarge, match="many/: more than 100 names"):
+            walk_all()
+    assert len(listed) == 1, listed        # once; then never again while unchanged
+    for i in range(60):
+        (d / "many" / f"f{i}").unlink()
+    assert len(walk_all()) == 1 + 90
+    assert len(listed) == 2
+
+
 # ---------------------------------------------------------------- bounded values
 
 def _manifest(**over: Any) -> dict:
