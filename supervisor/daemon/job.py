@@ -646,10 +646,17 @@ class Job(RowFields):
         leftovers = process.kill_leftovers(child)
         if child.cgroup is None:
             leftovers += process.kill_orphans(self.name, self.host.leader_pids())
-        else:
-            # Leftovers got cgroup.kill above; waiting for empty and rmdir come after the
-            # relaunch decision's first step (call_soon: queued behind it), off its path.
-            self.loop.call_soon(self._start_end_cgroup, child.cgroup)
+        try:
+            self._after_ended(child, ex, late, recorded, leftovers)
+        finally:
+            if child.cgroup is not None:
+                # Leftovers got cgroup.kill above; waiting for empty and rmdir come after
+                # the relaunch decision's first step (call_soon: queued behind it, as this
+                # is scheduled after that step), off its path.
+                self.loop.call_soon(self._start_end_cgroup, child.cgroup)
+
+    def _after_ended(self, child: process.Child, ex: process.ExitRecord, late: bool, recorded: bool,
+                     leftovers: int) -> None:
         mon, self.monitor = self.monitor, None
         if mon is not None:
             mon.stop()
