@@ -137,7 +137,9 @@ def test_sigkill_and_damaged_newest_checkpoint_resume_from_the_one_before(daemon
     steps = 150
     train = ["--steps", str(steps), "--every", "0", "--log-every", "1", "--seed", "3"]
     ref, ref_out, ref_log = reference_run(tmp_path, train, reaper)
-    ck = write_mlp_job(daemon, "kill", train + ["--sleep-per-step", "0.03",
+    # Slow enough that it is still training when the test kills it, after two confirmed
+    # saves and a pin on a busy machine (at 0.03 s a step, all 150 steps were done first in CI).
+    ck = write_mlp_job(daemon, "kill", train + ["--sleep-per-step", "0.15",
                                                 "--final-out", str(tmp_path / "final.pt")],
                        backoff="4s")
     daemon.start()
@@ -155,8 +157,9 @@ def test_sigkill_and_damaged_newest_checkpoint_resume_from_the_one_before(daemon
     # Pinned before the damage, as a user keeps a checkpoint: rotation must not hide it.
     assert daemon.cli("pin", "kill", str(saves[1]["step"])).returncode == 0
 
-    pid = daemon.status("kill")["pid"]
-    os.kill(pid, signal.SIGKILL)
+    st = daemon.status("kill")
+    assert st["pid"] is not None, f"the job ended before the test could kill it (slow it down): {st}"
+    os.kill(st["pid"], signal.SIGKILL)
     st = daemon.wait_state("kill", "backoff", timeout=SLOW)
     assert st["last_exit"]["signal"] == "SIGKILL", st
     state_pt = newest / "state.pt"
