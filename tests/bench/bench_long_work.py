@@ -19,7 +19,6 @@ the same run:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -29,26 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import PY, REPO, WORK_DIR, Section, Stat, job_yaml, poll, running_daemon, workdir  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+from dense_checkpoint import write_dense_checkpoint  # noqa: E402
+
 SAVER = REPO / "tests" / "helpers" / "plain_saver.py"
 BIG = 192 << 20
 READ_BPS = 8 << 20
 CHUNK = 2 << 20             # format._STREAM_CHUNK: one tick per chunk hashed
 WINDOW_S = 8.0              # B's saves watched while A1 and A2 validate (with turns)
-
-
-def big_checkpoint(ck: Path, seed: bytes) -> None:
-    e = ck / "step-00000001"
-    e.mkdir(parents=True)
-    block = hashlib.sha256(seed).digest() * (1 << 15)
-    h = hashlib.sha256()
-    with open(e / "weights.bin", "wb") as f:
-        for i in range(BIG // len(block)):
-            chunk = i.to_bytes(8, "little") + block[8:]
-            f.write(chunk)
-            h.update(chunk)
-    (e / "MANIFEST.json").write_text(json.dumps({
-        "format": "trainsup-checkpoint/1", "step": 1,
-        "files": {"weights.bin": {"size": BIG, "sha256": h.hexdigest()}}}))
 
 
 def b_job(root: Path, log: Path) -> str:
@@ -80,7 +67,7 @@ def latencies_ms(d, log: Path, lo: float, hi: float) -> list[float]:
 def one_run(root: Path, slice_s: str, sec: Section | None) -> tuple[list[float], list[float], dict]:
     """(B alone, B while A1 and A2 validate) latencies in ms, and the cancel figures."""
     for name in ("a1", "a2"):
-        big_checkpoint(root / f"{name}-ck", name.encode())
+        write_dense_checkpoint(root / f"{name}-ck", BIG, name.encode())
     log = root / "saves.jsonl"
     out: dict = {}
     with running_daemon(root / "d") as d:

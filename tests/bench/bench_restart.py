@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from measure import (
@@ -138,6 +139,22 @@ def supervisord(exe: Path, root: Path, n: int, timeout: float = 300) -> list[flo
     return latencies_ms(*read_crash_record(rec), n)
 
 
+def interleaved(root: Path, blocks: int, per: int,
+                variants: dict[str, Callable[[Path, int], list[float]]]) -> dict[str, list[float]]:
+    """Each variant's latencies, the variants taking turns in `blocks` blocks of `per`
+    crashes: the load other work puts on the machine falls on all alike."""
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"  {', '.join(variants)}: {blocks} interleaved blocks of {per} crashes...", flush=True)
+    t0 = time.monotonic()
+    for b in range(blocks):
+        for name, fn in variants.items():
+            d = root / f"{name}-{b}"
+            d.mkdir()
+            out[name] += fn(d, per)
+    print(f"    {time.monotonic() - t0:.1f}s", flush=True)
+    return out
+
+
 def run(quick: bool = False) -> Section:
     sec = Section("restart")
     n = 10 if quick else 50
@@ -148,31 +165,14 @@ def run(quick: bool = False) -> Section:
         # 300 crashes a side: a relaunch's spread (the child's Python start) is several ms,
         # and 50 a side read anything from +3 to +11 ms over the floor in runs minutes apart.
         blocks, per = (2, 5) if quick else (10, 30)
-        results["popen"], results["trainsup"] = [], []
-        print(f"  popen and trainsup: {blocks} interleaved blocks of {per} crashes...",
-              flush=True)
-        t0 = time.monotonic()
-        for b in range(blocks):
-            for name, fn in (("popen", popen_loop), ("trainsup", trainsup)):
-                d = root / f"{name}-{b}"
-                d.mkdir()
-                results[name] += fn(d, per)
-        print(f"    {time.monotonic() - t0:.1f}s", flush=True)
+        results.update(interleaved(root, blocks, per, {"popen": popen_loop, "trainsup": trainsup}))
         # The shim's cost is about half a millisecond in a relaunch of about 20 ms whose
         # spread (the child's Python start) is several ms: 50 crashes a side could not tell
         # +0.5 from +2.8 ms (three runs: +1.4, +2.8 and -8.2 ms). Its own, larger sample,
         # interleaved the same way.
         shim_blocks, shim_per = (2, 10) if quick else (12, 40)
-        results["shim"], results["shim_off"] = [], []
-        print(f"  trainsup with and without shims: {shim_blocks} interleaved blocks of {shim_per} crashes...",
-              flush=True)
-        t0 = time.monotonic()
-        for b in range(shim_blocks):
-            for name, on in (("shim", True), ("shim_off", False)):
-                d = root / f"{name}-{b}"
-                d.mkdir()
-                results[name] += trainsup(d, shim_per, shim=on)
-        print(f"    {time.monotonic() - t0:.1f}s", flush=True)
+        results.update(interleaved(root, shim_blocks, shim_per, {
+            "shim": trainsup, "shim_off": lambda d, k: trainsup(d, k, shim=False)}))
         d = root / "torchrun"
         d.mkdir()
         print(f"  torchrun: {n} crashes...", flush=True)

@@ -19,7 +19,6 @@ Asserted, as their users would check:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -29,26 +28,13 @@ from pathlib import Path
 
 from conftest import REPO, wait_for
 
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+from dense_checkpoint import write_dense_checkpoint  # noqa: E402
+
 SAVER = REPO / "tests" / "helpers" / "plain_saver.py"
 BIG = 384 << 20
 READ_BPS = 8 << 20
 STOP_TIMEOUT_S = 5
-
-
-def _big_checkpoint(ck: Path, seed: bytes) -> None:
-    """A committed trainsup checkpoint of one dense BIG-byte file (sha256 manifest)."""
-    e = ck / "step-00000001"
-    e.mkdir(parents=True)
-    block = hashlib.sha256(seed).digest() * (1 << 15)        # 1 MiB, not zeros
-    h = hashlib.sha256()
-    with open(e / "weights.bin", "wb") as f:
-        for i in range(BIG // len(block)):
-            chunk = i.to_bytes(8, "little") + block[8:]
-            f.write(chunk)
-            h.update(chunk)
-    (e / "MANIFEST.json").write_text(json.dumps({
-        "format": "trainsup-checkpoint/1", "step": 1,
-        "files": {"weights.bin": {"size": BIG, "sha256": h.hexdigest()}}}))
 
 
 def _listed_valid(daemon, job: str) -> set[int]:
@@ -71,7 +57,7 @@ def _job(name: str, root: Path, command: str, extra: str = "") -> str:
 def test_long_validations_take_turns_and_stop_when_no_longer_wanted(daemon):
     root = daemon.root
     for name in ("a1", "a2"):
-        _big_checkpoint(root / f"{name}-ck", name.encode())
+        write_dense_checkpoint(root / f"{name}-ck", BIG, name.encode())
     log_b = root / "saves.jsonl"
     daemon.write_job("b", _job("b", root, json.dumps([sys.executable, str(SAVER), "--every", "0.5",
                                                        "--size", "4096", "--log", str(log_b)])))
