@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +45,21 @@ _DENIED_CODES = ("NoCredentialsError", "Unable to locate credentials", "DefaultC
                  "AuthorizationFailure", "ExpiredToken", "InvalidToken", "403", "401", "Forbidden")
 _EXISTS_CODES = ("PreconditionFailed", "conditionNotMet", "BlobAlreadyExists", "ConditionNotMet", "412")
 _MISSING_CODES = ("NoSuchBucket", "ContainerNotFound", "bucket does not exist", "The specified bucket")
+
+
+def _mentions(text: str, codes: tuple[str, ...]) -> bool:
+    """Whether the error text names one of `codes`. A numeric status counts only standing
+    alone ("503 Slow Down", "(403)"), never inside a word, a number or a path: an error
+    about `.../run-75c1...335037/commits` is not a 503 (found: a listing that was merely
+    empty, read as a store outage because its random prefix held the digits 503; a job
+    named exp403 would have read as refused credentials)."""
+    for c in codes:
+        if c.isdigit():
+            if re.search(rf"(?<![\w/.:-]){c}(?![\w/.-])", text):
+                return True
+        elif c in text:
+            return True
+    return False
 
 
 class StoreError(Exception):
@@ -74,16 +90,15 @@ def classify(exc: BaseException, what: str = "") -> StoreError:
     text = _text(exc)
     one_line = " ".join(str(exc).split())[:300] or type(exc).__name__
     where = f"{what}: " if what else ""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
-            c in text for c in _FULL_CODES):
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or _mentions(text, _FULL_CODES):
         return StoreError("full", f"{where}store full: {one_line}")
-    if any(c in text for c in _MISSING_CODES):
+    if _mentions(text, _MISSING_CODES):
         return StoreError("missing", f"{where}bucket does not exist: {one_line}")
-    if isinstance(exc, PermissionError) or any(c in text for c in _DENIED_CODES):
+    if isinstance(exc, PermissionError) or _mentions(text, _DENIED_CODES):
         return StoreError("denied", f"{where}credentials refused: {one_line}")
     if isinstance(exc, FileExistsError):
         return StoreError("exists", f"{where}already exists")
-    if isinstance(exc, (TimeoutError, ConnectionError)) or any(c in text for c in _TRANSIENT_CODES):
+    if isinstance(exc, (TimeoutError, ConnectionError)) or _mentions(text, _TRANSIENT_CODES):
         return StoreError("transient", f"{where}{one_line}")
     if isinstance(exc, FileNotFoundError):
         return StoreError("not-found", f"{where}not found")
@@ -184,7 +199,7 @@ class Store:
         except Exception as e:
             # S3 and GCS answer 412 (PreconditionFailed / conditionNotMet), Azure 409
             # (BlobAlreadyExists); s3fs turns some into FileExistsError
-            if isinstance(e, FileExistsError) or any(c in _text(e) for c in _EXISTS_CODES):
+            if isinstance(e, FileExistsError) or _mentions(_text(e), _EXISTS_CODES):
                 return False
             raise classify(e, f"creating {rel}") from None
         return True
